@@ -114,6 +114,29 @@ register(StrategySpec("input_output", f"{_BA}:build_input_output", "template-fre
 register(StrategySpec("pretokenized", f"{_BA}:build_pretokenized", "rows already tokenized (empty `type:`)",
                       ("input_ids", "attention_mask", "labels")))
 
+# %% ../../nbs/02_prompts.registry.ipynb #24f20ef9
+_RL = "ftkit.rl"
+_RL_PRESETS = [  # function, summary, fields (DPO/IPO/SimPO/ORPO; under rl: kto the completion replaces chosen/rejected)
+    ("argilla", "system?, instruction, chosen_response, rejected_response (KTO: instruction, completion, label)", ("instruction", "chosen_response", "rejected_response")),
+    ("argilla_chat", "chosen / rejected message lists (KTO: completion messages, label)", ("chosen", "rejected")),
+    ("icr", "system?, input, chosen, rejected", ("input", "chosen", "rejected")),
+    ("intel", "system?, question, chosen, rejected (KTO: question, completion, label)", ("question", "chosen", "rejected")),
+    ("prompt_pairs", "system?, prompt, chosen, rejected (KTO: prompt, completion, label)", ("prompt", "chosen", "rejected")),
+    ("ultra", "system?, prompt, chosen / rejected message lists (KTO: prompt, completion, label)", ("prompt", "chosen", "rejected")),
+]
+for _fam in ("chatml", "llama3"):
+    for _n, _s, _f in _RL_PRESETS:
+        register(StrategySpec(f"{_fam}.{_n}", f"{_RL}:build", f"preference ({_fam} template): {_s}", _f, {"preset": f"{_fam}.{_n}"}))
+for _n, _s, _f in [
+    ("chat_template.default", "preference: field_messages prompt + field_chosen / field_rejected messages (KTO: field_completion, field_label)",
+     ("messages", "chosen", "rejected")),
+    ("chat_template.argilla", "preference (ORPO): chosen / rejected message lists sharing all turns but the last", ("chosen", "rejected")),
+    ("user_defined.default", "preference / KTO in plain text: field_* columns and *_format strings", ("prompt", "chosen", "rejected")),
+    ("passthrough", "preference / KTO rows in plain text: prompt, chosen, rejected (KTO: prompt, completion, label)", ("prompt", "chosen", "rejected")),
+    ("bradley_terry.chat_template", "reward model pairs: system?, input, chosen, rejected", ("input", "chosen", "rejected")),
+    ("stepwise_supervised", "process reward model: prompt, completions (steps), labels (one bool per step)", ("prompt", "completions", "labels")),
+]: register(StrategySpec(_n, f"{_RL}:build", _s, _f, {"preset": _n}))
+
 # %% ../../nbs/02_prompts.registry.ipynb #f58ca36e
 _INTERNAL = {"user_defined", "pretokenized"}   # reached through the shape of `type:`, not its name
 
