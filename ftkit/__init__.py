@@ -7,15 +7,15 @@ Docs: https://ftkit.github.io/ftkit/init.html.md"""
 # %% auto #0
 __all__ = ['load_ipython_extension', 'unload_ipython_extension']
 
-# %% ../nbs/99_init.ipynb #83a5674e
+# %% ../nbs/99_init.ipynb #bcda7005
 __version__ = "0.1.0"
 
-# %% ../nbs/99_init.ipynb #16e8b018
+# %% ../nbs/99_init.ipynb #f14752a1
 import importlib as _importlib
 import sys as _sys
 import types as _types
 
-# %% ../nbs/99_init.ipynb #b1c957c4
+# %% ../nbs/99_init.ipynb #6970cb5e
 _API = {
     # config
     "load": "config", "validate": "config", "resolve": "config", "ConfigError": "config", "FinetuneConfig": "config",
@@ -46,7 +46,7 @@ def __getattr__(name: str):
 def __dir__():
     return sorted(set(globals()) | set(_API) | set(_SUBMODULES))
 
-# %% ../nbs/99_init.ipynb #37da1a79
+# %% ../nbs/99_init.ipynb #e3ba8ef1
 class _CallableModule(_types.ModuleType):
     "A submodule that, called, calls its function of the same name: `ftkit.train(cfg)` is `ftkit.train.train(cfg)`."
     def __call__(self, *args, **kwargs):
@@ -62,7 +62,7 @@ class _Package(_types.ModuleType):
 
 _sys.modules[__name__].__class__ = _Package
 
-# %% ../nbs/99_init.ipynb #6b02f57a
+# %% ../nbs/99_init.ipynb #17c544f8
 def load_ipython_extension(ipython):
     "Register ftkit's magics in `ipython` (called by `%load_ext ftkit`)."
     from ftkit.magics import load_ipython_extension as _load
