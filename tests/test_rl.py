@@ -172,3 +172,55 @@ def test_bad_rows_and_reward_modules_fail_before_training(tok, tmp_path, monkeyp
         with pytest.raises(RewardFuncError) as e:
             build_rl_trainer(g, model=object(), tokenizer=tok)
         assert "trl.reward_funcs[0]" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+MSGS = lambda a: [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": a}]
+PAIR_ROWS = {
+    "argilla": {"system": "S.", "instruction": "Hi?", "chosen_response": "Good", "rejected_response": "Bad"},
+    "argilla_chat": {"chosen": MSGS("Good"), "rejected": MSGS("Bad")},
+    "icr": {"input": "Hi?", "chosen": "Good", "rejected": "Bad"},
+    "intel": {"question": "Hi?", "chosen": "Good", "rejected": "Bad"},
+    "prompt_pairs": {"prompt": "Hi?", "chosen": "Good", "rejected": "Bad"},
+    "ultra": {"prompt": "Hi?", "chosen": MSGS("Good"), "rejected": MSGS("Bad")},
+}
+
+
+@pytest.mark.parametrize("fam", ["chatml", "llama3"])
+@pytest.mark.parametrize("fn", sorted(PAIR_ROWS))
+def test_every_pair_preset(tok, fam, fn):
+    cfg = load({"rl": "dpo", "learning_rate": 1e-5, "datasets": [{"path": "x.jsonl", "type": f"{fam}.{fn}"}]})
+    out = build(tok, cfg.datasets[0], cfg).tokenize(PAIR_ROWS[fn])[0]
+    end = "<|im_end|>" if fam == "chatml" else "<|eot_id|>"
+    assert tok.decode(out["chosen_ids"]).endswith("Good" + end) or tok.decode(out["chosen_ids"]).startswith("Good")
+    assert "Hi?" in tok.decode(out["prompt_ids"]) and "Good" not in tok.decode(out["prompt_ids"])
+    assert ("S." in tok.decode(out["prompt_ids"])) == (fn == "argilla")
+
+
+@pytest.mark.parametrize("t,row", [
+    ("chatml.argilla", {"instruction": "Hi?", "completion": "Good", "label": True}),
+    ("chatml.argilla_chat", {"chosen": [{"role": "user", "content": "Hi?"}], "completion": [{"role": "assistant", "content": "Good"}], "label": 1}),
+    ("llama3.argilla_chat", {"completion": MSGS("Good"), "label": "true"}),
+    ("chatml.intel", {"question": "Hi?", "completion": "Good", "label": False}),
+    ("chatml.ultra", {"prompt": "Hi?", "completion": "Good", "label": "false"}),
+    ("chat_template.default", {"messages": [{"role": "user", "content": "Hi?"}], "completion": {"role": "assistant", "content": "Good"}, "label": True}),
+    ({"field_prompt": "q", "field_completion": "a", "field_label": "ok", "prompt_format": "Q: {prompt}\nA:", "completion_format": " {completion}"},
+     {"q": "Hi?", "a": "Good", "ok": True}),
+])
+def test_kto_types(tok, t, row):
+    cfg = load({"rl": "kto", "learning_rate": 1e-5, "chat_template": "chatml", "datasets": [{"path": "x.jsonl", "type": t}]})
+    out = build(tok, cfg.datasets[0], cfg).tokenize(row)[0]
+    assert tok.decode(out["completion_ids"]).lstrip().startswith("Good") and "Hi?" in tok.decode(out["prompt_ids"])
+    assert isinstance(out["label"], bool)
+
+
+def test_debug_view_and_config_types(tok, tmp_path):
+    p = write_jsonl(tmp_path / "p.jsonl", pairs(TOPICS[:3]))
+    cfg = base_cfg(tmp_path, rl="dpo", datasets=[{"path": p, "type": "chatml.intel"}])
+    data = prepare_rl_data(cfg, tok)
+    txt = debug_rl(data.train[0], tok)
+    lines = txt.splitlines()
+    assert lines[0].startswith("INPUT PROMPT: <|im_start|>(-100,") and any(l.startswith("CHOSEN RESPONSE: Sure(") for l in lines)
+    assert "REJECTED RESPONSE: No(" in txt and "<|im_end|>(2, 2)" in txt
+    for t in ("chat_template.default", "chat_template.argilla", "bradley_terry.chat_template", "stepwise_supervised", "llama3.ultra"):
+        load({"learning_rate": 1e-5, "rl": "orpo" if "argilla" in t else None, "reward_model": True if "bradley" in t else None,
+              "process_reward_model": True if "stepwise" in t else None, "datasets": [{"path": "x.jsonl", "type": t}]})
