@@ -215,3 +215,20 @@ def test_preprocess_main_with_real_config(tmp_path, tok, chat, capsys):
     assert "20 rows in" in out and out.count("Count of labels:") == 2 and "(-100, " in out
     from ftkit.config import load
     assert preprocess_main(load(cfg), tokenizer=tok).report.from_cache
+
+def test_user_module_strategy_and_unexpected_errors(tmp_path, tok, monkeypatch):
+    (tmp_path / "my_rules.py").write_text(
+        "from ftkit.prompts.registry import PromptStrategy\n"
+        "class S(PromptStrategy):\n"
+        "    def __init__(self, tok): self.tok = tok\n"
+        "    def tokenize_one(self, row):\n"
+        "        if row['q'] == 'boom': raise ZeroDivisionError('bad luck')\n"
+        "        ids = self.tok.encode(row['q'] + ' ' + row['a'], add_special_tokens=False)\n"
+        "        return [{'input_ids': ids, 'attention_mask': [1] * len(ids), 'labels': ids}]\n"
+        "def build(tok, ds, cfg): return S(tok)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = write_jsonl(tmp_path / "qa.jsonl", [{"q": "hi", "a": "yo"}, {"q": "boom", "a": "x"}, {"q": "why", "a": "because"}])
+    cfg = {"datasets": [{"path": str(p), "type": "my_rules.build"}], "sequence_len": 64, "shuffle_merged_datasets": False,
+           "dataset_prepared_path": str(tmp_path / "prep")}
+    r = run(cfg, tok)
+    assert len(r.train) == 2 and r.report.dropped == {"strategy_error": 1} and "ZeroDivisionError" in r.report.examples["strategy_error"]
