@@ -12,13 +12,15 @@ import importlib
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError, load, resolve, json_schema
 
 # %% auto #0
 __all__ = ['USER_ERRORS', 'COMMANDS', 'UserError', 'user_error_types', 'parse_overrides', 'Command', 'command', 'load_from_args',
-           'run_validate', 'run_schema', 'run_preprocess', 'build_parser', 'main', 'run_demo']
+           'run_validate', 'run_schema', 'run_preprocess', 'run_train', 'run_merge_sharded', 'build_parser', 'main',
+           'run_demo']
 
 # %% ../nbs/13_cli.ipynb #0bba8ef3
 class UserError(Exception):
@@ -112,7 +114,65 @@ def _preprocess_args(p):
 command("preprocess", "tokenize and cache the datasets, print the data report (--debug: token view)", run_preprocess, _preprocess_args)
 
 # %% ../nbs/13_cli.ipynb #97ea8227
-def build_parser() -> argparse.ArgumentParser:
+def _prepare_data_once(cfg) -> None:
+    "Tokenize and cache the data in this process so that launched workers only load the cache."
+    from ftkit.models import load_tokenizer
+    from ftkit.data import prepare
+    prepare(cfg, load_tokenizer(cfg, quiet=True))
+
+def run_train(args) -> int:
+    import subprocess
+    from ftkit.launch import launcher_command
+    cfg = load_from_args(args)
+    launcher = args.launcher or ("accelerate" if (args.num_processes or 1) > 1 else "python")
+    if launcher == "python":
+        from ftkit.train import train
+        train(cfg)
+        return 0
+    _prepare_data_once(cfg)
+    cmd = launcher_command(args.config, launcher, args.num_processes, args.launcher_args, args.overrides)
+    print("launching: " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd).returncode
+
+def _train_args(p):
+    p.add_argument("--launcher", choices=["accelerate", "torchrun", "python"], default=None,
+                   help="how to start the workers (default: python, i.e. this process; accelerate when --num-processes > 1)")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N", help="worker processes (GPUs) on this node")
+
+command("train", "fine-tune according to the config (-- passes the rest to the launcher)", run_train, _train_args)
+
+# %% ../nbs/13_cli.ipynb #4c28374e
+def _lazy_args(module: str, fn: str):
+    "An add_arguments function that is imported only when the parser is built for that command."
+    def add(p): getattr(importlib.import_module(module), fn)(p)
+    return add
+
+command("inference", "chat with the tuned model (interactive, or the prompt piped on stdin)",
+        "ftkit.infer:inference_main", _lazy_args("ftkit.infer", "add_inference_args"))
+command("merge-lora", "merge the adapter into the base model and save {output_dir}/merged",
+        "ftkit.infer:merge_main", _lazy_args("ftkit.infer", "add_merge_args"))
+command("evaluate", "eval loss and perplexity on the eval split (--train: also the train split)",
+        "ftkit.infer:evaluate_main", _lazy_args("ftkit.infer", "add_evaluate_args"))
+
+def run_merge_sharded(args) -> int:
+    from ftkit.launch import merge_sharded_fsdp_weights
+    from ftkit.train import complete_checkpoints
+    cfg = load_from_args(args)
+    ck = args.checkpoint_dir or (str(complete_checkpoints(cfg.output_dir)[-1]) if complete_checkpoints(cfg.output_dir) else cfg.output_dir)
+    out = merge_sharded_fsdp_weights(ck, args.output_path or str(Path(cfg.output_dir) / "merged"))
+    print(f"merged {ck} -> {out}/model.safetensors")
+    return 0
+
+def _merge_sharded_args(p):
+    p.add_argument("--checkpoint-dir", default=None, help="sharded checkpoint (default: the newest checkpoint in output_dir)")
+    p.add_argument("--output-path", default=None, help="folder for model.safetensors (default {output_dir}/merged)")
+
+command("merge-sharded-fsdp-weights", "merge an FSDP SHARDED_STATE_DICT checkpoint into one safetensors model",
+        run_merge_sharded, _merge_sharded_args)
+
+# %% ../nbs/13_cli.ipynb #1d79abd6
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    "The argument parser; only the `selected` command's own arguments are built (so unused modules stay unimported)."
     p = argparse.ArgumentParser(prog="ftkit", description="Declarative fine-tuning of LLMs from one Axolotl-compatible YAML config.",
                                 epilog="Any config key can follow the config path as an override: --learning-rate 1e-4, micro_batch_size=2.")
     from ftkit import __version__
@@ -123,13 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog="Config overrides (--key value or key=value) may follow the config." if c.takes_config else None)
         if c.takes_config:
             sp.add_argument("config", help="config file (YAML)")
-        if c.add_arguments: c.add_arguments(sp)
+        if c.add_arguments and c.name == selected: c.add_arguments(sp)
     return p
 
 def main(argv: list[str] | None = None) -> int:
     "Run the ftkit command line; returns the exit status."
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    argv, launcher_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = build_parser(next((a for a in argv if a in COMMANDS), None))
     if not argv:
         parser.print_help(); return 0
     # a command's own options are parsed; everything else after the config is an override
@@ -138,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(); return 0
     if extra and not COMMANDS[args.command].accepts_overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = list(extra)
+    args.overrides, args.launcher_args = list(extra), launcher_args
     try:
         return COMMANDS[args.command].runner()(args) or 0
     except ConfigError as ex:
@@ -152,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()); return 0
 
-# %% ../nbs/13_cli.ipynb #1d79abd6
+# %% ../nbs/13_cli.ipynb #00c3dd6b
+if __name__ == "__main__" and "IPython" not in sys.modules:  # `python -m ftkit.cli ...` (how launchers start workers)
+    sys.exit(main())
+
+# %% ../nbs/13_cli.ipynb #3041f1da
 def run_demo(args) -> int:
     from pathlib import Path
     path = args.config or "examples/quickstart.yml"
