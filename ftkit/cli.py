@@ -127,7 +127,8 @@ def run_train(args) -> int:
     launcher = args.launcher or ("accelerate" if (args.num_processes or 1) > 1 else "python")
     if launcher == "python":
         from ftkit.train import train
-        train(cfg)
+        from ftkit.launch import MetricsFile
+        train(cfg, callbacks=[MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")])
         return 0
     _prepare_data_once(cfg)
     cmd = launcher_command(args.config, launcher, args.num_processes, args.launcher_args, args.overrides)

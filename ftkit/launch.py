@@ -57,13 +57,13 @@ class MetricsFile(TrainerCallback):
     "Rank 0 appends every log record to `path` as one JSON line."
     def __init__(self, path): self.path = Path(path)
 
-    def _write(self, rec):
+    def _write(self, rec, mode="a"):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f: f.write(json.dumps(rec) + "\n")
+        with open(self.path, mode) as f: f.write(json.dumps(rec) + "\n")
 
     def on_train_begin(self, args, state, control, **kw):
-        if state.is_world_process_zero:
-            self._write({"event": "begin", "max_steps": state.max_steps, "world_size": args.world_size, "time": time.time()})
+        if state.is_world_process_zero:  # a new run starts a new file
+            self._write({"event": "begin", "max_steps": state.max_steps, "world_size": args.world_size, "time": time.time()}, "w")
 
     def on_log(self, args, state, control, logs=None, **kw):
         if state.is_world_process_zero and logs:
