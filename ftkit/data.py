@@ -166,7 +166,9 @@ def fingerprint_path(entry) -> dict:
     path = str(opt(entry, "path", "")); p = Path(path).expanduser()
     if p.is_file(): return {p.name: fingerprint_file(p)}
     if p.is_dir():
-        files = sorted(x for x in p.rglob("*") if x.is_file()) if _is_saved_dataset(p) else _data_files(p, entry)
+        # (datasets writes its own `cache-*.arrow` files next to a saved dataset: not part of the data)
+        files = (sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith("cache-")) if _is_saved_dataset(p)
+                 else _data_files(p, entry))
         return {str(f.relative_to(p)): fingerprint_file(f) for f in files}
     if path in BUILDERS and opt(entry, "data_files"):
         return {str(f): fingerprint_file(f) for f in _data_files(Path("."), entry)}
@@ -340,7 +342,7 @@ def cache_key(cfg, tok, groups=("datasets", "test_datasets")) -> tuple[str, dict
         inputs[g] = items
     return _h(json.dumps(inputs, sort_keys=True)), inputs
 
-def _process_group(cfg, tok, group, report, strict, max_len):
+def _process_group(cfg, tok, group, report, strict, max_len, key=""):
     import datasets
     parts, strategies = [], []
     for i, entry in enumerate(_entries(cfg, group)):
@@ -359,7 +361,8 @@ def _process_group(cfg, tok, group, report, strict, max_len):
                          features=_features(), desc=f"tokenizing {where}",
                          fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=min_len, truncate=trunc,
                                         term_ids=tuple(_term_ids(tok, [strat]))),
-                         new_fingerprint=_h("tok", where, uuid.uuid4().hex))
+                         # the cache key covers everything this map depends on, so datasets may reuse its own cache file
+                         new_fingerprint=_h("tok", key, where) if key else None)
         drops = tok_ds["_drop"]
         bad = [k for k, d in enumerate(drops) if d]
         def locate(row):
@@ -375,7 +378,7 @@ def _process_group(cfg, tok, group, report, strict, max_len):
                     row = tok_ds[k]
                     report.examples[reason] = f"{where} {locate(row['_row'])}: {row['_detail']}"
             if strict:
-                k = min(bad, key=lambda k: tok_ds[k]["_row"]); row = tok_ds[k]
+                row = tok_ds[bad[0]]                   # map keeps the input order, so this is the first bad row
                 raise DataError(f"bad row ({row['_drop']}): {row['_detail']}", f"{where} {locate(row['_row'])}",
                                 "fix the row, or set strict: false to drop and count bad rows")
             tok_ds = tok_ds.filter(lambda d: [not x for x in d], input_columns=["_drop"], batched=True, batch_size=4096,
@@ -478,10 +481,10 @@ def _prepare(cfg, tokenizer, use_cache) -> PreparedData:
         rep.from_cache = True
     else:
         rep = Report()
-        train, strategies = _process_group(cfg, tokenizer, "datasets", rep, strict, max_len)
+        train, strategies = _process_group(cfg, tokenizer, "datasets", rep, strict, max_len, key)
         test = None
         if _entries(cfg, "test_datasets"):
-            test, _ = _process_group(cfg, tokenizer, "test_datasets", rep, strict, int(opt(cfg, "eval_sequence_len") or max_len))
+            test, _ = _process_group(cfg, tokenizer, "test_datasets", rep, strict, int(opt(cfg, "eval_sequence_len") or max_len), key)
         if opt(cfg, "dataset_exact_deduplication"):
             train, n = _dedup(train); rep.deduplicated += n
             if test is not None: test, n = _dedup(test); rep.deduplicated += n

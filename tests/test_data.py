@@ -50,6 +50,8 @@ def test_load_formats_and_folders(tmp_path, tok):
         assert p.train["input_ids"] == want, path
     p = run({**cfg, "datasets": [{"path": str(tmp_path / "saved_dict"), "split": "other", "type": "alpaca"}]}, tok)
     assert len(p.train) == 3
+    saved = {**cfg, "datasets": [{"path": str(tmp_path / "saved"), "type": "alpaca"}]}
+    assert run(saved, tok).report.from_cache                # datasets' cache-*.arrow files in the folder do not count
     with pytest.raises(DataError, match="split 'nope' not found"):
         run({**cfg, "datasets": [{"path": str(tmp_path / "saved_dict"), "split": "nope", "type": "alpaca"}]}, tok)
 
