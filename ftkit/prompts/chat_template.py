@@ -299,10 +299,16 @@ def render_spans(tpl, msgs, tools, tvars, kw, think_key="reasoning_content"):
     "`(text, spans)`: the rendered text and `{(i, 'c'|'t'): (start, end)}` character spans of contents / reasoning."
     real = _render(tpl, msgs, tools, tvars, kw)
     text, spans = _content_spans(tpl, msgs, tools, tvars, kw, think_key, real)
-    for i, m in enumerate(msgs):   # an assistant turn with tool calls and no content starts where the generation prompt ends
-        if not m["content"] and m.get("tool_calls") and m["role"] == "assistant" and (i, "c") not in spans:
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant": continue
+        # an assistant turn with tool calls and no content starts where the generation prompt ends
+        if not m["content"] and m.get("tool_calls") and (i, "c") not in spans:
             p = _render(tpl, msgs[:i], tools, tvars, kw, gen=True)
             if real.startswith(p): spans[(i, "c")] = (len(p), len(p))
+        # with reasoning, the model writes the opening tag (`<think>\n`) itself: from the generation prompt's end
+        if (i, "t") in spans:
+            p = _render(tpl, msgs[:i], tools, tvars, kw, gen=True)
+            if real.startswith(p) and len(p) <= spans[(i, "t")][0]: spans[(i, "o")] = (len(p), spans[(i, "t")][0])
     return text, spans
 
 def _content_spans(tpl, msgs, tools, tvars, kw, think_key, real):
@@ -410,9 +416,9 @@ class ChatTemplateStrategy:
         content_starts = sorted(s for (s, e) in spans.values())
         terms = []          # (token index, kind, turn trains)
         for i, m in enumerate(msgs):
-            c, t = spans.get((i, "c")), spans.get((i, "t"))
+            c, t, o = spans.get((i, "c")), spans.get((i, "t")), spans.get((i, "o"))
             if c is None and t is None: continue
-            a = min(x[0] for x in (c, t) if x); b = max(x[1] for x in (c, t) if x)
+            a = min(x[0] for x in (c, t, o) if x); b = max(x[1] for x in (c, t) if x)
             trains = self._turn_trains(m)
             # the terminator: first EOS/EOT token after the content, before the next content
             nxt = next((s for s in content_starts if s >= b and s > a), len(text))
@@ -432,7 +438,7 @@ class ChatTemplateStrategy:
                     lo_c = c[0] + int(d.get("begin_offset", 0)); hi_c = c[0] + int(d.get("end_offset", len(m["content"]) - 1)) + 1
                     for q in tok_range(max(lo_c, c[0]), min(hi_c, c[1])): labels[q] = ids[q]
                 if t:
-                    for q in tok_range(t[0], c[0]): labels[q] = ids[q]
+                    for q in tok_range((o or t)[0], c[0]): labels[q] = ids[q]
             else:
                 end = b
                 if m.get("tool_calls") and term is not None: end = offsets[term][0]
