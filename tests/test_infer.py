@@ -160,3 +160,19 @@ def test_evaluate_table(tok, tmp_path):
     assert evaluate_main(args) == 0
     with pytest.raises(InferError, match="no eval data"):
         evaluate(load(cfg.to_dict(), val_set_size=0))
+
+
+def test_interactive_inference(tok, tmp_path, monkeypatch):
+    "A blank line sends, /reset forgets, /exit quits; replies stream to stdout."
+    base = tiny_base(tok, tmp_path / "base")
+    cfg = load({"base_model": base, "learning_rate": 1e-4, "chat_template": "chatml", "output_dir": str(tmp_path / "out")})
+    lines = iter(["Hello", "", "/reset", "Second", "line", "", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    class TTY(io.StringIO):
+        def isatty(self): return True
+    out = io.StringIO()
+    args = argparse.Namespace(config=str(_write_cfg(tmp_path, cfg)), overrides=[], lora_model_dir=None, base_model=None,
+                              max_new_tokens=4, temperature=0.0, top_p=1.0, prompter="chat_template", system=None)
+    assert inference_main(args, stdin=TTY(), stdout=out) == 0
+    replies = out.getvalue().splitlines()
+    assert len(replies) == 2 and all(replies)

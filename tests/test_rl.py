@@ -224,3 +224,19 @@ def test_debug_view_and_config_types(tok, tmp_path):
     for t in ("chat_template.default", "chat_template.argilla", "bradley_terry.chat_template", "stepwise_supervised", "llama3.ultra"):
         load({"learning_rate": 1e-5, "rl": "orpo" if "argilla" in t else None, "reward_model": True if "bradley" in t else None,
               "process_reward_model": True if "stepwise" in t else None, "datasets": [{"path": "x.jsonl", "type": t}]})
+
+
+def test_grpo_transform_module(tok, tmp_path, monkeypatch):
+    "type: module.fn builds the prompt column (Axolotl's transform convention); the log names what was imported."
+    (tmp_path / "ftk_gsm.py").write_text(textwrap.dedent('''
+        def transform(cfg, *args, **kwargs):
+            def fn(example, tokenizer=None):
+                return {"prompt": [{"role": "user", "content": example["question"]}], "answer": example["answer"].split("####")[-1].strip()}
+            return fn, {"remove_columns": ["question"]}
+    '''))
+    monkeypatch.chdir(tmp_path)
+    p = write_jsonl(tmp_path / "q.jsonl", [{"question": "1+1?", "answer": "so #### 2"}, {"question": "2+2?", "answer": "#### 4"}])
+    cfg = base_cfg(tmp_path, rl="grpo", trl={"reward_funcs": ["ftk_gsm.transform"]}, datasets=[{"path": p, "type": "ftk_gsm.transform"}])
+    data = prepare_rl_data(cfg, tok)
+    assert data.mode == "grpo" and data.train[0]["prompt"][0]["role"] == "user" and "question" not in data.train[0]
+    assert sorted(r["answer"] for r in data.train) == ["2", "4"]
