@@ -311,42 +311,57 @@ def render_spans(tpl, msgs, tools, tvars, kw, think_key="reasoning_content"):
             if real.startswith(p) and len(p) <= spans[(i, "t")][0]: spans[(i, "o")] = (len(p), spans[(i, "t")][0])
     return text, spans
 
-def _content_spans(tpl, msgs, tools, tvars, kw, think_key, real):
-    for with_empty in (True, False):
-        sk_msgs, vals = [], {}
-        for i, m in enumerate(msgs):
-            m2 = dict(m)
-            if m["content"] or with_empty: m2["content"] = _sentinel(i, "c"); vals[(i, "c")] = m["content"]
-            if m.get(think_key): m2[think_key] = _sentinel(i, "t"); vals[(i, "t")] = m[think_key]
-            sk_msgs.append(m2)
-        skel = _render(tpl, sk_msgs, tools, tvars, kw)
-        pieces, spans, pos, out = _SENT.split(skel), {}, 0, []
-        # fast path: substitute the values back and compare with the real render
-        glue, keys = pieces[0::3], [(int(a), b) for a, b in zip(pieces[1::3], pieces[2::3])]
-        if any(k not in vals for k in keys) or len(set(keys)) != len(keys):
-            raise RowError("template_mismatch", "the template repeats or invents message contents; its turns cannot be located")
-        for g, k in zip(glue, keys + [None]):
-            out.append(g); pos += len(g)
-            if k is None: break
-            spans[k] = (pos, pos + len(vals[k])); out.append(vals[k]); pos += len(vals[k])
-        if "".join(out) == real: return real, spans
-        # an empty content may switch a template branch (`{% if content %}`): retry without sentinels for those
-        if not any(not m["content"] for m in msgs): break
-    # slow path: the template changed a content (e.g. `| trim`); anchor the glue in the real text
-    spans, pos = {}, 0
-    if not real.startswith(glue[0]): raise RowError("template_mismatch", "the template's text before the first message differs when contents change")
-    pos = len(glue[0])
+def _skeleton(tpl, msgs, tools, tvars, kw, think_key, with_empty):
+    "Render with sentinels: `(glue pieces, keys, values)`."
+    sk_msgs, vals = [], {}
+    for i, m in enumerate(msgs):
+        m2 = dict(m)
+        if m["content"] or with_empty: m2["content"] = _sentinel(i, "c"); vals[(i, "c")] = m["content"]
+        if m.get(think_key): m2[think_key] = _sentinel(i, "t"); vals[(i, "t")] = m[think_key]
+        sk_msgs.append(m2)
+    pieces = _SENT.split(_render(tpl, sk_msgs, tools, tvars, kw))
+    glue, keys = pieces[0::3], [(int(a), b) for a, b in zip(pieces[1::3], pieces[2::3])]
+    if any(k not in vals for k in keys) or len(set(keys)) != len(keys):
+        raise RowError("template_mismatch", "the template repeats or invents message contents; its turns cannot be located")
+    return glue, keys, vals
+
+def _substitute(glue, keys, vals, real):
+    "Fast path: put the contents back; the spans if that gives the real render."
+    spans, pos, out = {}, 0, []
+    for g, k in zip(glue, keys + [None]):
+        out.append(g); pos += len(g)
+        if k is None: break
+        spans[k] = (pos, pos + len(vals[k])); out.append(vals[k]); pos += len(vals[k])
+    return spans if "".join(out) == real else None
+
+def _align(glue, keys, real):
+    "Slow path (the template changed a content, e.g. `| trim`): anchor the glue in the real text; None if it cannot."
+    if not real.startswith(glue[0]): return None
+    spans, pos = {}, len(glue[0])
     for j, k in enumerate(keys):
         g = glue[j + 1]
         if j + 1 == len(keys):
             end = len(real) - len(g)
-            if not real.endswith(g) or end < pos: raise RowError("template_mismatch", "cannot align the end of the conversation")
+            if not real.endswith(g) or end < pos: return None
         else:
-            if not g: raise RowError("template_mismatch", "two contents render with nothing between them; the turns cannot be told apart")
+            if not g: return None           # two contents with nothing between them cannot be told apart
             end = real.find(g, pos)
-            if end < 0: raise RowError("template_mismatch", f"cannot find the template text after message {k[0]}")
+            if end < 0: return None
         spans[k] = (pos, end); pos = end + len(g)
-    return real, spans
+    return spans
+
+def _content_spans(tpl, msgs, tools, tvars, kw, think_key, real):
+    # an empty content may switch a template branch (`{% if content %}`): then try without sentinels for those
+    variants = [True] + ([False] if any(not m["content"] for m in msgs) else [])
+    skels = [_skeleton(tpl, msgs, tools, tvars, kw, think_key, w) for w in variants]
+    for glue, keys, vals in skels:
+        spans = _substitute(glue, keys, vals, real)
+        if spans is not None: return real, spans
+    for glue, keys, vals in skels:
+        spans = _align(glue, keys, real)
+        if spans is not None: return real, spans
+    raise RowError("template_mismatch", "the template changes message contents in a way ftkit cannot align with the "
+                                        "rendered text; check the template (or report it with the row)")
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #c6cf944c
 def _single_token_id(tokenizer, t: str) -> int:
