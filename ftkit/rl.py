@@ -405,54 +405,38 @@ def prepare_rl_data(cfg, tokenizer) -> RLData:
     return RLData(mode, train, evals, template, [_ds_source(d) for d in (opt(cfg, "datasets") or [])])
 
 # %% ../nbs/07_rl.ipynb #7516943d
-def _tok_text(tokenizer, ids, labels, text_only=False) -> str:
-    parts = []
-    for i, l in zip(ids, labels):
-        t = tokenizer.decode([i])
-        parts.append(t if text_only else f"{t}({l}, {i})")
-    return ("" if text_only else " ").join(parts)
+def _tok_text(tokenizer, ids, labels, text_only=False, color=False) -> str:
+    from ftkit.inspect import debug_text
+    return debug_text({"input_ids": list(ids), "labels": list(labels)}, tokenizer, color=color, text_only=text_only)
 
-def debug_rl(sample: dict, tokenizer, text_only: bool = False) -> str:
-    "Text debug view of one tokenized RL sample."
+def _parts(sample: dict) -> list[tuple[str, list, list]]:
+    "(title, ids, labels) of each part of an RL sample: prompt masked (-100), completions trained (label = id)."
     if "chosen_ids" in sample and "prompt_ids" in sample:
-        p, c, r = sample["prompt_ids"], sample["chosen_ids"], sample["rejected_ids"]
-        return "\n".join([f"INPUT PROMPT: {_tok_text(tokenizer, p, [-100] * len(p), text_only)}",
-                          f"CHOSEN RESPONSE: {_tok_text(tokenizer, c, c, text_only)}",
-                          f"REJECTED RESPONSE: {_tok_text(tokenizer, r, r, text_only)}",
-                          f"prompt {len(p)} tokens (masked), chosen {len(c)} tokens, rejected {len(r)} tokens (trained)"])
+        p = sample["prompt_ids"]
+        return [("INPUT PROMPT", p, [-100] * len(p)), ("CHOSEN RESPONSE", sample["chosen_ids"], sample["chosen_ids"]),
+                ("REJECTED RESPONSE", sample["rejected_ids"], sample["rejected_ids"])]
     if "completion_ids" in sample:
-        p, c = sample["prompt_ids"], sample["completion_ids"]
-        return "\n".join([f"INPUT PROMPT: {_tok_text(tokenizer, p, [-100] * len(p), text_only)}",
-                          f"COMPLETION RESPONSE: {_tok_text(tokenizer, c, c, text_only)}",
-                          f"label: {'desirable' if sample['label'] else 'undesirable'}; prompt {len(p)} tokens (masked), completion {len(c)}"])
-    if "labels" in sample:
-        ids, lab = sample["input_ids"], sample["labels"]
-        return _tok_text(tokenizer, ids, lab, text_only) + f"\n{len(ids)} tokens, {sum(l != -100 for l in lab)} step labels"
-    return json.dumps({k: v for k, v in sample.items()}, default=str)[:2000]
+        p = sample["prompt_ids"]
+        return [("INPUT PROMPT", p, [-100] * len(p)),
+                ("COMPLETION RESPONSE (" + ("desirable" if sample["label"] else "undesirable") + ")", sample["completion_ids"], sample["completion_ids"])]
+    return [("STEPS", sample["input_ids"], sample["labels"])]
+
+def debug_rl(sample: dict, tokenizer, text_only: bool = False, color: bool = False) -> str:
+    "Text debug view of one tokenized RL sample (`ftkit.inspect`'s `tok(label, id)` format, one line per part)."
+    if "prompt_ids" not in sample and "labels" not in sample: return json.dumps(sample, default=str)[:2000]
+    parts = _parts(sample)
+    lines = [f"{t}: {_tok_text(tokenizer, i, l, text_only, color)}" for t, i, l in parts]
+    name = lambda t: {"input": "prompt"}.get(t.split()[0].lower(), t.split()[0].lower())
+    lines.append(", ".join(f"{name(t)} {len(i)} tokens ({sum(x != -100 for x in l)} trained)" for t, i, l in parts))
+    return "\n".join(lines)
 
 def debug_html(sample: dict, tokenizer) -> str:
-    "HTML debug view of one tokenized RL sample (hover a token for its label and id)."
-    def span(ids, labels, color):
-        out = []
-        for i, l in zip(ids, labels):
-            t = html.escape(tokenizer.decode([i])).replace("\n", "↵<br>")
-            out.append(f'<span title="label {l}, id {i}" style="background:{color};border-radius:2px">{t}</span>')
-        return "".join(out)
-    rows = []
-    if "chosen_ids" in sample:
-        p = sample["prompt_ids"]
-        rows = [("prompt (masked)", span(p, [-100] * len(p), "#eee")), ("chosen", span(sample["chosen_ids"], sample["chosen_ids"], "#c8f7c5")),
-                ("rejected", span(sample["rejected_ids"], sample["rejected_ids"], "#f7c5c5"))]
-    elif "completion_ids" in sample:
-        p = sample["prompt_ids"]
-        rows = [("prompt (masked)", span(p, [-100] * len(p), "#eee")),
-                ("completion (" + ("desirable" if sample["label"] else "undesirable") + ")",
-                 span(sample["completion_ids"], sample["completion_ids"], "#c8f7c5" if sample["label"] else "#f7c5c5"))]
-    else:
-        ids, lab = sample["input_ids"], sample["labels"]
-        rows = [("steps", "".join(span([i], [l], "#eee" if l == -100 else ("#c8f7c5" if l == 1 else "#f7c5c5")) for i, l in zip(ids, lab)))]
-    body = "".join(f'<tr><td style="vertical-align:top;padding-right:8px"><b>{k}</b></td><td style="font-family:monospace;text-align:left">{v}</td></tr>' for k, v in rows)
-    return f"<table>{body}</table>"
+    "HTML debug view of one tokenized RL sample: each part with `ftkit.inspect`'s token view (hover for label and id)."
+    from ftkit.inspect import html_tokens, _CSS
+    rows = "".join(f'<tr><td style="vertical-align:top;padding-right:8px;text-align:left"><b>{html.escape(t.lower())}</b></td>'
+                   f'<td style="text-align:left">{html_tokens({"input_ids": list(i), "labels": list(l)}, tokenizer)}</td></tr>'
+                   for t, i, l in _parts(sample))
+    return f"{_CSS}<table>{rows}</table>"
 
 # %% ../nbs/07_rl.ipynb #8cbe4a40
 class RewardFuncError(ValueError):
@@ -825,13 +809,16 @@ def preference_margins(model, rows: list[dict], batch_size: int = 8) -> list[flo
     return [a - b for a, b in zip(ch, rj)]
 
 # %% ../nbs/07_rl.ipynb #4f557953
-def print_rl_examples(data: RLData, tokenizer, num_examples: int = 1, seed: int | None = None, text_only: bool = False, file=None):
+def print_rl_examples(data: RLData, tokenizer, num_examples: int = 1, seed: int | None = None, text_only: bool = False, file=None,
+                      color: bool | None = None):
     "Print `num_examples` random tokenized rows (drawn with replacement, as Axolotl does) in the debug format."
+    from ftkit.inspect import supports_color
     file = file or sys.stdout
+    color = supports_color(file) if color is None else color
     rng = random.Random(seed)
     for _ in range(num_examples if data.train else 0):
         s = data.train[rng.randrange(len(data.train))]
-        print(debug_rl(s, tokenizer, text_only=text_only), file=file)
+        print(debug_rl(s, tokenizer, text_only=text_only, color=color), file=file)
         print(file=file)
 
 def preprocess_rl(cfg, tokenizer=None, debug: bool = False, num_examples: int = 1, *, text_only: bool = False,
