@@ -586,7 +586,8 @@ def method_kwargs(cfg) -> tuple[str, dict]:
                   "ref_model_mixup_alpha", "ref_model_sync_steps"):
             v = opt(trl, k)
             if v is not None: kw[k] = v
-        if opt(trl, "scale_rewards") is not None: kw["scale_rewards"] = "group" if trl.scale_rewards else "none"
+        if opt(trl, "scale_rewards") is not None: kw["scale_rewards"] = "group" if opt(trl, "scale_rewards") else "none"
+        if not kw.get("use_vllm"): kw["generation_kwargs"] = {"use_cache": True}   # ftkit loads models with use_cache off
         return "grpo", kw
     if opt(cfg, "reward_model"):
         kw = {"max_length": L}
