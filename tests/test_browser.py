@@ -1,0 +1,189 @@
+"""A real browser: JupyterLab serves a notebook with the config form and a short training run; headless Chromium
+(Debian's package, driven by Playwright) checks that the form and the dashboard render and update, fills two fields,
+presses "Create cell", and saves screenshots under tests/artifacts/."""
+import json
+import os
+import pathlib
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import nbformat
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _requirements():
+    if not os.path.exists(CHROMIUM):
+        return "Debian's chromium is not installed (`make browser-deps` installs it: apt-get install -y chromium)"
+    for mod, pkg in (("playwright", "playwright"), ("jupyterlab", "jupyterlab")):
+        try:
+            __import__(mod)
+        except ImportError:
+            return f"{pkg} is not installed (it is in the dev extra: pip install -e '.[dev]')"
+    return None
+
+
+_missing = _requirements()
+if _missing and os.environ.get("CI"):
+    raise RuntimeError(f"the browser test must run in CI: {_missing}")
+skip_reason = pytest.mark.skipif(_missing is not None, reason=_missing or "")
+
+SETUP = """\
+%load_ext ftkit
+import ftkit, time, tempfile, torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from ftkit.dashboard import Dashboard
+"""
+FORM = "form = ftkit.form('quickstart.yml')\nform"
+TRAIN = """\
+class Slow(TrainerCallback):      # a few seconds of training, so the browser sees the dashboard move
+    def on_step_end(self, args, state, control, **kw): time.sleep(0.25)
+torch.set_num_threads(1)   # leave a core to the browser on a 2-core CI machine
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+ids = [[(i + j) % 16 + 3 for j in range(16)] for i in range(32)]
+ds = Dataset.from_dict({"input_ids": ids, "labels": ids, "attention_mask": [[1] * 16] * 32})
+args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=60, per_device_train_batch_size=4, learning_rate=1e-2,
+                         logging_steps=2, eval_strategy="steps", eval_steps=10, report_to=[], save_strategy="no",
+                         use_cpu=True, disable_tqdm=True)
+trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds.select(range(8)), callbacks=[Slow()])
+dash = Dashboard(title="browser test run").attach(trainer)
+trainer.train()
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    work = tmp_path_factory.mktemp("lab")
+    home = tmp_path_factory.mktemp("home")
+    shutil.copy(ROOT / "examples" / "quickstart.yml", work)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in (SETUP, FORM, TRAIN)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, work / "browser.ipynb")
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, "HOME": str(home), "JUPYTER_CONFIG_DIR": str(home / ".jupyter"),
+           "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces")}
+    # the kernel must be this interpreter's (the venv's); kernelspec "python3" with argv[0] "python" resolves to it
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.port={port}", "--ServerApp.ip=127.0.0.1",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}", "--LabApp.expose_app_in_browser=True",
+           "--ServerApp.disable_check_xsrf=True", "--allow-root", "--LabApp.extension_manager=readonly", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    log = open(work / "lab.log", "w")
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+            break
+        except Exception:
+            if proc.poll() is not None:
+                raise RuntimeError("jupyter lab exited: " + (work / "lab.log").read_text()[-3000:])
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        raise RuntimeError("jupyter lab did not start: " + (work / "lab.log").read_text()[-3000:])
+    yield base, token, work
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@skip_reason
+def test_form_and_dashboard_in_jupyterlab(lab, tmp_path):
+    from playwright.sync_api import sync_playwright
+    base, token, work = lab
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        # a fresh profile folder per run (Playwright passes it as --user-data-dir)
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 1000},
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        page = browser.new_page()
+        page.set_default_timeout(120_000)
+        console = []
+        page.on("console", lambda m: console.append(m.text))
+        try:
+            page.goto(f"{base}/lab/tree/browser.ipynb?token={token}")
+            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
+                                   "&& window.jupyterapp.shell.currentWidget.sessionContext "
+                                   "&& window.jupyterapp.shell.currentWidget.sessionContext.session "
+                                   "&& window.jupyterapp.shell.currentWidget.sessionContext.session.kernel "
+                                   "&& window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'")
+            run_cell = ("(i) => { const nb = window.jupyterapp.shell.currentWidget; nb.content.activeCellIndex = i; "
+                        "window.jupyterapp.commands.execute('notebook:run-cell'); return true; }")   # don't wait for the cell
+            page.evaluate(run_cell, 0)
+            page.evaluate(run_cell, 1)
+            news = page.locator(".jp-Notification-Toast button:has-text('No')")
+            if news.count():
+                news.first.click()
+
+            # the form renders: sections as tabs, fields with their values
+            page.wait_for_selector(".ftkit-form .ftkit-form-status :text('valid config')")
+            assert page.locator(".ftkit-form .lm-TabBar-tab").count() == 11
+            page.screenshot(path=str(ARTIFACTS / "browser_form.png"))
+
+            # the dashboard renders and updates while training
+            page.evaluate(run_cell, 2)
+            page.wait_for_selector(".ftkit-dashboard[data-status='training']")
+            first = int(page.locator(".ftkit-dashboard").first.get_attribute("data-step"))
+            page.wait_for_function(f"() => {{ const d = document.querySelector('.ftkit-dashboard'); "
+                                   f"return d && +d.dataset.step >= {first} + 6; }}")
+            assert page.locator(".ftkit-dashboard-widget .progress-bar, .ftkit-dashboard-widget [class*='progress']").count() >= 1   # the live widget's bar
+            page.locator(".ftkit-dashboard").first.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "browser_dashboard_training.png"))
+            page.wait_for_selector(".ftkit-dashboard[data-status='finished']", timeout=300_000)
+            final = page.locator(".ftkit-dashboard[data-status='finished']").first
+            assert final.locator("polyline").count() >= 2 and "eval loss" in final.inner_text()
+            assert "train loss" in page.locator(".ftkit-summary").first.inner_text()
+            final.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "browser_dashboard_finished.png"))
+
+            # fill two fields of the form (the kernel is idle again), then "Create cell"
+            form = page.locator(".ftkit-form").first
+            form.scroll_into_view_if_needed()
+            form.locator(".lm-TabBar-tab", has_text="training").click()
+            steps = form.locator(".ftkit-field-max_steps input")
+            steps.fill("25"); steps.press("Tab")
+            form.locator(".lm-TabBar-tab", has_text="logging").click()
+            out = form.locator(".ftkit-field-output_dir input")
+            out.fill("./outputs/from-browser"); out.press("Tab")
+            form.locator(".lm-TabBar-tab", has_text="training").click()
+            lr = form.locator(".ftkit-field-learning_rate input")
+            lr.fill("0"); lr.press("Tab")                                   # an invalid value: the message appears by the field
+            page.wait_for_selector(".ftkit-field-learning_rate .ftkit-msg")
+            assert "greater than 0" in form.locator(".ftkit-field-learning_rate").inner_text()
+            page.screenshot(path=str(ARTIFACTS / "browser_form_validation.png"))
+            lr.fill("0.001"); lr.press("Tab")
+            page.wait_for_function("() => !document.querySelector('.ftkit-field-learning_rate .ftkit-msg')")
+            form.locator(".ftkit-create-cell").click()
+            page.wait_for_function("() => [...document.querySelectorAll('.jp-Cell .cm-content')]"
+                                   ".some(e => e.innerText.includes('%%finetune train') && e.innerText.includes('max_steps: 25'))")
+            text = page.evaluate("() => [...document.querySelectorAll('.jp-Cell .cm-content')].map(e => e.innerText)"
+                                 ".find(t => t.includes('%%finetune train'))")
+            assert "output_dir: ./outputs/from-browser" in text and "learning_rate: 0.001" in text
+            page.locator(".jp-Cell .cm-content", has_text="%%finetune train").first.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "browser_created_cell.png"))
+        finally:
+            page.screenshot(path=str(ARTIFACTS / "browser_last.png"))
+            (ARTIFACTS / "browser_console.log").write_text("\n".join(console))
+            browser.close()
