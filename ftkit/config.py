@@ -18,15 +18,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # %% auto #0
-__all__ = ['TrainOnEos', 'OPTIMIZERS', 'SCHEDULERS', 'SECTIONS', 'RENAMED_KEYS', 'RULES', 'CHAT_TEMPLATE_NAMES', 'EMBEDDED_MODEL',
-           'Problem', 'ConfigError', 'yaml_positions', 'YamlLoader', 'yaml_load', 'Section', 'UserDefinedType',
-           'DatasetEntry', 'SpecialTokens', 'ModelSection', 'TokenizerSection', 'AdapterSection', 'DataSection',
-           'TrainingSection', 'PrecisionSection', 'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection',
-           'DistributedSection', 'IntegrationsSection', 'FinetuneConfig', 'rule', 'qlora_needs_4bit',
-           'one_half_precision', 'batch_size_consistent', 'lora_kernels_preconditions', 'one_attention_backend',
-           'checkpointing_for_offload', 'eval_needs_eval_data', 'packing_conflicts', 'chat_template_choice',
-           'misc_rules', 'known_dataset_types', 'dataset_entries', 'apply_overrides', 'validate', 'load', 'Env',
-           'detect_env', 'Plan', 'resolve', 'json_schema']
+__all__ = ['TrainOnEos', 'OPTIMIZERS', 'SCHEDULERS', 'SECTIONS', 'RENAMED_KEYS', 'RULES', 'EMBEDDED_MODEL', 'Problem',
+           'ConfigError', 'yaml_positions', 'YamlLoader', 'yaml_load', 'Section', 'UserDefinedType', 'DatasetEntry',
+           'SpecialTokens', 'ModelSection', 'TokenizerSection', 'AdapterSection', 'DataSection', 'TrainingSection',
+           'PrecisionSection', 'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection', 'DistributedSection',
+           'IntegrationsSection', 'FinetuneConfig', 'rule', 'qlora_needs_4bit', 'one_half_precision',
+           'batch_size_consistent', 'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload',
+           'eval_needs_eval_data', 'packing_conflicts', 'chat_template_choice', 'misc_rules', 'chat_template_names',
+           'known_dataset_types', 'dataset_entries', 'apply_overrides', 'validate', 'load', 'Env', 'detect_env', 'Plan',
+           'resolve', 'json_schema']
 
 # %% ../nbs/00_config.ipynb #e83e0176
 @dataclass
@@ -149,7 +149,7 @@ class UserDefinedType(Section):
     completion_format: str | None = _f(None, "Completion format with `{completion}` (KTO).")
 
 # %% ../nbs/00_config.ipynb #16791a2b
-TrainOnEos = Literal["all", "turn", "last"]
+TrainOnEos = Literal["all", "turn", "last", "none"]
 
 class DatasetEntry(Section):
     "One entry of `datasets:` / `test_datasets:` (SFT, preference, KTO or stepwise-supervised)."
@@ -180,7 +180,7 @@ class DatasetEntry(Section):
     message_field_content: str | None = _f(None, "Legacy: message key holding the content (use message_property_mappings).", adv=True)
     roles: dict[str, list[str]] | None = _f(None, "Role mapping {target_role: [source roles]}.", adv=True)
     roles_to_train: list[str] | None = _f(None, "Roles whose turns are trained (default [assistant]).")
-    train_on_eos: TrainOnEos | None = _f(None, "Which EOS tokens to train: turn (default), all, last.")
+    train_on_eos: TrainOnEos | None = _f(None, "Which EOS tokens to train: turn (default), all, last, none.")
     train_on_eot: TrainOnEos | None = _f(None, "Which end-of-turn tokens to train (defaults to train_on_eos).", adv=True)
     message_field_training: str | None = _f(None, "Per-message boolean key that decides whether the turn is trained.", adv=True)
     message_field_training_detail: str | None = _f(None, "Per-message list of {begin_offset, end_offset, train} character spans.", adv=True)
@@ -695,14 +695,19 @@ def misc_rules(d):
         yield Problem(adam[0], f"{', '.join(adam)} have no effect with optimizer {opt}.", "Remove them or use an AdamW optimizer.", level="warning")
 
 # %% ../nbs/00_config.ipynb #5c52a760
-CHAT_TEMPLATE_NAMES = ("tokenizer_default", "jinja", "chatml", "llama3", "alpaca", "mistral", "gemma", "phi_3", "qwen")
 _FALLBACK = "tokenizer_default_fallback_"
 
+def chat_template_names() -> list[str]:
+    "Values `chat_template` accepts: tokenizer_default, jinja and the built-in templates of `ftkit.prompts.chat_template`."
+    from ftkit.prompts.chat_template import TEMPLATES  # a light module: no torch / transformers
+    return ["tokenizer_default", "jinja", *TEMPLATES]
+
 def _check_template_name(key, ct):
+    names = chat_template_names()
     name = ct[len(_FALLBACK):] if ct.startswith(_FALLBACK) else ct
-    if name not in CHAT_TEMPLATE_NAMES or (ct.startswith(_FALLBACK) and name in ("tokenizer_default", "jinja")):
+    if name not in names or (ct.startswith(_FALLBACK) and name in ("tokenizer_default", "jinja")):
         yield Problem(key, f"unknown chat template {ct!r}.",
-                      _suggest(name, CHAT_TEMPLATE_NAMES) + f"Known: {', '.join(CHAT_TEMPLATE_NAMES)}, or {_FALLBACK}<name>.")
+                      _suggest(name, names) + f"Known: {', '.join(names)}, or {_FALLBACK}<name>.")
 
 def _suggest(word, choices) -> str:
     m = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
