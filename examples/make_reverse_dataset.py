@@ -41,7 +41,7 @@ def reverse_rows(n: int, seed: int, min_words: int = 3, max_words: int = 5, excl
     return rows
 
 
-def write(out_dir: Path, n_train: int = 2000, n_heldout: int = 100, seed: int = 0):
+def write(out_dir: Path, n_train: int = 1000, n_heldout: int = 100, seed: int = 0):
     out_dir.mkdir(parents=True, exist_ok=True)
     held = reverse_rows(n_heldout, seed + 1)
     held_keys = frozenset(tuple(r["messages"][1]["content"].split()) for r in held)
@@ -56,7 +56,7 @@ def write(out_dir: Path, n_train: int = 2000, n_heldout: int = 100, seed: int = 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "data"))
-    ap.add_argument("--train", type=int, default=2000)
+    ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--heldout", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
