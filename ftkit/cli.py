@@ -100,9 +100,13 @@ command("schema", "print the JSON Schema of ftkit configs", run_schema, takes_co
 
 # %% ../nbs/13_cli.ipynb #04606c55
 def run_preprocess(args) -> int:
-    from ftkit.data import preprocess_main
-    preprocess_main(load_from_args(args), debug=args.debug, num_examples=args.debug_num_examples,
-                    text_only=args.debug_text_only, seed=args.debug_seed)
+    from ftkit.rl import rl_mode
+    cfg = load_from_args(args)
+    if rl_mode(cfg):  # preference / RL rows: prompt, chosen, rejected (or completion, steps)
+        from ftkit.rl import preprocess_rl as run
+    else:
+        from ftkit.data import preprocess_main as run
+    run(cfg, debug=args.debug, num_examples=args.debug_num_examples, text_only=args.debug_text_only, seed=args.debug_seed)
     return 0
 
 def _preprocess_args(p):
@@ -115,7 +119,9 @@ command("preprocess", "tokenize and cache the datasets, print the data report (-
 
 # %% ../nbs/13_cli.ipynb #97ea8227
 def _prepare_data_once(cfg) -> None:
-    "Tokenize and cache the data in this process so that launched workers only load the cache."
+    "Tokenize and cache the (SFT) data in this process so that launched workers only load the cache."
+    from ftkit.rl import rl_mode
+    if rl_mode(cfg): return  # RL rows are prepared by each worker (not cached)
     from ftkit.models import load_tokenizer
     from ftkit.data import prepare
     prepare(cfg, load_tokenizer(cfg, quiet=True))
