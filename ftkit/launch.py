@@ -62,7 +62,8 @@ class MetricsFile(TrainerCallback):
         with open(self.path, mode) as f: f.write(json.dumps(rec) + "\n")
 
     def on_train_begin(self, args, state, control, **kw):
-        if state.is_world_process_zero:  # a new run starts a new file
+        if state.is_world_process_zero:  # a new run starts new files
+            (self.path.parent / "peak_memory.jsonl").unlink(missing_ok=True)
             self._write({"event": "begin", "max_steps": state.max_steps, "world_size": args.world_size, "time": time.time()}, "w")
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -72,6 +73,10 @@ class MetricsFile(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         if state.is_world_process_zero:
             self._write({"event": "end", "step": state.global_step, "time": time.time()})
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():  # every rank: its GPU's peak
+            rec = {"rank": args.process_index, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+            with open(self.path.parent / "peak_memory.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
 
 def read_metrics(path) -> list[dict]:
     "All records written so far."
