@@ -21,7 +21,7 @@ from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, pack
 __all__ = ['OPTIMIZER_NAMES', 'SCHEDULER_NAMES', 'CHECKPOINT_MARKER', 'TrainError', 'optimizer_name', 'scheduler', 'StepPlan',
            'step_plan', 'training_arguments', 'FtkitTrainer', 'write_marker', 'complete_checkpoints',
            'quarantine_incomplete', 'resume_checkpoint', 'prepare_data', 'MetricsRecorder', 'ProgressPrinter',
-           'TrainResult', 'save_outputs', 'train', 'train_main']
+           'TrainResult', 'save_outputs', 'train', 'train_main', 'generate_replies', 'exact_match', 'demo']
 
 # %% ../nbs/06_train.ipynb #4c29efa1
 def _opt(cfg, key, default=None):
@@ -144,7 +144,6 @@ def training_arguments(cfg, plan, steps: StepPlan, *, output_dir: str, has_eval:
         dataloader_pin_memory=bool(_opt(cfg, "dataloader_pin_memory", cuda)),
         neftune_noise_alpha=_opt(cfg, "neftune_noise_alpha"),
         torch_compile=bool(_opt(cfg, "torch_compile") is True),
-        include_num_input_tokens_seen="no",
     )
     if ev_steps: kw["eval_steps"] = ev_steps
     if sv_steps: kw["save_steps"] = sv_steps
@@ -189,6 +188,8 @@ class FtkitTrainer(Trainer):
                                                        pad_to_multiple_of=8))
         kw.setdefault("data_collator", self.padded_collator)
         super().__init__(*a, **kw)
+        for cb in self.callback_handler.callbacks:      # callbacks that declare `trainer = None` get the trainer
+            if getattr(cb, "trainer", 0) is None: cb.trainer = self
 
     def _loader(self, ds, plan: PackingPlan | None, batch_size: int, shuffle: bool):
         from torch.utils.data import DataLoader
@@ -455,3 +456,59 @@ def train_main(config, overrides: dict | None = None, *, quiet: bool = False) ->
         print(str(e), file=sys.stderr)
         return 2
     return 0
+
+# %% ../nbs/06_train.ipynb #26371353
+def generate_replies(model, tokenizer, conversations, *, max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
+    "Greedy replies to each conversation (a list of messages ending with a user turn)."
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    replies = []
+    try:
+        for i in range(0, len(conversations), batch_size):
+            texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations[i:i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            replies += [tokenizer.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
+    finally:
+        tokenizer.padding_side = side
+        if was_training: model.train()
+    return replies
+
+def exact_match(model, tokenizer, rows, **kw) -> tuple[float, list[str]]:
+    "(fraction of rows whose greedy reply equals the last assistant message, the replies)."
+    convs = [r["messages"][:-1] for r in rows]
+    refs = [r["messages"][-1]["content"].strip() for r in rows]
+    replies = generate_replies(model, tokenizer, convs, **kw)
+    return sum(a == b for a, b in zip(replies, refs)) / max(len(rows), 1), replies
+
+# %% ../nbs/06_train.ipynb #01cff92c
+def _read_jsonl(path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+def demo(config: str = "examples/quickstart.yml", heldout: str = "examples/data/reverse_words_heldout.jsonl",
+         overrides: dict | None = None, n_show: int = 6, n_eval: int = 100, quiet: bool = False) -> dict:
+    "Fine-tune the quickstart config, then print before/after answers on held-out prompts; returns the scores."
+    for p in (config, heldout):
+        if not Path(p).exists():
+            raise TrainError(f"{p} not found: run the demo from the ftkit repository root (where examples/ is).")
+    rows = _read_jsonl(heldout)[:n_eval]
+    t0 = time.time()
+    res = train(config, overrides=overrides, quiet=quiet)
+    model, tok = res.model, res.tokenizer
+    after, a_replies = exact_match(model, tok, rows)
+    with model.disable_adapter():
+        before, b_replies = exact_match(model, tok, rows)
+    w = max(len(r["messages"][-2]["content"]) for r in rows[:n_show]) + 2
+    print(f"\nheld-out prompts ({rows[0]['messages'][0]['content']!r}):")
+    print(f"  {'prompt':<{w}} {'before (base model)':<34} after (LoRA, {res.global_step} steps)")
+    for r, b, a in list(zip(rows, b_replies, a_replies))[:n_show]:
+        ok = "✓" if a == r["messages"][-1]["content"] else "✗"
+        print(f"  {r['messages'][-2]['content']:<{w}} {b[:32]:<34} {a}  {ok}")
+    print(f"\nexact match on {len(rows)} held-out prompts: before {before:.0%}, after {after:.0%}  "
+          f"(total {time.time() - t0:.0f}s, adapter in {res.output_dir})")
+    return {"before": before, "after": after, "steps": res.global_step, "seconds": time.time() - t0,
+            "output_dir": str(res.output_dir)}
