@@ -188,7 +188,9 @@ class TextView:
     def __init__(self): self.lines: list[str] = []
     def show(self, h: RunHistory, title: str): self._print(f"{title}: starting")
     def update(self, h: RunHistory, title: str, force: bool = False):
-        if force: self._print(render_text(h))
+        line = render_text(h)
+        if force and line.split(" | elapsed")[0] != (self.lines[-1] if self.lines else "").split(" | elapsed")[0]:
+            self._print(line)
     def close(self, h: RunHistory, title: str, summary: str): self._print(summary)
     def _print(self, s: str):
         self.lines.append(s); print(s, flush=True)
@@ -387,8 +389,8 @@ class Dashboard(TrainerCallback):
         if isinstance(p, list):
             text = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
             shown = p[-1].get("content", "") if p and isinstance(p[-1], dict) else str(p)
-        else: text = shown = str(p)
-        enc = tok(text, return_tensors="pt", add_special_tokens=not isinstance(p, list)).to(model.device)
+        else: text, shown = str(p), str(p)[-300:]
+        enc = tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
         was_training = model.training
         model.eval()
         try:

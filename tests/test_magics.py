@@ -109,13 +109,20 @@ def test_debug_then_preprocess_reuses_tokenizer_and_data(ip):
     assert "trained tokens" in text_of(c)
     q = ip.user_ns["q"]
     tok, data = q.tokenizer, q.datasets
-    assert len(data.train) == 1900 and len(data.eval) == 100
+    n = len((ROOT / "examples" / "data" / "reverse_words.jsonl").read_text().splitlines())
+    assert len(data.train) + len(data.eval) == n and len(data.eval) == round(0.05 * n)
     c, r = run(ip, "preprocess --name q --set dataset_prepared_path={_prep}", QUICKSTART)
     assert ip.user_ns["q"].tokenizer is tok and ip.user_ns["q"].datasets is data
     assert ip.user_ns["q"].stages == ["debug", "preprocess"]
     # a different config starts a fresh run object
     c, r = run(ip, "validate --name q --set dataset_prepared_path={_prep} --set sequence_len=128", QUICKSTART)
     assert ip.user_ns["q"].tokenizer is None and ip.user_ns["q"].stages == ["validate"]
+
+
+def test_comment_only_body_reuses_the_run_config(ip):
+    run(ip, "validate --name reuse --set max_steps=7", QUICKSTART)
+    c, r = run(ip, "plan --name reuse", "# (empty: the config of `reuse`)\n")
+    assert r.success and ip.user_ns["reuse"].config.max_steps == 7 and ip.user_ns["reuse"].stages == ["validate", "plan"]
 
 
 def test_gpus_flag_only_for_train(ip):
