@@ -27,7 +27,7 @@ class UserError(Exception):
     "A mistake the user can fix (bad config, bad data, missing file); shown without a traceback."
 
 # Exceptions that mean "the user's config, data or machine needs fixing": printed without a traceback.
-USER_ERRORS = [("ftkit.cli", "UserError"), ("ftkit.data", "DataError"), ("ftkit.launch", "LaunchError"),
+USER_ERRORS = [("ftkit.cli", "UserError"), ("ftkit.data", "DataError"), ("ftkit.launch", "LaunchError"), ("ftkit.train", "TrainError"),
                ("ftkit.rl", "RLDataError"), ("ftkit.rl", "RewardFuncError"), ("ftkit.infer", "InferError")]
 
 def user_error_types() -> tuple[type, ...]:
@@ -220,20 +220,18 @@ def main(argv: list[str] | None = None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()); return 0
 
-# %% ../nbs/13_cli.ipynb #00c3dd6b
-if __name__ == "__main__" and "IPython" not in sys.modules:  # `python -m ftkit.cli ...` (how launchers start workers)
-    sys.exit(main())
-
-# %% ../nbs/13_cli.ipynb #3041f1da
+# %% ../nbs/13_cli.ipynb #66e8f33b
 def run_demo(args) -> int:
-    from pathlib import Path
-    path = args.config or "examples/quickstart.yml"
-    if not Path(path).is_file(): raise UserError(f"{path} not found: run the demo from the ftkit repository root, or pass a config.")
-    cfg = load(path, parse_overrides(args.overrides))
-    print(f"{path}: valid\n\n{resolve(cfg)}")
+    from ftkit.train import demo
+    demo(args.config or "examples/quickstart.yml", overrides=parse_overrides(args.overrides))
     return 0
 
 def _demo_args(p):
     p.add_argument("config", nargs="?", default=None, help="config (default examples/quickstart.yml)")
 
-command("demo", "validate the quickstart config and print its plan", run_demo, _demo_args, takes_config=False, takes_overrides=True)
+command("demo", "fine-tune the embedded model on the bundled data and show before/after answers", run_demo, _demo_args,
+        takes_config=False, takes_overrides=True)
+
+# %% ../nbs/13_cli.ipynb #04d55d20
+if __name__ == "__main__" and "IPython" not in sys.modules:  # `python -m ftkit.cli ...` (how launchers start workers)
+    sys.exit(main())
