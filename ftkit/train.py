@@ -167,25 +167,34 @@ def training_arguments(cfg, plan, steps: StepPlan, *, output_dir: str, has_eval:
 CHECKPOINT_MARKER = "ftkit-complete.json"
 
 class _Counted:
-    "Collator wrapper that adds the number of real tokens of the batch (`ftkit_real_tokens`)."
-    def __init__(self, inner): self.inner = inner
+    """Collator wrapper: adds the number of real tokens (`ftkit_real_tokens`) and, when fewer than `keep_below` of the
+    positions predict a trained token, those positions and their targets (`ftkit_keep`, `ftkit_shift_labels`)."""
+    def __init__(self, inner, keep_below: float = 0.5): self.inner, self.keep_below = inner, keep_below
     def __call__(self, features):
         out = self.inner(features)
         flat = features if not (features and isinstance(features[0], (list, tuple))) else [f for r in features for f in r]
         out["ftkit_real_tokens"] = sum(len(f["input_ids"]) for f in flat)
+        lab = out.get("labels")
+        if lab is not None and self.keep_below > 0 and lab.shape[-1] > 1:
+            used = (lab[:, 1:] != -100).any(0)                   # position p predicts a trained label p+1
+            keep = torch.nonzero(used).flatten()
+            if 0 < len(keep) < self.keep_below * lab.shape[-1]:
+                out["ftkit_keep"], out["ftkit_shift_labels"] = keep, lab[:, keep + 1]
         return out
 
 class FtkitTrainer(Trainer):
     "transformers' Trainer with multipack dataloaders, LoRA+ groups, atomic checkpoints and token counting."
+    logits_keep_below = 0.5      # compute logits only at trained positions when they are fewer than this share (0: never)
     def __init__(self, *a, ftkit_cfg=None, packing: PackingPlan | None = None, eval_packing: PackingPlan | None = None,
                  pad_token_id: int = 0, **kw):
         self.ftkit_cfg, self.packing, self.eval_packing, self.ftkit_tokens = ftkit_cfg, packing, eval_packing, 0
         self._pad_id = pad_token_id
         seq = int(_opt(ftkit_cfg, "sequence_len", 512)); mbs = int(_opt(ftkit_cfg, "micro_batch_size", 1))
         pad_to = mbs * seq if _opt(ftkit_cfg, "pad_to_sequence_len") else None
-        self.packed_collator = _Counted(PackedCollator(pad_token_id=pad_token_id, pad_to=pad_to, pad_to_multiple_of=None if pad_to else 8))
+        kb = self.logits_keep_below
+        self.packed_collator = _Counted(PackedCollator(pad_token_id=pad_token_id, pad_to=pad_to, pad_to_multiple_of=None if pad_to else 8), kb)
         self.padded_collator = _Counted(PaddedCollator(pad_token_id=pad_token_id, pad_to=seq if _opt(ftkit_cfg, "pad_to_sequence_len") else None,
-                                                       pad_to_multiple_of=8))
+                                                       pad_to_multiple_of=8), kb)
         kw.setdefault("data_collator", self.padded_collator)
         super().__init__(*a, **kw)
         for cb in self.callback_handler.callbacks:      # callbacks that declare `trainer = None` get the trainer
@@ -211,6 +220,21 @@ class FtkitTrainer(Trainer):
         ds = eval_dataset if eval_dataset is not None and not isinstance(eval_dataset, str) else self.eval_dataset
         plan = self.eval_packing if ds is self.eval_dataset else None
         return self._loader(ds, plan, self.args.eval_batch_size, shuffle=False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        keep, shift = inputs.pop("ftkit_keep", None), inputs.pop("ftkit_shift_labels", None)
+        if keep is not None and self._accepts_logits_to_keep(model) and not return_outputs:
+            inputs = {**inputs, "logits_to_keep": keep, "shift_labels": shift}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _accepts_logits_to_keep(self, model) -> bool:
+        if not hasattr(self, "_ltk"):
+            import inspect
+            m = self.accelerator.unwrap_model(model)
+            m = m.get_base_model() if hasattr(m, "get_base_model") else m
+            try: self._ltk = "logits_to_keep" in inspect.signature(m.forward).parameters and self.label_smoother is None
+            except (TypeError, ValueError): self._ltk = False
+        return self._ltk
 
     def _prepare_inputs(self, inputs):
         n = inputs.pop("ftkit_real_tokens", None)
@@ -457,7 +481,7 @@ def train_main(config, overrides: dict | None = None, *, quiet: bool = False) ->
         return 2
     return 0
 
-# %% ../nbs/06_train.ipynb #26371353
+# %% ../nbs/06_train.ipynb #01cff92c
 def generate_replies(model, tokenizer, conversations, *, max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
     "Greedy replies to each conversation (a list of messages ending with a user turn)."
     side = tokenizer.padding_side
@@ -485,7 +509,7 @@ def exact_match(model, tokenizer, rows, **kw) -> tuple[float, list[str]]:
     replies = generate_replies(model, tokenizer, convs, **kw)
     return sum(a == b for a, b in zip(replies, refs)) / max(len(rows), 1), replies
 
-# %% ../nbs/06_train.ipynb #01cff92c
+# %% ../nbs/06_train.ipynb #aee067b3
 def _read_jsonl(path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 

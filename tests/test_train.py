@@ -4,6 +4,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -77,15 +78,17 @@ class StopAt(TrainerCallback):
             control.should_save = True
 
 
-def test_resume_continues_same_curve_and_schedule(tmp_path):
-    kw = dict(max_steps=8, save_steps=4, lr_scheduler="cosine", warmup_steps=1)
+@pytest.mark.parametrize("cut,kw", [(4, dict(max_steps=8, save_steps=4)),                # inside the first epoch
+                                    (16, dict(num_epochs=2, save_steps=8))])             # inside the second epoch
+def test_resume_continues_same_curve_and_schedule(tmp_path, cut, kw):
+    kw = dict(lr_scheduler="cosine", warmup_steps=1, **kw)
     full = _run(_cfg(tmp_path / "full", **kw))
-    _run(_cfg(tmp_path / "cut", **kw), callbacks=[StopAt(4)])
+    _run(_cfg(tmp_path / "cut", **kw), callbacks=[StopAt(cut)])
     cks = complete_checkpoints(tmp_path / "cut")
-    assert [c.name for c in cks] == ["checkpoint-4"]
+    assert cks[-1].name == f"checkpoint-{cut}"
     resumed = _run(_cfg(tmp_path / "cut", auto_resume_from_checkpoints=True, **kw))
-    assert resumed.resumed_from.endswith("checkpoint-4") and resumed.global_step == 8
-    for s in range(5, 9):
+    assert resumed.resumed_from.endswith(f"checkpoint-{cut}") and resumed.global_step == full.global_step > cut
+    for s in range(cut + 1, full.global_step + 1):
         assert resumed.losses[s] == pytest.approx(full.losses[s], rel=1e-4, abs=1e-5), s
         assert resumed.lrs[s] == pytest.approx(full.lrs[s], rel=1e-6), s
 
@@ -167,6 +170,22 @@ def test_optimizers_and_schedulers(tmp_path, optimizer, scheduler):
 def test_gradient_checkpointing_and_unpacked_batches(tmp_path):
     r = _run(_cfg(tmp_path, sample_packing=False, gradient_checkpointing=True, max_steps=3, save_strategy="no"))
     assert r.global_step == 3 and r.packing is None and r.tokens > 0
+
+
+def test_logits_only_at_trained_positions_same_curve(tmp_path, monkeypatch):
+    "Prompt-heavy rows: computing logits only where labels are trained gives the same loss curve."
+    import ftkit.train as ft
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(60):
+        ids = torch.randint(4, 64, (20,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 16 + ids[16:]})
+    curves = []
+    for kb in (0.5, 0.0):
+        monkeypatch.setattr(ft.FtkitTrainer, "logits_keep_below", kb)
+        r = _run(_cfg(tmp_path / str(kb), max_steps=4, save_strategy="no"), data=(Dataset.from_list(rows), None))
+        curves.append([r.losses[s] for s in sorted(r.losses)])
+    assert np.allclose(curves[0], curves[1], rtol=1e-5, atol=1e-6), curves
 
 
 @pytest.mark.slow
