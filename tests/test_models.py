@@ -184,3 +184,11 @@ def test_gguf_file_loads_dequantized_and_saves(tmp_path, model):
     assert all(torch.equal(sd[k], ref[k]) for k in ref)
     m.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_precision_dtypes(tok):
+    assert load_model({"bf16": True}, tok, quiet=True).dtype == torch.bfloat16
+    assert load_model({"fp16": True, "adapter": "lora"}, tok, quiet=True).dtype == torch.float16
+    # full fine-tune under fp16 AMP keeps float32 master weights; float16: true asks for pure fp16
+    assert load_model({"fp16": True}, tok, quiet=True).dtype == torch.float32
+    assert load_model({"float16": True}, tok, quiet=True).dtype == torch.float16
