@@ -145,6 +145,8 @@ def training_arguments(cfg, plan, steps: StepPlan, *, output_dir: str, has_eval:
         neftune_noise_alpha=_opt(cfg, "neftune_noise_alpha"),
         torch_compile=bool(_opt(cfg, "torch_compile") is True),
     )
+    if isinstance(warm, float) and warm < 1 and "warmup_ratio" in TrainingArguments.__dataclass_fields__:
+        kw.update(warmup_ratio=warm, warmup_steps=0)                 # transformers < 5.20 kept a separate ratio field
     if ev_steps: kw["eval_steps"] = ev_steps
     if sv_steps: kw["save_steps"] = sv_steps
     if _opt(cfg, "max_grad_norm") is not None: kw["max_grad_norm"] = float(_opt(cfg, "max_grad_norm"))
@@ -339,7 +341,7 @@ class MetricsRecorder(TrainerCallback):
 
 class ProgressPrinter(TrainerCallback):
     "One short line about every tenth of the run (and every eval): step, loss, learning rate, tokens/s."
-    def __init__(self, trainer=None, every: int | None = None): self.trainer, self.every, self.t0 = trainer, every, None
+    def __init__(self, trainer=None, every: int | None = None): self.trainer, self.every, self.t0, self.last = trainer, every, None, 0
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = time.time(); self.tok0 = getattr(self.trainer, "ftkit_tokens", 0)
         self.every = self.every or max(1, state.max_steps // 10)
@@ -347,7 +349,9 @@ class ProgressPrinter(TrainerCallback):
         if not logs: return
         if "eval_loss" in logs:
             print(f"  step {state.global_step:>5}/{state.max_steps}  eval_loss {logs['eval_loss']:.4f}", flush=True); return
-        if "loss" not in logs or (state.global_step % self.every and state.global_step not in (1, state.max_steps)): return
+        step = state.global_step
+        if "loss" not in logs or (step - self.last < self.every and step not in (1, state.max_steps)): return
+        self.last = step
         dt = time.time() - (self.t0 or time.time())
         tps = (getattr(self.trainer, "ftkit_tokens", 0) - self.tok0) / dt if dt > 0 else 0
         print(f"  step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
