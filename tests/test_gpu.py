@@ -136,9 +136,12 @@ def test_qlora_4bit_learns(tmp_path):
     from datasets import Dataset
     from ftkit.models import load_tokenizer, load
     from ftkit.train import train
-    tok = load_tokenizer({}, quiet=True)
+    import sys
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ftkit_test_tokenizers import llama3       # a small local tokenizer: no embedded model needed on the GPU box
+    tok = llama3()
     base = tmp_path / "base"
-    m = _llama(vocab=len(tok), hidden=512, dtype=torch.float32).cpu()
+    m = _llama(vocab=4096, hidden=512, dtype=torch.float32).cpu()
     m.save_pretrained(base)
     tok.save_pretrained(base)
     cfg = _cfg(tmp_path, base_model=str(base), adapter="qlora", load_in_4bit=True, lora_r=16, lora_alpha=32,
