@@ -26,7 +26,8 @@ def _llama(vocab=4096, hidden=256, layers=4, heads=8, kv=2, seed=0, attn="ftkit_
     return m.to(device="cuda", dtype=dtype)
 
 
-def _docs(n, vocab=4096, lo=16, hi=300, seed=0):
+def _docs(n, vocab=64, lo=16, hi=300, seed=0):
+    "Counting sequences over a small alphabet (ids 4..vocab-5): a next-token rule a small model learns in a few dozen steps."
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -148,7 +149,7 @@ def test_qlora_4bit_learns(tmp_path):
                lora_target_linear=True, optimizer="paged_adamw_8bit", learning_rate=2e-3)
     model, tok2 = load(cfg, quiet=True)
     assert getattr(model, "is_loaded_in_4bit", False) or any("4bit" in type(mm).__name__ for mm in model.modules())
-    r = train(cfg, data=(Dataset.from_list(_docs(400, vocab=4096)), None), model=model, tokenizer=tok2, quiet=True)
+    r = train(cfg, data=(Dataset.from_list(_docs(400)), None), model=model, tokenizer=tok2, quiet=True)
     first, last = _loss_drop(r)
     assert last < first * 0.85, (first, last)
 

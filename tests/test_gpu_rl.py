@@ -66,10 +66,10 @@ def _run(tmp_path, **kw):
     held = [build(tok, cfg.datasets[0], cfg, "chatml.intel").tokenize(r)[0] for r in pairs(TOPICS[24:])]
     from ftkit.rl import load_rl_model
     model = load_rl_model(cfg, tok)
-    assert next(model.parameters()).is_cuda
     with model.disable_adapter():
         before = sum(preference_margins(model, held)) / len(held)
     res = train_rl(cfg, model=model, tokenizer=tok)
+    assert next(model.parameters()).is_cuda, "trained on the GPU"
     after = sum(preference_margins(model, held)) / len(held)
     print(f"{kw.get('adapter', 'lora')}: held-out margin {before:.2f} -> {after:.2f}")
     assert after > before + 5.0
