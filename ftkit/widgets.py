@@ -349,6 +349,9 @@ class ConfigForm:
                                           layout=w.Layout(align_items="center")),
                            self.cell_preview, self.tabs, yaml_acc, self.out])
         self.box.add_class("ftkit-form")
+        import uuid
+        self.uid = f"ftkit-form-{uuid.uuid4().hex[:10]}"
+        self.box.add_class(self.uid)
         self.unknown: list[str] = []
         self.problems: list[Problem] = []
         self.load(source)
@@ -435,7 +438,7 @@ class ConfigForm:
         if shell is not None and getattr(shell, "kernel", None) is not None:
             from IPython.display import Javascript, display
             self.out.clear_output()
-            with self.out: display(Javascript(_INSERT_JS % {"text": _js_string(text)}))
+            with self.out: display(Javascript(_INSERT_JS % {"text": _js_string(text), "uid": self.uid}))
         if shell is not None:
             shell.set_next_input(text, replace=False)
         return text
@@ -455,22 +458,46 @@ def _js_string(s: str) -> str:
 _INSERT_JS = r"""
 (function() {
   const text = %(text)s;
-  function mark(ok) { document.querySelectorAll('.ftkit-create-cell').forEach(b => b.setAttribute('data-inserted', ok ? 'yes' : 'no')); }
+  const anchor = document.querySelector('.%(uid)s');
+  function mark(how) { if (anchor) anchor.setAttribute('data-inserted', how); }
+  function key(target, k, code, kc) {
+    for (const type of ['keydown', 'keyup'])
+      target.dispatchEvent(new KeyboardEvent(type, {key: k, code: code, keyCode: kc, which: kc, bubbles: true, cancelable: true}));
+  }
+  const wait = ms => new Promise(r => setTimeout(r, ms));
   try {
+    // classic Notebook
     if (window.Jupyter && window.Jupyter.notebook && window.Jupyter.notebook.insert_cell_below) {
-      const c = window.Jupyter.notebook.insert_cell_below('code'); c.set_text(text); mark(true); return;
+      const c = window.Jupyter.notebook.insert_cell_below('code'); c.set_text(text); mark('classic'); return;
     }
-    const app = window.jupyterapp || window.jupyterlab;
-    if (app && app.commands) {
-      const nb = app.shell.currentWidget;
+    // JupyterLab / Notebook 7 with the application object exposed
+    const app = window.jupyterapp;
+    if (app && app.commands && anchor && anchor.closest('.jp-Notebook')) {
       app.commands.execute('notebook:insert-cell-below').then(function() {
-        const cell = (app.shell.currentWidget || nb).content.activeCell;
-        cell.model.sharedModel.setSource(text); mark(true);
-      }).catch(function() { mark(false); });
+        app.shell.currentWidget.content.activeCell.model.sharedModel.setSource(text); mark('app');
+      }).catch(function() { mark('failed'); });
+      return;
+    }
+    // JupyterLab / Notebook 7: select the form's cell, press "b" (insert below), type the text into the new editor
+    const cell = anchor && anchor.closest('.jp-Cell'), nb = anchor && anchor.closest('.jp-Notebook');
+    if (cell && nb) {
+      (async function() {
+        const prompt = cell.querySelector('.jp-InputPrompt') || cell;
+        for (const t of ['mousedown', 'mouseup', 'click']) prompt.dispatchEvent(new MouseEvent(t, {bubbles: true, cancelable: true, button: 0}));
+        nb.focus();
+        key(document.activeElement || nb, 'Escape', 'Escape', 27);
+        key(document.activeElement || nb, 'b', 'KeyB', 66);
+        await wait(300);
+        const active = nb.querySelector('.jp-Cell.jp-mod-active');
+        const ed = active && active !== cell && active.querySelector('.cm-content');
+        if (!ed) { mark('failed'); return; }
+        ed.focus(); await wait(50);
+        mark(document.execCommand('insertText', false, text) ? 'keys' : 'failed');
+      })();
       return;
     }
   } catch (e) { console.warn('ftkit: could not insert the cell', e); }
-  mark(false);
+  mark('failed');
 })();
 """
 

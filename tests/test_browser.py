@@ -83,7 +83,7 @@ def lab(tmp_path_factory):
            "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces")}
     # the kernel must be this interpreter's (the venv's); kernelspec "python3" with argv[0] "python" resolves to it
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.port={port}", "--ServerApp.ip=127.0.0.1",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}", "--LabApp.expose_app_in_browser=True",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
            "--ServerApp.disable_check_xsrf=True", "--allow-root", "--LabApp.extension_manager=readonly", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     log = open(work / "lab.log", "w")
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -124,39 +124,39 @@ def test_form_and_dashboard_in_jupyterlab(lab, tmp_path):
         page.on("console", lambda m: console.append(m.text))
         try:
             page.goto(f"{base}/lab/tree/browser.ipynb?token={token}")
-            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
-                                   "&& window.jupyterapp.shell.currentWidget.sessionContext "
-                                   "&& window.jupyterapp.shell.currentWidget.sessionContext.session "
-                                   "&& window.jupyterapp.shell.currentWidget.sessionContext.session.kernel "
-                                   "&& window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'")
-            run_cell = ("(i) => { const nb = window.jupyterapp.shell.currentWidget; nb.content.activeCellIndex = i; "
-                        "window.jupyterapp.commands.execute('notebook:run-cell'); return true; }")   # don't wait for the cell
-            page.evaluate(run_cell, 0)
-            page.evaluate(run_cell, 1)
-            news = page.locator(".jp-Notification-Toast button:has-text('No')")
-            if news.count():
-                news.first.click()
+            # JupyterLab as it ships (no window.jupyterapp): run the three cells with Shift+Enter, as a user would
+            page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content")
+            page.get_by_text("Python 3 (ipykernel) | Idle").wait_for()      # the status bar: kernel started
+            page.locator(".jp-Cell .jp-InputPrompt").first.click()
+            for _ in range(3):
+                page.keyboard.press("Shift+Enter")
+                time.sleep(0.3)
+
+            def shot(name):
+                news = page.locator(".jp-Notification-Toast button:has-text('No')")   # JupyterLab's news prompt
+                if news.count() and news.first.is_visible():
+                    news.first.click()
+                page.screenshot(path=str(ARTIFACTS / name))
 
             # the form renders: sections as tabs, fields with their values
             page.wait_for_selector(".ftkit-form .ftkit-form-status :text('valid config')")
             assert page.locator(".ftkit-form .lm-TabBar-tab").count() == 11
-            page.screenshot(path=str(ARTIFACTS / "browser_form.png"))
+            shot("browser_form.png")
 
             # the dashboard renders and updates while training
-            page.evaluate(run_cell, 2)
             page.wait_for_selector(".ftkit-dashboard[data-status='training']")
             first = int(page.locator(".ftkit-dashboard").first.get_attribute("data-step"))
             page.wait_for_function(f"() => {{ const d = document.querySelector('.ftkit-dashboard'); "
                                    f"return d && +d.dataset.step >= {first} + 6; }}")
             assert page.locator(".ftkit-dashboard-widget .progress-bar, .ftkit-dashboard-widget [class*='progress']").count() >= 1   # the live widget's bar
             page.locator(".ftkit-dashboard").first.scroll_into_view_if_needed()
-            page.screenshot(path=str(ARTIFACTS / "browser_dashboard_training.png"))
+            shot("browser_dashboard_training.png")
             page.wait_for_selector(".ftkit-dashboard[data-status='finished']", timeout=300_000)
             final = page.locator(".ftkit-dashboard[data-status='finished']").first
             assert final.locator("polyline").count() >= 2 and "eval loss" in final.inner_text()
             assert "train loss" in page.locator(".ftkit-summary").first.inner_text()
             final.scroll_into_view_if_needed()
-            page.screenshot(path=str(ARTIFACTS / "browser_dashboard_finished.png"))
+            shot("browser_dashboard_finished.png")
 
             # fill two fields of the form (the kernel is idle again), then "Create cell"
             form = page.locator(".ftkit-form").first
@@ -172,17 +172,19 @@ def test_form_and_dashboard_in_jupyterlab(lab, tmp_path):
             lr.fill("0"); lr.press("Tab")                                   # an invalid value: the message appears by the field
             page.wait_for_selector(".ftkit-field-learning_rate .ftkit-msg")
             assert "greater than 0" in form.locator(".ftkit-field-learning_rate").inner_text()
-            page.screenshot(path=str(ARTIFACTS / "browser_form_validation.png"))
+            shot("browser_form_validation.png")
             lr.fill("0.001"); lr.press("Tab")
             page.wait_for_function("() => !document.querySelector('.ftkit-field-learning_rate .ftkit-msg')")
             form.locator(".ftkit-create-cell").click()
+            page.wait_for_selector(".ftkit-form[data-inserted]", state="attached")
+            assert form.get_attribute("data-inserted") == "keys"       # the path JupyterLab users get
             page.wait_for_function("() => [...document.querySelectorAll('.jp-Cell .cm-content')]"
                                    ".some(e => e.innerText.includes('%%finetune train') && e.innerText.includes('max_steps: 25'))")
             text = page.evaluate("() => [...document.querySelectorAll('.jp-Cell .cm-content')].map(e => e.innerText)"
                                  ".find(t => t.includes('%%finetune train'))")
             assert "output_dir: ./outputs/from-browser" in text and "learning_rate: 0.001" in text
             page.locator(".jp-Cell .cm-content", has_text="%%finetune train").first.scroll_into_view_if_needed()
-            page.screenshot(path=str(ARTIFACTS / "browser_created_cell.png"))
+            shot("browser_created_cell.png")
         finally:
             page.screenshot(path=str(ARTIFACTS / "browser_last.png"))
             (ARTIFACTS / "browser_console.log").write_text("\n".join(console))
