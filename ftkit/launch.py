@@ -54,8 +54,18 @@ def check_parent(gpus: int) -> None:
 from transformers import TrainerCallback
 
 class MetricsFile(TrainerCallback):
-    "Rank 0 appends every log record to `path` as one JSON line."
+    "Rank 0 appends every log record to `path` as one JSON line (with `num_tokens`: real tokens trained, all ranks)."
+    trainer = None  # ftkit.train assigns its trainer to callbacks that declare this (for the token count)
+
     def __init__(self, path): self.path = Path(path)
+
+    def _global_tokens(self) -> int | None:
+        "Real (non-padding) tokens trained so far, summed over ranks; every rank must call it at the same time."
+        t = self.trainer
+        if t is None or not hasattr(t, "ftkit_tokens"): return None
+        import torch
+        n = torch.tensor([t.ftkit_tokens], dtype=torch.int64, device=t.accelerator.device)
+        return int(t.accelerator.reduce(n, reduction="sum").item()) if t.accelerator.num_processes > 1 else int(n.item())
 
     def _write(self, rec, mode="a"):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,8 +77,10 @@ class MetricsFile(TrainerCallback):
             self._write({"event": "begin", "max_steps": state.max_steps, "world_size": args.world_size, "time": time.time()}, "w")
 
     def on_log(self, args, state, control, logs=None, **kw):
+        tokens = self._global_tokens()  # on every rank: a collective
         if state.is_world_process_zero and logs:
-            self._write({"event": "log", "step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **logs})
+            extra = {} if tokens is None else {"num_tokens": tokens}
+            self._write({"event": "log", "step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **logs, **extra})
 
     def on_train_end(self, args, state, control, **kw):
         if state.is_world_process_zero:

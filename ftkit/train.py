@@ -140,6 +140,7 @@ def training_arguments(cfg, plan, steps: StepPlan, *, output_dir: str, has_eval:
         save_only_model=bool(_opt(cfg, "save_only_model", False)),
         seed=int(getattr(plan, "seed", None) or _opt(cfg, "seed", 42)), data_seed=int(getattr(plan, "seed", None) or _opt(cfg, "seed", 42)),
         report_to=report or "none", remove_unused_columns=False, disable_tqdm=True,
+        ddp_find_unused_parameters=bool(_opt(cfg, "ddp_find_unused_parameters", False)),
         dataloader_num_workers=int(_opt(cfg, "dataloader_num_workers", 0)),
         dataloader_pin_memory=bool(_opt(cfg, "dataloader_pin_memory", cuda)),
         neftune_noise_alpha=_opt(cfg, "neftune_noise_alpha"),
@@ -163,6 +164,10 @@ def training_arguments(cfg, plan, steps: StepPlan, *, output_dir: str, has_eval:
         kw.update(load_best_model_at_end=True, metric_for_best_model=_opt(cfg, "metric_for_best_model", "eval_loss"))
     if kw["optim"] == "adamw_torch_fused" and not cuda and not hasattr(torch.optim.AdamW, "_step_supports_amp_scaling"):
         kw["optim"] = "adamw_torch"
+    from ftkit.launch import deepspeed_training_args, fsdp_training_args
+    fsdp, notes = fsdp_training_args(cfg) if hasattr(cfg, "fsdp_config") else ({}, [])
+    for n in notes: _say(f"fsdp: {n}")
+    kw.update(fsdp, **(deepspeed_training_args(cfg) if hasattr(cfg, "deepspeed") else {}))
     return TrainingArguments(**kw)
 
 # %% ../nbs/06_train.ipynb #2c3c34d4
@@ -407,11 +412,23 @@ def _as_config(cfg, overrides=None):
     return load_config(cfg, overrides)
 
 def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrides: dict | None = None,
-          quiet: bool = False, return_model: bool = True) -> TrainResult:
-    "Fine-tune according to `cfg` (path, YAML text, dict or FinetuneConfig); returns a `TrainResult`."
+          quiet: bool = False, return_model: bool = True, gpus: int | None = None):
+    """Fine-tune according to `cfg` (path, YAML text, dict or FinetuneConfig); returns a `TrainResult`.
+
+    `gpus=N` (N > 1) trains on N worker processes started from this process (`ftkit.launch.launch_train`; from a
+    notebook, before anything touched CUDA) and returns their metric records. Preference / RL configs (`rl:`,
+    `reward_model`, `process_reward_model`) go to `ftkit.rl.train_rl`."""
     from ftkit.config import resolve
     from ftkit import models
     cfg = _as_config(cfg, overrides)
+    if gpus and gpus > 1:
+        from ftkit.launch import launch_train
+        from ftkit.data import prepare as _prepare
+        return launch_train(cfg, gpus, prepare=lambda c: _prepare(c, models.load_tokenizer(c, quiet=True), quiet=quiet))
+    from ftkit.rl import rl_mode
+    if rl_mode(cfg):
+        from ftkit.rl import train_rl
+        return train_rl(cfg, model=model, tokenizer=tokenizer, callbacks=callbacks)
     plan = resolve(cfg)
     _say(str(plan), quiet)
     optimizer_name(cfg); scheduler(cfg)                        # config errors before any long work
