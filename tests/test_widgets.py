@@ -6,6 +6,13 @@ import pytest
 from ftkit.config import SECTIONS, DatasetEntry, SpecialTokens, TRLSettings, load
 from ftkit.widgets import ConfigForm, FieldWidget, form, relevant
 
+
+def _shell():
+    "The process's IPython shell (IPython's test shell, started once per process)."
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.testing.globalipapp import start_ipython
+    return start_ipython() or InteractiveShell.instance()
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 RICH = """
@@ -153,8 +160,7 @@ def test_validation_messages_next_to_fields():
 
 
 def test_create_cell_sets_next_input_in_a_real_shell():
-    from IPython.testing.globalipapp import start_ipython
-    ip = start_ipython()
+    ip = _shell()
     g = form(ROOT / "examples" / "quickstart.yml", name="run2")
     g.field("max_steps").widget.value = 9
     g.mode.value = "debug"
