@@ -119,3 +119,66 @@ def test_in_a_jupyter_kernel_widget_then_static_record(tmp_path):
     h = data["text/html"]                                         # ... by a static HTML record
     assert "data-status='finished'" in h and "ftkit-summary" in h and "polyline" in h and "eval loss" in h
     assert data["text/plain"].startswith("finished: 12/12 steps")
+
+
+def test_interrupt_kernel_stops_cleanly_with_checkpoint(tmp_path):
+    "The real thing: a Jupyter kernel trains, the client sends 'interrupt kernel', the cell ends normally with a checkpoint."
+    import time
+    from jupyter_client.manager import start_new_kernel
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT))
+    try:
+        def run(code, timeout=240):
+            msg_id = kc.execute(code)
+            out, status = [], None
+            while True:
+                msg = kc.get_iopub_msg(timeout=timeout)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                t, c = msg["msg_type"], msg["content"]
+                if t == "stream":
+                    out.append(c["text"])
+                elif t == "error":
+                    out.append("ERROR " + c["ename"])
+                elif t == "status" and c["execution_state"] == "idle":
+                    return "".join(out)
+        run(TINY)
+        code = textwrap.dedent(f"""
+            import time
+            from transformers import TrainerCallback
+            from ftkit.dashboard import Dashboard
+            class Slow(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    if state.global_step == 3: print("STEP3", flush=True)
+                    time.sleep(0.2)
+            dash = Dashboard(mode="text")
+            t = tiny_trainer({str(tmp_path)!r}, steps=500, callbacks=[Slow()])
+            dash.attach(t); t.train()
+            print("RETURNED", dash.interrupted, dash.history.step)
+        """)
+        msg_id = kc.execute(code)
+        out = []
+        deadline = time.time() + 240
+        interrupted = False
+        while time.time() < deadline:
+            msg = kc.get_iopub_msg(timeout=240)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            t, c = msg["msg_type"], msg["content"]
+            if t == "stream":
+                out.append(c["text"])
+                if "STEP3" in c["text"] and not interrupted:
+                    km.interrupt_kernel(); interrupted = True
+            elif t == "error":
+                out.append("ERROR " + c["ename"])
+            elif t == "status" and c["execution_state"] == "idle":
+                break
+        text = "".join(out)
+        assert interrupted and "ERROR" not in text, text                   # no KeyboardInterrupt traceback
+        step = int(text.split("RETURNED True ")[1].split()[0])
+        assert step < 500 and (tmp_path / f"checkpoint-{step}" / "trainer_state.json").is_file()
+        assert f"resume_from_checkpoint={tmp_path}/checkpoint-{step}" in text
+        # the kernel is usable afterwards and Ctrl-C is back to normal
+        assert "default_int_handler" in run("import signal; print(signal.getsignal(signal.SIGINT))")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
