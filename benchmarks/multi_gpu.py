@@ -76,10 +76,14 @@ def write(cfg: dict, path: Path) -> Path:
     return path
 
 
-def run(cmd, log: Path, env=None, timeout=900) -> int:
+def run(cmd, log: Path, env=None, timeout=240) -> int:
     t = time.time()
     with open(log, "w") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, timeout=timeout)
+        try:
+            r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"  timed out after {timeout}s: {' '.join(map(str, cmd))[:120]}", flush=True)
+            return 124
     print(f"  rc={r.returncode} in {time.time() - t:.0f}s  ({' '.join(map(str, cmd))[:160]})", flush=True)
     return r.returncode
 
@@ -173,11 +177,13 @@ def main():
         run(ftkit + ["preprocess", str(c)], out / "preprocess.log", one_gpu)
         run(ftkit + ["train", str(c)], out / "cli1.log", one_gpu)
         summary["cli1"] = summarize(out / "cli1", args.warmup)
+        (out / "multi_gpu.json").write_text(json.dumps(summary, indent=1))
     if "cli2" in runs:
         c = write(base_config(model_dir, data, out / "cli2", args, gradient_accumulation_steps=args.ga // 2), out / "cli2.yml")
         print("2 GPUs (CLI, torchrun)", flush=True)
         run(ftkit + ["train", str(c), "--launcher", "torchrun", "--num-processes", "2"], out / "cli2.log")
         summary["cli2"] = summarize(out / "cli2", args.warmup)
+        (out / "multi_gpu.json").write_text(json.dumps(summary, indent=1))
     if "nb2" in runs:
         c = write(base_config(model_dir, data, out / "nb2", args, gradient_accumulation_steps=args.ga // 2), out / "nb2.yml")
         print("2 GPUs (notebook, notebook_launcher)", flush=True)
@@ -196,6 +202,7 @@ def main():
         print("2 GPUs FSDP2 full fine-tune (accelerate)", flush=True)
         run(ftkit + ["train", str(c), "--launcher", "accelerate", "--num-processes", "2"], out / "fsdp2.log")
         summary["fsdp2"] = {**summarize(out / "fsdp2", 1), **generate_check(out / "fsdp2", out / "fsdp2_gen.log")}
+        (out / "multi_gpu.json").write_text(json.dumps(summary, indent=1))
     if "zero2" in runs:
         c = write(base_config(model_dir, data, out / "zero2", args, **short,
                               deepspeed=str(ROOT / "examples" / "deepspeed" / "zero2.json")), out / "zero2.yml")
@@ -208,6 +215,9 @@ def main():
         n = min(len(l1), len(l2))
         summary["max_abs_loss_diff_1v2"] = max(abs(a - b) for a, b in zip(l1[:n], l2[:n])) if n else None
     (out / "multi_gpu.json").write_text(json.dumps(summary, indent=1))
+    for name in runs:  # keep the raw records beside the summary
+        for f in ("metrics.jsonl", "peak_memory.jsonl"):
+            if (out / name / f).exists(): (out / f"{name}.{f}").write_text((out / name / f).read_text())
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)} |
                      {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in summary.items() if isinstance(v, dict)}, indent=1))
 

@@ -134,7 +134,11 @@ def run_train(args) -> int:
     if launcher == "python":
         from ftkit.train import train
         from ftkit.launch import MetricsFile
-        train(cfg, callbacks=[MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")])
+        try:
+            train(cfg, callbacks=[MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")])
+        finally:  # a launched worker leaves its process group cleanly (FSDP workers otherwise hang at exit)
+            dist = sys.modules.get("torch.distributed")
+            if dist is not None and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
         return 0
     _prepare_data_once(cfg)
     cmd = launcher_command(args.config, launcher, args.num_processes, args.launcher_args, args.overrides)

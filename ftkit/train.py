@@ -351,7 +351,7 @@ class ProgressPrinter(TrainerCallback):
         self.t0 = time.time(); self.tok0 = getattr(self.trainer, "ftkit_tokens", 0)
         self.every = self.every or max(1, state.max_steps // 10)
     def on_log(self, args, state, control, logs=None, **kw):
-        if not logs: return
+        if not logs or not state.is_world_process_zero: return
         if "eval_loss" in logs:
             print(f"  step {state.global_step:>5}/{state.max_steps}  eval_loss {logs['eval_loss']:.4f}", flush=True); return
         step = state.global_step
@@ -421,6 +421,7 @@ def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrid
     from ftkit.config import resolve
     from ftkit import models
     cfg = _as_config(cfg, overrides)
+    quiet = quiet or int(os.environ.get("RANK", "0") or 0) != 0   # in launched workers, rank 0 alone reports
     if gpus and gpus > 1:
         from ftkit.launch import launch_train
         from ftkit.data import prepare as _prepare
