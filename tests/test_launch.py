@@ -85,8 +85,8 @@ print("CLEAN", parent_problems() == [] and "cuda" not in repr(sys.modules.get("t
 
 INFER = r'''
 from ftkit.infer import generate
-out = generate(cfg, "quick brown fox", max_new_tokens=4)
-print("GENERATED", type(out).__name__, len(out) > 0)
+out = generate(cfg, "quick brown fox", max_new_tokens=4)   # the adapter the workers saved, loaded in this kernel
+print("GENERATED", type(out).__name__)
 '''
 
 
@@ -106,4 +106,4 @@ def test_notebook_launch_two_processes(tmp_path, tiny_model_dir):
     assert got == pytest.approx(want, rel=2e-3, abs=2e-3), (got, want)
     assert int(text.split("STREAMED ")[1].split()[0]) == 6, "every log record reached the notebook while it trained"
     assert "CLEAN True" in text
-    assert "GENERATED str True" in text
+    assert "GENERATED str" in text and f"inference: model {tmp_path / 'nb'}" in text
