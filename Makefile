@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.ftkit-installed
 
-.PHONY: install demo test test-nbs test-py export readme docs clean gpu-test
+.PHONY: install demo test test-nbs test-py export readme docs clean gpu-test browser-deps
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,13 @@ demo: install
 test-nbs: install
 	$(BIN)/nbdev-test --n-workers 2
 
-test-py: install
+# The browser test drives Debian's Chromium (Playwright never downloads a browser here); install it when missing.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "note: chromium is not installed and could not be installed; the browser test will say so"
+
+test-py: install browser-deps
 	$(BIN)/python -m pytest -q
 
 test: test-nbs test-py
