@@ -107,3 +107,27 @@ def test_notebook_launch_two_processes(tmp_path, tiny_model_dir):
     assert int(text.split("STREAMED ")[1].split()[0]) == 6, "every log record reached the notebook while it trained"
     assert "CLEAN True" in text
     assert "GENERATED str" in text and f"inference: model {tmp_path / 'nb'}" in text
+
+
+def test_merge_sharded_fsdp_checkpoint(tmp_path):
+    """A SHARDED_STATE_DICT checkpoint (torch.distributed.checkpoint format, as FSDP writes it under
+    checkpoint-N/pytorch_model_fsdp_0/) becomes one model.safetensors with the same tensors, via the CLI."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from ftkit.packing import tiny_llama
+    m = tiny_llama()
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    shard_dir = tmp_path / "out" / "checkpoint-4" / "pytorch_model_fsdp_0"
+    dcp.save({"model": sd}, checkpoint_id=str(shard_dir))
+    assert (shard_dir / ".metadata").exists()
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"learning_rate": 1e-4, "output_dir": str(tmp_path / "out")}))
+    r = subprocess.run([FTKIT, "merge-sharded-fsdp-weights", str(cfg), "--checkpoint-dir", str(tmp_path / "out" / "checkpoint-4")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged = load_file(str(tmp_path / "out" / "merged" / "model.safetensors"))
+    assert set(merged) == set(sd)
+    assert all(torch.equal(merged[k], sd[k]) for k in sd)
+    bad = subprocess.run([FTKIT, "merge-sharded-fsdp-weights", str(cfg), "--checkpoint-dir", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no FSDP sharded checkpoint" in bad.stderr and "Traceback" not in bad.stderr
