@@ -196,12 +196,9 @@ def plan_view(cfg: FinetuneConfig, plan, yaml_text: str, mode: str = "train", ov
 from .cli import UserError
 
 def _user_error_types():
-    types = [UserError, FileNotFoundError]
-    for mod, name in (("ftkit.data", "DataError"), ("ftkit.models", "ModelError"), ("ftkit.train", "TrainError"),
-                      ("ftkit.infer", "InferError"), ("ftkit.launch", "LaunchError")):
-        m = sys.modules.get(mod)
-        if m is not None and isinstance(getattr(m, name, None), type): types.append(getattr(m, name))
-    return tuple(types)
+    "The CLI's user-error classes (ftkit.cli.USER_ERRORS), plus a missing file named in a cell."
+    from .cli import user_error_types
+    return (*user_error_types(), FileNotFoundError)
 
 def error_view(ex: BaseException, what: str = "") -> Rich:
     "A user mistake as a short HTML box (no traceback)."
