@@ -151,7 +151,8 @@ def test_form_and_dashboard_in_jupyterlab(tmp_path, request):
             page.wait_for_function(f"() => {{ const d = document.querySelector('.ftkit-dashboard'); "
                                    f"return d && +d.dataset.step >= {first} + 6; }}")
             assert page.locator(".ftkit-dashboard-widget .progress-bar, .ftkit-dashboard-widget [class*='progress']").count() >= 1   # the live widget's bar
-            page.locator(".ftkit-dashboard").first.scroll_into_view_if_needed()
+            # the live view re-renders as steps come in, so the element may be replaced under us: scroll by script
+            page.evaluate("() => document.querySelector('.ftkit-dashboard')?.scrollIntoView()")
             shot("browser_dashboard_training.png")
             page.wait_for_selector(".ftkit-dashboard[data-status='finished']", timeout=300_000)
             final = page.locator(".ftkit-dashboard[data-status='finished']").first
