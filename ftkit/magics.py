@@ -375,22 +375,16 @@ class FinetuneMagics(Magics):
         self._show(rep)
 
     def _launch(self, args, run, mode):
-        try: from ftkit import launch
-        except ImportError:
-            raise UserError(f"--gpus {args.gpus}: training on several GPUs from a notebook needs ftkit.launch, "
-                            "which is not installed in this version. Use one GPU (drop --gpus).") from None
+        from ftkit import launch
         if mode != "train":
             raise UserError(f"--gpus {args.gpus} is for `train`; `{mode}` runs in this process (drop --gpus).")
         from ftkit.dashboard import Dashboard
         dash = Dashboard(title=f"ftkit · {run.plan.method} · {args.gpus} processes", mode=args.dashboard, handle_interrupt=False,
                          output_dir=run.config.output_dir)
         run.dashboard = dash
-        prepare = None
-        try:
-            from ftkit.data import prepare as _prep
-            from ftkit.models import load_tokenizer
-            prepare = lambda cfg: _prep(cfg, load_tokenizer(cfg))
-        except ImportError: pass
+        from ftkit.data import prepare as _prep
+        from ftkit.models import load_tokenizer
+        prepare = lambda cfg: _prep(cfg, load_tokenizer(cfg))   # tokenize once here (CPU); the workers load the cache
         try:
             records = launch.launch_train(run.config, args.gpus, on_record=dash.on_record, prepare=prepare)
         except BaseException:
