@@ -19,14 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # %% auto #0
 __all__ = ['TrainOnEos', 'OPTIMIZERS', 'SCHEDULERS', 'SECTIONS', 'RENAMED_KEYS', 'RULES', 'EMBEDDED_MODEL', 'Problem',
-           'ConfigError', 'yaml_positions', 'YamlLoader', 'yaml_load', 'Section', 'UserDefinedType', 'DatasetEntry',
-           'SpecialTokens', 'ModelSection', 'TokenizerSection', 'AdapterSection', 'DataSection', 'TrainingSection',
-           'PrecisionSection', 'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection', 'DistributedSection',
-           'IntegrationsSection', 'FinetuneConfig', 'rule', 'qlora_needs_4bit', 'one_half_precision',
-           'batch_size_consistent', 'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload',
-           'eval_needs_eval_data', 'packing_conflicts', 'chat_template_choice', 'misc_rules', 'chat_template_names',
-           'known_dataset_types', 'dataset_entries', 'apply_overrides', 'validate', 'load', 'Env', 'detect_env', 'Plan',
-           'resolve', 'json_schema']
+           'ConfigError', 'opt', 'yaml_positions', 'YamlLoader', 'yaml_load', 'Section', 'UserDefinedType',
+           'DatasetEntry', 'SpecialTokens', 'ModelSection', 'TokenizerSection', 'AdapterSection', 'DataSection',
+           'TrainingSection', 'PrecisionSection', 'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection',
+           'DistributedSection', 'IntegrationsSection', 'FinetuneConfig', 'rule', 'qlora_needs_4bit',
+           'one_half_precision', 'batch_size_consistent', 'lora_kernels_preconditions', 'one_attention_backend',
+           'checkpointing_for_offload', 'eval_needs_eval_data', 'packing_conflicts', 'chat_template_choice',
+           'misc_rules', 'chat_template_names', 'known_dataset_types', 'dataset_entries', 'apply_overrides', 'validate',
+           'load', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
 
 # %% ../nbs/00_config.ipynb #e83e0176
 @dataclass
@@ -81,6 +81,16 @@ class ConfigError(ValueError):
                 + (f"<pre style='font-size:90%'>{src}</pre>" if src else "") + "</div>")
 
 # %% ../nbs/00_config.ipynb #e1e8fa11
+def opt(obj, key: str, default=None):
+    "`obj.key` or `obj[key]`, or `default` when missing or None."
+    if obj is None: return default
+    if isinstance(obj, dict): v = obj.get(key)
+    else:
+        v = getattr(obj, key, None)
+        if v is None and getattr(obj, "model_extra", None): v = obj.model_extra.get(key)
+    return default if v is None else v
+
+# %% ../nbs/00_config.ipynb #e544ff6a
 def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
     "Map each key path in YAML `text` to the 1-based (line, column) of its key (or list item)."
     pos: dict[tuple, tuple[int, int]] = {}
@@ -101,7 +111,7 @@ def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
     if root is not None: walk(root, ())
     return pos
 
-# %% ../nbs/00_config.ipynb #6dddc256
+# %% ../nbs/00_config.ipynb #9c2bf7d8
 class YamlLoader(yaml.SafeLoader):
     "SafeLoader that also reads YAML 1.2 floats such as `2e-4`."
 
@@ -114,7 +124,7 @@ def yaml_load(text: str):
     "Parse YAML text with `YamlLoader`."
     return yaml.load(text, Loader=YamlLoader)
 
-# %% ../nbs/00_config.ipynb #e4de481c
+# %% ../nbs/00_config.ipynb #16791a2b
 def _f(default=None, desc: str = "", *, adv: bool = False, **kw):
     "A schema field with a description; `adv` marks it as advanced (folded in the form)."
     extra = {"advanced": True} if adv else None
@@ -126,7 +136,7 @@ class Section(BaseModel):
                               protected_namespaces=())
     section: str = Field("", exclude=True, repr=False, json_schema_extra={"hidden": True})
 
-# %% ../nbs/00_config.ipynb #1a219b14
+# %% ../nbs/00_config.ipynb #21d5ff09
 class UserDefinedType(Section):
     "A user-defined prompt format (`type:` given as a mapping): instruct (SFT), DPO or KTO fields."
     system_prompt: str | None = _f(None, "System prompt text inserted through `system_format`.")
@@ -148,7 +158,7 @@ class UserDefinedType(Section):
     rejected_format: str | None = _f(None, "Rejected format with `{rejected}` (DPO).")
     completion_format: str | None = _f(None, "Completion format with `{completion}` (KTO).")
 
-# %% ../nbs/00_config.ipynb #16791a2b
+# %% ../nbs/00_config.ipynb #d7bb5190
 TrainOnEos = Literal["all", "turn", "last", "none"]
 
 class DatasetEntry(Section):
@@ -203,7 +213,7 @@ class DatasetEntry(Section):
     logprobs_field: str | None = _f(None, "Column with teacher log-probabilities (distillation).", adv=True)
     temperature: float | None = _f(None, "Distillation temperature.", adv=True, gt=0)
 
-# %% ../nbs/00_config.ipynb #d7bb5190
+# %% ../nbs/00_config.ipynb #2ecae126
 class SpecialTokens(Section):
     "Special tokens to set or add (`special_tokens:`)."
     bos_token: str | None = _f(None, "Beginning-of-sequence token.")
@@ -254,7 +264,7 @@ class TokenizerSection(Section):
     default_system_message: str | None = _f(None, "Replace the template's default system message (chatml only).", adv=True)
     fix_untrained_tokens: int | list[int] | None = _f(None, "Reset these token embeddings to the mean.", adv=True)
 
-# %% ../nbs/00_config.ipynb #835e3bfa
+# %% ../nbs/00_config.ipynb #490d769e
 class AdapterSection(Section):
     "LoRA / QLoRA adapters (leave `adapter` empty for a full fine-tune)."
     adapter: Literal["lora", "qlora"] | None = _f(None, "lora, qlora, or empty for a full fine-tune.")
@@ -288,7 +298,7 @@ class AdapterSection(Section):
     lora_qkv_kernel: bool | None = _f(None, "Fused LoRA QKV kernel.", adv=True)
     lora_o_kernel: bool | None = _f(None, "Fused LoRA output-projection kernel.", adv=True)
 
-# %% ../nbs/00_config.ipynb #834cd038
+# %% ../nbs/00_config.ipynb #8e1e68fc
 class DataSection(Section):
     "Datasets, preprocessing, sequence length and packing."
     datasets: list[DatasetEntry] | None = _f(None, "Training datasets (several are merged).", min_length=1)
@@ -332,7 +342,7 @@ class DataSection(Section):
     streaming: bool | None = _f(None, "Stream the datasets.", adv=True)
     strict: bool | None = _f(False, "Stop at the first bad row instead of dropping and counting it.", adv=True)
 
-# %% ../nbs/00_config.ipynb #2ecae126
+# %% ../nbs/00_config.ipynb #5455ebc4
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop",
               "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit",
               "lion_32bit", "adamw_torch_8bit", "adamw_anyprecision", "galore_adamw", "schedule_free_adamw")
@@ -383,7 +393,7 @@ class TrainingSection(Section):
     trainer_cls: str | None = _f(None, "Custom trainer class (module.Class).", adv=True)
     relora: bool | None = _f(None, "ReLoRA.", adv=True)
 
-# %% ../nbs/00_config.ipynb #490d769e
+# %% ../nbs/00_config.ipynb #2582afed
 class PrecisionSection(Section):
     "Numeric precision."
     bf16: bool | Literal["auto", "full"] | None = _f("auto", "bfloat16 mixed precision: auto (when the GPU supports it), true, false, full.")
@@ -411,7 +421,7 @@ class AttentionSection(Section):
     chunked_cross_entropy_num_chunks: int | None = _f(None, "Chunks for chunked cross-entropy.", adv=True, ge=1)
     use_kernels: bool | None = _f(None, "Hub kernels (MegaBlocks etc.).", adv=True)
 
-# %% ../nbs/00_config.ipynb #8e1e68fc
+# %% ../nbs/00_config.ipynb #e1ff55fd
 class LoggingSection(Section):
     "Evaluation, checkpoints, output and experiment tracking."
     output_dir: str = _f("./model-out", "Where the adapter or model, tokenizer and resolved config are saved.")
@@ -452,7 +462,7 @@ class LoggingSection(Section):
     mlflow_run_name: str | None = _f(None, "MLflow run name.", adv=True)
     hf_mlflow_log_artifacts: bool | None = _f(None, "Log artifacts to MLflow.", adv=True)
 
-# %% ../nbs/00_config.ipynb #5455ebc4
+# %% ../nbs/00_config.ipynb #bde5a151
 class TRLSettings(Section):
     "Options passed to TRL trainers (`trl:`)."
     beta: float | None = _f(None, "Beta (same as rl_beta).")
@@ -528,7 +538,7 @@ class IntegrationsSection(Section):
     "Plugins."
     plugins: list[str] | None = _f(None, "Plugin classes (module.Class) to load.", adv=True)
 
-# %% ../nbs/00_config.ipynb #e1ff55fd
+# %% ../nbs/00_config.ipynb #bd7f61e5
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection, "tokenizer": TokenizerSection, "adapter": AdapterSection, "data": DataSection,
     "training": TrainingSection, "precision": PrecisionSection, "attention": AttentionSection,
@@ -554,13 +564,13 @@ class FinetuneConfig(ModelSection, TokenizerSection, AdapterSection, DataSection
         "The config as YAML (round-trips through `load`)."
         return yaml.safe_dump(self.to_dict(exclude_unset), sort_keys=False, allow_unicode=True)
 
-# %% ../nbs/00_config.ipynb #bd7f61e5
+# %% ../nbs/00_config.ipynb #16ae3fdd
 RENAMED_KEYS = {
     "evaluation_strategy": "eval_strategy", "noisy_embedding_alpha": "neftune_noise_alpha",
     "dataset_processes": "dataset_num_proc", "dpo_beta": "rl_beta", "sequence_parallel_degree": "context_parallel_size",
 }
 
-# %% ../nbs/00_config.ipynb #83ca34b5
+# %% ../nbs/00_config.ipynb #25aec3f1
 RULES: list[Callable[[dict], Iterable[Problem]]] = []
 
 def rule(fn):
@@ -586,7 +596,7 @@ for _a, _b in [("warmup_steps", "warmup_ratio"), ("eval_steps", "evals_per_epoch
                ("reward_model", "rl"), ("process_reward_model", "rl")]:
     _exclusive(_a, _b)
 
-# %% ../nbs/00_config.ipynb #16ae3fdd
+# %% ../nbs/00_config.ipynb #5c52a760
 @rule
 def qlora_needs_4bit(d):
     if d.get("load_in_4bit") is True and d.get("adapter") != "qlora":
@@ -639,7 +649,7 @@ def checkpointing_for_offload(d):
         yield Problem("activation_offloading", "activation_offloading needs gradient_checkpointing.",
                       "Add `gradient_checkpointing: true`.")
 
-# %% ../nbs/00_config.ipynb #5e152d14
+# %% ../nbs/00_config.ipynb #a9683a84
 def _has_eval(d):
     return bool(d.get("test_datasets")) or (_num(d, "val_set_size", 0) or 0) > 0
 
@@ -694,7 +704,7 @@ def misc_rules(d):
     if adam and isinstance(opt, str) and "adam" not in opt:
         yield Problem(adam[0], f"{', '.join(adam)} have no effect with optimizer {opt}.", "Remove them or use an AdamW optimizer.", level="warning")
 
-# %% ../nbs/00_config.ipynb #5c52a760
+# %% ../nbs/00_config.ipynb #d2f6d81d
 _FALLBACK = "tokenizer_default_fallback_"
 
 def chat_template_names() -> list[str]:
@@ -772,7 +782,7 @@ def _is_user_module(t, known):
     "`my_module.my_transform` names a user function (GRPO/custom); `alpaca_chat.load_qa` is a known sub-strategy."
     return "." in t and t.split(".")[0] not in {k.split(".")[0] for k in known}
 
-# %% ../nbs/00_config.ipynb #cdddba44
+# %% ../nbs/00_config.ipynb #774e23b0
 def _read_source(source) -> tuple[Any, str | None, str]:
     "Return (data, yaml_text, origin) for a path, YAML text or mapping."
     if isinstance(source, FinetuneConfig): return source.to_dict(), None, "config"
@@ -794,7 +804,7 @@ def _read_source(source) -> tuple[Any, str | None, str]:
                           source=text, origin=origin) from None
     return ({} if data is None else data), text, origin
 
-# %% ../nbs/00_config.ipynb #d2f6d81d
+# %% ../nbs/00_config.ipynb #86fb0f54
 def _norm_key(k: str) -> str: return str(k).strip().lstrip("-").replace("-", "_")
 
 def _scalar(v):
@@ -824,7 +834,7 @@ def apply_overrides(data: dict, overrides: dict | None) -> dict:
         else: target[last] = _scalar(value)
     return out
 
-# %% ../nbs/00_config.ipynb #86fb0f54
+# %% ../nbs/00_config.ipynb #32899157
 def _model_at(path: tuple, model: type[BaseModel] = None):
     "The pydantic model class that holds the keys at `path` (list indices skipped), or None."
     model = model or FinetuneConfig
@@ -903,7 +913,7 @@ def _problems_from_validation(ex: ValidationError, data: dict) -> list[Problem]:
         problems.append(Problem(_key_str(key) or "<config>", f"expected {exp}; got {given!r}.", (hint + f"Fix the value of `{_key_str(key)}`.").strip()))
     return problems
 
-# %% ../nbs/00_config.ipynb #a13c0d62
+# %% ../nbs/00_config.ipynb #fb3c4158
 def _sort_problems(ps):
     return sorted(ps, key=lambda p: (p.level != "error", p.line or 10**9))
 
@@ -950,7 +960,7 @@ def validate(source, overrides: dict | None = None) -> tuple[FinetuneConfig | No
 def _parse_key(key: str) -> tuple:
     return tuple(int(x) if x.isdigit() else x for x in re.findall(r"[^.\[\]]+", key or ""))
 
-# %% ../nbs/00_config.ipynb #4c37f0ab
+# %% ../nbs/00_config.ipynb #9a06e377
 def load(source, overrides: dict | None = None, **kw) -> FinetuneConfig:
     "Load and validate a config from a path, YAML text, dict or FinetuneConfig; keyword arguments are overrides."
     cfg, problems, text, origin = validate(source, {**(overrides or {}), **kw})
@@ -960,7 +970,7 @@ def load(source, overrides: dict | None = None, **kw) -> FinetuneConfig:
 
 FinetuneConfig.warnings = property(lambda self: list(getattr(self, "_warnings", [])))
 
-# %% ../nbs/00_config.ipynb #d72004bd
+# %% ../nbs/00_config.ipynb #5a4c09cf
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 @dataclass
@@ -989,7 +999,7 @@ def detect_env() -> Env:
         except Exception: bf16 = False
     return Env(cuda=cuda, bf16_supported=bf16, world_size=world, flash_attn=flash)
 
-# %% ../nbs/00_config.ipynb #6723ab1e
+# %% ../nbs/00_config.ipynb #9d58a4fb
 @dataclass
 class Plan:
     "The derived values of a config, each with its reason."
@@ -1029,7 +1039,7 @@ class Plan:
         w = max(len(k) for k, _ in rows)
         return "\n".join([f"{k:<{w}} : {v}" for k, v in rows] + [f"note: {n}" for n in self.notes])
 
-# %% ../nbs/00_config.ipynb #170ca06b
+# %% ../nbs/00_config.ipynb #650488c0
 def _precision(cfg: FinetuneConfig, env: Env) -> tuple[str, str]:
     if cfg.bf16 is True or cfg.bf16 == "full" or cfg.bfloat16:
         return "bf16", "bf16: true" if cfg.bf16 is True else ("bf16: full" if cfg.bf16 == "full" else "bfloat16: true")
@@ -1075,7 +1085,7 @@ def resolve(cfg: FinetuneConfig, env: Env | None = None) -> Plan:
                 dataset_cache=str(Path(cfg.dataset_prepared_path or "last_run_prepared")),
                 output_dir=cfg.output_dir, seed=42 if cfg.seed is None else cfg.seed, notes=notes)
 
-# %% ../nbs/00_config.ipynb #650488c0
+# %% ../nbs/00_config.ipynb #936f6f0c
 def json_schema() -> dict:
     "The JSON Schema of a FinetuneConfig."
     s = FinetuneConfig.model_json_schema()

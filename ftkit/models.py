@@ -18,11 +18,7 @@ __all__ = ['EMBEDDED_GGUF', 'ftkit_home', 'embedded_gguf', 'embedded_model_path'
            'load_tokenizer', 'resize_embeddings', 'load_model', 'trainable_parameters', 'apply_adapter', 'load']
 
 # %% ../nbs/01_models.ipynb #4c96c078
-def _opt(cfg, key, default=None):
-    "`cfg.key` or `cfg[key]`, `default` when missing or None."
-    if cfg is None: return default
-    v = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
-    return default if v is None else v
+from .config import opt as _opt
 
 def _err(key: str, message: str, hint: str = "") -> ConfigError:
     return ConfigError([Problem(key, message, hint)], origin="model")

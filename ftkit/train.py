@@ -24,10 +24,7 @@ __all__ = ['OPTIMIZER_NAMES', 'SCHEDULER_NAMES', 'CHECKPOINT_MARKER', 'TrainErro
            'TrainResult', 'save_outputs', 'train', 'train_main', 'generate_replies', 'exact_match', 'demo']
 
 # %% ../nbs/06_train.ipynb #4c29efa1
-def _opt(cfg, key, default=None):
-    if cfg is None: return default
-    v = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
-    return default if v is None else v
+from .config import opt as _opt
 
 def _err(key, message, hint=""):
     return ConfigError([Problem(key, message, hint)], origin="train")
