@@ -393,26 +393,7 @@ def evaluate(cfg, model=None, tokenizer=None, data=None, *, train: bool = False,
     return rep
 
 # %% ../nbs/08_infer.ipynb #2a19d2eb
-def _cli_cfg(args):
-    from ftkit.cli import parse_overrides
-    from ftkit.config import load
-    return load(args.config, parse_overrides(getattr(args, "overrides", None) or []))
-
-def _user_errors():
-    from ftkit.rl import RLDataError, RewardFuncError
-    types = [InferError, RLDataError, RewardFuncError]
-    try:
-        from ftkit.data import DataError; types.append(DataError)
-    except ImportError: pass
-    return tuple(types)
-
-def _as_user_error(fn):
-    def wrapped(args, *a, **kw):
-        from ftkit.cli import UserError
-        try: return fn(args, *a, **kw)
-        except _user_errors() as e: raise UserError(str(e)) from None
-    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
-    return wrapped
+from .cli import load_from_args as _cli_cfg  # user errors are printed by ftkit.cli.main (its USER_ERRORS list)
 
 def add_inference_args(p):
     p.add_argument("--lora-model-dir", default=None, help="adapter folder (default: lora_model_dir, else output_dir)")
@@ -423,7 +404,6 @@ def add_inference_args(p):
     p.add_argument("--prompter", default="chat_template", help="'None' sends the text without the chat template")
     p.add_argument("--system", default=None, help="system message for the conversation")
 
-@_as_user_error
 def inference_main(args, stdin=None, stdout=None) -> int:
     "`ftkit inference CONFIG`: chat in the terminal, or answer the prompt piped on stdin."
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -460,7 +440,6 @@ def add_merge_args(p):
     p.add_argument("--output-dir", default=None, help="where to write the merged model (default {output_dir}/merged)")
     p.add_argument("--base-model", default=None, help="base model to merge onto instead of base_model")
 
-@_as_user_error
 def merge_main(args) -> int:
     "`ftkit merge-lora CONFIG`: merge the adapter into the base and save `{output_dir}/merged`."
     cfg = _cli_cfg(args)
@@ -474,7 +453,6 @@ def add_evaluate_args(p):
     p.add_argument("--base-model", default=None, help="model to evaluate instead of base_model")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate at most N rows per split")
 
-@_as_user_error
 def evaluate_main(args) -> int:
     "`ftkit evaluate CONFIG`: eval loss and perplexity table; writes `{output_dir}/eval_metrics.json`."
     cfg = _cli_cfg(args)
