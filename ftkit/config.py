@@ -537,6 +537,14 @@ class DistributedSection(Section):
 class IntegrationsSection(Section):
     "Plugins."
     plugins: list[str] | None = _f(None, "Plugin classes (module.Class) to load.", adv=True)
+    # Axolotl's Liger / Cut-Cross-Entropy integration switches; ftkit maps them onto its own kernels (ftkit.kernels)
+    liger_rope: bool | None = _f(None, "Fused RoPE kernel (Liger's name; ftkit's kernel).", adv=True)
+    liger_rms_norm: bool | None = _f(None, "Fused RMSNorm kernel (Liger's name; ftkit's kernel).", adv=True)
+    liger_layer_norm: bool | None = _f(None, "Fused LayerNorm kernel (Liger's name).", adv=True)
+    liger_glu_activation: bool | None = _f(None, "Fused SwiGLU/GeGLU kernel (Liger's name; ftkit's kernel).", adv=True)
+    liger_cross_entropy: bool | None = _f(None, "Fused cross-entropy kernel (Liger's name).", adv=True)
+    liger_fused_linear_cross_entropy: bool | None = _f(None, "Fused linear cross-entropy: no logits tensor (Liger's name; ftkit's kernel).", adv=True)
+    cut_cross_entropy: bool | None = _f(None, "Cut Cross-Entropy: loss without materialising logits (ftkit's fused linear cross-entropy).", adv=True)
 
 # %% ../nbs/00_config.ipynb #bd7f61e5
 SECTIONS: dict[str, type[Section]] = {
