@@ -15,42 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError, load, resolve, json_schema
+from .config import FinetuneConfig, json_schema, load_with_overrides, parse_overrides, resolve
+from .errors import FtkitError, UserError
 
 # %% auto #0
-__all__ = ['USER_ERRORS', 'COMMANDS', 'UserError', 'user_error_types', 'parse_overrides', 'Command', 'command', 'load_from_args',
-           'run_validate', 'run_schema', 'run_preprocess', 'run_train', 'run_merge_sharded', 'build_parser', 'main',
-           'run_demo']
+__all__ = ['COMMANDS', 'Command', 'command', 'load_from_args', 'run_validate', 'run_schema', 'run_preprocess', 'run_train',
+           'run_merge_sharded', 'build_parser', 'main', 'run_demo']
 
 # %% ../nbs/13_cli.ipynb #0bba8ef3
-class UserError(Exception):
-    "A mistake the user can fix (bad config, bad data, missing file); shown without a traceback."
-
-# Exceptions that mean "the user's config, data or machine needs fixing": printed without a traceback.
-USER_ERRORS = [("ftkit.cli", "UserError"), ("ftkit.data", "DataError"), ("ftkit.launch", "LaunchError"), ("ftkit.train", "TrainError"),
-               ("ftkit.rl", "RLDataError"), ("ftkit.rl", "RewardFuncError"), ("ftkit.infer", "InferError")]
-
-def user_error_types() -> tuple[type, ...]:
-    "The user-error classes of the ftkit modules imported so far (nothing is imported to find them)."
-    return tuple(getattr(sys.modules[m], n) for m, n in USER_ERRORS if m in sys.modules and hasattr(sys.modules[m], n))
-
-def parse_overrides(args: list[str]) -> dict:
-    "Turn `--key value`, `--key=value`, `key=value` and bare `--flag` into an overrides dict."
-    out, i = {}, 0
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--"):
-            key, eq, val = a[2:].partition("=")
-            if not eq:
-                if i + 1 < len(args) and not args[i + 1].startswith("--"): val = args[i + 1]; i += 1
-                else: val = "true"
-            out[key] = val
-        elif "=" in a:
-            key, _, val = a.partition("="); out[key] = val
-        else:
-            raise UserError(f"unexpected argument {a!r}: overrides look like `--key value` or `key=value`.")
-        i += 1
-    return out
+# Every mistake a user can fix derives from `ftkit.errors.FtkitError`: `main` prints those without a traceback.
+# Overrides after the config path (`--key value`, `key=value`) are parsed by `ftkit.config.parse_overrides`.
 
 # %% ../nbs/13_cli.ipynb #ec01b84c
 @dataclass
@@ -80,9 +54,9 @@ def command(name: str, help: str, run, add_arguments=None, takes_config=True, ta
     return COMMANDS[name]
 
 # %% ../nbs/13_cli.ipynb #fefb602d
-def load_from_args(args) -> "FinetuneConfig":
-    "The config named on the command line, with its overrides applied."
-    return load(args.config, parse_overrides(args.overrides))
+def load_from_args(args) -> FinetuneConfig:
+    "The config named on the command line, with its overrides applied (`ftkit.config.load_with_overrides`)."
+    return load_with_overrides(args.config, args.overrides)
 
 def run_validate(args) -> int:
     cfg = load_from_args(args)
@@ -213,11 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides, args.launcher_args = list(extra), launcher_args
     try:
         return COMMANDS[args.command].runner()(args) or 0
-    except ConfigError as ex:
-        print(ex, file=sys.stderr); return 2
-    except Exception as ex:
-        if not isinstance(ex, user_error_types()): raise
-        print(f"error: {ex}", file=sys.stderr); return 2
+    except FtkitError as ex:        # config, data, files, machine: advice, not a traceback
+        print(ex if hasattr(ex, "problems") else f"error: {ex}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
     except BrokenPipeError:  # `ftkit validate cfg.yml | head`

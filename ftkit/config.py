@@ -17,68 +17,18 @@ from typing import Any, Callable, Iterable, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import ConfigError, FtkitError, Problem
+
 # %% auto #0
-__all__ = ['TrainOnEos', 'OPTIMIZERS', 'SCHEDULERS', 'SECTIONS', 'RENAMED_KEYS', 'RULES', 'EMBEDDED_MODEL', 'Problem',
-           'ConfigError', 'opt', 'yaml_positions', 'YamlLoader', 'yaml_load', 'Section', 'UserDefinedType',
-           'DatasetEntry', 'SpecialTokens', 'ModelSection', 'TokenizerSection', 'AdapterSection', 'DataSection',
-           'TrainingSection', 'PrecisionSection', 'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection',
-           'DistributedSection', 'IntegrationsSection', 'FinetuneConfig', 'rule', 'qlora_needs_4bit',
-           'one_half_precision', 'batch_size_consistent', 'lora_kernels_preconditions', 'one_attention_backend',
-           'checkpointing_for_offload', 'eval_needs_eval_data', 'packing_conflicts', 'chat_template_choice',
-           'misc_rules', 'chat_template_names', 'known_dataset_types', 'dataset_entries', 'apply_overrides', 'validate',
-           'load', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
-
-# %% ../nbs/00_config.ipynb #e83e0176
-@dataclass
-class Problem:
-    "One problem in a config: where it is, what is wrong, and how to fix it."
-    key: str                       # key path, e.g. `datasets[1].type`
-    message: str                   # what is wrong (expected vs given)
-    hint: str = ""                 # what to do
-    line: int | None = None        # 1-based line in the YAML source
-    column: int | None = None      # 1-based column
-    level: Literal["error", "warning"] = "error"
-
-    def __str__(self):
-        where = f" (line {self.line}, column {self.column})" if self.line else ""
-        s = f"{self.level}: {self.key or '<config>'}{where}: {self.message}"
-        return s + (f"\n    hint: {self.hint}" if self.hint else "")
-
-# %% ../nbs/00_config.ipynb #5e626a7f
-class ConfigError(ValueError):
-    "A config with problems; `str()` lists every problem with its YAML line."
-    def __init__(self, problems: list[Problem], source: str | None = None, origin: str = "config"):
-        self.problems, self.source, self.origin = list(problems), source, origin
-        super().__init__(self.render())
-
-    @property
-    def errors(self): return [p for p in self.problems if p.level == "error"]
-
-    def _excerpt(self, p: Problem) -> str:
-        if not (self.source and p.line): return ""
-        lines = self.source.splitlines()
-        if not 1 <= p.line <= len(lines): return ""
-        caret = " " * (max(p.column or 1, 1) - 1) + "^"
-        return f"\n    {p.line:>4} | {lines[p.line-1]}\n         | {caret}"
-
-    def render(self) -> str:
-        n = len(self.errors)
-        head = f"{self.origin}: {n} problem{'s' if n != 1 else ''} found"
-        return "\n".join([head] + [f"  {i}. {p}{self._excerpt(p)}" for i, p in enumerate(self.problems, 1)])
-
-    def _repr_html_(self):
-        from html import escape
-        lines = (self.source or "").splitlines()
-        bad = {p.line for p in self.problems if p.line}
-        items = "".join(
-            f"<li><code>{escape(p.key or '<config>')}</code>"
-            f"{f' <small>(line {p.line})</small>' if p.line else ''}: {escape(p.message)}"
-            f"{f'<br><i>hint: {escape(p.hint)}</i>' if p.hint else ''}</li>" for p in self.problems)
-        src = "".join(
-            f"<div style='background:{'#fdd' if i in bad else 'transparent'}'><span style='color:#999'>{i:>3}</span> {escape(l)}</div>"
-            for i, l in enumerate(lines, 1))
-        return (f"<div class='ftkit-config-error'><b>{escape(self.origin)}: {len(self.errors)} problem(s)</b><ol>{items}</ol>"
-                + (f"<pre style='font-size:90%'>{src}</pre>" if src else "") + "</div>")
+__all__ = ['TrainOnEos', 'OPTIMIZERS', 'SCHEDULERS', 'SECTIONS', 'RENAMED_KEYS', 'RULES', 'EMBEDDED_MODEL', 'opt',
+           'yaml_positions', 'YamlLoader', 'yaml_load', 'Section', 'UserDefinedType', 'DatasetEntry', 'SpecialTokens',
+           'ModelSection', 'TokenizerSection', 'AdapterSection', 'DataSection', 'TrainingSection', 'PrecisionSection',
+           'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection', 'DistributedSection',
+           'IntegrationsSection', 'FinetuneConfig', 'rule', 'qlora_needs_4bit', 'one_half_precision',
+           'batch_size_consistent', 'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload',
+           'eval_needs_eval_data', 'packing_conflicts', 'chat_template_choice', 'misc_rules', 'chat_template_names',
+           'known_dataset_types', 'dataset_entries', 'apply_overrides', 'parse_overrides', 'validate', 'load',
+           'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
 
 # %% ../nbs/00_config.ipynb #e1e8fa11
 def opt(obj, key: str, default=None):
@@ -842,6 +792,26 @@ def apply_overrides(data: dict, overrides: dict | None) -> dict:
         else: target[last] = _scalar(value)
     return out
 
+# %% ../nbs/00_config.ipynb #5848cb4c
+def parse_overrides(args: list[str]) -> dict:
+    "Turn command-line words `--key value`, `--key=value`, `key=value` and bare `--flag` into an overrides dict."
+    out, i = {}, 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            key, eq, val = a[2:].partition("=")
+            if not eq:
+                if i + 1 < len(args) and not args[i + 1].startswith("--"): val = args[i + 1]; i += 1
+                else: val = "true"
+            out[key] = val
+        elif "=" in a:
+            key, _, val = a.partition("="); out[key] = val
+        else:
+            raise ConfigError([Problem("", f"unexpected argument {a!r}.", "Overrides look like `--key value` or `key=value`.")],
+                              origin="overrides")
+        i += 1
+    return out
+
 # %% ../nbs/00_config.ipynb #32899157
 def _model_at(path: tuple, model: type[BaseModel] = None):
     "The pydantic model class that holds the keys at `path` (list indices skipped), or None."
@@ -975,6 +945,10 @@ def load(source, overrides: dict | None = None, **kw) -> FinetuneConfig:
     errors = [p for p in problems if p.level == "error"]
     if errors or cfg is None: raise ConfigError(problems, source=text, origin=origin)
     return cfg
+
+def load_with_overrides(source, argv: list[str] | None = None) -> FinetuneConfig:
+    "`load` with overrides given as command-line words (`--learning-rate 1e-4`, `micro_batch_size=2`): the CLI's and launched workers' door."
+    return load(source, parse_overrides(list(argv or [])))
 
 FinetuneConfig.warnings = property(lambda self: list(getattr(self, "_warnings", [])))
 

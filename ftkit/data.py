@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from .prompts.registry import RowError, opt, resolve_type
+from .errors import FtkitError
 
 # %% auto #0
 __all__ = ['EXT_TYPES', 'BUILDERS', 'GLOBAL_KEYS', 'DataError', 'hub_reachable', 'load_source', 'fingerprint_file',
@@ -19,7 +20,7 @@ __all__ = ['EXT_TYPES', 'BUILDERS', 'GLOBAL_KEYS', 'DataError', 'hub_reachable',
            'template_eot_warnings', 'detect_template_eot', 'prepare', 'preprocess_main']
 
 # %% ../nbs/03_data.ipynb #a59fb241
-class DataError(Exception):
+class DataError(FtkitError):
     "A problem with the data or a dataset entry: `what`, `where` (entry/file/row), `fix`."
     def __init__(self, what: str, where: str | None = None, fix: str | None = None):
         self.what, self.where, self.fix = what, where, fix

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .prompts.registry import opt, RowError
+from .errors import FtkitError
 from .prompts.chat_template import ChatOptions, to_messages, compile_template, template_vars, resolve_template, entry_dict
 
 # %% auto #0
@@ -21,7 +22,7 @@ __all__ = ['merge_lora', 'InferError', 'AdapterError', 'training_template', 'Pro
            'evaluate_main']
 
 # %% ../nbs/08_infer.ipynb #b33bd4a1
-class InferError(ValueError):
+class InferError(FtkitError, ValueError):
     "A mistake the user can fix when loading, merging or evaluating (missing or mismatched adapter, no eval data ...)."
 
 class AdapterError(InferError):
@@ -393,7 +394,7 @@ def evaluate(cfg, model=None, tokenizer=None, data=None, *, train: bool = False,
     return rep
 
 # %% ../nbs/08_infer.ipynb #2a19d2eb
-from .cli import load_from_args as _cli_cfg  # user errors are printed by ftkit.cli.main (its USER_ERRORS list)
+from .config import load_with_overrides  # user errors (FtkitError) are printed by the CLI
 
 def add_inference_args(p):
     p.add_argument("--lora-model-dir", default=None, help="adapter folder (default: lora_model_dir, else output_dir)")
@@ -407,7 +408,7 @@ def add_inference_args(p):
 def inference_main(args, stdin=None, stdout=None) -> int:
     "`ftkit inference CONFIG`: chat in the terminal, or answer the prompt piped on stdin."
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    cfg = _cli_cfg(args)
+    cfg = load_with_overrides(args.config, args.overrides)
     model, tok, what = load_for_inference(cfg, args.lora_model_dir, args.base_model)
     raw = str(getattr(args, "prompter", "")).lower() in ("none", "null", "")
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=getattr(args, "top_p", 1.0))
@@ -442,7 +443,7 @@ def add_merge_args(p):
 
 def merge_main(args) -> int:
     "`ftkit merge-lora CONFIG`: merge the adapter into the base and save `{output_dir}/merged`."
-    cfg = _cli_cfg(args)
+    cfg = load_with_overrides(args.config, args.overrides)
     res = merge(cfg, args.lora_model_dir, getattr(args, "output_dir", None), base_model=getattr(args, "base_model", None), quiet=True)
     print(res)
     return 0
@@ -455,7 +456,7 @@ def add_evaluate_args(p):
 
 def evaluate_main(args) -> int:
     "`ftkit evaluate CONFIG`: eval loss and perplexity table; writes `{output_dir}/eval_metrics.json`."
-    cfg = _cli_cfg(args)
+    cfg = load_with_overrides(args.config, args.overrides)
     rep = evaluate(cfg, train=args.train, lora_model_dir=args.lora_model_dir, base_model=args.base_model,
                    max_samples=getattr(args, "max_samples", None), save=True)
     print(rep)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import FinetuneConfig, load
+from .errors import FtkitError
 
 # %% auto #0
 __all__ = ['FSDP1_TO_FSDP2', 'FSDP2_REMOVED', 'LaunchError', 'parent_problems', 'check_parent', 'MetricsFile', 'read_metrics',
@@ -24,7 +25,7 @@ __all__ = ['FSDP1_TO_FSDP2', 'FSDP2_REMOVED', 'LaunchError', 'parent_problems', 
            'merge_sharded_fsdp_weights']
 
 # %% ../nbs/09_launch.ipynb #8f2459e7
-class LaunchError(Exception):
+class LaunchError(FtkitError):
     "The launch cannot start: the message says why and what to do (shown without a traceback)."
 
 def parent_problems() -> list[str]:

@@ -193,12 +193,11 @@ def plan_view(cfg: FinetuneConfig, plan, yaml_text: str, mode: str = "train", ov
     return Rich(h, text)
 
 # %% ../nbs/10_magics.ipynb #800f101d
-from .cli import UserError
+from .errors import FtkitError, UserError
 
 def _user_error_types():
-    "The CLI's user-error classes (ftkit.cli.USER_ERRORS), plus a missing file named in a cell."
-    from .cli import user_error_types
-    return (*user_error_types(), FileNotFoundError)
+    "What a cell shows as advice instead of a traceback: every `FtkitError`, plus a missing file named in a cell."
+    return (FtkitError, FileNotFoundError)
 
 def error_view(ex: BaseException, what: str = "") -> Rich:
     "A user mistake as a short HTML box (no traceback)."
@@ -455,7 +454,7 @@ class FinetuneMagics(Magics):
             v = self.shell.user_ns[src]
             src = v.config if isinstance(v, FinetuneRun) else v
         try: f = form(src, name=args.name)
-        except _user_error_types() + (ConfigError,) as ex:
+        except _user_error_types() as ex:
             self._show(error_view(ex, "%finetune_form")); return None
         return f
 

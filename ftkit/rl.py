@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .prompts.registry import RowError, PromptStrategy, opt
+from .errors import FtkitError
 from .prompts.chat_template import ChatTemplateStrategy, entry_dict
 
 log = logging.getLogger("ftkit.rl")
@@ -322,7 +323,7 @@ def build(tokenizer, ds=None, cfg=None, preset: str | None = None):
     return PairStrategy(tokenizer, ds, cfg, preset)
 
 # %% ../nbs/07_rl.ipynb #8c906e92
-class RLDataError(ValueError):
+class RLDataError(FtkitError, ValueError):
     "Rows that cannot be used for preference / RL training; `problems` is a list of `(source, row, message)`."
     def __init__(self, problems: list[tuple[str, int, str]], total: int):
         self.problems, self.total = problems, total
@@ -439,7 +440,7 @@ def debug_html(sample: dict, tokenizer) -> str:
     return f"{_CSS}<table>{rows}</table>"
 
 # %% ../nbs/07_rl.ipynb #8cbe4a40
-class RewardFuncError(ValueError):
+class RewardFuncError(FtkitError, ValueError):
     "A reward function (or GRPO transform) named in the config cannot be used; says which key and module."
 
 def _import_path(path: str, key: str):

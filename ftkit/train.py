@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .config import ConfigError, Problem
+from .errors import ConfigError, FtkitError, Problem
 from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan
 
 # %% auto #0
@@ -32,7 +32,7 @@ def _err(key, message, hint=""):
 def _say(msg, quiet=False):
     if not quiet: print(msg, flush=True)
 
-class TrainError(RuntimeError):
+class TrainError(FtkitError, RuntimeError):
     "A training run that cannot start or continue for a reason the user can fix (shown without a traceback)."
 
 # %% ../nbs/06_train.ipynb #12de37e6
