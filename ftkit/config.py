@@ -20,15 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError, FtkitError, Problem
 
 # %% auto #0
-__all__ = ['TrainOnEos', 'OPTIMIZERS', 'SCHEDULERS', 'SECTIONS', 'RENAMED_KEYS', 'RULES', 'EMBEDDED_MODEL', 'opt',
-           'yaml_positions', 'YamlLoader', 'yaml_load', 'Section', 'UserDefinedType', 'DatasetEntry', 'SpecialTokens',
-           'ModelSection', 'TokenizerSection', 'AdapterSection', 'DataSection', 'TrainingSection', 'PrecisionSection',
-           'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection', 'DistributedSection',
-           'IntegrationsSection', 'FinetuneConfig', 'rule', 'qlora_needs_4bit', 'one_half_precision',
-           'batch_size_consistent', 'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload',
-           'eval_needs_eval_data', 'packing_conflicts', 'chat_template_choice', 'misc_rules', 'chat_template_names',
-           'known_dataset_types', 'dataset_entries', 'apply_overrides', 'parse_overrides', 'validate', 'load',
-           'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
+__all__ = ['TrainOnEos', 'OPTIMIZERS', 'SCHEDULERS', 'SECTIONS', 'RENAMED_KEYS', 'RULES', 'IGNORED_KEYS', 'REJECTED_KEYS',
+           'EMBEDDED_MODEL', 'opt', 'yaml_positions', 'YamlLoader', 'yaml_load', 'Section', 'UserDefinedType',
+           'DatasetEntry', 'SpecialTokens', 'ModelSection', 'TokenizerSection', 'AdapterSection', 'DataSection',
+           'TrainingSection', 'PrecisionSection', 'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection',
+           'DistributedSection', 'IntegrationsSection', 'FinetuneConfig', 'rule', 'qlora_needs_4bit',
+           'one_half_precision', 'batch_size_consistent', 'lora_kernels_preconditions', 'one_attention_backend',
+           'checkpointing_for_offload', 'eval_needs_eval_data', 'packing_conflicts', 'chat_template_choice',
+           'misc_rules', 'chat_template_names', 'known_dataset_types', 'dataset_entries', 'honest_keys',
+           'apply_overrides', 'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env', 'detect_env', 'Plan',
+           'resolve', 'json_schema']
 
 # %% ../nbs/00_config.ipynb #e1e8fa11
 def opt(obj, key: str, default=None):
@@ -739,6 +740,121 @@ def dataset_entries(d):
 def _is_user_module(t, known):
     "`my_module.my_transform` names a user function (GRPO/custom); `alpaca_chat.load_qa` is a known sub-strategy."
     return "." in t and t.split(".")[0] not in {k.split(".")[0] for k in known}
+
+# %% ../nbs/00_config.ipynb #73b4b55f
+_LATER = "not implemented in ftkit yet"
+IGNORED_KEYS: dict[str, str] = {
+    # experiment tracking, hub, plugins, data streaming (the workflow issue)
+    **{k: f"{_LATER} (experiment tracking)" for k in (
+        "wandb_project", "wandb_entity", "wandb_name", "wandb_run_id", "wandb_mode", "wandb_watch", "wandb_log_model",
+        "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name", "hf_mlflow_log_artifacts")},
+    "hub_model_id": f"{_LATER}: nothing is uploaded (push the output_dir with `huggingface-cli upload`)",
+    "hub_strategy": f"{_LATER}: nothing is uploaded",
+    "push_dataset_to_hub": f"{_LATER}: the prepared data stays in dataset_prepared_path",
+    "plugins": f"{_LATER}: Axolotl plugins are not loaded (ftkit's own kernels are switched by their keys)",
+    "streaming": f"{_LATER}: datasets are read and tokenized in full",
+    "dataset_keep_in_memory": "ftkit always memory-maps the prepared Arrow cache",
+    "hf_use_auth_token": "the Hub token comes from huggingface_hub's own login (HF_TOKEN or `hf auth login`)",
+    "eval_causal_lm_metrics": f"{_LATER}: eval reports loss and perplexity",
+    # kernels and compilation (the kernels issue)
+    **{k: f"{_LATER}: ftkit's Triton kernels are not in kernels/ yet" for k in (
+        "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "chunked_cross_entropy", "chunked_cross_entropy_num_chunks",
+        "liger_rope", "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_cross_entropy",
+        "liger_fused_linear_cross_entropy", "cut_cross_entropy")},
+    "use_kernels": "Hub kernels (the `kernels` package) are not loaded; ftkit's own kernels are switched by their keys",
+    "flex_attn_compile_kwargs": "flex attention runs uncompiled options of transformers' own flex backend",
+    "fp8": f"{_LATER}: training runs in bf16/fp16/fp32",
+    "activation_offloading": f"{_LATER}: gradient_checkpointing alone is applied",
+    # distributed
+    "context_parallel_size": f"{_LATER}: each GPU holds whole sequences",
+    "tensor_parallel_size": f"{_LATER}: GPUs are used data-parallel (DDP, FSDP2, DeepSpeed)",
+    # training variants (the beyond-SFT issue)
+    "relora": f"{_LATER} (ReLoRA)",
+    "lr_groups": f"{_LATER}: one learning rate for all trained parameters (or LoRA+ groups)",
+    "embedding_lr": f"{_LATER}: embeddings use learning_rate",
+    "embedding_lr_scale": f"{_LATER}: embeddings use learning_rate",
+    "adam_beta3": "only used by the CAME optimizer, which ftkit does not offer",
+    "adam_epsilon2": "only used by the CAME optimizer, which ftkit does not offer",
+    "lr_quadratic_warmup": f"{_LATER}: warmup is linear",
+    "cosine_constant_lr_ratio": f"{_LATER}: use lr_scheduler: warmup_stable_decay for a constant phase",
+    "trainer_cls": "ftkit's trainer is chosen by the method (rl:); custom Trainer classes are not loaded",
+    "loss_watchdog_threshold": f"{_LATER}: a diverging loss is not stopped automatically",
+    "loss_watchdog_patience": f"{_LATER}: a diverging loss is not stopped automatically",
+    "gptq": f"{_LATER}: GPTQ-quantized bases are not loaded",
+    "lora_target_parameters": f"{_LATER}: adapters go on modules (lora_target_modules / lora_target_linear)",
+    "qlora_sharded_model_loading": "4-bit bases are loaded whole by bitsandbytes",
+    "processor_type": f"{_LATER}: vision-language models are not supported",
+    # data / packing details that ftkit computes itself
+    "sample_packing_eff_est": "ftkit packs exactly (first-fit decreasing) and reports the real efficiency",
+    "sample_packing_mp_start_method": "ftkit's packing runs in the training process",
+    "curriculum_sampling": f"{_LATER}: rows are shuffled each epoch",
+    "group_by_length": "packed or padded batches are built by ftkit's sampler, not transformers' length grouping",
+    "remove_unused_columns": "ftkit's collators keep exactly the columns the model needs",
+    "max_prompt_len": f"{_LATER}: prompts are truncated by sequence_len",
+    "gc_steps": f"{_LATER}: Python garbage collection runs as usual",
+    "include_tokens_per_second": "ftkit always logs real tokens/s in its progress and metrics.jsonl",
+    "save_first_step": f"{_LATER}: the first checkpoint follows save_steps / saves_per_epoch",
+    "dpo_use_logits_to_keep": "TRL 1.x's DPOTrainer has no such option",
+    "dpo_padding_free": "TRL 1.x's DPOTrainer has no such option",
+    "dpo_generate_during_eval": "TRL 1.x's DPOTrainer has no such option",
+    # model / tokenizer loading details that transformers 5 decides
+    "low_cpu_mem_usage": "transformers 5 always loads weights lazily",
+    "experimental_skip_move_to_device": "ftkit places the model with accelerate (device_map / the launcher)",
+    "embeddings_skip_upcast": "ftkit does not upcast embeddings",
+    "base_model_config": f"{_LATER}: the config comes from base_model",
+    "type_of_model": "ftkit loads causal LMs with AutoModelForCausalLM (heads for reward models come from the method)",
+    "cls_model_config": "ftkit loads the config with AutoConfig",
+    "tokenizer_type": "ftkit loads the tokenizer with AutoTokenizer",
+    "tokenizer_legacy": "transformers 5's fast tokenizers have no legacy mode",
+    "tokenizer_save_jinja_files": "the chat template is saved inside tokenizer_config.json",
+    "added_tokens_overrides": f"{_LATER}: use `tokens:` to add tokens",
+    "fix_untrained_tokens": f"{_LATER}: new token embeddings keep their initialisation",
+    # dataset-entry and trl: keys
+    "datasets[].preprocess_shards": "each dataset is tokenized in one pass (with dataset_num_proc workers)",
+    "datasets[].conversation": "legacy sharegpt conversation names: use type: chat_template with a chat_template",
+    "datasets[].field_human": "legacy sharegpt field: use message_property_mappings",
+    "datasets[].field_model": "legacy sharegpt field: use message_property_mappings",
+    "datasets[].input_format": "legacy field: use a user-defined type",
+    "datasets[].logprobs_field": f"{_LATER}: knowledge distillation",
+    "datasets[].type.input_transform": "legacy transform of user-defined formats",
+    "trl.vllm_guided_decoding_regex": f"{_LATER}: vLLM generation options beyond mode/host/port",
+    "trl.vllm_enable_sleep_mode": f"{_LATER}: vLLM generation options beyond mode/host/port",
+    "trl.use_liger_loss": "ftkit's GRPO uses TRL's own loss",
+}
+
+REJECTED_KEYS: dict[str, str] = {
+    "xformers_attention": "xformers is not one of transformers 5's attention backends: use sdp_attention or flash_attention",
+    "s2_attention": "shifted-sparse attention is not available in transformers 5: use sdp_attention or flash_attention",
+}
+
+# %% ../nbs/00_config.ipynb #f5d54c4f
+def _set_keys(d: dict) -> Iterable[tuple[str, str]]:
+    "(table key, key path) for every key set (not null/false) in a raw config, dataset entries and `trl:` included."
+    for k, v in d.items():
+        if v not in (None, False): yield k, k
+    for group in ("datasets", "test_datasets"):
+        for i, e in enumerate(d.get(group) or []):
+            if not isinstance(e, dict): continue
+            for k, v in e.items():
+                if v not in (None, False): yield f"datasets[].{k}", f"{group}[{i}].{k}"
+            if isinstance(e.get("type"), dict):
+                for k, v in e["type"].items():
+                    if v not in (None, False): yield f"datasets[].type.{k}", f"{group}[{i}].type.{k}"
+    if isinstance(d.get("trl"), dict):
+        for k, v in d["trl"].items():
+            if v not in (None, False): yield f"trl.{k}", f"trl.{k}"
+
+@rule
+def honest_keys(d):
+    "A key ftkit accepts but does not act on warns (an error under `strict: true`); a key it will never support is an error."
+    strict = d.get("strict") is True
+    for table_key, path in _set_keys(d):
+        if table_key in REJECTED_KEYS:
+            yield Problem(path, f"ftkit does not support `{path}`: {REJECTED_KEYS[table_key]}.", f"Remove `{path}`.")
+        elif table_key in IGNORED_KEYS:
+            yield Problem(path, f"accepted for Axolotl compatibility; ftkit ignores it because {IGNORED_KEYS[table_key]}.",
+                          f"Remove `{path}`" + (" (strict: true makes ignored keys errors)." if strict else " to silence this warning."),
+                          level="error" if strict else "warning")
 
 # %% ../nbs/00_config.ipynb #774e23b0
 def _read_source(source) -> tuple[Any, str | None, str]:

@@ -11,7 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from .prompts.registry import RowError, opt, resolve_type
+from .prompts.registry import RowError, resolve_type
+from .config import opt
 from .errors import FtkitError
 
 # %% auto #0

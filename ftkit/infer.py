@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .prompts.registry import opt, RowError
+from .prompts.registry import RowError
+from .config import opt
 from .errors import FtkitError
 from .prompts.chat_template import ChatOptions, to_messages, compile_template, template_vars, resolve_template, entry_dict
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .prompts.registry import RowError, PromptStrategy, opt
+from .prompts.registry import RowError, PromptStrategy
+from .config import opt
 from .errors import FtkitError
 from .prompts.chat_template import ChatTemplateStrategy, entry_dict
 
