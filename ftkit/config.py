@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError, FtkitError, Problem
-from .schema import (OPTIMIZERS, SCHEDULERS, SECTIONS, AdapterSection, AttentionSection, DataSection, DatasetEntry,
+from ftkit.errors import ConfigError, FtkitError, Problem
+from ftkit.schema import (OPTIMIZERS, SCHEDULERS, SECTIONS, AdapterSection, AttentionSection, DataSection, DatasetEntry,
                           DistributedSection, FinetuneConfig, IntegrationsSection, LoggingSection, ModelSection,
                           PrecisionSection, RLSection, Section, SpecialTokens, TokenizerSection, TrainingSection,
                           TrainOnEos, TRLSettings, UserDefinedType)
@@ -28,8 +28,8 @@ __all__ = ['RENAMED_KEYS', 'RULES', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_M
            'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
            'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
            'packing_conflicts', 'chat_template_choice', 'misc_rules', 'chat_template_names', 'known_dataset_types',
-           'dataset_entries', 'honest_keys', 'apply_overrides', 'parse_overrides', 'validate', 'load',
-           'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
+           'dataset_entries', 'trackers_and_plugins', 'honest_keys', 'apply_overrides', 'parse_overrides', 'validate',
+           'load', 'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
 
 # %% ../nbs/00_config.ipynb #e1e8fa11
 def opt(obj, key: str, default=None):
@@ -293,17 +293,22 @@ def _is_user_module(t, known):
     "`my_module.my_transform` names a user function (GRPO/custom); `alpaca_chat.load_qa` is a known sub-strategy."
     return "." in t and t.split(".")[0] not in {k.split(".")[0] for k in known}
 
+# %% ../nbs/00_config.ipynb #7a3c1e55
+@rule
+def trackers_and_plugins(d):
+    "Tracker keys (`ftkit.tracking.check`: a tracker that is on needs its package, the `tracking` extra) and `plugins:` (`ftkit.plugins.check`)."
+    from ftkit import plugins, tracking   # light modules: no torch / transformers
+    yield from tracking.check(d)
+    yield from plugins.check(d.get("plugins"), d)
+
 # %% ../nbs/00_config.ipynb #73b4b55f
 _LATER = "not implemented in ftkit yet"
 IGNORED_KEYS: dict[str, str] = {
-    # experiment tracking, hub, plugins, data streaming (the workflow issue)
-    **{k: f"{_LATER} (experiment tracking)" for k in (
-        "wandb_project", "wandb_entity", "wandb_name", "wandb_run_id", "wandb_mode", "wandb_watch", "wandb_log_model",
-        "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name", "hf_mlflow_log_artifacts")},
+    # hub, data streaming (the workflow issue)
     "hub_model_id": f"{_LATER}: nothing is uploaded (push the output_dir with `huggingface-cli upload`)",
     "hub_strategy": f"{_LATER}: nothing is uploaded",
     "push_dataset_to_hub": f"{_LATER}: the prepared data stays in dataset_prepared_path",
-    "plugins": f"{_LATER}: Axolotl plugins are not loaded (ftkit's own kernels are switched by their keys)",
+
     "streaming": f"{_LATER}: datasets are read and tokenized in full",
     "dataset_keep_in_memory": "ftkit always memory-maps the prepared Arrow cache",
     "hf_use_auth_token": "the Hub token comes from huggingface_hub's own login (HF_TOKEN or `hf auth login`)",

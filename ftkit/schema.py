@@ -355,6 +355,18 @@ class LoggingSection(Section):
     mlflow_experiment_name: str | None = _f(None, "MLflow experiment.", adv=True)
     mlflow_run_name: str | None = _f(None, "MLflow run name.", adv=True)
     hf_mlflow_log_artifacts: bool | None = _f(None, "Log artifacts to MLflow.", adv=True)
+    use_comet: bool | None = _f(None, "Log to Comet (comet_project_name also turns it on).", adv=True)
+    comet_api_key: str | None = _f(None, "Comet API key (better: `comet login`).", adv=True)
+    comet_workspace: str | None = _f(None, "Comet workspace.", adv=True)
+    comet_project_name: str | None = _f(None, "Comet project (turns Comet on).", adv=True)
+    comet_experiment_key: str | None = _f(None, "Comet experiment key (append to / name an experiment).", adv=True)
+    comet_mode: str | None = _f(None, "Comet start mode: get, create or get_or_create.", adv=True)
+    comet_online: bool | None = _f(None, "Log to the Comet server (false: offline archive in output_dir/comet).", adv=True)
+    comet_experiment_config: dict[str, Any] | None = _f(None, "Comet ExperimentConfig options.", adv=True)
+    use_trackio: bool | None = _f(None, "Log to trackio (trackio_project_name also turns it on).", adv=True)
+    trackio_project_name: str | None = _f(None, "trackio project (turns trackio on).", adv=True)
+    trackio_run_name: str | None = _f(None, "trackio run name.", adv=True)
+    trackio_space_id: str | None = _f(None, "Hugging Face Space that hosts the trackio dashboard.", adv=True)
 
 # %% ../nbs/00_schema.ipynb #bde5a152
 class TRLSettings(Section):
@@ -433,7 +445,7 @@ class DistributedSection(Section):
 # %% ../nbs/00_schema.ipynb #bde5a155
 class IntegrationsSection(Section):
     "Plugins."
-    plugins: list[str] | None = _f(None, "Plugin classes (module.Class) to load.", adv=True)
+    plugins: list[str] | None = _f(None, "Plugins: entry-point names (group ftkit.plugins), module.Class paths, or Axolotl's Liger / Cut Cross-Entropy names (ftkit's own kernels).", adv=True)
     # Axolotl's Liger / Cut-Cross-Entropy integration switches; ftkit maps them onto its own kernels (ftkit.kernels)
     liger_rope: bool | None = _f(None, "Fused RoPE kernel (Liger's name; ftkit's kernel).", adv=True)
     liger_rms_norm: bool | None = _f(None, "Fused RMSNorm kernel (Liger's name; ftkit's kernel).", adv=True)
