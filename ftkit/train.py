@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .errors import ConfigError, FtkitError, Problem
-from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan
+from ftkit.errors import ConfigError, FtkitError, Problem
+from ftkit.packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan
 
 # %% auto #0
 __all__ = ['OPTIMIZER_NAMES', 'SCHEDULER_NAMES', 'CHECKPOINT_MARKER', 'TrainError', 'optimizer_name', 'scheduler', 'StepPlan',
@@ -24,7 +24,7 @@ __all__ = ['OPTIMIZER_NAMES', 'SCHEDULER_NAMES', 'CHECKPOINT_MARKER', 'TrainErro
            'TrainResult', 'save_outputs', 'train', 'train_main', 'generate_replies', 'exact_match', 'demo']
 
 # %% ../nbs/06_train.ipynb #4c29efa1
-from .config import opt as _opt
+from ftkit.config import opt as _opt
 
 def _err(key, message, hint=""):
     return ConfigError([Problem(key, message, hint)], origin="train")
@@ -109,6 +109,8 @@ def _strategy(cfg, kind: str, steps: StepPlan, has_eval: bool) -> tuple[str, flo
 
 _NEW_GC = "activation_checkpointing" in TrainingArguments.__dataclass_fields__   # transformers >= 5.x renamed it
 
+from ftkit.tracking import training_kwargs as tracking_kwargs
+
 def training_arguments(cfg, plan, steps: StepPlan, *, output_dir: str, has_eval: bool, packing: bool) -> TrainingArguments:
     "The `TrainingArguments` for `cfg` (see the table above)."
     optim = optimizer_name(cfg)
@@ -119,7 +121,6 @@ def training_arguments(cfg, plan, steps: StepPlan, *, output_dir: str, has_eval:
     if warm is None: warm = float(_opt(cfg, "warmup_ratio", 0.0))
     prec = getattr(plan, "precision", "fp32")
     cuda = torch.cuda.is_available()
-    report = [r for k, r in (("use_wandb", "wandb"), ("use_tensorboard", "tensorboard"), ("use_mlflow", "mlflow")) if _opt(cfg, k)]
     gc_kw = _opt(cfg, "gradient_checkpointing_kwargs") or {"use_reentrant": False}
     kw = dict(
         output_dir=output_dir,
@@ -136,7 +137,7 @@ def training_arguments(cfg, plan, steps: StepPlan, *, output_dir: str, has_eval:
         eval_strategy=ev, save_strategy=sv, save_total_limit=_opt(cfg, "save_total_limit"),
         save_only_model=bool(_opt(cfg, "save_only_model", False)),
         seed=int(getattr(plan, "seed", None) or _opt(cfg, "seed", 42)), data_seed=int(getattr(plan, "seed", None) or _opt(cfg, "seed", 42)),
-        report_to=report or "none", remove_unused_columns=False, disable_tqdm=True,
+        **tracking_kwargs(cfg), remove_unused_columns=False, disable_tqdm=True,     # report_to, run_name: ftkit.tracking
         ddp_find_unused_parameters=bool(_opt(cfg, "ddp_find_unused_parameters", False)),
         dataloader_num_workers=int(_opt(cfg, "dataloader_num_workers", 0)),
         dataloader_pin_memory=bool(_opt(cfg, "dataloader_pin_memory", cuda)),
@@ -429,6 +430,8 @@ def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrid
         return train_rl(cfg, model=model, tokenizer=tokenizer, callbacks=callbacks)
     plan = resolve(cfg)
     _say(str(plan), quiet)
+    from ftkit.plugins import load_plugins
+    plugins = load_plugins(cfg)                                # ftkit.plugins: fires after_config_load
     optimizer_name(cfg); scheduler(cfg)                        # config errors before any long work
     out = Path(cfg.output_dir).expanduser()
     if tokenizer is None or model is None:
@@ -438,8 +441,9 @@ def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrid
     if train_ds is None or len(train_ds) == 0:
         raise TrainError("there are no training rows after preparation: check the dataset paths and the length filters (sequence_len).")
     if model is None:
-        model = models.load_model(cfg, tokenizer, source=src, plan=plan, quiet=quiet)
-        model = models.apply_adapter(cfg, model, quiet=quiet)
+        plugins.before_model_load(cfg)
+        model = plugins.after_model_load(cfg, models.load_model(cfg, tokenizer, source=src, plan=plan, quiet=quiet))
+        model = plugins.after_adapters(cfg, models.apply_adapter(cfg, model, quiet=quiet))
     model.config.use_cache = False
     if getattr(model.config, "_attn_implementation", None) == "ftkit_varlen":
         from ftkit.packing import register_varlen_attention
@@ -465,28 +469,33 @@ def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrid
     if cfg.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     recorder = MetricsRecorder()
-    cbs = [recorder] + list(callbacks or [])
+    cbs = [recorder] + list(callbacks or []) + plugins.callbacks(cfg)
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
         cbs.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.early_stopping_patience)))
-    trainer = FtkitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
-                           processing_class=tokenizer, callbacks=cbs, ftkit_cfg=cfg, packing=packing,
-                           eval_packing=eval_packing, pad_token_id=tokenizer.pad_token_id or 0)
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    for c in (PrinterCallback, ProgressCallback): trainer.remove_callback(c)
-    if not quiet: trainer.add_callback(ProgressPrinter(trainer))
-    resume = resume_checkpoint(cfg, out, quiet)
-    t = time.time()
-    res = trainer.train(resume_from_checkpoint=resume)
-    secs = time.time() - t
-    metrics = dict(res.metrics)
-    if packing: metrics["packing_efficiency"] = packing.efficiency
-    tr = getattr(model, "ftkit_trainable", None) or models.trainable_parameters(model)
-    save_outputs(trainer, tokenizer, cfg, plan, out, {"packing efficiency": f"{packing.efficiency:.4f}" if packing else "n/a",
-                                                       "optimizer steps": trainer.state.global_step})
-    result = TrainResult(out, metrics, list(trainer.state.log_history), trainer.state.global_step, steps.total_steps, tuple(tr),
-                         packing, resume, trainer.ftkit_tokens, secs, dict(recorder.losses), dict(recorder.lrs),
-                         model if return_model else None, tokenizer, trainer if return_model else None, prepared)
+    with plugins.environment(cfg):                             # trackers' environment, for this run only
+        trainer = FtkitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
+                               processing_class=tokenizer, callbacks=cbs, ftkit_cfg=cfg, packing=packing,
+                               eval_packing=eval_packing, pad_token_id=tokenizer.pad_token_id or 0)
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        for c in (PrinterCallback, ProgressCallback): trainer.remove_callback(c)
+        if not quiet: trainer.add_callback(ProgressPrinter(trainer))
+        resume = resume_checkpoint(cfg, out, quiet)
+        plugins.before_training(cfg, trainer)
+        result = None
+        try:
+            t = time.time()
+            res = trainer.train(resume_from_checkpoint=resume)
+            secs = time.time() - t
+            metrics = dict(res.metrics)
+            if packing: metrics["packing_efficiency"] = packing.efficiency
+            tr = getattr(model, "ftkit_trainable", None) or models.trainable_parameters(model)
+            save_outputs(trainer, tokenizer, cfg, plan, out, {"packing efficiency": f"{packing.efficiency:.4f}" if packing else "n/a",
+                                                               "optimizer steps": trainer.state.global_step})
+            result = TrainResult(out, metrics, list(trainer.state.log_history), trainer.state.global_step, steps.total_steps, tuple(tr),
+                                 packing, resume, trainer.ftkit_tokens, secs, dict(recorder.losses), dict(recorder.lrs),
+                                 model if return_model else None, tokenizer, trainer if return_model else None, prepared)
+        finally: plugins.after_training(cfg, trainer, result)  # result None when training failed
     _say(f"done: {result}", quiet)
     return result
 
