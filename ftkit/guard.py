@@ -13,11 +13,12 @@ from pathlib import Path
 from .errors import FtkitError
 
 # %% auto #0
-__all__ = ['LOCK_NAME', 'MARKER', 'GuardError', 'LockedError', 'TrainingFault', 'ImportRefused', 'FileLock', 'lock_output_dir',
-           'lock_dataset_cache', 'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir',
+__all__ = ['LOCK_NAME', 'MARKER', 'MAX_TEMPLATE_CONST', 'GuardError', 'LockedError', 'TrainingFault', 'ImportRefused', 'FileLock',
+           'lock_output_dir', 'lock_dataset_cache', 'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir',
            'remove_incomplete_checkpoints', 'checkpoint_step', 'die_with_parent', 'seed_everything', 'EpochSampler',
            'last_checkpoint', 'FaultWatchdog', 'fault_watchdog', 'is_oom', 'explain_oom', 'is_disk_full',
-           'explain_disk_full', 'saving', 'split_target', 'module_origin', 'load_target', 'user_modules']
+           'explain_disk_full', 'saving', 'split_target', 'module_origin', 'load_target', 'user_modules',
+           'check_template']
 
 # %% ../nbs/00b_guard.ipynb #gd000005
 class GuardError(FtkitError):
@@ -438,3 +439,39 @@ def user_modules(cfg) -> list[str]:
     for i, n in enumerate((trl.get("reward_funcs") if isinstance(trl, dict) else getattr(trl, "reward_funcs", None)) or []):
         out.append(f"trl.reward_funcs[{i}]: {n} ({module_origin(split_target(n)[0])})")
     return out
+
+# %% ../nbs/00b_guard.ipynb #gd000029
+MAX_TEMPLATE_CONST = 1_000_000
+
+def _const_size(node) -> float | None:
+    "Upper bound of the size (length of a string/list, magnitude of a number) of a constant jinja expression, else None."
+    from jinja2 import nodes
+    if isinstance(node, nodes.Const):
+        v = node.value
+        return float(len(v)) if isinstance(v, (str, bytes, list, tuple)) else abs(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else 1.0
+    if isinstance(node, (nodes.List, nodes.Tuple)):
+        sizes = [_const_size(x) for x in node.items]
+        return None if any(x is None for x in sizes) else float(len(sizes)) + sum(sizes)
+    if isinstance(node, (nodes.Mul, nodes.Add, nodes.Concat, nodes.Pow)):
+        parts = [node.left, node.right] if not isinstance(node, nodes.Concat) else node.nodes
+        sizes = [_const_size(x) for x in parts]
+        if any(x is None for x in sizes): return None
+        if isinstance(node, nodes.Mul): return sizes[0] * sizes[1]
+        if isinstance(node, nodes.Pow):
+            return math.inf if sizes[1] * math.log10(max(sizes[0], 2.0)) > 6 else sizes[0] ** sizes[1]
+        return sum(sizes)
+    if isinstance(node, (nodes.Neg, nodes.Pos)): return _const_size(node.node)
+    return None
+
+def check_template(text: str, key: str = "chat template") -> None:
+    "A `GuardError` when a constant expression in the jinja `text` would be folded into something huge."
+    from jinja2 import nodes
+    from jinja2.exceptions import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    try: tree = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except TemplateSyntaxError: return                     # the compiler reports syntax errors with their line
+    for n in tree.find_all((nodes.Mul, nodes.Pow, nodes.Add, nodes.Concat)):
+        size = _const_size(n)
+        if size is not None and size > MAX_TEMPLATE_CONST:
+            raise GuardError(f"{key}: line {n.lineno} computes a constant of about {size:.3g} characters or digits "
+                             f"(more than {MAX_TEMPLATE_CONST:,}); ftkit does not compile it.")
