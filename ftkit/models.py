@@ -15,10 +15,11 @@ from .config import ConfigError, Problem, EMBEDDED_MODEL
 
 # %% auto #0
 __all__ = ['EMBEDDED_GGUF', 'ftkit_home', 'embedded_gguf', 'embedded_model_path', 'ModelSource', 'model_source', 'hub_reachable',
-           'load_tokenizer', 'resize_embeddings', 'load_model', 'trainable_parameters', 'apply_adapter', 'load']
+           'load_tokenizer', 'resize_embeddings', 'load_model', 'trainable_parameters', 'effective_lora_alpha',
+           'apply_adapter', 'load']
 
 # %% ../nbs/01_models.ipynb #4c96c078
-from .config import opt as _opt
+from .config import FinetuneConfig
 
 def _err(key: str, message: str, hint: str = "") -> ConfigError:
     return ConfigError([Problem(key, message, hint)], origin="model")
@@ -93,10 +94,10 @@ class ModelSource:
 def _is_embedded(name) -> bool:
     return not name or str(name).strip().lower() in (EMBEDDED_MODEL, "smollm2-135m-instruct.q4_1.gguf")
 
-def model_source(cfg, *, check: bool = True, quiet: bool = True) -> ModelSource:
+def model_source(cfg: FinetuneConfig, *, check: bool = True, quiet: bool = True) -> ModelSource:
     "Resolve and check where the model of `cfg` comes from (fast: reads at most a config file)."
-    base, gguf = _opt(cfg, "base_model"), _opt(cfg, "gguf_file")
-    tok_cfg = _opt(cfg, "tokenizer_config")
+    base, gguf = cfg.base_model, cfg.gguf_file
+    tok_cfg = cfg.tokenizer_config
     if _is_embedded(base) and not gguf:
         src = ModelSource(str(embedded_model_path(quiet=quiet)), embedded=True, model_type="llama")
         if tok_cfg: src.tokenizer_path = tok_cfg
@@ -126,11 +127,11 @@ def model_source(cfg, *, check: bool = True, quiet: bool = True) -> ModelSource:
     if check and not src.gguf_file: _check_architecture(cfg, src)
     return src
 
-def _check_architecture(cfg, src: ModelSource):
+def _check_architecture(cfg: FinetuneConfig, src: ModelSource):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    trust = bool(_opt(cfg, "trust_remote_code", False))
-    kw = dict(trust_remote_code=trust, revision=_opt(cfg, "revision_of_model"))
+    trust = bool(cfg.trust_remote_code)
+    kw = dict(trust_remote_code=trust, revision=cfg.revision_of_model)
     try:
         try: mc = AutoConfig.from_pretrained(src.path, local_files_only=True, **kw)   # local folder or Hub cache
         except OSError:
@@ -172,25 +173,24 @@ def _tf_version():
     return transformers.__version__
 
 # %% ../nbs/01_models.ipynb #78ecb4aa
-def _needs_template(cfg) -> bool:
-    if _opt(cfg, "chat_template") or _opt(cfg, "chat_template_jinja"): return True
-    for ds in _opt(cfg, "datasets", []) or []:
-        t = _opt(ds, "type")
+def _needs_template(cfg: FinetuneConfig) -> bool:
+    if cfg.chat_template or cfg.chat_template_jinja: return True
+    for ds in cfg.datasets or []:
+        t = ds.type
         if isinstance(t, str) and t.split(".")[0] in ("chat_template", "chatml"): return True
     return False
 
-def load_tokenizer(cfg, *, source: ModelSource | None = None, quiet: bool = False):
+def load_tokenizer(cfg: FinetuneConfig, *, source: ModelSource | None = None, quiet: bool = False):
     "The tokenizer of `cfg` with pad token, added tokens and chat template set."
     from transformers import AutoTokenizer
     src = source or model_source(cfg, quiet=quiet)
-    kw = dict(trust_remote_code=bool(_opt(cfg, "trust_remote_code", False)))
-    if _opt(cfg, "tokenizer_use_fast") is not None: kw["use_fast"] = bool(_opt(cfg, "tokenizer_use_fast"))
+    kw = dict(trust_remote_code=bool(cfg.trust_remote_code))
+    if cfg.tokenizer_use_fast is not None: kw["use_fast"] = bool(cfg.tokenizer_use_fast)
     if src.gguf_file and not src.tokenizer_path: kw["gguf_file"] = src.gguf_file
     tok = AutoTokenizer.from_pretrained(src.tok_path, **kw)
     notes, n0 = [], len(tok)
-    st = _opt(cfg, "special_tokens")
-    if st:
-        st = st if isinstance(st, dict) else st.model_dump(exclude_none=True, exclude={"section"})
+    if cfg.special_tokens:
+        st = cfg.special_tokens.model_dump(exclude_none=True, exclude={"section"})
         special = {k: v for k, v in st.items() if v and k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         if special:
             tok.add_special_tokens(special)
@@ -199,7 +199,7 @@ def load_tokenizer(cfg, *, source: ModelSource | None = None, quiet: bool = Fals
         if extra:
             n = tok.add_special_tokens({"additional_special_tokens": list(extra)}, replace_extra_special_tokens=False)
             notes.append(f"additional special tokens: {n} of {len(extra)} added")
-    toks = _opt(cfg, "tokens")
+    toks = cfg.tokens
     if toks:
         n = tok.add_tokens(list(toks))
         notes.append(f"tokens: {n} of {len(toks)} added")
@@ -210,7 +210,7 @@ def load_tokenizer(cfg, *, source: ModelSource | None = None, quiet: bool = Fals
         notes.append(f"pad_token set to the EOS token {tok.eos_token!r}: padding is masked by position, so EOS is still trained")
     elif tok.pad_token == tok.eos_token:
         notes.append(f"pad_token is the EOS token {tok.eos_token!r}: padding is masked by position, so EOS is still trained")
-    if _needs_template(cfg) or _opt(cfg, "chat_template"):
+    if _needs_template(cfg) or cfg.chat_template:
         from ftkit.prompts.chat_template import resolve_template
         try: name, text = resolve_template(tok, None, cfg)
         except ValueError as e:
@@ -225,34 +225,18 @@ def load_tokenizer(cfg, *, source: ModelSource | None = None, quiet: bool = Fals
     return tok
 
 # %% ../nbs/01_models.ipynb #4ae13dc9
-def _plan(cfg):
-    from ftkit.config import resolve, FinetuneConfig
-    if isinstance(cfg, FinetuneConfig): return resolve(cfg)
-    return None
-
-def _dtype_and_attention(cfg, plan=None):
-    "(torch dtype, reason, attn_implementation, reason) from the resolved plan, or from the keys of a plain dict."
+def _dtype_and_attention(cfg: FinetuneConfig, plan=None):
+    "(torch dtype, reason, attn_implementation, reason) from the resolved plan (`config.resolve`)."
     import torch
-    plan = plan or _plan(cfg)
-    if plan is not None:
-        return getattr(torch, plan.torch_dtype), plan.precision_reason, plan.attention, plan.attention_reason
-    cuda = torch.cuda.is_available()
-    if _opt(cfg, "bf16") is True or _opt(cfg, "bfloat16"): prec, why = torch.bfloat16, "bf16: true"
-    elif _opt(cfg, "fp16") or _opt(cfg, "float16"): prec, why = torch.float16, "fp16: true"
-    elif cuda and torch.cuda.is_bf16_supported() and _opt(cfg, "bf16", "auto") == "auto": prec, why = torch.bfloat16, "bf16: auto on a bf16 GPU"
-    else: prec, why = torch.float32, "no GPU or half precision off: float32"
-    attn = _opt(cfg, "attn_implementation")
-    if attn: return prec, why, attn, "attn_implementation is set"
-    for k, v in (("flash_attention", "flash_attention_2"), ("flex_attention", "flex_attention"), ("eager_attention", "eager"), ("sdp_attention", "sdpa")):
-        if _opt(cfg, k): return prec, why, v, f"{k}: true"
-    if _opt(cfg, "sample_packing"): return prec, why, "ftkit_varlen", "sample_packing: PyTorch varlen attention"
-    return prec, why, "sdpa", "default"
+    from ftkit.config import resolve
+    plan = plan or resolve(cfg)
+    return getattr(torch, plan.torch_dtype), plan.precision_reason, plan.attention, plan.attention_reason
 
-def _quant_config(cfg, dtype):
-    four = bool(_opt(cfg, "load_in_4bit")) or _opt(cfg, "adapter") == "qlora"
-    eight = bool(_opt(cfg, "load_in_8bit"))
+def _quant_config(cfg: FinetuneConfig, dtype):
+    four = bool(cfg.load_in_4bit) or cfg.adapter == "qlora"
+    eight = bool(cfg.load_in_8bit)
     if not (four or eight): return None
-    key = "load_in_4bit" if _opt(cfg, "load_in_4bit") else ("adapter" if four else "load_in_8bit")
+    key = "load_in_4bit" if cfg.load_in_4bit else ("adapter" if four else "load_in_8bit")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise _err(key, f"{'4-bit (QLoRA)' if four else '8-bit'} loading needs the bitsandbytes package, which is not installed.",
                    "pip install 'ftkit[quant]' (bitsandbytes) on a machine with a CUDA GPU, or use adapter: lora without quantization.")
@@ -263,29 +247,29 @@ def _quant_config(cfg, dtype):
     from transformers import BitsAndBytesConfig
     kw = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
               bnb_4bit_quant_storage=dtype) if four else dict(load_in_8bit=True)
-    kw.update(_opt(cfg, "bnb_config_kwargs", {}) or {})
+    kw.update(cfg.bnb_config_kwargs or {})
     return BitsAndBytesConfig(**kw)
 
-def resize_embeddings(cfg, model, tokenizer, quiet: bool = False) -> int:
+def resize_embeddings(cfg: FinetuneConfig, model, tokenizer, quiet: bool = False) -> int:
     "Grow the embeddings to the tokenizer's length (32x when asked); never shrink unless `shrink_embeddings`. Returns the new size."
     n_tok, n_emb = len(tokenizer), model.get_input_embeddings().weight.shape[0]
     target = n_tok
-    if _opt(cfg, "resize_token_embeddings_to_32x"): target = (n_tok + 31) // 32 * 32
-    if target > n_emb or (target < n_emb and _opt(cfg, "shrink_embeddings")):
-        model.resize_token_embeddings(target, mean_resizing=bool(_opt(cfg, "mean_resizing_embeddings", False)))
+    if cfg.resize_token_embeddings_to_32x: target = (n_tok + 31) // 32 * 32
+    if target > n_emb or (target < n_emb and cfg.shrink_embeddings):
+        model.resize_token_embeddings(target, mean_resizing=bool(cfg.mean_resizing_embeddings))
         _say(f"model: embeddings resized {n_emb} -> {target} for a tokenizer of {n_tok} tokens", quiet)
         return target
     return n_emb
 
-def load_model(cfg, tokenizer=None, *, source: ModelSource | None = None, plan=None, quiet: bool = False, **kwargs):
+def load_model(cfg: FinetuneConfig, tokenizer=None, *, source: ModelSource | None = None, plan=None, quiet: bool = False, **kwargs):
     "The model of `cfg` in the resolved dtype and attention backend, embeddings fitted to `tokenizer`."
     import torch
     from transformers import AutoModelForCausalLM
     src = source or model_source(cfg, quiet=quiet)
     dtype, dtype_why, attn, attn_why = _dtype_and_attention(cfg, plan)
-    if dtype == torch.float16 and not _opt(cfg, "adapter") and not _opt(cfg, "float16"):
+    if dtype == torch.float16 and not cfg.adapter and not cfg.float16:
         dtype, dtype_why = torch.float32, dtype_why + "; a full fine-tune with fp16 AMP keeps float32 master weights"
-    if src.gguf_file and (_opt(cfg, "load_in_4bit") or _opt(cfg, "load_in_8bit") or _opt(cfg, "adapter") == "qlora"):
+    if src.gguf_file and (cfg.load_in_4bit or cfg.load_in_8bit or cfg.adapter == "qlora"):
         raise _err("gguf_file", "a GGUF model cannot be re-quantized with bitsandbytes at load time.",
                    "Use adapter: lora (the GGUF is dequantized), or the original safetensors model for QLoRA.")
     if attn == "ftkit_varlen":
@@ -298,22 +282,22 @@ def load_model(cfg, tokenizer=None, *, source: ModelSource | None = None, plan=N
         raise _err("xformers_attention" if attn == "xformers" else "s2_attention", f"{attn} attention is not supported by ftkit.",
                    "Use sdp_attention, flex_attention or flash_attention.")
     quant = _quant_config(cfg, dtype)
-    kw = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=bool(_opt(cfg, "trust_remote_code", False)))
+    kw = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=bool(cfg.trust_remote_code))
     if quant is not None:
         kw["quantization_config"] = quant
-        kw["device_map"] = _opt(cfg, "device_map") or {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    elif _opt(cfg, "device_map") is not None: kw["device_map"] = _opt(cfg, "device_map")
+        kw["device_map"] = cfg.device_map or {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    elif cfg.device_map is not None: kw["device_map"] = cfg.device_map
     if src.gguf_file: kw["gguf_file"] = src.gguf_file
-    if _opt(cfg, "revision_of_model"): kw["revision"] = _opt(cfg, "revision_of_model")
-    kw.update(_opt(cfg, "overrides_of_model_kwargs", {}) or {})
+    if cfg.revision_of_model: kw["revision"] = cfg.revision_of_model
+    kw.update(cfg.overrides_of_model_kwargs or {})
     kw.update(kwargs)
-    if _opt(cfg, "overrides_of_model_config"):
+    if cfg.overrides_of_model_config:
         from transformers import AutoConfig
         mc = AutoConfig.from_pretrained(src.path, **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
-        for k, v in _opt(cfg, "overrides_of_model_config").items(): setattr(mc, k, v)
+        for k, v in cfg.overrides_of_model_config.items(): setattr(mc, k, v)
         kw["config"] = mc
     t = time.time()
-    if _opt(cfg, "reinit_weights"):
+    if cfg.reinit_weights:
         from transformers import AutoConfig
         mc = kw.pop("config", None) or AutoConfig.from_pretrained(src.path)
         model = AutoModelForCausalLM.from_config(mc, dtype=dtype, attn_implementation=attn)
@@ -349,29 +333,33 @@ def trainable_parameters(model) -> tuple[int, int]:
         if p.requires_grad: tr += n
     return tr, tot
 
-def _targets(cfg):
-    mods = _opt(cfg, "lora_target_modules")
-    if _opt(cfg, "lora_target_linear"): return "all-linear"
+def _targets(cfg: FinetuneConfig):
+    mods = cfg.lora_target_modules
+    if cfg.lora_target_linear: return "all-linear"
     if mods: return mods if isinstance(mods, str) else list(mods)
     return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-def apply_adapter(cfg, model, *, quiet: bool = False):
+def effective_lora_alpha(cfg: FinetuneConfig) -> float:
+    "`lora_alpha`, or 2 × `lora_r` when it is not set (the one place this derived default lives)."
+    return cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r
+
+def apply_adapter(cfg: FinetuneConfig, model, *, quiet: bool = False):
     "Add the configured adapter (or set up a full fine-tune); prints and records the trainable-parameter count."
-    adapter = _opt(cfg, "adapter")
+    adapter = cfg.adapter
     if not adapter:
-        pats = _opt(cfg, "unfrozen_parameters")
+        pats = cfg.unfrozen_parameters
         if pats:
             rx = [re.compile(p) for p in pats]
             for n, p in model.named_parameters(): p.requires_grad = any(r.search(n) for r in rx)
     else:
         from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-            gc = bool(_opt(cfg, "gradient_checkpointing", False))
+            gc = bool(cfg.gradient_checkpointing)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
-                gradient_checkpointing_kwargs=_opt(cfg, "gradient_checkpointing_kwargs") or {"use_reentrant": False})
-        save = list(_opt(cfg, "lora_modules_to_save", []) or [])
+                gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False})
+        save = list(cfg.lora_modules_to_save or [])
         added = getattr(model, "ftkit_added_tokens", 0)
-        if added and not _opt(cfg, "lora_model_dir"):
+        if added and not cfg.lora_model_dir:
             tied = getattr(model.config, "tie_word_embeddings", False)
             need = ["embed_tokens"] + ([] if tied else ["lm_head"])
             missing = [m for m in need if not any(m in s for s in save)]
@@ -379,24 +367,22 @@ def apply_adapter(cfg, model, *, quiet: bool = False):
                 raise _err("lora_modules_to_save", f"{added} token(s) were added to the vocabulary, but {', '.join(missing)} "
                            "would stay frozen, so the new embedding rows would never be trained.",
                            "Add lora_modules_to_save: [embed_tokens, lm_head].")
-        if _opt(cfg, "lora_model_dir"):
-            d = Path(_opt(cfg, "lora_model_dir")).expanduser()
+        if cfg.lora_model_dir:
+            d = Path(cfg.lora_model_dir).expanduser()
             if not (d / "adapter_config.json").exists():
                 raise _err("lora_model_dir", f"{d} has no adapter_config.json.", "Point lora_model_dir at a folder saved by a LoRA run.")
             model = PeftModel.from_pretrained(model, str(d), is_trainable=True)
             _say(f"adapter: continuing from {d}", quiet)
         else:
-            r = int(_opt(cfg, "lora_r", 8))
-            kw = dict(r=r, lora_alpha=_opt(cfg, "lora_alpha", 2 * r), lora_dropout=float(_opt(cfg, "lora_dropout", 0.0)),
+            kw = dict(r=cfg.lora_r, lora_alpha=effective_lora_alpha(cfg), lora_dropout=float(cfg.lora_dropout or 0.0),
                       target_modules=_targets(cfg), bias="none", task_type="CAUSAL_LM",
-                      modules_to_save=save or None, use_dora=bool(_opt(cfg, "peft_use_dora", False)),
-                      use_rslora=bool(_opt(cfg, "peft_use_rslora", False)),
-                      fan_in_fan_out=bool(_opt(cfg, "lora_fan_in_fan_out", False)))
-            if _opt(cfg, "peft_layers_to_transform") is not None: kw["layers_to_transform"] = _opt(cfg, "peft_layers_to_transform")
-            if _opt(cfg, "peft_layers_pattern") is not None: kw["layers_pattern"] = _opt(cfg, "peft_layers_pattern")
-            if _opt(cfg, "peft_init_lora_weights") is not None: kw["init_lora_weights"] = _opt(cfg, "peft_init_lora_weights")
-            if _opt(cfg, "peft_layer_replication") is not None: kw["layer_replication"] = _opt(cfg, "peft_layer_replication")
-            if _opt(cfg, "peft_trainable_token_indices") is not None: kw["trainable_token_indices"] = _opt(cfg, "peft_trainable_token_indices")
+                      modules_to_save=save or None, use_dora=bool(cfg.peft_use_dora),
+                      use_rslora=bool(cfg.peft_use_rslora), fan_in_fan_out=bool(cfg.lora_fan_in_fan_out))
+            if cfg.peft_layers_to_transform is not None: kw["layers_to_transform"] = cfg.peft_layers_to_transform
+            if cfg.peft_layers_pattern is not None: kw["layers_pattern"] = cfg.peft_layers_pattern
+            if cfg.peft_init_lora_weights is not None: kw["init_lora_weights"] = cfg.peft_init_lora_weights
+            if cfg.peft_layer_replication is not None: kw["layer_replication"] = cfg.peft_layer_replication
+            if cfg.peft_trainable_token_indices is not None: kw["trainable_token_indices"] = cfg.peft_trainable_token_indices
             try: model = get_peft_model(model, LoraConfig(**kw))
             except ValueError as e:
                 key = "lora_target_modules" if "target" in str(e).lower() else "adapter"
@@ -404,12 +390,12 @@ def apply_adapter(cfg, model, *, quiet: bool = False):
                            "Check lora_target_modules against the model's module names, or use lora_target_linear: true.") from None
     tr, tot = trainable_parameters(model)
     model.ftkit_trainable = (tr, tot)
-    what = f"{adapter.upper()} r={_opt(cfg, 'lora_r', 8)}" if adapter and not _opt(cfg, "lora_model_dir") else (adapter or "full fine-tune")
+    what = f"{adapter.upper()} r={cfg.lora_r}" if adapter and not cfg.lora_model_dir else (adapter or "full fine-tune")
     _say(f"trainable parameters: {tr:,} of {tot:,} ({100 * tr / max(tot, 1):.2f}%) [{what}]", quiet)
     return model
 
 # %% ../nbs/01_models.ipynb #bf93fd79
-def load(cfg, *, adapter: bool = True, quiet: bool = False):
+def load(cfg: FinetuneConfig, *, adapter: bool = True, quiet: bool = False):
     "`(model, tokenizer)` for `cfg`: tokenizer, model and (unless `adapter=False`) the adapter."
     src = model_source(cfg, quiet=quiet)
     tok = load_tokenizer(cfg, source=src, quiet=quiet)

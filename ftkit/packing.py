@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['VARLEN_NAME', 'pack_ffd', 'MultipackBatchSampler', 'PackedCollator', 'PaddedCollator', 'cu_seqlens_from_position_ids',
-           'varlen_attention_forward', 'register_varlen_attention', 'unregister_varlen_attention', 'tiny_llama',
-           'per_sample_losses', 'PackingPlan', 'dataset_lengths', 'packing_plan']
+           'varlen_attention_forward', 'register_varlen_attention', 'unregister_varlen_attention', 'PackingPlan',
+           'dataset_lengths', 'packing_plan']
 
 # %% ../nbs/04_packing.ipynb #406c027a
 class _FirstFit:
@@ -288,27 +288,6 @@ def unregister_varlen_attention(name: str = VARLEN_NAME) -> bool:
     m = AttentionMaskInterface._global_mapping.pop(name, None)
     return a is not None or m is not None
 
-# %% ../nbs/04_packing.ipynb #cda51e12
-def tiny_llama(vocab_size: int = 128, attn: str = "sdpa", seed: int = 0, **kw):
-    "A tiny random-weight Llama for tests (2 layers, GQA 4/2 heads)."
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=8, max_position_embeddings=512, use_cache=False, pad_token_id=0,
-               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    cfg.update(kw)
-    torch.manual_seed(seed)
-    m = LlamaForCausalLM(LlamaConfig(**cfg))
-    m.config._attn_implementation = attn
-    return m
-
-def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor, spans) -> list[float]:
-    "Mean next-token loss of each sample; `spans` = (row, start, end) per sample."
-    out = []
-    for r, s, e in spans:
-        lg, lb = logits[r, s:e - 1].float(), labels[r, s + 1:e]
-        out.append(F.cross_entropy(lg, lb, ignore_index=-100, reduction="sum").item() / max(int((lb != -100).sum()), 1))
-    return out
-
 # %% ../nbs/04_packing.ipynb #84271b98
 @dataclass
 class PackingPlan:
@@ -326,27 +305,26 @@ class PackingPlan:
                 + (f", {self.sampler.dropped} surplus bins dropped" if self.sampler.dropped else "")
                 + (f", {self.sampler.too_long} samples longer than a bin skipped" if self.sampler.too_long else ""))
 
-from .config import opt as _opt
+from .schema import FinetuneConfig
 
 def dataset_lengths(ds) -> list[int]:
     "Token counts of a tokenized dataset (its `length` column if present)."
     if hasattr(ds, "column_names") and "length" in ds.column_names: return [int(x) for x in ds["length"]]
     return [len(x) for x in ds["input_ids"]]
 
-def packing_plan(cfg, ds, *, shuffle: bool = True, num_epochs: float | None = None, world_size: int | None = None,
-                 drop_last: bool = True) -> PackingPlan:
+def packing_plan(cfg: FinetuneConfig, ds, *, shuffle: bool = True, num_epochs: float | None = None,
+                 world_size: int | None = None, drop_last: bool = True) -> PackingPlan:
     "Build the multipack sampler for dataset `ds` from the config's packing keys."
-    mbs, seq = int(_opt(cfg, "micro_batch_size", 1)), int(_opt(cfg, "sequence_len", 512))
-    if _opt(cfg, "multipack_real_batches", False):
+    if cfg.multipack_real_batches:
         raise ValueError("multipack_real_batches: not supported yet; packed micro-batches are one row of "
                          "micro_batch_size x sequence_len tokens. Remove the key.")
-    capacity = mbs * seq
+    capacity = cfg.micro_batch_size * cfg.sequence_len
     lens = dataset_lengths(ds)
     ws = world_size or int(os.environ.get("WORLD_SIZE", "1") or 1)
-    ep = num_epochs if num_epochs is not None else float(_opt(cfg, "num_epochs", 1))
-    sampler = MultipackBatchSampler(lens, capacity, group_size=int(_opt(cfg, "sample_packing_group_size", 100_000)),
-                                    bin_size=int(_opt(cfg, "sample_packing_bin_size", 200)), shuffle=shuffle,
-                                    sequential=bool(_opt(cfg, "sample_packing_sequentially", False)),
-                                    seed=int(_opt(cfg, "seed", 42)), num_epochs=ep, world_size=ws, drop_last=drop_last)
+    ep = num_epochs if num_epochs is not None else cfg.num_epochs
+    sampler = MultipackBatchSampler(lens, capacity, group_size=cfg.sample_packing_group_size,
+                                    bin_size=cfg.sample_packing_bin_size, shuffle=shuffle,
+                                    sequential=bool(cfg.sample_packing_sequentially),
+                                    seed=cfg.seed, num_epochs=ep, world_size=ws, drop_last=drop_last)
     real = sum(lens[i] for b in sampler.batches(0) for i in b)
     return PackingPlan(sampler, capacity, len(lens), len(sampler), sampler.efficiency(0), real)

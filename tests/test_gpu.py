@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _llama(vocab=4096, hidden=256, layers=4, heads=8, kv=2, seed=0, attn="ftkit_varlen", dtype=torch.bfloat16):
-    from ftkit.packing import tiny_llama
+    from helpers import tiny_llama
     m = tiny_llama(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                    num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, attn=attn, seed=seed)
     m.ftkit_added_tokens = 0
@@ -69,7 +69,8 @@ def test_varlen_kernel_matches_reference():
 @pytest.mark.parametrize("attn", ["ftkit_varlen", "sdpa", "flex_attention"])
 def test_packed_equals_padded_bf16(attn):
     "Packed rows give the same per-sample loss and gradients as padded rows (bf16 tolerance)."
-    from ftkit.packing import PackedCollator, PaddedCollator, per_sample_losses, register_varlen_attention
+    from ftkit.packing import PackedCollator, PaddedCollator, register_varlen_attention
+    from helpers import per_sample_losses
     register_varlen_attention()
     samples = _docs(6, seed=1)
     packed = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in PackedCollator(pad_token_id=0)(samples).items()}

@@ -22,7 +22,7 @@ FTKIT = str(pathlib.Path(sys.executable).parent / "ftkit")
 def tiny_model_dir(tmp_path_factory):
     from transformers import AutoTokenizer
     from ftkit.models import embedded_model_path
-    from ftkit.packing import tiny_llama
+    from helpers import tiny_llama
     d = tmp_path_factory.mktemp("tiny")
     tok = AutoTokenizer.from_pretrained(embedded_model_path(quiet=True))
     m = tiny_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -115,7 +115,7 @@ def test_merge_sharded_fsdp_checkpoint(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
-    from ftkit.packing import tiny_llama
+    from helpers import tiny_llama
     m = tiny_llama()
     sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
     shard_dir = tmp_path / "out" / "checkpoint-4" / "pytorch_model_fsdp_0"

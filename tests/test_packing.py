@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ftkit.packing import (MultipackBatchSampler, PackedCollator, PaddedCollator, cu_seqlens_from_position_ids,
-                           pack_ffd, packing_plan, per_sample_losses, register_varlen_attention, tiny_llama,
-                           unregister_varlen_attention, VARLEN_NAME)
+                           pack_ffd, packing_plan, register_varlen_attention, unregister_varlen_attention, VARLEN_NAME)
+from helpers import make_cfg, per_sample_losses, tiny_llama
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -145,6 +145,6 @@ def test_register_is_explicit_and_undoable():
 def test_packing_plan_from_config():
     from datasets import Dataset
     ds = Dataset.from_dict({"input_ids": [[1] * n for n in [30, 50, 20, 90, 60, 10] * 20]})
-    pp = packing_plan({"micro_batch_size": 2, "sequence_len": 100, "num_epochs": 2}, ds)
+    pp = packing_plan(make_cfg(micro_batch_size=2, sequence_len=100, num_epochs=2), ds)
     assert pp.capacity == 200 and pp.batches == len(pp.sampler) and 0.9 < pp.efficiency <= 1
     assert "packed batches" in str(pp)

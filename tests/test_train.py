@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from ftkit.config import load as load_config
-from ftkit.packing import tiny_llama
+from helpers import tiny_llama
 from ftkit.train import (CHECKPOINT_MARKER, complete_checkpoints, resume_checkpoint, train, train_main, TrainResult)
 
 

@@ -1,0 +1,32 @@
+"Test helpers: a validated config from keyword arguments, a tiny random Llama, per-sample losses."
+import torch
+import torch.nn.functional as F
+
+from ftkit.config import FinetuneConfig, load
+
+
+def make_cfg(**kw) -> FinetuneConfig:
+    "A validated `FinetuneConfig` from keyword arguments (learning_rate defaults to 1e-4)."
+    return load({"learning_rate": 1e-4, **kw})
+
+
+def tiny_llama(vocab_size: int = 128, attn: str = "sdpa", seed: int = 0, **kw):
+    "A tiny random-weight Llama for tests (2 layers, GQA 4/2 heads)."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, max_position_embeddings=512, use_cache=False, pad_token_id=0,
+               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(LlamaConfig(**cfg))
+    m.config._attn_implementation = attn
+    return m
+
+
+def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor, spans) -> list[float]:
+    "Mean next-token loss of each sample; `spans` = (row, start, end) per sample."
+    out = []
+    for r, s, e in spans:
+        lg, lb = logits[r, s:e - 1].float(), labels[r, s + 1:e]
+        out.append(F.cross_entropy(lg, lb, ignore_index=-100, reduction="sum").item() / max(int((lb != -100).sum()), 1))
+    return out
