@@ -21,7 +21,8 @@ from pydantic import BaseModel
 from .config import (SECTIONS, ConfigError, DatasetEntry, FinetuneConfig, Problem, validate, yaml_load)
 
 # %% auto #0
-__all__ = ['RELEVANCE', 'field_kind', 'FieldWidget', 'relevant', 'ModelForm', 'DatasetList', 'ConfigForm', 'form']
+__all__ = ['RELEVANCE', 'field_kind', 'FieldWidget', 'relevant', 'ModelForm', 'DatasetList', 'ConfigForm',
+           'frontend_without_cell_insert', 'form']
 
 # %% ../nbs/11_widgets.ipynb #d3edefed
 def _non_none(ann) -> list:
@@ -342,12 +343,16 @@ class ConfigForm:
         self.out = w.Output(layout=w.Layout(max_height="1px", overflow="hidden"))  # runs the cell-inserting JS
         self.cell_preview = w.Textarea(rows=4, layout=w.Layout(width="100%", display="none"))
         self.cell_preview.add_class("ftkit-cell-preview")
+        # where a front end cannot insert cells (Colab, VS Code): the cell text with a Copy button
+        self.copy_box = w.HTML(layout=w.Layout(width="100%"))
+        self.copy_box.add_class("ftkit-cell-fallback")
+        self.insert_cells: bool | None = None   # None: try the front end (and show the copy box on Colab / VS Code)
         yaml_acc = w.Accordion([w.VBox([self.yaml_box, self.apply_button])], titles=("YAML (edit or paste, then Apply YAML)",), selected_index=None)
         header = w.HTML("<b style='font-size:15px'>ftkit config</b> <span style='color:#777'>— fields from the schema; "
                         "hover a name for its description; <span style='color:#b00020'>*</span> required</span>")
         self.box = w.VBox([header, w.HBox([w.Label("%%finetune"), self.mode, self.create_button, self.status],
                                           layout=w.Layout(align_items="center")),
-                           self.cell_preview, self.tabs, yaml_acc, self.out])
+                           self.copy_box, self.cell_preview, self.tabs, yaml_acc, self.out])
         self.box.add_class("ftkit-form")
         import uuid
         self.uid = f"ftkit-form-{uuid.uuid4().hex[:10]}"
@@ -432,10 +437,11 @@ class ConfigForm:
         "Write the `%%finetune` cell below: through the notebook frontend when it allows it, else as the next input."
         text = self.cell_text(mode)
         self.cell_preview.value = text
-        self.cell_preview.layout.display = None
+        no_insert = self.insert_cells is False or (self.insert_cells is None and frontend_without_cell_insert() is not None)
+        self.copy_box.value = _copy_html(text, show=no_insert)     # the script below hides or shows it as insertion goes
         from IPython import get_ipython
         shell = get_ipython()
-        if shell is not None and getattr(shell, "kernel", None) is not None:
+        if shell is not None and getattr(shell, "kernel", None) is not None and self.insert_cells is not False:
             from IPython.display import Javascript, display
             self.out.clear_output()
             with self.out: display(Javascript(_INSERT_JS % {"text": _js_string(text), "uid": self.uid}))
@@ -459,7 +465,12 @@ _INSERT_JS = r"""
 (function() {
   const text = %(text)s;
   const anchor = document.querySelector('.%(uid)s');
-  function mark(how) { if (anchor) anchor.setAttribute('data-inserted', how); }
+  function mark(how) {
+    if (!anchor) return;
+    anchor.setAttribute('data-inserted', how);
+    const box = anchor.querySelector('.ftkit-copy');          // the cell text + Copy: shown only when insertion failed
+    if (box) box.style.display = how === 'failed' ? 'block' : 'none';
+  }
   function key(target, k, code, kc) {
     for (const type of ['keydown', 'keyup'])
       target.dispatchEvent(new KeyboardEvent(type, {key: k, code: code, keyCode: kc, which: kc, bubbles: true, cancelable: true}));
@@ -500,6 +511,26 @@ _INSERT_JS = r"""
   mark('failed');
 })();
 """
+
+def frontend_without_cell_insert() -> str | None:
+    "The front end, where notebook outputs cannot insert cells ('Colab', 'VS Code'), else None."
+    import os, sys
+    if "google.colab" in sys.modules: return "Colab"
+    if any(k.startswith("VSCODE_") for k in os.environ): return "VS Code"
+    return None
+
+_COPY_JS = ("(function(b){var t=b.parentNode.querySelector('textarea');"
+            "function done(){b.textContent='Copied';b.parentNode.setAttribute('data-copied','1');}"
+            "function old(){t.select();document.execCommand('copy');done();}"
+            "if(navigator.clipboard&&navigator.clipboard.writeText){navigator.clipboard.writeText(t.value).then(done,old);}else{old();}})(this)")
+
+def _copy_html(text: str, show: bool) -> str:
+    "The cell text in a read-only box with a Copy button (hidden unless `show`; the insert script shows it on failure)."
+    n = text.count("\n") + 1
+    return (f"<div class='ftkit-copy' style='display:{'block' if show else 'none'};border:1px solid #ccc;padding:6px;margin:4px 0'>"
+            "<div style='font-size:12px;color:#555'>This front end cannot insert cells: copy the cell, then paste it into a new cell.</div>"
+            f"<textarea readonly rows='{min(n, 12)}' style='width:100%;font-family:monospace;font-size:12px'>{html.escape(text)}</textarea>"
+            f"<button class='ftkit-copy-button' onclick=\"{_COPY_JS}\">Copy</button></div>")
 
 def form(source=None, name: str = "ft", mode: str = "train") -> ConfigForm:
     "Show the config form, starting from `source` (a YAML file, YAML or `%%finetune` cell text, a dict, a config or a run object)."
