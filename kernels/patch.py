@@ -132,13 +132,14 @@ class KernelReport:
         return dict(Counter(k for k, _ in self.patched))
 
     def lines(self) -> list[str]:
-        "Short human lines for the plan and the log."
-        out = []
+        "Short human lines for the plan and the log: what was patched, then each reason for skipping once."
         c = self.counts()
-        out.append("kernels: " + (", ".join(f"{k} x{n}" for k, n in c.items()) if c else "none patched"))
-        why = Counter((k, r) for k, _, r in self.skipped)
-        for (k, r), n in why.items():
-            out.append(f"  skipped {k} ({n} module{'s' if n != 1 else ''}): {r}")
+        out = ["kernels: " + (", ".join(f"{k} x{n}" for k, n in c.items()) if c else "none patched")]
+        by_reason: dict[str, Counter] = {}
+        for k, _, r in self.skipped:
+            by_reason.setdefault(r, Counter())[k] += 1
+        for r, ks in by_reason.items():
+            out.append(f"  skipped {', '.join(f'{k}' + (f' x{n}' if n > 1 else '') for k, n in ks.items())}: {r}")
         return out
 
     def __str__(self):
@@ -410,12 +411,18 @@ def _distributed_reason(cfg) -> str | None:
     return None
 
 
-def apply_kernels(model, cfg=None, *, enable: dict[str, bool] | None = None) -> KernelReport:
+def apply_kernels(model, cfg=None, *, enable: dict[str, bool] | None = None, interpret: bool = False) -> KernelReport:
     """Swap ftkit's kernels into `model` (a transformers CausalLM or a peft model around one) where they are exact.
 
-    `cfg` (a FinetuneConfig) switches single kernels (see KERNEL_KEYS); `enable` overrides per kernel. Returns a
-    KernelReport; `report.undo()` restores the model."""
+    `cfg` (a FinetuneConfig) switches single kernels (see KERNEL_KEYS); `enable` overrides per kernel. Kernels go
+    onto CUDA models; `interpret=True` also patches a CPU model when TRITON_INTERPRET=1 (tests). A report left on
+    the model by an earlier call is undone first. Returns a KernelReport (also `model.ftkit_kernels`);
+    `report.undo()` restores the model."""
+    prev = getattr(model, "ftkit_kernels", None)
+    if isinstance(prev, KernelReport):
+        prev.undo()
     rep = KernelReport()
+    model.ftkit_kernels = rep
     on = switches(cfg)
     if enable:
         on.update(enable)
@@ -431,7 +438,7 @@ def apply_kernels(model, cfg=None, *, enable: dict[str, bool] | None = None) -> 
     reason = None
     if arch is None:
         reason = f"model_type {mt!r} is not in ftkit's kernel registry (covered: {', '.join(ARCHS)})"
-    elif param is None or not triton_ok(param):
+    elif param is None or not triton_ok(param) or (not param.is_cuda and not interpret):
         reason = "the model is not on a CUDA GPU (Triton kernels run there; CPU tests use TRITON_INTERPRET=1)"
     else:
         reason = _distributed_reason(cfg)
