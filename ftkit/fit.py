@@ -19,7 +19,7 @@ __all__ = ['GiB', 'KERNELS', 'OPTIMIZER_STATES', 'GPUS', 'THROUGHPUT', 'MULTI_GP
            'FitError', 'ModelShape', 'shape_from_config', 'shape_from_gguf', 'model_shape', 'TrainSetup', 'kernels_for',
            'setup_of', 'OptimizerState', 'layer_activation_bytes', 'logits_bytes', 'Part', 'MemoryEstimate', 'estimate',
            'GpuSpec', 'gpu_spec', 'detect_gpu', 'Measured', 'SpeedEstimate', 'estimate_speed', 'FitReport',
-           'fit_report']
+           'fit_report', 'FitUnknown', 'fit_view']
 
 # %% ../nbs/05a_fit.ipynb #26753db3
 class FitError(FtkitError):
@@ -626,3 +626,19 @@ def fit_report(cfg, gpu=None, *, gpus: int | None = None, shape: ModelShape | No
             else: combo = []
     steps = cfg.max_steps
     return FitReport(e, g, fits, need, knobs, combo, estimate_speed(e, g, steps), why)
+
+# %% ../nbs/05a_fit.ipynb #2002c5b2
+@dataclass
+class FitUnknown:
+    "No estimate, and why (shown where the report would be)."
+    reason: str
+    def __str__(self): return f"will it fit? no estimate: {self.reason}"
+    def _repr_html_(self):
+        import html
+        return f"<div class='ftkit-fit' style='color:#777'><b>Will it fit?</b> no estimate: {html.escape(self.reason)}</div>"
+
+def fit_view(cfg, gpu=None, gpus: int | None = None) -> FitReport | FitUnknown:
+    "The `FitReport` of `cfg`, or a `FitUnknown` when the model's shape cannot be read here."
+    g = gpu_spec(gpu) if gpu is not None else None            # a wrong --gpu is an error, not "unknown"
+    try: return fit_report(cfg, g, gpus=gpus)
+    except FitError as e: return FitUnknown(str(e))
