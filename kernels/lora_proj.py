@@ -60,6 +60,7 @@ def lora_projections(X: torch.Tensor, projs: list[LoRAProj], masks=None):
     "Fused forward of n LoRA projections of X; returns a tuple of n outputs."
     if masks is None:
         masks = [make_mask(P, X.shape, X) for P in projs]
+    masks = [None if m is None else m.reshape(-1, m.shape[-1]) for m in masks]
     AB = [t for P in projs for t in (P.A, P.B)]
     return LoRAProjFunction.apply(X, list(projs), list(masks), *AB)
 
