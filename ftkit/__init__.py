@@ -24,6 +24,8 @@ _API = {
     "load_tokenizer": "models", "load_model": "models", "prepare": "data",
     # notebook front door
     "form": "widgets", "ConfigForm": "widgets", "Dashboard": "dashboard", "FinetuneRun": "magics",
+    # training: in this process, or on N GPUs from a notebook or a script
+    "finetune": "launch",
     # inference
     "generate": "infer", "chat": "infer", "merge": "infer",
 }
@@ -31,8 +33,6 @@ _SUBMODULES = ("config", "models", "data", "packing", "inspect", "train", "infer
                "dashboard", "cli", "prompts", "kernels")
 
 def __getattr__(name: str):
-    if name == "train":  # `ftkit.train` is both the module and, called, its `train` function
-        return _importlib.import_module("ftkit.train")
     if name in _API:
         mod = _importlib.import_module(f"ftkit.{_API[name]}")
         try: value = getattr(mod, name)
@@ -45,22 +45,6 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(_API) | set(_SUBMODULES))
-
-# %% ../nbs/99_init.ipynb #e3ba8ef1
-class _CallableModule(_types.ModuleType):
-    "A submodule that, called, calls its function of the same name: `ftkit.train(cfg)` is `ftkit.train.train(cfg)`."
-    def __call__(self, *args, **kwargs):
-        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
-
-_CALLABLE_SUBMODULES = {"train"}
-
-class _Package(_types.ModuleType):
-    def __setattr__(self, name, value):
-        if name in _CALLABLE_SUBMODULES and type(value) is _types.ModuleType:
-            value.__class__ = _CallableModule
-        super().__setattr__(name, value)
-
-_sys.modules[__name__].__class__ = _Package
 
 # %% ../nbs/99_init.ipynb #17c544f8
 def load_ipython_extension(ipython):

@@ -74,13 +74,9 @@ command("schema", "print the JSON Schema of ftkit configs", run_schema, takes_co
 
 # %% ../nbs/13_cli.ipynb #04606c55
 def run_preprocess(args) -> int:
-    from ftkit.rl import rl_mode
-    cfg = load_from_args(args)
-    if rl_mode(cfg):  # preference / RL rows: prompt, chosen, rejected (or completion, steps)
-        from ftkit.rl import preprocess_rl as run
-    else:
-        from ftkit.data import preprocess_main as run
-    run(cfg, debug=args.debug, num_examples=args.debug_num_examples, text_only=args.debug_text_only, seed=args.debug_seed)
+    from ftkit.train import preprocess
+    preprocess(load_from_args(args), debug=args.debug, num_examples=args.debug_num_examples, text_only=args.debug_text_only,
+               seed=args.debug_seed)
     return 0
 
 def _preprocess_args(p):
@@ -92,14 +88,6 @@ def _preprocess_args(p):
 command("preprocess", "tokenize and cache the datasets, print the data report (--debug: token view)", run_preprocess, _preprocess_args)
 
 # %% ../nbs/13_cli.ipynb #97ea8227
-def _prepare_data_once(cfg) -> None:
-    "Tokenize and cache the (SFT) data in this process so that launched workers only load the cache."
-    from ftkit.rl import rl_mode
-    if rl_mode(cfg): return  # RL rows are prepared by each worker (not cached)
-    from ftkit.models import load_tokenizer
-    from ftkit.data import prepare
-    prepare(cfg, load_tokenizer(cfg, quiet=True))
-
 def run_train(args) -> int:
     import subprocess
     from ftkit.launch import launcher_command
@@ -114,7 +102,8 @@ def run_train(args) -> int:
             dist = sys.modules.get("torch.distributed")
             if dist is not None and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
         return 0
-    _prepare_data_once(cfg)
+    from ftkit.train import prepare_for_launch
+    prepare_for_launch(cfg)             # tokenize and cache once, here; the workers load the cache
     cmd = launcher_command(args.config, launcher, args.num_processes, args.launcher_args, args.overrides)
     print("launching: " + " ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ftkit.errors import ConfigError, FtkitError, Problem
-from ftkit.schema import (OPTIMIZERS, SCHEDULERS, SECTIONS, AdapterSection, AttentionSection, DataSection, DatasetEntry,
+from .errors import ConfigError, FtkitError, Problem
+from .schema import (OPTIMIZERS, SCHEDULERS, SECTIONS, AdapterSection, AttentionSection, DataSection, DatasetEntry,
                           DistributedSection, FinetuneConfig, IntegrationsSection, LoggingSection, ModelSection,
                           PrecisionSection, RLSection, Section, SpecialTokens, TokenizerSection, TrainingSection,
                           TrainOnEos, TRLSettings, UserDefinedType)
@@ -28,8 +28,9 @@ __all__ = ['RENAMED_KEYS', 'RULES', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_M
            'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
            'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
            'packing_conflicts', 'chat_template_choice', 'misc_rules', 'chat_template_names', 'known_dataset_types',
-           'dataset_entries', 'trackers_and_plugins', 'honest_keys', 'apply_overrides', 'parse_overrides', 'validate',
-           'load', 'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
+           'dataset_entries', 'trackers_and_plugins', 'honest_keys', 'values_that_run', 'apply_overrides',
+           'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve',
+           'json_schema']
 
 # %% ../nbs/00_config.ipynb #e1e8fa11
 def opt(obj, key: str, default=None):
@@ -45,7 +46,10 @@ def opt(obj, key: str, default=None):
 def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
     "Map each key path in YAML `text` to the 1-based (line, column) of its key (or list item)."
     pos: dict[tuple, tuple[int, int]] = {}
+    seen: set[int] = set()                   # an aliased node is walked once (a billion-laughs document stays cheap)
     def walk(node, path):
+        if id(node) in seen: return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 key = k.value if isinstance(k, yaml.ScalarNode) else str(k)
@@ -57,7 +61,7 @@ def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
                 p = path + (i,)
                 pos[p] = (v.start_mark.line + 1, v.start_mark.column + 1)
                 walk(v, p)
-    try: root = yaml.compose(text, Loader=YamlLoader)
+    try: root = compose_bounded(text, YamlLoader)
     except yaml.YAMLError: return pos
     if root is not None: walk(root, ())
     return pos
@@ -71,9 +75,11 @@ YamlLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$|^[-+]?[0-9][0-9_]*\.[0-9_]*$|^[-+]?\.[0-9_]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
     list("-+0123456789."))
 
+from .yamlsafe import YamlBudgetError, compose_bounded, decode_config, load_bounded
+
 def yaml_load(text: str):
-    "Parse YAML text with `YamlLoader`."
-    return yaml.load(text, Loader=YamlLoader)
+    "Parse YAML text with `YamlLoader`, within ftkit's size, nesting and alias budgets (`ftkit.yamlsafe`)."
+    return load_bounded(text, YamlLoader)
 
 # %% ../nbs/00_config.ipynb #16ae3fdd
 RENAMED_KEYS = {
@@ -231,6 +237,7 @@ def _check_template_name(key, ct):
                       _suggest(name, names) + f"Known: {', '.join(names)}, or {_FALLBACK}<name>.")
 
 def _suggest(word, choices) -> str:
+    if len(str(word)) > 100: return ""       # bounded work: difflib is quadratic in the word's length
     m = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f"Did you mean {m[0]!r}? " if m else ""
 
@@ -311,6 +318,9 @@ IGNORED_KEYS: dict[str, str] = {
 
     "streaming": f"{_LATER}: datasets are read and tokenized in full",
     "dataset_keep_in_memory": "ftkit always memory-maps the prepared Arrow cache",
+    "accelerator_config": "accelerate's Accelerator options are not passed through; the launcher's defaults apply",
+    "save_safetensors": "ftkit always saves safetensors (no pickle files)",
+    "lr_div_factor": "only used by the one_cycle schedule, which ftkit refuses",
     "hf_use_auth_token": "the Hub token comes from huggingface_hub's own login (HF_TOKEN or `hf auth login`)",
     "eval_causal_lm_metrics": f"{_LATER}: eval reports loss and perplexity",
     # kernels and compilation (the kernels issue)
@@ -413,6 +423,29 @@ def honest_keys(d):
                           f"Remove `{path}`" + (" (strict: true makes ignored keys errors)." if strict else " to silence this warning."),
                           level="error" if strict else "warning")
 
+# %% ../nbs/00_config.ipynb #1b1e5e16
+_OPTIMIZER_PACKAGES = {  # optimizer -> (import name, pip install hint)
+    **{o: ("bitsandbytes", "pip install 'ftkit[quant]'") for o in (
+        "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit", "lion_32bit")},
+    "adamw_anyprecision": ("torchdistx", "pip install torchdistx"), "galore_adamw": ("galore_torch", "pip install galore-torch"),
+    "schedule_free_adamw": ("schedulefree", "pip install schedulefree")}
+
+@rule
+def values_that_run(d):
+    "A value the schema accepts must also run: its package is installed, or it is refused now rather than at train time."
+    import importlib.util
+    o = d.get("optimizer")
+    if isinstance(o, str) and o in _OPTIMIZER_PACKAGES and importlib.util.find_spec(_OPTIMIZER_PACKAGES[o][0]) is None:
+        pkg, how = _OPTIMIZER_PACKAGES[o]
+        yield Problem("optimizer", f"optimizer {o} needs the {pkg} package, which is not installed.",
+                      f"{how}, or use optimizer: adamw_torch_fused.")
+    if d.get("lr_scheduler") in ("one_cycle", "rex"):
+        yield Problem("lr_scheduler", f"lr_scheduler {d['lr_scheduler']!r} is not implemented in ftkit yet.",
+                      "Use cosine (the default), linear, or warmup_stable_decay.")
+    if _num(d, "dataloader_prefetch_factor") and not _num(d, "dataloader_num_workers"):
+        yield Problem("dataloader_prefetch_factor", "dataloader_prefetch_factor needs dataloader_num_workers > 0.",
+                      "Set dataloader_num_workers (e.g. 2) or remove dataloader_prefetch_factor.")
+
 # %% ../nbs/00_config.ipynb #774e23b0
 def _read_source(source) -> tuple[Any, str | None, str]:
     "Return (data, yaml_text, origin) for a path, YAML text or mapping."
@@ -422,7 +455,14 @@ def _read_source(source) -> tuple[Any, str | None, str]:
         p = Path(source).expanduser()
         if not p.is_file():
             raise ConfigError([Problem("", f"config file {str(p)!r} does not exist.", "Check the path (relative to the current folder).")], origin=str(p))
-        text, origin = p.read_text(), str(p)
+        origin = str(p)
+        try: text = decode_config(p.read_bytes())
+        except OSError as ex:
+            raise ConfigError([Problem("", f"config file {origin!r} cannot be read: {ex.strerror or ex}.", "Check its permissions.")], origin=origin) from None
+        except YamlBudgetError as ex:
+            m = ex.problem_mark
+            raise ConfigError([Problem("", f"{ex.problem}.", ex.hint, m.line + 1 if m else None, m.column + 1 if m else None)],
+                              origin=origin) from None
     elif isinstance(source, str): text, origin = source, "config"
     else:
         raise ConfigError([Problem("", f"a config must be a path, YAML text or a dict, not {type(source).__name__}.")])
@@ -431,7 +471,9 @@ def _read_source(source) -> tuple[Any, str | None, str]:
         mark = getattr(ex, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
         what = getattr(ex, "problem", None) or str(ex)
-        raise ConfigError([Problem("", f"YAML syntax error: {what}.", "Check indentation, colons and quotes on that line.", line, col)],
+        if isinstance(ex, YamlBudgetError): what, hint = what, ex.hint                  # bounded work, not a syntax error
+        else: what, hint = f"YAML syntax error: {what}", "Check indentation, colons and quotes on that line."
+        raise ConfigError([Problem("", f"{what}.", hint, line, col)],
                           source=text, origin=origin) from None
     return ({} if data is None else data), text, origin
 
@@ -521,7 +563,7 @@ def _clean_loc(loc, data) -> tuple:
     return tuple(out)
 
 _EXPECT = {"string_type": "text", "int_type": "a whole number", "int_parsing": "a whole number", "float_type": "a number",
-           "float_parsing": "a number", "bool_type": "true or false", "bool_parsing": "true or false", "list_type": "a list",
+           "float_parsing": "a number", "finite_number": "a finite number", "bool_type": "true or false", "bool_parsing": "true or false", "list_type": "a list",
            "dict_type": "a mapping", "model_type": "a mapping of keys", "literal_error": None, "int_from_float": "a whole number",
            "missing": None, "model_attributes_type": "a mapping of keys"}
 
@@ -539,7 +581,7 @@ def _problems_from_validation(ex: ValidationError, data: dict) -> list[Problem]:
             model = _model_at(parent)
             valid = [k for k in (model.model_fields if model else {}) if k != "section"]
             bad = loc[-1]
-            hint = _suggest(bad, valid) or ""
+            hint = (_suggest(bad, valid) or "") if len(problems) < 50 else ""   # bounded: 500k unknown keys stay fast
             if not parent and bad in RENAMED_KEYS: hint = f"`{bad}` was renamed to `{RENAMED_KEYS[bad]}`. "
             where = f" in {_key_str(parent)}" if parent else ""
             problems.append(Problem(_key_str(parent + (bad,)), f"unknown key {bad!r}{where}.",

@@ -20,9 +20,8 @@ from .config import FinetuneConfig, load
 from .errors import FtkitError
 
 # %% auto #0
-__all__ = ['FSDP1_TO_FSDP2', 'FSDP2_REMOVED', 'LaunchError', 'parent_problems', 'check_parent', 'MetricsFile', 'read_metrics',
-           'follow_metrics', 'fsdp_training_args', 'deepspeed_training_args', 'launch_train', 'launcher_command',
-           'merge_sharded_fsdp_weights']
+__all__ = ['LaunchError', 'parent_problems', 'check_parent', 'MetricsFile', 'read_metrics', 'follow_metrics', 'launch_train',
+           'finetune', 'launcher_command', 'merge_sharded_fsdp_weights']
 
 # %% ../nbs/09_launch.ipynb #8f2459e7
 class LaunchError(FtkitError):
@@ -117,49 +116,6 @@ def follow_metrics(path, on_record: Callable[[dict], Any], stop: threading.Event
     t.start()
     return t
 
-# %% ../nbs/09_launch.ipynb #a01510c9
-FSDP1_TO_FSDP2 = {
-    "fsdp_sharding_strategy": "reshard_after_forward", "fsdp_cpu_ram_efficient_loading": "cpu_ram_efficient_loading",
-    "fsdp_state_dict_type": "state_dict_type", "fsdp_activation_checkpointing": "activation_checkpointing",
-    "fsdp_offload_params": "offload_params", "fsdp_auto_wrap_policy": "auto_wrap_policy",
-    "fsdp_transformer_layer_cls_to_wrap": "transformer_layer_cls_to_wrap",
-}
-FSDP2_REMOVED = ("fsdp_backward_prefetch_policy", "fsdp_backward_prefetch", "fsdp_forward_prefetch",
-                 "fsdp_sync_module_states", "fsdp_use_orig_params", "backward_prefetch", "forward_prefetch",
-                 "sync_module_states", "use_orig_params")
-_SHARDING = {"FULL_SHARD": True, "SHARD_GRAD_OP": False, "HYBRID_SHARD": True, "NO_SHARD": False}
-
-def fsdp_training_args(cfg: FinetuneConfig) -> tuple[dict, list[str]]:
-    "TrainingArguments keywords for the config's FSDP settings, and notes on what was mapped."
-    if not (cfg.fsdp_config or cfg.fsdp or cfg.fsdp_version): return {}, []
-    notes, out = [], {}
-    version = cfg.fsdp_version or (cfg.fsdp_config or {}).get("fsdp_version") or 2
-    for k, v in (cfg.fsdp_config or {}).items():
-        if k in ("fsdp_version", "version"): continue
-        if k in FSDP2_REMOVED:
-            notes.append(f"fsdp_config.{k} does not exist in FSDP2: ignored"); continue
-        new = FSDP1_TO_FSDP2.get(k, k[5:] if k.startswith("fsdp_") else k)
-        if new == "reshard_after_forward" and isinstance(v, str):
-            v = _SHARDING.get(v.upper(), True)
-        if new == "offload_params": new = "cpu_offload"  # the Trainer's name for it
-        if new != k: notes.append(f"fsdp_config.{k} -> {new}")
-        out[new] = v
-    if cfg.fsdp_final_state_dict_type: out.setdefault("state_dict_type", cfg.fsdp_final_state_dict_type)
-    out["version"] = int(version)
-    return {"fsdp": "full_shard auto_wrap" if out.get("reshard_after_forward", True) else "shard_grad_op auto_wrap",
-            "fsdp_config": out}, notes
-
-def deepspeed_training_args(cfg: FinetuneConfig) -> dict:
-    "TrainingArguments keywords for DeepSpeed (a JSON path or a mapping); a clear error when deepspeed is missing."
-    if not cfg.deepspeed: return {}
-    import importlib.util
-    if importlib.util.find_spec("deepspeed") is None:
-        raise LaunchError("`deepspeed:` is set but the deepspeed package is not installed: `pip install 'ftkit[deepspeed]'`, "
-                          "or use FSDP2 (`fsdp_version: 2` with `fsdp_config:`), which needs nothing extra.")
-    if isinstance(cfg.deepspeed, str) and not Path(cfg.deepspeed).is_file():
-        raise LaunchError(f"deepspeed: {cfg.deepspeed!r} is not a file. ftkit ships zero1/zero2/zero3 configs in examples/deepspeed/.")
-    return {"deepspeed": cfg.deepspeed}
-
 # %% ../nbs/09_launch.ipynb #5975e3c9
 def _worker(cfg_data: dict, metrics_path: str, train_fn: str):
     import importlib
@@ -202,6 +158,16 @@ def _free_port() -> int:
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+# %% ../nbs/09_launch.ipynb #7a1b73c8
+def finetune(cfg, *, gpus: int | None = None, on_record: Callable[[dict], Any] | None = None, **kw):
+    """Fine-tune `cfg` (path, YAML text, dict or FinetuneConfig) with its method: in this process (`ftkit.train.train`,
+    returns a `TrainResult`), or with `gpus=N` (N > 1) on N worker processes started from here, the data prepared once
+    first (returns the workers' metric records). This is `ftkit.finetune`."""
+    from ftkit.train import prepare_for_launch, train
+    if not gpus or gpus <= 1: return train(cfg, **kw)
+    cfg = cfg if isinstance(cfg, FinetuneConfig) else load(cfg, kw.pop("overrides", None))
+    return launch_train(cfg, gpus, on_record=on_record, prepare=prepare_for_launch)
 
 # %% ../nbs/09_launch.ipynb #ee1aede6
 def launcher_command(config: str, launcher: str, num_processes: int | None, launcher_args: list[str],

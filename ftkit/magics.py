@@ -324,7 +324,7 @@ class FinetuneMagics(Magics):
 
     def _prepare(self, run):
         if run.datasets is None:
-            from ftkit.data import prepare
+            from ftkit.train import prepare   # SFT rows, or the rows of the config's rl: method
             run.datasets = prepare(run.config, self._tokenizer(run))
         return run.datasets
 
@@ -381,9 +381,7 @@ class FinetuneMagics(Magics):
         dash = Dashboard(title=f"ftkit · {run.plan.method} · {args.gpus} processes", mode=args.dashboard, handle_interrupt=False,
                          output_dir=run.config.output_dir)
         run.dashboard = dash
-        from ftkit.data import prepare as _prep
-        from ftkit.models import load_tokenizer
-        prepare = lambda cfg: _prep(cfg, load_tokenizer(cfg))   # tokenize once here (CPU); the workers load the cache
+        from ftkit.train import prepare_for_launch as prepare   # tokenize once here (CPU); the workers load the cache
         try:
             records = launch.launch_train(run.config, args.gpus, on_record=dash.on_record, prepare=prepare)
         except BaseException:

@@ -12,18 +12,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .prompts.registry import RowError, PromptStrategy
-from .config import opt
+from .config import FinetuneConfig, opt
+from .schema import TRLSettings
 from .errors import FtkitError
 from .prompts.chat_template import ChatTemplateStrategy, entry_dict
 
 log = logging.getLogger("ftkit.rl")
 
 # %% auto #0
-__all__ = ['log', 'PAIR_PRESETS', 'KTO_PRESETS', 'FAMILY_TEMPLATE', 'RL_TYPES', 'rl_mode', 'PairStrategy', 'KTOStrategy',
-           'StepwiseStrategy', 'rl_type_name', 'build', 'RLDataError', 'load_rows', 'RLData', 'prepare_rl_data',
-           'debug_rl', 'debug_html', 'RewardFuncError', 'load_reward_funcs', 'check_reward_funcs', 'training_kwargs',
-           'method_kwargs', 'trainer_classes', 'to_orpo_rows', 'to_reward_rows', 'lora_config', 'load_rl_model',
-           'RLResult', 'build_rl_trainer', 'train_rl', 'sequence_logps', 'preference_margins', 'print_rl_examples',
+__all__ = ['log', 'PAIR_PRESETS', 'KTO_PRESETS', 'FAMILY_TEMPLATE', 'RL_TYPES', 'METHODS', 'rl_mode', 'dpo_options',
+           'simpo_options', 'orpo_options', 'kto_options', 'grpo_options', 'reward_options', 'Method', 'method_of',
+           'PairStrategy', 'KTOStrategy', 'StepwiseStrategy', 'rl_type_name', 'build', 'RLDataError', 'load_rows',
+           'RLData', 'prepare_rl_data', 'debug_rl', 'debug_html', 'RewardFuncError', 'load_reward_funcs',
+           'check_reward_funcs', 'trainer_classes', 'to_orpo_rows', 'to_reward_rows', 'lora_config', 'load_rl_model',
+           'reference_model', 'make_trainer', 'sequence_logps', 'preference_margins', 'print_rl_examples',
            'preprocess_rl', 'show_rl']
 
 # %% ../nbs/07_rl.ipynb #ad4b54ac
@@ -56,13 +58,124 @@ RL_TYPES: dict[str, str] = {
     "stepwise_supervised": "process reward model: prompt, completions (steps), labels (one bool per step)",
 }
 
-def rl_mode(cfg) -> str | None:
-    "`pair` (dpo/ipo/simpo/orpo/reward model), `kto`, `stepwise` (process reward model), `grpo`, or None (SFT)."
-    rl = opt(cfg, "rl")
-    if rl in ("dpo", "ipo", "simpo", "orpo"): return "pair"
-    if rl in ("kto", "grpo"): return rl
-    if opt(cfg, "reward_model"): return "pair"
-    if opt(cfg, "process_reward_model"): return "stepwise"
+def rl_mode(cfg: FinetuneConfig) -> str | None:
+    "The rows the config's method trains on: `pair` (dpo/ipo/simpo/orpo/reward model), `kto`, `stepwise` (process reward model), `grpo`; None for SFT."
+    m = method_of(cfg)
+    return m.data if m is not None else None
+
+# %% ../nbs/07_rl.ipynb #a1eb4cb2
+def _beta(cfg: FinetuneConfig, default: float) -> float:
+    "`rl_beta`, else `trl.beta`, else the method's default."
+    if cfg.rl_beta is not None: return cfg.rl_beta
+    return cfg.trl.beta if cfg.trl is not None and cfg.trl.beta is not None else default
+
+def _trl(cfg: FinetuneConfig, *keys: str) -> dict:
+    "The `trl:` options among `keys` that the config sets."
+    t = cfg.trl
+    return {} if t is None else {k: getattr(t, k) for k in keys if getattr(t, k) is not None}
+
+def dpo_options(cfg: FinetuneConfig) -> dict:
+    kw = {"beta": _beta(cfg, 0.1), "loss_type": ["ipo" if cfg.rl == "ipo" else "sigmoid"], "max_length": cfg.sequence_len}
+    if cfg.rpo_alpha: kw.update(loss_type=kw["loss_type"] + ["sft"], loss_weights=[1.0, float(cfg.rpo_alpha)])
+    if cfg.dpo_label_smoothing is not None: kw["label_smoothing"] = cfg.dpo_label_smoothing
+    if cfg.dpo_use_weighting is not None: kw["use_weighting"] = cfg.dpo_use_weighting
+    if cfg.dpo_norm_loss: kw["loss_type"] = ["sigmoid_norm"]
+    return kw
+
+def simpo_options(cfg: FinetuneConfig) -> dict:
+    return {"loss_type": "simpo", "beta": _beta(cfg, 0.1), "simpo_gamma": cfg.simpo_gamma, "cpo_alpha": cfg.cpo_alpha,
+            "max_length": cfg.sequence_len, **_trl(cfg, "max_completion_length")}
+
+def orpo_options(cfg: FinetuneConfig) -> dict:
+    return {"beta": cfg.orpo_alpha, "max_length": cfg.sequence_len, **_trl(cfg, "max_completion_length")}
+
+def kto_options(cfg: FinetuneConfig) -> dict:
+    return {"beta": _beta(cfg, 0.1), "desirable_weight": cfg.kto_desirable_weight,
+            "undesirable_weight": cfg.kto_undesirable_weight, "max_length": cfg.sequence_len}
+
+# %% ../nbs/07_rl.ipynb #bf35f1f4
+_GRPO_KEYS = ("max_completion_length", "num_generations", "generation_batch_size", "temperature", "top_p", "top_k", "min_p",
+              "repetition_penalty", "num_iterations", "epsilon", "epsilon_high", "loss_type", "importance_sampling_level",
+              "mask_truncated_completions", "log_completions", "num_completions_to_print", "reward_weights", "use_vllm",
+              "vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "sync_ref_model",
+              "ref_model_mixup_alpha", "ref_model_sync_steps")
+
+def grpo_options(cfg: FinetuneConfig) -> dict:
+    kw = {"beta": _beta(cfg, 0.0), **_trl(cfg, *_GRPO_KEYS)}
+    kw["scale_rewards"] = "group" if (cfg.trl is None or cfg.trl.scale_rewards) else "none"
+    if not kw.get("use_vllm"): kw["generation_kwargs"] = {"use_cache": True}   # ftkit loads models with use_cache off
+    return kw
+
+def reward_options(cfg: FinetuneConfig) -> dict:
+    kw: dict = {"max_length": cfg.sequence_len}
+    if cfg.center_rewards_coefficient is not None: kw["center_rewards_coefficient"] = cfg.center_rewards_coefficient
+    return kw
+
+# %% ../nbs/07_rl.ipynb #c2d11801
+def _trl_class(name: str) -> Callable[[], type]:
+    "A lazy getter for a TRL class (the experimental ones import with a warning that ftkit silences)."
+    def get():
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import trl
+            if name in ("ORPOConfig", "ORPOTrainer"): return getattr(importlib.import_module("trl.experimental.orpo"), name)
+            if name in ("CPOConfig", "CPOTrainer"): return getattr(importlib.import_module("trl.experimental.cpo"), name)
+            return getattr(trl, name)
+    return get
+
+def _ftkit_trainer(name: str) -> Callable[[], type]:
+    return lambda: trainer_classes()[name]
+
+def _transformers(name: str) -> Callable[[], type]:
+    return lambda: getattr(importlib.import_module("transformers"), name)
+
+@dataclass(frozen=True)
+class Method:
+    "One training method: its rows, its TRL config and trainer, and how ftkit's prepared rows reach them."
+    name: str
+    data: str                                     # prepare_rl_data mode: pair | kto | grpo | stepwise
+    config_class: Callable[[], type]              # a TrainingArguments subclass
+    trainer_class: Callable[[], type]
+    options: Callable[[FinetuneConfig], dict]     # method-specific config arguments
+    rows: Callable[[list[dict], int | None], list[dict]] | None = None   # ftkit rows -> the trainer's layout
+    head: str = "causal"                          # causal | seqcls (reward model) | tokcls (process reward model)
+    reference: bool = False                       # compares with a frozen reference model (DPO, KTO)
+    inputs: Callable[..., dict] | None = None     # extra trainer arguments: fn(cfg, tokenizer, data) -> kwargs
+
+def _no_options(cfg: FinetuneConfig) -> dict: return {}
+
+# %% ../nbs/07_rl.ipynb #5055b71c
+def _grpo_inputs(cfg: FinetuneConfig, tokenizer, data: RLData) -> dict:
+    funcs, _ = load_reward_funcs(cfg)
+    check_reward_funcs(funcs, data.train, list(cfg.trl.reward_funcs or []) if cfg.trl else [])
+    if cfg.trl is not None and cfg.trl.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise RewardFuncError("trl.use_vllm: true but vLLM is not installed; pip install vllm, or set use_vllm: false "
+                              "to generate with the policy model itself")
+    return {"reward_funcs": funcs, "processing_class": tokenizer}
+
+def _prm_inputs(cfg: FinetuneConfig, tokenizer, data: RLData) -> dict:
+    from transformers import DataCollatorForTokenClassification
+    return {"data_collator": DataCollatorForTokenClassification(tokenizer)}
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("dpo", "pair", _trl_class("DPOConfig"), _ftkit_trainer("dpo"), dpo_options, reference=True),
+    Method("ipo", "pair", _trl_class("DPOConfig"), _ftkit_trainer("dpo"), dpo_options, reference=True),
+    Method("simpo", "pair", _trl_class("CPOConfig"), _ftkit_trainer("cpo"), simpo_options, rows=lambda r, L: to_orpo_rows(r, L)),
+    Method("orpo", "pair", _trl_class("ORPOConfig"), _ftkit_trainer("orpo"), orpo_options, rows=lambda r, L: to_orpo_rows(r, L)),
+    Method("kto", "kto", _trl_class("KTOConfig"), _ftkit_trainer("kto"), kto_options, reference=True),
+    Method("grpo", "grpo", _trl_class("GRPOConfig"), _trl_class("GRPOTrainer"), grpo_options, inputs=_grpo_inputs),
+    Method("reward", "pair", _trl_class("RewardConfig"), _ftkit_trainer("reward"), reward_options,
+           rows=lambda r, L: to_reward_rows(r), head="seqcls"),
+    Method("prm", "stepwise", _transformers("TrainingArguments"), _transformers("Trainer"), _no_options, head="tokcls",
+           inputs=_prm_inputs),
+]}
+
+def method_of(cfg: FinetuneConfig) -> Method | None:
+    "The method of `cfg` (None: supervised fine-tuning)."
+    if cfg.rl: return METHODS[cfg.rl]
+    if cfg.reward_model: return METHODS["reward"]
+    if cfg.process_reward_model: return METHODS["prm"]
     return None
 
 # %% ../nbs/07_rl.ipynb #80ecfb5f
@@ -445,24 +558,10 @@ class RewardFuncError(FtkitError, ValueError):
     "A reward function (or GRPO transform) named in the config cannot be used; says which key and module."
 
 def _import_path(path: str, key: str):
-    "Import `module.attr` (the module from the current folder or sys.path)."
-    if not isinstance(path, str) or "." not in path:
-        raise RewardFuncError(f"{key}: {path!r} is not a module path; write `module.function` (e.g. rewards.length_reward)")
-    mod_name, _, attr = path.rpartition(".")
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added: sys.path.insert(0, cwd)
-    try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:
-        raise RewardFuncError(f"{key}: module {mod_name!r} does not import: {type(e).__name__}: {e}. "
-                              f"Put {mod_name.replace('.', '/')}.py in the current folder ({cwd}) or on PYTHONPATH.") from None
-    finally:
-        if added and cwd in sys.path: sys.path.remove(cwd)
-    fn = getattr(mod, attr, None)
-    if fn is None or not callable(fn):
-        raise RewardFuncError(f"{key}: module {mod_name!r} ({getattr(mod, '__file__', '?')}) has no function {attr!r}")
-    log.info("%s: imported %s from %s (ftkit imports only the modules the config names)", key, path, getattr(mod, "__file__", "?"))
+    "Import `module.function` from an installed package or `./file.py:function` (never the current folder implicitly: `ftkit.guard`)."
+    from ftkit.guard import load_target, split_target
+    fn = load_target(path, key, error=RewardFuncError)
+    log.info("%s: imported %s from %s (ftkit imports only the modules the config names)", key, path, getattr(sys.modules.get(fn.__module__), "__file__", split_target(path)[0]))
     return fn
 
 def load_reward_funcs(cfg) -> tuple[list[Callable], list[float] | None]:
@@ -519,85 +618,6 @@ def _grpo_rows(rows, ds, cfg, src, problems) -> list[dict]:
         res.append(r)
     return res
 
-# %% ../nbs/07_rl.ipynb #12efd9b1
-_HF_SCHEDULERS = {"cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
-                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay"}
-
-def training_kwargs(cfg) -> dict:
-    "`TrainingArguments` keyword arguments from the config (shared by every RL trainer)."
-    from ftkit.config import resolve
-    plan = resolve(cfg)
-    sched = opt(cfg, "lr_scheduler") or "cosine"
-    skw = dict(opt(cfg, "lr_scheduler_kwargs") or {})
-    if opt(cfg, "cosine_min_lr_ratio") is not None and sched == "cosine":
-        sched, skw = "cosine_with_min_lr", {**skw, "min_lr_rate": cfg.cosine_min_lr_ratio}
-    if sched not in _HF_SCHEDULERS:
-        log.warning("lr_scheduler %s is not available for RL trainers; using cosine", sched); sched = "cosine"
-    warm = opt(cfg, "warmup_steps")
-    if warm is None and opt(cfg, "warmup_ratio") is not None: warm = float(cfg.warmup_ratio)
-    has_eval = bool(opt(cfg, "test_datasets")) or (opt(cfg, "val_set_size", 0) or 0) > 0
-    report = [r for r, k in (("wandb", "use_wandb"), ("mlflow", "use_mlflow"), ("tensorboard", "use_tensorboard")) if opt(cfg, k)]
-    kw = dict(output_dir=opt(cfg, "output_dir", "./model-out"), per_device_train_batch_size=plan.micro_batch_size,
-              per_device_eval_batch_size=plan.eval_batch_size, gradient_accumulation_steps=plan.gradient_accumulation_steps,
-              num_train_epochs=float(opt(cfg, "num_epochs", 1.0)), max_steps=opt(cfg, "max_steps") or -1,
-              learning_rate=float(cfg.learning_rate), lr_scheduler_type=sched, lr_scheduler_kwargs=skw,
-              warmup_steps=warm or 0, weight_decay=opt(cfg, "weight_decay", 0.0) or 0.0,
-              optim=opt(cfg, "optimizer") or "adamw_torch", logging_steps=opt(cfg, "logging_steps") or 1, seed=plan.seed,
-              bf16=plan.precision == "bf16", fp16=plan.precision == "fp16",
-              gradient_checkpointing=bool(opt(cfg, "gradient_checkpointing")),
-              gradient_checkpointing_kwargs=opt(cfg, "gradient_checkpointing_kwargs") or {"use_reentrant": False},
-              save_strategy=opt(cfg, "save_strategy") or ("steps" if opt(cfg, "save_steps") else "no"),
-              eval_strategy=opt(cfg, "eval_strategy") or ("steps" if has_eval and opt(cfg, "eval_steps") else "no"),
-              report_to=report or "none", remove_unused_columns=False, disable_tqdm=True)
-    for src, dst in (("save_steps", "save_steps"), ("eval_steps", "eval_steps"), ("save_total_limit", "save_total_limit"),
-                     ("max_grad_norm", "max_grad_norm"), ("adam_beta1", "adam_beta1"), ("adam_beta2", "adam_beta2"),
-                     ("adam_epsilon", "adam_epsilon"), ("dataloader_num_workers", "dataloader_num_workers")):
-        if opt(cfg, src) is not None: kw[dst] = opt(cfg, src)
-    if kw["optim"] == "adamw_torch_fused":
-        import torch
-        if not torch.cuda.is_available(): kw["optim"] = "adamw_torch"
-    return kw
-
-def _beta(cfg, default=None):
-    return opt(cfg, "rl_beta") or opt(opt(cfg, "trl"), "beta") or default
-
-def method_kwargs(cfg) -> tuple[str, dict]:
-    "`(trainer name, method-specific config kwargs)` for the config's rl / reward_model / process_reward_model."
-    rl, trl, L = opt(cfg, "rl"), opt(cfg, "trl"), opt(cfg, "sequence_len")
-    if rl in ("dpo", "ipo"):
-        kw = {"beta": _beta(cfg, 0.1), "loss_type": ["ipo" if rl == "ipo" else "sigmoid"], "max_length": L}
-        if opt(cfg, "rpo_alpha"): kw["loss_type"] = kw["loss_type"] + ["sft"]; kw["loss_weights"] = [1.0, float(cfg.rpo_alpha)]
-        if opt(cfg, "dpo_label_smoothing") is not None: kw["label_smoothing"] = cfg.dpo_label_smoothing
-        if opt(cfg, "dpo_use_weighting") is not None: kw["use_weighting"] = cfg.dpo_use_weighting
-        if opt(cfg, "dpo_norm_loss"): kw["loss_type"] = ["sigmoid_norm"]
-        return "dpo", kw
-    if rl == "simpo":
-        return "cpo", {"loss_type": "simpo", "beta": _beta(cfg, 0.1), "simpo_gamma": opt(cfg, "simpo_gamma", 0.5),
-                       "cpo_alpha": opt(cfg, "cpo_alpha", 1.0), "max_length": L, "max_completion_length": opt(trl, "max_completion_length")}
-    if rl == "orpo":
-        return "orpo", {"beta": opt(cfg, "orpo_alpha", 0.1), "max_length": L, "max_completion_length": opt(trl, "max_completion_length")}
-    if rl == "kto":
-        return "kto", {"beta": _beta(cfg, 0.1), "desirable_weight": opt(cfg, "kto_desirable_weight", 1.0),
-                       "undesirable_weight": opt(cfg, "kto_undesirable_weight", 1.0), "max_length": L}
-    if rl == "grpo":
-        kw = {"beta": _beta(cfg, 0.0)}
-        for k in ("max_completion_length", "num_generations", "generation_batch_size", "temperature", "top_p", "top_k", "min_p",
-                  "repetition_penalty", "num_iterations", "epsilon", "epsilon_high", "loss_type", "importance_sampling_level",
-                  "mask_truncated_completions", "log_completions", "num_completions_to_print", "reward_weights", "use_vllm",
-                  "vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "sync_ref_model",
-                  "ref_model_mixup_alpha", "ref_model_sync_steps"):
-            v = opt(trl, k)
-            if v is not None: kw[k] = v
-        if opt(trl, "scale_rewards") is not None: kw["scale_rewards"] = "group" if opt(trl, "scale_rewards") else "none"
-        if not kw.get("use_vllm"): kw["generation_kwargs"] = {"use_cache": True}   # ftkit loads models with use_cache off
-        return "grpo", kw
-    if opt(cfg, "reward_model"):
-        kw = {"max_length": L}
-        if opt(cfg, "center_rewards_coefficient") is not None: kw["center_rewards_coefficient"] = cfg.center_rewards_coefficient
-        return "reward", kw
-    if opt(cfg, "process_reward_model"): return "prm", {}
-    raise ValueError("method_kwargs: not an RL config")
-
 # %% ../nbs/07_rl.ipynb #58cad803
 def trainer_classes() -> dict:
     "TRL trainer subclasses that accept ftkit's pre-tokenized rows (imported lazily; TRL is heavy)."
@@ -652,16 +672,16 @@ def to_reward_rows(rows: list[dict]) -> list[dict]:
     return [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"]} for r in rows]
 
 # %% ../nbs/07_rl.ipynb #15555463
-def lora_config(cfg, task_type="CAUSAL_LM"):
+def lora_config(cfg: FinetuneConfig, task_type="CAUSAL_LM"):
     "A peft `LoraConfig` from the adapter keys of the config (for reward / process reward heads)."
     from peft import LoraConfig
     from ftkit.models import _targets
-    r = int(opt(cfg, "lora_r", 8))
-    return LoraConfig(r=r, lora_alpha=opt(cfg, "lora_alpha", 2 * r), lora_dropout=float(opt(cfg, "lora_dropout", 0.0) or 0.0),
-                      target_modules=_targets(cfg), modules_to_save=opt(cfg, "lora_modules_to_save"), bias="none",
-                      use_dora=bool(opt(cfg, "peft_use_dora")), use_rslora=bool(opt(cfg, "peft_use_rslora")), task_type=task_type)
+    r = cfg.lora_r or 8
+    return LoraConfig(r=r, lora_alpha=cfg.lora_alpha or 2 * r, lora_dropout=float(cfg.lora_dropout or 0.0),
+                      target_modules=_targets(cfg), modules_to_save=cfg.lora_modules_to_save, bias="none",
+                      use_dora=bool(cfg.peft_use_dora), use_rslora=bool(cfg.peft_use_rslora), task_type=task_type)
 
-def load_rl_model(cfg, tokenizer, head: str = "causal"):
+def load_rl_model(cfg: FinetuneConfig, tokenizer, head: str = "causal"):
     "The policy (head `causal`), reward model (`seqcls`, 1 label) or process reward model (`tokcls`, 2 labels), adapter added."
     from ftkit.models import load_model, apply_adapter, model_source, _dtype_and_attention, _quant_config
     if head == "causal": return apply_adapter(cfg, load_model(cfg, tokenizer))
@@ -669,28 +689,19 @@ def load_rl_model(cfg, tokenizer, head: str = "causal"):
     src = model_source(cfg)
     dtype, _, attn, _ = _dtype_and_attention(cfg)
     cls = T.AutoModelForSequenceClassification if head == "seqcls" else T.AutoModelForTokenClassification
-    kw = dict(dtype=dtype, num_labels=opt(cfg, "num_labels") or (1 if head == "seqcls" else 2))
+    kw = dict(dtype=dtype, num_labels=cfg.num_labels or (1 if head == "seqcls" else 2))
     if src.gguf_file: kw["gguf_file"] = src.gguf_file
     q = _quant_config(cfg, dtype)
     if q is not None: kw.update(quantization_config=q, device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
     model = cls.from_pretrained(src.path, **kw)
     if tokenizer.pad_token_id is not None: model.config.pad_token_id = tokenizer.pad_token_id
-    if opt(cfg, "adapter") in ("lora", "qlora"):
+    if cfg.adapter in ("lora", "qlora"):
         from peft import get_peft_model, prepare_model_for_kbit_training
-        if q is not None: model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(opt(cfg, "gradient_checkpointing")))
+        if q is not None: model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
         model = get_peft_model(model, lora_config(cfg, "SEQ_CLS" if head == "seqcls" else "TOKEN_CLS"))
     return model
 
 # %% ../nbs/07_rl.ipynb #78de8a0a
-@dataclass
-class RLResult:
-    "What `train_rl` produced."
-    trainer: Any
-    metrics: dict
-    output_dir: str
-    data: RLData
-    def __repr__(self): return f"RLResult(output_dir={self.output_dir!r}, metrics={self.metrics})"
-
 def _to_dataset(rows):
     from datasets import Dataset
     return Dataset.from_list(rows) if rows else None
@@ -698,89 +709,31 @@ def _to_dataset(rows):
 def _set_template(tokenizer, template):
     if template and getattr(tokenizer, "chat_template", None) != template: tokenizer.chat_template = template
 
-def build_rl_trainer(cfg, model=None, tokenizer=None, data: RLData | None = None, ref_model=None, callbacks=None, **overrides):
-    "The TRL (or transformers) trainer for `cfg`, ready to `.train()`; returns `(trainer, data)`."
-    import trl
-    if tokenizer is None:
-        from ftkit.models import load_tokenizer
-        tokenizer = load_tokenizer(cfg)
-    if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
-    name, mkw = method_kwargs(cfg)
-    if name == "grpo":
-        funcs, weights = load_reward_funcs(cfg)
-    data = data or prepare_rl_data(cfg, tokenizer)
-    if name == "grpo":
-        check_reward_funcs(funcs, data.train, list(opt(opt(cfg, "trl"), "reward_funcs", []) or []))
-        if opt(opt(cfg, "trl"), "use_vllm"):
-            import importlib.util
-            if importlib.util.find_spec("vllm") is None:
-                raise ValueError("trl.use_vllm: true but vLLM is not installed; pip install vllm, or set use_vllm: false "
-                                 "to generate with the policy model itself")
-    _set_template(tokenizer, data.template)
-    targs = {**training_kwargs(cfg), **overrides}
-    head = {"reward": "seqcls", "prm": "tokcls"}.get(name, "causal")
-    model = model if model is not None else load_rl_model(cfg, tokenizer, head)
-    if getattr(model.config, "pad_token_id", None) is None: model.config.pad_token_id = tokenizer.pad_token_id
+def reference_model(cfg: FinetuneConfig, model, tokenizer):
+    """The frozen reference of DPO / KTO. None for a PEFT policy: TRL then switches the adapter off to get the reference,
+    unless `rl_adapter_ref_model` asks for a separately loaded base."""
     from peft import PeftModel
-    is_peft = isinstance(model, PeftModel)
-    cls = trainer_classes() if name in ("dpo", "kto", "orpo", "cpo", "reward") else {}
-    train, evals = data.train, data.eval
-    if name in ("dpo", "kto") and ref_model is None and (not is_peft or opt(cfg, "rl_adapter_ref_model")):
-        if is_peft:    # rl_adapter_ref_model: a separately loaded base instead of switching the adapter off
-            from ftkit.models import load_model
-            ref_model = load_model(cfg, tokenizer, quiet=True).eval()
-        else: ref_model = copy.deepcopy(model).eval()
-        for p in ref_model.parameters(): p.requires_grad_(False)
-    if name == "dpo":
-        args = trl.DPOConfig(**targs, **mkw)
-        tr = cls["dpo"](model=model, ref_model=ref_model, args=args, train_dataset=_to_dataset(train), eval_dataset=_to_dataset(evals),
-                        processing_class=tokenizer, callbacks=callbacks)
-    elif name == "kto":
-        args = trl.KTOConfig(**targs, **mkw)
-        tr = cls["kto"](model=model, ref_model=ref_model, args=args, train_dataset=_to_dataset(train), eval_dataset=_to_dataset(evals),
-                        processing_class=tokenizer, callbacks=callbacks)
-    elif name in ("orpo", "cpo"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from trl.experimental.orpo import ORPOConfig
-            from trl.experimental.cpo import CPOConfig
-        Conf = ORPOConfig if name == "orpo" else CPOConfig
-        mkw = {k: v for k, v in mkw.items() if v is not None}
-        args = Conf(**targs, **mkw)
-        L = mkw.get("max_length")
-        tr = cls[name](model=model, args=args, train_dataset=_to_dataset(to_orpo_rows(train, L)),
-                       eval_dataset=_to_dataset(to_orpo_rows(evals, L)), processing_class=tokenizer, callbacks=callbacks)
-    elif name == "reward":
-        args = trl.RewardConfig(**targs, **mkw)
-        tr = cls["reward"](model=model, args=args, train_dataset=_to_dataset(to_reward_rows(train)),
-                           eval_dataset=_to_dataset(to_reward_rows(evals)), processing_class=tokenizer, callbacks=callbacks)
-    elif name == "prm":
-        from transformers import Trainer, TrainingArguments, DataCollatorForTokenClassification
-        args = TrainingArguments(**targs)
-        tr = Trainer(model=model, args=args, train_dataset=_to_dataset(train), eval_dataset=_to_dataset(evals),
-                     data_collator=DataCollatorForTokenClassification(tokenizer), callbacks=callbacks)
-    elif name == "grpo":
-        args = trl.GRPOConfig(**targs, **{k: v for k, v in mkw.items() if k != "reward_weights"},
-                              **({"reward_weights": weights} if weights else {}))
-        tr = trl.GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=_to_dataset(train),
-                             eval_dataset=_to_dataset(evals), processing_class=tokenizer, callbacks=callbacks)
-    return tr, data
+    if isinstance(model, PeftModel) and not cfg.rl_adapter_ref_model: return None
+    if isinstance(model, PeftModel):
+        from ftkit.models import load_model
+        ref = load_model(cfg, tokenizer, quiet=True).eval()
+    else: ref = copy.deepcopy(model).eval()
+    for p in ref.parameters(): p.requires_grad_(False)
+    return ref
 
-def train_rl(cfg, model=None, tokenizer=None, data: RLData | None = None, ref_model=None, callbacks=None, save: bool = True,
-             **overrides) -> RLResult:
-    "Train `cfg` with its preference / RL method (DPO, IPO, KTO, ORPO, SimPO, GRPO, reward or process reward model)."
-    tr, data = build_rl_trainer(cfg, model, tokenizer, data, ref_model, callbacks, **overrides)
-    log.info("ftkit.rl: %s on %d train / %d eval rows", type(tr).__name__, len(data.train), len(data.eval))
-    out = tr.train()
-    metrics = dict(out.metrics)
-    od = tr.args.output_dir
-    if save:
-        tr.save_model(od)
-        tok = tr.processing_class
-        if tok is not None: tok.save_pretrained(od)
-        if hasattr(cfg, "to_yaml"): Path(od, "ftkit_config.yml").write_text(cfg.to_yaml())
-    return RLResult(tr, metrics, od, data)
+def make_trainer(method: Method, cfg: FinetuneConfig, args, model, tokenizer, data: RLData, inputs: dict | None = None,
+                 callbacks=None, ref_model=None):
+    "The trainer of `method` over ftkit's prepared rows, with the training arguments built for every method (`ftkit.train.training_arguments`)."
+    if getattr(model.config, "pad_token_id", None) is None: model.config.pad_token_id = tokenizer.pad_token_id
+    _set_template(tokenizer, data.template)
+    L = getattr(args, "max_length", None)
+    layout = method.rows or (lambda rows, L: rows)
+    kw = dict(model=model, args=args, train_dataset=_to_dataset(layout(data.train, L)),
+              eval_dataset=_to_dataset(layout(data.eval, L)), callbacks=callbacks)
+    if method.reference: kw["ref_model"] = ref_model if ref_model is not None else reference_model(cfg, model, tokenizer)
+    if inputs is None: inputs = method.inputs(cfg, tokenizer, data) if method.inputs else {}
+    kw.update(inputs if method.inputs else {"processing_class": tokenizer})
+    return method.trainer_class()(**kw)
 
 # %% ../nbs/07_rl.ipynb #fd33cc06
 def sequence_logps(model, prompts: list[list[int]], completions: list[list[int]], batch_size: int = 8) -> list[float]:

@@ -14,18 +14,22 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ftkit.errors import ConfigError, FtkitError, Problem
-from ftkit.packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan
+from .config import FinetuneConfig, Plan, load, resolve
+from .errors import ConfigError, FtkitError, Problem
+from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan
+from .rl import Method, RLData, load_rl_model, make_trainer, method_of, prepare_rl_data
+from . import guard
+
 
 # %% auto #0
-__all__ = ['OPTIMIZER_NAMES', 'SCHEDULER_NAMES', 'CHECKPOINT_MARKER', 'TrainError', 'optimizer_name', 'scheduler', 'StepPlan',
-           'step_plan', 'training_arguments', 'FtkitTrainer', 'write_marker', 'complete_checkpoints',
-           'quarantine_incomplete', 'resume_checkpoint', 'prepare_data', 'MetricsRecorder', 'ProgressPrinter',
-           'TrainResult', 'save_outputs', 'train', 'train_main', 'generate_replies', 'exact_match', 'demo']
+__all__ = ['OPTIMIZER_NAMES', 'SCHEDULER_NAMES', 'FSDP1_TO_FSDP2', 'FSDP2_REMOVED', 'CHECKPOINT_MARKER', 'TrainError',
+           'optimizer_name', 'scheduler', 'StepPlan', 'step_plan', 'fsdp_training_args', 'deepspeed_training_args',
+           'training_arguments', 'FtkitTrainer', 'write_marker', 'complete_checkpoints', 'quarantine_incomplete',
+           'resume_checkpoint', 'prepare', 'prepare_data', 'prepare_for_launch', 'preprocess', 'MetricsRecorder',
+           'ProgressPrinter', 'TrainResult', 'save_outputs', 'TrainerSetup', 'build_trainer', 'train', 'train_main',
+           'generate_replies', 'exact_match', 'demo']
 
 # %% ../nbs/06_train.ipynb #4c29efa1
-from ftkit.config import opt as _opt
-
 def _err(key, message, hint=""):
     return ConfigError([Problem(key, message, hint)], origin="train")
 
@@ -42,34 +46,21 @@ OPTIMIZER_NAMES = {"adamw_torch_fused": "adamw_torch_fused", "adamw_torch": "ada
                    "paged_adamw_32bit": "paged_adamw_32bit", "lion_8bit": "lion_8bit", "paged_lion_8bit": "paged_lion_8bit",
                    "lion_32bit": "lion_32bit", "adamw_torch_8bit": "adamw_torch_8bit", "adamw_anyprecision": "adamw_anyprecision",
                    "galore_adamw": "galore_adamw", "schedule_free_adamw": "schedule_free_adamw"}
-_BNB_OPTIMIZERS = {"adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit", "lion_32bit"}
 SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant_with_warmup",
                    "cosine_with_restarts": "cosine_with_restarts", "polynomial": "polynomial", "inverse_sqrt": "inverse_sqrt",
                    "reduce_lr_on_plateau": "reduce_lr_on_plateau", "cosine_with_min_lr": "cosine_with_min_lr",
                    "warmup_stable_decay": "warmup_stable_decay"}
 
-def optimizer_name(cfg) -> str:
-    "transformers' `optim` for the config's `optimizer` (error when its package is missing)."
-    import importlib.util
-    name = str(_opt(cfg, "optimizer", "adamw_torch_fused"))
-    if name not in OPTIMIZER_NAMES:
-        raise _err("optimizer", f"optimizer {name!r} is not supported by ftkit's trainer.", f"Use one of: {', '.join(OPTIMIZER_NAMES)}.")
-    hf = OPTIMIZER_NAMES[name]
-    if hf in _BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
-        raise _err("optimizer", f"optimizer {name} needs the bitsandbytes package, which is not installed.",
-                   "pip install 'ftkit[quant]', or use optimizer: adamw_torch_fused.")
-    return hf
+def optimizer_name(cfg: FinetuneConfig) -> str:
+    "transformers' `optim` for the config's `optimizer` (the schema's rules already checked that its package is installed)."
+    return OPTIMIZER_NAMES[cfg.optimizer or "adamw_torch_fused"]
 
-def scheduler(cfg) -> tuple[str, dict]:
+def scheduler(cfg: FinetuneConfig) -> tuple[str, dict]:
     "(lr_scheduler_type, lr_scheduler_kwargs) for the config."
-    name = str(_opt(cfg, "lr_scheduler", "cosine"))
-    kw = dict(_opt(cfg, "lr_scheduler_kwargs", {}) or {})
-    if name not in SCHEDULER_NAMES:
-        raise _err("lr_scheduler", f"lr_scheduler {name!r} is not supported by ftkit's trainer yet.",
-                   f"Use one of: {', '.join(SCHEDULER_NAMES)}.")
-    ratio = _opt(cfg, "cosine_min_lr_ratio")
-    if ratio is not None and name in ("cosine", "cosine_with_min_lr"):
-        return "cosine_with_min_lr", {**kw, "min_lr_rate": float(ratio)}
+    name = cfg.lr_scheduler or "cosine"
+    kw = dict(cfg.lr_scheduler_kwargs or {})
+    if cfg.cosine_min_lr_ratio is not None and name in ("cosine", "cosine_with_min_lr"):
+        return "cosine_with_min_lr", {**kw, "min_lr_rate": float(cfg.cosine_min_lr_ratio)}
     if name == "cosine_with_min_lr" and "min_lr" not in kw and "min_lr_rate" not in kw: kw["min_lr_rate"] = 0.0
     return SCHEDULER_NAMES[name], kw
 
@@ -82,21 +73,63 @@ class StepPlan:
     total_steps: int
     epochs: float
 
-def step_plan(cfg, n_batches_global: int, world_size: int = 1) -> StepPlan:
+def step_plan(cfg: FinetuneConfig, n_batches_global: int, world_size: int = 1) -> StepPlan:
     "Optimizer steps from the global number of micro-batches per epoch."
-    ga = int(_opt(cfg, "gradient_accumulation_steps", 1))
+    ga = cfg.gradient_accumulation_steps
     per_rank = max(n_batches_global // max(world_size, 1), 1)
     spe = max(per_rank // ga + int(per_rank % ga > 0), 1)
-    epochs = float(_opt(cfg, "num_epochs", 1))
-    total = int(_opt(cfg, "max_steps") or math.ceil(spe * epochs))
-    return StepPlan(per_rank, spe, total, epochs)
+    total = cfg.max_steps or math.ceil(spe * cfg.num_epochs)
+    return StepPlan(per_rank, spe, total, cfg.num_epochs)
+
+# %% ../nbs/06_train.ipynb #a01510c9
+FSDP1_TO_FSDP2 = {
+    "fsdp_sharding_strategy": "reshard_after_forward", "fsdp_cpu_ram_efficient_loading": "cpu_ram_efficient_loading",
+    "fsdp_state_dict_type": "state_dict_type", "fsdp_activation_checkpointing": "activation_checkpointing",
+    "fsdp_offload_params": "offload_params", "fsdp_auto_wrap_policy": "auto_wrap_policy",
+    "fsdp_transformer_layer_cls_to_wrap": "transformer_layer_cls_to_wrap",
+}
+FSDP2_REMOVED = ("fsdp_backward_prefetch_policy", "fsdp_backward_prefetch", "fsdp_forward_prefetch",
+                 "fsdp_sync_module_states", "fsdp_use_orig_params", "backward_prefetch", "forward_prefetch",
+                 "sync_module_states", "use_orig_params")
+_SHARDING = {"FULL_SHARD": True, "SHARD_GRAD_OP": False, "HYBRID_SHARD": True, "NO_SHARD": False}
+
+def fsdp_training_args(cfg: FinetuneConfig) -> tuple[dict, list[str]]:
+    "TrainingArguments keywords for the config's FSDP settings, and notes on what was mapped."
+    if not (cfg.fsdp_config or cfg.fsdp or cfg.fsdp_version): return {}, []
+    notes, out = [], {}
+    version = cfg.fsdp_version or (cfg.fsdp_config or {}).get("fsdp_version") or 2
+    for k, v in (cfg.fsdp_config or {}).items():
+        if k in ("fsdp_version", "version"): continue
+        if k in FSDP2_REMOVED:
+            notes.append(f"fsdp_config.{k} does not exist in FSDP2: ignored"); continue
+        new = FSDP1_TO_FSDP2.get(k, k[5:] if k.startswith("fsdp_") else k)
+        if new == "reshard_after_forward" and isinstance(v, str):
+            v = _SHARDING.get(v.upper(), True)
+        if new == "offload_params": new = "cpu_offload"  # the Trainer's name for it
+        if new != k: notes.append(f"fsdp_config.{k} -> {new}")
+        out[new] = v
+    if cfg.fsdp_final_state_dict_type: out.setdefault("state_dict_type", cfg.fsdp_final_state_dict_type)
+    out["version"] = int(version)
+    return {"fsdp": "full_shard auto_wrap" if out.get("reshard_after_forward", True) else "shard_grad_op auto_wrap",
+            "fsdp_config": out}, notes
+
+def deepspeed_training_args(cfg: FinetuneConfig) -> dict:
+    "TrainingArguments keywords for DeepSpeed (a JSON path or a mapping); a clear error when deepspeed is missing."
+    if not cfg.deepspeed: return {}
+    import importlib.util
+    if importlib.util.find_spec("deepspeed") is None:
+        raise TrainError("`deepspeed:` is set but the deepspeed package is not installed: `pip install 'ftkit[deepspeed]'`, "
+                          "or use FSDP2 (`fsdp_version: 2` with `fsdp_config:`), which needs nothing extra.")
+    if isinstance(cfg.deepspeed, str) and not Path(cfg.deepspeed).is_file():
+        raise TrainError(f"deepspeed: {cfg.deepspeed!r} is not a file. ftkit ships zero1/zero2/zero3 configs in examples/deepspeed/.")
+    return {"deepspeed": cfg.deepspeed}
 
 # %% ../nbs/06_train.ipynb #5abc28b5
-def _strategy(cfg, kind: str, steps: StepPlan, has_eval: bool) -> tuple[str, float | None]:
+def _strategy(cfg: FinetuneConfig, kind: str, steps: StepPlan, has_eval: bool) -> tuple[str, float | None]:
     "('no'|'steps'|'epoch'|'best', steps) for kind 'eval' or 'save'."
-    explicit = _opt(cfg, f"{kind}_strategy")
-    n_steps = _opt(cfg, f"{kind}_steps")
-    per_epoch = _opt(cfg, f"{kind}s_per_epoch")
+    explicit = cfg.eval_strategy if kind == "eval" else cfg.save_strategy
+    n_steps = cfg.eval_steps if kind == "eval" else cfg.save_steps
+    per_epoch = cfg.evals_per_epoch if kind == "eval" else cfg.saves_per_epoch
     if kind == "eval" and not has_eval: return "no", None
     if explicit in ("no", "epoch", "best") and not n_steps: return explicit, None
     if n_steps:
@@ -104,69 +137,77 @@ def _strategy(cfg, kind: str, steps: StepPlan, has_eval: bool) -> tuple[str, flo
         return "steps", int(s)
     if per_epoch: return "steps", max(1, steps.steps_per_epoch // int(per_epoch))
     if explicit == "steps": return "steps", max(1, steps.steps_per_epoch)
-    if kind == "eval": return "epoch", None
-    return ("no", None) if kind == "save" and _opt(cfg, "save_strategy") == "no" else ("epoch", None)
+    return "epoch", None
 
 _NEW_GC = "activation_checkpointing" in TrainingArguments.__dataclass_fields__   # transformers >= 5.x renamed it
 
-from ftkit.tracking import training_kwargs as tracking_kwargs
-
-def training_arguments(cfg, plan, steps: StepPlan, *, output_dir: str, has_eval: bool, packing: bool) -> TrainingArguments:
-    "The `TrainingArguments` for `cfg` (see the table above)."
-    optim = optimizer_name(cfg)
+# %% ../nbs/06_train.ipynb #0bd8fdef
+def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir: str, has_eval: bool, packing: bool) -> dict:
+    "The keyword arguments every method shares."
     sched, sched_kw = scheduler(cfg)
     ev, ev_steps = _strategy(cfg, "eval", steps, has_eval)
     sv, sv_steps = _strategy(cfg, "save", steps, has_eval)
-    warm = _opt(cfg, "warmup_steps")
-    if warm is None: warm = float(_opt(cfg, "warmup_ratio", 0.0))
-    prec = getattr(plan, "precision", "fp32")
+    warm = cfg.warmup_steps if cfg.warmup_steps is not None else float(cfg.warmup_ratio or 0.0)
     cuda = torch.cuda.is_available()
-    gc_kw = _opt(cfg, "gradient_checkpointing_kwargs") or {"use_reentrant": False}
+    gc_kw = cfg.gradient_checkpointing_kwargs or {"use_reentrant": False}
     kw = dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=1 if packing else int(_opt(cfg, "micro_batch_size", 1)),
-        per_device_eval_batch_size=int(_opt(cfg, "eval_batch_size") or _opt(cfg, "micro_batch_size", 1)),
-        gradient_accumulation_steps=int(_opt(cfg, "gradient_accumulation_steps", 1)),
-        num_train_epochs=float(_opt(cfg, "num_epochs", 1)), max_steps=int(_opt(cfg, "max_steps") or -1),
-        learning_rate=float(_opt(cfg, "learning_rate")), optim=optim, lr_scheduler_type=sched, lr_scheduler_kwargs=sched_kw,
-        warmup_steps=warm, weight_decay=float(_opt(cfg, "weight_decay", 0.0)),
-        bf16=prec == "bf16" and cuda, fp16=prec == "fp16" and cuda, use_cpu=not cuda,
-        **{("activation_checkpointing" if _NEW_GC else "gradient_checkpointing"): bool(_opt(cfg, "gradient_checkpointing", False)),
+        output_dir=output_dir, per_device_train_batch_size=1 if packing else plan.micro_batch_size,
+        per_device_eval_batch_size=plan.eval_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps or -1, learning_rate=cfg.learning_rate,
+        optim=optimizer_name(cfg), optim_args=cfg.optim_args, optim_target_modules=cfg.optim_target_modules,
+        lr_scheduler_type=sched, lr_scheduler_kwargs=sched_kw, warmup_steps=warm, weight_decay=cfg.weight_decay,
+        bf16=plan.precision == "bf16" and cuda, fp16=plan.precision == "fp16" and cuda, use_cpu=not cuda,
+        tf32=cfg.tf32 if cuda else None,
+        **{("activation_checkpointing" if _NEW_GC else "gradient_checkpointing"): bool(cfg.gradient_checkpointing),
            ("activation_checkpointing_kwargs" if _NEW_GC else "gradient_checkpointing_kwargs"): gc_kw},
-        logging_steps=int(_opt(cfg, "logging_steps", 1)), logging_first_step=True,
-        eval_strategy=ev, save_strategy=sv, save_total_limit=_opt(cfg, "save_total_limit"),
-        save_only_model=bool(_opt(cfg, "save_only_model", False)),
-        seed=int(getattr(plan, "seed", None) or _opt(cfg, "seed", 42)), data_seed=int(getattr(plan, "seed", None) or _opt(cfg, "seed", 42)),
-        **tracking_kwargs(cfg), remove_unused_columns=False, disable_tqdm=True,     # report_to, run_name: ftkit.tracking
-        ddp_find_unused_parameters=bool(_opt(cfg, "ddp_find_unused_parameters", False)),
-        dataloader_num_workers=int(_opt(cfg, "dataloader_num_workers", 0)),
-        dataloader_pin_memory=bool(_opt(cfg, "dataloader_pin_memory", cuda)),
-        neftune_noise_alpha=_opt(cfg, "neftune_noise_alpha"),
-        torch_compile=bool(_opt(cfg, "torch_compile") is True),
-    )
+        logging_steps=cfg.logging_steps, logging_first_step=True, eval_strategy=ev, save_strategy=sv,
+        save_total_limit=cfg.save_total_limit, save_only_model=bool(cfg.save_only_model),
+        seed=plan.seed, data_seed=plan.seed, report_to="none", remove_unused_columns=False, disable_tqdm=True,
+        auto_find_batch_size=bool(cfg.auto_find_batch_size),
+        ddp_find_unused_parameters=bool(cfg.ddp_find_unused_parameters), ddp_timeout=cfg.ddp_timeout or 1800,
+        ddp_bucket_cap_mb=cfg.ddp_bucket_cap_mb, ddp_broadcast_buffers=cfg.ddp_broadcast_buffers,
+        dataloader_num_workers=cfg.dataloader_num_workers, dataloader_prefetch_factor=cfg.dataloader_prefetch_factor,
+        dataloader_pin_memory=cuda if cfg.dataloader_pin_memory is None else cfg.dataloader_pin_memory,
+        dataloader_drop_last=bool(cfg.dataloader_drop_last),
+        neftune_noise_alpha=cfg.neftune_noise_alpha, torch_compile=cfg.torch_compile is True)
+    if cfg.torch_compile is True:
+        kw.update({k: v for k, v in (("torch_compile_backend", cfg.torch_compile_backend),
+                                     ("torch_compile_mode", cfg.torch_compile_mode)) if v})
     if isinstance(warm, float) and warm < 1 and "warmup_ratio" in TrainingArguments.__dataclass_fields__:
         kw.update(warmup_ratio=warm, warmup_steps=0)                 # transformers < 5.20 kept a separate ratio field
     if ev_steps: kw["eval_steps"] = ev_steps
     if sv_steps: kw["save_steps"] = sv_steps
-    if _opt(cfg, "max_grad_norm") is not None: kw["max_grad_norm"] = float(_opt(cfg, "max_grad_norm"))
-    for k in ("adam_beta1", "adam_beta2", "adam_epsilon"):
-        if _opt(cfg, k) is not None: kw[k] = float(_opt(cfg, k))
-    if _opt(cfg, "early_stopping_patience"):
+    for k in ("max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon"):
+        if getattr(cfg, k) is not None: kw[k] = float(getattr(cfg, k))
+    return kw
+
+# %% ../nbs/06_train.ipynb #b968cf5a
+def _best_model_arguments(cfg: FinetuneConfig, kw: dict) -> dict:
+    "Early stopping and load_best_model_at_end (they need evaluation, and saves that line up with evals)."
+    ev, sv = kw["eval_strategy"], kw["save_strategy"]
+    if cfg.early_stopping_patience:
         if ev == "no":
             raise _err("early_stopping_patience", "early stopping needs evaluation, but there is no eval data.",
                        "Set val_set_size (e.g. 0.05) or test_datasets.")
-        kw.update(metric_for_best_model=_opt(cfg, "metric_for_best_model", "eval_loss"),
-                  greater_is_better=_opt(cfg, "greater_is_better", False))
-        if sv == ev and (sv != "steps" or (sv_steps or 0) % (ev_steps or 1) == 0): kw["load_best_model_at_end"] = True
-    elif _opt(cfg, "load_best_model_at_end"):
-        kw.update(load_best_model_at_end=True, metric_for_best_model=_opt(cfg, "metric_for_best_model", "eval_loss"))
-    if kw["optim"] == "adamw_torch_fused" and not cuda and not hasattr(torch.optim.AdamW, "_step_supports_amp_scaling"):
+        out = dict(metric_for_best_model=cfg.metric_for_best_model or "eval_loss", greater_is_better=bool(cfg.greater_is_better))
+        if sv == ev and (sv != "steps" or kw.get("save_steps", 0) % (kw.get("eval_steps") or 1) == 0): out["load_best_model_at_end"] = True
+        return out
+    if cfg.load_best_model_at_end:
+        return dict(load_best_model_at_end=True, metric_for_best_model=cfg.metric_for_best_model or "eval_loss")
+    return {}
+
+def training_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, *, output_dir: str, has_eval: bool, packing: bool,
+                       method: Method | None = None) -> TrainingArguments:
+    "The one place where training arguments are built, for every method: SFT gets `TrainingArguments`, a preference or RL `method` its TRL config class with its own options added."
+    kw = _base_arguments(cfg, plan, steps, output_dir, has_eval, packing)
+    kw.update(_best_model_arguments(cfg, kw))
+    if kw["optim"] == "adamw_torch_fused" and not torch.cuda.is_available() and not hasattr(torch.optim.AdamW, "_step_supports_amp_scaling"):
         kw["optim"] = "adamw_torch"
-    from ftkit.launch import deepspeed_training_args, fsdp_training_args
-    fsdp, notes = fsdp_training_args(cfg) if hasattr(cfg, "fsdp_config") else ({}, [])
+    fsdp, notes = fsdp_training_args(cfg)
     for n in notes: _say(f"fsdp: {n}")
-    kw.update(fsdp, **(deepspeed_training_args(cfg) if hasattr(cfg, "deepspeed") else {}))
-    return TrainingArguments(**kw)
+    kw.update(fsdp, **deepspeed_training_args(cfg))
+    if method is None: return TrainingArguments(**kw)
+    return method.config_class()(**kw, **method.options(cfg))
 
 # %% ../nbs/06_train.ipynb #2c3c34d4
 CHECKPOINT_MARKER = "ftkit-complete.json"
@@ -190,15 +231,15 @@ class _Counted:
 class FtkitTrainer(Trainer):
     "transformers' Trainer with multipack dataloaders, LoRA+ groups, atomic checkpoints and token counting."
     logits_keep_below = 0.5      # compute logits only at trained positions when they are fewer than this share (0: never)
-    def __init__(self, *a, ftkit_cfg=None, packing: PackingPlan | None = None, eval_packing: PackingPlan | None = None,
+    def __init__(self, *a, ftkit_cfg: FinetuneConfig, packing: PackingPlan | None = None, eval_packing: PackingPlan | None = None,
                  pad_token_id: int = 0, **kw):
         self.ftkit_cfg, self.packing, self.eval_packing, self.ftkit_tokens = ftkit_cfg, packing, eval_packing, 0
         self._pad_id = pad_token_id
-        seq = int(_opt(ftkit_cfg, "sequence_len", 512)); mbs = int(_opt(ftkit_cfg, "micro_batch_size", 1))
-        pad_to = mbs * seq if _opt(ftkit_cfg, "pad_to_sequence_len") else None
+        seq, mbs = ftkit_cfg.sequence_len, ftkit_cfg.micro_batch_size
+        pad_to = mbs * seq if ftkit_cfg.pad_to_sequence_len else None
         kb = self.logits_keep_below
         self.packed_collator = _Counted(PackedCollator(pad_token_id=pad_token_id, pad_to=pad_to, pad_to_multiple_of=None if pad_to else 8), kb)
-        self.padded_collator = _Counted(PaddedCollator(pad_token_id=pad_token_id, pad_to=seq if _opt(ftkit_cfg, "pad_to_sequence_len") else None,
+        self.padded_collator = _Counted(PaddedCollator(pad_token_id=pad_token_id, pad_to=seq if ftkit_cfg.pad_to_sequence_len else None,
                                                        pad_to_multiple_of=8), kb)
         kw.setdefault("data_collator", self.padded_collator)
         super().__init__(*a, **kw)
@@ -212,8 +253,8 @@ class FtkitTrainer(Trainer):
         if plan is not None:
             dl = DataLoader(ds, batch_sampler=plan.sampler, collate_fn=self.packed_collator, **common)
         else:
-            gen = torch.Generator(); gen.manual_seed(args.data_seed if args.data_seed is not None else args.seed)
-            sampler = torch.utils.data.RandomSampler(ds, generator=gen) if shuffle else torch.utils.data.SequentialSampler(ds)
+            seed = args.data_seed if args.data_seed is not None else args.seed    # order = f(seed, epoch): resumes see the same batches
+            sampler = guard.EpochSampler(len(ds), seed) if shuffle else torch.utils.data.SequentialSampler(ds)
             dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.padded_collator,
                             drop_last=args.dataloader_drop_last, **common)
         return self.accelerator.prepare(dl)
@@ -247,11 +288,11 @@ class FtkitTrainer(Trainer):
         return super()._prepare_inputs(inputs)
 
     def create_optimizer(self, model=None):
-        ratio = _opt(self.ftkit_cfg, "loraplus_lr_ratio")
+        ratio = self.ftkit_cfg.loraplus_lr_ratio
         if ratio is None or self.optimizer is not None: return super().create_optimizer(model)
         m = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(m))
-        lr, emb_lr = self.args.learning_rate, float(_opt(self.ftkit_cfg, "loraplus_lr_embedding", 1e-6))
+        lr, emb_lr = self.args.learning_rate, float(self.ftkit_cfg.loraplus_lr_embedding or 1e-6)
         groups: dict[tuple, list] = {}
         for n, p in m.named_parameters():
             if not p.requires_grad: continue
@@ -266,16 +307,14 @@ class FtkitTrainer(Trainer):
         return self.optimizer
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            d = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            if d.is_dir(): write_marker(d, self.state.global_step)
+        d = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        with guard.saving(d, d.parent):      # a full disk: the partial folder goes, the previous checkpoint stays usable
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save and d.is_dir(): write_marker(d, self.state.global_step)
 
 def write_marker(d: Path, step: int):
-    "Mark checkpoint folder `d` as completely written (fsynced)."
-    p = Path(d) / CHECKPOINT_MARKER
-    with open(p, "w") as f:
-        f.write(json.dumps({"step": step, "time": time.time()})); f.flush(); os.fsync(f.fileno())
+    "Mark checkpoint folder `d` as completely written: every file fsynced and listed with its size (`ftkit.guard`)."
+    guard.write_marker(d, step=step)
 
 # %% ../nbs/06_train.ipynb #8408371b
 def _step_of(p: Path) -> int:
@@ -285,22 +324,15 @@ def _step_of(p: Path) -> int:
 def complete_checkpoints(output_dir) -> list[Path]:
     "Checkpoints in `output_dir` that were completely written, oldest first."
     d = Path(output_dir)
-    return sorted((p for p in d.glob("checkpoint-*") if p.is_dir() and (p / CHECKPOINT_MARKER).exists()), key=_step_of)
+    return sorted((p for p in d.glob("checkpoint-*") if p.is_dir() and _step_of(p) >= 0 and guard.is_complete(p)), key=_step_of)
 
 def quarantine_incomplete(output_dir, quiet=False) -> list[Path]:
-    "Move checkpoints without the completion marker aside (`checkpoint-N.incomplete`)."
-    moved = []
-    for p in Path(output_dir).glob("checkpoint-*"):
-        if p.is_dir() and _step_of(p) >= 0 and not (p / CHECKPOINT_MARKER).exists():
-            dest = p.with_name(p.name + ".incomplete")
-            if dest.exists(): shutil.rmtree(dest)
-            p.rename(dest); moved.append(dest)
-            _say(f"checkpoint {p.name} was not completely written (interrupted save): moved to {dest.name}", quiet)
-    return moved
+    "Delete checkpoints without a valid completion marker, `.incomplete` leftovers and stale temps (with the output_dir lock held)."
+    return guard.remove_incomplete_checkpoints(output_dir, quiet)
 
-def resume_checkpoint(cfg, output_dir, quiet=False) -> str | None:
+def resume_checkpoint(cfg: FinetuneConfig, output_dir, quiet=False) -> str | None:
     "The checkpoint to resume from, or None."
-    explicit = _opt(cfg, "resume_from_checkpoint")
+    explicit = cfg.resume_from_checkpoint
     if explicit:
         p = Path(explicit).expanduser()
         if not p.is_dir():
@@ -309,7 +341,7 @@ def resume_checkpoint(cfg, output_dir, quiet=False) -> str | None:
             raise _err("resume_from_checkpoint", f"{p} is not a complete checkpoint (the save was interrupted).",
                        "Resume from an earlier checkpoint-N, or use auto_resume_from_checkpoints: true.")
         return str(p)
-    if _opt(cfg, "auto_resume_from_checkpoints") and Path(output_dir).is_dir():
+    if cfg.auto_resume_from_checkpoints and Path(output_dir).is_dir():
         quarantine_incomplete(output_dir, quiet)
         cks = complete_checkpoints(output_dir)
         if cks:
@@ -324,12 +356,32 @@ def _split_data(data):
     if hasattr(data, "train"): return data.train, getattr(data, "eval", None)
     return data, None
 
-def prepare_data(cfg, tokenizer, data=None, quiet=False):
-    "(train, eval, prepared) datasets: from `data` if given, else `ftkit.data.prepare(cfg, tokenizer)`."
-    if data is not None: return _split_data(data) + (data,)
+def prepare(cfg: FinetuneConfig, tokenizer, quiet: bool = False):
+    "The training data of `cfg`, by its method: packed-ready SFT rows (`ftkit.data.prepare`, cached) or a preference / RL method's rows (`ftkit.rl.prepare_rl_data`)."
+    if method_of(cfg) is not None: return prepare_rl_data(cfg, tokenizer)
     from ftkit import data as fdata
-    prepared = fdata.prepare(cfg, tokenizer, quiet=quiet)
+    return fdata.prepare(cfg, tokenizer, quiet=quiet)
+
+def prepare_data(cfg: FinetuneConfig, tokenizer, data=None, quiet=False):
+    "(train, eval, prepared): from `data` if given, else `prepare(cfg, tokenizer)`."
+    prepared = data if data is not None else prepare(cfg, tokenizer, quiet)
     return _split_data(prepared) + (prepared,)
+
+def prepare_for_launch(cfg: FinetuneConfig, quiet: bool = True) -> None:
+    "Before starting N workers: tokenize and cache SFT data once, here (workers then load the cache). A method's rows are prepared by each worker."
+    if method_of(cfg) is not None: return
+    from ftkit.models import load_tokenizer
+    prepare(cfg, load_tokenizer(cfg, quiet=True), quiet=quiet)
+
+# %% ../nbs/06_train.ipynb #7365c3cb
+def preprocess(cfg: FinetuneConfig, *, debug: bool = False, num_examples: int = 1, text_only: bool = False,
+               seed: int | None = None, file=None):
+    "`ftkit preprocess` for every method: prepare (and cache) the data, print its report and, with `debug`, rows token by token."
+    if method_of(cfg) is not None:
+        from ftkit.rl import preprocess_rl
+        return preprocess_rl(cfg, debug=debug, num_examples=num_examples, text_only=text_only, seed=seed, file=file)
+    from ftkit.data import preprocess_main
+    return preprocess_main(cfg, debug=debug, num_examples=num_examples, text_only=text_only, seed=seed)
 
 # %% ../nbs/06_train.ipynb #80772833
 class MetricsRecorder(TrainerCallback):
@@ -357,8 +409,9 @@ class ProgressPrinter(TrainerCallback):
         self.last = step
         dt = time.time() - (self.t0 or time.time())
         tps = (getattr(self.trainer, "ftkit_tokens", 0) - self.tok0) / dt if dt > 0 else 0
+        speed = f"  {tps:,.0f} tok/s" if tps else ""
         print(f"  step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
-              f"  {tps:,.0f} tok/s  {dt:,.0f}s", flush=True)
+              f"{speed}  {dt:,.0f}s", flush=True)
 
 @dataclass
 class TrainResult:
@@ -379,6 +432,7 @@ class TrainResult:
     tokenizer: Any = None
     trainer: Any = None
     data: Any = None
+    method: str = "sft"            # sft, or the rl: method (ftkit.rl.METHODS)
 
     @property
     def tokens_per_second(self) -> float: return self.tokens / self.train_seconds if self.train_seconds else 0.0
@@ -390,7 +444,7 @@ class TrainResult:
         return s + ")"
 
 # %% ../nbs/06_train.ipynb #92b5f3f9
-def save_outputs(trainer, tokenizer, cfg, plan, output_dir: Path, extra: dict | None = None):
+def save_outputs(trainer, tokenizer, cfg: FinetuneConfig, plan, output_dir: Path, extra: dict | None = None):
     "Adapter/model, tokenizer and resolved config into `output_dir`."
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(output_dir))
@@ -398,113 +452,147 @@ def save_outputs(trainer, tokenizer, cfg, plan, output_dir: Path, extra: dict | 
         tokenizer.save_pretrained(str(output_dir))
         head = "".join(f"# {line}\n" for line in str(plan).splitlines()) if plan is not None else ""
         for k, v in (extra or {}).items(): head += f"# {k}: {v}\n"
-        body = cfg.to_yaml() if hasattr(cfg, "to_yaml") else __import__("yaml").safe_dump(dict(cfg), sort_keys=False)
+        body = cfg.to_yaml()
         tmp = output_dir / ".config.yml.tmp"
         tmp.write_text("# ftkit resolved config\n" + head + body)
         os.replace(tmp, output_dir / "config.yml")
 
 # %% ../nbs/06_train.ipynb #0c770ba9
-def _as_config(cfg, overrides=None):
-    from ftkit.config import FinetuneConfig, load as load_config
+def _as_config(cfg, overrides=None) -> FinetuneConfig:
     if isinstance(cfg, FinetuneConfig) and not overrides: return cfg
-    return load_config(cfg, overrides)
+    return load(cfg, overrides)
 
-def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrides: dict | None = None,
-          quiet: bool = False, return_model: bool = True, gpus: int | None = None):
-    """Fine-tune according to `cfg` (path, YAML text, dict or FinetuneConfig); returns a `TrainResult`.
+@dataclass
+class TrainerSetup:
+    "Everything `build_trainer` made, ready for `trainer.train()`."
+    trainer: Any
+    model: Any
+    tokenizer: Any
+    data: Any                      # PreparedData (SFT) or RLData
+    plan: Plan
+    steps: StepPlan
+    method: Method | None          # None: supervised fine-tuning
+    recorder: "MetricsRecorder"
+    packing: PackingPlan | None = None
 
-    `gpus=N` (N > 1) trains on N worker processes started from this process (`ftkit.launch.launch_train`; from a
-    notebook, before anything touched CUDA) and returns their metric records. Preference / RL configs (`rl:`,
-    `reward_model`, `process_reward_model`) go to `ftkit.rl.train_rl`."""
-    from ftkit.config import resolve
+def _load_model(cfg: FinetuneConfig, method: Method | None, tokenizer, plan: Plan, source, quiet: bool):
+    "The model the method trains: a causal LM with its adapter, or a reward / process-reward head."
     from ftkit import models
-    cfg = _as_config(cfg, overrides)
-    quiet = quiet or int(os.environ.get("RANK", "0") or 0) != 0   # in launched workers, rank 0 alone reports
-    if gpus and gpus > 1:
-        from ftkit.launch import launch_train
-        from ftkit.data import prepare as _prepare
-        return launch_train(cfg, gpus, prepare=lambda c: _prepare(c, models.load_tokenizer(c, quiet=True), quiet=quiet))
-    from ftkit.rl import rl_mode
-    if rl_mode(cfg):
-        from ftkit.rl import train_rl
-        return train_rl(cfg, model=model, tokenizer=tokenizer, callbacks=callbacks)
-    plan = resolve(cfg)
+    if method is not None: return load_rl_model(cfg, tokenizer, method.head)
+    model = models.load_model(cfg, tokenizer, source=source or models.model_source(cfg, quiet=True), plan=plan, quiet=quiet)
+    return models.apply_adapter(cfg, model, quiet=quiet)
+
+def _packing(cfg: FinetuneConfig, train_ds, eval_ds, world: int, quiet: bool):
+    "(train packing plan, eval packing plan, global micro-batches per epoch) with sample packing."
+    packing = packing_plan(cfg, train_ds, world_size=world)
+    _say(str(packing), quiet)
+    if packing.batches == 0:
+        raise TrainError(f"packing produced no batches ({len(train_ds)} rows for {world} GPU(s)): use more data or fewer GPUs.")
+    eval_packing = None
+    eval_pack = cfg.eval_sample_packing if cfg.eval_sample_packing is not None else True
+    if eval_ds is not None and len(eval_ds) and eval_pack:
+        eval_packing = packing_plan(cfg, eval_ds, shuffle=False, num_epochs=1, world_size=world, drop_last=False)
+    return packing, eval_packing, packing.batches
+
+# %% ../nbs/06_train.ipynb #10754f1e
+def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, ref_model=None, quiet: bool = False) -> TrainerSetup:
+    """The one training path: plan, seed, tokenizer, data, model and adapters, training arguments and the trainer — for SFT
+    and for every preference / RL method (`ftkit.rl.METHODS`). `train` runs it; tests and notebooks can inspect it first."""
+    from transformers import set_seed
+    from ftkit import models
+    cfg = _as_config(cfg)
+    method, plan = method_of(cfg), resolve(cfg)
     _say(str(plan), quiet)
-    from ftkit.plugins import load_plugins
-    plugins = load_plugins(cfg)                                # ftkit.plugins: fires after_config_load
-    optimizer_name(cfg); scheduler(cfg)                        # config errors before any long work
-    out = Path(cfg.output_dir).expanduser()
-    if tokenizer is None or model is None:
+    for m in guard.user_modules(cfg): _say(f"user module: {m}", quiet)     # the config's own code that will be imported
+    set_seed(plan.seed)                       # before the model, the adapters and the data order exist
+    src = None
+    if tokenizer is None:
         src = models.model_source(cfg, quiet=quiet)
-        tokenizer = tokenizer or models.load_tokenizer(cfg, source=src, quiet=quiet)
+        tokenizer = models.load_tokenizer(cfg, source=src, quiet=quiet)
+    if method is not None and tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     train_ds, eval_ds, prepared = prepare_data(cfg, tokenizer, data, quiet)
     if train_ds is None or len(train_ds) == 0:
         raise TrainError("there are no training rows after preparation: check the dataset paths and the length filters (sequence_len).")
-    if model is None:
-        plugins.before_model_load(cfg)
-        model = plugins.after_model_load(cfg, models.load_model(cfg, tokenizer, source=src, plan=plan, quiet=quiet))
-        model = plugins.after_adapters(cfg, models.apply_adapter(cfg, model, quiet=quiet))
-    model.config.use_cache = False
+    inputs = method.inputs(cfg, tokenizer, prepared) if method is not None and method.inputs else None  # e.g. reward functions, checked before the model loads
+    if model is None: model = _load_model(cfg, method, tokenizer, plan, src, quiet)
+    if method is None: model.config.use_cache = False
     if getattr(model.config, "_attn_implementation", None) == "ftkit_varlen":
         from ftkit.packing import register_varlen_attention
         _say(f"attention: {register_varlen_attention()['kernel']}", quiet)
-    world = plan.world_size
+    if method is None:                        # ftkit's Triton kernels wherever they are exact; what was patched goes to the log
+        from ftkit.kernels.patch import apply_kernels
+        _say(str(apply_kernels(model, cfg)), quiet)
     packing = eval_packing = None
-    if cfg.sample_packing:
-        packing = packing_plan(cfg, train_ds, world_size=world)
-        _say(str(packing), quiet)
-        n_batches = packing.batches
-        if n_batches == 0:
-            raise TrainError(f"packing produced no batches ({len(train_ds)} rows for {world} GPU(s)): use more data or fewer GPUs.")
-        eval_pack = cfg.eval_sample_packing if cfg.eval_sample_packing is not None else True
-        if eval_ds is not None and len(eval_ds) and eval_pack:
-            eval_packing = packing_plan(cfg, eval_ds, shuffle=False, num_epochs=1, world_size=world, drop_last=False)
-    else:
-        n_batches = math.ceil(len(train_ds) / int(cfg.micro_batch_size or 1))
-    steps = step_plan(cfg, n_batches, world)
+    if method is None and cfg.sample_packing: packing, eval_packing, n_batches = _packing(cfg, train_ds, eval_ds, plan.world_size, quiet)
+    else: n_batches = math.ceil(len(train_ds) / plan.micro_batch_size)
+    steps = step_plan(cfg, n_batches, plan.world_size)
     _say(f"steps: {steps.micro_batches_per_epoch} micro-batches per epoch per rank, {steps.steps_per_epoch} optimizer steps "
          f"per epoch, {steps.total_steps} in total", quiet)
     has_eval = eval_ds is not None and len(eval_ds) > 0
-    args = training_arguments(cfg, plan, steps, output_dir=str(out), has_eval=has_eval, packing=bool(cfg.sample_packing))
-    if cfg.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+    args = training_arguments(cfg, plan, steps, output_dir=str(Path(cfg.output_dir).expanduser()), has_eval=has_eval,
+                              packing=packing is not None, method=method)
+    if cfg.gradient_checkpointing and hasattr(model, "enable_input_require_grads"): model.enable_input_require_grads()
     recorder = MetricsRecorder()
-    cbs = [recorder] + list(callbacks or []) + plugins.callbacks(cfg)
+    cbs = [recorder, guard.fault_watchdog(cfg, Path(cfg.output_dir).expanduser(), plan.precision)] + list(callbacks or [])
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
         cbs.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.early_stopping_patience)))
-    with plugins.environment(cfg):                             # trackers' environment, for this run only
+    if method is None:
         trainer = FtkitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
                                processing_class=tokenizer, callbacks=cbs, ftkit_cfg=cfg, packing=packing,
                                eval_packing=eval_packing, pad_token_id=tokenizer.pad_token_id or 0)
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-        for c in (PrinterCallback, ProgressCallback): trainer.remove_callback(c)
-        if not quiet: trainer.add_callback(ProgressPrinter(trainer))
+    else:
+        trainer = make_trainer(method, cfg, args, model, tokenizer, prepared, inputs, callbacks=cbs, ref_model=ref_model)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    for c in (PrinterCallback, ProgressCallback): trainer.remove_callback(c)
+    if not quiet: trainer.add_callback(ProgressPrinter(trainer))
+    return TrainerSetup(trainer, model, tokenizer, prepared, plan, steps, method, recorder, packing)
+
+# %% ../nbs/06_train.ipynb #72319821
+def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrides: dict | None = None, quiet: bool = False,
+          return_model: bool = True, save: bool = True, ref_model=None) -> TrainResult:
+    """Fine-tune according to `cfg` (path, YAML text, dict or FinetuneConfig) with its method — SFT, or `rl:` /
+    `reward_model` / `process_reward_model` — in this process; returns a `TrainResult`. (`ftkit.finetune(cfg, gpus=N)`
+    starts N workers that each run this.)"""
+    from ftkit import models
+    cfg = _as_config(cfg, overrides)
+    quiet = quiet or int(os.environ.get("RANK", "0") or 0) != 0   # in launched workers, rank 0 alone reports
+    out = Path(cfg.output_dir).expanduser()
+    rank0 = int(os.environ.get("RANK", "0") or 0) == 0
+    if rank0: guard.lock_output_dir(out, quiet).release()     # refuse now, not after loading, when another run holds output_dir
+    s = build_trainer(cfg, data=data, model=model, tokenizer=tokenizer, callbacks=callbacks, ref_model=ref_model, quiet=quiet)
+    lock = guard.lock_output_dir(out, quiet) if rank0 else None   # one run per output_dir (an OS lock: gone with its process)
+    try:
         resume = resume_checkpoint(cfg, out, quiet)
-        plugins.before_training(cfg, trainer)
-        result = None
-        try:
-            t = time.time()
-            res = trainer.train(resume_from_checkpoint=resume)
-            secs = time.time() - t
-            metrics = dict(res.metrics)
-            if packing: metrics["packing_efficiency"] = packing.efficiency
-            tr = getattr(model, "ftkit_trainable", None) or models.trainable_parameters(model)
-            save_outputs(trainer, tokenizer, cfg, plan, out, {"packing efficiency": f"{packing.efficiency:.4f}" if packing else "n/a",
-                                                               "optimizer steps": trainer.state.global_step})
-            result = TrainResult(out, metrics, list(trainer.state.log_history), trainer.state.global_step, steps.total_steps, tuple(tr),
-                                 packing, resume, trainer.ftkit_tokens, secs, dict(recorder.losses), dict(recorder.lrs),
-                                 model if return_model else None, tokenizer, trainer if return_model else None, prepared)
-        finally: plugins.after_training(cfg, trainer, result)  # result None when training failed
+        t = time.time()
+        if guard.finished_checkpoint(resume): res = guard.finish_from_checkpoint(s.trainer, resume, quiet)   # no extra step
+        else: res = s.trainer.train(resume_from_checkpoint=resume)
+        secs = time.time() - t
+        metrics = dict(res.metrics)
+        if s.packing: metrics["packing_efficiency"] = s.packing.efficiency
+        tr = getattr(s.model, "ftkit_trainable", None) or models.trainable_parameters(s.model)
+        if save:
+            save_outputs(s.trainer, s.tokenizer, cfg, s.plan, out, {"packing efficiency": f"{s.packing.efficiency:.4f}" if s.packing else "n/a",
+                                                                    "optimizer steps": s.trainer.state.global_step})
+    except Exception as e:                    # out of memory / a full disk: explained with this config's numbers
+        if guard.is_oom(e): raise guard.explain_oom(cfg, e) from None
+        if guard.is_disk_full(e): raise guard.explain_disk_full(e, out, out, removed=False) from None
+        raise
+    finally:
+        if lock is not None: lock.release()
+    result = TrainResult(out, metrics, list(s.trainer.state.log_history), s.trainer.state.global_step, s.steps.total_steps, tuple(tr),
+                         s.packing, resume, getattr(s.trainer, "ftkit_tokens", 0), secs, dict(s.recorder.losses), dict(s.recorder.lrs),
+                         s.model if return_model else None, s.tokenizer, s.trainer if return_model else None, s.data,
+                         s.method.name if s.method else "sft")
     _say(f"done: {result}", quiet)
     return result
 
 # %% ../nbs/06_train.ipynb #e6091b51
 def train_main(config, overrides: dict | None = None, *, quiet: bool = False) -> int:
-    "CLI: train from a config path / text / dict with `overrides`; 0 on success, 2 on a config error."
+    "Train from a config path / text / dict with `overrides`; 0 on success, 2 (and the message, no traceback) on a user error."
     try:
         train(config, overrides=overrides, quiet=quiet)
-    except ConfigError as e:
+    except FtkitError as e:
         print(str(e), file=sys.stderr)
         return 2
     return 0

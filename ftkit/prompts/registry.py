@@ -11,11 +11,30 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['REGISTRY', 'RowError', 'PromptStrategy', 'StrategySpec', 'register', 'known_types', 'suggest', 'lookup',
-           'is_user_module', 'resolve_type']
+__all__ = ['REGISTRY', 'as_entry', 'as_config', 'RowError', 'PromptStrategy', 'StrategySpec', 'register', 'known_types',
+           'suggest', 'lookup', 'is_user_module', 'resolve_type']
 
 # %% ../../nbs/02_prompts.registry.ipynb #ceafd9f6
-from ..config import opt  # one helper for every module (re-exported here for the strategies)
+from ..schema import DatasetEntry, FinetuneConfig
+
+def as_entry(ds=None) -> DatasetEntry:
+    "`ds` as a validated `DatasetEntry` (a dict is validated here; None is an entry with nothing set)."
+    if isinstance(ds, DatasetEntry): return ds
+    if ds is None: return DatasetEntry()
+    if isinstance(ds, dict): return DatasetEntry.model_validate({k: v for k, v in ds.items() if v is not None})
+    raise TypeError(f"a dataset entry must be a DatasetEntry or a dict, not {type(ds).__name__}")
+
+def as_config(cfg=None) -> FinetuneConfig:
+    "`cfg` as a `FinetuneConfig`; a dict sets only its own keys (each validated) over the schema's defaults."
+    if isinstance(cfg, FinetuneConfig): return cfg
+    if cfg is None: cfg = {}
+    if not isinstance(cfg, dict): raise TypeError(f"a config must be a FinetuneConfig or a dict, not {type(cfg).__name__}")
+    conf = FinetuneConfig.model_construct()
+    for k, v in cfg.items():
+        if v is None: continue
+        if k not in FinetuneConfig.model_fields: raise KeyError(f"unknown config key {k!r}")
+        setattr(conf, k, v)          # validate_assignment: a wrong type is a ValidationError naming the key
+    return conf
 
 # %% ../../nbs/02_prompts.registry.ipynb #4c748ab2
 class RowError(ValueError):
@@ -51,32 +70,35 @@ class StrategySpec:
     params: dict = field(default_factory=dict)   # preset parameters passed to the builder
 
     def load(self) -> Callable:
-        "Import and return the builder function."
-        mod, fn = self.target.split(":")
+        "Import and return the builder function (a user's module only under `ftkit.guard.load_target`'s import policy)."
+        mod, fn = self.target.rsplit(":", 1)
+        if not mod.startswith("ftkit."):      # an installed package or a .py file the config names; never the current folder
+            from ftkit.guard import load_target
+            return load_target(self.target, f"type: {self.name}")
         return getattr(importlib.import_module(mod), fn)
 
     def build(self, tokenizer, ds=None, cfg=None):
-        "Build the strategy for one dataset entry `ds` (and the global config `cfg`)."
-        return self.load()(tokenizer, ds if ds is not None else {}, cfg if cfg is not None else {}, **self.params)
+        "Build the strategy for dataset entry `ds` (a `DatasetEntry`) under the global config `cfg` (a `FinetuneConfig`)."
+        return self.load()(tokenizer, as_entry() if ds is None else ds, as_config() if cfg is None else cfg, **self.params)
 
 # %% ../../nbs/02_prompts.registry.ipynb #6d99429d
 _CT, _IN, _BA = "ftkit.prompts.chat_template", "ftkit.prompts.instruct", "ftkit.prompts.basic"
 
 _INSTRUCT = [  # name, summary, fields
     ("alpaca", "Alpaca instruction / optional input / output", ("instruction", "input", "output")),
-    ("jeopardy", "Jeopardy question (with category) and answer", ("question", "category", "answer")),
+    ("jeopardy", "Jeopardy question, category (as the input) and answer", ("question", "category", "answer")),
     ("oasst", "OpenAssistant INSTRUCTION / RESPONSE pairs", ("INSTRUCTION", "RESPONSE")),
     ("gpteacher", "GPTeacher instruction / optional input / response", ("instruction", "input", "response")),
     ("reflection", "instruction, output, reflection and corrected answer", ("instruction", "input", "output", "reflection", "corrected")),
     ("explainchoice", "multiple choice question answered with an explanation", ("question", "choices", "solution", "explanation")),
     ("concisechoice", "multiple choice question answered concisely", ("question", "choices", "solution", "explanation")),
     ("summarizetldr", "article and TL;DR summary", ("article", "summary")),
-    ("alpaca_chat", "alpaca in a USER:/ASSISTANT: chat layout", ("instruction", "input", "response")),
+    ("alpaca_chat", "alpaca in a SYSTEM:/USER:/ASSISTANT: chat layout", ("instruction", "input", "output")),
     ("alpaca_chat.load_qa", "question and answer in the alpaca chat layout", ("question", "answer")),
-    ("alpaca_chat.load_concise", "alpaca chat with a system prompt asking for concise answers", ("instruction", "input", "response")),
+    ("alpaca_chat.load_concise", "alpaca chat with a system prompt asking for concise answers", ("instruction", "input", "output")),
     ("alpaca_chat.load_camel_ai", "CamelAI message_1 / message_2 in the alpaca chat layout", ("message_1", "message_2")),
     ("alpaca_w_system.load_open_orca", "OpenOrca: system prompt from the data, question, response", ("system_prompt", "question", "response")),
-    ("orcamini", "alpaca with a `### System:` section from the data", ("system", "instruction", "input", "output")),
+    ("orcamini", "OpenOrca fields in the orca-mini `### System:`/`### User:` layout", ("system_prompt", "question", "response")),
     ("context_qa", "answer a question from an article", ("article", "question", "answer")),
     ("context_qa.load_v2", "answer a question from a context", ("context", "question", "answer")),
     ("context_qa.load_404", "unanswerable question about an article; fixed 'no answer' response", ("article", "unanswerable_question")),
@@ -97,7 +119,7 @@ register(StrategySpec("chat_template", f"{_CT}:build", "list of messages rendere
                       ("messages",)))
 register(StrategySpec("sharegpt", f"{_CT}:build", "deprecated ShareGPT conversations (from/value); chat_template preset",
                       ("conversations",), {"preset": "sharegpt"}))
-register(StrategySpec("pygmalion", f"{_CT}:build_pygmalion", "Pygmalion conversations (role/value) in the metharme layout",
+register(StrategySpec("pygmalion", f"{_IN}:build_pygmalion", "Pygmalion conversations (role: system/human/bot, value), <|user|>/<|model|>",
                       ("conversations",)))
 for _n, _s, _f in _INSTRUCT: register(StrategySpec(_n, f"{_IN}:build", _s, _f, {"preset": _n}))
 register(StrategySpec("user_defined", f"{_IN}:build_user_defined",
