@@ -15,9 +15,8 @@ from .errors import Problem
 from .plugins import Plugin
 
 # %% auto #0
-__all__ = ['TRACKERS', 'EXTRA', 'WANDB_MODES', 'WANDB_LOG_MODEL', 'COMET_MODES', 'RUN_NAME_KEYS', 'Tracker', 'register',
-           'enabled_in', 'enabled', 'installed', 'check', 'run_name', 'training_kwargs', 'environment', 'where',
-           'TrackingPlugin']
+__all__ = ['TRACKERS', 'WANDB_MODES', 'WANDB_LOG_MODEL', 'COMET_MODES', 'RUN_NAME_KEYS', 'Tracker', 'register', 'enabled_in',
+           'enabled', 'installed', 'check', 'run_name', 'training_kwargs', 'environment', 'where', 'TrackingPlugin']
 
 # %% ../nbs/06b_tracking.ipynb #93569ee2
 @dataclass(frozen=True)
@@ -32,6 +31,7 @@ class Tracker:
     defaults: Callable | None = None   # (cfg) -> {VAR: value} set only when unset in os.environ
     off: Callable | None = None        # (get) -> True when a key turns it off despite being on
     where: Callable | None = None      # (cfg, env) -> human description of where the run is tracked
+    extra: str = "tracking"            # the ftkit extra that installs its package
 
     def enabled(self, get: Callable[[str], object]) -> bool:
         "Whether the config whose values `get(key)` returns turns this tracker on."
@@ -94,7 +94,7 @@ register(Tracker(
     env={"comet_api_key": "COMET_API_KEY", "comet_workspace": "COMET_WORKSPACE", "comet_project_name": "COMET_PROJECT_NAME",
          "comet_experiment_key": "COMET_EXPERIMENT_KEY", "comet_mode": "COMET_START_MODE", "comet_online": "COMET_START_ONLINE"},
     defaults=lambda cfg: {"COMET_OFFLINE_DIRECTORY": str(Path(_out(cfg)) / "comet")},
-    where=_comet_where))
+    where=_comet_where, extra="comet"))
 
 register(Tracker(
     "trackio", "trackio", "trackio", "use_trackio", ("trackio_project_name",),
@@ -117,7 +117,6 @@ def installed(t: Tracker) -> bool:
     return importlib.util.find_spec(t.module) is not None
 
 # %% ../nbs/06b_tracking.ipynb #cbccf1cf
-EXTRA = "tracking"
 WANDB_MODES = ("online", "offline", "disabled", "shared")
 WANDB_LOG_MODEL = ("checkpoint", "end", "false")
 COMET_MODES = ("get", "create", "get_or_create")
@@ -132,7 +131,7 @@ def check(values: dict, is_installed: Callable[[Tracker], bool] | None = None) -
         if not is_installed(t):
             key = next((k for k in (t.switch, *t.project_keys) if values.get(k) not in (None, "", False)), t.switch)
             out.append(Problem(key, f"{t.title} is turned on by `{key}`, but its package `{t.module}` is not installed.",
-                               f"pip install 'ftkit[{EXTRA}]' (or `pip install {t.module.replace('_', '-')}`), or remove `{key}`."))
+                               f"pip install 'ftkit[{t.extra}]' (or `pip install {t.module.replace('_', '-')}`), or remove `{key}`."))
     for key, allowed in (("wandb_mode", WANDB_MODES), ("wandb_log_model", WANDB_LOG_MODEL), ("comet_mode", COMET_MODES)):
         v = values.get(key)
         if v is not None and str(v).lower() not in allowed:

@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# comet_ml (the comet extra) would mirror every MLflow run of the tests into ./.cometml-runs; it reads this at import
+os.environ.setdefault("COMET_DISABLE_AUTO_LOGGING", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -44,6 +44,7 @@ def _need(*mods):
 def _cfg(out, **kw):
     base = {"learning_rate": 1e-2, "micro_batch_size": 4, "sequence_len": 32, "sample_packing": True, "max_steps": 6,
             "optimizer": "adamw_torch", "seed": 3, "output_dir": str(out), "logging_steps": 1, "save_strategy": "no",
+            "dataloader_num_workers": 0,
             "datasets": [{"path": "unused.jsonl", "type": "chat_template"}]}
     base.update(kw)
     return load_config(base)
@@ -152,12 +153,42 @@ def test_comet_offline_archive(tmp_path, monkeypatch):
     assert msgs
 
 
+TRACKIO_RUN = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import test_tracking as t
+cfg = t._cfg(Path(sys.argv[1]) / "run", trackio_project_name="ftkit-test", trackio_run_name="tiny")
+assert t.tracking.training_kwargs(cfg) == {"report_to": ["trackio"], "run_name": "tiny", "project": "ftkit-test"}
+_, losses = t._run(cfg)
+from trackio.sqlite_storage import SQLiteStorage
+logs = SQLiteStorage.get_logs("ftkit-test", "tiny")
+print(json.dumps({"jsonl": losses, "trackio": {l["step"]: l["train/loss"] for l in logs if "train/loss" in l}}))
+"""
+
+
+def test_trackio_local_project(tmp_path):
+    "trackio fixes its folder when first imported: the run goes in a fresh process with TRACKIO_DIR in tmp_path."
+    _need("trackio")
+    import subprocess, sys
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio")}
+    p = subprocess.run([sys.executable, "-c", TRACKIO_RUN, str(tmp_path), str(Path(__file__).parent)], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["trackio"] == pytest.approx({int(k): v for k, v in got["jsonl"].items()}, rel=1e-6)
+    assert list((tmp_path / "trackio").glob("*.db"))
+
+
 def test_validation_names_the_extra_and_checks_values(monkeypatch):
     base = {"learning_rate": 1e-4, "datasets": [{"path": "x.jsonl", "type": "alpaca"}]}
     monkeypatch.setattr(tracking, "installed", lambda t: t.name != "comet_ml")
     with pytest.raises(ConfigError) as e:
         load_config({**base, "comet_project_name": "p"})
-    assert "comet_project_name" in str(e.value) and "pip install 'ftkit[tracking]'" in str(e.value)
+    assert "comet_project_name" in str(e.value) and "pip install 'ftkit[comet]'" in str(e.value)
+    monkeypatch.setattr(tracking, "installed", lambda t: t.name != "wandb")
+    with pytest.raises(ConfigError, match=r"ftkit\[tracking\]"):
+        load_config({**base, "use_wandb": True})
     cfg, problems, *_ = validate("learning_rate: 1e-4\ndatasets: [{path: x.jsonl, type: alpaca}]\nwandb_project: p\nwandb_mode: ofline\n")
     assert [(p.key, p.line, p.level) for p in problems] == [("wandb_mode", 4, "error")]
     cfg = load_config({**base, "mlflow_run_name": "x"})          # MLflow is off: the key would do nothing

@@ -1,0 +1,86 @@
+"""ftkit.sweeps: Axolotl's sweep format over a tiny model: every variant trains in its own output_dir with its own
+values, one table and one plot hold every run, and Ctrl-C stops at a run boundary with the finished runs kept."""
+import json, os, signal
+
+import pytest
+import yaml
+from transformers import TrainerCallback
+
+from ftkit.config import ConfigError
+from ftkit.sweeps import SweepResult, plan, read_spec, sweep
+from ftkit.train import train
+
+from test_tracking import StubTok, counting_data, tiny_llama
+
+BASE = {"learning_rate": 1e-2, "micro_batch_size": 4, "sequence_len": 32, "sample_packing": True, "max_steps": 4,
+        "optimizer": "adamw_torch", "seed": 3, "logging_steps": 1, "save_strategy": "no", "dataloader_num_workers": 0,
+        "datasets": [{"path": "unused.jsonl", "type": "chat_template"}]}
+
+SWEEP = """
+_:
+  - {warmup_steps: 0, lr_scheduler: constant}
+  - {warmup_steps: 2, lr_scheduler: cosine}
+learning_rate: [0.01, 0.001]
+"""
+
+
+def _runner(extra_callbacks=()):
+    def run(cfg):
+        return train(cfg, data=(counting_data(160), None), model=tiny_llama(vocab_size=64, attn="ftkit_varlen", seed=0),
+                     tokenizer=StubTok(), quiet=True, callbacks=list(extra_callbacks))
+    return run
+
+
+def test_grid_with_paired_keys_runs_every_variant_in_its_own_dir(tmp_path):
+    (tmp_path / "sweep.yml").write_text(SWEEP)
+    res = sweep({**BASE, "output_dir": str(tmp_path / "out")}, tmp_path / "sweep.yml", run=_runner(), quiet=True)
+    assert isinstance(res, SweepResult) and [r.status for r in res.runs] == ["done"] * 4 and res.stopped is None
+    seen = set()
+    for r in res.runs:
+        saved = yaml.safe_load((r.output_dir / "config.yml").read_text())      # each variant trained with its own values
+        assert r.output_dir.parent == tmp_path / "out" and saved["output_dir"] == str(r.output_dir)
+        assert {k: saved[k] for k in r.overrides} == r.overrides
+        assert r.result.global_step == 4 and sorted(r.losses) == [1, 2, 3, 4]
+        seen.add((saved["learning_rate"], saved["lr_scheduler"], saved["warmup_steps"]))
+    assert seen == {(lr, s, w) for lr in (0.01, 0.001) for s, w in (("constant", 0), ("cosine", 2))}
+    # the constant schedule's first step already uses the full rate; warmup's first step uses 0 (same data, same init)
+    by = {(r.overrides["learning_rate"], r.overrides["lr_scheduler"]): r.result for r in res.runs}
+    assert by[(0.01, "constant")].lrs[1] == pytest.approx(0.01) and by[(0.01, "cosine")].lrs[1] == 0
+    # one table (also sweep.jsonl) and one plot with a curve per run
+    rows = res.table()
+    assert [row["run"] for row in rows] == [0, 1, 2, 3]
+    assert all(row["final_loss"] == r.losses[4] and row["steps"] == 4 for row, r in zip(rows, res.runs))
+    assert [json.loads(l)["run"] for l in (tmp_path / "out" / "sweep.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    svg = (tmp_path / "out" / "sweep_losses.svg").read_text()
+    assert svg.count("class='ftkit-curve'") == 4 and svg == res.svg()
+    assert res.best().status == "done" and "4/4 runs finished" in repr(res) and "<svg" in res._repr_html_()
+
+
+class _CtrlCAt(TrainerCallback):
+    "Sends the process a real SIGINT (what Ctrl-C does) at one step of the n-th run."
+    def __init__(self, run_no, step): self.run_no, self.step, self.runs = run_no, step, 0
+    def on_train_begin(self, args, state, control, **kw): self.runs += 1
+    def on_step_end(self, args, state, control, **kw):
+        if self.runs == self.run_no and state.global_step == self.step: os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_stops_at_the_run_boundary_and_keeps_finished_runs(tmp_path, capsys):
+    res = sweep({**BASE, "output_dir": str(tmp_path / "out")}, {"learning_rate": [0.01, 0.005, 0.001]},
+                run=_runner([_CtrlCAt(run_no=2, step=2)]))
+    assert [r.status for r in res.runs] == ["done", "done", "skipped"] and res.stopped == "interrupted"
+    assert res.runs[1].result.global_step == 4                 # the run in progress finished its steps
+    assert all((r.output_dir / "config.yml").exists() for r in res.runs[:2]) and not res.runs[2].output_dir.exists()
+    assert "stopping after this run" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the sweep's handler is gone
+    assert [json.loads(l)["status"] for l in (tmp_path / "out" / "sweep.jsonl").read_text().splitlines()] == ["done", "done", "skipped"]
+
+
+def test_random_draws_and_every_variant_is_validated_before_training(tmp_path):
+    base = {**BASE, "output_dir": str(tmp_path / "out")}
+    runs = plan(base, {"learning_rate": [1e-2, 1e-3, 1e-4], "lora_r": [8, 16], "_method": "random", "_samples": 3, "_seed": 1})
+    assert len(runs) == 3 and len({(r.cfg.learning_rate, r.cfg.lora_r) for r in runs}) == 3
+    with pytest.raises(ConfigError) as e:
+        sweep(base, {"learning_rate": [1e-2, "fast"]}, run=lambda cfg: pytest.fail("nothing may train"))
+    assert "variant 1" in str(e.value)
+    with pytest.raises(ConfigError, match="_samples"):
+        read_spec({"learning_rate": [1e-2], "_method": "random"})
