@@ -63,6 +63,11 @@ trainer.train()
 """
 
 
+NB7_SETUP = "%load_ext ftkit\nimport ftkit"
+NB7_FORM = "form = ftkit.form('quickstart.yml')\nform"
+NB7_FALLBACK = "form2 = ftkit.form('quickstart.yml', name='copied')\nform2.insert_cells = False   # as on Colab / VS Code\nform2"
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,6 +82,9 @@ def lab(tmp_path_factory):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in (SETUP, FORM, TRAIN)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, work / "browser.ipynb")
+    nb7 = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in (NB7_SETUP, NB7_FORM, NB7_FALLBACK)])
+    nb7.metadata["kernelspec"] = nb.metadata["kernelspec"]
+    nbformat.write(nb7, work / "nb7.ipynb")
     port, token = _free_port(), secrets.token_hex(16)
     env = {**os.environ, "HOME": str(home), "JUPYTER_CONFIG_DIR": str(home / ".jupyter"),
            "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces")}
@@ -181,6 +189,7 @@ def test_form_and_dashboard_in_jupyterlab(tmp_path, request):
             form.locator(".ftkit-create-cell").click()
             page.wait_for_selector(".ftkit-form[data-inserted]", state="attached")
             assert form.get_attribute("data-inserted") == "keys"       # the path JupyterLab users get
+            assert not form.locator(".ftkit-copy").is_visible()          # inserted: no copy box
             page.wait_for_function("() => [...document.querySelectorAll('.jp-Cell .cm-content')]"
                                    ".some(e => e.innerText.includes('%%finetune train') && e.innerText.includes('max_steps: 25'))")
             text = page.evaluate("() => [...document.querySelectorAll('.jp-Cell .cm-content')].map(e => e.innerText)"
@@ -191,4 +200,78 @@ def test_form_and_dashboard_in_jupyterlab(tmp_path, request):
         finally:
             page.screenshot(path=str(ARTIFACTS / "browser_last.png"))
             (ARTIFACTS / "browser_console.log").write_text("\n".join(console))
+            browser.close()
+
+
+@skip_reason
+def test_form_create_cell_in_notebook7_and_copy_fallback(tmp_path, request):
+    "Notebook 7 (the notebook package on the same server): Create cell inserts the cell; where insertion is off, Copy."
+    if _missing:
+        pytest.fail(f"the browser test must run in CI: {_missing}")
+    try:
+        import notebook  # noqa: F401  (Notebook 7 serves /notebooks/ on the Jupyter server)
+    except ImportError:
+        pytest.fail("the notebook package (Notebook 7) is not installed (it is in the dev extra)")
+    lab = request.getfixturevalue("lab")
+    from playwright.sync_api import sync_playwright
+    base, token, work = lab
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 1000},
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
+        page = browser.new_page()
+        page.set_default_timeout(120_000)
+        try:
+            page.goto(f"{base}/notebooks/nb7.ipynb?token={token}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content")
+            assert "/notebooks/nb7.ipynb" in page.url             # Notebook 7's own page (JupyterLab lives under /lab)
+            # run the first cell until the kernel has taken it (Notebook 7 has no status-bar text to wait for)
+            first = page.locator(".jp-Cell").first
+            for _ in range(30):
+                first.locator(".jp-InputPrompt").click()
+                page.keyboard.press("Control+Enter")
+                try:
+                    page.wait_for_function("() => /\\[[0-9]+\\]/.test(document.querySelector('.jp-Cell .jp-InputPrompt').innerText)", timeout=5000)
+                    break
+                except Exception:
+                    continue
+            first.locator(".jp-InputPrompt").click()
+            for _ in range(3):
+                page.keyboard.press("Shift+Enter")
+                time.sleep(0.3)
+            page.wait_for_selector(".ftkit-form >> nth=1")
+            form, form2 = page.locator(".ftkit-form").nth(0), page.locator(".ftkit-form").nth(1)
+            form.locator(".ftkit-form-status :text('valid config')").wait_for()
+            form.locator(".lm-TabBar-tab", has_text="training").click()
+            steps = form.locator(".ftkit-field-max_steps input")
+            steps.fill("7"); steps.press("Tab")
+            form.locator(".ftkit-create-cell").click()
+            page.wait_for_selector(".ftkit-form[data-inserted]", state="attached")
+            assert form.get_attribute("data-inserted") == "keys", form.get_attribute("data-inserted")
+            page.wait_for_function("() => [...document.querySelectorAll('.jp-Cell .cm-content')]"
+                                   ".some(e => e.innerText.includes('%%finetune train') && e.innerText.includes('max_steps: 7'))")
+            assert not form.locator(".ftkit-copy").is_visible()
+            page.locator(".jp-Cell .cm-content", has_text="%%finetune train").first.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "browser_nb7_created_cell.png"))
+
+            # where a front end cannot insert cells: the cell text and a Copy button that copies it
+            n_cells = page.locator(".jp-Cell").count()
+            form2.scroll_into_view_if_needed()
+            form2.locator(".ftkit-create-cell").click()
+            box = form2.locator(".ftkit-copy")
+            box.wait_for(state="visible")
+            text = box.locator("textarea").input_value()
+            assert text.startswith("%%finetune train --name copied\n") and "lora_r: 16" in text
+            box.locator(".ftkit-copy-button").click()
+            page.wait_for_selector(".ftkit-copy[data-copied]")
+            assert box.locator(".ftkit-copy-button").inner_text() == "Copied"
+            assert page.evaluate("() => navigator.clipboard.readText()") == text
+            assert page.locator(".jp-Cell").count() == n_cells                       # nothing was inserted
+            box.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "browser_form_fallback.png"))
+        finally:
+            page.screenshot(path=str(ARTIFACTS / "browser_nb7_last.png"))
             browser.close()
