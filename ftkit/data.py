@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from .prompts.registry import RowError, resolve_type
-from .config import opt
+from . import guard
+from .config import DatasetEntry, FinetuneConfig
 from .errors import FtkitError
 
 # %% auto #0
@@ -78,8 +79,8 @@ def _load_files(files: list[Path], ds_type: str | None, where: str):
     except Exception as e:
         raise DataError(f"the files of this dataset have different columns: {e}", where, "load them as separate dataset entries") from None
 
-def _data_files(root: Path, entry) -> list[Path]:
-    df = opt(entry, "data_files")
+def _data_files(root: Path, entry: DatasetEntry) -> list[Path]:
+    df = entry.data_files
     if df:
         df = [df] if isinstance(df, str) else list(df)
         out = []
@@ -90,7 +91,7 @@ def _data_files(root: Path, entry) -> list[Path]:
                 if not h.exists(): raise DataError(f"data file {x} does not exist", f"{root}", "fix data_files")
                 out.append(h)
         return out
-    ds_type = opt(entry, "ds_type")
+    ds_type = entry.ds_type
     return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
                   and (EXT_TYPES.get(p.suffix.lower()) == ds_type if ds_type else p.suffix.lower() in EXT_TYPES))
 
@@ -112,20 +113,20 @@ def _split(d, split, where):
         return d[split]
     return d
 
-def load_source(entry, idx: int = 0, group: str = "datasets"):
+def load_source(entry: DatasetEntry, idx: int = 0, group: str = "datasets"):
     "`(dataset, bounds)` for one dataset entry; bounds are `(file, first_row)` for local files."
     import datasets
     where = _where(idx, group)
-    path = opt(entry, "path")
+    path = entry.path
     if not path: raise DataError("the dataset entry has no path", where, "add path: (a file, a folder or a Hub id)")
     path = str(path); p = Path(path).expanduser()
-    split, name = opt(entry, "split"), opt(entry, "name")
-    if p.is_file(): return _load_files([p], opt(entry, "ds_type"), where)
+    split, name = entry.split, entry.name
+    if p.is_file(): return _load_files([p], entry.ds_type, where)
     if p.is_dir():
         if _is_saved_dataset(p):
             return _split(datasets.load_from_disk(str(p)), split, where), [(str(p), 0)]
-        return _load_files(_data_files(p, entry), opt(entry, "ds_type"), where)
-    if path in BUILDERS and opt(entry, "data_files"):
+        return _load_files(_data_files(p, entry), entry.ds_type, where)
+    if path in BUILDERS and entry.data_files:
         return _load_files(_data_files(Path("."), entry), path, where)
     remote = re.match(r"^[a-z][a-z0-9+.-]*://", path) is not None
     looks_local = path.startswith((".", "/", "~")) or (Path(path).suffix.lower() in EXT_TYPES and not remote)
@@ -140,10 +141,10 @@ def load_source(entry, idx: int = 0, group: str = "datasets"):
                             "or the raw .jsonl files) and point path: at the local copy")
     try:
         if path.startswith("http"):
-            kind = opt(entry, "ds_type") or EXT_TYPES.get(Path(path.split("?")[0]).suffix.lower(), "json")
+            kind = entry.ds_type or EXT_TYPES.get(Path(path.split("?")[0]).suffix.lower(), "json")
             return datasets.load_dataset(kind, data_files=path, split="train"), [(path, 0)]
-        kw = dict(name=name, data_files=opt(entry, "data_files"), revision=opt(entry, "revision"))
-        if opt(entry, "trust_remote_code"): kw["trust_remote_code"] = True
+        kw = dict(name=name, data_files=entry.data_files, revision=entry.revision)
+        if entry.trust_remote_code: kw["trust_remote_code"] = True
         d = datasets.load_dataset(path, **{k: v for k, v in kw.items() if v is not None})
         return _split(d, split, where), [(path, 0)]
     except DataError: raise
@@ -163,18 +164,18 @@ def fingerprint_file(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
     return h.hexdigest()
 
-def fingerprint_path(entry) -> dict:
+def fingerprint_path(entry: DatasetEntry) -> dict:
     "Content hashes of a local dataset's files (or the remote id and revision)."
-    path = str(opt(entry, "path", "")); p = Path(path).expanduser()
+    path = str(entry.path or ""); p = Path(path).expanduser()
     if p.is_file(): return {p.name: fingerprint_file(p)}
     if p.is_dir():
         # (datasets writes its own `cache-*.arrow` files next to a saved dataset: not part of the data)
         files = (sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith("cache-")) if _is_saved_dataset(p)
                  else _data_files(p, entry))
         return {str(f.relative_to(p)): fingerprint_file(f) for f in files}
-    if path in BUILDERS and opt(entry, "data_files"):
+    if path in BUILDERS and entry.data_files:
         return {str(f): fingerprint_file(f) for f in _data_files(Path("."), entry)}
-    return {"remote": path, "revision": opt(entry, "revision")}
+    return {"remote": path, "revision": entry.revision}
 
 def tokenizer_fingerprint(tok) -> str:
     backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
@@ -213,7 +214,8 @@ def _features():
                      "_row": Value("int64"), "_len": Value("int32"), "_ntrain": Value("int32"), "_nterm": Value("int32"),
                      "_trunc": Value("bool")})
 
-def _tokenize_fn(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=False, term_ids=()):
+def _tokenize_fn(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=False, term_ids=(), main_pid=None):
+    guard.die_with_parent(main_pid)       # a worker of a killed run exits with it (ftkit.guard), never orphaned
     keys = list(batch)
     rows = [{k: batch[k][i] for k in keys} for i in range(len(idxs))]
     out = {k: [] for k in ["input_ids", "attention_mask", "labels"] + _META}
@@ -313,15 +315,16 @@ class PreparedData:
     def __repr__(self):
         return f"PreparedData(train={len(self.train)} rows, eval={len(self.eval) if self.eval is not None else 0} rows, cache={self.cache_path})"
 
-def _entries(cfg, group):
-    return list(opt(cfg, group, []) or [])
+def _entries(cfg: FinetuneConfig, group: str) -> list[DatasetEntry]:
+    "The entries of `datasets` or `test_datasets`."
+    return list((cfg.test_datasets if group == "test_datasets" else cfg.datasets) or [])
 
-def _num_proc(cfg, n_rows):
-    n = opt(cfg, "dataset_num_proc") or min(os.cpu_count() or 1, 8)
+def _num_proc(cfg: FinetuneConfig, n_rows: int):
+    n = cfg.dataset_num_proc or min(os.cpu_count() or 1, 8)
     return max(1, min(int(n), max(1, n_rows // 1000)))     # tiny datasets: one process is faster
 
-def _strategy(tok, entry, cfg, where):
-    try: spec = resolve_type(opt(entry, "type"))
+def _strategy(tok, entry: DatasetEntry, cfg: FinetuneConfig, where: str):
+    try: spec = resolve_type(entry.type)
     except KeyError as e: raise DataError(str(e).strip("'\""), f"{where}.type", "use one of the known types") from None
     try: return spec, spec.build(tok, entry, cfg)
     except (ValueError, KeyError) as e: raise DataError(str(e).strip("'\""), f"{where}", "fix the dataset entry") from None
@@ -331,10 +334,10 @@ def _term_ids(tok, strategies):
     for s in strategies: ids |= set(getattr(s, "eot_ids", set()) or set())
     return ids
 
-def cache_key(cfg, tok, groups=("datasets", "test_datasets")) -> tuple[str, dict]:
+def cache_key(cfg: FinetuneConfig, tok, groups=("datasets", "test_datasets")) -> tuple[str, dict]:
     "`(hash, inputs)`: the cache key and the (JSON-able) inputs it was computed from."
     inputs = {"format": 1, "code": code_fingerprint(), "tokenizer": tokenizer_fingerprint(tok),
-              "global": {k: _jsonable(opt(cfg, k)) for k in GLOBAL_KEYS}}
+              "global": {k: _jsonable(getattr(cfg, k)) for k in GLOBAL_KEYS}}
     for g in groups:
         items = []
         for i, e in enumerate(_entries(cfg, g)):
@@ -344,7 +347,7 @@ def cache_key(cfg, tok, groups=("datasets", "test_datasets")) -> tuple[str, dict
         inputs[g] = items
     return _h(json.dumps(inputs, sort_keys=True)), inputs
 
-def _process_group(cfg, tok, group, report, strict, max_len, key=""):
+def _process_group(cfg: FinetuneConfig, tok, group, report, strict, max_len, key=""):
     import datasets
     parts, strategies = [], []
     for i, entry in enumerate(_entries(cfg, group)):
@@ -352,16 +355,16 @@ def _process_group(cfg, tok, group, report, strict, max_len, key=""):
         spec, strat = _strategy(tok, entry, cfg, where)
         strategies.append(strat)
         raw, bounds = load_source(entry, i, group)
-        if opt(entry, "shards"):
-            raw = raw.shard(num_shards=int(opt(entry, "shards")), index=int(opt(entry, "shards_idx", 0)), contiguous=True)
+        if entry.shards:
+            raw = raw.shard(num_shards=int(entry.shards), index=entry.shards_idx or 0, contiguous=True)
         n_in = len(raw)
         cols = raw.column_names
         np_ = _num_proc(cfg, n_in)
-        trunc = (opt(cfg, "excess_length_strategy") or "drop") == "truncate"
-        min_len = opt(cfg, "min_sample_len"); min_len = 2 if min_len is None else int(min_len)
+        trunc = cfg.excess_length_strategy == "truncate"
+        min_len = cfg.min_sample_len
         tok_ds = raw.map(_tokenize_fn, batched=True, batch_size=256, with_indices=True, remove_columns=cols, num_proc=np_,
                          features=_features(), desc=f"tokenizing {where}",
-                         fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=min_len, truncate=trunc,
+                         fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=min_len, truncate=trunc, main_pid=os.getpid(),
                                         term_ids=tuple(_term_ids(tok, [strat]))),
                          # the cache key covers everything this map depends on, so datasets may reuse its own cache file
                          new_fingerprint=_h("tok", key, where) if key else None)
@@ -387,16 +390,14 @@ def _process_group(cfg, tok, group, report, strict, max_len, key=""):
                                    num_proc=np_ if len(tok_ds) > 20000 else None)
         for k, v in counts.items(): report.dropped[k] = report.dropped.get(k, 0) + v
         report.rows_in += n_in
-        report.datasets.append({"where": where, "path": str(opt(entry, "path")), "type": spec.name if spec.name != "user_defined" else "user-defined",
+        report.datasets.append({"where": where, "path": str(entry.path), "type": spec.name if spec.name != "user_defined" else "user-defined",
                                 "rows_in": n_in, "samples_out": len(tok_ds), "dropped": dict(counts)})
-        if opt(cfg, "shuffle_before_merging_datasets") and group == "datasets":
-            tok_ds = tok_ds.shuffle(seed=_seed(cfg))
+        if cfg.shuffle_before_merging_datasets and group == "datasets":
+            tok_ds = tok_ds.shuffle(seed=cfg.seed)
         parts.append(tok_ds)
     if not parts: return None, strategies
     merged = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return merged, strategies
-
-def _seed(cfg): s = opt(cfg, "seed"); return 42 if s is None else int(s)
 
 def _dedup(ds):
     seen, keep = set(), []
@@ -448,34 +449,39 @@ def detect_template_eot(strategy) -> str | None:
             if t and tail.startswith(t, k) and t != tok.bos_token: return t
     return None
 
-def prepare(cfg, tokenizer, *, use_cache: bool = True, quiet: bool = False) -> PreparedData:
+def prepare(cfg: FinetuneConfig, tokenizer, *, use_cache: bool = True, quiet: bool = False) -> PreparedData:
     "Load, tokenize, filter, merge, cache and split the datasets of `cfg` (`quiet` hides progress bars)."
     import datasets
     from datasets.utils import logging as dlog
     was_on = dlog.is_progress_bar_enabled()
     if quiet: dlog.disable_progress_bar()
-    try: return _prepare(cfg, tokenizer, use_cache)
+    root = Path(cfg.dataset_prepared_path).expanduser()
+    lock = guard.FileLock(root / ".lock", "dataset cache").acquire(wait=True, quiet=quiet) if use_cache else None
+    try:                                  # one preparation at a time per cache folder (an OS lock: gone with its process)
+        if use_cache: guard.remove_stale_temps(root, quiet)
+        return _prepare(cfg, tokenizer, use_cache)
     finally:
+        if lock is not None: lock.release()
         if quiet and was_on: dlog.enable_progress_bar()
 
-def _prepare(cfg, tokenizer, use_cache) -> PreparedData:
+def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
     import datasets
     t0 = time.time()
     if not _entries(cfg, "datasets"):
-        if opt(cfg, "pretraining_dataset"):
+        if cfg.pretraining_dataset:
             raise DataError("pretraining_dataset (streamed) is not prepared ahead of time", "pretraining_dataset",
                             "use a `type: completion` entry under datasets: to tokenize raw text ahead of time")
         raise DataError("the config has no datasets", "datasets", "add a datasets: list with at least one entry (path, type)")
-    if opt(cfg, "skip_prepare_dataset"):
+    if cfg.skip_prepare_dataset:
         raise DataError("skip_prepare_dataset is set, so the data is tokenized during training, not prepared ahead",
                         "skip_prepare_dataset", "remove skip_prepare_dataset to prepare (and cache) the data")
     key, inputs = cache_key(cfg, tokenizer)
-    root = Path(opt(cfg, "dataset_prepared_path") or "last_run_prepared").expanduser()
+    root = Path(cfg.dataset_prepared_path).expanduser()
     cache = root / key
-    strict = bool(opt(cfg, "strict", False))
-    max_len = int(opt(cfg, "sequence_len", 2048))
+    strict = bool(cfg.strict)
+    max_len = cfg.sequence_len
     strategies = [_strategy(tokenizer, e, cfg, _where(i))[1] for i, e in enumerate(_entries(cfg, "datasets"))]
-    if use_cache and (cache / "train" / "state.json").exists() and (cache / "report.json").exists():
+    if use_cache and guard.is_complete(cache):             # the completion marker, not just the folder
         train = datasets.load_from_disk(str(cache / "train"))
         test = datasets.load_from_disk(str(cache / "test")) if (cache / "test").exists() else None
         rep = Report(**{k: v for k, v in json.loads((cache / "report.json").read_text()).items() if k in Report.__dataclass_fields__})
@@ -486,12 +492,12 @@ def _prepare(cfg, tokenizer, use_cache) -> PreparedData:
         train, strategies = _process_group(cfg, tokenizer, "datasets", rep, strict, max_len, key)
         test = None
         if _entries(cfg, "test_datasets"):
-            test, _ = _process_group(cfg, tokenizer, "test_datasets", rep, strict, int(opt(cfg, "eval_sequence_len") or max_len), key)
-        if opt(cfg, "dataset_exact_deduplication"):
+            test, _ = _process_group(cfg, tokenizer, "test_datasets", rep, strict, int(cfg.eval_sequence_len or max_len), key)
+        if cfg.dataset_exact_deduplication:
             train, n = _dedup(train); rep.deduplicated += n
             if test is not None: test, n = _dedup(test); rep.deduplicated += n
-        if opt(cfg, "shuffle_merged_datasets", True) is not False:
-            train = train.shuffle(seed=_seed(cfg))
+        if cfg.shuffle_merged_datasets is not False:
+            train = train.shuffle(seed=cfg.seed)
         _stats(train, rep, tokenizer, strategies)
         rep.warnings += template_eot_warnings(tokenizer, strategies)
         if len(train) == 0:
@@ -503,28 +509,25 @@ def _prepare(cfg, tokenizer, use_cache) -> PreparedData:
         if test is not None: test = test.remove_columns(_META)
         rep.samples_out = len(train); rep.rows_out = len(train)
         if use_cache:
-            tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir(parents=True, exist_ok=True)
-            train.save_to_disk(str(tmp / "train"), num_shards=opt(cfg, "num_dataset_shards_to_save"))
-            if test is not None: test.save_to_disk(str(tmp / "test"))
-            (tmp / "inputs.json").write_text(json.dumps(inputs, indent=1, sort_keys=True, default=str))
             rep.cache_path = str(cache)
-            (tmp / "report.json").write_text(json.dumps(rep.as_dict(), default=str))
-            if cache.exists(): shutil.rmtree(cache)
-            os.replace(tmp, cache)
+            with guard.atomic_dir(cache, key=key) as tmp:     # written aside, marked complete, renamed into place
+                train.save_to_disk(str(tmp / "train"), num_shards=cfg.num_dataset_shards_to_save)
+                if test is not None: test.save_to_disk(str(tmp / "test"))
+                (tmp / "inputs.json").write_text(json.dumps(inputs, indent=1, sort_keys=True, default=str))
+                (tmp / "report.json").write_text(json.dumps(rep.as_dict(), default=str))
             train = datasets.load_from_disk(str(cache / "train"))
             if test is not None: test = datasets.load_from_disk(str(cache / "test"))
     # split and shard: after the cache, so the cache holds the unsplit data
     eval_ds = test
-    vs = float(opt(cfg, "val_set_size", 0) or 0)
+    vs = float(cfg.val_set_size or 0)
     if eval_ds is None and vs > 0:
         n = int(vs) if vs > 1 else max(1, int(round(len(train) * vs)))
         if n >= len(train): raise DataError(f"val_set_size {vs:g} leaves no training rows ({len(train)} rows)", "val_set_size",
                                             "use a smaller fraction or row count")
         sp = train.train_test_split(test_size=n, shuffle=False)
         train, eval_ds = sp["train"], sp["test"]
-    if opt(cfg, "dataset_shard_num"):
-        train = train.shard(num_shards=int(opt(cfg, "dataset_shard_num")), index=int(opt(cfg, "dataset_shard_idx", 0)), contiguous=True)
+    if cfg.dataset_shard_num:
+        train = train.shard(num_shards=int(cfg.dataset_shard_num), index=cfg.dataset_shard_idx or 0, contiguous=True)
     rep.train_rows, rep.eval_rows = len(train), (len(eval_ds) if eval_ds is not None else 0)
     rep.cache_path = str(cache) if use_cache else ""
     rep.seconds = time.time() - t0
@@ -536,7 +539,7 @@ def preprocess_main(cfg, debug: bool = False, num_examples: int = 1, *, text_onl
     "Prepare the data of `cfg` (path, YAML text, dict or FinetuneConfig), print the report and optional debug rows."
     import sys
     file = file or sys.stdout
-    if not hasattr(cfg, "datasets") or isinstance(cfg, dict):
+    if not isinstance(cfg, FinetuneConfig):                # the CLI's door: a path, YAML text or dict is validated here
         from ftkit.config import load
         cfg = load(cfg)
     if tokenizer is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .prompts.registry import RowError
-from .config import opt
+from .config import FinetuneConfig
 from .errors import FtkitError
 from .prompts.chat_template import ChatOptions, to_messages, compile_template, template_vars, resolve_template, entry_dict
 
@@ -32,17 +32,17 @@ class AdapterError(InferError):
 # %% ../nbs/08_infer.ipynb #ea854a98
 _CHAT_TYPES = ("chat_template", "sharegpt", "chat_template.default", "chat_template.argilla", "bradley_terry.chat_template")
 
-def _template_entry(cfg) -> tuple[dict, str | None]:
+def _template_entry(cfg: FinetuneConfig | None) -> tuple[dict, str | None]:
     "The dataset entry whose template inference should use, and a preset template name (chatml/llama3 RL families)."
-    for ds in list(opt(cfg, "datasets", []) or []):
-        t = opt(ds, "type")
+    for ds in (cfg.datasets if cfg is not None else None) or []:
+        t = ds.type
         if not isinstance(t, str): continue
         fam = t.split(".")[0]
         if t in _CHAT_TYPES: return entry_dict(ds), None
         if fam in ("chatml", "llama3") and "." in t: return entry_dict(ds), fam
     return {}, None
 
-def training_template(cfg, tokenizer) -> tuple[str, str]:
+def training_template(cfg: FinetuneConfig | None, tokenizer) -> tuple[str, str]:
     "`(name, jinja)` of the chat template the config trains with."
     ds, preset = _template_entry(cfg)
     if preset and not ds.get("chat_template"): ds = {**ds, "chat_template": preset}
@@ -51,13 +51,12 @@ def training_template(cfg, tokenizer) -> tuple[str, str]:
 
 class Prompter:
     "Inference prompts rendered exactly like the training rows of `cfg`."
-    def __init__(self, tokenizer, cfg=None):
+    def __init__(self, tokenizer, cfg: FinetuneConfig | None = None):
         self.tok, self.cfg = tokenizer, cfg
         ds, _ = _template_entry(cfg)
         keep = {k: v for k, v in ds.items() if k in ("roles", "drop_system_message", "field_system", "field_tools",
                                                       "field_thinking", "template_thinking_key", "split_thinking")}
-        c = {k: opt(cfg, k) for k in ("chat_template_kwargs", "default_system_message", "eot_tokens") if opt(cfg, k) is not None}
-        self.o = ChatOptions.from_config({**keep, "field_messages": "messages"}, c)
+        self.o = ChatOptions.from_config({**keep, "field_messages": "messages"}, cfg)
         self.template_name, self.template = training_template(cfg, tokenizer)
         self.tpl, self.tvars = compile_template(self.template), template_vars(tokenizer)
 
@@ -91,7 +90,7 @@ def _adapter_weights(folder: Path) -> dict:
     raise AdapterError(f"lora_model_dir {folder}: no adapter weights (adapter_model.safetensors) in the folder; "
                        "it holds " + (", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"))
 
-def check_adapter(folder, model, cfg=None) -> dict:
+def check_adapter(folder, model, cfg: FinetuneConfig | None = None) -> dict:
     "Check a LoRA folder against `model` (and the config's `lora_r`); returns its adapter_config. Raises `AdapterError`."
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -104,7 +103,7 @@ def check_adapter(folder, model, cfg=None) -> dict:
                            + (" (it holds a full model: use --base-model for it instead)" if full else "") + ".")
     acfg = json.loads(cf.read_text())
     r = acfg.get("r")
-    want = opt(cfg, "lora_r")
+    want = cfg.lora_r if cfg is not None and "lora_r" in cfg.model_fields_set else None   # only a rank the config names
     if want is not None and r is not None and int(want) != int(r):
         raise AdapterError(f"lora_model_dir {folder}: the adapter has rank r={r} but the config says lora_r: {want}. "
                            "Use the config the adapter was trained with, or set lora_r to match.")
@@ -137,29 +136,29 @@ def _has_model(folder) -> bool:
     f = Path(folder).expanduser()
     return (f / "config.json").exists() and any(f.glob("*.safetensors")) and not (f / "adapter_config.json").exists()
 
-def inference_config(cfg, base_model: str | None = None, **overrides):
+def inference_config(cfg: FinetuneConfig, base_model: str | None = None, **overrides):
     "The config with adapter / quantization keys adjusted for loading a trained model (`base_model` replaces the base)."
     from ftkit.config import load
     o = dict(overrides)
     if base_model: o["base_model"] = str(base_model); o.setdefault("gguf_file", None)
     return load(cfg, o) if o else load(cfg)
 
-def load_for_inference(cfg, lora_model_dir: str | None = None, base_model: str | None = None, *, quiet: bool = False):
+def load_for_inference(cfg: FinetuneConfig, lora_model_dir: str | None = None, base_model: str | None = None, *, quiet: bool = False):
     "`(model, tokenizer, what)`: the trained model of `cfg` in eval mode; `what` says where it came from."
     from ftkit.models import load_tokenizer, load_model
     import torch
-    out = opt(cfg, "output_dir")
-    if base_model is None and not lora_model_dir and not opt(cfg, "adapter") and out and _has_model(out):
+    out = cfg.output_dir
+    if base_model is None and not lora_model_dir and not cfg.adapter and out and _has_model(out):
         base_model = out                     # a full fine-tune saved its model in output_dir
     c = inference_config(cfg, base_model, load_in_4bit=False, load_in_8bit=False, adapter=None) if not torch.cuda.is_available() \
         else inference_config(cfg, base_model)
     tok = load_tokenizer(c, quiet=True)
     model = load_model(c, tok, quiet=True)
-    what = f"model {base_model or opt(cfg, 'base_model') or 'embedded SmolLM2-135M-Instruct'}"
-    lora = lora_model_dir or (opt(cfg, "lora_model_dir") if opt(cfg, "adapter") else None) or \
-        (out if opt(cfg, "adapter") and out and Path(out, "adapter_config.json").exists() else None)
-    if opt(cfg, "adapter") and not lora:
-        raise AdapterError(f"lora_model_dir {lora_model_dir or opt(cfg, 'lora_model_dir') or out}: no adapter found "
+    what = f"model {base_model or cfg.base_model or 'embedded SmolLM2-135M-Instruct'}"
+    lora = lora_model_dir or (cfg.lora_model_dir if cfg.adapter else None) or \
+        (out if cfg.adapter and out and Path(out, "adapter_config.json").exists() else None)
+    if cfg.adapter and not lora:
+        raise AdapterError(f"lora_model_dir {lora_model_dir or cfg.lora_model_dir or out}: no adapter found "
                            "(no adapter_config.json in output_dir). Train first, or pass --lora-model-dir.")
     if lora:
         from peft import PeftModel
@@ -173,7 +172,7 @@ def load_for_inference(cfg, lora_model_dir: str | None = None, base_model: str |
 # %% ../nbs/08_infer.ipynb #30f15053
 _LOADED: dict = {}
 
-def _model_for(cfg, model, tokenizer):
+def _model_for(cfg: FinetuneConfig | None, model, tokenizer):
     if model is not None and tokenizer is not None: return model, tokenizer
     key = id(cfg)
     if key not in _LOADED:
@@ -191,14 +190,14 @@ def _gen_kwargs(tokenizer, max_new_tokens, temperature, top_p, top_k, repetition
     if repetition_penalty: kw["repetition_penalty"] = repetition_penalty
     return kw
 
-def _stop_ids(tokenizer, cfg) -> list[int]:
+def _stop_ids(tokenizer, cfg: FinetuneConfig | None) -> list[int]:
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for t in (opt(cfg, "eot_tokens") or []):
+    for t in (cfg.eot_tokens if cfg is not None else None) or []:
         e = tokenizer.encode(t, add_special_tokens=False)
         if len(e) == 1 and e[0] not in ids: ids.append(e[0])
     return ids
 
-def generate(cfg, prompt, *, model=None, tokenizer=None, max_new_tokens: int = 256, temperature: float = 0.0,
+def generate(cfg: FinetuneConfig | None, prompt, *, model=None, tokenizer=None, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int | None = None, repetition_penalty: float | None = None, stream: bool = False,
              raw: bool = False, prompter: Prompter | None = None):
     "The model's reply to `prompt` (text or messages), rendered with the training chat template; an iterator when `stream`."
@@ -231,7 +230,7 @@ def _stream(model, tokenizer, kw) -> Iterator[str]:
 
 class Chat:
     "A conversation with the model: `chat('Hi')` replies and remembers; `stream=True` prints as it generates."
-    def __init__(self, cfg=None, model=None, tokenizer=None, system: str | None = None, **gen):
+    def __init__(self, cfg: FinetuneConfig | None = None, model=None, tokenizer=None, system: str | None = None, **gen):
         self.cfg = cfg
         self.model, self.tokenizer = _model_for(cfg, model, tokenizer)
         self.prompter, self.gen = Prompter(self.tokenizer, cfg), gen
@@ -250,7 +249,7 @@ class Chat:
 
     def reset(self): self.history = [m for m in self.history if m["role"] == "system"]
 
-def chat(cfg=None, model=None, tokenizer=None, **kw) -> Chat:
+def chat(cfg: FinetuneConfig | None = None, model=None, tokenizer=None, **kw) -> Chat:
     "A `Chat` with the trained model of `cfg` (or the given model and tokenizer)."
     return Chat(cfg, model, tokenizer, **kw)
 
@@ -263,23 +262,23 @@ class MergeResult:
     seconds: float
     def __str__(self): return f"merged {self.adapter} into {self.base} -> {self.output_dir} ({self.seconds:.1f}s)"
 
-def merge(cfg, lora_model_dir: str | None = None, output_dir: str | None = None, *, base_model: str | None = None,
+def merge(cfg: FinetuneConfig, lora_model_dir: str | None = None, output_dir: str | None = None, *, base_model: str | None = None,
           quiet: bool = False) -> MergeResult:
     "Merge the LoRA/QLoRA adapter of `cfg` into its base and save to `{output_dir}/merged`."
     import torch
     from ftkit.models import load_tokenizer, load_model
     t0 = time.time()
-    lora = lora_model_dir or opt(cfg, "lora_model_dir") or opt(cfg, "output_dir")
-    out = Path(output_dir or Path(opt(cfg, "output_dir", "./model-out")) / "merged").expanduser()
-    cpu = bool(opt(cfg, "lora_on_cpu")) or not torch.cuda.is_available()
+    lora = lora_model_dir or cfg.lora_model_dir or cfg.output_dir
+    out = Path(output_dir or Path(cfg.output_dir) / "merged").expanduser()
+    cpu = bool(cfg.lora_on_cpu) or not torch.cuda.is_available()
     ov = dict(adapter=None, load_in_4bit=False, load_in_8bit=False, flash_attention=None, sample_packing=None, lora_model_dir=None)
     c = inference_config(cfg, base_model, **ov)
     tok = load_tokenizer(c, quiet=True)
     _, tmpl = training_template(cfg, tok)
     tok.chat_template = tmpl
     kw = {"device_map": "cpu"} if cpu else {"device_map": {"": 0}}
-    if not cpu and opt(cfg, "gpu_memory_limit") is not None:
-        lim = opt(cfg, "gpu_memory_limit"); kw = {"device_map": "auto", "max_memory": {0: f"{lim}GiB" if isinstance(lim, int) else lim, "cpu": "1000GiB"}}
+    if not cpu and cfg.gpu_memory_limit is not None:
+        lim = cfg.gpu_memory_limit; kw = {"device_map": "auto", "max_memory": {0: f"{lim}GiB" if isinstance(lim, int) else lim, "cpu": "1000GiB"}}
     model = load_model(c, tok, quiet=True, **kw)
     check_adapter(lora, model, cfg)
     from peft import PeftModel
@@ -288,7 +287,7 @@ def merge(cfg, lora_model_dir: str | None = None, output_dir: str | None = None,
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     if not (out / "chat_template.jinja").exists(): (out / "chat_template.jinja").write_text(tmpl)
-    res = MergeResult(str(out), str(lora), str(base_model or opt(cfg, "base_model") or "embedded SmolLM2-135M-Instruct"), time.time() - t0)
+    res = MergeResult(str(out), str(lora), str(base_model or cfg.base_model or "embedded SmolLM2-135M-Instruct"), time.time() - t0)
     if not quiet: print(res, file=sys.stderr)
     return res
 
@@ -349,14 +348,14 @@ def _rows(ds) -> list[dict]:
     cols = [c for c in ("input_ids", "labels") if c in ds.column_names]
     return [dict(zip(cols, v)) for v in zip(*(ds[c] for c in cols))]
 
-def evaluate(cfg, model=None, tokenizer=None, data=None, *, train: bool = False, lora_model_dir: str | None = None,
+def evaluate(cfg: FinetuneConfig, model=None, tokenizer=None, data=None, *, train: bool = False, lora_model_dir: str | None = None,
              base_model: str | None = None, batch_size: int | None = None, max_samples: int | None = None,
              save: bool = False) -> EvalReport:
     "Eval loss and perplexity (and train, with `train=True`) of the trained model of `cfg`."
     if model is None or tokenizer is None:
         model, tokenizer, what = load_for_inference(cfg, lora_model_dir, base_model, quiet=True)
     else: what = "model in memory"
-    bs = batch_size or opt(cfg, "eval_batch_size") or opt(cfg, "micro_batch_size") or 8
+    bs = batch_size or cfg.eval_batch_size or cfg.micro_batch_size or 8
     from ftkit.rl import rl_mode
     mode = rl_mode(cfg)
     splits = ["eval"] + (["train"] if train else [])
@@ -390,7 +389,7 @@ def evaluate(cfg, model=None, tokenizer=None, data=None, *, train: bool = False,
                          "(--train / train=True)")
     rep = EvalReport(rows, what)
     if save:
-        od = Path(opt(cfg, "output_dir", "./model-out")); od.mkdir(parents=True, exist_ok=True)
+        od = Path(cfg.output_dir); od.mkdir(parents=True, exist_ok=True)
         (od / "eval_metrics.json").write_text(json.dumps(dict(rep), indent=1))
     return rep
 

@@ -4,6 +4,7 @@ import json
 import pytest
 import ftkit_test_tokenizers as T
 from ftkit.data import prepare, DataError, cache_key, preprocess_main
+from helpers import make_cfg
 
 def conv(i, a=None):
     return {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": a or f"Answer {i}."}]}
@@ -23,7 +24,7 @@ def mk(tmp_path, path, **kw):
     return {"datasets": [ds], "sequence_len": 128, "dataset_prepared_path": str(tmp_path / "prep"),
             "shuffle_merged_datasets": False, **kw}
 
-def run(cfg, tok, **kw): return prepare(cfg, tok, quiet=True, **kw)
+def run(cfg, tok, **kw): return prepare(make_cfg(**cfg), tok, quiet=True, **kw)
 
 # ---- loading ---------------------------------------------------------------------------------
 def test_load_formats_and_folders(tmp_path, tok):
@@ -141,8 +142,8 @@ def test_cache_hit_then_every_rule_misses(tmp_path, tok, chat):
     assert second.report.from_cache and second.cache_path == first.cache_path
     assert second.train["labels"] == first.train["labels"]
     assert run({**base, "val_set_size": 2}, tok).report.from_cache            # split happens after the cache
-    k0 = cache_key(base, tok)[0]
-    def key(cfg, t=tok): return cache_key(cfg, t)[0]
+    k0 = cache_key(make_cfg(**base), tok)[0]
+    def key(cfg, t=tok): return cache_key(make_cfg(**cfg), t)[0]
     changed = {
         "sequence_len": {**base, "sequence_len": 256},
         "train_on_inputs": {**base, "train_on_inputs": True},
@@ -206,8 +207,8 @@ def test_warning_eos_never_trained_and_template_eot(tmp_path, chat):
 
 def test_num_proc_parity(tmp_path, tok):
     p = write_jsonl(tmp_path / "many.jsonl", [conv(i) for i in range(2500)])
-    one = prepare(mk(tmp_path, p, dataset_num_proc=1), tok, quiet=True, use_cache=False)
-    two = prepare(mk(tmp_path, p, dataset_num_proc=2), tok, quiet=True, use_cache=False)
+    one = prepare(make_cfg(**mk(tmp_path, p, dataset_num_proc=1)), tok, quiet=True, use_cache=False)
+    two = prepare(make_cfg(**mk(tmp_path, p, dataset_num_proc=2)), tok, quiet=True, use_cache=False)
     assert one.train["input_ids"] == two.train["input_ids"] and one.train["labels"] == two.train["labels"]
 
 def test_preprocess_main_with_real_config(tmp_path, tok, chat, capsys):

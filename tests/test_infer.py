@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ftkit.config import load
+from helpers import make_cfg
 from ftkit.infer import (AdapterError, InferError, Prompter, check_adapter, evaluate, evaluate_main, generate, inference_main,
                          load_for_inference, merge, merge_main)
 
@@ -14,7 +15,7 @@ from ftkit.infer import (AdapterError, InferError, Prompter, check_adapter, eval
 @pytest.fixture(scope="session")
 def tok():
     from ftkit.models import load_tokenizer
-    return load_tokenizer({}, quiet=True)
+    return load_tokenizer(make_cfg(), quiet=True)
 
 
 def tiny_base(tok, folder: Path, hidden=32, seed=0) -> str:
@@ -47,9 +48,9 @@ CONV = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": 
 def test_inference_prompt_equals_training_prompt(tok, template):
     "The prompt tokens at inference are the masked prompt tokens of the training row that ends with the reply."
     from ftkit.prompts.registry import lookup
-    cfg = {"chat_template": template, "datasets": [{"path": "x.jsonl", "type": "chat_template"}]}
+    cfg = make_cfg(chat_template=template, datasets=[{"path": "x.jsonl", "type": "chat_template"}])
     for conv in (CONV, CONV[1:3], CONV[1:]):
-        sample = lookup("chat_template").build(tok, cfg["datasets"][0], cfg).tokenize({"messages": conv})[0]
+        sample = lookup("chat_template").build(tok, cfg.datasets[0], cfg).tokenize({"messages": conv})[0]
         labels, ids = sample["labels"], sample["input_ids"]
         trained = [i for i, l in enumerate(labels) if l != -100]
         # the final reply's first trained token: the last run of trained tokens
@@ -62,8 +63,8 @@ def test_inference_prompt_equals_training_prompt(tok, template):
 def test_preference_prompt_equals_inference_prompt(tok):
     "DPO rows (chatml.* type) are rendered with the template inference uses."
     from ftkit.rl import build
-    cfg = {"rl": "dpo", "datasets": [{"path": "x.jsonl", "type": "chatml.intel"}]}
-    out = build(tok, cfg["datasets"][0], cfg, "chatml.intel").tokenize({"system": "Be terse.", "question": "2+2?", "chosen": "4", "rejected": "5"})[0]
+    cfg = make_cfg(rl="dpo", datasets=[{"path": "x.jsonl", "type": "chatml.intel"}])
+    out = build(tok, cfg.datasets[0], cfg, "chatml.intel").tokenize({"system": "Be terse.", "question": "2+2?", "chosen": "4", "rejected": "5"})[0]
     assert Prompter(tok, cfg).ids([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}]) == out["prompt_ids"]
 
 
