@@ -29,7 +29,8 @@ def expected(conv, terms, roles, mode, lead=None):
     "The trained text, built from the messages alone (the oracle)."
     lead = lead or (lambda i, m: "")
     out, last_term = [], None
-    found = [(i, terms[m["role"]]) for i, m in enumerate(conv) if terms[m["role"]]]
+    # `last` (Axolotl): the last terminator found after a *located* turn, i.e. a trained one (under turn/last)
+    found = [(i, terms[m["role"]]) for i, m in enumerate(conv) if terms[m["role"]] and m["role"] in roles]
     last_i = found[-1][0] if found else None
     for i, m in enumerate(conv):
         trains = m["role"] in roles
@@ -95,7 +96,7 @@ def test_eos_last_eot_turn_split():
 
 def test_roles_mapping_and_unknown_role():
     tok = T.smollm2()
-    s = build(tok, {"chat_template": "chatml", "field_messages": "conversations", "roles": {"assistant": ["bot"], "narrator": ["narrator"]},
+    s = build(tok, {"chat_template": "chatml", "field_messages": "conversations", "roles": {"user": ["human"], "assistant": ["bot"], "narrator": ["narrator"]},
                     "roles_to_train": ["assistant", "narrator"], "message_property_mappings": {"role": "from", "content": "value"}})
     conv = [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Yo"}, {"from": "narrator", "value": "Later."}]
     r = s.tokenize({"conversations": conv})[0]
@@ -103,6 +104,25 @@ def test_roles_mapping_and_unknown_role():
     assert "<|im_start|>narrator\n" in tok.decode(r["input_ids"])
     with pytest.raises(RowError) as e: s.tokenize({"conversations": [{"from": "alien", "value": "x"}]})
     assert e.value.reason == "unknown_role" and "alien" in e.value.detail
+
+def test_roles_to_train_names_a_dataset_alias():
+    "Axolotl maps roles_to_train through roles:, so it may name the dataset's own name for a role (issue 12)."
+    tok = T.smollm2()
+    conv = [{"from": "person", "value": "Hi"}, {"from": "bot", "value": "Yo"}, {"from": "model", "value": "Bye."}]
+    for rtt in (["bot"], ["model"], ["assistant"]):
+        s = build(tok, {"chat_template": "chatml", "field_messages": "conversations", "roles_to_train": rtt,
+                        "roles": {"user": ["person"], "assistant": ["bot", "model"]},
+                        "message_property_mappings": {"role": "from", "content": "value"}})
+        assert T.trained_text(tok, s.tokenize({"conversations": conv})[0]) == "Yo<|im_end|>Bye.<|im_end|>", rtt
+
+def test_a_given_roles_mapping_replaces_the_default():
+    "As in Axolotl, roles: replaces the default mapping: `human` is no longer `user` unless listed (ftkit then says so)."
+    tok = T.smollm2()
+    s = build(tok, {"chat_template": "chatml", "roles": {"assistant": ["bot"]}})
+    r = s.tokenize({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Yo"}]})[0]
+    assert T.trained_text(tok, r) == "Yo<|im_end|>"
+    with pytest.raises(RowError) as e: s.tokenize({"messages": [{"role": "human", "content": "Hi"}, {"role": "bot", "content": "Yo"}]})
+    assert e.value.reason == "unknown_role" and "human" in e.value.detail and "roles:" in e.value.detail
 
 def test_drop_system_and_field_system():
     tok = T.smollm2()
@@ -184,8 +204,40 @@ def test_property_trained_tokens_inside_trained_turns(conv, mode, roles, templat
             assert inside or (i == end_tok and a in ends_after), (text[a:b], a, b)
         elif b > a and any(s0 <= a and b <= e for s0, e in trained_spans):
             raise AssertionError(f"token {text[a:b]!r} inside a trained content is masked")
-    # the terminators, per mode (a turn whose content is empty trains nothing when the template
-    # branches on emptiness; chatml and llama3 do not, so every turn has its terminator)
+    # the terminators, per mode, as Axolotl 0.19.0 trains them: a turn whose content renders empty
+    # trains nothing, not even its terminator; `last` is the last terminator of a trained turn
     term_labels = [l for i, l in zip(r["input_ids"], r["labels"]) if i == end_tok]
-    want = [(m["role"] in roles) if mode == "turn" else True if mode == "all" else (k == len(conv) - 1) for k, m in enumerate(conv)]
+    located = [b > a and (m["role"] in roles or mode == "all") for m, (a, b) in zip(conv, spans)]
+    last_k = max((k for k, m in enumerate(conv) if located[k] and m["role"] in roles), default=None)
+    want = [located[k] and (m["role"] in roles) if mode == "turn" else located[k] if mode == "all" else (k == last_k)
+            for k, m in enumerate(conv)]
     assert [l != -100 for l in term_labels] == want
+
+@pytest.mark.parametrize("ds,cfg", [({"train_on_eos": "all"}, {}), ({}, {"train_on_inputs": True}), ({"train_on_eos": "turn"}, {})])
+def test_empty_turn_trains_nothing_not_even_its_end(ds, cfg):
+    "Axolotl 0.19.0: a turn with content '' trains no token, its end-of-turn token included (issue 12)."
+    tok = T.smollm2()
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""},
+            {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."}]
+    r = build(tok, {"chat_template": "chatml", **ds}, cfg).tokenize({"messages": conv})[0]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    ends = [l for i, l in zip(r["input_ids"], r["labels"]) if i == im_end]
+    assert ends[1] == -100                      # the empty assistant turn's <|im_end|>
+    assert ends[3] == im_end                    # the last assistant turn's is trained in every mode here
+    inputs = cfg.get("train_on_inputs") or ds.get("train_on_eos") == "all"
+    assert (ends[0] != -100) == bool(inputs) and (ends[2] != -100) == bool(inputs)
+
+def test_training_detail_boundaries_and_empty_detail():
+    "message_field_training_detail spans meet tokens the way Axolotl computes it; [] trains nothing (issue 12)."
+    tok = T.smollm2()
+    base = {"chat_template": "chatml", "message_field_training": "train", "message_field_training_detail": "detail"}
+    text = "I'm doing very well, thank you!"
+    def trained(detail, **m):
+        conv = [{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": text, "detail": detail, **m}]
+        return T.trained_text(tok, build(tok, base).tokenize({"messages": conv})[0])
+    assert trained([{"begin_offset": 9, "end_offset": 18, "train": True}]) == " very well<|im_end|>"
+    assert trained([{"begin_offset": 8, "end_offset": 18, "train": True}]) == " very well<|im_end|>"   # 8: last char of " doing"
+    assert trained([{"begin_offset": 9, "end_offset": 14, "train": True}]) == " very<|im_end|>"       # 14: first char of " well"
+    assert trained([]) == ""                                   # an empty list: nothing, not even <|im_end|>
+    assert trained([], train=True) == text + "<|im_end|>"      # the turn's own flag wins; no detail to apply then
+    assert trained([{"begin_offset": 9, "end_offset": 18, "train": False}]) == "<|im_end|>"

@@ -19,12 +19,12 @@ ROWS = {
     "explainchoice": {"question": "2+3?", "choices": ["4", "5"], "solution": "5", "explanation": "sum"},
     "concisechoice": {"question": "2+3?", "choices": ["4", "5"], "solution": "5", "explanation": "sum"},
     "summarizetldr": {"article": "Long text.", "summary": "Short."},
-    "alpaca_chat": {"instruction": "Add", "input": "2 3", "response": "5"},
+    "alpaca_chat": {"instruction": "Add", "input": "2 3", "output": "5"},
     "alpaca_chat.load_qa": {"question": "2+3?", "answer": "5"},
-    "alpaca_chat.load_concise": {"instruction": "Add", "input": "2 3", "response": "5"},
+    "alpaca_chat.load_concise": {"instruction": "Add", "input": "2 3", "output": "5"},
     "alpaca_chat.load_camel_ai": {"message_1": "Hi", "message_2": "Yo"},
     "alpaca_w_system.load_open_orca": {"system_prompt": "Be nice.", "question": "Hi", "response": "Yo"},
-    "orcamini": {"system": "Be nice.", "instruction": "Hi", "output": "Yo"},
+    "orcamini": {"system_prompt": "Be nice.", "question": "Hi", "response": "Yo"},
     "context_qa": {"article": "Paris is in France.", "question": "Where is Paris?", "answer": "France"},
     "context_qa.load_v2": {"context": "Paris is in France.", "question": "Where is Paris?", "answer": "France"},
     "context_qa.load_404": {"article": "Paris is in France.", "unanswerable_question": "Where is Rome?"},
@@ -85,8 +85,13 @@ def test_instruct_texts_exact():
     assert tok.decode(r["input_ids"]) == ("Below is an instruction that describes a task. Write a response that appropriately completes "
                                           "the request.\n\n### Instruction:\nHi\n\n### Response:\nYo<|eot_id|>")
     assert T.trained_text(tok, r) == "Yo<|eot_id|>"
-    r = lookup("metharme").build(tok).tokenize(ROWS["metharme"])[0]
-    assert tok.decode(r["input_ids"]) == "<|user|>Hi<|model|>Yo<|eot_id|>"
+    r = lookup("metharme").build(tok).tokenize({"prompt": "<|user|>Hi<|model|>", "generation": "Yo"})[0]
+    assert tok.decode(r["input_ids"]) == "<|user|>Hi<|model|>Yo<|eot_id|><|eot_id|><|eot_id|>"    # Axolotl: three EOS
+    r = lookup("alpaca_chat").build(tok).tokenize({"instruction": "Hi", "input": "there", "output": "Yo"})[0]
+    assert tok.decode(r["input_ids"]) == ("SYSTEM: Below is an instruction that describes a task, paired with an input that provides "
+                                          "further context. Write a response that appropriately completes the request.\n"
+                                          "USER: Hi\nthere\nASSISTANT:Yo<|eot_id|>")          # issue 12.1
+    assert T.trained_text(tok, r) == "Yo<|eot_id|>"
 
 def test_completion_windows_and_input_output():
     tok = T.smollm2()

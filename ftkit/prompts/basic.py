@@ -6,7 +6,7 @@ Docs: https://ftkit.github.io/ftkit/prompts.basic.html.md"""
 
 # %% ../../nbs/02_prompts.basic.ipynb #0871c9e0
 from __future__ import annotations
-from .registry import PromptStrategy, RowError, opt
+from .registry import PromptStrategy, RowError, as_entry, as_config
 
 # %% auto #0
 __all__ = ['CompletionStrategy', 'build_completion', 'InputOutputStrategy', 'build_input_output', 'PretokenizedStrategy',
@@ -16,8 +16,9 @@ __all__ = ['CompletionStrategy', 'build_completion', 'InputOutputStrategy', 'bui
 class CompletionStrategy(PromptStrategy):
     name = "completion"
     def __init__(self, tokenizer, ds=None, cfg=None):
-        self.tok, self.field = tokenizer, opt(ds, "field", "text")
-        self.sequence_len = int(opt(cfg, "sequence_len", 2048))
+        "`ds`: the dataset's `DatasetEntry`, `cfg`: the `FinetuneConfig` (dicts are validated into them)."
+        self.tok, self.field = tokenizer, as_entry(ds).field or "text"
+        self.sequence_len = int(as_config(cfg).sequence_len)
         self.cap = self.sequence_len * 64
         self.eos_id = tokenizer.eos_token_id
 
@@ -36,7 +37,7 @@ class CompletionStrategy(PromptStrategy):
         for e in errs:
             if e is not None: out.append(e); continue
             ids = list(enc[k]); k += 1
-            if self.eos_id is not None and (not ids or ids[-1] != self.eos_id): ids.append(self.eos_id)
+            if self.eos_id is not None and (not ids or ids[-1] != self.eos_id) and len(ids) < self.cap: ids.append(self.eos_id)
             L = self.sequence_len
             out.append([{"input_ids": ids[i:i + L], "attention_mask": [1] * len(ids[i:i + L]), "labels": ids[i:i + L]}
                         for i in range(0, len(ids), L)])
@@ -48,7 +49,8 @@ def build_completion(tokenizer, ds=None, cfg=None): return CompletionStrategy(to
 class InputOutputStrategy(PromptStrategy):
     name = "input_output"
     def __init__(self, tokenizer, ds=None, cfg=None):
-        self.tok, self.train_on_inputs = tokenizer, bool(opt(cfg, "train_on_inputs", False))
+        "`cfg`: the `FinetuneConfig` (a dict is validated into one)."
+        self.tok, self.train_on_inputs = tokenizer, bool(as_config(cfg).train_on_inputs)
     def fingerprint(self): return {"strategy": self.name, "train_on_inputs": self.train_on_inputs}
 
     def _segments(self, row):

@@ -6,15 +6,15 @@ Docs: https://ftkit.github.io/ftkit/prompts.chat_template.html.md"""
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #98d907ee
 from __future__ import annotations
-import json, os, re
+import bisect, json, os, re
 from dataclasses import dataclass, field
 from pathlib import Path
-from .registry import RowError, opt
+from .registry import RowError, as_entry, as_config
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'TEMPLATE_EOT', 'DEFAULT_ROLES', 'EOS_MODES', 'register_template', 'resolve_template', 'compile_template',
-           'template_vars', 'ChatOptions', 'to_messages', 'render_spans', 'ChatTemplateStrategy', 'entry_dict', 'build',
-           'build_pygmalion']
+__all__ = ['TEMPLATES', 'TEMPLATE_EOT', 'DEFAULT_ROLES', 'STANDARD_ROLES', 'EOS_MODES', 'register_template', 'resolve_template',
+           'compile_template', 'template_vars', 'role_map', 'ChatOptions', 'to_messages', 'render_spans',
+           'detail_tokens', 'ChatTemplateStrategy', 'entry_dict', 'build']
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #90353ab1
 TEMPLATES: dict[str, str] = {}
@@ -101,17 +101,20 @@ TEMPLATE_EOT.setdefault("alpaca", None); TEMPLATE_EOT.setdefault("mistral", None
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #4b7ef017
 def resolve_template(tokenizer, ds=None, cfg=None) -> tuple[str, str]:
-    "`(name, jinja_text)` of the chat template a dataset entry uses."
-    name = opt(ds, "chat_template") or opt(cfg, "chat_template")
-    jinja = opt(ds, "chat_template_jinja") or opt(cfg, "chat_template_jinja")
+    "`(name, jinja_text)` of the chat template dataset entry `ds` (`DatasetEntry`) uses under config `cfg` (`FinetuneConfig`)."
+    entry, conf = as_entry(ds), as_config(cfg)
+    name = entry.chat_template or conf.chat_template
+    jinja = entry.chat_template_jinja or conf.chat_template_jinja
     if not name: name = "jinja" if jinja else "tokenizer_default"
     name = str(getattr(name, "value", name))
     own = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if isinstance(own, dict): own = own.get("default")
     if name == "jinja":
         if not jinja: raise ValueError("chat_template: jinja needs chat_template_jinja (the template text or a .jinja file)")
-        if "{" not in jinja and len(jinja) < 4096 and Path(jinja).expanduser().is_file():
-            jinja = Path(jinja).expanduser().read_text()
+        if jinja.strip().endswith((".jinja", ".jinja2", ".j2")) and "{" not in jinja:   # a path only when it says so
+            p = Path(jinja.strip()).expanduser()
+            if not p.is_file(): raise ValueError(f"chat_template_jinja: the template file {p} does not exist")
+            jinja = p.read_text(encoding="utf-8", errors="replace")
         return "jinja", jinja
     if name == "tokenizer_default":
         if not own: raise ValueError("chat_template is tokenizer_default but the tokenizer has no chat template; "
@@ -132,6 +135,8 @@ def resolve_template(tokenizer, ds=None, cfg=None) -> tuple[str, str]:
 def compile_template(text: str):
     "A compiled jinja template, in the same environment `apply_chat_template` uses."
     from transformers.utils.chat_template_utils import _compile_jinja_template
+    from ftkit.guard import check_template
+    check_template(text)                   # no constant folded into a giant string at compile time
     return _compile_jinja_template(text)
 
 def template_vars(tokenizer) -> dict:
@@ -144,25 +149,22 @@ def template_vars(tokenizer) -> dict:
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #f226a27a
 DEFAULT_ROLES = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"], "tool": ["tool"]}
+STANDARD_ROLES = ("system", "user", "assistant", "tool")
 EOS_MODES = ("all", "turn", "last", "none")
 
-def _role_map(roles) -> dict[str, str]:
-    m = {}
-    for tgt, srcs in DEFAULT_ROLES.items():
-        for s in srcs: m[s] = tgt
-    if roles:
-        roles = dict(roles)
-        for tgt, srcs in roles.items():
-            for s in ([srcs] if isinstance(srcs, str) else list(srcs or [])): m[str(s)] = tgt
-    for tgt in set(m.values()): m.setdefault(tgt, tgt)
-    return m
+def role_map(roles: dict | None) -> dict[str, str]:
+    "`{dataset role: template role}`: the given `roles:` ({target: [sources]}) or, when none is given, the default."
+    out = {}
+    for tgt, srcs in (roles or DEFAULT_ROLES).items():
+        for s in ([srcs] if isinstance(srcs, str) else list(srcs or [])): out[str(s)] = tgt
+    return out
 
 @dataclass
 class ChatOptions:
     field_messages: str = "messages"
     mappings: dict = field(default_factory=lambda: {"role": "role", "content": "content"})
-    roles: dict = field(default_factory=dict)          # source role -> template role
-    roles_to_train: list = field(default_factory=lambda: ["assistant"])
+    roles: dict = field(default_factory=lambda: role_map(None))   # dataset role -> template role
+    roles_to_train: list = field(default_factory=lambda: ["assistant"])   # template roles (after the mapping)
     train_on_inputs: bool = False
     train_on_eos: str = "turn"
     train_on_eot: str = "turn"
@@ -179,34 +181,33 @@ class ChatOptions:
     default_system_message: str | None = None
 
     @classmethod
-    def from_config(cls, ds=None, cfg=None, **preset):
-        ds = {**preset, **({k: v for k, v in dict(ds).items() if v is not None} if isinstance(ds, dict) else {})} if isinstance(ds, dict) or ds is None else ds
-        def get(k, d=None):
-            v = opt(ds, k)
-            return preset.get(k, d) if v is None else v
-        maps = {"role": "role", "content": "content"}
-        maps.update(dict(get("message_property_mappings", {}) or {}))
-        if get("message_field_role"): maps["role"] = get("message_field_role")
-        if get("message_field_content"): maps["content"] = get("message_field_content")
-        rtt = get("roles_to_train")
-        eos = get("train_on_eos") or "turn"
-        eot = get("train_on_eot") or eos
-        for k, v in (("train_on_eos", eos), ("train_on_eot", eot)):
-            if v not in EOS_MODES: raise ValueError(f"{k}: '{v}' is not one of {', '.join(EOS_MODES)}")
-        return cls(field_messages=get("field_messages", "messages"), mappings=maps, roles=_role_map(get("roles")),
-                   roles_to_train=list(["assistant"] if rtt is None else rtt),
-                   train_on_inputs=bool(opt(cfg, "train_on_inputs", False) or get("train_on_inputs", False)),
-                   train_on_eos=eos, train_on_eot=eot,
-                   eot_tokens=list(get("eot_tokens") or opt(cfg, "eot_tokens") or []),
-                   message_field_training=get("message_field_training"),
-                   message_field_training_detail=get("message_field_training_detail"),
-                   drop_system_message=bool(get("drop_system_message", False)),
-                   field_system=get("field_system", "system"), field_tools=get("field_tools", "tools"),
-                   field_thinking=get("field_thinking", "reasoning_content"),
-                   template_thinking_key=get("template_thinking_key", "reasoning_content"),
-                   split_thinking=bool(get("split_thinking", False)),
-                   chat_template_kwargs=dict(opt(cfg, "chat_template_kwargs", {}) or {}),
-                   default_system_message=opt(cfg, "default_system_message"))
+    def from_config(cls, ds=None, cfg=None) -> "ChatOptions":
+        "The options of dataset entry `ds` (a `DatasetEntry`; a dict is validated into one) under config `cfg` (`FinetuneConfig`)."
+        e, c = as_entry(ds), as_config(cfg)
+        maps = {"role": "role", "content": "content", **(e.message_property_mappings or {})}
+        if e.message_field_role: maps["role"] = e.message_field_role
+        if e.message_field_content: maps["content"] = e.message_field_content
+        roles = role_map(e.roles)
+        rtt = ["assistant"] if e.roles_to_train is None else list(e.roles_to_train)
+        eos = e.train_on_eos or "turn"
+        eot = e.train_on_eot or eos
+        return cls(field_messages=e.field_messages or "messages", mappings=maps, roles=roles,
+                   roles_to_train=[roles.get(r, r) for r in rtt],
+                   train_on_inputs=bool(c.train_on_inputs), train_on_eos=eos, train_on_eot=eot,
+                   eot_tokens=list(c.eot_tokens or []),
+                   message_field_training=e.message_field_training,
+                   message_field_training_detail=e.message_field_training_detail,
+                   drop_system_message=bool(e.drop_system_message), field_system=e.field_system or "system",
+                   field_tools=e.field_tools or "tools", field_thinking=e.field_thinking or "reasoning_content",
+                   template_thinking_key=e.template_thinking_key or "reasoning_content",
+                   split_thinking=bool(e.split_thinking), chat_template_kwargs=dict(c.chat_template_kwargs or {}),
+                   default_system_message=c.default_system_message)
+
+    def template_role(self, src: str) -> str | None:
+        "The template role of dataset role `src`, or None when it is neither mapped nor usable as it is."
+        if src in self.roles: return self.roles[src]
+        if src in STANDARD_ROLES or src in self.roles.values() or src in self.roles_to_train: return src
+        return None
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #75f7c745
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.S)
@@ -231,10 +232,10 @@ def to_messages(row: dict, o: ChatOptions) -> tuple[list[dict], list | None]:
         if rk not in m or m[rk] is None:
             raise RowError("missing_field", f"message {j} has no '{rk}' key (message_property_mappings.role); keys: {sorted(m)}")
         src = str(m[rk])
-        if src not in o.roles:
-            raise RowError("unknown_role", f"message {j} has role '{src}', which is not mapped; add it under roles: "
-                                           f"(e.g. roles: {{assistant: [{src}]}}); known: {sorted(o.roles)}")
-        role = o.roles[src]
+        role = o.template_role(src)
+        if role is None:
+            raise RowError("unknown_role", f"message {j} has role '{src}', which roles: does not map; add it under roles: "
+                                           f"(e.g. roles: {{assistant: [{src}]}}); mapped: {sorted(o.roles)}")
         content = m.get(ck)
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type", "text") == "text" for p in content):
             content = "".join(str(p.get("text", "")) for p in content)
@@ -371,15 +372,42 @@ def _single_token_id(tokenizer, t: str) -> int:
                          "(add it with tokens: or added_tokens_overrides:)")
     return ids[0]
 
+def detail_tokens(tokenizer, content: str, detail: list) -> list[int]:
+    """Indices of the tokens of `content` (tokenized alone) that `message_field_training_detail` trains, as Axolotl computes them.
+
+    Token `i` covers characters `start_i .. start_{i+1} - 1` (the last one up to the end of the text). Each
+    span `{begin_offset, end_offset, train}` (inclusive) is first widened to token edges: it starts at the
+    token holding `begin_offset` unless `begin_offset` is that token's last character (then at the next
+    one), and ends at the token holding `end_offset` unless `end_offset` is the first character of a
+    token (then at the one before). A token is trained when it lies inside a widened `train: true` span."""
+    starts = [s for s, _ in tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    n = len(starts)
+    if not n: return []
+    offs = [(starts[i], starts[i + 1] - 1) for i in range(n - 1)] + [(starts[-1], len(content) - 1)]
+    spans = []
+    for d in detail:
+        d = dict(d)
+        b, e = int(d["begin_offset"]), int(d["end_offset"])
+        bt = next((i for i, (s, _) in enumerate(offs) if s >= b), n)
+        if bt > 0 and offs[bt - 1][1] > b: bt -= 1
+        et = next((i for i in range(n - 1, -1, -1) if offs[i][1] <= e), -1)
+        if et < n - 1 and offs[et + 1][0] < e: et += 1
+        if bt <= et: spans.append((offs[bt][0], offs[et][1], bool(d.get("train"))))
+    return [i for i, (s, e) in enumerate(offs) if any(tr and s >= b and e <= hi for b, hi, tr in spans)]
+
 class ChatTemplateStrategy:
-    "Tokenize conversations with a chat template and exact labels. Build with `build(tokenizer, ds, cfg)`."
+    """Tokenize conversations with a chat template and exact labels.
+
+    Build with `build(tokenizer, entry, cfg)`: `entry` is the dataset's `DatasetEntry`, `cfg` the `FinetuneConfig`
+    (dicts are validated into them, for tests and notebooks)."""
     name = "chat_template"
 
-    def __init__(self, tokenizer, ds=None, cfg=None, **preset):
+    def __init__(self, tokenizer, ds=None, cfg=None):
         if not getattr(tokenizer, "is_fast", True) and not hasattr(tokenizer, "_tokenizer"):
             raise ValueError("chat_template needs a fast tokenizer (character offsets)")
-        self.tok, self.o = tokenizer, ChatOptions.from_config(ds, cfg, **preset)
-        self.template_name, self.template = resolve_template(tokenizer, ds, cfg)
+        entry, conf = as_entry(ds), as_config(cfg)
+        self.tok, self.o = tokenizer, ChatOptions.from_config(entry, conf)
+        self.template_name, self.template = resolve_template(tokenizer, entry, conf)
         self.tpl, self.tvars = compile_template(self.template), template_vars(tokenizer)
         self.eos_id = tokenizer.eos_token_id
         eots = self.o.eot_tokens or ([tokenizer.eos_token] if tokenizer.eos_token else [])
@@ -388,7 +416,7 @@ class ChatTemplateStrategy:
             raise ValueError("eot_tokens contains the EOS token but train_on_eos and train_on_eot differ; "
                              "make them equal or drop the EOS token from eot_tokens")
         self.term_ids = self.eot_ids | ({self.eos_id} if self.eos_id is not None else set())
-        self.sequence_len = opt(cfg, "sequence_len")
+        self.sequence_len = conf.sequence_len
 
     def __getstate__(self):          # compiled templates do not pickle; recompile in worker processes
         d = dict(self.__dict__); d.pop("tpl", None); return d
@@ -399,7 +427,7 @@ class ChatTemplateStrategy:
     def fingerprint(self) -> dict:
         "Everything about this strategy that changes tokens or labels (for the cache key)."
         return {"strategy": self.name, "template": self.template, "options": {k: v for k, v in vars(self.o).items()},
-                "eot_ids": sorted(self.eot_ids), "eos_id": self.eos_id}
+                "eot_ids": sorted(self.eot_ids), "eos_id": self.eos_id, "labels": 2}
 
     def expected_eot(self) -> str | None:
         "The token the template ends turns with (built-in templates), for the report's EOS check."
@@ -407,8 +435,9 @@ class ChatTemplateStrategy:
 
     # -- one row ------------------------------------------------------------------------------
     def _turn_trains(self, m) -> bool:
+        "Axolotl's precedence: the message's own flag, else a detail list (an empty one trains nothing), else the role."
         if m["_train"] is not None: return m["_train"]
-        if m["_detail"]: return True
+        if m["_detail"] is not None: return bool(m["_detail"])
         return self.o.train_on_inputs or m["role"] in self.o.roles_to_train
 
     def prepare(self, row):
@@ -421,52 +450,40 @@ class ChatTemplateStrategy:
         "Labels for one rendered row, given its token ids and character offsets."
         n = len(ids)
         labels = [-100] * n
-        starts = [s for s, _ in offsets]
-        import bisect
-        def tok_range(a, b):            # tokens overlapping [a, b) (byte-level pieces of one character share its offsets)
-            if b <= a: return range(0)
-            lo = bisect.bisect_left(starts, a)
-            while lo > 0 and offsets[lo - 1][1] > a: lo -= 1
-            return range(lo, bisect.bisect_left(starts, b))
-        content_starts = sorted(s for (s, e) in spans.values())
-        terms = []          # (token index, kind, turn trains)
+        starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
+        def tok_span(a, b):             # tokens overlapping characters [a, b) (byte pieces of one character share offsets)
+            return bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)
+        any_all = "all" in (self.o.train_on_eos, self.o.train_on_eot)
+        last = {True: None, False: None}            # last EOS / EOT index seen, for `last`
         for i, m in enumerate(msgs):
-            c, t, o = spans.get((i, "c")), spans.get((i, "t")), spans.get((i, "o"))
-            if c is None and t is None: continue
-            a = min(x[0] for x in (c, t, o) if x); b = max(x[1] for x in (c, t) if x)
             trains = self._turn_trains(m)
-            # the terminator: first EOS/EOT token after the content, before the next content
-            nxt = next((s for s in content_starts if s >= b and s > a), len(text))
-            k = bisect.bisect_left(starts, b)                 # first token starting at or after the content end
-            term, limit = None, (None if m.get("tool_calls") else k + 3)
-            j = k
-            while j < n and offsets[j][0] < nxt and (limit is None or j <= limit):
-                if ids[j] in self.term_ids: term = j; break
-                j += 1
-            if term is not None: terms.append((term, trains))
-            if not trains: continue
+            if not trains and not any_all: continue    # Axolotl locates only trained turns (all turns under `all`)
+            c, t, o = spans.get((i, "c")), spans.get((i, "t")), spans.get((i, "o"))
+            if c is None and t is None: continue         # the template does not render this message
             detail = m["_detail"]
-            if detail and c:
-                for d in detail:
-                    d = dict(d)
-                    if not d.get("train"): continue
-                    lo_c = c[0] + int(d.get("begin_offset", 0)); hi_c = c[0] + int(d.get("end_offset", len(m["content"]) - 1)) + 1
-                    for q in tok_range(max(lo_c, c[0]), min(hi_c, c[1])): labels[q] = ids[q]
-                if t:
-                    for q in tok_range((o or t)[0], c[0]): labels[q] = ids[q]
-            else:
-                end = b
-                if m.get("tool_calls") and term is not None: end = offsets[term][0]
-                for q in tok_range(a, end): labels[q] = ids[q]
-        # terminators, per mode
-        for kind_is_eos in (True, False):
-            mode = self.o.train_on_eos if kind_is_eos else self.o.train_on_eot
-            mine = [(q, tr) for q, tr in terms if (ids[q] == self.eos_id) == kind_is_eos]
-            if mode == "none": sel = []
-            elif mode == "all": sel = [q for q, _ in mine]
-            elif mode == "last": sel = [mine[-1][0]] if mine else []
-            else: sel = [q for q, tr in mine if tr]
-            for q in sel: labels[q] = ids[q]
+            use_content = bool(detail) and t is not None and c is not None   # with a detail list: the content alone
+            a = c[0] if use_content else min(x[0] for x in (c, t, o) if x)
+            b = c[1] if use_content else max(x[1] for x in (c, t) if x)
+            lo, hi = tok_span(a, b) if b > a else (None, 0)
+            if m.get("tool_calls"):
+                # the template writes the call after the content: the turn runs up to its end-of-turn token
+                k = bisect.bisect_left(starts, b)
+                j = next((q for q in range(k, n) if ids[q] in self.term_ids), None)
+                if j is not None: lo, hi = (k if lo is None else lo), max(hi, j)
+            if lo is None or hi <= lo: continue          # an empty turn: no token, no end-of-turn token
+            if trains:
+                if detail:
+                    for q in detail_tokens(self.tok, m["content"], detail):
+                        if lo + q < n: labels[lo + q] = ids[lo + q]
+                else:
+                    for q in range(lo, hi): labels[q] = ids[q]
+            for is_eos, pool, mode in ((False, self.eot_ids, self.o.train_on_eot), (True, {self.eos_id}, self.o.train_on_eos)):
+                q = next((q for q in range(hi, n) if ids[q] in pool), None)
+                if q is None or q - hi > 3: continue
+                last[is_eos] = q
+                if mode == "all" or (mode == "turn" and trains): labels[q] = ids[q]
+        for is_eos, mode in ((False, self.o.train_on_eot), (True, self.o.train_on_eos)):
+            if mode == "last" and last[is_eos] is not None: labels[last[is_eos]] = ids[last[is_eos]]
         return labels
 
     def tokenize_batch(self, rows: list[dict]) -> list:
@@ -499,16 +516,13 @@ def entry_dict(ds) -> dict:
         d.update(getattr(ds, "model_extra", None) or {})
     return {k: v for k, v in d.items() if v is not None and k != "section"}
 
-def build(tokenizer, ds=None, cfg=None, preset=None):
-    "Registry builder for `chat_template` (and the `sharegpt` preset)."
-    d = entry_dict(ds)
-    if preset == "sharegpt":
-        d = {"field_messages": "conversations", "message_property_mappings": {"role": "from", "content": "value"}, **d}
-    return ChatTemplateStrategy(tokenizer, d, cfg)
+def _with_defaults(ds, **preset):
+    "Entry `ds` (validated) with `preset` values for the keys it leaves unset."
+    e = as_entry(ds)
+    return e.model_copy(update={k: v for k, v in preset.items() if getattr(e, k) is None})
 
-def build_pygmalion(tokenizer, ds=None, cfg=None):
-    "Registry builder for `pygmalion`: conversations of {role: system|human|bot, value} in the metharme layout."
-    d = {"field_messages": "conversations", "message_property_mappings": {"role": "role", "content": "value"},
-         "roles": {"user": ["human", "user"], "assistant": ["bot", "model", "gpt", "assistant"]}, "chat_template": "metharme",
-         **entry_dict(ds)}
-    return ChatTemplateStrategy(tokenizer, d, cfg)
+def build(tokenizer, ds=None, cfg=None, preset=None):
+    "Registry builder for `chat_template` (and the `sharegpt` preset): `ds` is a `DatasetEntry`, `cfg` a `FinetuneConfig`."
+    if preset == "sharegpt":
+        ds = _with_defaults(ds, field_messages="conversations", message_property_mappings={"role": "from", "content": "value"})
+    return ChatTemplateStrategy(tokenizer, ds, cfg)

@@ -1,4 +1,4 @@
-"""`alpaca` and its family (jeopardy, oasst, gpteacher, …, metharme) and the user-defined instruct format: a prompt that is masked and a response that is trained.
+"""`alpaca` and its family (jeopardy, oasst, gpteacher, …, metharme), Pygmalion conversations and the user-defined instruct format: a prompt that is masked and a response that is trained.
 
 Docs: https://ftkit.github.io/ftkit/prompts.instruct.html.md"""
 
@@ -7,148 +7,247 @@ Docs: https://ftkit.github.io/ftkit/prompts.instruct.html.md"""
 # %% ../../nbs/02_prompts.instruct.ipynb #a4b1ca09
 from __future__ import annotations
 from dataclasses import dataclass
-from .registry import PromptStrategy, RowError, opt
+from typing import Callable
+from .registry import PromptStrategy, RowError, as_entry, as_config
 
 # %% auto #0
-__all__ = ['ALPACA_SYSTEM', 'ALPACA_SYSTEM_NO_INPUT', 'LAYOUTS', 'CHOICE_EXPLAIN', 'CHOICE_CONCISE', 'NO_ANSWER', 'PRESETS',
-           'layout_alpaca', 'layout_chat', 'layout_system', 'layout_metharme', 'InstructStrategy', 'build',
-           'build_user_defined']
+__all__ = ['LAYOUTS', 'ALPACA_SYSTEM', 'ALPACA_SYSTEM_NO_INPUT', 'USER_SYSTEM', 'USER_SYSTEM_NO_INPUT', 'CHOICE_EXPLAIN',
+           'CHOICE_CONCISE', 'CONTEXT_SYSTEM', 'NO_ANSWER', 'CREATIVE_ANSWER', 'PRESETS', 'CRITIQUE', 'REVISE',
+           'Layout', 'Preset', 'InstructStrategy', 'build', 'build_user_defined', 'PygmalionStrategy',
+           'build_pygmalion']
 
 # %% ../../nbs/02_prompts.instruct.ipynb #f288560b
+@dataclass(frozen=True)
+class Layout:
+    turn: str                       # with {instruction} and {input}
+    turn_no_input: str              # with {instruction} (orca_mini: also {system})
+    system: str = "{system}"        # how a (non-empty) system text is written before the turn
+    inline_system: bool = False     # orca_mini: turn_no_input holds {system} itself, written even when empty
+
+    def prompt(self, system: str, system_no_input: str, instruction: str, inp: str) -> str:
+        if inp: return (self.system.format(system=system) if system else "") + self.turn.format(instruction=instruction, input=inp)
+        if self.inline_system: return self.turn_no_input.format(system=system_no_input, instruction=instruction)
+        return (self.system.format(system=system_no_input) if system_no_input else "") + self.turn_no_input.format(instruction=instruction)
+
+_CHAT = ("USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:")
+LAYOUTS = {
+    "instruct": Layout("### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+                       "### Instruction:\n{instruction}\n\n### Response:\n", "{system}\n\n"),
+    "chat": Layout(*_CHAT, "SYSTEM: {system}\n"),
+    "chat_bare_system": Layout(*_CHAT),                     # concisechoice: the system text as it is
+    "summarize": Layout("USER: Summarize the following article as a TL;DR.\n{instruction}\n{input}\nASSISTANT:",
+                        "USER: Summarize the following article as a TL;DR.\n{instruction}\nASSISTANT:"),
+    "open_orca": Layout("### Human:\n{instruction}\n### Additional Context:\n{input}\n### Assistant:\n",
+                        "### Human:\n{instruction}\n### Assistant:\n", "### System:\n{system}\n"),
+    "orca_mini": Layout("", "### System:\n{system}\n\n### User:\n{instruction}\n\n### Response:\n", inline_system=True),
+    "creative": Layout("", "USER: {instruction}\nASSISTANT:", "{system}\n"),
+    "plain": Layout("{instruction}\n{input}", "{instruction}"),
+}
+
 ALPACA_SYSTEM = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                 "Write a response that appropriately completes the request.\n\n")
-ALPACA_SYSTEM_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-
-def layout_alpaca(system, instruction, inp):
-    if inp: return (system if system is not None else ALPACA_SYSTEM) + f"### Instruction:\n{instruction}\n\n### Input:\n{inp}\n\n### Response:\n"
-    return (system if system is not None else ALPACA_SYSTEM_NO_INPUT) + f"### Instruction:\n{instruction}\n\n### Response:\n"
-
-def layout_chat(system, instruction, inp):
-    body = f"{instruction}\n{inp}" if inp else instruction
-    return (f"{system}\n" if system else "") + f"USER: {body}\nASSISTANT:"
-
-def layout_system(system, instruction, inp):
-    s = f"### System:\n{system}\n\n" if system else ""
-    return s + f"### User:\n{instruction}" + (f"\n\n### Input:\n{inp}" if inp else "") + "\n\n### Response:\n"
-
-def layout_metharme(system, instruction, inp):
-    return (f"<|system|>{system}" if system else "") + f"<|user|>{instruction}" + (f"\n{inp}" if inp else "") + "<|model|>"
-
-LAYOUTS = {"alpaca": layout_alpaca, "chat": layout_chat, "system": layout_system, "metharme": layout_metharme}
+                 "Write a response that appropriately completes the request.")
+ALPACA_SYSTEM_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+USER_SYSTEM = ("Below is an instruction from a USER that describes a task, paired with an input that provides further context. "
+               "The ASSISTANT writes a response that concisely and appropriately completes the request.\n\n")
+USER_SYSTEM_NO_INPUT = ("Below is an instruction from a USER that describes a task. "
+                        "The ASSISTANT writes a response that appropriately and concisely completes the request.\n\n")
 
 # %% ../../nbs/02_prompts.instruct.ipynb #2148fe01
 def _f(row, key, required=True):
+    "Field `key` of `row` as text ('' when optional and missing); `RowError` when a required one is missing."
     v = row.get(key)
     if v is None:
         if required: raise RowError("missing_field", f"the row has no '{key}' (keys: {sorted(row)[:10]})")
         return ""
     if isinstance(v, (int, float)) and not isinstance(v, bool): v = str(v)
-    if isinstance(v, (list, dict)) and key in ("choices", "scores", "critiques"): return v
     if not isinstance(v, str): raise RowError("non_string_content", f"'{key}' is {type(v).__name__}, not a string")
     return v
 
-def _kv(v):
-    if isinstance(v, dict): return "\n".join(f"{k}: {x}" for k, x in v.items())
-    if isinstance(v, list): return "\n".join(f"- {x}" for x in v)
-    return str(v)
+def _choices(row):
+    v = row.get("choices")
+    if not isinstance(v, (list, tuple)): raise RowError("missing_field", "the row has no 'choices' list")
+    return "\n".join(f'- "{c}"' for c in v)
 
-CHOICE_EXPLAIN = "Choose the answer that best answers the question. Explain your reasoning.\n\n"
+def _reflection(row):
+    out, refl, corr = _f(row, "output"), _f(row, "reflection"), _f(row, "corrected")
+    label = (f"### Thought:\n{out}\n\n### Agent Reflection:\n{refl}\n\n### Final Response:\n{corr}" if out and refl and corr else "")
+    return _f(row, "instruction"), _f(row, "input", False), label
+
+@dataclass(frozen=True)
+class Preset:
+    layout: str
+    fields: Callable                 # row -> (instruction, input, response[, system])
+    system: str = ""                 # system text for prompts with an input
+    system_no_input: str = ""        # ... and without one
+    n_eos: int = 1                   # EOS tokens after the response
+    joint: bool = False              # tokenize prompt + response in one piece (the prompt's tokens masked)
+
+    def parts(self, row) -> tuple[str, str]:
+        "`(prompt, response)` texts of one row."
+        f = self.fields(row)
+        system, system_ni = (f[3], f[3]) if len(f) > 3 else (self.system, self.system_no_input)
+        return LAYOUTS[self.layout].prompt(system, system_ni, f[0], f[1]), f[2]
+
+CHOICE_EXPLAIN = "Choose the answer that best answers the question. Explain your reasoning.\n"
 CHOICE_CONCISE = "Choose the answer that best answers the question. Be concise in your response.\n\n"
-NO_ANSWER = "The article does not contain the answer to this question."
+CONTEXT_SYSTEM = "Use the following contextual information to concisely answer the question.\n"
+NO_ANSWER = ("The context provided does not contain any information about your inquiry. "
+             "Therefore, I'm unable to answer your question based on the given context.")
+CREATIVE_ANSWER = ("Answer the following question in a comprehensive, in-depth, and creative way. Additionally your response "
+                   "should be relevant, accurate, and free of any ambiguity.")
+_ALPACA = dict(system=ALPACA_SYSTEM, system_no_input=ALPACA_SYSTEM_NO_INPUT)
+_USER = dict(system=USER_SYSTEM, system_no_input=USER_SYSTEM_NO_INPUT)
+_ctx = lambda r, q: (_f(r, "article") + "\n===\n" + _f(r, q), "")
 
-PRESETS = {
-    "alpaca": ("alpaca", lambda r: (None, _f(r, "instruction"), _f(r, "input", False), _f(r, "output"))),
-    "jeopardy": ("alpaca", lambda r: (None, _f(r, "question"), f"Category: {_f(r, 'category')}" if r.get("category") else "",
-                                      "what is " + _f(r, "answer"))),
-    "oasst": ("alpaca", lambda r: (None, _f(r, "INSTRUCTION"), "", _f(r, "RESPONSE"))),
-    "gpteacher": ("alpaca", lambda r: (None, _f(r, "instruction"), _f(r, "input", False), _f(r, "response"))),
-    "reflection": ("alpaca", lambda r: (None, _f(r, "instruction"), _f(r, "input", False),
-                   f"{_f(r, 'output')}\n\n### Reflection:\n{_f(r, 'reflection')}\n\n### Corrected:\n{_f(r, 'corrected')}")),
-    "explainchoice": ("alpaca", lambda r: (ALPACA_SYSTEM_NO_INPUT + CHOICE_EXPLAIN, _f(r, "question") + "\n" + _kv(_f(r, "choices")), "",
-                      f"{_f(r, 'solution')}\n\n{_f(r, 'explanation')}")),
-    "concisechoice": ("alpaca", lambda r: (ALPACA_SYSTEM_NO_INPUT + CHOICE_CONCISE, _f(r, "question") + "\n" + _kv(_f(r, "choices")), "",
-                      _f(r, "solution"))),
-    "summarizetldr": ("alpaca", lambda r: (ALPACA_SYSTEM_NO_INPUT, "Summarize the following article in a few sentences (TL;DR).",
-                      _f(r, "article"), _f(r, "summary"))),
-    "alpaca_chat": ("chat", lambda r: ("", _f(r, "instruction"), _f(r, "input", False), " " + _f(r, "response"))),
-    "alpaca_chat.load_qa": ("chat", lambda r: ("", _f(r, "question"), "", " " + _f(r, "answer"))),
-    "alpaca_chat.load_concise": ("chat", lambda r: ("SYSTEM: Answer the question concisely.", _f(r, "instruction"),
-                                 _f(r, "input", False), " " + _f(r, "response"))),
-    "alpaca_chat.load_camel_ai": ("chat", lambda r: ("", _f(r, "message_1"), "", " " + _f(r, "message_2"))),
-    "alpaca_w_system.load_open_orca": ("system", lambda r: (_f(r, "system_prompt", False), _f(r, "question"), "", _f(r, "response"))),
-    "orcamini": ("system", lambda r: (_f(r, "system", False), _f(r, "instruction"), _f(r, "input", False), _f(r, "output"))),
-    "context_qa": ("alpaca", lambda r: (None, "Answer the question using only the article.\n\n### Question:\n" + _f(r, "question"),
-                   _f(r, "article"), _f(r, "answer"))),
-    "context_qa.load_v2": ("alpaca", lambda r: (None, "Answer the question using only the context.\n\n### Question:\n" + _f(r, "question"),
-                           _f(r, "context"), _f(r, "answer"))),
-    "context_qa.load_404": ("alpaca", lambda r: (None, "Answer the question using only the article.\n\n### Question:\n"
-                            + _f(r, "unanswerable_question"), _f(r, "article"), NO_ANSWER)),
-    "creative_acr.load_answer": ("alpaca", lambda r: (None, _f(r, "instruction"), "", _f(r, "revision"))),
-    "creative_acr.load_critique": ("alpaca", lambda r: (None, "Score and critique this answer to the writing prompt.\n\n### Prompt:\n"
-                                   + _f(r, "instruction"), _f(r, "answer"), f"Scores:\n{_kv(_f(r, 'scores'))}\n\nCritiques:\n{_kv(_f(r, 'critiques'))}")),
-    "creative_acr.load_revise": ("alpaca", lambda r: (None, "Critique this answer to the writing prompt, then revise it.\n\n### Prompt:\n"
-                                 + _f(r, "instruction"), _f(r, "answer"),
-                                 f"Scores:\n{_kv(_f(r, 'scores'))}\n\nCritiques:\n{_kv(_f(r, 'critiques'))}\n\nRevised answer:\n{_f(r, 'revision')}")),
-    "metharme": ("metharme", lambda r: ("", _f(r, "prompt"), "", _f(r, "generation"))),
+PRESETS: dict[str, Preset] = {
+    "alpaca": Preset("instruct", lambda r: (_f(r, "instruction"), _f(r, "input", False), _f(r, "output")), **_ALPACA),
+    "jeopardy": Preset("instruct", lambda r: (_f(r, "question"), _f(r, "category"), "what is " + _f(r, "answer")), **_ALPACA),
+    "oasst": Preset("instruct", lambda r: (_f(r, "INSTRUCTION"), "", _f(r, "RESPONSE")), **_ALPACA),
+    "gpteacher": Preset("instruct", lambda r: (_f(r, "instruction"), _f(r, "input", False), _f(r, "response")), **_ALPACA),
+    "reflection": Preset("instruct", _reflection, joint=True),
+    "explainchoice": Preset("instruct", lambda r: (_f(r, "question"), _choices(r), _f(r, "solution", False) or _f(r, "explanation")),
+                            system=CHOICE_EXPLAIN, system_no_input=CHOICE_EXPLAIN),
+    "concisechoice": Preset("chat_bare_system", lambda r: (_f(r, "question"), _choices(r), _f(r, "solution", False) or _f(r, "explanation")),
+                            system=CHOICE_CONCISE, system_no_input=CHOICE_CONCISE),
+    "summarizetldr": Preset("summarize", lambda r: (_f(r, "article"), "", _f(r, "summary"))),
+    "alpaca_chat": Preset("chat", lambda r: (_f(r, "instruction"), _f(r, "input", False), _f(r, "output")), **_ALPACA),
+    "alpaca_chat.load_qa": Preset("chat", lambda r: (_f(r, "question"), "", _f(r, "answer")), **_USER),
+    "alpaca_chat.load_concise": Preset("chat", lambda r: (_f(r, "instruction"), _f(r, "input", False), _f(r, "output")), **_USER),
+    "alpaca_chat.load_camel_ai": Preset("chat", lambda r: (_f(r, "message_1"), "", _f(r, "message_2")), **_USER),
+    "alpaca_w_system.load_open_orca": Preset("open_orca", lambda r: (_f(r, "question"), "", _f(r, "response"), _f(r, "system_prompt", False))),
+    "orcamini": Preset("orca_mini", lambda r: (_f(r, "question"), "", _f(r, "response"), _f(r, "system_prompt", False))),
+    "context_qa": Preset("chat", lambda r: (*_ctx(r, "question"), _f(r, "answer")), system=CONTEXT_SYSTEM, system_no_input=CONTEXT_SYSTEM),
+    "context_qa.load_v2": Preset("plain", lambda r: ("Context: " + _f(r, "context") + "\nQuestion: " + _f(r, "question") + "\n", "",
+                                                     "Answer: " + _f(r, "answer"))),
+    "context_qa.load_404": Preset("chat", lambda r: (*_ctx(r, "unanswerable_question"), NO_ANSWER),
+                                  system=CONTEXT_SYSTEM, system_no_input=CONTEXT_SYSTEM),
+    "creative_acr.load_answer": Preset("creative", lambda r: (_f(r, "instruction"), "", _f(r, "revision")), system_no_input=CREATIVE_ANSWER),
+    "metharme": Preset("plain", lambda r: (_f(r, "prompt"), "", _f(r, "generation")), n_eos=3),
 }
+
+def _evaluation(row):
+    import yaml
+    for k in ("scores", "critiques"):
+        if row.get(k) is None: raise RowError("missing_field", f"the row has no '{k}'")
+    return (yaml.dump(row["scores"], default_flow_style=False, Dumper=yaml.Dumper)
+            + yaml.dump(row["critiques"], default_flow_style=False, Dumper=yaml.Dumper))
+
+# creative_acr critique / revise: Axolotl's layout and YAML evaluation, with ftkit's own shorter rubric wording
+CRITIQUE = ("Given the following Question and Response, critique the Response on a scale of 1-10 for refusal, prescriptive bias, "
+            "creativity and comprehensiveness, explain each score and how the Response could improve. Answer in YAML with "
+            "`scores:` and `critiques:`.\n\nQuestion: {question}\nAnswer: {answer}\n")
+REVISE = ("Given the following Question, Response, and Evaluation, revise the Response based on the Evaluation and its "
+          "recommendations. Reply only with the revised response.\n\nQuestion: {question}\nAnswer: {answer}\nEvaluation:\n{evaluation}\n")
+PRESETS["creative_acr.load_critique"] = Preset("creative", lambda r: (
+    CRITIQUE.format(question=_f(r, "instruction"), answer=_f(r, "answer")), "", _evaluation(r)))
+PRESETS["creative_acr.load_revise"] = Preset("creative", lambda r: (
+    REVISE.format(question=_f(r, "instruction"), answer=_f(r, "answer"), evaluation=_evaluation(r)), "", _f(r, "revision")))
 
 # %% ../../nbs/02_prompts.instruct.ipynb #57ab6805
 class InstructStrategy(PromptStrategy):
-    "Prompt masked (unless train_on_inputs), response + EOS trained."
-    def __init__(self, tokenizer, parts, name, cfg=None, ds=None, extra=None):
+    "Prompt masked (unless train_on_inputs), response + EOS trained. `cfg` is the `FinetuneConfig`."
+    def __init__(self, tokenizer, parts, name, cfg=None, extra=None, n_eos: int = 1, joint: bool = False):
+        conf = as_config(cfg)
         self.tok, self.parts, self.name = tokenizer, parts, name
-        self.train_on_inputs = bool(opt(cfg, "train_on_inputs", False))
-        self.eos_id = tokenizer.eos_token_id
-        self.extra = extra or {}
+        self.train_on_inputs, self.max_len = bool(conf.train_on_inputs), int(conf.sequence_len)
+        self.eos_id, self.bos_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+        self.n_eos, self.joint, self.extra = n_eos, joint, extra or {}
 
     def fingerprint(self):
-        return {"strategy": self.name, "train_on_inputs": self.train_on_inputs, "eos_id": self.eos_id, **self.extra}
+        return {"strategy": self.name, "train_on_inputs": self.train_on_inputs, "eos_id": self.eos_id, "max_len": self.max_len,
+                "n_eos": self.n_eos, "joint": self.joint, "labels": 2, **self.extra}
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        "Token ids of each text (with the tokenizer's special tokens), cut at sequence_len; [] for an empty text."
+        nz = [t for t in texts if t]
+        enc = iter(self.tok(nz, truncation=True, max_length=self.max_len)["input_ids"] if nz else [])
+        return [list(next(enc)) if t else [] for t in texts]
+
+    def _finish(self, ids: list[int], eos: bool, strip_bos: bool) -> list[int]:
+        if not ids: return ids
+        if eos and self.eos_id is not None:
+            if self.n_eos == 1:
+                if ids[-1] != self.eos_id and len(ids) < self.max_len: ids.append(self.eos_id)
+            else:                   # metharme: n EOS tokens, one fewer when the text already ends with one
+                for _ in range(self.n_eos - (ids[-1] == self.eos_id)):
+                    if len(ids) < self.max_len: ids.append(self.eos_id)
+        if strip_bos and self.bos_id is not None and ids[0] == self.bos_id: ids = ids[1:]
+        return ids
 
     def tokenize_batch(self, rows):
-        parts, ok = [], []
+        parts = []
         for r in rows:
-            try: parts.append(self.parts(r)); ok.append(True)
-            except RowError as e: parts.append(e); ok.append(False)
+            try: parts.append(self.parts(r))
+            except RowError as e: parts.append(e)
         good = [p for p in parts if not isinstance(p, RowError)]
-        if good:
-            P = self.tok([p for p, _ in good], add_special_tokens=True)["input_ids"]
-            R = self.tok([r for _, r in good], add_special_tokens=False)["input_ids"]
+        P = self._encode([p for p, _ in good])
+        R = self._encode([p + r if self.joint else r for p, r in good])
         out, k = [], 0
         for p in parts:
             if isinstance(p, RowError): out.append(p); continue
-            pi, ri = list(P[k]), list(R[k]); k += 1
-            while pi and self.eos_id is not None and pi[-1] == self.eos_id: pi.pop()   # tokenizers that append EOS
-            if self.eos_id is not None and (not ri or ri[-1] != self.eos_id): ri.append(self.eos_id)
-            ids = pi + ri
-            labels = (pi if self.train_on_inputs else [-100] * len(pi)) + ri
-            out.append([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(labels)}])
+            pi, ri = self._finish(P[k], False, False), R[k]; k += 1
+            if self.joint:          # one piece: its first len(prompt) tokens are the prompt
+                ids = self._finish(ri, True, False)
+                labels = list(ids) if self.train_on_inputs else [-100] * len(pi) + ids[len(pi):]
+            else:
+                ri = self._finish(ri, True, True)
+                ids = pi + ri
+                labels = (list(pi) if self.train_on_inputs else [-100] * len(pi)) + ri
+            out.append([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}])
         return out
 
 def build(tokenizer, ds=None, cfg=None, preset="alpaca"):
-    "Registry builder for the named instruct presets."
-    layout, fields = PRESETS[preset]
-    lay = LAYOUTS[layout]
-    def parts(row):
-        system, instruction, inp, response = fields(row)
-        return lay(system, instruction, inp), response
-    return InstructStrategy(tokenizer, parts, preset, cfg, ds, {"layout": layout})
+    "Registry builder for the named instruct presets (`ds`: the `DatasetEntry`, `cfg`: the `FinetuneConfig`)."
+    p = PRESETS[preset]
+    return InstructStrategy(tokenizer, p.parts, preset, cfg, {"layout": p.layout}, n_eos=p.n_eos, joint=p.joint)
 
 # %% ../../nbs/02_prompts.instruct.ipynb #9ca09dd9
 def build_user_defined(tokenizer, ds=None, cfg=None):
-    "Registry builder for `type: {field_instruction: ..., format: ...}`."
-    t = opt(ds, "type", ds)
-    t = t if t is not None and not isinstance(t, str) else {}
-    conf = {k: opt(t, k) for k in ("system_prompt", "system_format", "field_system", "field_instruction", "field_input",
-                                   "field_output", "format", "no_input_format")}
-    fs, fi = conf["field_system"] or "system", conf["field_instruction"] or "instruction"
-    fn, fo = conf["field_input"] or "input", conf["field_output"] or "output"
-    sys_prompt, sys_fmt = conf["system_prompt"] or "", conf["system_format"] or "{system}"
-    fmt, nfmt = conf["format"] or "{instruction} {input} ", conf["no_input_format"] or "{instruction} "
-    if "{input}" in nfmt: raise ValueError("no_input_format must not contain {input}")
+    "Registry builder for `type: {field_instruction: ..., format: ...}` (`ds`: the `DatasetEntry`)."
+    from ftkit.config import UserDefinedType
+    t = as_entry(ds).type
+    if t is None or isinstance(t, str): t = UserDefinedType()      # every key at its default
+    fs, fi = t.field_system or "system", t.field_instruction or "instruction"
+    fn, fo = t.field_input or "input", t.field_output or "output"
+    layout = Layout(t.format or "{instruction} {input} ", t.no_input_format or "{instruction} ", t.system_format or "{system}")
+    if "{input}" in layout.turn_no_input: raise ValueError("no_input_format must not contain {input}")
+    sys_prompt = t.system_prompt or ""
     def parts(row):
-        system = row.get(fs) if isinstance(row.get(fs), str) and row.get(fs) else sys_prompt
-        instruction, inp, out = _f(row, fi), _f(row, fn, False), _f(row, fo)
-        prompt = (sys_fmt.replace("{system}", system) if system else "")
-        prompt += (fmt.replace("{instruction}", instruction).replace("{input}", inp) if inp else nfmt.replace("{instruction}", instruction))
-        return prompt, out
-    return InstructStrategy(tokenizer, parts, "user_defined", cfg, ds, {"type": conf})
+        system = _f(row, fs, False) if fs in row else sys_prompt
+        return layout.prompt(system, system, _f(row, fi), _f(row, fn, False)), _f(row, fo, False)
+    conf = {k: getattr(t, k) for k in ("system_prompt", "system_format", "field_system", "field_instruction", "field_input",
+                                       "field_output", "format", "no_input_format")}
+    return InstructStrategy(tokenizer, parts, "user_defined", cfg, {"type": conf})
+
+# %% ../../nbs/02_prompts.instruct.ipynb #b1e2c3d7
+class PygmalionStrategy(InstructStrategy):
+    def __init__(self, tokenizer, cfg=None):
+        super().__init__(tokenizer, None, "pygmalion", cfg)
+        self.prefix = self._finish(self._encode(["<|model|>"])[0], False, True)
+
+    def tokenize_one(self, row):
+        conv = row.get("conversations")
+        if not isinstance(conv, (list, tuple)) or not conv:
+            raise RowError("missing_field", "a pygmalion row needs 'conversations': a list of {role, value}")
+        ids, labels = [], []
+        for j, m in enumerate(conv):
+            if not isinstance(m, dict) or not isinstance(m.get("value"), str):
+                raise RowError("bad_message", f"conversations[{j}] needs a string 'value'")
+            role, text = m.get("role"), m["value"]
+            if role == "system":
+                if text.endswith("\n<START>"): text = text[:-8]
+                t = self._finish(self._encode(["<|system|>Persona: " + text.strip()])[0], False, False); lab = [-100] * len(t)
+            elif role == "human":
+                t = self._finish(self._encode(["<|user|> " + text.strip()])[0], False, True); lab = [-100] * len(t)
+            elif role == "bot":
+                t = self._finish(self._encode(["<|model|> " + text.strip()])[0], True, True)
+                lab = [-100] * len(self.prefix) + t[len(self.prefix):]
+            else: continue
+            ids += t; labels += lab
+        return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}]
+
+    def tokenize_batch(self, rows): return PromptStrategy.tokenize_batch(self, rows)
+
+def build_pygmalion(tokenizer, ds=None, cfg=None):
+    "Registry builder for `pygmalion` (`cfg`: the `FinetuneConfig`)."
+    return PygmalionStrategy(tokenizer, cfg)
