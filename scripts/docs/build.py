@@ -110,9 +110,10 @@ def _exec_nbdev(args) -> tuple[str, float, str]:
         except Exception as e:     # a cell that failed keeps its error output; the page shows it (and the docs test fails)
             err = f"{type(e).__name__}: {e}"
     for c in nb.cells:
-        if c.get("cell_type") == "code" and any(o.get("output_type") == "error" for o in c.get("outputs", [])):
-            err = err or "a cell raised"
-    nb.metadata["ftkit_docs_key"] = key
+        for o in c.get("outputs", []) if c.get("cell_type") == "code" else []:
+            if o.get("output_type") == "error" and not err:
+                err = f"cell {c.get('idx_', '?')}: {o.get('ename')}: {str(o.get('evalue'))[:300]}"
+    nb.metadata["ftkit_docs_key"] = "failed" if err else key     # a failed run is not cached
     write_nb(nb, dst)
     return src.name, time.time() - t0, err
 
@@ -187,9 +188,6 @@ def execute_all(paths: list[Path], mode: str, workers: int) -> dict[str, Path]:
     for s, d, k in todo:
         if s == QUICKSTART:
             _exec_quickstart(d, k)
-    for name in failed:      # not cached: the next build runs it again
-        (EXEC_CACHE / name).unlink(missing_ok=True)
-        out[name] = out[name]
     return out
 
 
@@ -203,8 +201,8 @@ _ATTRS = re.compile(r"\)\{[^}\n]*\}")
 
 
 def _links(text: str) -> str:
-    "nbdev's absolute doc links -> relative links inside the site."
-    return text.replace(DOC_HOST, "")
+    "nbdev's absolute doc links, and the README's links into _docs/, -> relative links inside the site."
+    return text.replace(DOC_HOST, "").replace("](_docs/", "](")
 
 
 def _show_doc_md(md: str) -> str:
