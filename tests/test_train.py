@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from ftkit.config import load as load_config
-from helpers import tiny_llama
+from helpers import make_cfg, tiny_llama
 from ftkit.train import (CHECKPOINT_MARKER, complete_checkpoints, resume_checkpoint, train, train_main, TrainResult)
 
 
@@ -131,7 +131,7 @@ def test_early_stopping(tmp_path):
 
 def test_output_dir_has_adapter_tokenizer_template_and_config(tmp_path):
     from ftkit.models import apply_adapter, load_tokenizer
-    tok = load_tokenizer({}, quiet=True)
+    tok = load_tokenizer(make_cfg(), quiet=True)
     out = tmp_path / "out"
     cfg = load_config({"learning_rate": 1e-3, "adapter": "lora", "lora_r": 4, "lora_target_linear": True, "max_steps": 2,
                        "micro_batch_size": 2, "sequence_len": 64, "sample_packing": True, "output_dir": str(out),
