@@ -534,7 +534,7 @@ def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
     return PreparedData(train, eval_ds, rep, cache, strategies)
 
 # %% ../nbs/03_data.ipynb #9481ad42
-def preprocess_main(cfg, debug: bool = False, num_examples: int = 1, *, text_only: bool = False, tokenizer=None,
+def preprocess_main(cfg: FinetuneConfig | str | Path | dict, debug: bool = False, num_examples: int = 1, *, text_only: bool = False, tokenizer=None,
                     file=None, seed: int | None = None) -> PreparedData:
     "Prepare the data of `cfg` (path, YAML text, dict or FinetuneConfig), print the report and optional debug rows."
     import sys
