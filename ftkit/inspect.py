@@ -10,7 +10,8 @@ import html as _html, os, random, sys
 
 # %% auto #0
 __all__ = ['RED', 'YELLOW', 'GREEN', 'WHITE', 'RESET', 'supports_color', 'debug_text', 'debug_summary', 'print_examples',
-           'html_tokens', 'report_html', 'HTML', 'show']
+           'html_tokens', 'report_html', 'HTML', 'show', 'sample_rows', 'tokenize_under', 'changed_positions',
+           'Comparison', 'compare']
 
 # %% ../nbs/05_inspect.ipynb #78761f35
 RED, YELLOW, GREEN, WHITE, RESET = "\x1b[31m", "\x1b[33m", "\x1b[32m", "\x1b[37m", "\x1b[0m"
@@ -60,7 +61,7 @@ _CSS = """<style>
 .ftk-tok span{border-radius:3px;padding:0 1px;margin:0 .5px}
 .ftk-tok .tr{background:#c8f0c8;color:#064}.ftk-tok .ms{background:#eee;color:#888}.ftk-tok .z{background:#fff1a8;color:#650}
 .ftk-tok .sp{border:1px solid #999;font-weight:600}.ftk-tok .eos{outline:2px solid #d33}
-.ftk-tok .ws{opacity:.6}.ftk-tok .bd{border-left:3px solid #36c;margin-left:3px;padding-left:2px}
+.ftk-tok .df{border-bottom:3px solid #e67e00}.ftk-tok .ws{opacity:.6}.ftk-tok .bd{border-left:3px solid #36c;margin-left:3px;padding-left:2px}
 .ftk-legend{font:12px sans-serif;color:#555;margin:4px 0}
 .ftk-legend span{padding:0 4px;border-radius:3px;margin-right:6px}
 .ftk-report{font:12.5px ui-monospace,Menlo,Consolas,monospace;white-space:pre;background:#fafafa;border:1px solid #ddd;padding:6px}
@@ -69,8 +70,8 @@ _CSS = """<style>
 def _visible(t: str) -> str:
     return (_html.escape(t).replace(" ", "·").replace("\t", "→").replace("\n", "↵\n"))
 
-def html_tokens(sample: dict, tokenizer, end_ids=None) -> str:
-    "One tokenized row as HTML (trained/masked colours, special and whitespace tokens visible, hover details)."
+def html_tokens(sample: dict, tokenizer, end_ids=None, mark=None) -> str:
+    "One tokenized row as HTML (trained/masked colours, special and whitespace tokens visible, hover details); positions in `mark` underlined."
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     try: special |= set(tokenizer.get_added_vocab().values())
     except Exception: pass
@@ -83,6 +84,7 @@ def html_tokens(sample: dict, tokenizer, end_ids=None) -> str:
         if i in special: cls.append("sp")
         if i in ends: cls.append("eos")
         if t and not t.strip(): cls.append("ws")
+        if mark and k in mark: cls.append("df")
         trained = l != -100
         if k and ((i in special and i not in ends) or trained != prev_trained): cls.append("bd")
         prev_trained = trained
@@ -119,3 +121,79 @@ def show(data, tokenizer, num_examples: int = 3, seed: int | None = 0, rows=None
     for k in idx:
         parts.append(f"<h4 style='font:600 13px sans-serif;margin:10px 0 2px'>row {k}</h4>" + html_tokens(ds[k], tokenizer, ends))
     return HTML("\n".join(parts))
+
+# %% ../nbs/05_inspect.ipynb #fbd50fc2
+def sample_rows(cfg, num_examples: int = 2, dataset: int = 0, seed: int | None = 0) -> list[dict]:
+    "`num_examples` raw rows of `cfg.datasets[dataset]` (seeded, so two configs naming the same data get the same rows)."
+    from ftkit.data import load_source
+    ds, _ = load_source(cfg.datasets[dataset], dataset)
+    n = len(ds)
+    idx = sorted(random.Random(seed).sample(range(n), min(num_examples, n))) if seed is not None else range(min(num_examples, n))
+    return [dict(ds[int(i)]) for i in idx]
+
+def tokenize_under(cfg, tokenizer, rows: list[dict], dataset: int = 0) -> list[dict]:
+    "Each raw row tokenized by `cfg`'s prompt strategy for `cfg.datasets[dataset]` (its first sample; errors kept as rows)."
+    from ftkit.prompts.registry import resolve_type
+    entry = cfg.datasets[min(dataset, len(cfg.datasets) - 1)]
+    strategy = resolve_type(entry.type).build(tokenizer, entry, cfg)
+    out = []
+    for r in rows:
+        try:
+            s = strategy.tokenize(r)
+            out.append(s[0] if isinstance(s, list) else s)
+        except Exception as e: out.append({"error": f"{type(e).__name__}: {e}", "input_ids": [], "labels": []})
+    return out
+
+def changed_positions(a: dict, b: dict) -> tuple[set[int], set[int]]:
+    "Positions in `a` and in `b` whose token is only on one side, or is trained on one side and masked on the other."
+    import difflib
+    ia, ib = [int(x) for x in a["input_ids"]], [int(x) for x in b["input_ids"]]
+    ma, mb = set(), set()
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=ia, b=ib, autojunk=False).get_opcodes():
+        if tag != "equal":
+            ma.update(range(i1, i2)); mb.update(range(j1, j2)); continue
+        for k in range(i2 - i1):
+            if (int(a["labels"][i1 + k]) == -100) != (int(b["labels"][j1 + k]) == -100): ma.add(i1 + k); mb.add(j1 + k)
+    return ma, mb
+
+class Comparison(HTML):
+    "The two-config debug view: HTML for notebooks, `str()` for terminals; `rows` = [(row_a, row_b, marks_a, marks_b)]."
+    def __init__(self, data, text, rows): super().__init__(data); self.text, self.rows = text, rows
+    def __str__(self): return self.text
+    __repr__ = __str__
+
+def compare(cfg_a, cfg_b, *, tokenizer_a=None, tokenizer_b=None, num_examples: int = 2, dataset: int = 0, seed: int | None = 0,
+            names: tuple[str, str] = ("this config", "other config")) -> Comparison:
+    "The same rows tokenized under `cfg_a` and `cfg_b`, with the tokens whose labels differ underlined in both."
+    from ftkit.config import load
+    from ftkit.compare import config_diff
+    cfg_a, cfg_b = (c if hasattr(c, "datasets") else load(c) for c in (cfg_a, cfg_b))
+    if tokenizer_a is None or tokenizer_b is None:
+        from ftkit.models import load_tokenizer
+        tokenizer_a = tokenizer_a or load_tokenizer(cfg_a, quiet=True)
+        tokenizer_b = tokenizer_b or load_tokenizer(cfg_b, quiet=True)
+    raw = sample_rows(cfg_a, num_examples, dataset, seed)
+    ta, tb = tokenize_under(cfg_a, tokenizer_a, raw, dataset), tokenize_under(cfg_b, tokenizer_b, raw, dataset)
+    diff = config_diff(cfg_a.to_dict(), cfg_b.to_dict())
+    na, nb = (_html.escape(n) for n in names)
+    keys = "".join(f"<li><code>{_html.escape(k)}</code>: {_html.escape(repr(x))} → {_html.escape(repr(y))}</li>" for k, (x, y) in diff.items())
+    parts = [_CSS, f"<div style='font:13px sans-serif'><b>{na}</b> vs <b>{nb}</b>: "
+                   + (f"<ul>{keys}</ul>" if keys else "the configs are the same") + "</div>"]
+    text = [f"{names[0]} vs {names[1]}: " + (", ".join(f"{k}: {x!r} -> {y!r}" for k, (x, y) in diff.items()) or "the same config")]
+    rows = []
+    for k, (a, b) in enumerate(zip(ta, tb)):
+        if "error" in a or "error" in b:
+            msg = a.get("error") or b.get("error")
+            parts.append(f"<h4>row {k}</h4><div style='color:#c33'>{_html.escape(msg)}</div>"); text.append(f"row {k}: {msg}"); continue
+        ma, mb = changed_positions(a, b)
+        rows.append((a, b, ma, mb))
+        head = f"row {k}: {max(len(ma), len(mb))} token(s) differ" if ma or mb else f"row {k}: the same tokens and labels"
+        parts.append(f"<h4 style='font:600 13px sans-serif;margin:10px 0 2px'>{_html.escape(head)}</h4>"
+                     f"<div style='font:12px sans-serif;color:#555'>{na}</div>" + html_tokens(a, tokenizer_a, mark=ma)
+                     + f"<div style='font:12px sans-serif;color:#555'>{nb}</div>" + html_tokens(b, tokenizer_b, mark=mb))
+        text.append(head)
+        for side, row, marks, tok in (("A", a, ma, tokenizer_a), ("B", b, mb, tokenizer_b)):
+            if marks:
+                shown = [f"{tok.decode([int(row['input_ids'][i])])!r}({'masked' if int(row['labels'][i]) == -100 else 'trained'})" for i in sorted(marks)[:40]]
+                text.append(f"  {side}: " + " ".join(shown) + (" ..." if len(marks) > 40 else ""))
+    return Comparison("\n".join(parts), "\n".join(text), rows)
