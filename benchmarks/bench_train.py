@@ -28,6 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 P_MEASURED, P_DATASHEET = 790e12, 989e12
+KERNEL_KEYS = ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "chunked_cross_entropy", "liger_rope",
+               "liger_rms_norm", "liger_glu_activation", "liger_fused_linear_cross_entropy", "cut_cross_entropy"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -47,7 +49,11 @@ def parse():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--attn", default="ftkit_varlen", help="attn_implementation (ftkit_varlen, sdpa, flex_attention)")
-    ap.add_argument("--mode", default="lora", choices=["lora", "full"])
+    ap.add_argument("--mode", default="lora", choices=["lora", "qlora", "full"])
+    ap.add_argument("--kernels", default="on", choices=["on", "off"],
+                    help="off: every kernel key false (lora_*_kernel, liger_*, cut/chunked_cross_entropy)")
+    ap.add_argument("--gc", action="store_true", help="gradient_checkpointing: true")
+    ap.add_argument("--stack", default="F", help="name in the JSON (F, F-off, F-16k, ...)")
     ap.add_argument("--compare", help="folder with B0.json / B1.json from ../shared/bench to print ratios")
     a = ap.parse_args()
     if a.tiny:
@@ -121,7 +127,7 @@ def main():
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rec = {"stack": "F", "args": vars(a), "versions": versions(), "ok": False}
+    rec = {"stack": a.stack, "args": vars(a), "versions": versions(), "ok": False}
     marks, losses, gnorms = {}, {}, {}
     try:
         register_varlen_attention()
@@ -141,13 +147,26 @@ def main():
                 "weight_decay": 0.0, "optimizer": "adamw_torch_fused", "bf16": True if cuda else False,
                 "logging_steps": 1, "save_strategy": "no", "seed": a.seed, "output_dir": "/tmp/ftkit_bench_out",
                 "attn_implementation": a.attn, "max_grad_norm": 1.0,
-                **({"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_target_modules": TARGETS}
-                   if a.mode == "lora" else {}),
+                **({"adapter": "qlora" if a.mode == "qlora" else "lora", "lora_r": 16, "lora_alpha": 32,
+                    "lora_dropout": 0.0, "lora_target_modules": TARGETS} if a.mode in ("lora", "qlora") else {}),
+                **({k: False for k in KERNEL_KEYS} if a.kernels == "off" else {}),
+                **({"gradient_checkpointing": True} if a.gc else {}),
                 "datasets": [{"path": "synthetic", "type": "completion"}]})
             torch.manual_seed(a.seed)
             with torch.device("cuda" if cuda else "cpu"):
                 model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.bfloat16 if cuda else torch.float32,
                                                          attn_implementation=a.attn)
+            if a.mode == "qlora":          # the same random weights, reloaded as NF4 with double quantization
+                import tempfile
+                from transformers import BitsAndBytesConfig
+                d = tempfile.mkdtemp(prefix="ftkit_bench_q")
+                model.save_pretrained(d)
+                del model
+                model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, attn_implementation=a.attn,
+                                                             device_map={"": 0}, quantization_config=BitsAndBytesConfig(
+                                                                 load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                 bnb_4bit_use_double_quant=True,
+                                                                 bnb_4bit_compute_dtype=torch.bfloat16))
             model.config.use_cache = False
             model.ftkit_added_tokens = 0
             model = apply_adapter(cfg, model, quiet=True)
@@ -195,9 +214,11 @@ def main():
         sq = sumsq(s1) - sumsq(s0)
         if mcfg is None:
             mcfg = (res.model.get_base_model() if hasattr(res.model, "get_base_model") else res.model).config
-        n_lin, n_lora, a_coef = flop_terms(mcfg, 16, "lora" if getattr(cfg, "adapter", None) or a.mode == "lora" else "full")
+        n_lin, n_lora, a_coef = flop_terms(mcfg, 16, "lora" if getattr(cfg, "adapter", None) or a.mode != "full" else "full")
         A = a_coef * sq / max(T, 1)
-        Fl = (4 * n_lin + 6 * n_lora + A) if a.mode == "lora" else (6 * n_lin + A)
+        Fl = (4 * n_lin + 6 * n_lora + A) if a.mode != "full" else (6 * n_lin + A)
+        kr = getattr(res.model, "ftkit_kernels", None) if res.model is not None else None
+        rec["kernels"] = kr.as_dict() if kr is not None else None
         tps = T / dt
         steps = sorted(marks)
         rec.update({
@@ -225,14 +246,14 @@ def main():
     Path(a.out).write_text(json.dumps(rec, indent=1, default=str))
     keys = ["tokens_per_s", "mean_step_s", "real_tokens_per_step", "peak_alloc_GiB", "mfu_790", "mfu_989",
             "packing_efficiency", "loss_step1", "loss_step20", "sumsq_over_T", "train_wall_s"]
-    print("[F] RESULT " + json.dumps({k: rec.get(k) for k in keys}), flush=True)
+    print(f"[{a.stack}] RESULT " + json.dumps({k: rec.get(k) for k in keys}), flush=True)
     if a.compare and rec["ok"]:
         for s in ("B0", "B1", "B2"):
             p = Path(a.compare) / f"{s}.json"
             if p.exists():
                 b = json.loads(p.read_text())
                 if b.get("ok"):
-                    print(f"[F vs {s}] tokens/s x{rec['tokens_per_s'] / b['tokens_per_s']:.3f}  "
+                    print(f"[{a.stack} vs {s}] tokens/s x{rec['tokens_per_s'] / b['tokens_per_s']:.3f}  "
                           f"peak GiB x{rec.get('peak_alloc_GiB', float('nan')) / b.get('peak_alloc_GiB', float('nan')):.3f}  "
                           f"({rec['tokens_per_s']:,.0f} vs {b['tokens_per_s']:,.0f} tok/s, "
                           f"{rec.get('peak_alloc_GiB', 0):.2f} vs {b.get('peak_alloc_GiB', 0):.2f} GiB) on {rec['versions']['gpu']}")

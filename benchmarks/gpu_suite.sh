@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# One GPU machine call for ftkit: install the carried wheels, then `pytest -m gpu` (part=tests) or the throughput
-# benchmarks next to the shared TRL baseline (part=bench). Results go to $OUT.
-#   bash benchmarks/gpu_suite.sh tests|bench
-# Expects wheels under .whl/base (trl, datasets, pydantic, gguf, liger...), .whl/bnb (bitsandbytes) and the shared
-# baseline harness copied to .gpu/bench (../shared does not travel).
+# One GPU machine call for ftkit: install the carried wheels, then `pytest -m gpu` (part=tests), the throughput
+# benchmarks next to the shared TRL baseline (part=bench), the kernel GPU tests + per-kernel benchmark + one ftkit run
+# (part=kernels), or end to end beside B0/B1 at 4k and 16k plus QLoRA and kernels-off (part=e2e). Results go to $OUT
+# (kernels / e2e pack everything into one .tgz, since only 8 files come back).
+#   bash benchmarks/gpu_suite.sh tests|bench|kernels|e2e
+# Expects wheels under .whl/base (trl, datasets, pydantic, gguf, liger...), bitsandbytes as .whl/bnb wheels or unpacked
+# in .gpu/site (only its CUDA 13 libraries, to stay under the 64 MiB tree limit), and the shared baseline harness
+# copied to .gpu/bench (../shared does not travel).
 set -u
 part=${1:-tests}
 OUT=${OUT:-/tmp/ftkit_gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*/*.whl || exit 1
+[ -d .gpu/site ] && cp -r .gpu/site/* /tmp/site/
 export PYTHONPATH=/tmp/site:$PWD
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -m pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|trl|datasets|accelerate|bitsandbytes|liger.kernel|triton) "; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
@@ -18,5 +22,20 @@ if [ "$part" = tests ]; then
 elif [ "$part" = bench ]; then
   SKIP_PIP=1 STACKS="${STACKS:-B0 B1}" T_OTHER=150 bash .gpu/bench/run_baseline.sh 2>&1 | tail -12
   timeout 240 python3 benchmarks/bench_train.py --out "$OUT/F.json" --compare "$OUT" 2>&1 | tee "$OUT/F.log" | tail -15
+elif [ "$part" = kernels ]; then
+  R=/tmp/kres; mkdir -p $R
+  timeout 200 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu_kernels.py -s 2>&1 | tee $R/pytest_gpu_kernels.log | tail -25
+  timeout 260 python3 benchmarks/bench_kernels.py --out $R --budget ${KBUDGET:-200} 2>&1 | tee $R/bench_kernels.log | tail -4
+  timeout 120 python3 benchmarks/bench_train.py --out $R/F.json 2>&1 | tee $R/F.log | grep -E "kernels:|skipped|RESULT|Error" | tail -12
+  cp $R/*.md $R/*.json "$OUT"/ 2>/dev/null; cp "$OUT/env.txt" $R/; tar czf "$OUT/kernels_run.tgz" -C $R .
+elif [ "$part" = e2e ]; then
+  R=/tmp/e2e; mkdir -p $R/s16
+  OUT=$R SKIP_PIP=1 STACKS="B0 B1" T_OTHER=150 bash .gpu/bench/run_baseline.sh 2>&1 | tail -6
+  timeout 150 python3 benchmarks/bench_train.py --out $R/F.json --compare $R 2>&1 | tee $R/F.log | grep -E "kernels:|skipped|RESULT|F vs" | tail -12
+  OUT=$R/s16 SKIP_PIP=1 STACKS="B1" T_OTHER=170 EXTRA="--seq 16384 --steps 12 --warmup 3 --timed 8" bash .gpu/bench/run_baseline.sh 2>&1 | tail -3
+  timeout 150 python3 benchmarks/bench_train.py --stack F-16k --seq 16384 --steps 12 --warmup 3 --timed 8 --out $R/s16/F.json --compare $R/s16 2>&1 | tee $R/s16/F.log | grep -E "RESULT|vs" | tail -4
+  timeout 120 python3 benchmarks/bench_train.py --stack FQ --mode qlora --out $R/FQ.json --compare $R 2>&1 | tee $R/FQ.log | grep -E "kernels:|skipped|RESULT|vs" | tail -8
+  [ -n "${WITH_OFF:-}" ] && timeout 120 python3 benchmarks/bench_train.py --stack F-off --kernels off --out $R/Foff.json --compare $R 2>&1 | tee $R/Foff.log | grep -E "RESULT|vs" | tail -3
+  cp $R/*.json "$OUT"/ 2>/dev/null; tar czf "$OUT/e2e_run.tgz" -C $R .
 fi
 ls -la "$OUT"

@@ -1,0 +1,456 @@
+"""Per-kernel benchmark of ftkit.kernels against eager PyTorch, torch.compile, Liger and bitsandbytes.
+
+Shapes: Qwen2.5-0.5B, Llama-3.2-1B and Llama-3-8B layers at T in {4k, 16k, 64k} tokens (the largest only where it
+fits the time budget). Before any timing, each ftkit op is checked against the eager result at that shape
+(relative error gate); a failed gate is recorded and the row is not timed. Reports time (median of
+triton.testing.do_bench, L2 flushed), GB/s or TFLOP/s against the copy bandwidth and the bf16 GEMM rate measured
+in the same run, peak memory above the inputs and, for LoRA MLP, the bytes saved for backward.
+
+    python benchmarks/bench_kernels.py --out benchmarks/results       # GPU: kernels_<gpu>.json / .md
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --tiny --out /tmp/kb    # CPU smoke test of the script
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODELS = {  # d, F, V, n_q, n_kv, head_dim
+    "qwen2.5-0.5b": (896, 4864, 151936, 14, 2, 64),
+    "llama-3.2-1b": (2048, 8192, 128256, 32, 8, 64),
+    "llama-3-8b": (4096, 14336, 128256, 32, 8, 128),
+}
+
+
+def parse():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test (TRITON_INTERPRET=1), tiny shapes, no timing")
+    ap.add_argument("--budget", type=float, default=330, help="seconds; rows after this are skipped (recorded)")
+    ap.add_argument("--tokens", default="4096,16384,65536")
+    ap.add_argument("--no-compile", action="store_true")
+    return ap.parse_args()
+
+
+def versions():
+    v = {"torch": torch.__version__}
+    for m in ["triton", "transformers", "peft", "liger_kernel", "bitsandbytes"]:
+        try:
+            v[m] = __import__(m).__version__
+        except Exception as e:  # noqa: BLE001
+            v[m] = f"n/a ({type(e).__name__})"
+    v["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (TRITON_INTERPRET)"
+    return v
+
+
+class Bench:
+    def __init__(self, a):
+        self.a, self.rows, self.t0 = a, [], time.time()
+        self.cuda = torch.cuda.is_available() and not a.tiny
+        self.dev = "cuda" if self.cuda else "cpu"
+        self.dt = torch.bfloat16 if self.cuda else torch.float32
+
+    def over(self):
+        return time.time() - self.t0 > self.a.budget
+
+    def time_ms(self, fn, grad_to_none=None):
+        if not self.cuda:
+            fn()
+            return float("nan")
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median")
+
+    def peak(self, fn):
+        "Peak bytes allocated above what was allocated before one call."
+        if not self.cuda:
+            fn()
+            return 0
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    def add(self, **row):
+        self.rows.append(row)
+        keys = ["op", "model", "T", "impl", "ms", "GBps", "TFLOPs", "pct_peak", "peak_MiB", "saved_MiB", "gate"]
+        print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
+                       for k in keys if k in row), flush=True)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / (b.norm() + 1e-12)).item()
+
+
+def maybe_compile(fn, a):
+    if a.no_compile or a.tiny:
+        return None
+    return torch.compile(fn, dynamic=True)
+
+
+# --------------------------------------------------------------------------------------------------------------- ops
+def bench_glu(B, model, T, peaks):
+    from ftkit.kernels import glu
+    import torch.nn.functional as F
+    d, Fi = (MODELS[model][:2]) if not B.a.tiny else (32, 48)
+    g = torch.randn(T, Fi, device=B.dev, dtype=B.dt, requires_grad=True)
+    u = torch.randn(T, Fi, device=B.dev, dtype=B.dt, requires_grad=True)
+    dy = torch.randn(T, Fi, device=B.dev, dtype=B.dt)
+    eager = lambda a, b: F.silu(a) * b  # noqa: E731
+    impls = {"eager": eager, "ftkit": lambda a, b: glu.glu(a, b, "silu")}
+    c = maybe_compile(eager, B.a)
+    if c:
+        impls["compile"] = c
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        impls["liger"] = lambda a, b: LigerSiLUMulFunction.apply(a, b)
+    except Exception:  # noqa: BLE001
+        pass
+    err = rel(impls["ftkit"](g, u), eager(g, u))
+    gate = err < 1e-2
+    nbytes = 2 * T * Fi * (3 + 5)      # fwd reads g,u writes h; bwd reads dy,g,u writes dg,du (ftkit contract 5)
+    for name, f in impls.items():
+        if not gate and name == "ftkit":
+            B.add(op="swiglu fwd+bwd", model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
+            continue
+        ms = B.time_ms(lambda: f(g, u).backward(dy), [g, u])
+        gbps = nbytes / ms / 1e6
+        B.add(op="swiglu fwd+bwd", model=model, T=T, impl=name, ms=ms, GBps=gbps, pct_peak=gbps / peaks["copy_GBps"],
+              gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+
+
+def bench_rms(B, model, T, peaks):
+    from ftkit.kernels import rmsnorm
+    d = MODELS[model][0] if not B.a.tiny else 32
+    x = torch.randn(T, d, device=B.dev, dtype=B.dt, requires_grad=True)
+    w = torch.randn(d, device=B.dev, dtype=B.dt)
+    dy = torch.randn(T, d, device=B.dev, dtype=B.dt)
+    eager = lambda a: rmsnorm.reference(a, w, 1e-5)  # noqa: E731
+    impls = {"eager": eager, "ftkit": lambda a: rmsnorm.rms_norm(a, w, 1e-5)}
+    c = maybe_compile(eager, B.a)
+    if c:
+        impls["compile"] = c
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        impls["liger"] = lambda a: LigerRMSNormFunction.apply(a, w, 1e-5, 0.0, "llama", False)
+    except Exception:  # noqa: BLE001
+        pass
+    err = rel(impls["ftkit"](x), eager(x))
+    nbytes = 2 * T * d * (2 + 3)
+    for name, f in impls.items():
+        if err > 1e-2 and name == "ftkit":
+            B.add(op="rmsnorm fwd+bwd", model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
+            continue
+        ms = B.time_ms(lambda: f(x).backward(dy), [x])
+        gbps = nbytes / ms / 1e6
+        B.add(op="rmsnorm fwd+bwd (frozen w)", model=model, T=T, impl=name, ms=ms, GBps=gbps,
+              pct_peak=gbps / peaks["copy_GBps"], gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+
+
+def bench_rope(B, model, T, peaks):
+    from ftkit.kernels import rope
+    _, _, _, nq, nkv, D = MODELS[model] if not B.a.tiny else (0, 0, 0, 4, 2, 16)
+    q = torch.randn(1, T, nq, D, device=B.dev, dtype=B.dt, requires_grad=True)
+    k = torch.randn(1, T, nkv, D, device=B.dev, dtype=B.dt, requires_grad=True)
+    pos = torch.arange(T, device=B.dev) % 1024
+    inv = 1.0 / (5e5 ** (torch.arange(0, D, 2, device=B.dev).float() / D))
+    emb = torch.cat([pos[:, None] * inv] * 2, -1)[None]
+    cos, sin = emb.cos().to(B.dt), emb.sin().to(B.dt)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+
+    def eager(a, b):
+        return rope.reference(a, b, cos, sin)
+
+    def ours(a, b):
+        return rope.rope_(a * 1, b * 1, cos, sin)       # in place on fresh copies (the projection outputs in a model)
+    impls = {"eager": eager, "ftkit": ours}
+    c = maybe_compile(eager, B.a)
+    if c:
+        impls["compile"] = c
+    try:
+        from liger_kernel.ops.rope import LigerRopeFunction
+        impls["liger"] = lambda a, b: tuple(t.transpose(1, 2) for t in LigerRopeFunction.apply(
+            a.transpose(1, 2), b.transpose(1, 2), cos, sin))
+    except Exception:  # noqa: BLE001
+        pass
+    e = eager(q, k)
+    err = max(rel(x, y) for x, y in zip(ours(q, k), e))
+    nbytes = 2 * T * (nq + nkv) * D * 4          # fwd + bwd, read + write each
+    for name, f in impls.items():
+        if err > 1e-2 and name == "ftkit":
+            B.add(op="rope q+k fwd+bwd", model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
+            continue
+
+        def step():
+            a, b = f(q, k)
+            torch.autograd.backward((a, b), (dq, dk))
+        ms = B.time_ms(step, [q, k])
+        gbps = nbytes / ms / 1e6
+        B.add(op="rope q+k fwd+bwd", model=model, T=T, impl=name, ms=ms, GBps=gbps,
+              pct_peak=gbps / peaks["copy_GBps"], gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+
+
+def bench_nf4(B, model, peaks):
+    from ftkit.kernels import nf4
+    d, Fi = MODELS[model][:2] if not B.a.tiny else (64, 128)
+    w = torch.randn(Fi, d, device=B.dev, dtype=B.dt)
+    if B.cuda:
+        import bitsandbytes.functional as bnbf
+        q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        impls = {"bitsandbytes": lambda: bnbf.dequantize_4bit(q, qs, quant_type="nf4"),
+                 "ftkit": lambda: nf4.dequantize(q, qs)}
+        exact = torch.equal(impls["ftkit"](), impls["bitsandbytes"]())
+    else:
+        q, qs = nf4.quantize_reference(w)
+        impls = {"ftkit": lambda: nf4.dequantize(q, qs)}
+        exact = torch.equal(impls["ftkit"](), nf4.reference(q, qs))
+    n = Fi * d
+    nbytes = n / 2 + n / 64 + 2 * n
+    for name, f in impls.items():
+        ms = B.time_ms(f)
+        gbps = nbytes / ms / 1e6
+        B.add(op=f"nf4 dequant {Fi}x{d} (double quant)", model=model, T=0, impl=name, ms=ms, GBps=gbps,
+              pct_peak=gbps / peaks["copy_GBps"], gate=("bit-exact" if exact else "FAIL not bit-exact"))
+
+
+def _peft_mlp(B, model, r, qlora=False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    d, Fi = MODELS[model][:2] if not B.a.tiny else (32, 48)
+    cfg = LlamaConfig(hidden_size=d, intermediate_size=Fi, hidden_act="silu")
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = LlamaMLP(cfg)
+
+        def forward(self, x):
+            return self.mlp(x)
+    torch.manual_seed(0)
+    m = Wrap().to(B.dev, B.dt)
+    if qlora:
+        import bitsandbytes as bnb
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(m.mlp, n)
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=B.dt,
+                                  quant_type="nf4", compress_statistics=True)
+            q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True).to(B.dev)
+            setattr(m.mlp, n, q)
+    p = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    for n, t in p.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(t, std=0.02)
+    return p.train()
+
+
+def saved_bytes(fn):
+    tot = [0]
+    seen = set()
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            tot[0] += t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return tot[0], out
+
+
+def bench_lora_mlp(B, model, T, peaks, r=16, qlora=False):
+    d, Fi = MODELS[model][:2] if not B.a.tiny else (32, 48)
+    x = torch.randn(1, T, d, device=B.dev, dtype=B.dt, requires_grad=True)
+    dy = torch.randn(1, T, d, device=B.dev, dtype=B.dt)
+    flops = 12 * T * d * Fi + 18 * T * r * (d + Fi)
+    peft = _peft_mlp(B, model, r, qlora)
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if B.cuda else (lambda: torch.autocast("cpu", enabled=False))
+
+    def run(m):
+        def f():
+            with ctx():
+                y = m(x)
+            y.backward(dy)
+        return f
+
+    def fwd(m):
+        with ctx():
+            return m(x)
+    ref = fwd(peft).detach()
+    impls = {"peft eager": peft}
+    if not qlora and not B.a.tiny and not B.a.no_compile and model != "llama-3-8b":
+        impls["peft compiled"] = torch.compile(peft, dynamic=False)
+    ours = _peft_mlp(B, model, r, qlora)
+    mlp = ours.get_base_model().mlp
+    from ftkit.kernels.patch import KernelReport, _lora_mlp_forward, lora_problem
+    probs = [lora_problem(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+    if any(probs):
+        B.add(op="lora mlp", model=model, T=T, impl="ftkit", gate=f"FAIL not fusable: {probs}")
+        return
+    mlp._ftkit_act = "silu"
+    KernelReport().patch("lora_mlp", "mlp", mlp, _lora_mlp_forward)
+    impls["ftkit"] = ours
+    err = rel(fwd(ours), ref)
+    label = f"lora mlp r{r} fwd+bwd" + (" NF4 base" if qlora else "")
+    for name, m in impls.items():
+        if name == "ftkit" and err > 2e-2:
+            B.add(op=label, model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
+            continue
+        sb, _ = saved_bytes(lambda: fwd(m))
+        params = [x] + [p for p in m.parameters() if p.requires_grad]
+        ms = B.time_ms(run(m), params)
+        pk = B.peak(run(m))
+        tf = flops / ms / 1e9
+        B.add(op=label, model=model, T=T, impl=name, ms=ms, TFLOPs=tf, pct_peak=tf / peaks["gemm_TFLOPs"],
+              peak_MiB=pk / 2**20, saved_MiB=sb / 2**20, gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+
+
+def bench_flce(B, model, T, peaks, trainable=False):
+    from ftkit.kernels import flce
+    d, _, V = MODELS[model][:3] if not B.a.tiny else (32, 0, 500)
+    h = torch.randn(T, d, device=B.dev, dtype=B.dt, requires_grad=True)
+    W = (torch.randn(V, d, device=B.dev) / math.sqrt(d)).to(B.dt).requires_grad_(trainable)
+    y = torch.randint(0, V, (T,), device=B.dev)
+
+    def eager(h_, W_):
+        return torch.nn.functional.cross_entropy((h_ @ W_.t()).float(), y)
+    impls = {"ftkit": lambda h_, W_: flce.linear_cross_entropy(h_, W_, y, reduction="mean")}
+    if T * V <= 16384 * 151936:
+        impls["eager"] = eager
+        c = maybe_compile(eager, B.a)
+        if c:
+            impls["compile"] = c
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        lig = LigerFusedLinearCrossEntropyLoss()
+        impls["liger"] = lambda h_, W_: lig(W_, h_, y)
+    except Exception:  # noqa: BLE001
+        pass
+    ref = flce.reference(h.detach().float(), W.detach().float(), y, reduction="mean")
+    got = impls["ftkit"](h, W).detach()
+    err = abs(got.item() - ref.item()) / abs(ref.item())
+    flops = (6 if trainable else 4) * T * d * V
+    ins = [h] + ([W] if trainable else [])
+    label = f"fused linear CE fwd+bwd ({'trainable' if trainable else 'frozen'} head)"
+    for name, f in impls.items():
+        if name == "ftkit" and err > 1e-2:
+            B.add(op=label, model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
+            continue
+
+        def step():
+            loss = f(h, W)
+            loss = loss[0] if isinstance(loss, tuple) else loss
+            loss.backward()
+        try:
+            ms = B.time_ms(step, ins)
+            pk = B.peak(step)
+        except torch.OutOfMemoryError:
+            B.add(op=label, model=model, T=T, impl=name, gate="OOM")
+            torch.cuda.empty_cache()
+            continue
+        tf = flops / ms / 1e9
+        B.add(op=label, model=model, T=T, impl=name, ms=ms, TFLOPs=tf, pct_peak=tf / peaks["gemm_TFLOPs"],
+              peak_MiB=pk / 2**20, gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+
+
+def measure_peaks(B):
+    if not B.cuda:
+        return {"copy_GBps": float("nan"), "gemm_TFLOPs": float("nan")}
+    import triton.testing
+    x = torch.empty(2**28, device="cuda", dtype=torch.float32)
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=50, return_mode="median")
+    copy = 2 * x.numel() * 4 / ms / 1e6
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median")
+    del x, y, a, b
+    torch.cuda.empty_cache()
+    return {"copy_GBps": copy, "gemm_TFLOPs": 2 * 8192**3 / ms / 1e9}
+
+
+def write(B, peaks, out):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    v = versions()
+    tag = "cpu" if not B.cuda else v["gpu"].replace("NVIDIA ", "").replace(" ", "-")
+    rec = {"versions": v, "peaks": peaks, "rows": B.rows, "seconds": time.time() - B.t0, "budget_s": B.a.budget}
+    (out / f"kernels_{tag}.json").write_text(json.dumps(rec, indent=1, default=str))
+    lines = [f"# ftkit kernel benchmark on {v['gpu']}", "",
+             "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "gpu"), "",
+             f"Peaks measured in the same run: copy {peaks['copy_GBps']:.0f} GB/s (read + write), "
+             f"bf16 GEMM 8192³ {peaks['gemm_TFLOPs']:.0f} TFLOP/s.", "",
+             "| op | model | T | impl | ms | GB/s | TFLOP/s | % of peak | peak MiB | saved MiB | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x, fmt):
+        return format(x, fmt) if isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x)) else ""
+    for r in B.rows:
+        lines.append(f"| {r['op']} | {r['model']} | {r['T']} | {r['impl']} | {f(r.get('ms'), '.3f')} | "
+                     f"{f(r.get('GBps'), '.0f')} | {f(r.get('TFLOPs'), '.0f')} | {f(100 * r['pct_peak'], '.0f') if 'pct_peak' in r else ''} | "
+                     f"{f(r.get('peak_MiB'), '.0f')} | {f(r.get('saved_MiB'), '.0f')} | {r.get('gate', '')} |")
+    (out / f"kernels_{tag}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}/kernels_{tag}.json and .md ({len(B.rows)} rows)")
+
+
+def main():
+    a = parse()
+    B = Bench(a)
+    peaks = measure_peaks(B)
+    print("peaks", peaks, versions(), flush=True)
+    Ts = [int(t) for t in a.tokens.split(",")] if not a.tiny else [37]
+    models = list(MODELS) if not a.tiny else ["llama-3.2-1b"]
+    plan = []
+    for m in models:
+        plan.append(("nf4", m, 0))
+    for m in models:
+        for T in Ts:
+            plan += [("glu", m, T), ("rms", m, T), ("rope", m, T)]
+    for m in models:
+        for T in Ts[:2]:
+            plan.append(("lora_mlp", m, T))
+    if B.cuda:
+        plan.append(("lora_mlp_nf4", "llama-3.2-1b", Ts[0]))
+    for m in models:
+        for T in Ts:
+            plan.append(("flce", m, T))
+    plan.append(("flce_train", "llama-3.2-1b", Ts[0]))
+    fns = {"glu": bench_glu, "rms": bench_rms, "rope": bench_rope, "flce": bench_flce}
+    try:
+        for op, m, T in plan:
+            if B.over():
+                B.add(op=op, model=m, T=T, impl="-", gate=f"not run: time budget {a.budget:.0f} s used")
+                continue
+            try:
+                if op == "nf4":
+                    bench_nf4(B, m, peaks)
+                elif op == "lora_mlp":
+                    bench_lora_mlp(B, m, T, peaks)
+                elif op == "lora_mlp_nf4":
+                    bench_lora_mlp(B, m, T, peaks, qlora=True)
+                elif op == "flce_train":
+                    bench_flce(B, m, T, peaks, trainable=True)
+                else:
+                    fns[op](B, m, T, peaks)
+            except Exception as e:  # noqa: BLE001
+                B.add(op=op, model=m, T=T, impl="-", gate=f"ERROR {type(e).__name__}: {str(e)[:160]}")
+                traceback.print_exc()
+            if B.cuda:
+                torch.cuda.empty_cache()
+    finally:
+        write(B, peaks, a.out)
+
+
+if __name__ == "__main__":
+    main()
