@@ -353,7 +353,10 @@ def cli_page() -> str:
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     if sub is not None:
         helps = {a.dest: a.help for a in sub._choices_actions}
-        for name, p in sub.choices.items():
+        for name in sub.choices:
+            full = cli.build_parser(name) if "selected" in cli.build_parser.__code__.co_varnames else parser
+            fsub = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+            p = fsub.choices[name]      # built with its own arguments (the parser adds them only for the chosen command)
             p.prog = f"ftkit {name}"
             lines += [f"## `ftkit {name}`", "", (helps.get(name) or "").strip().capitalize() + ".", "",
                       "```text", p.format_help().strip(), "```", ""]

@@ -4,6 +4,7 @@ the source (every `raise SomethingError(...)` and every `RowError(reason, ...)` 
 from __future__ import annotations
 
 import ast
+import builtins
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,11 +67,14 @@ def collect_raises() -> dict[str, list[tuple[str, str]]]:
                 call = node.exc
             elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "RowError":
                 call = node
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "emit" and len(node.args) >= 5
+                  and isinstance(node.args[3], ast.Constant) and node.args[3].value):   # ftkit.data's drop reasons
+                out.setdefault("RowError", []).append((mod, f"{node.args[3].value}: {_msg(node.args[4])}"))
+                continue
             if call is None or not call.args:
                 continue
             name = getattr(call.func, "id", None) or getattr(call.func, "attr", None) or ""
-            if not name.endswith("Error") or name in ("ValueError", "TypeError", "KeyError", "RuntimeError",
-                                                       "ImportError", "AttributeError", "NotImplementedError"):
+            if not name.endswith("Error") or hasattr(builtins, name):      # ftkit's own error classes only
                 continue
             if name == "RowError" and len(call.args) >= 2:
                 msg = _msg(call.args[0]) + ": " + _msg(call.args[1])

@@ -1,0 +1,223 @@
+"""The docs site, built the way CI builds it (scripts/docs/build.py without Quarto: Sphinx + MyST-NB + Furo) and read
+the way a user reads it: headless Chromium (Debian's package, driven by Playwright) opens the landing page, the config
+reference, a dataset-format page and the migration guide, follows every internal link, searches for a config key, and
+saves screenshots under tests/artifacts/. Plus checks that need no browser: every schema field has a description, the
+config reference lists every key, the generated pages come from the code."""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+from urllib.parse import urldefrag, urlparse
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+SITE = ROOT / "_docs"
+sys.path.insert(0, str(ROOT / "scripts" / "docs"))
+
+pytestmark = pytest.mark.timeout(2400)
+
+
+# ---------------------------------------------------------------- no build needed
+
+def test_every_schema_field_has_a_description():
+    import pages
+    keys = pages.all_schema_keys()
+    assert len(keys) > 200                               # the whole schema, nested models included
+    missing = pages.missing_descriptions()
+    assert not missing, f"schema fields without a description (add one in nbs/00_config.ipynb): {missing}"
+
+
+def test_missing_description_is_caught():
+    "The check above looks at real FieldInfo descriptions: a field without one is reported."
+    import pages
+    from pydantic import Field
+    from ftkit.config import Section
+
+    class Probe(Section):
+        documented: int | None = Field(None, description="has one")
+        undocumented: int | None = None
+    real = pages.schema_tables
+    try:
+        pages.schema_tables = lambda: [("probe", "", Probe, "")]
+        assert pages.missing_descriptions() == ["undocumented"]
+    finally:
+        pages.schema_tables = real
+
+
+def test_config_reference_marks_ignored_keys_and_examples():
+    import pages
+    from ftkit import config as C
+    md = pages.config_reference()
+    for q, _, _ in pages.all_schema_keys():
+        assert f'id="key-{q}"' in md, q
+    ignored = getattr(C, "IGNORED_KEYS", None)
+    if ignored:          # every ignored key that the schema has is marked, with its reason
+        top = {k for k in C.FinetuneConfig.model_fields}
+        for k, why in ignored.items():
+            if k in top:
+                row = next(l for l in md.splitlines() if f'id="key-{k}"' in l)
+                assert "**ignored**" in row and pages._cell(why) in row, k
+    else:
+        assert "no `IGNORED_KEYS` table" in md
+    lr = next(l for l in md.splitlines() if 'id="key-learning_rate"' in l)
+    assert "required" in lr and "`learning_rate: 0.0002`" in lr and "> 0" in lr
+    opt = next(l for l in md.splitlines() if 'id="key-optimizer"' in l)
+    assert "`adamw_torch`" in opt and "`adamw_torch_fused`" in opt       # allowed values from the Literal
+
+
+def test_cli_page_comes_from_the_parser():
+    import argparse
+    import pages
+    from ftkit.cli import build_parser
+    md = pages.cli_page()
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in sub.choices:
+        assert f"## `ftkit {name}`" in md
+    assert "--debug-num-examples" in md
+
+
+def test_troubleshooting_shows_ftkits_real_messages():
+    import pages
+    md = pages.troubleshooting_page()
+    assert "Did you mean 'learning_rate'?" in md          # from config.validate on the misspelt-key case
+    assert "### `DataError`" in md and "no_trainable_tokens" in md   # collected from the source
+
+
+# ---------------------------------------------------------------- the built site
+
+@pytest.fixture(scope="module")
+def site():
+    "Build the site as CI does (pure-Python path), unless FTKIT_DOCS_PREBUILT=1 says _docs/ is fresh."
+    if not os.environ.get("FTKIT_DOCS_PREBUILT"):
+        t0 = time.time()
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "docs" / "build.py"), "--renderer", "sphinx"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=2400)
+        print(r.stdout[-3000:], r.stderr[-3000:])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        print(f"docs built in {time.time() - t0:.0f}s")
+    assert (SITE / "index.html").exists()
+    return SITE
+
+
+def _main_text(html: str) -> str:
+    m = re.search(r'<article[^>]*role="main"[^>]*>(.*?)</article>', html, re.S)
+    body = m.group(1) if m else html
+    body = re.sub(r"<(script|style|pre|code)[^>]*>.*?</\1>", " ", body, flags=re.S)   # prose only: code may hold anything
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", body))
+
+
+def test_sidebar_follows_quarto_yml(site):
+    import yaml
+    import build
+    html = (site / "index.html").read_text()
+    q = yaml.safe_load((ROOT / "_quarto.yml").read_text())
+    sections = [i["section"] for i in q["website"]["sidebar"]["contents"] if isinstance(i, dict)]
+    pos = [html.find(f">{s}<") for s in sections]
+    assert all(p > 0 for p in pos) and pos == sorted(pos), (sections, pos)
+    for _, entries in build.sidebar():
+        for e in entries:
+            name = build.page_name(e)
+            if (ROOT / "nbs" / e).exists() or (ROOT / "docs" / e).exists() or name in ("config_reference", "formats", "quickstart"):
+                assert (site / f"{name}.html").exists(), e
+                assert f'href="{name}.html"' in html or name == "index", e
+
+
+def test_pages_have_their_content(site):
+    from ftkit.prompts.registry import known_types
+    quick = (site / "quickstart.html").read_text()
+    assert "ftkit-dashboard" in quick and "held-out exact match" in quick       # executed, outputs kept
+    assert 'class="tr' in quick                                                # the debug view's trained tokens
+    inspect = (site / "inspect.html").read_text()
+    assert 'id="html_tokens"' in inspect and "def html_tokens(" in inspect     # show_doc signature
+    assert "#| export" not in inspect and "default_exp" not in inspect          # nbdev hid the export machinery
+    formats = (site / "formats.html").read_text()
+    for t in known_types():
+        assert f'id="type-{t}"' in formats, t
+    assert formats.count('class="ftk-tok"') >= len(known_types())               # a rendered token view per type
+    perf = (site / "performance.html").read_text()
+    assert "<svg" in perf and "29,478" in perf                                 # the plot, and a measured number
+    assert (site / "searchindex.js").exists()
+
+
+def test_site_in_a_browser(site):
+    chromium = "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is not installed (make browser-deps)")
+        pytest.skip("Debian's chromium is not installed (make browser-deps installs it)")
+    from playwright.sync_api import sync_playwright
+    import pages
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    base = site.resolve().as_uri() + "/"
+    start = ["index.html", "config_reference.html", "formats.html", "migrating.html"]
+    keys = [q.split(".")[-1] for q, _, _ in pages.all_schema_keys()]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        seen, links = {}, set()
+        for name in start:
+            page.goto(base + name)
+            page.wait_for_selector("article[role=main] h1")
+            text = page.inner_text("article[role=main]")
+            seen[name] = text
+            assert "Traceback (most recent call last)" not in text, name
+            prose = page.evaluate("() => { const a = document.querySelector('article[role=main]').cloneNode(true);"
+                                  " a.querySelectorAll('pre, code, style, script').forEach(e => e.remove()); return a.textContent; }")
+            for raw in ("```", "[](", "::: {", "{target=", "](http"):      # raw markdown that was not rendered
+                assert raw not in prose, (name, raw)
+            assert not re.search(r"(^|\n)\s*#{1,4} [A-Za-z]", prose), name
+            page.screenshot(path=str(ARTIFACTS / f"docs_{name.replace('.html', '')}.png"))
+            links |= set(page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)"))
+        # the config reference lists every schema key, visibly
+        ref = seen["config_reference.html"]
+        missing = [k for k in keys if k not in ref]
+        assert not missing, missing
+        # every internal link resolves: the page exists, and so does the #anchor on it
+        internal = {l for l in links if l.startswith(base)}
+        assert len(internal) > 50
+        ids_cache = {}
+        bad = []
+        for link in sorted(internal):
+            url, frag = urldefrag(link)
+            path = pathlib.Path(urlparse(url).path)
+            if path.is_dir():
+                path = path / "index.html"
+            if not path.exists():
+                bad.append(link)
+                continue
+            if frag and path.suffix == ".html":
+                if path not in ids_cache:
+                    h = path.read_text()
+                    ids_cache[path] = set(re.findall(r'\bid="([^"]+)"', h))
+                if frag not in ids_cache[path]:
+                    bad.append(link)
+        assert not bad, f"{len(bad)} broken internal links: {bad[:20]}"
+        # every other page opens without raw markdown or a traceback
+        for f in sorted(site.glob("*.html")):
+            if f.name in ("genindex.html", "search.html"):
+                continue
+            text = _main_text(f.read_text())
+            assert "Traceback (most recent call last)" not in text, f.name
+            assert "```" not in text and not re.search(r"(^| )#{2,4} [A-Z]", text), f.name
+        # search finds a config key
+        page.goto(base + "search.html?q=lora_target_linear")
+        page.wait_for_selector("#search-results ul.search li", timeout=60_000)
+        hits = page.inner_text("#search-results")
+        assert "Config reference" in hits, hits[:500]
+        page.screenshot(path=str(ARTIFACTS / "docs_search.png"))
+        # a dataset-format page: the debug view is drawn with trained tokens coloured
+        page.goto(base + "formats.html#type-alpaca")
+        assert page.locator(".ftk-tok .tr").count() > 50
+        bg = page.eval_on_selector(".ftk-tok .tr", "e => getComputedStyle(e).backgroundColor")
+        assert bg == "rgb(200, 240, 200)", bg
+        page.screenshot(path=str(ARTIFACTS / "docs_formats_alpaca.png"))
+        assert not errors, errors
+        browser.close()
