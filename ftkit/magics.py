@@ -272,6 +272,8 @@ class FinetuneMagics(Magics):
     @argument("--config", default=None, help="a YAML config file (the cell body, if any, is applied on top)")
     @argument("--name", default="ft", help="name of the run object in the notebook (default: ft)")
     @argument("--gpus", type=int, default=None, help="number of GPUs (more than 1 launches processes)")
+    @argument("--gpu", default=None, help="plan: judge the memory estimate against this GPU (24GB, A100-80GB, H100, ...; default: this machine's)")
+    @argument("--against", default=None, help="debug: another config (a YAML file, or a run object's name) to tokenize the same rows with")
     @argument("--max-new-tokens", type=int, default=128, help="infer: tokens to generate")
     @argument("--temperature", type=float, default=0.0, help="infer: sampling temperature (0 = greedy)")
     @argument("--dashboard", default="auto", help="train: auto | widget | html | text")
@@ -305,6 +307,8 @@ class FinetuneMagics(Magics):
             warnings = [p for p in problems if p.level != "error"]
             if mode in ("validate", "plan"):
                 self._show(plan_view(cfg, run.plan, text, "train", overrides, args.config, warnings))
+                from ftkit.fit import fit_view
+                self._show(fit_view(cfg, args.gpu, args.gpus))            # will it fit? (memory, speed)
             else:
                 if warnings: self._show(problems_view(warnings, text, "this cell"))
                 getattr(self, f"_{mode}")(args, run)
@@ -325,7 +329,9 @@ class FinetuneMagics(Magics):
     def _prepare(self, run):
         if run.datasets is None:
             from ftkit.train import prepare   # SFT rows, or the rows of the config's rl: method
-            run.datasets = prepare(run.config, self._tokenizer(run))
+            from ftkit.progress import stage
+            with stage("load data · tokenize · cache", log_file=Path(run.config.output_dir) / "ftkit.log"):
+                run.datasets = prepare(run.config, self._tokenizer(run))
         return run.datasets
 
     def _preprocess(self, args, run):
@@ -333,8 +339,21 @@ class FinetuneMagics(Magics):
         self._show(_report_view(data))
 
     def _debug(self, args, run):
+        if args.against: return self._show(self._compare(args, run))
         data = self._prepare(run)
         self._show(debug_view(data, self._tokenizer(run)))
+
+    def _compare(self, args, run):
+        "`debug --against`: the same rows under this run's config and another (a YAML file or a run object)."
+        from ftkit.config import load
+        from ftkit.inspect import compare
+        from ftkit.progress import stage
+        other = self.shell.user_ns.get(args.against)
+        if isinstance(other, FinetuneRun) and other.config is not None: cfg_b, tok_b = other.config, other.tokenizer
+        elif Path(args.against).is_file(): cfg_b, tok_b = load(args.against), None
+        else: raise UserError(f"--against {args.against!r}: neither a config file nor a run object in this notebook.")
+        with stage("tokenize under both configs", log_file=Path(run.config.output_dir) / "ftkit.log"):
+            return compare(run.config, cfg_b, tokenizer_a=self._tokenizer(run), tokenizer_b=tok_b, names=(args.name, args.against))
 
     def _train(self, args, run):
         from ftkit.dashboard import Dashboard
@@ -345,7 +364,11 @@ class FinetuneMagics(Magics):
                          max_new_tokens=cfg.eval_max_new_tokens or 32)
         run.dashboard = dash
         try:
-            result = ft_train.train(cfg, callbacks=[dash], tokenizer=run.tokenizer, data=run.datasets, quiet=True)
+            from ftkit.launch import MetricsFile
+            from ftkit.progress import stage
+            with stage("train", log_file=Path(cfg.output_dir) / "ftkit.log"):   # library bars and warnings go to the details
+                result = ft_train.train(cfg, callbacks=[dash, MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")],
+                                        tokenizer=run.tokenizer, data=run.datasets, quiet=True)
         except KeyboardInterrupt:
             dash.close("interrupted"); raise
         except BaseException:
@@ -362,7 +385,9 @@ class FinetuneMagics(Magics):
 
     def _merge(self, args, run):
         from ftkit import infer
-        res = infer.merge(run.config, quiet=True)
+        from ftkit.progress import stage
+        with stage("merge · save", log_file=Path(run.config.output_dir) / "ftkit.log"):
+            res = infer.merge(run.config, quiet=True)
         run.merged_dir = res.output_dir
         self._show(Rich(f"<b>merged:</b> adapter <code>{html.escape(res.adapter)}</code> + {html.escape(res.base)} → "
                         f"<code>{html.escape(res.output_dir)}</code> ({res.seconds:.1f}s)", str(res)))
@@ -434,6 +459,13 @@ class FinetuneMagics(Magics):
         return None
 
     # -- %finetune_env, %finetune_form ---------------------------------------------
+    @line_magic
+    def finetune_runs(self, line: str = ""):
+        "`%finetune_runs [FOLDER]`: the runs under FOLDER (default: the folder of the last run's output_dir) side by side."
+        from ftkit.compare import runs
+        last = self.last_run.config.output_dir if self.last_run is not None and self.last_run.config is not None else None
+        self._show(runs(line.strip() or (str(Path(last).parent) if last else ".")))
+
     @line_magic
     def finetune_env(self, line: str = ""):
         "Report torch / CUDA / GPUs, library versions against ftkit's tested ranges, and what ftkit can use here."
