@@ -63,13 +63,19 @@ def run_validate(args) -> int:
     print(cfg.to_yaml(), end="")
     print("\n# resolved plan\n" + "\n".join("# " + l for l in str(resolve(cfg)).splitlines()))
     for w in cfg.warnings: print(f"# {w}", file=sys.stderr)
+    from ftkit.fit import fit_view
+    print("\n# will it fit?\n" + "\n".join("# " + l for l in str(fit_view(cfg, args.gpu, args.gpus)).splitlines()))
     return 0
 
 def run_schema(args) -> int:
     print(json.dumps(json_schema(), indent=2))
     return 0
 
-command("validate", "check a config and print it resolved (exit 2 on problems)", run_validate)
+def _validate_args(p):
+    p.add_argument("--gpu", default=None, metavar="GPU", help="judge the memory estimate against this GPU: 24GB, A100-80GB, H100, ... (default: this machine's)")
+    p.add_argument("--gpus", type=int, default=None, metavar="N", help="estimate per GPU for N GPUs (default: the config's)")
+
+command("validate", "check a config and print it resolved, with the memory and time estimate (exit 2 on problems)", run_validate, _validate_args)
 command("schema", "print the JSON Schema of ftkit configs", run_schema, takes_config=False)
 
 # %% ../nbs/13_cli.ipynb #04606c55
