@@ -41,9 +41,10 @@ def parse():
 
 def versions():
     v = {"torch": torch.__version__}
+    from importlib.metadata import version
     for m in ["triton", "transformers", "peft", "liger_kernel", "bitsandbytes"]:
         try:
-            v[m] = __import__(m).__version__
+            v[m] = version(m.replace("_", "-"))
         except Exception as e:  # noqa: BLE001
             v[m] = f"n/a ({type(e).__name__})"
     v["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (TRITON_INTERPRET)"

@@ -14,6 +14,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATAS
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*/*.whl || exit 1
 [ -d .gpu/site ] && cp -r .gpu/site/* /tmp/site/
+[ -e ftkit/kernels ] || ln -s ../kernels ftkit/kernels      # what the installed package's package-dir mapping does
 export PYTHONPATH=/tmp/site:$PWD
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -m pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|trl|datasets|accelerate|bitsandbytes|liger.kernel|triton) "; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
