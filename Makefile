@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.ftkit-installed
 
-.PHONY: install demo test test-nbs test-py export readme docs clean gpu-test browser-deps
+.PHONY: install demo test test-nbs test-py export readme docs clean gpu-test browser-deps conformance
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ test: test-nbs test-py
 
 gpu-test: install
 	$(BIN)/python -m pytest -q -m gpu
+
+# Labels vs Axolotl 0.19.0 on the same configs and rows (not part of `make test`: it needs a side
+# virtualenv with Axolotl, AXOLOTL_VENV, default /work/conformance-venv, ~5 min to create once).
+# Writes scripts/conformance/REPORT.md and the fixtures tests/test_conformance.py checks without Axolotl.
+conformance: install
+	bash scripts/conformance/setup.sh
+	$(BIN)/python scripts/conformance/run.py --write-fixtures
 
 # The docs site in _docs/: nbdev-docs through _quarto.yml where Quarto is installed, else Sphinx + MyST-NB + Furo
 # (scripts/docs/build.py: notebooks executed as nbdev-test runs them, nbdev's processors, generated pages).
