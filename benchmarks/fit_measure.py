@@ -26,17 +26,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-# name -> config keys on top of the common ones below
+# every kernel switch off (ftkit.kernels.patch.KERNEL_KEYS): the "_nok" runs measure the plain PyTorch path
+KERNELS_OFF = dict(lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False, liger_rope=False, liger_rms_norm=False,
+                   liger_glu_activation=False, liger_fused_linear_cross_entropy=False, cut_cross_entropy=False,
+                   chunked_cross_entropy=False)
+# name -> config keys on top of the common ones below; in the order they run (most informative first)
 CONFIGS = {
-    "lora_4k":        dict(sequence_len=4096, adapter="lora"),
-    "lora_16k":       dict(sequence_len=16384, adapter="lora"),
-    "lora_4k_gc":     dict(sequence_len=4096, adapter="lora", gradient_checkpointing=True),
-    "lora_16k_gc":    dict(sequence_len=16384, adapter="lora", gradient_checkpointing=True),
-    "qlora_4k":       dict(sequence_len=4096, adapter="qlora", load_in_4bit=True),
-    "qlora_16k":      dict(sequence_len=16384, adapter="qlora", load_in_4bit=True),
-    "full_4k":        dict(sequence_len=4096),
-    "full_4k_paged8": dict(sequence_len=4096, optimizer="paged_adamw_8bit"),
-    "full_16k_gc":    dict(sequence_len=16384, gradient_checkpointing=True),
+    "lora_4k":         dict(sequence_len=4096, adapter="lora"),
+    "lora_16k":        dict(sequence_len=16384, adapter="lora"),
+    "qlora_4k":        dict(sequence_len=4096, adapter="qlora", load_in_4bit=True),
+    "full_4k":         dict(sequence_len=4096),
+    "lora_4k_nok":     dict(sequence_len=4096, adapter="lora", **KERNELS_OFF),
+    "lora_4k_gc":      dict(sequence_len=4096, adapter="lora", gradient_checkpointing=True),
+    "qlora_16k":       dict(sequence_len=16384, adapter="qlora", load_in_4bit=True),
+    "full_16k_gc":     dict(sequence_len=16384, gradient_checkpointing=True),
+    "full_4k_paged8":  dict(sequence_len=4096, optimizer="paged_adamw_8bit"),
+    "qlora_4k_nok":    dict(sequence_len=4096, adapter="qlora", load_in_4bit=True, **KERNELS_OFF),
+    "full_4k_nok":     dict(sequence_len=4096, **KERNELS_OFF),
+    "lora_16k_nok":    dict(sequence_len=16384, adapter="lora", **KERNELS_OFF),
+    "lora_16k_gc":     dict(sequence_len=16384, adapter="lora", gradient_checkpointing=True),
 }
 LORA = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0,
             lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -114,14 +122,11 @@ def measure(name: str, model_dir: Path, out: Path, steps: int, tiny: bool) -> di
     return rec
 
 
-def kernels_report(model) -> dict | str:
-    "What ftkit.kernels reported for this model, if the kernels module exists (they change the memory profile)."
-    import importlib.util
-    if importlib.util.find_spec("ftkit.kernels.patch") is None: return "no ftkit.kernels.patch in this tree: kernels off"
-    for attr in ("ftkit_kernels", "ftkit_kernel_report"):
-        r = getattr(model, attr, None) or getattr(getattr(model, "base_model", None), attr, None)
-        if r is not None: return r if isinstance(r, (dict, str)) else repr(r)
-    return "ftkit.kernels.patch exists; no report found on the model"
+def kernels_report(model) -> dict:
+    "Which ftkit kernels were patched into the trained model (ftkit.kernels.patch marks each module it patches)."
+    from collections import Counter
+    c = Counter(getattr(m, "_ftkit_kernel") for m in model.modules() if getattr(m, "_ftkit_kernel", None))
+    return {"patched": dict(c)}
 
 
 def main():
