@@ -7,6 +7,7 @@ Docs: https://ftkit.github.io/ftkit/inspect.html.md"""
 # %% ../nbs/05_inspect.ipynb #6ca5da02
 from __future__ import annotations
 import html as _html, os, random, sys
+from .schema import FinetuneConfig
 
 # %% auto #0
 __all__ = ['RED', 'YELLOW', 'GREEN', 'WHITE', 'RESET', 'supports_color', 'debug_text', 'debug_summary', 'print_examples',
@@ -123,7 +124,7 @@ def show(data, tokenizer, num_examples: int = 3, seed: int | None = 0, rows=None
     return HTML("\n".join(parts))
 
 # %% ../nbs/05_inspect.ipynb #fbd50fc2
-def sample_rows(cfg, num_examples: int = 2, dataset: int = 0, seed: int | None = 0) -> list[dict]:
+def sample_rows(cfg: FinetuneConfig, num_examples: int = 2, dataset: int = 0, seed: int | None = 0) -> list[dict]:
     "`num_examples` raw rows of `cfg.datasets[dataset]` (seeded, so two configs naming the same data get the same rows)."
     from ftkit.data import load_source
     ds, _ = load_source(cfg.datasets[dataset], dataset)
@@ -131,7 +132,7 @@ def sample_rows(cfg, num_examples: int = 2, dataset: int = 0, seed: int | None =
     idx = sorted(random.Random(seed).sample(range(n), min(num_examples, n))) if seed is not None else range(min(num_examples, n))
     return [dict(ds[int(i)]) for i in idx]
 
-def tokenize_under(cfg, tokenizer, rows: list[dict], dataset: int = 0) -> list[dict]:
+def tokenize_under(cfg: FinetuneConfig, tokenizer, rows: list[dict], dataset: int = 0) -> list[dict]:
     "Each raw row tokenized by `cfg`'s prompt strategy for `cfg.datasets[dataset]` (its first sample; errors kept as rows)."
     from ftkit.prompts.registry import resolve_type
     entry = cfg.datasets[min(dataset, len(cfg.datasets) - 1)]
