@@ -13,7 +13,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
 from ftkit.config import load
-from ftkit.rl import build, preference_margins, train_rl
+from ftkit.rl import build, preference_margins
+from ftkit.train import train as _train
+
+def train_rl(cfg, model=None, tokenizer=None):
+    return _train(cfg, model=model, tokenizer=tokenizer)
 
 pytestmark = pytest.mark.gpu
 

@@ -8,8 +8,18 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
 from ftkit.config import load
-from ftkit.rl import (RLDataError, RewardFuncError, build, prepare_rl_data, preference_margins, sequence_logps, train_rl,
-                      debug_rl, build_rl_trainer)
+from ftkit.rl import RLDataError, RewardFuncError, build, prepare_rl_data, preference_margins, sequence_logps, debug_rl
+from ftkit.train import build_trainer, train
+
+
+def train_rl(cfg, model=None, tokenizer=None, save=True):
+    "RL methods train through the one training path (ftkit.train.train)."
+    return train(cfg, model=model, tokenizer=tokenizer, save=save, quiet=True)
+
+
+def build_rl_trainer(cfg, model=None, tokenizer=None):
+    s = build_trainer(cfg, model=model, tokenizer=tokenizer, quiet=True)
+    return s.trainer, s.data
 
 TOPICS = ["apples", "rivers", "music", "stars", "bread", "trains", "cats", "snow", "books", "tea", "clocks", "maps",
           "ships", "bees", "lamps", "roads", "coins", "shoes", "kites", "drums", "chairs", "ovens", "forks", "bells"]
@@ -18,7 +28,7 @@ TOPICS = ["apples", "rivers", "music", "stars", "bread", "trains", "cats", "snow
 @pytest.fixture(scope="session")
 def tok():
     from ftkit.models import load_tokenizer
-    return load_tokenizer({}, quiet=True)
+    return load_tokenizer(load({"learning_rate": 1e-5}), quiet=True)
 
 
 def tiny_model(tok, head="causal", seed=0):
@@ -145,7 +155,7 @@ def test_grpo_raises_reward(tok, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     p = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": f"Say something about {t}."}]} for t in TOPICS])
     cfg = base_cfg(tmp_path, rl="grpo", max_steps=12, learning_rate=5e-2, micro_batch_size=8, chat_template="chatml",
-                   trl={"reward_funcs": ["ftk_rewards.vowel_reward"], "num_generations": 8, "max_completion_length": 6,
+                   trl={"reward_funcs": ["./ftk_rewards.py:vowel_reward"], "num_generations": 8, "max_completion_length": 6,
                         "temperature": 1.0}, datasets=[{"path": p}])
     res = train_rl(cfg, model=tiny_model(tok), tokenizer=tok, save=False)
     rw = [h["reward"] for h in res.trainer.state.log_history if "reward" in h]
@@ -166,8 +176,9 @@ def test_bad_rows_and_reward_modules_fail_before_training(tok, tmp_path, monkeyp
     (tmp_path / "ftk_bad_rewards.py").write_text("def scalar(completions, **kw):\n    return 1.0\n")
     monkeypatch.chdir(tmp_path)
     gp = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}, {"prompt": "yo"}])
-    for funcs, needle in ((["ftk_missing_mod.f"], "ftk_missing_mod"), (["ftk_bad_rewards.scalar"], "ftk_bad_rewards.scalar"),
-                          (["ftk_bad_rewards.nope"], "no function 'nope'")):
+    for funcs, needle in ((["ftk_missing_mod.f"], "ftk_missing_mod"), (["./ftk_bad_rewards.py:scalar"], "ftk_bad_rewards.py:scalar"),
+                          (["./ftk_bad_rewards.py:nope"], "no function 'nope'"),
+                          (["ftk_bad_rewards.scalar"], "./ftk_bad_rewards.py:scalar")):
         g = base_cfg(tmp_path, rl="grpo", max_steps=1, trl={"reward_funcs": funcs}, datasets=[{"path": gp}])
         with pytest.raises(RewardFuncError) as e:
             build_rl_trainer(g, model=object(), tokenizer=tok)
@@ -236,7 +247,7 @@ def test_grpo_transform_module(tok, tmp_path, monkeypatch):
     '''))
     monkeypatch.chdir(tmp_path)
     p = write_jsonl(tmp_path / "q.jsonl", [{"question": "1+1?", "answer": "so #### 2"}, {"question": "2+2?", "answer": "#### 4"}])
-    cfg = base_cfg(tmp_path, rl="grpo", trl={"reward_funcs": ["ftk_gsm.transform"]}, datasets=[{"path": p, "type": "ftk_gsm.transform"}])
+    cfg = base_cfg(tmp_path, rl="grpo", trl={"reward_funcs": ["./ftk_gsm.py:transform"]}, datasets=[{"path": p, "type": "./ftk_gsm.py:transform"}])
     data = prepare_rl_data(cfg, tok)
     assert data.mode == "grpo" and data.train[0]["prompt"][0]["role"] == "user" and "question" not in data.train[0]
     assert sorted(r["answer"] for r in data.train) == ["2", "4"]
