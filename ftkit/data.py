@@ -500,6 +500,7 @@ def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
             train = train.shuffle(seed=cfg.seed)
         _stats(train, rep, tokenizer, strategies)
         rep.warnings += template_eot_warnings(tokenizer, strategies)
+        rep.warnings += [n for s in strategies if hasattr(s, "axolotl_notes") for n in s.axolotl_notes()]  # DIFFERENCES.md
         if len(train) == 0:
             raise DataError(f"no trainable rows are left ({rep.rows_in} rows in; dropped: "
                             + ", ".join(f"{k} {v}" for k, v in rep.dropped.items()) + ")",

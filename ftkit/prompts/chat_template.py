@@ -433,6 +433,22 @@ class ChatTemplateStrategy:
         "The token the template ends turns with (built-in templates), for the report's EOS check."
         return TEMPLATE_EOT.get(self.template_name)
 
+    def axolotl_notes(self) -> list[str]:
+        "Deliberate differences from Axolotl 0.19.0 that this dataset's config can meet (scripts/conformance/DIFFERENCES.md)."
+        notes = []
+        probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        try: ids = self.tok(_render(self.tpl, probe, None, self.tvars, self.o.chat_template_kwargs), add_special_tokens=False)["input_ids"]
+        except RowError: ids = []
+        if ids and ids[-1] in self.term_ids:
+            notes.append(f"differs from Axolotl 0.19.0 (D4): the chat template ({self.template_name}) ends a conversation on "
+                         f"{self.tok.convert_ids_to_tokens(ids[-1])!r}; when a conversation's last turn is empty, Axolotl trains "
+                         "that final token (its end-of-turn lookup starts from index -1), ftkit trains nothing of an empty turn")
+        unmapped = [r for r in ("human", "gpt") if r not in self.o.roles]
+        if self.o.roles != role_map(None) and unmapped:
+            notes.append(f"differs from Axolotl 0.19.0 (D2): roles: replaces the default role mapping and does not map "
+                         f"{', '.join(unmapped)}; ftkit rejects rows with such a role (unknown_role), Axolotl renders it unchanged")
+        return notes
+
     # -- one row ------------------------------------------------------------------------------
     def _turn_trains(self, m) -> bool:
         "Axolotl's precedence: the message's own flag, else a detail list (an empty one trains nothing), else the role."

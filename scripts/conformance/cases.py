@@ -119,6 +119,9 @@ CASES: list[Case] = [
     Case("ct_roles_alias", "roles: with several aliases, roles_to_train naming a dataset alias (issue 12.2)",
          [chat(ALIAS, field_messages="conversations", message_property_mappings={"role": "speaker", "content": "text"},
                roles={"user": ["person"], "assistant": ["bot", "model"], "system": ["narrator"]}, roles_to_train=["model"])]),
+    Case("ct_roles_replace_default", "a roles: mapping replaces the default one; a role it leaves out (human) is not renamed",
+         [chat(SHAREGPT, field_messages="conversations", message_property_mappings={"role": "from", "content": "value"},
+               roles={"assistant": ["gpt"]})]),
     Case("ct_detail", "message_field_training + message_field_training_detail spans (issue 12.4)",
          [chat(DETAIL, roles_to_train=[], message_field_training="train", message_field_training_detail="detail")]),
     Case("ct_detail_roles", "training_detail with roles_to_train: [assistant] and train_on_eos: all",
@@ -140,6 +143,7 @@ CASES: list[Case] = [
     Case("ct_drop_long", "sequence_len 48: longer rows dropped", [chat(CHAT)], {"sequence_len": 48}),
     # --- instruct family --------------------------------------------------------------------------
     Case("alpaca", "type: alpaca (with and without input)", [inst("alpaca", ALPACA)]),
+    Case("alpaca_missing_field", "a row without its output field among good rows", [inst("alpaca", ALPACA[:2] + [{"instruction": "No output."}])]),
     Case("alpaca_inputs", "type: alpaca with train_on_inputs", [inst("alpaca", ALPACA)], {"train_on_inputs": True}),
     Case("alpaca_chat", "type: alpaca_chat reads instruction/input/output (issue 12.1)", [inst("alpaca_chat", ALPACA)]),
     Case("alpaca_chat_qa", "alpaca_chat.load_qa", [inst("alpaca_chat.load_qa", QA)]),
