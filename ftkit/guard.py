@@ -17,8 +17,8 @@ __all__ = ['LOCK_NAME', 'MARKER', 'MAX_TEMPLATE_CONST', 'GuardError', 'LockedErr
            'lock_output_dir', 'lock_dataset_cache', 'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir',
            'remove_incomplete_checkpoints', 'checkpoint_step', 'die_with_parent', 'seed_everything', 'EpochSampler',
            'last_checkpoint', 'FaultWatchdog', 'fault_watchdog', 'is_oom', 'explain_oom', 'is_disk_full',
-           'explain_disk_full', 'saving', 'split_target', 'module_origin', 'load_target', 'user_modules',
-           'check_template']
+           'explain_disk_full', 'saving', 'finished_checkpoint', 'finish_from_checkpoint', 'split_target',
+           'module_origin', 'load_target', 'user_modules', 'check_template']
 
 # %% ../nbs/00b_guard.ipynb #gd000005
 class GuardError(FtkitError):
@@ -334,20 +334,27 @@ def explain_oom(cfg, exc, device: str = "") -> GuardError:
                       f"gradient_checkpointing {bool(cfg.gradient_checkpointing)}.{mem}\n"
                       f"  to fit, try one at a time: " + "; ".join(k for k in knobs if k))
 
-def is_disk_full(exc) -> bool:
-    "Whether `exc` (or its cause) says the disk is full."
+def is_disk_full(exc, folder=None) -> bool:
+    "Whether `exc` (or its cause) says the disk is full, or is a failed write while `folder`'s file system has < 1 MiB free."
     for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT): return True
         s = str(e)
         if "No space left on device" in s or "code: 28" in s or "errno 28" in s.lower(): return True
+    if folder is not None and isinstance(exc, (OSError, RuntimeError)):       # torch.save: 'file write failed', no errno
+        p = Path(folder)
+        while not p.exists() and p != p.parent: p = p.parent
+        try: return shutil.disk_usage(p).free < 2**20
+        except OSError: return False
     return False
 
-def explain_disk_full(exc, folder, output_dir=None) -> GuardError:
+def explain_disk_full(exc, folder, output_dir=None, removed: bool = True) -> GuardError:
+    "A `GuardError` for a save into `folder` that failed on a full disk, naming the checkpoint that is still complete."
     folder = Path(folder)
     ck = last_checkpoint(output_dir or folder.parent)
-    try: free = f"{shutil.disk_usage(folder.parent).free / 2**20:,.1f} MiB free"
+    try: free = f"{shutil.disk_usage(folder if folder.is_dir() else folder.parent).free / 2**20:,.1f} MiB free"
     except OSError: free = "free space unknown"
-    return GuardError(f"the disk is full: saving {folder} failed ({free} on that file system); the half-written folder was removed.\n"
+    return GuardError(f"the disk is full: saving {folder} failed ({free} on that file system)"
+                      f"{'; the half-written folder was removed' if removed else ''}.\n"
                       f"  previous checkpoint: {ck if ck else 'none'}" + (" is complete and usable" if ck else "") + ".\n"
                       "  fix: free space (or set output_dir to a bigger disk, or save_total_limit: 1), then rerun with "
                       "auto_resume_from_checkpoints: true.")
@@ -357,9 +364,29 @@ def saving(folder, output_dir=None):
     "Wrap a save into `folder`: on a full disk, remove the partial folder and raise `explain_disk_full`."
     try: yield
     except Exception as e:
-        if not is_disk_full(e): raise
+        if not is_disk_full(e, folder): raise
         shutil.rmtree(folder, ignore_errors=True)
         raise explain_disk_full(e, folder, output_dir) from None
+
+# %% ../nbs/00b_guard.ipynb #gd000031
+def finished_checkpoint(checkpoint) -> bool:
+    "Whether `checkpoint` holds the final step of its run (its trainer state's global_step reached max_steps)."
+    if not checkpoint: return False
+    try: st = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError): return False
+    return bool(st.get("max_steps")) and st.get("global_step", 0) >= st["max_steps"]
+
+def finish_from_checkpoint(trainer, checkpoint, quiet: bool = False):
+    "Resume a run whose checkpoint is its final step: load its weights and state and train no further step (a `TrainOutput`)."
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    loss = sum(losses) / len(losses) if losses else float("nan")
+    _say(f"{Path(checkpoint).name} holds the final step ({trainer.state.global_step} of {trainer.state.max_steps}): "
+         "nothing is left to train; the outputs are written from it", quiet)
+    return TrainOutput(trainer.state.global_step, loss, {"train_loss": loss, "finished_before_resume": True})
 
 # %% ../nbs/00b_guard.ipynb #gd000026
 def _is_file_target(mod: str) -> bool:

@@ -105,7 +105,7 @@ def test_interrupted_checkpoint_is_never_resumed(tmp_path):
     w.write_bytes(w.read_bytes()[:100])
     cfg = _cfg(out, max_steps=4, auto_resume_from_checkpoints=True)
     assert resume_checkpoint(cfg, out, quiet=True).endswith("checkpoint-4")
-    assert not bad.exists() and (out / "checkpoint-6.incomplete").exists()
+    assert not bad.exists() and not (out / "checkpoint-6.incomplete").exists()   # removed: never usable, only takes space
     from ftkit.config import ConfigError
     with pytest.raises(ConfigError) as e:
         resume_checkpoint(_cfg(out, resume_from_checkpoint=str(out / "checkpoint-9")), out, quiet=True)
