@@ -194,8 +194,11 @@ class TrackingPlugin(Plugin):
 
     def environment(self, cfg) -> dict[str, str]: return environment(cfg)
 
+    LIBRARY_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")   # what MLflow writes into os.environ
+
     def before_training(self, cfg, trainer):
         names = {t.name for t in enabled(cfg)}
+        self._saved = {k: os.environ.get(k) for k in self.LIBRARY_ENV}
         if "mlflow" in names:
             import mlflow
             mlflow.set_tracking_uri(cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None)
@@ -215,3 +218,6 @@ class TrackingPlugin(Plugin):
             import comet_ml
             exp = comet_ml.get_running_experiment()
             if exp is not None: exp.end()
+        for k, v in getattr(self, "_saved", {}).items():     # MLflow's own environment writes end with the run
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v

@@ -142,6 +142,8 @@ def _strategy(cfg: FinetuneConfig, kind: str, steps: StepPlan, has_eval: bool) -
 _NEW_GC = "activation_checkpointing" in TrainingArguments.__dataclass_fields__   # transformers >= 5.x renamed it
 
 # %% ../nbs/06_train.ipynb #0bd8fdef
+from .tracking import training_kwargs as tracking_kwargs
+
 def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir: str, has_eval: bool, packing: bool) -> dict:
     "The keyword arguments every method shares."
     sched, sched_kw = scheduler(cfg)
@@ -162,7 +164,8 @@ def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir
            ("activation_checkpointing_kwargs" if _NEW_GC else "gradient_checkpointing_kwargs"): gc_kw},
         logging_steps=cfg.logging_steps, logging_first_step=True, eval_strategy=ev, save_strategy=sv,
         save_total_limit=cfg.save_total_limit, save_only_model=bool(cfg.save_only_model),
-        seed=plan.seed, data_seed=plan.seed, report_to="none", remove_unused_columns=False, disable_tqdm=True,
+        seed=plan.seed, data_seed=plan.seed, remove_unused_columns=False, disable_tqdm=True,
+        **tracking_kwargs(cfg),               # report_to, run_name (and trackio project): ftkit.tracking
         auto_find_batch_size=bool(cfg.auto_find_batch_size),
         ddp_find_unused_parameters=bool(cfg.ddp_find_unused_parameters), ddp_timeout=cfg.ddp_timeout or 1800,
         ddp_bucket_cap_mb=cfg.ddp_bucket_cap_mb, ddp_broadcast_buffers=cfg.ddp_broadcast_buffers,
@@ -474,13 +477,16 @@ class TrainerSetup:
     method: Method | None          # None: supervised fine-tuning
     recorder: "MetricsRecorder"
     packing: PackingPlan | None = None
+    plugins: Any = None            # ftkit.plugins.PluginSet of the run
 
-def _load_model(cfg: FinetuneConfig, method: Method | None, tokenizer, plan: Plan, source, quiet: bool):
-    "The model the method trains: a causal LM with its adapter, or a reward / process-reward head."
+def _load_model(cfg: FinetuneConfig, method: Method | None, tokenizer, plan: Plan, source, quiet: bool, plugins):
+    "The model the method trains: a causal LM with its adapter, or a reward / process-reward head (plugins' model hooks around it)."
     from ftkit import models
-    if method is not None: return load_rl_model(cfg, tokenizer, method.head)
+    plugins.before_model_load(cfg)
+    if method is not None: return plugins.after_adapters(cfg, plugins.after_model_load(cfg, load_rl_model(cfg, tokenizer, method.head)))
     model = models.load_model(cfg, tokenizer, source=source or models.model_source(cfg, quiet=True), plan=plan, quiet=quiet)
-    return models.apply_adapter(cfg, model, quiet=quiet)
+    model = plugins.after_model_load(cfg, model)
+    return plugins.after_adapters(cfg, models.apply_adapter(cfg, model, quiet=quiet))
 
 def _packing(cfg: FinetuneConfig, train_ds, eval_ds, world: int, quiet: bool):
     "(train packing plan, eval packing plan, global micro-batches per epoch) with sample packing."
@@ -495,16 +501,19 @@ def _packing(cfg: FinetuneConfig, train_ds, eval_ds, world: int, quiet: bool):
     return packing, eval_packing, packing.batches
 
 # %% ../nbs/06_train.ipynb #10754f1e
-def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, ref_model=None, quiet: bool = False) -> TrainerSetup:
+def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, ref_model=None, quiet: bool = False,
+                  plugins=None) -> TrainerSetup:
     """The one training path: plan, seed, tokenizer, data, model and adapters, training arguments and the trainer — for SFT
     and for every preference / RL method (`ftkit.rl.METHODS`). `train` runs it; tests and notebooks can inspect it first."""
     from transformers import set_seed
     from ftkit import models
+    from ftkit.plugins import load_plugins
     cfg = _as_config(cfg)
     method, plan = method_of(cfg), resolve(cfg)
     _say(str(plan), quiet)
     for m in guard.user_modules(cfg): _say(f"user module: {m}", quiet)     # the config's own code that will be imported
     set_seed(plan.seed)                       # before the model, the adapters and the data order exist
+    if plugins is None: plugins = load_plugins(cfg)   # ftkit.plugins: built-in (trackers) and the config's; fires after_config_load
     src = None
     if tokenizer is None:
         src = models.model_source(cfg, quiet=quiet)
@@ -514,7 +523,7 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     if train_ds is None or len(train_ds) == 0:
         raise TrainError("there are no training rows after preparation: check the dataset paths and the length filters (sequence_len).")
     inputs = method.inputs(cfg, tokenizer, prepared) if method is not None and method.inputs else None  # e.g. reward functions, checked before the model loads
-    if model is None: model = _load_model(cfg, method, tokenizer, plan, src, quiet)
+    if model is None: model = _load_model(cfg, method, tokenizer, plan, src, quiet, plugins)
     if method is None: model.config.use_cache = False
     if getattr(model.config, "_attn_implementation", None) == "ftkit_varlen":
         from ftkit.packing import register_varlen_attention
@@ -533,20 +542,21 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
                               packing=packing is not None, method=method)
     if cfg.gradient_checkpointing and hasattr(model, "enable_input_require_grads"): model.enable_input_require_grads()
     recorder = MetricsRecorder()
-    cbs = [recorder, guard.fault_watchdog(cfg, Path(cfg.output_dir).expanduser(), plan.precision)] + list(callbacks or [])
+    cbs = [recorder, guard.fault_watchdog(cfg, Path(cfg.output_dir).expanduser(), plan.precision)] + list(callbacks or []) + plugins.callbacks(cfg)
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
         cbs.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.early_stopping_patience)))
-    if method is None:
-        trainer = FtkitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
-                               processing_class=tokenizer, callbacks=cbs, ftkit_cfg=cfg, packing=packing,
-                               eval_packing=eval_packing, pad_token_id=tokenizer.pad_token_id or 0)
-    else:
-        trainer = make_trainer(method, cfg, args, model, tokenizer, prepared, inputs, callbacks=cbs, ref_model=ref_model)
+    with plugins.environment(cfg):            # trackers read their environment when the trainer builds its callbacks
+        if method is None:
+            trainer = FtkitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
+                                   processing_class=tokenizer, callbacks=cbs, ftkit_cfg=cfg, packing=packing,
+                                   eval_packing=eval_packing, pad_token_id=tokenizer.pad_token_id or 0)
+        else:
+            trainer = make_trainer(method, cfg, args, model, tokenizer, prepared, inputs, callbacks=cbs, ref_model=ref_model)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for c in (PrinterCallback, ProgressCallback): trainer.remove_callback(c)
     if not quiet: trainer.add_callback(ProgressPrinter(trainer))
-    return TrainerSetup(trainer, model, tokenizer, prepared, plan, steps, method, recorder, packing)
+    return TrainerSetup(trainer, model, tokenizer, prepared, plan, steps, method, recorder, packing, plugins)
 
 # %% ../nbs/06_train.ipynb #72319821
 def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrides: dict | None = None, quiet: bool = False,
@@ -561,29 +571,34 @@ def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrid
     rank0 = int(os.environ.get("RANK", "0") or 0) == 0
     if rank0: guard.lock_output_dir(out, quiet).release()     # refuse now, not after loading, when another run holds output_dir
     s = build_trainer(cfg, data=data, model=model, tokenizer=tokenizer, callbacks=callbacks, ref_model=ref_model, quiet=quiet)
-    lock = guard.lock_output_dir(out, quiet) if rank0 else None   # one run per output_dir (an OS lock: gone with its process)
-    try:
-        resume = resume_checkpoint(cfg, out, quiet)
-        t = time.time()
-        if guard.finished_checkpoint(resume): res = guard.finish_from_checkpoint(s.trainer, resume, quiet)   # no extra step
-        else: res = s.trainer.train(resume_from_checkpoint=resume)
-        secs = time.time() - t
-        metrics = dict(res.metrics)
-        if s.packing: metrics["packing_efficiency"] = s.packing.efficiency
-        tr = getattr(s.model, "ftkit_trainable", None) or models.trainable_parameters(s.model)
-        if save:
-            save_outputs(s.trainer, s.tokenizer, cfg, s.plan, out, {"packing efficiency": f"{s.packing.efficiency:.4f}" if s.packing else "n/a",
-                                                                    "optimizer steps": s.trainer.state.global_step})
-    except Exception as e:                    # out of memory / a full disk: explained with this config's numbers
-        if guard.is_oom(e): raise guard.explain_oom(cfg, e) from None
-        if guard.is_disk_full(e): raise guard.explain_disk_full(e, out, out, removed=False) from None
-        raise
-    finally:
-        if lock is not None: lock.release()
-    result = TrainResult(out, metrics, list(s.trainer.state.log_history), s.trainer.state.global_step, s.steps.total_steps, tuple(tr),
-                         s.packing, resume, getattr(s.trainer, "ftkit_tokens", 0), secs, dict(s.recorder.losses), dict(s.recorder.lrs),
-                         s.model if return_model else None, s.tokenizer, s.trainer if return_model else None, s.data,
-                         s.method.name if s.method else "sft")
+    result = None
+    with s.plugins.environment(cfg):          # the trackers' environment, for this run only
+        s.plugins.before_training(cfg, s.trainer)
+        try:
+            lock = guard.lock_output_dir(out, quiet) if rank0 else None   # one run per output_dir (an OS lock: gone with its process)
+            try:
+                resume = resume_checkpoint(cfg, out, quiet)
+                t = time.time()
+                if guard.finished_checkpoint(resume): res = guard.finish_from_checkpoint(s.trainer, resume, quiet)   # no extra step
+                else: res = s.trainer.train(resume_from_checkpoint=resume)
+                secs = time.time() - t
+                metrics = dict(res.metrics)
+                if s.packing: metrics["packing_efficiency"] = s.packing.efficiency
+                tr = getattr(s.model, "ftkit_trainable", None) or models.trainable_parameters(s.model)
+                if save:
+                    save_outputs(s.trainer, s.tokenizer, cfg, s.plan, out, {"packing efficiency": f"{s.packing.efficiency:.4f}" if s.packing else "n/a",
+                                                                            "optimizer steps": s.trainer.state.global_step})
+            except Exception as e:                    # out of memory / a full disk: explained with this config's numbers
+                if guard.is_oom(e): raise guard.explain_oom(cfg, e) from None
+                if guard.is_disk_full(e, out): raise guard.explain_disk_full(e, out, out, removed=False) from None
+                raise
+            finally:
+                if lock is not None: lock.release()
+            result = TrainResult(out, metrics, list(s.trainer.state.log_history), s.trainer.state.global_step, s.steps.total_steps, tuple(tr),
+                                 s.packing, resume, getattr(s.trainer, "ftkit_tokens", 0), secs, dict(s.recorder.losses), dict(s.recorder.lrs),
+                                 s.model if return_model else None, s.tokenizer, s.trainer if return_model else None, s.data,
+                                 s.method.name if s.method else "sft")
+        finally: s.plugins.after_training(cfg, s.trainer, result)   # result is None when training failed
     _say(f"done: {result}", quiet)
     return result
 
