@@ -53,6 +53,7 @@ def parse():
     ap.add_argument("--kernels", default="on", choices=["on", "off"],
                     help="off: every kernel key false (lora_*_kernel, liger_*, cut/chunked_cross_entropy)")
     ap.add_argument("--gc", action="store_true", help="gradient_checkpointing: true")
+    ap.add_argument("--profile", help="write a torch.profiler table of two optimizer steps (after the timed ones) here")
     ap.add_argument("--stack", default="F", help="name in the JSON (F, F-off, F-16k, ...)")
     ap.add_argument("--compare", help="folder with B0.json / B1.json from ../shared/bench to print ratios")
     a = ap.parse_args()
@@ -183,9 +184,28 @@ def main():
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
 
+            prof = None
+
+            def on_step_begin(self, args, st, control, **kw):
+                if a.profile and cuda and st.global_step == a.steps - 2 and self.prof is None:
+                    from torch.profiler import ProfilerActivity, profile
+                    self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    self.prof.__enter__()
+
             def on_step_end(self, args, st, control, **kw):
                 sync()
                 marks[st.global_step] = (time.perf_counter(), self.trainer.ftkit_tokens)
+                if self.prof is not None and st.global_step == a.steps:
+                    self.prof.__exit__(None, None, None)
+                    ka = self.prof.key_averages()
+                    try:
+                        gpu_table = ka.table(sort_by="device_time_total", row_limit=45, max_name_column_width=60)
+                    except Exception:  # noqa: BLE001
+                        gpu_table = ka.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=60)
+                    Path(a.profile).write_text(
+                        "two optimizer steps (the last two), wall " + f"{marks[a.steps][0] - marks[a.steps - 2][0]:.3f} s\n"
+                        + gpu_table + "\n" + ka.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+                    self.prof = None
 
             def on_log(self, args, st, control, logs=None, **kw):
                 if logs and "loss" in logs:

@@ -12,6 +12,7 @@ part=${1:-tests}
 OUT=${OUT:-/tmp/ftkit_gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+rm -rf /tmp/site      # a warm machine keeps /tmp: never mix in an earlier call's packages
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*/*.whl || exit 1
 [ -d .gpu/site ] && cp -r .gpu/site/* /tmp/site/
 [ -e ftkit/kernels ] || ln -s ../kernels ftkit/kernels      # what the installed package's package-dir mapping does
@@ -25,14 +26,14 @@ elif [ "$part" = bench ]; then
   timeout 240 python3 benchmarks/bench_train.py --out "$OUT/F.json" --compare "$OUT" 2>&1 | tee "$OUT/F.log" | tail -15
 elif [ "$part" = kernels ]; then
   R=/tmp/kres; mkdir -p $R
-  timeout 200 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu_kernels.py -s 2>&1 | tee $R/pytest_gpu_kernels.log | tail -25
-  timeout 260 python3 benchmarks/bench_kernels.py --out $R --budget ${KBUDGET:-200} 2>&1 | tee $R/bench_kernels.log | tail -4
+  timeout 200 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu_kernels.py -s ${KTESTS:-} 2>&1 | tee $R/pytest_gpu_kernels.log | tail -25
+  timeout 260 python3 benchmarks/bench_kernels.py --out $R --budget ${KBUDGET:-200} ${KOPS:+--ops $KOPS} 2>&1 | tee $R/bench_kernels.log | tail -4
   timeout 120 python3 benchmarks/bench_train.py --out $R/F.json 2>&1 | tee $R/F.log | grep -E "kernels:|skipped|RESULT|Error" | tail -12
   cp $R/*.md $R/*.json "$OUT"/ 2>/dev/null; cp "$OUT/env.txt" $R/; tar czf "$OUT/kernels_run.tgz" -C $R .
 elif [ "$part" = e2e ]; then
   R=/tmp/e2e; mkdir -p $R/s16
   OUT=$R SKIP_PIP=1 STACKS="B0 B1" T_OTHER=150 bash .gpu/bench/run_baseline.sh 2>&1 | tail -6
-  timeout 150 python3 benchmarks/bench_train.py --out $R/F.json --compare $R 2>&1 | tee $R/F.log | grep -E "kernels:|skipped|RESULT|F vs" | tail -12
+  timeout 150 python3 benchmarks/bench_train.py --out $R/F.json --compare $R --profile $R/F_profile.txt 2>&1 | tee $R/F.log | grep -E "kernels:|skipped|RESULT|F vs" | tail -12
   OUT=$R/s16 SKIP_PIP=1 STACKS="B1" T_OTHER=170 EXTRA="--seq 16384 --steps 12 --warmup 3 --timed 8" bash .gpu/bench/run_baseline.sh 2>&1 | tail -3
   timeout 150 python3 benchmarks/bench_train.py --stack F-16k --seq 16384 --steps 12 --warmup 3 --timed 8 --out $R/s16/F.json --compare $R/s16 2>&1 | tee $R/s16/F.log | grep -E "RESULT|vs" | tail -4
   timeout 120 python3 benchmarks/bench_train.py --stack FQ --mode qlora --out $R/FQ.json --compare $R 2>&1 | tee $R/FQ.log | grep -E "kernels:|skipped|RESULT|vs" | tail -8

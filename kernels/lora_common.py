@@ -51,23 +51,31 @@ def make_mask(P: LoRAProj, shape, like: torch.Tensor):
     return P.dropout(torch.ones(shape, dtype=like.dtype, device=like.device))
 
 
-def lora_forward(X2: torch.Tensor, P: LoRAProj, dt, mask=None):
-    "Y = X·Wᵀ + b + s·(Xd·Aᵀ)·Bᵀ and XA = Xd·Aᵀ (kept for dB), all in dt."
+def adapters(P: LoRAProj, dt):
+    "A and B in the compute dtype (cast once per forward; the backward reuses them)."
+    return (P.A if P.A.dtype == dt else P.A.to(dt)), (P.B if P.B.dtype == dt else P.B.to(dt))
+
+
+def lora_forward(X2: torch.Tensor, P: LoRAProj, dt, mask=None, AB=None):
+    "Y = X·Wᵀ + b + s·(Xd·Aᵀ)·Bᵀ and XA = Xd·Aᵀ (kept for dB), all in dt. `AB`: A, B already in dt."
+    Ac, Bc = AB if AB is not None else adapters(P, dt)
     W = dense_weight(P, dt)
     Y = torch.addmm(P.bias.to(dt), X2, W.t()) if P.bias is not None else X2 @ W.t()
     del W
     Xl = X2 if mask is None else X2 * mask
-    XA = Xl @ P.A.to(dt).t()
-    Y.addmm_(XA, P.B.to(dt).t(), alpha=P.s)
+    XA = Xl @ Ac.t()
+    Y.addmm_(XA, Bc.t(), alpha=P.s)
     return Y, XA
 
 
 def lora_backward(dY: torch.Tensor, Xin: torch.Tensor, XA: torch.Tensor, P: LoRAProj, dt, mask, dX, need_dx: bool,
-                  need_a: bool, need_b: bool):
+                  need_a: bool, need_b: bool, AB=None, dYB=None):
     """Gradients of one projection: adds dY·W + s·(dY·B)·A (masked) into dX (allocating it when None) and returns
-    (dX, dA, dB) with dA = s·(dY·B)ᵀ·Xd and dB = s·dYᵀ·XA."""
-    Bc, Ac = P.B.to(dt), P.A.to(dt)
-    dYB = dY @ Bc
+    (dX, dA, dB, dY·B) with dA = s·(dY·B)ᵀ·Xd and dB = s·dYᵀ·XA. `AB`: A, B in dt from the forward; `dYB`: dY·B
+    when already computed."""
+    Ac, Bc = AB if AB is not None else adapters(P, dt)
+    if dYB is None:
+        dYB = dY @ Bc
     if need_dx:
         W = dense_weight(P, dt)
         if dX is None:
@@ -85,7 +93,7 @@ def lora_backward(dY: torch.Tensor, Xin: torch.Tensor, XA: torch.Tensor, P: LoRA
         dA = (dYB.t() @ Xl).mul_(P.s).to(P.A.dtype)
     if need_b:
         dB = (dY.t() @ XA).mul_(P.s).to(P.B.dtype)
-    return dX, dA, dB
+    return dX, dA, dB, dYB
 
 
 def proj_reference(X: torch.Tensor, P: LoRAProj, mask=None) -> torch.Tensor:

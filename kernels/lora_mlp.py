@@ -12,7 +12,7 @@ import torch
 
 from . import glu as _glu
 from ._util import compute_dtype
-from .lora_common import LoRAProj, lora_backward, lora_forward, make_mask, proj_reference
+from .lora_common import LoRAProj, adapters, lora_backward, lora_forward, make_mask, proj_reference
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -25,9 +25,11 @@ class LoRAMLPFunction(torch.autograd.Function):
             if X2.dtype != dt:
                 X2 = X2.to(dt)
             m_in, m_down = masks[:-1], masks[-1]
-            outs, xas = [], []
+            outs, xas, abs_ = [], [], []
             for P, m in zip(ins, m_in):
-                Y, XA = lora_forward(X2, P, dt, m)
+                AB = adapters(P, dt)
+                abs_ += list(AB)
+                Y, XA = lora_forward(X2, P, dt, m, AB)
                 outs.append(Y)
                 xas.append(XA)
             if len(ins) == 2:
@@ -36,11 +38,13 @@ class LoRAMLPFunction(torch.autograd.Function):
                 F = outs[0].shape[-1] // 2
                 G, U = outs[0][:, :F], outs[0][:, F:]
             H = _glu.glu_forward(G, U, act)
-            Y, HA = lora_forward(H, down, dt, m_down)
+            AB = adapters(down, dt)
+            abs_ += list(AB)
+            Y, HA = lora_forward(H, down, dt, m_down, AB)
             del H
         ctx.ins, ctx.down, ctx.act, ctx.dt, ctx.x_shape, ctx.x_dtype = ins, down, act, dt, X.shape, X.dtype
         ctx.has_mask = [m is not None for m in masks]
-        ctx.save_for_backward(X2, *outs, *xas, HA, *[m for m in masks if m is not None])
+        ctx.save_for_backward(X2, *outs, *xas, HA, *abs_, *[m for m in masks if m is not None])
         return Y.view(*X.shape[:-1], Y.shape[-1])
 
     @staticmethod
@@ -49,7 +53,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         n = len(ins)
         saved = list(ctx.saved_tensors)
         X2, outs, xas, HA = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n]
-        rest = saved[2 + 2 * n:]
+        abs_ = saved[2 + 2 * n:4 + 4 * n]
+        rest = saved[4 + 4 * n:]
         masks = [rest.pop(0) if h else None for h in ctx.has_mask]
         m_in, m_down = masks[:-1], masks[-1]
         nig = ctx.needs_input_grad            # X, ins, down, act, masks, A/B...
@@ -63,14 +68,17 @@ class LoRAMLPFunction(torch.autograd.Function):
                 F = outs[0].shape[-1] // 2
                 G, U = outs[0][:, :F], outs[0][:, F:]
             # dH = dY·W_d + s·(dY·B_d)·A_d  (masked when the down adapter has dropout)
-            dH, _, _ = lora_backward(dY2, None, None, down, dt, m_down, None, True, False, False)
+            AB_d = abs_[2 * n:2 * n + 2]
+            dH, _, _, dYB = lora_backward(dY2, None, None, down, dt, m_down, None, True, False, False, AB=AB_d)
             H, dG, dU = _glu.glu_backward(dH, G, U, ctx.act, inplace=True)      # H over dH, dG over G, dU over U
-            _, dA_d, dB_d = lora_backward(dY2, H, HA, down, dt, m_down, None, False, nig[5 + 2 * n], nig[6 + 2 * n])
+            _, dA_d, dB_d, _ = lora_backward(dY2, H, HA, down, dt, m_down, None, False, nig[5 + 2 * n], nig[6 + 2 * n],
+                                             AB=AB_d, dYB=dYB)
             del H, dH
             grads, dX = [], None
             d_outs = [dG, dU] if n == 2 else [outs[0]]               # Phi-3: [dG | dU] now fills the fused buffer
             for i, (P, dP, XA, m) in enumerate(zip(ins, d_outs, xas, m_in)):
-                dX, dA, dB = lora_backward(dP, X2, XA, P, dt, m, dX, nig[0], nig[5 + 2 * i], nig[6 + 2 * i])
+                dX, dA, dB, _ = lora_backward(dP, X2, XA, P, dt, m, dX, nig[0], nig[5 + 2 * i], nig[6 + 2 * i],
+                                              AB=abs_[2 * i:2 * i + 2])
                 grads += [dA, dB]
         if dX is not None:
             dX = dX.view(ctx.x_shape)

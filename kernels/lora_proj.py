@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._util import compute_dtype
-from .lora_common import LoRAProj, lora_backward, lora_forward, make_mask, proj_reference
+from .lora_common import LoRAProj, adapters, lora_backward, lora_forward, make_mask, proj_reference
 
 
 class LoRAProjFunction(torch.autograd.Function):
@@ -22,14 +22,16 @@ class LoRAProjFunction(torch.autograd.Function):
             X2 = X.reshape(-1, X.shape[-1])
             if X2.dtype != dt:
                 X2 = X2.to(dt)
-            outs, xas = [], []
+            outs, xas, abs_ = [], [], []
             for P, m in zip(projs, masks):
-                Y, XA = lora_forward(X2, P, dt, m)
+                AB = adapters(P, dt)
+                abs_ += list(AB)
+                Y, XA = lora_forward(X2, P, dt, m, AB)
                 outs.append(Y.view(*X.shape[:-1], Y.shape[-1]))
                 xas.append(XA)
         ctx.projs, ctx.dt, ctx.x_shape, ctx.x_dtype = projs, dt, X.shape, X.dtype
         ctx.has_mask = [m is not None for m in masks]
-        ctx.save_for_backward(X2, *xas, *[m for m in masks if m is not None])
+        ctx.save_for_backward(X2, *xas, *abs_, *[m for m in masks if m is not None])
         return tuple(outs)
 
     @staticmethod
@@ -37,7 +39,7 @@ class LoRAProjFunction(torch.autograd.Function):
         projs, dt = ctx.projs, ctx.dt
         saved = ctx.saved_tensors
         n = len(projs)
-        X2, xas, rest = saved[0], saved[1:1 + n], list(saved[1 + n:])
+        X2, xas, abs_, rest = saved[0], saved[1:1 + n], saved[1 + n:1 + 3 * n], list(saved[1 + 3 * n:])
         masks = [rest.pop(0) if h else None for h in ctx.has_mask]
         need_dx = ctx.needs_input_grad[0]
         dX, grads = None, []
@@ -46,8 +48,8 @@ class LoRAProjFunction(torch.autograd.Function):
                 dY2 = dY.reshape(-1, dY.shape[-1])
                 if dY2.dtype != dt:
                     dY2 = dY2.to(dt)
-                dX, dA, dB = lora_backward(dY2, X2, XA, P, dt, m, dX, need_dx, ctx.needs_input_grad[3 + 2 * i],
-                                           ctx.needs_input_grad[4 + 2 * i])
+                dX, dA, dB, _ = lora_backward(dY2, X2, XA, P, dt, m, dX, need_dx, ctx.needs_input_grad[3 + 2 * i],
+                                              ctx.needs_input_grad[4 + 2 * i], AB=abs_[2 * i:2 * i + 2])
                 grads += [dA, dB]
         if dX is not None:
             dX = dX.view(ctx.x_shape)
