@@ -20,7 +20,7 @@ from .errors import FtkitError, UserError
 
 # %% auto #0
 __all__ = ['COMMANDS', 'Command', 'command', 'load_from_args', 'run_validate', 'run_schema', 'run_preprocess', 'run_train',
-           'run_merge_sharded', 'build_parser', 'main', 'run_demo']
+           'run_sweep', 'run_merge_sharded', 'build_parser', 'main', 'run_demo']
 
 # %% ../nbs/13_cli.ipynb #0bba8ef3
 # Every mistake a user can fix derives from `ftkit.errors.FtkitError`: `main` prints those without a traceback.
@@ -98,6 +98,7 @@ def run_train(args) -> int:
     import subprocess
     from ftkit.launch import launcher_command
     cfg = load_from_args(args)
+    if args.sweep: return run_sweep(cfg, args)
     launcher = args.launcher or ("accelerate" if (args.num_processes or 1) > 1 else "python")
     if launcher == "python":
         from ftkit.train import train
@@ -114,10 +115,24 @@ def run_train(args) -> int:
     print("launching: " + " ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode
 
+def run_sweep(cfg, args) -> int:
+    "`ftkit train CONFIG --sweep SWEEP.yml`: every variant in turn, in this process (ftkit.sweeps); the table at the end."
+    from ftkit.sweeps import sweep
+    from ftkit.train import train
+    from ftkit.launch import MetricsFile
+    if (args.launcher not in (None, "python")) or (args.num_processes or 1) > 1:
+        raise UserError("--sweep runs the variants one after another in this process: drop --launcher / --num-processes.")
+    res = sweep(cfg, args.sweep, run=lambda c: train(c, callbacks=[MetricsFile(Path(c.output_dir) / "metrics.jsonl")]))
+    print(repr(res))
+    print(f"table: {res.root / 'sweep.jsonl'}\nloss curves: {res.root / 'sweep_losses.svg'}")
+    return 0 if all(r.status in ("done", "skipped") for r in res.runs) and not res.stopped else 1
+
 def _train_args(p):
     p.add_argument("--launcher", choices=["accelerate", "torchrun", "python"], default=None,
                    help="how to start the workers (default: python, i.e. this process; accelerate when --num-processes > 1)")
     p.add_argument("--num-processes", type=int, default=None, metavar="N", help="worker processes (GPUs) on this node")
+    p.add_argument("--sweep", default=None, metavar="SWEEP.yml",
+                   help="Axolotl sweep file: lists of values per key, `_` groups of paired values; each variant in {output_dir}/NN-...")
 
 command("train", "fine-tune according to the config (-- passes the rest to the launcher)", run_train, _train_args)
 

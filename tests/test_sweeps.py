@@ -1,6 +1,7 @@
 """ftkit.sweeps: Axolotl's sweep format over a tiny model: every variant trains in its own output_dir with its own
 values, one table and one plot hold every run, and Ctrl-C stops at a run boundary with the finished runs kept."""
 import json, os, signal
+from pathlib import Path
 
 import pytest
 import yaml
@@ -84,3 +85,28 @@ def test_random_draws_and_every_variant_is_validated_before_training(tmp_path):
     assert "variant 1" in str(e.value)
     with pytest.raises(ConfigError, match="_samples"):
         read_spec({"learning_rate": [1e-2], "_method": "random"})
+
+
+def test_cli_train_sweep_runs_each_variant_from_a_tiny_local_model(tmp_path, root, capsys):
+    "`ftkit train CONFIG --sweep SWEEP.yml` on a tiny Llama saved with a local tokenizer (a real model folder, loaded by path)."
+    from ftkit.cli import main
+    from ftkit_test_tokenizers import llama3
+    tok = llama3()
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab_size=len(tok), attn="sdpa", seed=0).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = {**BASE, "base_model": str(model_dir), "output_dir": str(tmp_path / "out"), "max_steps": 2, "sequence_len": 128,
+           "dataset_prepared_path": str(tmp_path / "prep"),
+           "datasets": [{"path": str(root / "examples/data/reverse_words.jsonl"), "type": "chat_template"}]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "s.yml").write_text("learning_rate: [0.01, 0.001]\n")
+    assert main(["train", str(tmp_path / "c.yml"), "--sweep", str(tmp_path / "s.yml")]) == 0
+    out = capsys.readouterr().out
+    assert "2/2 runs finished" in out and "sweep_losses.svg" in out
+    rows = [json.loads(l) for l in (tmp_path / "out" / "sweep.jsonl").read_text().splitlines()]
+    assert [(r["learning_rate"], r["status"], r["steps"]) for r in rows] == [(0.01, "done", 2), (0.001, "done", 2)]
+    for r in rows:                                       # each variant: its own folder, metrics.jsonl and saved config
+        d = Path(r["output_dir"])
+        assert yaml.safe_load((d / "config.yml").read_text())["learning_rate"] == r["learning_rate"]
+        assert (d / "metrics.jsonl").exists()
+    assert main(["train", str(tmp_path / "c.yml"), "--sweep", str(tmp_path / "s.yml"), "--launcher", "accelerate"]) != 0
