@@ -149,7 +149,8 @@ def test_split_thinking_trains_reasoning():
     conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add them</think>4"}]
     r = build(tok, {"chat_template": "qwen3", "split_thinking": True}).tokenize({"messages": conv})[0]
     assert tok.decode(r["input_ids"]).endswith("<|im_start|>assistant\n<think>\nadd them\n</think>\n\n4<|im_end|>\n")
-    assert T.trained_text(tok, r) == "<think>\nadd them\n</think>\n\n4<|im_end|>"     # the model opens the think block itself
+    # as in Axolotl 0.19.0: qwen3 writes `<think>\n` for a final assistant turn whatever it holds, so only what follows trains
+    assert T.trained_text(tok, r) == "add them\n</think>\n\n4<|im_end|>"
 
 @pytest.mark.parametrize("row,reason", [
     ({"messages": []}, "empty_conversation"), ({"other": 1}, "missing_field"),

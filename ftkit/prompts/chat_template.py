@@ -12,9 +12,9 @@ from pathlib import Path
 from .registry import RowError, as_entry, as_config
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'TEMPLATE_EOT', 'DEFAULT_ROLES', 'STANDARD_ROLES', 'EOS_MODES', 'register_template', 'resolve_template',
-           'compile_template', 'template_vars', 'role_map', 'ChatOptions', 'to_messages', 'render_spans',
-           'detail_tokens', 'ChatTemplateStrategy', 'entry_dict', 'build']
+__all__ = ['TEMPLATES', 'TEMPLATE_EOT', 'METHARME_SYSTEM', 'DEFAULT_ROLES', 'STANDARD_ROLES', 'EOS_MODES', 'register_template',
+           'resolve_template', 'compile_template', 'template_vars', 'role_map', 'ChatOptions', 'to_messages',
+           'render_spans', 'diff_span', 'detail_tokens', 'ChatTemplateStrategy', 'entry_dict', 'build']
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #90353ab1
 TEMPLATES: dict[str, str] = {}
@@ -35,12 +35,13 @@ register_template("llama3",
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
     "<|eot_id|>")
 
-register_template("alpaca",
+register_template("alpaca",      # Axolotl's layout: "\n\n" between messages, EOS after each response, a system text only first
     "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}")
+    "{% if message['role'] == 'system' %}{% if loop.first %}{{ message['content'] }}{% endif %}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token }}{% endif %}"
+    "{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\n### Response:\n' }}{% endif %}")
 
 register_template("mistral",
     "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
@@ -60,9 +61,11 @@ register_template("gemma",
     "{{ message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}", "<end_of_turn>")
 
-register_template("phi_3",
-    "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}", "<|end|>")
+register_template("phi_3",      # Phi-3: a user turn opens the assistant's (`<|assistant|>\n`) itself
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n<|assistant|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + '<|end|>\n' }}{% endif %}{% endfor %}", "<|end|>")
 
 register_template("qwen",   # Qwen2.5 layout: ChatML, a default system prompt, tools in the system turn
     "{% if tools %}{{ '<|im_start|>system\n' }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
@@ -84,19 +87,41 @@ register_template("qwen",   # Qwen2.5 layout: ChatML, a default system prompt, t
     "{{ '<|im_end|>\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}", "<|im_end|>")
 
-register_template("qwen3",  # ChatML with a <think> block for assistant turns that carry reasoning_content
+register_template("qwen3",  # Qwen3's layout: after the last user query, an assistant turn that is last or carries reasoning
+    # always gets a <think> block (empty when there is no reasoning); tool results are grouped in one user turn
+    "{% set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{% for message in messages[::-1] %}{% if ns.multi_step_tool and message['role'] == 'user' and not "
+    "(message['content'].startswith('<tool_response>') and message['content'].endswith('</tool_response>')) %}"
+    "{% set ns.multi_step_tool = false %}{% set ns.last_query_index = messages|length - 1 - loop.index0 %}{% endif %}{% endfor %}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' and message.reasoning_content %}"
-    "{{ '<|im_start|>assistant\n<think>\n' + message.reasoning_content + '\n</think>\n\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if message['role'] == 'user' or message['role'] == 'system' %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{% set content = message['content'] or '' %}"
+    "{% set reasoning = message.reasoning_content if message.reasoning_content is string else '' %}"
+    "{% if not reasoning and '</think>' in content %}{% set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}"
+    "{% if loop.index0 > ns.last_query_index and (loop.last or reasoning) %}"
+    "{{ '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}"
+    "{% else %}{{ '<|im_start|>assistant\n' + content }}{% endif %}"
+    "{% if message.tool_calls %}{% for tc in message.tool_calls %}{% if (loop.first and content) or not loop.first %}{{ '\n' }}{% endif %}"
+    "{% set f = tc.function if tc.function else tc %}{{ '<tool_call>\n{\"name\": \"' + f.name + '\", \"arguments\": ' }}"
+    "{% if f.arguments is string %}{{ f.arguments }}{% else %}{{ f.arguments | tojson }}{% endif %}{{ '}\n</tool_call>' }}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}",
     "<|im_end|>")
-register_template("metharme",   # Pygmalion's layout; used by `type: pygmalion`
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>' + message['content'] }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user|>' + message['content'] }}"
-    "{% else %}{{ '<|model|>' + message['content'] + eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|model|>' }}{% endif %}")
+METHARME_SYSTEM = ("Enter RP mode. You shall reply to the user while staying in character. Your responses must be detailed, "
+                   "creative, immersive, and drive the scenario forward.")
+register_template("metharme",   # Pygmalion's layout: a system text (a default one when the data has none), one EOS at the end
+    "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set system = '" + METHARME_SYSTEM + "' %}{% set loop_messages = messages %}"
+    "{% endif %}{{ '<|system|>' + system }}{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{{ '<|user|>' + message['content'].strip() }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|model|>' + message['content'].strip() }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|model|>' }}{% else %}{{ eos_token }}{% endif %}")
 TEMPLATE_EOT.setdefault("alpaca", None); TEMPLATE_EOT.setdefault("mistral", None)
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #4b7ef017
@@ -372,6 +397,23 @@ def _single_token_id(tokenizer, t: str) -> int:
                          "(add it with tokens: or added_tokens_overrides:)")
     return ids[0]
 
+_PLACEHOLDERS = ("[[dummy_message]]", "zzdummymessagezz")     # two placeholders whose edge characters differ
+
+def diff_span(tpl, msgs, i, tools, tvars, kw, real, keep=None) -> tuple[int, int] | None:
+    """Axolotl's turn locator: the characters of `real` that change when message `i` becomes `{role, content: placeholder}`
+    (plus its `keep` key), widest over two placeholders; None when nothing changes (an empty turn)."""
+    out = []
+    for ph in _PLACEHOLDERS:
+        d = {"role": msgs[i]["role"], "content": ph}
+        if keep and msgs[i].get(keep) is not None: d[keep] = msgs[i][keep]
+        dummy = _render(tpl, msgs[:i] + [d] + msgs[i + 1:], tools, tvars, kw)
+        n = min(len(real), len(dummy))
+        a = len(os.path.commonprefix([real[:n], dummy[:n]]))
+        b = len(os.path.commonprefix([real[::-1][:n - a], dummy[::-1][:n - a]]))
+        out.append((a, len(real) - b))
+    a, b = min(x for x, _ in out), max(y for _, y in out)
+    return (a, b) if b > a else None
+
 def detail_tokens(tokenizer, content: str, detail: list) -> list[int]:
     """Indices of the tokens of `content` (tokenized alone) that `message_field_training_detail` trains, as Axolotl computes them.
 
@@ -436,17 +478,23 @@ class ChatTemplateStrategy:
     def axolotl_notes(self) -> list[str]:
         "Deliberate differences from Axolotl 0.19.0 that this dataset's config can meet (scripts/conformance/DIFFERENCES.md)."
         notes = []
-        probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        probe = [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]
         try: ids = self.tok(_render(self.tpl, probe, None, self.tvars, self.o.chat_template_kwargs), add_special_tokens=False)["input_ids"]
         except RowError: ids = []
-        if ids and ids[-1] in self.term_ids:
-            notes.append(f"differs from Axolotl 0.19.0 (D4): the chat template ({self.template_name}) ends a conversation on "
-                         f"{self.tok.convert_ids_to_tokens(ids[-1])!r}; when a conversation's last turn is empty, Axolotl trains "
-                         "that final token (its end-of-turn lookup starts from index -1), ftkit trains nothing of an empty turn")
+        if ids and ids[-1] not in self.term_ids and any(i in self.term_ids for i in ids[:3]):
+            notes.append(f"differs from Axolotl 0.19.0 (D4): with the chat template ({self.template_name}) a conversation can hold an "
+                         "end-of-turn token among its first 3 tokens; Axolotl trains it whenever a turn renders empty (its lookup "
+                         "starts from index -1), ftkit trains nothing of an empty turn")
         unmapped = [r for r in ("human", "gpt") if r not in self.o.roles]
         if self.o.roles != role_map(None) and unmapped:
             notes.append(f"differs from Axolotl 0.19.0 (D2): roles: replaces the default role mapping and does not map "
                          f"{', '.join(unmapped)}; ftkit rejects rows with such a role (unknown_role), Axolotl renders it unchanged")
+        if self.o.field_system != "system":
+            notes.append(f"differs from Axolotl 0.19.0 (D5): field_system: {self.o.field_system} is used; Axolotl 0.19.0 ignores the "
+                         "key and reads the column `system`")
+        if self.template_name == "gemma":
+            notes.append("differs from Axolotl 0.19.0 (D6): the gemma template folds a system turn into the first user turn; "
+                         "Axolotl's stops the run with 'System role not supported'")
         return notes
 
     # -- one row ------------------------------------------------------------------------------
@@ -459,7 +507,13 @@ class ChatTemplateStrategy:
     def prepare(self, row):
         "Render one row: `(text, messages, spans)`; raises `RowError`."
         msgs, tools = to_messages(row, self.o)
-        text, spans = render_spans(self.tpl, msgs, tools, self.tvars, self.o.chat_template_kwargs, self.o.template_thinking_key)
+        kw, think = self.o.chat_template_kwargs, self.o.template_thinking_key
+        text, spans = render_spans(self.tpl, msgs, tools, self.tvars, kw, think)
+        for i, m in enumerate(msgs):     # turns whose template text depends on more than the content: Axolotl's locator
+            if m.get("tool_calls") or m.get(think) is not None:
+                spans[(i, "a")] = diff_span(self.tpl, msgs, i, tools, self.tvars, kw, text)
+                if m.get(think) is not None and m["_detail"]:
+                    spans[(i, "ac")] = diff_span(self.tpl, msgs, i, tools, self.tvars, kw, text, keep=think)
         return text, msgs, spans
 
     def label(self, text, msgs, spans, ids, offsets):
@@ -474,18 +528,16 @@ class ChatTemplateStrategy:
         for i, m in enumerate(msgs):
             trains = self._turn_trains(m)
             if not trains and not any_all: continue    # Axolotl locates only trained turns (all turns under `all`)
-            c, t, o = spans.get((i, "c")), spans.get((i, "t")), spans.get((i, "o"))
-            if c is None and t is None: continue         # the template does not render this message
             detail = m["_detail"]
-            use_content = bool(detail) and t is not None and c is not None   # with a detail list: the content alone
-            a = c[0] if use_content else min(x[0] for x in (c, t, o) if x)
-            b = c[1] if use_content else max(x[1] for x in (c, t) if x)
+            if (i, "a") in spans:                        # located by diffing against placeholder renders (Axolotl's way)
+                sp = spans.get((i, "ac")) if detail and (i, "ac") in spans else spans[(i, "a")]
+                if sp is None: continue
+                a, b = sp
+            else:
+                c = spans.get((i, "c"))
+                if c is None: continue                   # the template does not render this message
+                a, b = c
             lo, hi = tok_span(a, b) if b > a else (None, 0)
-            if m.get("tool_calls"):
-                # the template writes the call after the content: the turn runs up to its end-of-turn token
-                k = bisect.bisect_left(starts, b)
-                j = next((q for q in range(k, n) if ids[q] in self.term_ids), None)
-                if j is not None: lo, hi = (k if lo is None else lo), max(hi, j)
             if lo is None or hi <= lo: continue          # an empty turn: no token, no end-of-turn token
             if trains:
                 if detail:

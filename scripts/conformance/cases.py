@@ -70,6 +70,8 @@ FIELD_SYSTEM = [dict(conv(("user", "Hi"), ("assistant", "Hello.")), sys="You spe
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
                                             "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}]
 TOOL_ROWS = [{"tools": json.dumps(TOOLS), "messages": [
+    {"role": "user", "content": "Hi", "tool_calls": None}, {"role": "assistant", "content": "Hello.", "tool_calls": None}]},
+    {"tools": json.dumps(TOOLS), "messages": [
     {"role": "user", "content": "3+5?", "tool_calls": None},
     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": "{\"a\": 3, \"b\": 5}"}}]},
     {"role": "tool", "content": "8", "tool_calls": None}, {"role": "assistant", "content": "It is 8.", "tool_calls": None}]}]
@@ -79,8 +81,8 @@ TOOL_JINJA = ("{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}{% 
 PLAIN_JINJA = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: {{ m['content'] }}{{ eos_token }}\n"
                "{% endif %}{% endfor %}")
 EOS_LAST_JINJA = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"   # ends on the EOS
-EMPTY_LAST = [conv(("user", "Hi"), ("assistant", "Hello.")), conv(("user", "Say nothing."), ("assistant", "")),
-              conv(("user", "Hi"), ("assistant", "Hello."), ("user", "Bye"), ("assistant", ""))]
+EMPTY_FIRST = [conv(("user", ""), ("assistant", "Hi.")), conv(("user", "Hi"), ("assistant", "Hello."))]
+EOS_FIRST_JINJA = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}\n{% endfor %}"   # an empty first turn: EOS at token 0
 THINK = [conv(("user", "2+2?"), ("assistant", "<think>add two and two</think>4")),
          {"messages": [{"role": "user", "content": "3+3?", "reasoning_content": None},
                        {"role": "assistant", "content": "6", "reasoning_content": "three doubled"}]}]
@@ -90,7 +92,12 @@ ALPACA = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
           {"instruction": "Long one.", "input": "", "output": LONG}]
 QA = [{"question": "What is 2+2?", "answer": "4"}, {"question": "Capital of France?", "answer": "Paris."}]
 
-def inst(type_, rows, **entry): return DS({"type": type_, **entry}, rows)
+def pair(rows):
+    "Two rows at least: Axolotl's preprocess picks its debug row with randrange(0, len - 1), which fails on one row."
+    if len(rows) > 1: return rows
+    return rows + [{k: (v + " Again." if isinstance(v, str) else v) for k, v in rows[0].items()}]
+
+def inst(type_, rows, **entry): return DS({"type": type_, **entry}, pair(rows))
 def chat(rows, **entry): return DS({"type": "chat_template", **entry}, rows)
 
 CASES: list[Case] = [
@@ -110,8 +117,11 @@ CASES: list[Case] = [
     Case("ct_empty_turns_turn", "empty and whitespace contents, train_on_eos: turn", [chat(EDGE)]),
     Case("ct_empty_turns_all", "empty and whitespace contents, train_on_eos: all (issue 12.3)", [chat(EDGE, train_on_eos="all")]),
     Case("ct_empty_turns_inputs", "empty and whitespace contents, train_on_inputs (issue 12.3)", [chat(EDGE)], {"train_on_inputs": True}),
-    Case("ct_empty_last_turn_eos", "an empty last turn in a template that ends the conversation on EOS (Axolotl's index -1 lookup)",
-         [chat(EMPTY_LAST, chat_template="jinja", chat_template_jinja=EOS_LAST_JINJA)]),
+    Case("ct_empty_last_turn_eos", "an empty last turn in a template that ends the conversation on EOS",
+         [chat([conv(("user", "Hi"), ("assistant", "Hello.")), conv(("user", "Hi"), ("assistant", "Hello."), ("user", "Bye"), ("assistant", ""))],
+               chat_template="jinja", chat_template_jinja=EOS_LAST_JINJA)]),
+    Case("ct_empty_first_turn_eos", "an empty first turn whose EOS is token 0, train_on_eos: all (Axolotl's lookup from index -1)",
+         [chat(EMPTY_FIRST, chat_template="jinja", chat_template_jinja=EOS_FIRST_JINJA, train_on_eos="all")]),
     Case("ct_sharegpt_mapping", "field_messages + message_property_mappings (ShareGPT from/value)",
          [chat(SHAREGPT, field_messages="conversations", message_property_mappings={"role": "from", "content": "value"})]),
     Case("ct_legacy_fields", "message_field_role / message_field_content (legacy keys)",
@@ -133,7 +143,9 @@ CASES: list[Case] = [
     Case("ct_tools", "tools column (JSON string) and assistant tool_calls, jinja template",
          [chat(TOOL_ROWS, chat_template="jinja", chat_template_jinja=TOOL_JINJA)]),
     Case("ct_tpl_llama3", "chat_template: llama3 (built-in) on the SmolLM2 tokenizer", [chat(CHAT, chat_template="llama3")]),
-    Case("ct_tpl_gemma", "chat_template: gemma (built-in)", [chat(CHAT, chat_template="gemma")]),
+    Case("ct_tpl_gemma", "chat_template: gemma (built-in), conversations without a system turn",
+         [chat([r for r in CHAT if r["messages"][0]["role"] != "system"], chat_template="gemma")]),
+    Case("ct_tpl_gemma_system", "chat_template: gemma with a system turn", [chat(CHAT[:2], chat_template="gemma")]),
     Case("ct_tpl_phi_3", "chat_template: phi_3 (built-in)", [chat(CHAT, chat_template="phi_3")]),
     Case("ct_tpl_alpaca", "chat_template: alpaca (built-in)", [chat(CHAT, chat_template="alpaca")]),
     Case("ct_tpl_metharme", "chat_template: metharme (built-in)", [chat(CHAT, chat_template="metharme")]),

@@ -3,5 +3,7 @@
 DELIBERATE: dict[str, str] = {
     "ct_roles_replace_default": "D2 (a role that roles: does not map is an error, not rendered as it is)",
     "alpaca_missing_field": "D3 (a bad row is dropped and reported; Axolotl stops the whole run)",
-    "ct_empty_last_turn_eos": "D4 (an empty turn trains nothing, not even the conversation's last token)",
+    "ct_empty_first_turn_eos": "D4 (an empty turn trains nothing, not even an end-of-turn token near the start)",
+    "ct_field_system": "D5 (field_system is honoured)",
+    "ct_tpl_gemma_system": "D6 (gemma folds a system turn into the first user turn)",
 }
