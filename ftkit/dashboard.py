@@ -42,6 +42,7 @@ class RunHistory:
     checkpoint: str | None = None      # last checkpoint folder
     output_dir: str | None = None
     notes: list[str] = field(default_factory=list)
+    tracked: list[str] = field(default_factory=list)   # where the metrics also go (ftkit.tracking.where: W&B, MLflow, ...)
 
     @property
     def elapsed(self) -> float:
@@ -144,6 +145,7 @@ def render_html(h: RunHistory, title: str = "ftkit training", summary: str = "",
                   f"<pre style='margin:2px 0;white-space:pre-wrap'><span style='color:#777'>{html.escape(p)}</span>"
                   f"<b>{html.escape(g)}</b></pre></div>")
     notes = "".join(f"<div style='color:#a60'>{html.escape(n)}</div>" for n in h.notes)
+    notes += "".join(f"<div class='ftkit-tracked' style='color:#555'>tracked: {html.escape(t)}</div>" for t in h.tracked)
     return (f"<div class='ftkit-dashboard' data-status='{h.status}' data-step='{h.step}' style='font-family:sans-serif;font-size:13px'>"
             f"<div><b>{html.escape(title)}</b> <span class='ftkit-status' style='color:{colour}'>● {h.status}</span></div>"
             + (f"<div style='background:#eee;border-radius:3px;height:10px;margin:4px 0;max-width:660px'>"
@@ -165,6 +167,7 @@ def summary_text(h: RunHistory) -> str:
                          f"(CLI: `ftkit train CONFIG --resume-from-checkpoint {h.checkpoint}`)")
         else: lines.append("no checkpoint was saved (interrupted before the first step ended)")
     elif h.output_dir: lines.append(f"output: {h.output_dir}")
+    lines += [f"tracked: {t}" for t in h.tracked]
     return "\n".join(lines)
 
 def render_text(h: RunHistory) -> str:
@@ -262,11 +265,11 @@ class Dashboard(TrainerCallback):
     "A TrainerCallback that shows one live view of the run (widget, HTML or text) and stops cleanly on Ctrl-C."
     def __init__(self, title: str = "ftkit training", mode: str = "auto", sample_prompts: list | None = None,
                  tokenizer=None, max_new_tokens: int = 32, refresh: float = 0.5, handle_interrupt: bool = True,
-                 output_dir: str | None = None):
+                 output_dir: str | None = None, tracked: list[str] | None = None):
         self.title, self.mode, self.refresh = title, mode, refresh
         self.sample_prompts, self.tokenizer, self.max_new_tokens = list(sample_prompts or []), tokenizer, max_new_tokens
         self.handle_interrupt = handle_interrupt
-        self.history = RunHistory(output_dir=output_dir)
+        self.history = RunHistory(output_dir=output_dir, tracked=list(tracked or []))
         self.view = None
         self._last_draw = 0.0
         self._interrupted = False

@@ -121,6 +121,7 @@ class FinetuneRun:
     merged_dir: str | None = None          # where `merge` wrote the merged model
     chat_history: list = field(default_factory=list)  # `%finetune_chat` turns
     stages: list = field(default_factory=list)  # what ran, in order
+    sweep: Any = None                      # ftkit.sweeps.SweepResult of the last `sweep`: every run, table, plot
 
     def same_config(self, cfg: FinetuneConfig | None) -> bool:
         return self.config is not None and cfg is not None and self.config.to_dict() == cfg.to_dict()
@@ -213,7 +214,14 @@ def _has_content(text: str) -> bool:
     "Whether a cell body has anything but blank lines and comments (a body of comments reuses the run's config)."
     return any(l.strip() and not l.lstrip().startswith("#") for l in text.splitlines())
 
-MODES = ("validate", "plan", "preprocess", "debug", "train", "infer", "merge", "evaluate")
+MODES = ("validate", "plan", "preprocess", "debug", "train", "sweep", "infer", "merge", "evaluate")
+
+def _split_sweep(cell: str | None) -> tuple[str | None, str | None]:
+    "(config, sweep) from a `sweep` cell: the sweep values follow a line `---` (none: the config alone)."
+    import re
+    if not cell: return cell, None
+    parts = re.split(r"^---[ \t]*$", cell, maxsplit=1, flags=re.M)
+    return (parts[0], parts[1]) if len(parts) == 2 and parts[1].strip() else (cell, None)
 
 def _parse_sets(sets) -> dict:
     out = {}
@@ -277,6 +285,7 @@ class FinetuneMagics(Magics):
     @argument("--max-new-tokens", type=int, default=128, help="infer: tokens to generate")
     @argument("--temperature", type=float, default=0.0, help="infer: sampling temperature (0 = greedy)")
     @argument("--dashboard", default="auto", help="train: auto | widget | html | text")
+    @argument("--sweep", default=None, help="sweep: an Axolotl sweep file (or write the sweep after a `---` line in the cell)")
     @line_cell_magic
     def finetune(self, line: str, cell: str | None = None):
         """Run an ftkit config from this cell: `%%finetune [MODE] [--set key=value ...] [--gpus N] [--name NAME]`.
@@ -294,6 +303,7 @@ class FinetuneMagics(Magics):
         try:
             if mode == "infer":
                 return self._infer(args, cell, run)
+            if mode == "sweep": cell, args.sweep_text = _split_sweep(cell)
             cfg, overrides, text, problems = self._config_from(args, cell, run)
             if cfg is None: return None
             if not run.same_config(cfg):
@@ -359,7 +369,9 @@ class FinetuneMagics(Magics):
         from ftkit.dashboard import Dashboard
         import ftkit.train as ft_train
         cfg = run.config
+        from ftkit.tracking import where
         dash = Dashboard(title=f"ftkit · {run.plan.method} · {run.plan.model}", mode=args.dashboard, output_dir=cfg.output_dir,
+                         tracked=where(cfg),
                          sample_prompts=_sample_prompts(run), tokenizer=run.tokenizer,
                          max_new_tokens=cfg.eval_max_new_tokens or 32)
         run.dashboard = dash
@@ -382,6 +394,30 @@ class FinetuneMagics(Magics):
         if h.loss: run.metrics.update(first_loss=h.loss[0][1], final_loss=h.loss[-1][1])
         if h.eval_loss: run.metrics["final_eval_loss"] = h.eval_loss[-1][1]
         if dash.interrupted: run.metrics["interrupted_at_step"] = h.step
+
+    def _sweep(self, args, run):
+        "Every variant of the sweep in turn, each with its own dashboard; `run.sweep` keeps every result."
+        from ftkit.dashboard import Dashboard
+        from ftkit.launch import MetricsFile
+        from ftkit.sweeps import sweep
+        from ftkit.tracking import where
+        import ftkit.train as ft_train
+        spec = getattr(args, "sweep_text", None) or args.sweep
+        if not spec:
+            raise UserError("sweep: write the sweep values after a `---` line in the cell (e.g. `learning_rate: [1e-4, 3e-4]`), "
+                            "or pass `--sweep FILE.yml`.")
+        def one(cfg):
+            dash = Dashboard(title=f"ftkit sweep · {Path(cfg.output_dir).name}", mode=args.dashboard, output_dir=cfg.output_dir,
+                             tracked=where(cfg))
+            status = "failed"
+            try:
+                r = ft_train.train(cfg, callbacks=[dash, MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")], quiet=True)
+                status = None
+                return r
+            except KeyboardInterrupt: status = "interrupted"; raise
+            finally: dash.close(status)
+        run.sweep = sweep(run.config, spec, run=one, quiet=True)
+        self._show(run.sweep)
 
     def _merge(self, args, run):
         from ftkit import infer

@@ -110,3 +110,36 @@ def test_cli_train_sweep_runs_each_variant_from_a_tiny_local_model(tmp_path, roo
         assert yaml.safe_load((d / "config.yml").read_text())["learning_rate"] == r["learning_rate"]
         assert (d / "metrics.jsonl").exists()
     assert main(["train", str(tmp_path / "c.yml"), "--sweep", str(tmp_path / "s.yml"), "--launcher", "accelerate"]) != 0
+
+
+def test_finetune_sweep_magic_keeps_every_run_and_each_dashboard_says_where_it_is_tracked(tmp_path, root):
+    "`%%finetune sweep` in a real IPython shell: config, `---`, sweep values; run object `sw.sweep` holds every run."
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.testing.globalipapp import start_ipython
+    from IPython.utils.capture import capture_output
+    from ftkit_test_tokenizers import llama3
+    ip = start_ipython() or InteractiveShell.instance()
+    ip.display_formatter.active_types = ["text/plain", "text/html"]
+    ip.display_formatter.formatters["text/html"].enabled = True
+    ip.run_line_magic("load_ext", "ftkit")
+    tok = llama3()
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab_size=len(tok), attn="sdpa", seed=0).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = {**BASE, "base_model": str(model_dir), "output_dir": str(tmp_path / "out"), "max_steps": 2, "sequence_len": 128,
+           "dataset_prepared_path": str(tmp_path / "prep"), "use_tensorboard": True,
+           "datasets": [{"path": str(root / "examples/data/reverse_words.jsonl"), "type": "chat_template"}]}
+    body = yaml.safe_dump(cfg) + "---\nlearning_rate: [0.01, 0.001]\n"
+    with capture_output() as c:
+        r = ip.run_cell(f"%%finetune sweep --name sw --dashboard text\n{body}")
+    assert r.success, c.stdout[-2000:]
+    res = ip.user_ns["sw"].sweep
+    assert [x.status for x in res.runs] == ["done", "done"] and [x.cfg.learning_rate for x in res.runs] == [0.01, 0.001]
+    for x in res.runs:                                   # each variant's dashboard names its own TensorBoard folder
+        assert f"tracked: TensorBoard event files in {x.output_dir.resolve()}/runs" in c.stdout
+        assert list((x.output_dir / "runs").rglob("events.out.tfevents.*"))
+    html = "\n".join(o.data.get("text/html", "") for o in c.outputs)
+    assert "ftkit-sweep" in html and html.count("class='ftkit-curve'") == 2
+    with capture_output() as c:
+        ip.run_cell("%%finetune sweep --name sw2\n" + yaml.safe_dump(cfg))
+    assert "write the sweep values after a `---` line" in c.stdout + "\n".join(o.data.get("text/plain", "") for o in c.outputs)
