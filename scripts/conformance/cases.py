@@ -182,6 +182,11 @@ CASES: list[Case] = [
          [DS({"type": {"field_instruction": "q", "field_output": "a", "format": "[INST] {instruction} {input} [/INST]",
                        "no_input_format": "[INST] {instruction} [/INST]", "system_prompt": "Sys.", "system_format": "<<{system}>>"}},
              [{"q": "Hi", "a": "Hello."}, {"q": "Hi", "input": "there", "a": "Hello again."}])]),
+    Case("pygmalion", "type: pygmalion (system / human / bot conversations)", [inst("pygmalion", [
+        {"conversations": [{"role": "system", "value": "A cheerful pirate.\n<START>"}, {"role": "human", "value": "Hi there "},
+                           {"role": "bot", "value": " Arr, hello!"}, {"role": "human", "value": "Bye"}, {"role": "bot", "value": "Farewell."}]},
+        {"conversations": [{"role": "human", "value": "Who are you?"}, {"role": "bot", "value": "A pirate 🏴‍☠️."}]}])]),
+    Case("sharegpt_type", "type: sharegpt (deprecated; ftkit keeps it as a chat_template preset)", [inst("sharegpt", SHAREGPT, chat_template="chatml")]),
     # --- template-free, completion, pre-tokenized -----------------------------------------------------
     Case("input_output", "type: input_output segments", [inst("input_output", [
         {"segments": [{"label": False, "text": "<|im_start|>user\nHi<|im_end|>\n"}, {"label": True, "text": "<|im_start|>assistant\nHello<|im_end|>"}]},

@@ -5,5 +5,6 @@ DELIBERATE: dict[str, str] = {
     "alpaca_missing_field": "D3 (a bad row is dropped and reported; Axolotl stops the whole run)",
     "ct_empty_first_turn_eos": "D4 (an empty turn trains nothing, not even an end-of-turn token near the start)",
     "ct_field_system": "D5 (field_system is honoured)",
+    "sharegpt_type": "D7 (type: sharegpt still works, as a chat_template preset)",
     "ct_tpl_gemma_system": "D6 (gemma folds a system turn into the first user turn)",
 }
