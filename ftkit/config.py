@@ -24,23 +24,13 @@ from .schema import (OPTIMIZERS, SCHEDULERS, SECTIONS, AdapterSection, Attention
                           TrainOnEos, TRLSettings, UserDefinedType)
 
 # %% auto #0
-__all__ = ['RENAMED_KEYS', 'RULES', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_MODEL', 'opt', 'yaml_positions', 'YamlLoader',
+__all__ = ['RENAMED_KEYS', 'RULES', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_MODEL', 'yaml_positions', 'YamlLoader',
            'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
            'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
            'packing_conflicts', 'chat_template_choice', 'misc_rules', 'chat_template_names', 'known_dataset_types',
            'dataset_entries', 'trackers_and_plugins', 'honest_keys', 'values_that_run', 'apply_overrides',
            'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve',
            'json_schema']
-
-# %% ../nbs/00_config.ipynb #e1e8fa11
-def opt(obj, key: str, default=None):
-    "`obj.key` or `obj[key]`, or `default` when missing or None."
-    if obj is None: return default
-    if isinstance(obj, dict): v = obj.get(key)
-    else:
-        v = getattr(obj, key, None)
-        if v is None and getattr(obj, "model_extra", None): v = obj.model_extra.get(key)
-    return default if v is None else v
 
 # %% ../nbs/00_config.ipynb #e544ff6a
 def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
@@ -307,13 +297,14 @@ def trackers_and_plugins(d):
     from ftkit import plugins, tracking   # light modules: no torch / transformers
     yield from tracking.check(d)
     yield from plugins.check(d.get("plugins"), d)
+    from ftkit import hub
+    yield from hub.check(d)
 
 # %% ../nbs/00_config.ipynb #73b4b55f
 _LATER = "not implemented in ftkit yet"
 IGNORED_KEYS: dict[str, str] = {
     # hub, data streaming (the workflow issue)
-    "hub_model_id": f"{_LATER}: nothing is uploaded (push the output_dir with `huggingface-cli upload`)",
-    "hub_strategy": f"{_LATER}: nothing is uploaded",
+
     "push_dataset_to_hub": f"{_LATER}: the prepared data stays in dataset_prepared_path",
 
     "streaming": f"{_LATER}: datasets are read and tokenized in full",
@@ -578,10 +569,11 @@ def _problems_from_validation(ex: ValidationError, data: dict) -> list[Problem]:
         if key and key[0] == "extra":
             loc = key[1:]
             parent = _clean_loc(loc[:-1], data)
-            model = _model_at(parent)
-            valid = [k for k in (model.model_fields if model else {}) if k != "section"]
             bad = loc[-1]
-            hint = (_suggest(bad, valid) or "") if len(problems) < 50 else ""   # bounded: 500k unknown keys stay fast
+            hint = ""
+            if len(problems) < 50:             # bounded: suggestions for the first 50 (500k unknown keys stay fast)
+                model = _model_at(parent)
+                hint = _suggest(bad, [k for k in (model.model_fields if model else {}) if k != "section"]) or ""
             if not parent and bad in RENAMED_KEYS: hint = f"`{bad}` was renamed to `{RENAMED_KEYS[bad]}`. "
             where = f" in {_key_str(parent)}" if parent else ""
             problems.append(Problem(_key_str(parent + (bad,)), f"unknown key {bad!r}{where}.",

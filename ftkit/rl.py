@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .prompts.registry import RowError, PromptStrategy
-from .config import FinetuneConfig, opt
+from .config import DatasetEntry, FinetuneConfig
 from .schema import TRLSettings
 from .errors import FtkitError
 from .prompts.chat_template import ChatTemplateStrategy, entry_dict
@@ -220,11 +220,11 @@ class _ChatEncoder:
         if not raw_messages:     # presets build {role, content} messages themselves
             for k in ("message_property_mappings", "message_field_role", "message_field_content", "roles"): d.pop(k, None)
         if template and not d.get("chat_template"): d["chat_template"] = template
-        self.field_messages = (opt(ds, "field_messages") if raw_messages else None) or "messages"
-        self.field_system = opt(ds, "field_system") or "system"
+        self.field_messages = (ds.field_messages if raw_messages and ds is not None else None) or "messages"
+        self.field_system = (ds.field_system if ds is not None else None) or "system"
         d.update(field_messages=self.field_messages, field_system=self.field_system, message_field_training=_TRAIN_KEY,
                  roles_to_train=["assistant"], train_on_eos="turn", train_on_eot="turn")
-        c = {k: opt(cfg, k) for k in _CFG_KEYS if opt(cfg, k) is not None}
+        c = {k: getattr(cfg, k) for k in _CFG_KEYS if cfg is not None and getattr(cfg, k) is not None}
         self.cts = ChatTemplateStrategy(tokenizer, d, c)
         self.role_key = self.cts.o.mappings.get("role", "role")
         self.template_name, self.template = self.cts.template_name, self.cts.template
@@ -263,7 +263,7 @@ class PairStrategy(PromptStrategy):
         self.tok, self.ds, self.cfg, self.preset = tokenizer, ds, cfg, preset
         fam, _, fn = preset.partition(".")
         self.fam, self.fn = fam, fn
-        f = lambda k, d: opt(ds, k) or d
+        f = lambda k, d: getattr(ds, k) or d
         if fam in FAMILY_TEMPLATE:
             if fn not in PAIR_PRESETS: raise ValueError(f"type {preset!r}: unknown preset; known: {', '.join(sorted(PAIR_PRESETS))}")
             p, c, r, how = PAIR_PRESETS[fn]
@@ -271,13 +271,13 @@ class PairStrategy(PromptStrategy):
             self.enc = _ChatEncoder(tokenizer, ds, cfg, template=FAMILY_TEMPLATE[fam])
         elif preset in ("chat_template.default", "chat_template.argilla", "bradley_terry.chat_template"):
             how = {"chat_template.default": "ct_default", "chat_template.argilla": "messages", "bradley_terry.chat_template": "text"}[preset]
-            p = {"chat_template.default": opt(ds, "field_messages") or "messages", "chat_template.argilla": "prompt",
+            p = {"chat_template.default": ds.field_messages or "messages", "chat_template.argilla": "prompt",
                  "bradley_terry.chat_template": "input"}[preset]
             self.cols = (f("field_prompt", p), f("field_chosen", "chosen"), f("field_rejected", "rejected"), how)
             self.enc = _ChatEncoder(tokenizer, ds, cfg, raw_messages=(preset == "chat_template.default"))
         elif preset in ("user_defined.default", "passthrough"):
-            ud = opt(ds, "type") if not isinstance(opt(ds, "type"), str) else None
-            g = lambda k, d: opt(ud, k) or opt(ds, k) or d
+            ud = ds.type if not isinstance(ds.type, str) else None
+            g = lambda k, d: (getattr(ud, k) if ud is not None else None) or getattr(ds, k) or d
             self.cols = (g("field_prompt", "prompt"), g("field_chosen", "chosen"), g("field_rejected", "rejected"), "plain")
             self.sys_col = g("field_system", "system")
             self.fmt = (g("prompt_format", "{prompt}"), g("chosen_format", "{chosen}"), g("rejected_format", "{rejected}"))
@@ -335,8 +335,8 @@ class KTOStrategy(PromptStrategy):
     def __init__(self, tokenizer, ds=None, cfg=None, preset: str = "chat_template.default"):
         self.tok, self.preset = tokenizer, preset
         fam, _, fn = preset.partition(".")
-        ud = opt(ds, "type") if not isinstance(opt(ds, "type"), str) else None
-        g = lambda k, d: opt(ud, k) or opt(ds, k) or d
+        ud = ds.type if not isinstance(ds.type, str) else None
+        g = lambda k, d: (getattr(ud, k) if ud is not None else None) or getattr(ds, k) or d
         self.label_col = g("field_label", "label")
         if fam in FAMILY_TEMPLATE:
             if fn not in KTO_PRESETS: raise ValueError(f"type {preset!r}: not a KTO preset; known: {', '.join(sorted(KTO_PRESETS))}")
@@ -345,7 +345,7 @@ class KTOStrategy(PromptStrategy):
             self.cols = (g("field_prompt", p), g("field_completion", c), how)
             self.enc = _ChatEncoder(tokenizer, ds, cfg, template=FAMILY_TEMPLATE[fam])
         elif preset == "chat_template.default":
-            self.cols = (opt(ds, "field_messages") or g("field_prompt", "messages"), g("field_completion", "completion"), "ct_default")
+            self.cols = (ds.field_messages or g("field_prompt", "messages"), g("field_completion", "completion"), "ct_default")
             self.enc = _ChatEncoder(tokenizer, ds, cfg, raw_messages=True)
         elif preset in ("user_defined.default", "passthrough"):
             self.cols = (g("field_prompt", "prompt"), g("field_completion", "completion"), "plain")
@@ -393,10 +393,10 @@ class StepwiseStrategy(PromptStrategy):
     name = "stepwise_supervised"
     def __init__(self, tokenizer, ds=None, cfg=None, preset: str = "stepwise_supervised"):
         self.tok = tokenizer
-        self.sep = opt(ds, "step_separator") or "\n"
-        self.last_only = bool(opt(ds, "train_on_last_step_only", False))
-        self.max_completion = opt(ds, "max_completion_length")
-        self.max_len = opt(cfg, "sequence_len")
+        self.sep = ds.step_separator or "\n"
+        self.last_only = bool(ds.train_on_last_step_only)
+        self.max_completion = ds.max_completion_length
+        self.max_len = cfg.sequence_len
         self.sep_ids = tokenizer(self.sep, add_special_tokens=False)["input_ids"]
         if not self.sep_ids: raise ValueError(f"step_separator {self.sep!r} encodes to no tokens")
 
@@ -423,13 +423,14 @@ class StepwiseStrategy(PromptStrategy):
 # %% ../nbs/07_rl.ipynb #fd6ddb5d
 def rl_type_name(ds) -> str:
     "The RL type name of a dataset entry (`user_defined.default` for a mapping)."
-    t = opt(ds, "type")
+    t = ds.type
     if t is None or isinstance(t, str) and not t.strip(): return "passthrough"
     if not isinstance(t, str): return "user_defined.default"
     return t.strip()
 
 def build(tokenizer, ds=None, cfg=None, preset: str | None = None):
     "Registry builder for the preference / KTO / stepwise types."
+    if isinstance(ds, dict): ds = DatasetEntry.model_validate(ds)   # a door: entries given as plain data are validated once
     preset = preset or rl_type_name(ds)
     mode = rl_mode(cfg)
     if preset == "stepwise_supervised" or mode == "stepwise": return StepwiseStrategy(tokenizer, ds, cfg, preset)
@@ -446,12 +447,12 @@ class RLDataError(FtkitError, ValueError):
         super().__init__(f"{len(problems)} of {total} rows cannot be used for training:\n" + "\n".join(lines) + more)
 
 def _ds_source(ds) -> str:
-    p = opt(ds, "path") or opt(ds, "data_files") or "<dataset>"
+    p = ds.path or ds.data_files or "<dataset>"
     return p if isinstance(p, str) else ",".join(map(str, p))
 
 def load_rows(ds) -> list[dict]:
     "The raw rows of one dataset entry, as a list of dicts."
-    path, files = opt(ds, "path"), opt(ds, "data_files")
+    path, files = ds.path, ds.data_files
     files = [files] if isinstance(files, str) else list(files or [])
     cands = [Path(path).expanduser()] if path and not files else [Path(path or ".").expanduser() / f if path and Path(path).is_dir() else Path(f) for f in files]
     if cands and all(c.is_file() and c.suffix in (".json", ".jsonl") for c in cands):
@@ -467,11 +468,11 @@ def load_rows(ds) -> list[dict]:
         return rows
     from datasets import load_dataset
     if cands and all(c.is_file() for c in cands):
-        kind = opt(ds, "ds_type") or {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}.get(cands[0].suffix, "json")
+        kind = ds.ds_type or {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}.get(cands[0].suffix, "json")
         d = load_dataset(kind, data_files=[str(c) for c in cands], split="train")
     else:
-        d = load_dataset(path, name=opt(ds, "name"), split=opt(ds, "split") or "train", data_files=files or None,
-                         revision=opt(ds, "revision"))
+        d = load_dataset(path, name=ds.name, split=ds.split or "train", data_files=files or None,
+                         revision=ds.revision)
     return d.to_list()
 
 # %% ../nbs/07_rl.ipynb #21e75b7c
@@ -507,17 +508,17 @@ def prepare_rl_data(cfg, tokenizer) -> RLData:
     mode = rl_mode(cfg)
     if mode is None: raise ValueError("prepare_rl_data: the config sets neither rl: nor reward_model / process_reward_model")
     problems: list = []
-    train, template = _tokenize_entries(opt(cfg, "datasets"), tokenizer, cfg, mode, problems)
-    evals, _ = _tokenize_entries(opt(cfg, "test_datasets"), tokenizer, cfg, mode, problems, "test_datasets")
+    train, template = _tokenize_entries(cfg.datasets, tokenizer, cfg, mode, problems)
+    evals, _ = _tokenize_entries(cfg.test_datasets, tokenizer, cfg, mode, problems, "test_datasets")
     if problems: raise RLDataError(problems, len(train) + len(evals) + len(problems))
     if not train: raise RLDataError([("datasets", 0, "no rows")], 0)
-    if opt(cfg, "shuffle_merged_datasets", True):
-        random.Random(opt(cfg, "seed", 42)).shuffle(train)
-    v = opt(cfg, "val_set_size", 0) or 0
+    if cfg.shuffle_merged_datasets:
+        random.Random(cfg.seed).shuffle(train)
+    v = cfg.val_set_size or 0
     if v and not evals:
         n = int(v) if v > 1 else max(1, int(round(len(train) * v)))
         evals, train = train[-n:], train[:-n]
-    return RLData(mode, train, evals, template, [_ds_source(d) for d in (opt(cfg, "datasets") or [])])
+    return RLData(mode, train, evals, template, [_ds_source(d) for d in (cfg.datasets or [])])
 
 # %% ../nbs/07_rl.ipynb #7516943d
 def _tok_text(tokenizer, ids, labels, text_only=False, color=False) -> str:
@@ -566,11 +567,11 @@ def _import_path(path: str, key: str):
 
 def load_reward_funcs(cfg) -> tuple[list[Callable], list[float] | None]:
     "The reward functions (and weights) named by `trl.reward_funcs` / `trl.reward_weights`."
-    trl = opt(cfg, "trl")
-    names = list(opt(trl, "reward_funcs", []) or [])
+    trl = cfg.trl or TRLSettings()
+    names = list(trl.reward_funcs or [])
     if not names: raise RewardFuncError("trl.reward_funcs: rl: grpo needs at least one reward function (module.function)")
     funcs = [_import_path(n, f"trl.reward_funcs[{i}]") for i, n in enumerate(names)]
-    w = opt(trl, "reward_weights")
+    w = trl.reward_weights
     if w is not None and len(w) != len(funcs):
         raise RewardFuncError(f"trl.reward_weights: {len(w)} weights for {len(funcs)} reward functions")
     return funcs, (list(w) if w is not None else None)
@@ -595,7 +596,7 @@ def check_reward_funcs(funcs: list[Callable], rows: list[dict], names: list[str]
             raise RewardFuncError(f"{key} must return a list of {len(rows)} floats (one per completion), got {shape}: {str(out)[:80]}")
 
 def _grpo_rows(rows, ds, cfg, src, problems) -> list[dict]:
-    t = opt(ds, "type")
+    t = ds.type
     if isinstance(t, str) and t.strip() and t.strip() not in ("passthrough", "chat_template.default"):
         fn = _import_path(t.strip(), f"datasets[].type ({src})")
         try: made = fn(cfg)
