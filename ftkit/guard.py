@@ -250,10 +250,11 @@ class FaultWatchdog:
     "Stops training at the first non-finite gradient or loss, or when the loss stays above `threshold` for `patience` logs."
     trainer = None                      # FtkitTrainer fills this in
 
-    def __init__(self, output_dir, *, learning_rate=None, precision: str = "", threshold: float | None = None,
-                 patience: int | None = None):
-        self.output_dir, self.lr, self.precision = Path(output_dir), learning_rate, precision or ""
+    def __init__(self, output_dir, *, learning_rate=None, weight_decay=None, precision: str = "", threshold: float | None = None,
+                 patience: int | None = None, zero_grad_steps: int = 3):
+        self.output_dir, self.lr, self.wd, self.precision = Path(output_dir), learning_rate, weight_decay, precision or ""
         self.threshold, self.patience, self.over = threshold, int(patience or 3), 0
+        self.zero_grad_steps, self.zeros = zero_grad_steps, 0
 
     def __getattr__(self, name):        # every other TrainerCallback event: nothing to do
         if name.startswith("on_"): return lambda *a, **k: None
@@ -263,6 +264,7 @@ class FaultWatchdog:
         ck = last_checkpoint(self.output_dir)
         causes = []
         if self.lr is not None: causes.append(f"a learning rate too high for this model (learning_rate: {self.lr:g}; try 10x lower)")
+        if self.wd is not None and self.wd >= 1: causes.append(f"weight_decay {self.wd:g} (usually 0 to 0.1)")
         if "16" in self.precision and "bf16" not in self.precision: causes.append("fp16 overflow (use bf16: true where the GPU has it)")
         causes.append("bad rows (look at them with `ftkit preprocess --debug`)")
         raise TrainingFault(f"training stopped at step {step}: {what}.\n"
@@ -282,6 +284,11 @@ class FaultWatchdog:
         logs = logs or {}
         for k in ("loss", "grad_norm"):
             if k in logs and not _finite(logs[k]): self._stop(state.global_step, f"the {k.replace('_', ' ')} is {logs[k]}")
+        if "grad_norm" in logs and "loss" in logs:          # a collapsed model: its output no longer depends on the weights
+            self.zeros = self.zeros + 1 if float(logs["grad_norm"]) == 0.0 and float(logs["loss"]) > 0 else 0
+            if self.zero_grad_steps and self.zeros >= self.zero_grad_steps:
+                self._stop(state.global_step, f"the gradient norm was exactly 0 for {self.zeros} logged steps while the loss "
+                                              f"stayed at {float(logs['loss']):.4g}: the model collapsed and no longer learns")
         if self.threshold is None or "loss" not in logs: return
         self.over = self.over + 1 if float(logs["loss"]) > self.threshold else 0
         if self.over >= self.patience:
@@ -290,7 +297,7 @@ class FaultWatchdog:
 
 def fault_watchdog(cfg, output_dir, precision: str = "") -> FaultWatchdog:
     "The watchdog for a config (its learning rate and loss_watchdog_* keys)."
-    return FaultWatchdog(output_dir, learning_rate=cfg.learning_rate, precision=precision,
+    return FaultWatchdog(output_dir, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, precision=precision,
                          threshold=cfg.loss_watchdog_threshold, patience=cfg.loss_watchdog_patience)
 
 # %% ../nbs/00b_guard.ipynb #gd000023

@@ -3,6 +3,7 @@ cause and the last checkpoint, exit status 2, no NaN adapter saved; loss_watchdo
 learning_rate .inf is refused at validation; running out of memory is explained with the config's numbers; a full disk
 during a checkpoint save fails that save clearly and leaves the previous checkpoint complete (tmpfs, as root)."""
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -21,15 +22,30 @@ def _train(cfg, tmp_path, timeout=600, preexec=None):
                           timeout=timeout, preexec_fn=preexec)
 
 
-def test_diverging_run_stops_at_the_nan_step(tmp_path):
-    cfg = write_config(tmp_path, max_steps=6, learning_rate=1e30, warmup_steps=0, lr_scheduler="constant")
+def test_nan_gradient_stops_the_run_at_that_step(tmp_path):
+    "weight_decay 1e30 drives a LoRA weight to inf within a few steps: the first NaN gradient stops the run before it is used."
+    cfg = write_config(tmp_path, max_steps=6, weight_decay=1e30)
     r = _train(cfg, tmp_path)
     err = r.stderr
     assert r.returncode == 2, r.stdout[-2000:] + err[-2000:]
-    assert "training stopped at step" in err and ("is NaN" in err or "is inf" in err) and "Traceback" not in err, err[-3000:]
-    assert "learning_rate: 1e+30" in err and "last good checkpoint:" in err and "checkpoint-" in err
+    m = re.search(r"training stopped at step (\d+): the gradient of \S+ is NaN", err)
+    assert m and "Traceback" not in err, err[-3000:]
+    step = int(m.group(1))
+    assert step > 1 and "weight_decay 1e+30" in err and f"last good checkpoint: {tmp_path / 'out' / f'checkpoint-{step - 1}'}" in err
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()          # no NaN adapter written as the result
+    assert not (tmp_path / "out" / f"checkpoint-{step}").exists()
     RESULTS["nan"] = 1
+
+
+def test_collapsed_run_does_not_report_success(tmp_path):
+    "learning_rate 1e30: the loss sits at ln(vocab) with a zero gradient; the run stops with an error instead of exiting 0."
+    cfg = write_config(tmp_path, max_steps=8, learning_rate=1e30, warmup_steps=0, lr_scheduler="constant")
+    r = _train(cfg, tmp_path)
+    err = r.stderr
+    assert r.returncode == 2, r.stdout[-2000:] + err[-2000:]
+    assert "the gradient norm was exactly 0 for 3 logged steps" in err and "learning_rate: 1e+30" in err, err[-3000:]
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    RESULTS["collapse"] = 1
 
 
 def test_loss_watchdog(tmp_path):

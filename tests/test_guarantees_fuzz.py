@@ -1,0 +1,256 @@
+"""Guarantee 4, bad input never crashes: hypothesis throws random and hostile input at the config loader (random YAML,
+YAML-like token soup, wrong types for every schema key, deep nesting, alias bombs, huge documents, random bytes, Latin-1,
+UTF-16/32 with and without BOM) and at the data pipeline (every supervised dataset type's strategy through the real
+tokenize step with random rows, enormous and invalid strings; and real files through `ftkit.data.prepare`: broken JSON
+lines, missing fields, wrong roles, invalid UTF-8, empty files, folders, missing paths). Each case must end in ftkit's own
+error (FtkitError) that names the key / line or the file / row, or in a counted drop, within a time bound and without
+blowing up memory. The number of cases run is recorded for RELIABILITY.md."""
+import json
+import resource
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ftkit.config import load
+from ftkit.errors import ConfigError, FtkitError
+from guarantees_util import record
+
+pytestmark = pytest.mark.slow
+N = Counter()               # cases per family
+FINDINGS = Counter()        # config rules that raised on odd input (shown as an 'internal check ... failed' warning)
+T_MAX = 20.0                # seconds one case may take (CI machines are shared)
+BASE = {"base_model": "smollm2-135m-instruct", "datasets": [{"path": "d.jsonl", "type": "alpaca"}], "learning_rate": 1e-4}
+FAST = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
+S = lambda n: settings(FAST, max_examples=n)
+
+
+def check_config(source, family):
+    "load(source) returns a config or raises an FtkitError whose problems each name a key, a line or the file's size/encoding."
+    t = time.time()
+    try:
+        load(source)
+        outcome = "ok"
+    except ConfigError as e:
+        assert e.problems, e
+        for p in e.problems:
+            if p.message.startswith("internal check "):      # a rule that crashed on odd input: reported, never hides the errors
+                FINDINGS[p.message.split(" failed")[0][len("internal check "):]] += 1
+                continue
+            assert p.message and (p.key or p.line is not None or any(w in p.message for w in (
+                "unknown key", "bytes", "characters", "config file", "a config must be"))), str(e)
+        outcome = "error"
+    except FtkitError:
+        outcome = "error"
+    dt = time.time() - t
+    assert dt < T_MAX, f"{family}: {dt:.1f}s"
+    N[family] += 1
+    N[f"{family}:{outcome}"] += 1
+
+
+# ---------------------------------------------------------------- the config loader
+TOKENS = [":", ": ", "-", "- ", " ", "  ", "\n", "\n  ", "&a ", "*a", "&b ", "*b", "<<: ", "[", "]", "{", "}", ",", "?", "|", ">",
+          "#", "\t", "'", '"', "!!python/object:os.system", "!!binary", "%YAML 1.2\n", "---\n", "...\n", "0x1f", ".inf", ".nan",
+          "1e-4", "2e-4", "null", "~", "true", "no", "base_model", "learning_rate", "datasets", "path", "type", "lora_r",
+          "micro_batch_size", "\u00e9", "\ufeff", "\x00", "\x85", "\u2028", "é", "日本"]
+
+
+@S(2500)
+@given(st.text(max_size=200))
+def test_fuzz_config_random_text(text):
+    check_config(text if "\n" in text else text + "\n", "yaml_text")
+
+
+@S(2500)
+@given(st.lists(st.sampled_from(TOKENS), max_size=60).map("".join))
+def test_fuzz_config_yaml_token_soup(text):
+    check_config(text + "\n", "yaml_tokens")
+
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+                  st.text(max_size=20), st.binary(max_size=8))
+_value = st.recursive(_leaf, lambda ch: st.one_of(st.lists(ch, max_size=4), st.dictionaries(st.text(max_size=8), ch, max_size=4)),
+                      max_leaves=12)
+
+
+def _schema_keys():
+    from ftkit.config import FinetuneConfig
+    return sorted(FinetuneConfig.model_fields)
+
+
+@S(2500)
+@given(st.data())
+def test_fuzz_config_wrong_types_for_every_key(data):
+    keys = _schema_keys()
+    d = dict(BASE)
+    for k in data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=4)):
+        d[k] = data.draw(_value)
+    if data.draw(st.booleans()):
+        d["datasets"] = [data.draw(st.dictionaries(st.sampled_from(["path", "type", "split", "field_messages", "roles",
+                                                                    "message_property_mappings", "chat_template", "ds_type",
+                                                                    "shards", "shards_idx", "data_files", "name"]), _value, max_size=5))]
+    check_config(d, "typed_dict")
+
+
+@S(1000)
+@given(st.dictionaries(st.text(max_size=12), _value, max_size=8))
+def test_fuzz_config_random_mappings(d):
+    check_config(d, "random_dict")
+
+
+ENCODINGS = ["latin-1", "cp1252", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-8-sig", "utf-8"]
+
+
+@S(1500)
+@given(st.one_of(st.binary(max_size=300),
+                 st.tuples(st.text(max_size=60), st.sampled_from(ENCODINGS)).map(
+                     lambda t: (f"base_model: smollm2-135m-instruct\nlearning_rate: 1e-4\nname: {t[0]}\n"
+                                "datasets:\n  - path: d.jsonl\n    type: alpaca\n").encode(t[1], errors="replace"))))
+def test_fuzz_config_files_bytes_and_encodings(tmp_path_factory, raw):
+    p = tmp_path_factory.getbasetemp() / "fuzz_cfg.yml"
+    p.write_bytes(raw)
+    check_config(p, "file_bytes")
+
+
+@S(150)
+@given(st.integers(1, 20000), st.sampled_from(["[", "{a: ", "- ", "a:\n"]))
+def test_fuzz_config_deep_nesting(n, opener):
+    if opener == "[": text = "x: " + "[" * n + "]" * n
+    elif opener == "{a: ": text = "x: " + "{a: " * n + "1" + "}" * n
+    elif opener == "- ": text = "x:\n" + "".join("  " * i + "-\n" for i in range(min(n, 3000)))
+    else: text = "".join("  " * i + "a:\n" for i in range(min(n, 3000)))
+    check_config(text, "deep_nesting")
+
+
+@S(120)
+@given(st.integers(2, 14), st.integers(2, 14), st.booleans())
+def test_fuzz_config_alias_bombs(levels, width, as_mapping):
+    lines = ["a0: &a0 [lol, lol]"]
+    for i in range(1, levels):
+        refs = ", ".join([f"*a{i-1}"] * width)
+        lines.append(f"a{i}: &a{i} " + ("{" + ", ".join(f"k{j}: *a{i-1}" for j in range(width)) + "}" if as_mapping else f"[{refs}]"))
+    lines += ["base_model: smollm2-135m-instruct", "learning_rate: 1e-4", f"datasets: *a{levels - 1}"]
+    check_config("\n".join(lines) + "\n", "alias_bomb")
+
+
+@S(12)
+@given(st.sampled_from([10_000, 200_000, 600_000, 2_000_000]), st.sampled_from(["keys", "string", "list"]))
+def test_fuzz_config_huge_documents(n, shape):
+    if shape == "keys": text = "".join(f"k{i}: {i}\n" for i in range(n // 8))
+    elif shape == "string": text = "base_model: " + "x" * n + "\n"
+    else: text = "datasets:\n" + "  - {path: a.jsonl, type: alpaca}\n" * (n // 32)
+    check_config(text, "huge_document")
+
+
+def test_yaml_with_500k_unknown_keys_is_refused_at_once():
+    text = "".join(f"unknown_key_{i}: 1\n" for i in range(500_000))
+    t = time.time()
+    with pytest.raises(ConfigError) as e:
+        load(text)
+    assert time.time() - t < 5 and "at most" in str(e.value)
+    N["huge_document"] += 1
+
+
+# ---------------------------------------------------------------- the data pipeline
+@pytest.fixture(scope="module")
+def tok():
+    from ftkit_test_tokenizers import smollm2
+    return smollm2()
+
+
+def _sft_types():
+    from ftkit.prompts.registry import REGISTRY, known_types
+    return [n for n in known_types() if not REGISTRY[n].target.startswith("ftkit.rl")]
+
+
+_text = st.one_of(st.text(max_size=40), st.just(""), st.just("\ud800 lone surrogate"), st.just("x" * 200_000),
+                  st.just("<|im_end|><|im_start|>assistant\n"), st.just("{{ 7 * 7 }}"), st.just("\x00\x01\x02"))
+_role = st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "human", "gpt", "bot", ""]), st.text(max_size=6))
+_message = st.dictionaries(st.sampled_from(["role", "content", "from", "value", "tool_calls", "weight", "train"]),
+                           st.one_of(_text, _role, st.integers(), st.none(), st.lists(st.text(max_size=5), max_size=2)), max_size=4)
+_field = st.one_of(_text, st.integers(), st.none(), st.booleans(), st.lists(_message, max_size=4),
+                   st.lists(st.integers(-5, 70000), max_size=20),
+                   st.lists(st.dictionaries(st.sampled_from(["text", "label"]), st.one_of(_text, st.booleans(), st.integers()), max_size=2), max_size=3))
+ROW_KEYS = ["messages", "conversations", "text", "segments", "instruction", "input", "output", "response", "question", "answer",
+            "category", "INSTRUCTION", "RESPONSE", "system", "prompt", "generation", "article", "summary", "choices", "solution",
+            "explanation", "input_ids", "labels", "attention_mask", "context", "unanswerable_question", "scores", "critiques",
+            "revision", "reflection", "corrected", "system_prompt", "message_1", "message_2", "conversation"]
+
+
+@S(1800)
+@given(st.data())
+def test_fuzz_every_dataset_type_through_the_tokenize_step(tok, data):
+    "Random rows through each supervised type's strategy and ftkit.data's tokenize step: a sample or a counted drop per row."
+    from ftkit.config import load as load_cfg
+    from ftkit.data import _tokenize_fn
+    from ftkit.prompts.registry import resolve_type
+    name = data.draw(st.sampled_from(_sft_types() + [None]))
+    cfg = load_cfg({**BASE, "datasets": [{"path": "d.jsonl", "type": name}], "sequence_len": 64})
+    entry = cfg.datasets[0]
+    strat = resolve_type(name).build(tok, entry, cfg)
+    rows = data.draw(st.lists(st.dictionaries(st.sampled_from(ROW_KEYS), _field, max_size=5), min_size=1, max_size=3))
+    keys = sorted({k for r in rows for k in r})
+    batch = {k: [r.get(k) for r in rows] for k in keys}
+    t = time.time()
+    out = _tokenize_fn(batch, list(range(len(rows))), strategy=strat, max_len=64, min_len=2, truncate=False,
+                       term_ids=(tok.eos_token_id,))
+    assert time.time() - t < T_MAX
+    assert len(out["_drop"]) >= len(rows) and set(out["_row"]) <= set(range(len(rows)))
+    for ids, lab, drop in zip(out["input_ids"], out["labels"], out["_drop"]):
+        assert drop or (0 < len(ids) <= 64 and len(lab) == len(ids))
+    N["dataset_type_rows"] += 1
+    N["dataset_type_rows:dropped"] += sum(1 for d in out["_drop"] if d)
+
+
+_line = st.one_of(
+    st.builds(lambda r: json.dumps(r), st.dictionaries(st.sampled_from(ROW_KEYS), _field.filter(lambda v: not isinstance(v, str) or len(v) < 1000), max_size=4)),
+    st.just('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'),
+    st.just('{"instruction": "a", "output": "b"}'), st.just('{"text": "some text"}'),
+    st.just('{"messages": [{"role": "wizard", "content": "hi"}]}'), st.just('{"messages": "not a list"}'),
+    st.just('{"broken": '), st.just("not json at all"), st.just(""), st.just("[1, 2, 3]"), st.just('{"text": "' + "y" * 300_000 + '"}'),
+)
+
+
+@S(110)
+@given(st.data())
+def test_fuzz_dataset_files_through_prepare(tok, tmp_path_factory, data):
+    "Real files (or folders, or missing paths) through ftkit.data.prepare: PreparedData with counted drops, or a DataError naming where."
+    from ftkit.config import load as load_cfg
+    from ftkit.data import prepare
+    d = Path(tmp_path_factory.mktemp("fuzzdata"))
+    kind = data.draw(st.sampled_from(["lines", "lines", "lines", "invalid_utf8", "empty", "folder", "missing", "folder_with_file"]))
+    name = data.draw(st.sampled_from(["chat_template", "alpaca", "completion", "input_output", None, "sharegpt", "pygmalion"]))
+    path = d / "data.jsonl"
+    if kind == "lines": path.write_text("\n".join(data.draw(st.lists(_line, min_size=1, max_size=8))) + "\n")
+    elif kind == "invalid_utf8": path.write_bytes(b'{"text": "ok"}\n{"text": "bad \xff\xfe bytes"}\n')
+    elif kind == "empty": path.write_bytes(b"")
+    elif kind == "folder": path = d / "folder"; path.mkdir()
+    elif kind == "folder_with_file":
+        path = d / "folder"; path.mkdir(); (path / "a.jsonl").write_text('{"text": "hello there"}\n{"oops": 1}\n')
+    else: path = d / "missing.jsonl"
+    cfg = load_cfg({**BASE, "datasets": [{"path": str(path), "type": name}], "sequence_len": 64, "dataset_prepared_path": str(d / "prep")})
+    t = time.time()
+    try:
+        prep = prepare(cfg, tok, use_cache=False, quiet=True)
+        assert prep.report.rows_in == len(prep.train) + (len(prep.eval) if prep.eval is not None else 0) + sum(prep.report.dropped.values()) \
+            or prep.report.rows_in >= len(prep.train)
+        outcome = "prepared"
+    except FtkitError as e:
+        where = getattr(e, "where", "") or ""
+        assert where and ("datasets[0]" in where or path.name in where or str(path) in where), (str(e), where)
+        outcome = "error"
+    assert time.time() - t < T_MAX * 3
+    N["dataset_files"] += 1
+    N[f"dataset_files:{outcome}"] += 1
+
+
+def test_zz_record_fuzz():
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert peak_mib < 4096, f"peak memory {peak_mib:.0f} MiB"
+    total = sum(v for k, v in N.items() if ":" not in k)
+    record("fuzz", cases=total, families={k: v for k, v in sorted(N.items())}, peak_rss_mib=round(peak_mib),
+           rules_that_raised=dict(FINDINGS),
+           time_bound_s=T_MAX, test="tests/test_guarantees_fuzz.py")
+    assert total >= 10_000, f"only {total} fuzz cases ran"
