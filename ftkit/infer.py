@@ -440,12 +440,21 @@ def add_merge_args(p):
     p.add_argument("--lora-model-dir", default=None, help="adapter folder (default: lora_model_dir, else output_dir)")
     p.add_argument("--output-dir", default=None, help="where to write the merged model (default {output_dir}/merged)")
     p.add_argument("--base-model", default=None, help="base model to merge onto instead of base_model")
+    p.add_argument("--push", nargs="?", const=True, default=None, metavar="REPO",
+                   help="upload the merged model to the Hub: to REPO, or to hub_model_id (nothing is uploaded without this flag)")
 
 def merge_main(args) -> int:
     "`ftkit merge-lora CONFIG`: merge the adapter into the base and save `{output_dir}/merged`."
     cfg = load_with_overrides(args.config, args.overrides)
+    push = getattr(args, "push", None)
+    repo = push if isinstance(push, str) else cfg.hub_model_id
+    if push and not repo: raise InferError("--push needs a repo: `--push you/name`, or hub_model_id in the config.")
     res = merge(cfg, args.lora_model_dir, getattr(args, "output_dir", None), base_model=getattr(args, "base_model", None), quiet=True)
     print(res)
+    if push:
+        from ftkit.hub import hub_url, push_folder
+        push_folder(res.output_dir, repo, private=cfg.hub_private_repo is not False, commit_message="ftkit: merged model")
+        print(f"pushed {res.output_dir} to {hub_url(repo)}")
     return 0
 
 def add_evaluate_args(p):

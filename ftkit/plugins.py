@@ -114,7 +114,7 @@ def check(plugins, values: dict) -> list[Problem]:
     return out
 
 # %% ../nbs/06a_plugins.ipynb #273c0e61
-BUILTIN_PLUGINS = ("ftkit.tracking:TrackingPlugin",)
+BUILTIN_PLUGINS = ("ftkit.tracking:TrackingPlugin", "ftkit.hub:HubPlugin")
 
 def _instantiate(name: str) -> Plugin:
     if (n := native_integration(name)): return NativePlugin(n)

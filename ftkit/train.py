@@ -143,6 +143,7 @@ _NEW_GC = "activation_checkpointing" in TrainingArguments.__dataclass_fields__  
 
 # %% ../nbs/06_train.ipynb #0bd8fdef
 from .tracking import training_kwargs as tracking_kwargs
+from .hub import training_kwargs as hub_kwargs
 
 def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir: str, has_eval: bool, packing: bool) -> dict:
     "The keyword arguments every method shares."
@@ -166,6 +167,7 @@ def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir
         save_total_limit=cfg.save_total_limit, save_only_model=bool(cfg.save_only_model),
         seed=plan.seed, data_seed=plan.seed, remove_unused_columns=False, disable_tqdm=True,
         **tracking_kwargs(cfg),               # report_to, run_name (and trackio project): ftkit.tracking
+        **hub_kwargs(cfg),                    # push_to_hub, hub_model_id, hub_strategy: ftkit.hub
         auto_find_batch_size=bool(cfg.auto_find_batch_size),
         ddp_find_unused_parameters=bool(cfg.ddp_find_unused_parameters), ddp_timeout=cfg.ddp_timeout or 1800,
         ddp_bucket_cap_mb=cfg.ddp_bucket_cap_mb, ddp_broadcast_buffers=cfg.ddp_broadcast_buffers,
