@@ -150,6 +150,7 @@ def main():
                 "attn_implementation": a.attn, "max_grad_norm": 1.0,
                 **({"adapter": "qlora" if a.mode == "qlora" else "lora", "lora_r": 16, "lora_alpha": 32,
                     "lora_dropout": 0.0, "lora_target_modules": TARGETS} if a.mode in ("lora", "qlora") else {}),
+                **({"load_in_4bit": True} if a.mode == "qlora" else {}),
                 **({k: False for k in KERNEL_KEYS} if a.kernels == "off" else {}),
                 **({"gradient_checkpointing": True} if a.gc else {}),
                 "datasets": [{"path": "synthetic", "type": "completion"}]})

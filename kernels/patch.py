@@ -356,7 +356,7 @@ def _causal_lm_forward(self, *args, labels=None, logits_to_keep=0, **kwargs):
 def _offload_forward(self, *args, **kwargs):
     if not (self.training and torch.is_grad_enabled()):
         return self._ftkit_inner_forward(*args, **kwargs)
-    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
         return self._ftkit_inner_forward(*args, **kwargs)
 
 

@@ -177,3 +177,26 @@ def test_loss_uses_num_items_in_batch_like_transformers():
     apply_kernels(m, None, interpret=True)
     got = m(input_ids=IDS, position_ids=POS, labels=LAB, num_items_in_batch=n).loss
     assert abs(got.item() - ref.item()) < 1e-5
+
+
+def test_activation_offloading_keeps_loss_and_grads(monkeypatch):
+    "activation_offloading / gradient_checkpointing: offload: the forward runs under save_on_cpu; the math is unchanged."
+    from types import SimpleNamespace as NS
+    m = lora(tiny("llama"), ATTN7)
+    ref = loss_and_grads(m)
+    rep = apply_kernels(m, NS(activation_offloading=True, gradient_checkpointing=True), interpret=True)
+    assert rep.counts().get("offload") == 1
+    entered = []
+    real = torch.autograd.graph.save_on_cpu
+
+    class Recording(real):
+        def __enter__(self):
+            entered.append(self)
+            return super().__enter__()
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Recording)
+    assert_same(loss_and_grads(m), ref)
+    assert len(entered) == 1
+    rep.undo()
+    assert "forward" not in m.get_base_model().__dict__
+    loss_and_grads(m)
+    assert len(entered) == 1
