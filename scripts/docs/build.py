@@ -54,6 +54,9 @@ def log(*a):
 
 # ---------------------------------------------------------------- the sidebar (from _quarto.yml)
 
+TITLES: dict[str, str] = {}     # sidebar entries given as {text, href} in _quarto.yml
+
+
 def sidebar() -> list[tuple[str | None, list[str]]]:
     "[(section title or None, [entries])] from `_quarto.yml`; nbs/ notebooks not listed go to 'API'."
     q = yaml.safe_load((ROOT / "_quarto.yml").read_text())
@@ -63,7 +66,12 @@ def sidebar() -> list[tuple[str | None, list[str]]]:
         if isinstance(item, str):
             out.append((None, [item]))
         else:
-            out.append((item["section"], [c if isinstance(c, str) else c["href"] for c in item.get("contents", [])]))
+            es = []
+            for c in item.get("contents", []):
+                if isinstance(c, dict):
+                    TITLES[c["href"]] = c.get("text")
+                es.append(c if isinstance(c, str) else c["href"])
+            out.append((item["section"], es))
     listed = {e for _, es in out for e in es}
     extra = sorted(p.name for p in NBS.glob("*.ipynb") if p.name not in listed and not p.name.startswith("_"))
     if extra:
@@ -153,6 +161,8 @@ def _exec_quickstart(dst: Path, key: str) -> str:
             err = f"{type(e).__name__}: {str(e)[:300]}"
         shutil.rmtree(work, ignore_errors=True)
         log(f"quickstart: executed in {time.time() - t0:.0f}s", err)
+        if err:
+            key = "failed"                 # shown as it is, run again next time
     nb.metadata["ftkit_docs_key"] = key
     nbformat.write(nb, dst)
     return ""
@@ -331,12 +341,13 @@ def write_index_toctree(index_nb: Path, nav: list[tuple[str | None, list[str]]])
     nb = nbformat.read(index_nb, as_version=4)
     blocks = []
     for title, entries in nav:
-        names = [page_name(e) for e in entries if page_name(e) != "index"]
-        names = [n for n in names if (SITE_SRC / f"{n}.ipynb").exists() or (SITE_SRC / f"{n}.md").exists()]
+        names = [(page_name(e), TITLES.get(e)) for e in entries if page_name(e) != "index"]
+        names = [(n, t) for n, t in names if (SITE_SRC / f"{n}.ipynb").exists() or (SITE_SRC / f"{n}.md").exists()]
         if not names:
             continue
         cap = f":caption: {title}\n" if title else ""
-        blocks.append("```{toctree}\n:hidden:\n" + cap + ":maxdepth: 1\n\n" + "\n".join(names) + "\n```")
+        items = [f"{t} <{n}>" if t else n for n, t in names]
+        blocks.append("```{toctree}\n:hidden:\n" + cap + ":maxdepth: 1\n\n" + "\n".join(items) + "\n```")
     nb.cells.append(nbformat.v4.new_markdown_cell("\n\n".join(blocks)))
     nbformat.write(nb, index_nb)
 

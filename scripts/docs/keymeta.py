@@ -52,7 +52,7 @@ EXAMPLES = {
     "datasets.path": "examples/data/reverse_words.jsonl", "datasets.type": "chat_template",
     "datasets.split": "train", "datasets.field_messages": "messages",
     "datasets.message_property_mappings": {"role": "from", "content": "value"},
-    "datasets.roles_to_train": ["assistant"], "datasets.ds_type": "json",
+    "datasets.roles_to_train": ["assistant"], "datasets.roles": {"user": ["human"], "assistant": ["gpt"]}, "datasets.ds_type": "json",
     "datasets.data_files": ["train.jsonl"], "datasets.field": "text",
     "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
     "lora_target_modules": ["q_proj", "v_proj"], "lora_modules_to_save": ["embed_tokens", "lm_head"],

@@ -208,8 +208,8 @@ def config_reference() -> str:
     lines += ["Sections: " + ", ".join(f"[{t}](#{_anchor(t)})" for t, *_ in tables), ""]
     for title, qual, model, note in tables:
         lines += [f"<a id=\"{_anchor(title)}\"></a>", "", f"## {title}", "", note.strip(), "",
-                  "| key | type | default | allowed | description | methods | example |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| key | description | value |",
+                  "|---|---|---|"]
         sec_key = qual.rstrip(".") if qual else title
         for k, info in model.model_fields.items():
             extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
@@ -219,6 +219,8 @@ def config_reference() -> str:
             ann = info.annotation
             default = "required" if info.is_required() else ("—" if info.default is None else _code(_yaml_value(info.default)))
             lits = [l for l in _literals(ann) if l is not None]
+            if lits and bool in _base_types(ann) and not any(isinstance(l, bool) for l in lits):
+                lits = [True, False] + lits
             allowed = ", ".join(_code(_yaml_value(l)) for l in lits) if lits else _bounds(info)
             methods = keymeta.METHODS.get(qk, keymeta.METHODS.get(k) if not qual else None) \
                 or keymeta.SECTION_METHODS.get(sec_key, keymeta.SFT_RL)
@@ -239,8 +241,12 @@ def config_reference() -> str:
                 old = [o for o, n in C.RENAMED_KEYS.items() if n == k]
                 desc += f" Old name{'s' if len(old) > 1 else ''}: {', '.join(_code(o) for o in old)}."
             key_cell = f'<span id="key-{qk}"></span>{_code(k)}'
-            lines.append("| " + " | ".join([key_cell, _cell(_type_str(ann)), _cell(default), _cell(allowed), _cell(desc),
-                                              _cell(methods), _cell(_code(ex_s))]) + " |")
+            value = f"*type:* {_type_str(ann)}<br>*default:* {default}"
+            if allowed:
+                value += f"<br>*allowed:* {allowed}"
+            value += f"<br>*example:* {_code(ex_s)}"
+            desc_cell = f"{desc}<br>*methods:* {methods}"
+            lines.append("| " + " | ".join([key_cell, _cell(desc_cell), _cell(value)]) + " |")
         lines.append("")
     renamed = getattr(C, "RENAMED_KEYS", {})
     if renamed:
