@@ -36,6 +36,7 @@ def parse():
     ap.add_argument("--budget", type=float, default=330, help="seconds; rows after this are skipped (recorded)")
     ap.add_argument("--tokens", default="4096,16384,65536")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--ops", help="comma list to run only some: nf4,glu,rms,rope,lora_mlp,lora_mlp_nf4,flce,flce_train")
     return ap.parse_args()
 
 
@@ -428,6 +429,8 @@ def main():
             plan.append(("flce", m, T))
     plan.append(("flce_train", "llama-3.2-1b", Ts[0]))
     fns = {"glu": bench_glu, "rms": bench_rms, "rope": bench_rope, "flce": bench_flce}
+    if a.ops:
+        plan = [p for p in plan if p[0] in a.ops.split(",")]
     try:
         for op, m, T in plan:
             if B.over():

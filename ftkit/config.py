@@ -315,14 +315,14 @@ IGNORED_KEYS: dict[str, str] = {
     "hf_use_auth_token": "the Hub token comes from huggingface_hub's own login (HF_TOKEN or `hf auth login`)",
     "eval_causal_lm_metrics": f"{_LATER}: eval reports loss and perplexity",
     # kernels and compilation (the kernels issue)
-    **{k: f"{_LATER}: ftkit's Triton kernels are not in kernels/ yet" for k in (
-        "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "chunked_cross_entropy", "chunked_cross_entropy_num_chunks",
-        "liger_rope", "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_cross_entropy",
-        "liger_fused_linear_cross_entropy", "cut_cross_entropy")},
+    # (lora_*_kernel, liger_rope/rms_norm/glu_activation/fused_linear_cross_entropy, cut_/chunked_cross_entropy and
+    # activation_offloading switch ftkit.kernels.patch; see its KERNEL_KEYS)
+    "chunked_cross_entropy_num_chunks": "ftkit's fused linear cross-entropy sizes its chunks by memory (256 MiB of logits)",
+    "liger_layer_norm": "ftkit has no LayerNorm kernel (the covered models use RMSNorm: liger_rms_norm)",
+    "liger_cross_entropy": "ftkit fuses the LM head with the loss (liger_fused_linear_cross_entropy), so no logits-level CE kernel runs",
     "use_kernels": "Hub kernels (the `kernels` package) are not loaded; ftkit's own kernels are switched by their keys",
     "flex_attn_compile_kwargs": "flex attention runs uncompiled options of transformers' own flex backend",
     "fp8": f"{_LATER}: training runs in bf16/fp16/fp32",
-    "activation_offloading": f"{_LATER}: gradient_checkpointing alone is applied",
     # distributed
     "context_parallel_size": f"{_LATER}: each GPU holds whole sequences",
     "tensor_parallel_size": f"{_LATER}: GPUs are used data-parallel (DDP, FSDP2, DeepSpeed)",
