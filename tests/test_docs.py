@@ -244,3 +244,16 @@ def _browse(site, base):
         page.screenshot(path=str(ARTIFACTS / "docs_formats_alpaca.png"))
         assert not errors, errors
         browser.close()
+
+
+def test_migration_guide_shows_the_differences_on_real_examples():
+    import pages
+    md = pages.migrating_page(ROOT)
+    assert "not available" not in md                                      # every example was computed
+    assert "unknown key 'learning_rat'" in md and "Did you mean 'learning_rate'?" in md
+    assert "`no_trainable_tokens`" in md and "0 trained" in md              # the dropped row, with its token view
+    keys = re.findall(r"`(?:last_run_prepared/)?([0-9a-f]{32})`", md)
+    assert len(keys) == 2 and keys[0] != keys[1]                          # roles_to_train changes the cache key
+    from ftkit import config as C
+    for k in (getattr(C, "IGNORED_KEYS", None) or {}):
+        assert f"| `{k}` |" in md, k

@@ -492,10 +492,60 @@ def _ignored_section() -> list[str]:
     return lines + [""]
 
 
+def _migration_examples() -> list[str]:
+    "Each deliberate difference shown on a real example, computed when the docs are built."
+    from ftkit import config as C
+    lines = ["## The differences on examples", "", "Computed by ftkit when these docs were built.", ""]
+    bad = "base_model: smollm2-135m-instruct\nlearning_rat: 2e-4\ndatasets:\n  - path: data.jsonl\n    type: chat_template\n"
+    try:
+        from ftkit.errors import ConfigError
+        _, problems, _, _ = C.validate(bad)
+        lines += ["**An unknown key** stops validation:", "", "```yaml", bad.strip(), "```", "", "```text",
+                  ConfigError(problems, source=bad, origin="config.yml").render(), "```", ""]
+    except Exception as e:
+        lines += [f"(unknown-key example not available: {type(e).__name__}: {e})", ""]
+    try:
+        from ftkit import data as D
+        from ftkit.prompts.registry import lookup
+        from ftkit.inspect import _CSS, html_tokens
+        tok = _tokenizer()
+        row = {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"}]}
+        ds = {"path": "data.jsonl", "type": "chat_template"}
+        strat = lookup("chat_template").build(tok, ds, {"sequence_len": 256})
+        sample = strat.tokenize(row)[0]
+        out = D._tokenize_fn({"messages": [row["messages"]]}, [0], strategy=strat, max_len=256)
+        reason, detail = out["_drop"][0], out["_detail"][0]
+        lines += ["**A row with no trainable token is dropped, and counted.** This row has no assistant turn, so "
+                  "with `roles_to_train: [assistant]` (the default) every label is -100:", "", "```json",
+                  json.dumps(row, ensure_ascii=False), "```", "", "```{raw} html", _CSS + html_tokens(sample, tok), "```", "",
+                  f"Data preparation drops it with the reason `{reason}` ({detail}); the data report counts the rows "
+                  "dropped for each reason and shows the first one.", ""]
+    except Exception as e:
+        lines += [f"(dropped-row example not available: {type(e).__name__}: {e})", ""]
+    try:
+        from ftkit import data as D
+        tok = _tokenizer()
+        base = ("base_model: smollm2-135m-instruct\nlearning_rate: 2e-4\ndatasets:\n  - path: examples/data/reverse_words.jsonl\n"
+                "    type: chat_template\n    roles_to_train: [assistant]\n")
+        k1, inputs = D.cache_key(C.load(base), tok)
+        k2, _ = D.cache_key(C.load(base.replace("[assistant]", "[user, assistant]")), tok)
+        entry = (inputs.get("datasets") or [{}])[0]
+        lines += ["**The cache key covers what shapes the tokens.** For a config with one `chat_template` dataset, "
+                  f"the prepared data is cached under `last_run_prepared/{k1}`; the key is a hash of "
+                  + ", ".join(f"`{k}`" for k in inputs) + "; each dataset entry contributes "
+                  + ", ".join(f"`{k}`" for k in entry) + " (the strategy part lists "
+                  + ", ".join(f"`{k}`" for k in (entry.get("strategy") or {})) + "). "
+                  f"Changing only `roles_to_train` to `[user, assistant]` gives another key (`{k2}`), so the data is "
+                  "prepared again instead of reusing tokens labelled for the old value.", ""]
+    except Exception as e:
+        lines += [f"(cache-key example not available: {type(e).__name__}: {e})", ""]
+    return lines
+
+
 def migrating_page(root: Path) -> str:
     from ftkit import config as C
     text = (HERE / "text" / "migrating.md").read_text()
-    lines = [text.rstrip(), ""]
+    lines = [text.rstrip(), ""] + _migration_examples()
     renamed = getattr(C, "RENAMED_KEYS", {})
     if renamed:
         lines += ["## Renamed keys", "", "Old Axolotl names are read as their new name (the config is reported with the new one):", "",
