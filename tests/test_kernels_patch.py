@@ -3,7 +3,10 @@ TRITON_INTERPRET=1: patched and unpatched models give the same loss and the same
 the report says what was patched and skipped and why, config keys switch single kernels, and undo restores."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():                  # CPU machines (CI): Triton's interpreter, before the kernels exist
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -14,7 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from ftkit.kernels.patch import apply_kernels, switches  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CPU-interpreter tests; on a GPU machine tests/test_gpu_kernels.py covers the kernels")
 
 ATTN7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARCHS = {
@@ -200,3 +204,21 @@ def test_activation_offloading_keeps_loss_and_grads(monkeypatch):
     assert "forward" not in m.get_base_model().__dict__
     loss_and_grads(m)
     assert len(entered) == 1
+
+
+def test_gradient_checkpointing_recompute_matches():
+    "Non-reentrant gradient checkpointing recomputes the fused functions (in-place RoPE, in-place GLU backward)."
+    m = lora(tiny("qwen3"), ATTN7)
+    m.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.get_base_model().enable_input_require_grads()
+    ref = loss_and_grads(m)
+    rep = apply_kernels(m, None, interpret=True)
+    assert rep.counts()["lora_mlp"] == 2 and rep.counts()["rope"] == 2
+    assert_same(loss_and_grads(m), ref)
+
+
+def test_torch_compile_key_keeps_transformers_modules():
+    from types import SimpleNamespace as NS
+    m = lora(tiny("llama"), ATTN7)
+    rep = apply_kernels(m, NS(torch_compile=True), interpret=True)
+    assert not rep.patched and "torch_compile: true" in str(rep)
