@@ -249,7 +249,7 @@ def _browse(site, base):
 def test_migration_guide_shows_the_differences_on_real_examples():
     import pages
     md = pages.migrating_page(ROOT)
-    assert "not available" not in md                                      # every example was computed
+    assert "example not available" not in md                              # every example was computed
     assert "unknown key 'learning_rat'" in md and "Did you mean 'learning_rate'?" in md
     assert "`no_trainable_tokens`" in md and "0 trained" in md              # the dropped row, with its token view
     keys = re.findall(r"`(?:last_run_prepared/)?([0-9a-f]{32})`", md)
