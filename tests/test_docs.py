@@ -257,3 +257,7 @@ def test_migration_guide_shows_the_differences_on_real_examples():
     from ftkit import config as C
     for k in (getattr(C, "IGNORED_KEYS", None) or {}):
         assert f"| `{k}` |" in md, k
+    diff = ROOT / "scripts" / "conformance" / "DIFFERENCES.md"
+    if diff.exists():                                                     # the fidelity list is included whole
+        for h in re.findall(r"(?m)^## (.+)$", diff.read_text()):
+            assert f"### {h}" in md, h

@@ -554,8 +554,9 @@ def migrating_page(root: Path) -> str:
     diff = root / "scripts" / "conformance" / "DIFFERENCES.md"
     lines += ["## Fidelity differences from Axolotl 0.19.0", ""]
     if diff.exists():
-        body = diff.read_text()
-        body = re.sub(r"^(#{1,5}) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", body, flags=re.M)
+        body = re.sub(r"\A\s*# [^\n]*\n", "", diff.read_text())          # its title is this section's
+        body = body.replace("beside this file", "in `scripts/conformance/`")
+        body = re.sub(r"^(#{1,5}) ", lambda m: "#" * min(len(m.group(1)) + 1, 6) + " ", body, flags=re.M)
         lines += ["The conformance harness (`scripts/conformance/`) compares ftkit's tokenized rows with Axolotl 0.19.0's. "
                   "What it found, from `scripts/conformance/DIFFERENCES.md`:", "", body, ""]
     else:
