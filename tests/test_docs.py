@@ -261,3 +261,19 @@ def test_migration_guide_shows_the_differences_on_real_examples():
     if diff.exists():                                                     # the fidelity list is included whole
         for h in re.findall(r"(?m)^## (.+)$", diff.read_text()):
             assert f"### {h}" in md, h
+
+
+def test_configs_in_the_hand_written_pages_are_valid():
+    "Every YAML config shown in docs/*.md and scripts/docs/text/*.md validates (the pages show nothing untested)."
+    from ftkit.config import validate
+    blocks = []
+    for f in sorted((ROOT / "docs").glob("*.md")) + sorted((ROOT / "scripts" / "docs" / "text").glob("*.md")):
+        for body in re.findall(r"```(?:yaml|python)\n(.*?)```", f.read_text(), re.S):
+            if "base_model:" in body:
+                blocks.append((f.name, re.sub(r"^%%finetune.*\n", "", body)))
+    assert len(blocks) >= 2
+    for name, body in blocks:
+        body = body.replace("base_model: ...", "base_model: smollm2-135m-instruct")
+        cfg, problems, _, _ = validate(body)
+        errors = [str(p) for p in problems if p.level == "error"]
+        assert cfg is not None and not errors, (name, body, errors)
