@@ -107,6 +107,8 @@ class KernelReport:
     def patch(self, kernel: str, name: str, module: nn.Module, fn):
         had = "forward" in module.__dict__
         old = module.__dict__.get("forward")
+        if "_ftkit_prev_forward" not in module.__dict__:
+            module._ftkit_prev_forward = old      # an instance forward someone set before (e.g. a hook), or None
         module.forward = types.MethodType(fn, module)
         module._ftkit_kernel = kernel
         self._undo.append((module, had, old))
@@ -124,7 +126,9 @@ class KernelReport:
                 module.forward = old
             else:
                 module.__dict__.pop("forward", None)
-            module.__dict__.pop("_ftkit_kernel", None)
+            if module.__dict__.get("_ftkit_prev_forward") is old or not had:   # its first patch: drop our attributes
+                for k in [k for k in module.__dict__ if k.startswith("_ftkit_")]:
+                    module.__dict__.pop(k, None)
             n += 1
         return n
 
@@ -230,7 +234,9 @@ def _dtype_ok(m: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _orig(module):
-    return type(module).forward.__get__(module)
+    "The forward that ran before ftkit patched this module."
+    prev = module.__dict__.get("_ftkit_prev_forward")
+    return prev if prev is not None else type(module).forward.__get__(module)
 
 
 def _lora_linear_forward(self, x, *args, **kwargs):
