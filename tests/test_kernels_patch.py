@@ -222,3 +222,33 @@ def test_torch_compile_key_keeps_transformers_modules():
     m = lora(tiny("llama"), ATTN7)
     rep = apply_kernels(m, NS(torch_compile=True), interpret=True)
     assert not rep.patched and "torch_compile: true" in str(rep)
+
+
+def test_training_path_runs_the_patch_step_and_logs_its_report(tmp_path, capsys):
+    "ftkit.train.build_trainer calls apply_kernels after the adapters: the report is on the model and in the log."
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from datasets import Dataset
+    from helpers import tiny_llama
+    from ftkit.config import load as load_config
+    from ftkit.models import apply_adapter
+    from ftkit.train import build_trainer
+
+    class Tok:
+        pad_token_id, eos_token_id, pad_token = 0, 2, "<pad>"
+
+        def save_pretrained(self, d):
+            pass
+    cfg = load_config({"learning_rate": 1e-3, "micro_batch_size": 2, "sequence_len": 32, "sample_packing": True,
+                       "optimizer": "adamw_torch", "output_dir": str(tmp_path), "adapter": "lora", "lora_r": 4,
+                       "liger_rms_norm": False, "datasets": [{"path": "unused.jsonl", "type": "completion"}]})
+    rows = Dataset.from_list([{"input_ids": [1, 5, 6, 7, 2], "labels": [1, 5, 6, 7, 2]}] * 16)
+    model = apply_adapter(cfg, tiny_llama(vocab_size=64, attn="ftkit_varlen"), quiet=True)
+    s = build_trainer(cfg, data=(rows, None), model=model, tokenizer=Tok(), quiet=False)
+    rep = s.model.ftkit_kernels
+    reasons = {r for _, _, r in rep.skipped}
+    assert "switched off by liger_rms_norm: false" in reasons
+    assert any("not on a CUDA GPU" in r for r in reasons) and not rep.patched     # CPU: nothing patched
+    out = capsys.readouterr().out
+    assert "kernels: none patched" in out and "skipped rms_norm: switched off by liger_rms_norm: false" in out
