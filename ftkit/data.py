@@ -57,6 +57,9 @@ def _load_files(files: list[Path], ds_type: str | None, where: str):
         kind = ds_type or EXT_TYPES.get(f.suffix.lower())
         if kind is None:
             raise DataError(f"cannot tell the format of {f.name}", where, "set ds_type: json|csv|parquet|arrow|text")
+        if kind in ("json", "csv", "text") and (bad := guard.first_invalid_utf8(f)):   # else a bare UnicodeDecodeError, later
+            raise DataError(f"{f.name} is not UTF-8 text (line {bad[0]}, column {bad[1]})", f"{where}: {f}:{bad[0]}",
+                            "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`)")
         try:
             kw = {"delimiter": "\t"} if f.suffix.lower() == ".tsv" else {}
             d = datasets.load_dataset(kind, data_files=str(f), split="train", **kw)

@@ -15,10 +15,10 @@ from .errors import FtkitError
 # %% auto #0
 __all__ = ['LOCK_NAME', 'MARKER', 'MAX_TEMPLATE_CONST', 'GuardError', 'LockedError', 'TrainingFault', 'ImportRefused', 'FileLock',
            'lock_output_dir', 'lock_dataset_cache', 'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir',
-           'remove_incomplete_checkpoints', 'checkpoint_step', 'die_with_parent', 'seed_everything', 'EpochSampler',
-           'last_checkpoint', 'FaultWatchdog', 'fault_watchdog', 'is_oom', 'explain_oom', 'is_disk_full',
-           'explain_disk_full', 'saving', 'finished_checkpoint', 'finish_from_checkpoint', 'split_target',
-           'module_origin', 'load_target', 'user_modules', 'check_template']
+           'remove_incomplete_checkpoints', 'checkpoint_step', 'first_invalid_utf8', 'die_with_parent',
+           'seed_everything', 'EpochSampler', 'last_checkpoint', 'FaultWatchdog', 'fault_watchdog', 'is_oom',
+           'explain_oom', 'is_disk_full', 'explain_disk_full', 'saving', 'finished_checkpoint',
+           'finish_from_checkpoint', 'split_target', 'module_origin', 'load_target', 'user_modules', 'check_template']
 
 # %% ../nbs/00b_guard.ipynb #gd000005
 class GuardError(FtkitError):
@@ -199,6 +199,28 @@ def checkpoint_step(p) -> int:
     "N of a `checkpoint-N` folder (-1 otherwise)."
     tail = Path(p).name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else -1
+
+# %% ../nbs/00b_guard.ipynb #gd000033
+def first_invalid_utf8(path, chunk: int = 1 << 24) -> tuple[int, int] | None:
+    "(line, column) (1-based) of the first byte of `path` that is not UTF-8, or None when the whole file is UTF-8."
+    line, col, carry = 1, 1, b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            final = not block
+            data = carry + block
+            try: data.decode("utf-8"); good, carry = data, b""
+            except UnicodeDecodeError as e:
+                if not final and e.reason == "unexpected end of data" and e.end == len(data):
+                    good, carry = data[:e.start], data[e.start:]          # a character split between two blocks
+                else:
+                    head = data[:e.start]
+                    nl = head.rfind(b"\n")
+                    return line + head.count(b"\n"), (e.start - nl if nl >= 0 else col + len(head))
+            if final: return None
+            nl = good.rfind(b"\n")
+            line += good.count(b"\n")
+            col = len(good) - nl if nl >= 0 else col + len(good)
 
 # %% ../nbs/00b_guard.ipynb #gd000014
 def die_with_parent(main_pid: int | None = None) -> bool:

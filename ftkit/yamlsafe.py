@@ -16,9 +16,9 @@ __all__ = ['MAX_CONFIG_BYTES', 'MAX_DEPTH', 'MAX_VALUES', 'YamlBudgetError', 'de
            'compose_bounded', 'load_bounded']
 
 # %% ../nbs/00a_yamlsafe.ipynb #ys000005
-MAX_CONFIG_BYTES = 1 << 20      # 1 MiB
+MAX_CONFIG_BYTES = 256 << 10    # 256 KiB: real configs are a few KiB, with an inline chat template a few tens
 MAX_DEPTH = 64
-MAX_VALUES = 100_000
+MAX_VALUES = 20_000             # values after alias expansion: real configs hold a few hundred
 
 class YamlBudgetError(yaml.YAMLError):
     "Well-formed text that ftkit will not load (too big, too deep, too many values, not decodable): `problem`, `problem_mark`, `hint`."

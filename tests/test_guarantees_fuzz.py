@@ -21,7 +21,7 @@ from guarantees_util import record
 pytestmark = pytest.mark.slow
 N = Counter()               # cases per family
 FINDINGS = Counter()        # config rules that raised on odd input (shown as an 'internal check ... failed' warning)
-T_MAX = 20.0                # seconds one case may take (CI machines are shared)
+T_MAX = 10.0                # CPU seconds one case may take (CPU time: CI machines are shared, wall time is noisy)
 BASE = {"base_model": "smollm2-135m-instruct", "datasets": [{"path": "d.jsonl", "type": "alpaca"}], "learning_rate": 1e-4}
 FAST = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 S = lambda n: settings(FAST, max_examples=n)
@@ -29,7 +29,7 @@ S = lambda n: settings(FAST, max_examples=n)
 
 def check_config(source, family):
     "load(source) returns a config or raises an FtkitError whose problems each name a key, a line or the file's size/encoding."
-    t = time.time()
+    t = time.process_time()
     try:
         load(source)
         outcome = "ok"
@@ -44,8 +44,8 @@ def check_config(source, family):
         outcome = "error"
     except FtkitError:
         outcome = "error"
-    dt = time.time() - t
-    assert dt < T_MAX, f"{family}: {dt:.1f}s"
+    dt = time.process_time() - t
+    assert dt < T_MAX, f"{family}: {dt:.1f} CPU s"
     N[family] += 1
     N[f"{family}:{outcome}"] += 1
 
@@ -146,10 +146,10 @@ def test_fuzz_config_huge_documents(n, shape):
 
 def test_yaml_with_500k_unknown_keys_is_refused_at_once():
     text = "".join(f"unknown_key_{i}: 1\n" for i in range(500_000))
-    t = time.time()
+    t = time.process_time()
     with pytest.raises(ConfigError) as e:
         load(text)
-    assert time.time() - t < 5 and "at most" in str(e.value)
+    assert time.process_time() - t < 2 and "at most" in str(e.value)
     N["huge_document"] += 1
 
 
@@ -193,10 +193,10 @@ def test_fuzz_every_dataset_type_through_the_tokenize_step(tok, data):
     rows = data.draw(st.lists(st.dictionaries(st.sampled_from(ROW_KEYS), _field, max_size=5), min_size=1, max_size=3))
     keys = sorted({k for r in rows for k in r})
     batch = {k: [r.get(k) for r in rows] for k in keys}
-    t = time.time()
+    t = time.process_time()
     out = _tokenize_fn(batch, list(range(len(rows))), strategy=strat, max_len=64, min_len=2, truncate=False,
                        term_ids=(tok.eos_token_id,))
-    assert time.time() - t < T_MAX
+    assert time.process_time() - t < T_MAX
     assert len(out["_drop"]) >= len(rows) and set(out["_row"]) <= set(range(len(rows)))
     for ids, lab, drop in zip(out["input_ids"], out["labels"], out["_drop"]):
         assert drop or (0 < len(ids) <= 64 and len(lab) == len(ids))
@@ -231,17 +231,16 @@ def test_fuzz_dataset_files_through_prepare(tok, tmp_path_factory, data):
         path = d / "folder"; path.mkdir(); (path / "a.jsonl").write_text('{"text": "hello there"}\n{"oops": 1}\n')
     else: path = d / "missing.jsonl"
     cfg = load_cfg({**BASE, "datasets": [{"path": str(path), "type": name}], "sequence_len": 64, "dataset_prepared_path": str(d / "prep")})
-    t = time.time()
+    t = time.process_time()
     try:
         prep = prepare(cfg, tok, use_cache=False, quiet=True)
-        assert prep.report.rows_in == len(prep.train) + (len(prep.eval) if prep.eval is not None else 0) + sum(prep.report.dropped.values()) \
-            or prep.report.rows_in >= len(prep.train)
+        assert len(prep.train) > 0 and sum(prep.report.dropped.values()) <= prep.report.rows_in   # what was dropped is counted
         outcome = "prepared"
     except FtkitError as e:
         where = getattr(e, "where", "") or ""
         assert where and ("datasets[0]" in where or path.name in where or str(path) in where), (str(e), where)
         outcome = "error"
-    assert time.time() - t < T_MAX * 3
+    assert time.process_time() - t < T_MAX * 3
     N["dataset_files"] += 1
     N[f"dataset_files:{outcome}"] += 1
 
