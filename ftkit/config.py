@@ -28,9 +28,9 @@ __all__ = ['RENAMED_KEYS', 'RULES', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_M
            'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
            'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
            'packing_conflicts', 'chat_template_choice', 'misc_rules', 'chat_template_names', 'known_dataset_types',
-           'dataset_entries', 'trackers_and_plugins', 'honest_keys', 'values_that_run', 'apply_overrides',
-           'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve',
-           'json_schema']
+           'dataset_entries', 'trackers_and_plugins', 'honest_keys', 'optimizer_problem', 'values_that_run',
+           'apply_overrides', 'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env', 'detect_env', 'Plan',
+           'resolve', 'json_schema']
 
 # %% ../nbs/00_config.ipynb #e544ff6a
 def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
@@ -421,15 +421,21 @@ _OPTIMIZER_PACKAGES = {  # optimizer -> (import name, pip install hint)
     "adamw_anyprecision": ("torchdistx", "pip install torchdistx"), "galore_adamw": ("galore_torch", "pip install galore-torch"),
     "schedule_free_adamw": ("schedulefree", "pip install schedulefree")}
 
+def optimizer_problem(optimizer) -> Problem | None:
+    "The problem with `optimizer` on this machine: its package is not installed (None when it can run)."
+    import importlib.util
+    if not (isinstance(optimizer, str) and optimizer in _OPTIMIZER_PACKAGES): return None
+    pkg, how = _OPTIMIZER_PACKAGES[optimizer]
+    if importlib.util.find_spec(pkg) is not None: return None
+    return Problem("optimizer", f"optimizer {optimizer} needs the {pkg} package, which is not installed here: "
+                   "training on this machine stops before it starts.", f"{how} where you train, or use optimizer: adamw_torch_fused.",
+                   level="warning")
+
 @rule
 def values_that_run(d):
-    "A value the schema accepts must also run: its package is installed, or it is refused now rather than at train time."
-    import importlib.util
-    o = d.get("optimizer")
-    if isinstance(o, str) and o in _OPTIMIZER_PACKAGES and importlib.util.find_spec(_OPTIMIZER_PACKAGES[o][0]) is None:
-        pkg, how = _OPTIMIZER_PACKAGES[o]
-        yield Problem("optimizer", f"optimizer {o} needs the {pkg} package, which is not installed.",
-                      f"{how}, or use optimizer: adamw_torch_fused.")
+    "A value the schema accepts must also run: a missing package is named now (training stops at once), an unimplemented value is refused."
+    p = optimizer_problem(d.get("optimizer"))
+    if p is not None: yield p
     if d.get("lr_scheduler") in ("one_cycle", "rex"):
         yield Problem("lr_scheduler", f"lr_scheduler {d['lr_scheduler']!r} is not implemented in ftkit yet.",
                       "Use cosine (the default), linear, or warmup_stable_decay.")

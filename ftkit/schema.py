@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # %% auto #0
 __all__ = ['TrainOnEos', 'OPTIMIZERS', 'SCHEDULERS', 'SECTIONS', 'Section', 'UserDefinedType', 'DatasetEntry', 'SpecialTokens',
@@ -29,6 +29,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
                               protected_namespaces=())
     section: str = Field("", exclude=True, repr=False, json_schema_extra={"hidden": True})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        "A key written without a value (`seed:` or `seed: null`) means its default, as in Axolotl; fields with a default are never None."
+        if not isinstance(data, dict): return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if not (v is None and k in fields and fields[k].default is not None)}
 
 # %% ../nbs/00_schema.ipynb #21d5ff09
 class UserDefinedType(Section):
@@ -63,7 +71,7 @@ class DatasetEntry(Section):
     split: str | None = _f(None, "Split to load (default `train`).")
     data_files: str | list[str] | None = _f(None, "Files to load from `path`.", adv=True)
     revision: str | None = _f(None, "Hub revision (commit, tag or branch).", adv=True)
-    trust_remote_code: bool | None = _f(False, "Allow the dataset's own loading code to run.", adv=True)
+    trust_remote_code: bool = _f(False, "Allow the dataset's own loading code to run.", adv=True)
     ds_type: str | None = _f(None, "Loader when `path` is a file: json, csv, parquet, arrow (inferred from the extension).", adv=True)
     shards: int | None = _f(None, "Split the dataset into N shards (use with `shards_idx`).", adv=True, ge=1)
     shards_idx: int | None = _f(None, "Index of the shard to use.", adv=True, ge=0)
@@ -135,10 +143,10 @@ class ModelSection(Section):
     reinit_weights: bool | None = _f(None, "Random weights instead of pretrained ones.", adv=True)
     num_labels: int | None = _f(None, "Number of labels for classification heads (reward models).", adv=True, ge=1)
     resize_token_embeddings_to_32x: bool | None = _f(None, "Pad the embedding count to a multiple of 32.", adv=True)
-    mean_resizing_embeddings: bool | None = _f(False, "Initialise new embeddings to the mean.", adv=True)
+    mean_resizing_embeddings: bool = _f(False, "Initialise new embeddings to the mean.", adv=True)
     shrink_embeddings: bool | None = _f(None, "Shrink embeddings to the tokenizer size.", adv=True)
     embeddings_skip_upcast: bool | None = _f(None, "Keep embeddings in half precision under PEFT.", adv=True)
-    experimental_skip_move_to_device: bool | None = _f(True, "Don't move the model before sharding.", adv=True)
+    experimental_skip_move_to_device: bool = _f(True, "Don't move the model before sharding.", adv=True)
 
 class TokenizerSection(Section):
     "Tokenizer, special tokens and chat template."
@@ -146,7 +154,7 @@ class TokenizerSection(Section):
     tokenizer_type: str | None = _f(None, "Tokenizer class, e.g. AutoTokenizer.", adv=True)
     tokenizer_use_fast: bool | None = _f(None, "Use the fast tokenizer.", adv=True)
     tokenizer_legacy: bool | None = _f(None, "Legacy tokenizer behaviour.", adv=True)
-    tokenizer_save_jinja_files: bool | None = _f(True, "Save the chat template as a jinja file.", adv=True)
+    tokenizer_save_jinja_files: bool = _f(True, "Save the chat template as a jinja file.", adv=True)
     processor_type: str | None = _f(None, "Processor class (multimodal).", adv=True)
     special_tokens: SpecialTokens | None = _f(None, "Special tokens to set or add.")
     tokens: list[str] | None = _f(None, "Extra tokens to add to the vocabulary.", adv=True)
@@ -162,9 +170,9 @@ class TokenizerSection(Section):
 class AdapterSection(Section):
     "LoRA / QLoRA adapters (leave `adapter` empty for a full fine-tune)."
     adapter: Literal["lora", "qlora"] | None = _f(None, "lora, qlora, or empty for a full fine-tune.")
-    lora_r: int | None = _f(8, "LoRA rank.", ge=1)
+    lora_r: int = _f(8, "LoRA rank.", ge=1)
     lora_alpha: int | float | None = _f(None, "LoRA alpha (scale = alpha / r).", gt=0)
-    lora_dropout: float | None = _f(0.0, "Dropout on the LoRA path.", ge=0, lt=1)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", ge=0, lt=1)
     lora_target_modules: str | list[str] | None = _f(None, "Module names (or a regex) that get adapters.")
     lora_target_linear: bool | None = _f(None, "Put adapters on every linear layer.")
     lora_target_parameters: str | list[str] | None = _f(None, "Parameter names that get adapters (MoE experts).", adv=True)
@@ -180,11 +188,11 @@ class AdapterSection(Section):
     peft_init_lora_weights: bool | str | None = _f(None, "PEFT init_lora_weights (e.g. gaussian, pissa).", adv=True)
     peft_trainable_token_indices: list[int] | dict[str, list[int]] | None = _f(None, "Train only these token embeddings.", adv=True)
     loraplus_lr_ratio: float | None = _f(None, "LoRA+ ratio lr_B / lr_A (2^4 recommended).", adv=True, gt=0)
-    loraplus_lr_embedding: float | None = _f(1e-6, "LoRA+ learning rate for embeddings.", adv=True)
-    load_in_8bit: bool | None = _f(False, "Load base weights in 8-bit (bitsandbytes).")
-    load_in_4bit: bool | None = _f(False, "Load base weights in 4-bit NF4 (bitsandbytes, QLoRA).")
+    loraplus_lr_embedding: float = _f(1e-6, "LoRA+ learning rate for embeddings.", adv=True)
+    load_in_8bit: bool = _f(False, "Load base weights in 8-bit (bitsandbytes).")
+    load_in_4bit: bool = _f(False, "Load base weights in 4-bit NF4 (bitsandbytes, QLoRA).")
     bnb_config_kwargs: dict[str, Any] | None = _f(None, "Overrides for the bitsandbytes quantization config.", adv=True)
-    qlora_sharded_model_loading: bool | None = _f(False, "Sharded QLoRA loading for FSDP.", adv=True)
+    qlora_sharded_model_loading: bool = _f(False, "Sharded QLoRA loading for FSDP.", adv=True)
     gptq: bool | None = _f(None, "Train adapters on a GPTQ model.", adv=True)
     merge_lora: bool | None = _f(None, "Merge the adapter (set by merge-lora).", adv=True)
     unfrozen_parameters: list[str] | None = _f(None, "Regexes of parameters to train; the rest is frozen.", adv=True)
@@ -198,28 +206,28 @@ class DataSection(Section):
     datasets: list[DatasetEntry] | None = _f(None, "Training datasets (several are merged).", min_length=1)
     test_datasets: list[DatasetEntry] | None = _f(None, "Evaluation datasets (instead of val_set_size).", min_length=1)
     pretraining_dataset: Any = _f(None, "Streaming pretraining dataset(s).", adv=True)
-    dataset_prepared_path: str | None = _f("last_run_prepared", "Folder for the tokenized-data cache.")
+    dataset_prepared_path: str = _f("last_run_prepared", "Folder for the tokenized-data cache.")
     dataset_num_proc: int | None = _f(None, "Processes for tokenization (default: CPU count).", ge=1)
-    shuffle_merged_datasets: bool | None = _f(True, "Shuffle after merging the datasets.")
-    shuffle_before_merging_datasets: bool | None = _f(False, "Shuffle each dataset before merging.", adv=True)
+    shuffle_merged_datasets: bool = _f(True, "Shuffle after merging the datasets.")
+    shuffle_before_merging_datasets: bool = _f(False, "Shuffle each dataset before merging.", adv=True)
     dataset_exact_deduplication: bool | None = _f(None, "Remove exact duplicate rows.", adv=True)
     dataset_keep_in_memory: bool | None = _f(None, "Keep datasets in memory (no Arrow cache).", adv=True)
     dataset_shard_num: int | None = _f(None, "Keep one shard of N of the whole dataset.", adv=True, ge=1)
     dataset_shard_idx: int | None = _f(None, "Which shard to keep.", adv=True, ge=0)
     num_dataset_shards_to_save: int | None = _f(None, "Shards used when saving the prepared data.", adv=True, ge=1)
-    skip_prepare_dataset: bool | None = _f(False, "Tokenize on the fly (multimodal).", adv=True)
+    skip_prepare_dataset: bool = _f(False, "Tokenize on the fly (multimodal).", adv=True)
     push_dataset_to_hub: str | None = _f(None, "Push the prepared data to this Hub repo.", adv=True)
     hf_use_auth_token: bool | None = _f(None, "Use the Hub token for private data.", adv=True)
-    val_set_size: float | None = _f(0.0, "Held-out evaluation split: a fraction (<= 1) or a row count (> 1).", ge=0)
+    val_set_size: float = _f(0.0, "Held-out evaluation split: a fraction (<= 1) or a row count (> 1).", ge=0)
     sequence_len: int = _f(512, "Maximum tokens per sample.", ge=1)
     eval_sequence_len: int | None = _f(None, "Maximum tokens per eval sample.", adv=True, ge=1)
-    min_sample_len: int | None = _f(2, "Drop samples shorter than this (in tokens).", adv=True, ge=0)
-    excess_length_strategy: Literal["drop", "truncate"] | None = _f("drop", "What to do with samples longer than sequence_len.")
+    min_sample_len: int = _f(2, "Drop samples shorter than this (in tokens).", adv=True, ge=0)
+    excess_length_strategy: Literal["drop", "truncate"] = _f("drop", "What to do with samples longer than sequence_len.")
     max_prompt_len: int | None = _f(None, "Maximum prompt length (RL).", adv=True, ge=1)
-    train_on_inputs: bool | None = _f(False, "Also train on the prompt / user turns.")
+    train_on_inputs: bool = _f(False, "Also train on the prompt / user turns.")
     sample_packing: bool | None = _f(None, "Pack several samples into each sequence (varlen attention keeps them apart).")
-    sample_packing_group_size: int | None = _f(100000, "Samples packed per group.", adv=True, ge=1)
-    sample_packing_bin_size: int | None = _f(200, "Maximum samples per packed sequence.", adv=True, ge=1)
+    sample_packing_group_size: int = _f(100000, "Samples packed per group.", adv=True, ge=1)
+    sample_packing_bin_size: int = _f(200, "Maximum samples per packed sequence.", adv=True, ge=1)
     sample_packing_sequentially: bool | None = _f(None, "Pack in the original order.", adv=True)
     sample_packing_mp_start_method: str | None = _f(None, "Multiprocessing start method for packing.", adv=True)
     sample_packing_eff_est: float | None = _f(None, "Packing efficiency estimate (set by a previous run).", adv=True)
@@ -230,11 +238,11 @@ class DataSection(Section):
     group_by_length: bool | None = _f(None, "Batch samples of similar length.", adv=True)
     remove_unused_columns: bool | None = _f(None, "Drop dataset columns the model does not use.", adv=True)
     dataloader_pin_memory: bool | None = _f(None, "Pin dataloader memory.", adv=True)
-    dataloader_num_workers: int | None = _f(0, "Dataloader worker processes (0: load in the training process).", adv=True, ge=0)
+    dataloader_num_workers: int = _f(0, "Dataloader worker processes (0: load in the training process).", adv=True, ge=0)
     dataloader_prefetch_factor: int | None = _f(None, "Dataloader prefetch factor.", adv=True, ge=1)
     dataloader_drop_last: bool | None = _f(None, "Drop the last incomplete batch.", adv=True)
     streaming: bool | None = _f(None, "Stream the datasets.", adv=True)
-    strict: bool | None = _f(False, "Stop at the first bad row instead of dropping and counting it.", adv=True)
+    strict: bool = _f(False, "Stop at the first bad row instead of dropping and counting it.", adv=True)
 
 # %% ../nbs/00_schema.ipynb #5455ebc4
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop",
@@ -245,8 +253,8 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_wi
 
 class TrainingSection(Section):
     "Batch size, length of training, optimizer and schedule."
-    micro_batch_size: int | None = _f(1, "Samples per device per forward pass.", ge=1)
-    gradient_accumulation_steps: int | None = _f(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    micro_batch_size: int = _f(1, "Samples per device per forward pass.", ge=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.", ge=1)
     batch_size: int | None = _f(None, "Samples per optimizer step per device (derived; prefer gradient_accumulation_steps).", adv=True, ge=1)
     eval_batch_size: int | None = _f(None, "Eval batch size (defaults to micro_batch_size).", adv=True, ge=1)
     auto_find_batch_size: bool | None = _f(None, "Halve the batch size on out-of-memory.", adv=True)
@@ -255,10 +263,10 @@ class TrainingSection(Section):
     learning_rate: float = _f(..., "Peak learning rate.", gt=0, allow_inf_nan=False)  # .inf / .nan: refused
     embedding_lr: float | None = _f(None, "Learning rate for embeddings.", adv=True)
     embedding_lr_scale: float | None = _f(None, "Embedding learning-rate scale.", adv=True)
-    optimizer: Literal[OPTIMIZERS] | None = _f("adamw_torch_fused", "Optimizer.")
+    optimizer: Literal[OPTIMIZERS] = _f("adamw_torch_fused", "Optimizer.")
     optim_args: str | dict[str, Any] | None = _f(None, "Extra optimizer arguments.", adv=True)
     optim_target_modules: list[str] | Literal["all_linear"] | None = _f(None, "Target modules (GaLore).", adv=True)
-    lr_scheduler: Literal[SCHEDULERS] | None = _f("cosine", "Learning-rate schedule.")
+    lr_scheduler: Literal[SCHEDULERS] = _f("cosine", "Learning-rate schedule.")
     lr_scheduler_kwargs: dict[str, Any] | None = _f(None, "Extra scheduler arguments.", adv=True)
     cosine_min_lr_ratio: float | None = _f(None, "Cosine decays to this fraction of the peak.", adv=True, ge=0, le=1)
     cosine_constant_lr_ratio: float | None = _f(None, "Fraction of training at constant LR before cosine.", adv=True, ge=0, le=1)
@@ -267,18 +275,18 @@ class TrainingSection(Section):
     lr_groups: list[dict[str, Any]] | None = _f(None, "Per-module learning-rate groups [{name, modules, lr}].", adv=True)
     warmup_steps: int | None = _f(None, "Warmup steps.", ge=0)
     warmup_ratio: float | None = _f(None, "Warmup as a fraction of total steps.", ge=0, le=1)
-    weight_decay: float | None = _f(0.0, "Weight decay.", ge=0)
+    weight_decay: float = _f(0.0, "Weight decay.", ge=0)
     max_grad_norm: float | None = _f(None, "Gradient clipping norm.", adv=True, ge=0)
     adam_beta1: float | None = _f(None, "Adam beta1.", adv=True, ge=0, lt=1)
     adam_beta2: float | None = _f(None, "Adam beta2.", adv=True, ge=0, lt=1)
     adam_beta3: float | None = _f(None, "CAME beta3.", adv=True)
     adam_epsilon: float | None = _f(None, "Adam epsilon.", adv=True, gt=0)
     adam_epsilon2: float | None = _f(None, "CAME epsilon2.", adv=True)
-    gradient_checkpointing: bool | Literal["offload", "offload_disk"] | None = _f(False, "Recompute activations to save memory.")
+    gradient_checkpointing: bool | Literal["offload", "offload_disk"] = _f(False, "Recompute activations to save memory.")
     gradient_checkpointing_kwargs: dict[str, Any] | None = _f(None, "Checkpointing options, e.g. {use_reentrant: false}.", adv=True)
-    activation_offloading: bool | Literal["legacy", "disk"] | None = _f(False, "Offload activations (needs gradient_checkpointing).", adv=True)
+    activation_offloading: bool | Literal["legacy", "disk"] = _f(False, "Offload activations (needs gradient_checkpointing).", adv=True)
     neftune_noise_alpha: float | None = _f(None, "NEFTune noise alpha.", adv=True, gt=0)
-    seed: int | None = _f(42, "Random seed.")
+    seed: int = _f(42, "Random seed.")
     resume_from_checkpoint: str | None = _f(None, "Checkpoint folder to resume from.", adv=True)
     auto_resume_from_checkpoints: bool | None = _f(None, "Resume from the newest checkpoint in output_dir.", adv=True)
     early_stopping_patience: int | None = _f(None, "Stop after this many evals without improvement.", adv=True, ge=1)
@@ -290,7 +298,7 @@ class TrainingSection(Section):
 # %% ../nbs/00_schema.ipynb #2582afed
 class PrecisionSection(Section):
     "Numeric precision."
-    bf16: bool | Literal["auto", "full"] | None = _f("auto", "bfloat16 mixed precision: auto (when the GPU supports it), true, false, full.")
+    bf16: bool | Literal["auto", "full"] = _f("auto", "bfloat16 mixed precision: auto (when the GPU supports it), true, false, full.")
     fp16: bool | None = _f(None, "float16 mixed precision.")
     tf32: bool | None = _f(None, "Allow TF32 matmuls on Ampere+.", adv=True)
     bfloat16: bool | None = _f(None, "Load weights in bfloat16 without AMP.", adv=True)
@@ -319,7 +327,7 @@ class AttentionSection(Section):
 class LoggingSection(Section):
     "Evaluation, checkpoints, output and experiment tracking."
     output_dir: str = _f("./model-out", "Where the adapter or model, tokenizer and resolved config are saved.")
-    logging_steps: int | None = _f(1, "Log every N steps.", ge=1)
+    logging_steps: int = _f(1, "Log every N steps.", ge=1)
     eval_strategy: Literal["no", "steps", "epoch"] | None = _f(None, "When to evaluate (inferred).", adv=True)
     eval_steps: int | float | None = _f(None, "Evaluate every N steps (or a fraction of total steps).", gt=0)
     evals_per_epoch: int | None = _f(None, "Evaluations per epoch.", ge=1)
@@ -328,9 +336,9 @@ class LoggingSection(Section):
     saves_per_epoch: int | None = _f(None, "Checkpoints per epoch.", ge=1)
     save_total_limit: int | None = _f(None, "Keep at most N checkpoints.", ge=1)
     save_first_step: bool | None = _f(None, "Save after the first step.", adv=True)
-    save_only_model: bool | None = _f(False, "Save weights only (cannot resume).", adv=True)
-    save_safetensors: bool | None = _f(True, "Save as safetensors.", adv=True)
-    load_best_model_at_end: bool | None = _f(False, "Load the best checkpoint at the end.", adv=True)
+    save_only_model: bool = _f(False, "Save weights only (cannot resume).", adv=True)
+    save_safetensors: bool = _f(True, "Save as safetensors.", adv=True)
+    load_best_model_at_end: bool = _f(False, "Load the best checkpoint at the end.", adv=True)
     metric_for_best_model: str | None = _f(None, "Metric for the best checkpoint.", adv=True)
     greater_is_better: bool | None = _f(None, "Whether a larger metric is better.", adv=True)
     eval_table_size: int | None = _f(None, "Eval generations shown per evaluation.", adv=True, ge=0)
@@ -377,8 +385,8 @@ class TRLSettings(Section):
     max_completion_length: int | None = _f(None, "Maximum completion length.", ge=1)
     use_vllm: bool = _f(False, "Generate with vLLM.")
     vllm_mode: Literal["server", "colocate"] | None = _f(None, "vLLM mode.")
-    vllm_server_host: str | None = _f("0.0.0.0", "vLLM server host.")
-    vllm_server_port: int | None = _f(8000, "vLLM server port.")
+    vllm_server_host: str = _f("0.0.0.0", "vLLM server host.")
+    vllm_server_port: int = _f(8000, "vLLM server port.")
     vllm_server_timeout: int | None = _f(None, "vLLM server timeout (s).")
     vllm_guided_decoding_regex: str | None = _f(None, "vLLM guided decoding regex.")
     vllm_enable_sleep_mode: bool | None = _f(None, "vLLM sleep mode.")
@@ -386,12 +394,12 @@ class TRLSettings(Section):
     reward_weights: list[float] | None = _f(None, "Weights of the reward functions.")
     num_generations: int | None = _f(None, "Completions per prompt (GRPO).", ge=1)
     generation_batch_size: int | None = _f(None, "Generation batch size (GRPO).", ge=1)
-    log_completions: bool | None = _f(False, "Log completions.")
+    log_completions: bool = _f(False, "Log completions.")
     num_completions_to_print: int | None = _f(None, "Completions printed when logging.")
     importance_sampling_level: Literal["sequence", "token"] | None = _f(None, "token (GRPO) or sequence (GSPO).")
-    sync_ref_model: bool | None = _f(False, "Sync the reference model.")
-    ref_model_mixup_alpha: float | None = _f(0.9, "Reference-model mixup alpha.")
-    ref_model_sync_steps: int | None = _f(64, "Reference-model sync steps.")
+    sync_ref_model: bool = _f(False, "Sync the reference model.")
+    ref_model_mixup_alpha: float = _f(0.9, "Reference-model mixup alpha.")
+    ref_model_sync_steps: int = _f(64, "Reference-model sync steps.")
     scale_rewards: bool = _f(True, "Scale rewards by their standard deviation.")
     temperature: float | None = _f(None, "Sampling temperature.")
     top_p: float | None = _f(None, "Top-p.")
@@ -418,11 +426,11 @@ class RLSection(Section):
     dpo_padding_free: bool | None = _f(None, "Padding-free DPO.", adv=True)
     dpo_generate_during_eval: bool | None = _f(None, "Generate during DPO eval.", adv=True)
     rpo_alpha: float | None = _f(None, "RPO alpha.", adv=True)
-    orpo_alpha: float | None = _f(0.1, "ORPO alpha (weight of the odds-ratio loss).", gt=0)
-    simpo_gamma: float | None = _f(0.5, "SimPO target reward margin.", adv=True)
-    cpo_alpha: float | None = _f(1.0, "CPO alpha (SimPO's NLL weight).", adv=True)
-    kto_desirable_weight: float | None = _f(1.0, "KTO desirable weight.", adv=True)
-    kto_undesirable_weight: float | None = _f(1.0, "KTO undesirable weight.", adv=True)
+    orpo_alpha: float = _f(0.1, "ORPO alpha (weight of the odds-ratio loss).", gt=0)
+    simpo_gamma: float = _f(0.5, "SimPO target reward margin.", adv=True)
+    cpo_alpha: float = _f(1.0, "CPO alpha (SimPO's NLL weight).", adv=True)
+    kto_desirable_weight: float = _f(1.0, "KTO desirable weight.", adv=True)
+    kto_undesirable_weight: float = _f(1.0, "KTO undesirable weight.", adv=True)
     trl: TRLSettings | None = _f(None, "TRL trainer options.", adv=True)
     reward_model: bool | None = _f(None, "Train a Bradley-Terry reward model on chosen/rejected pairs.")
     process_reward_model: bool | None = _f(None, "Train a process reward model on stepwise labels.")

@@ -52,8 +52,11 @@ SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant
                    "warmup_stable_decay": "warmup_stable_decay"}
 
 def optimizer_name(cfg: FinetuneConfig) -> str:
-    "transformers' `optim` for the config's `optimizer` (the schema's rules already checked that its package is installed)."
-    return OPTIMIZER_NAMES[cfg.optimizer or "adamw_torch_fused"]
+    "transformers' `optim` for the config's `optimizer`; a config error (before any long work) when its package is missing here."
+    from ftkit.config import optimizer_problem
+    p = optimizer_problem(cfg.optimizer)
+    if p is not None: raise ConfigError([Problem(p.key, p.message, p.hint)], origin="train")
+    return OPTIMIZER_NAMES[cfg.optimizer]
 
 def scheduler(cfg: FinetuneConfig) -> tuple[str, dict]:
     "(lr_scheduler_type, lr_scheduler_kwargs) for the config."
