@@ -142,6 +142,7 @@ def test_pages_have_their_content(site):
     for t in known_types():
         assert f'id="type-{t}"' in formats, t
     assert formats.count('class="ftk-tok"') >= len(known_types())               # a rendered token view per type
+    assert formats.count("could not be rendered") <= len(KNOWN_BROKEN_FORMATS)
     perf = (site / "performance.html").read_text()
     assert "<svg" in perf and "29,478" in perf                                 # the plot, and a measured number
     assert (site / "searchindex.js").exists()
@@ -277,3 +278,37 @@ def test_configs_in_the_hand_written_pages_are_valid():
         cfg, problems, _, _ = validate(body)
         errors = [str(p) for p in problems if p.level == "error"]
         assert cfg is not None and not errors, (name, body, errors)
+
+
+# Formats whose example does not render today, with the reason. strict: the test fails once they render, so the
+# entry must then be removed (and the page shows them again).
+KNOWN_BROKEN_FORMATS = {
+    "passthrough": "ftkit.rl.PairStrategy reads entry.prompt_format, which DatasetEntry does not have (typed-config change)",
+    "user_defined.default": "ftkit.rl.PairStrategy reads entry.prompt_format, which DatasetEntry does not have (typed-config change)",
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    import pages
+    return pages._tokenizer()
+
+
+def _all_types():
+    from ftkit.prompts import registry as R
+    return sorted(R.known_types()) + [n for n in ("pretokenized", "user_defined") if n in R.REGISTRY]
+
+
+@pytest.mark.parametrize("name", _all_types())
+def test_every_dataset_format_renders_its_example(name, smollm2_tokenizer, request):
+    "The formats page's example row for each type goes through the real config and strategy, with trained tokens."
+    if name in KNOWN_BROKEN_FORMATS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN_FORMATS[name]))
+    import format_rows
+    import pages
+    from ftkit.prompts import registry as R
+    spec = R.REGISTRY.get(name) or R.lookup(name)
+    ex = format_rows.example(name, spec)
+    views = pages._views(spec, smollm2_tokenizer, ex["row"], ex["config"])
+    assert views and all(len(r["input_ids"]) == len(r["labels"]) for _, r in views)
+    assert any(any(l != -100 for l in r["labels"]) for _, r in views), "no trained token in the example"

@@ -66,9 +66,8 @@ def example(name: str, spec) -> dict:
     ds = {"path": "data.jsonl", "type": name, **ds_extra}
     if ds.get("type") is None:
         ds.pop("type")
-    cfg = {"sequence_len": 256, **top}
+    cfg = {"base_model": "smollm2-135m-instruct", "learning_rate": 2e-4, "sequence_len": 256, **top}
     if _is_pref(name, spec) and not top:
         cfg["rl"] = "dpo"
-    shown = {k: v for k, v in cfg.items() if k != "sequence_len"}
-    config = yaml.safe_dump({**shown, "datasets": [ds]}, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    config = yaml.safe_dump({**cfg, "datasets": [ds]}, sort_keys=False, default_flow_style=False, allow_unicode=True)
     return {"config": config, "row": row, "ds": ds, "cfg": cfg}

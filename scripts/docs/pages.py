@@ -270,9 +270,11 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def _views(spec, tok, row, ds, cfg) -> list[tuple[str, dict]]:
-    "[(label, {input_ids, labels})] for one example row through the strategy."
-    strat = spec.build(tok, ds, cfg)
+def _views(spec, tok, row, config_yaml) -> list[tuple[str, dict]]:
+    "[(label, {input_ids, labels})] for one example row through the strategy, built as data preparation builds it."
+    from ftkit.config import load
+    cfg = load(config_yaml)
+    strat = spec.build(tok, cfg.datasets[0], cfg)
     res = strat.tokenize(row)
     out = []
     for i, r in enumerate(res if isinstance(res, list) else [res]):
@@ -332,7 +334,7 @@ def formats_page() -> str:
             body += ["Config:", "", "```yaml", ex["config"].strip(), "```", "", "Example row:", "", "```json",
                      json.dumps(ex["row"], ensure_ascii=False, indent=None if len(json.dumps(ex["row"])) < 100 else 1), "```", ""]
             try:
-                views = _views(spec, tok, ex["row"], ex["ds"], ex["cfg"])
+                views = _views(spec, tok, ex["row"], ex["config"])
                 for label, r in views:
                     if label:
                         body += [f"*{label}:*", ""]
