@@ -22,6 +22,8 @@ _API = {
     "Problem": "config", "json_schema": "config",
     # models, data, inspection
     "load_tokenizer": "models", "load_model": "models", "prepare": "data",
+    # before a run: will it fit? after a few: the runs side by side
+    "fit_report": "fit", "runs": "compare",
     # notebook front door
     "form": "widgets", "ConfigForm": "widgets", "Dashboard": "dashboard", "FinetuneRun": "magics",
     # training: in this process, or on N GPUs from a notebook or a script
@@ -30,7 +32,7 @@ _API = {
     "generate": "infer", "chat": "infer", "merge": "infer",
 }
 _SUBMODULES = ("config", "models", "data", "packing", "inspect", "train", "infer", "launch", "magics", "widgets",
-               "dashboard", "cli", "prompts", "kernels")
+               "dashboard", "cli", "prompts", "kernels", "fit", "progress")
 
 def __getattr__(name: str):
     if name in _API:
