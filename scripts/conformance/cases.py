@@ -75,9 +75,10 @@ TOOL_ROWS = [{"tools": json.dumps(TOOLS), "messages": [
     {"role": "user", "content": "3+5?", "tool_calls": None},
     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": "{\"a\": 3, \"b\": 5}"}}]},
     {"role": "tool", "content": "8", "tool_calls": None}, {"role": "assistant", "content": "It is 8.", "tool_calls": None}]}]
-TOOL_JINJA = ("{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-              "{{ m['content'] }}{% if m.tool_calls %}{% for tc in m.tool_calls %}<call>{{ tc.function.name }}({{ tc.function.arguments | tojson }})</call>"
-              "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOOL_JINJA = ("{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+              "{{ message['content'] }}{% if message.tool_calls %}{% for tc in message.tool_calls %}<call>{{ tc.function.name }}"
+              "({{ tc.function.arguments | tojson }})</call>{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PLAIN_JINJA = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n{% else %}A: {{ m['content'] }}{{ eos_token }}\n"
                "{% endif %}{% endfor %}")
 EOS_LAST_JINJA = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"   # ends on the EOS

@@ -177,7 +177,7 @@ def versions() -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", help="case names to run (default: all)")
+    ap.add_argument("--only", nargs="*", help="case names to run (default: all); merged into the last full run's report")
     ap.add_argument("--write-fixtures", action="store_true", help="write tests/fixtures/conformance/<case>.json")
     ap.add_argument("--report", default=str(HERE / "REPORT.md"))
     a = ap.parse_args(argv)
@@ -186,16 +186,24 @@ def main(argv=None):
     tok_dir = tokenizer_dir()
     cases = [c for c in CASES if not a.only or c.name in a.only]
     results = run_cases(cases, tok_dir)
+    prev = WORK / "results.json"
+    if a.only and prev.exists():        # re-ran some cases: merge them into the last full run, so the report stays whole
+        done = {r["name"]: r for r in json.loads(prev.read_text())}
+        done.update({r["name"]: r for r in results})
+        if all(c.name in done for c in CASES):
+            results_all = [done[c.name] for c in CASES]
+        else: results_all = None
+    else: results_all = results
     for c, r in zip(cases, results):
         print(f"{c.name}: {status(r)}", flush=True)
         if a.write_fixtures: write_fixture(c, r)
     dec = Decoder(tok_dir)
-    text = report(results, dec, versions())
-    if not a.only: Path(a.report).write_text(text)
-    else: print(text)
-    (WORK / "results.json").write_text(json.dumps(results))
-    ident = sum(r["identical"] for r in results)
-    print(f"{ident} of {len(results)} cases identical; report: {a.report if not a.only else '(stdout)'}")
+    if results_all is None:
+        print(report(results, dec, versions())); return
+    Path(a.report).write_text(report(results_all, dec, versions()))
+    (WORK / "results.json").write_text(json.dumps(results_all))
+    ident = sum(r["identical"] for r in results_all)
+    print(f"{ident} of {len(results_all)} cases identical; report: {a.report}")
 
 if __name__ == "__main__":
     main()
