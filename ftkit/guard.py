@@ -483,9 +483,9 @@ def load_target(name: str, key: str, error: type = ImportRefused):
     return fn
 
 def user_modules(cfg) -> list[str]:
-    "The user modules a config will import: dotted dataset types and reward functions, with where each comes from."
+    "The user code a config will run: dotted dataset types, reward functions (with where each comes from), a model's remote code."
     from ftkit.prompts.registry import REGISTRY, is_user_module
-    out = []
+    out = [f"trust_remote_code: true: the Python files that come with {cfg.base_model} will run"] if cfg.trust_remote_code else []
     for group in ("datasets", "test_datasets"):
         for i, e in enumerate(getattr(cfg, group, None) or []):
             t = e.get("type") if isinstance(e, dict) else getattr(e, "type", None)
