@@ -422,7 +422,7 @@ class FinetuneMagics(Magics):
     def _merge(self, args, run):
         from ftkit import infer
         from ftkit.progress import stage
-        with stage("merge · save", log_file=Path(run.config.output_dir) / "ftkit.log"):
+        with stage("merge", log_file=Path(run.config.output_dir) / "ftkit.log"):
             res = infer.merge(run.config, quiet=True)
         run.merged_dir = res.output_dir
         self._show(Rich(f"<b>merged:</b> adapter <code>{html.escape(res.adapter)}</code> + {html.escape(res.base)} → "

@@ -119,8 +119,8 @@ class StageRecord:
 
     def text(self) -> str:
         icon = {"running": "…", "done": "✔", "failed": "✖", "interrupted": "■"}[self.status]
-        s = f"{icon} {self.name}" + (f" · {self.steps[-1]}" if self.steps else "")
-        if self.status != "running": s += f" · {self.seconds:.1f} s"
+        if self.status == "running": return f"{icon} {self.name}" + (f" · {self.steps[-1]}" if self.steps else "")
+        s = f"{icon} {self.name}" + (f" ({', '.join(dict.fromkeys(self.steps))})" if self.steps else "") + f" · {self.seconds:.1f} s"
         if self.messages and self.status != "running":
             s += f" · {len(self.messages)} library message{'s' if len(self.messages) != 1 else ''}" + (f" in {self.log_file}" if self.log_file else "")
         return s

@@ -104,3 +104,35 @@ def test_merge_and_evaluate(executed):
     assert "merged" in _cell_text(_find(nb, "%%finetune merge"))
     ev = _cell_text(_find(nb, "%%finetune evaluate"))
     assert "perplexity" in ev
+
+
+# what other libraries print when nobody quiets them: progress bars, their counters, deprecation warnings and their paths
+LIBRARY_NOISE = re.compile(r"Generating train split|\bMap\b|Flattening the indices|Saving the dataset|tokenizing datasets|"
+                           r"Loading weights|Writing model shards|Loading checkpoint shards|FutureWarning|DeprecationWarning|"
+                           r"\d it/s|examples/s|site-packages")
+
+
+def _visible(cell) -> str:
+    "What a cell shows before anything is expanded: streams, text/plain, and HTML outside collapsed <details>."
+    out = []
+    for o in cell.get("outputs", []):
+        if o.output_type == "stream":
+            out.append(o.text)
+        elif o.output_type == "error":
+            out.append("\n".join(o.get("traceback", [])))
+        else:
+            d = o.get("data", {})
+            out += [d.get("text/plain", ""), re.sub(r"<details.*?</details>", "", d.get("text/html", ""), flags=re.S)]
+    return "\n".join(out)
+
+
+def test_long_cells_show_one_ftkit_line_per_stage_and_no_library_noise(executed):
+    nb, work = executed
+    for start, stage in (("%%finetune debug", "load data · tokenize · cache"), ("%%finetune train", "train"),
+                         ("%%finetune merge", "merge")):
+        shown = _visible(_find(nb, start))
+        assert not LIBRARY_NOISE.findall(shown), (start, LIBRARY_NOISE.findall(shown), shown[:3000])
+        assert shown.count("ftkit-stage'") == 1 and f"✔ {stage}" in shown, (start, shown[:3000])
+    # the captured messages are kept: in the collapsed details and in the run's log file
+    log = (work / "outputs" / "quickstart" / "ftkit.log").read_text()
+    assert "## " in log and ("FutureWarning" in log or "transformers" in log)
