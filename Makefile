@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.ftkit-installed
 
-.PHONY: install demo test test-nbs test-py export readme docs clean gpu-test browser-deps conformance
+.PHONY: install demo test typecheck test-nbs test-py export readme docs clean gpu-test browser-deps conformance
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,7 +47,11 @@ browser-deps:
 test-py: install browser-deps
 	$(BIN)/python -m pytest -q
 
-test: test-nbs test-py
+# Typed config: mypy checks every config read in the modules that use the config ([tool.mypy] in pyproject.toml).
+typecheck: install
+	$(BIN)/mypy
+
+test: typecheck test-nbs test-py
 
 gpu-test: install
 	$(BIN)/python -m pytest -q -m gpu

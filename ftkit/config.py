@@ -134,14 +134,13 @@ def lora_kernels_preconditions(d):
     on = [k for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel") if d.get(k) is True]
     if not on: return
     why = []
-    if (_num(d, "lora_dropout") or 0) > 0: why.append(f"lora_dropout is {d['lora_dropout']} (the fused kernels need 0)")
     if d.get("peft_use_dora"): why.append("DoRA is on")
     if d.get("load_in_8bit"): why.append("8-bit LoRA is on")
     if d.get("rl"): why.append(f"rl: {d['rl']} is set (kernels are for SFT)")
     if d.get("adapter") not in ("lora", "qlora"): why.append("no lora/qlora adapter")
     for w in why:
         yield Problem(on[0], f"{', '.join(on)} cannot be used: {w}.",
-                      "Set lora_dropout: 0 (and remove DoRA / 8-bit / rl), or turn the kernels off.")
+                      "Remove DoRA / 8-bit / rl, or turn the kernels off.")
 
 @rule
 def one_attention_backend(d):
@@ -299,6 +298,9 @@ def trackers_and_plugins(d):
     yield from plugins.check(d.get("plugins"), d)
     from ftkit import hub
     yield from hub.check(d)
+    if d.get("pretraining_dataset") or d.get("streaming"):   # ftkit.streaming imports torch: only for configs that stream
+        from ftkit import streaming
+        yield from streaming.check(d)
 
 # %% ../nbs/00_config.ipynb #73b4b55f
 _LATER = "not implemented in ftkit yet"
@@ -307,7 +309,7 @@ IGNORED_KEYS: dict[str, str] = {
 
     "push_dataset_to_hub": f"{_LATER}: the prepared data stays in dataset_prepared_path",
 
-    "streaming": f"{_LATER}: datasets are read and tokenized in full",
+
     "dataset_keep_in_memory": "ftkit always memory-maps the prepared Arrow cache",
     "accelerator_config": "accelerate's Accelerator options are not passed through; the launcher's defaults apply",
     "save_safetensors": "ftkit always saves safetensors (no pickle files)",
@@ -525,7 +527,7 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 # %% ../nbs/00_config.ipynb #32899157
-def _model_at(path: tuple, model: type[BaseModel] = None):
+def _model_at(path: tuple, model: type[BaseModel] | None = None):
     "The pydantic model class that holds the keys at `path` (list indices skipped), or None."
     model = model or FinetuneConfig
     for part in path:
@@ -565,12 +567,12 @@ _EXPECT = {"string_type": "text", "int_type": "a whole number", "int_parsing": "
            "missing": None, "model_attributes_type": "a mapping of keys"}
 
 def _problems_from_validation(ex: ValidationError, data: dict) -> list[Problem]:
-    grouped: dict[tuple, list[dict]] = {}
+    grouped: dict[tuple, list[Any]] = {}
     for e in ex.errors(include_url=False):
         if e["type"] == "extra_forbidden":
             grouped.setdefault(("extra",) + tuple(e["loc"]), []).append(e); continue
         grouped.setdefault(_clean_loc(e["loc"], data), []).append(e)
-    problems = []
+    problems: list[Problem] = []
     for key, errs in grouped.items():
         if key and key[0] == "extra":
             loc = key[1:]
@@ -663,7 +665,6 @@ def load_with_overrides(source, argv: list[str] | None = None) -> FinetuneConfig
     "`load` with overrides given as command-line words (`--learning-rate 1e-4`, `micro_batch_size=2`): the CLI's and launched workers' door."
     return load(source, parse_overrides(list(argv or [])))
 
-FinetuneConfig.warnings = property(lambda self: list(getattr(self, "_warnings", [])))
 
 # %% ../nbs/00_config.ipynb #5a4c09cf
 EMBEDDED_MODEL = "smollm2-135m-instruct"

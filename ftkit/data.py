@@ -67,7 +67,8 @@ def _load_files(files: list[Path], ds_type: str | None, where: str):
             if kind == "json":
                 prob = _json_problem(f)
                 if prob:
-                    line = re.match(r"line (\d+)", prob).group(1)
+                    m = re.match(r"line (\d+)", prob)
+                    line = m.group(1) if m else "?"
                     raise DataError(f"{f.name} is not valid JSON ({prob})", f"{where}: {f}:{line}",
                                     "fix or remove that line (one JSON object per line for .jsonl)") from None
             msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
@@ -136,7 +137,8 @@ def load_source(entry: DatasetEntry, idx: int = 0, group: str = "datasets"):
     if looks_local:
         raise DataError(f"dataset file or folder '{path}' does not exist", f"{where}.path (relative to {Path.cwd()})",
                         "fix the path (relative paths are resolved from the current directory)")
-    host = re.match(r"^https?://([^/]+)", path).group(1) if path.startswith("http") else "huggingface.co"
+    m = re.match(r"^https?://([^/]+)", path)
+    host = m.group(1) if m else "huggingface.co"
     if not remote or path.startswith("http"):
         if not hub_reachable(host):
             raise DataError(f"dataset '{path}' is neither a local file or folder nor reachable ({host} cannot be reached from this machine)",
@@ -146,7 +148,7 @@ def load_source(entry: DatasetEntry, idx: int = 0, group: str = "datasets"):
         if path.startswith("http"):
             kind = entry.ds_type or EXT_TYPES.get(Path(path.split("?")[0]).suffix.lower(), "json")
             return datasets.load_dataset(kind, data_files=path, split="train"), [(path, 0)]
-        kw = dict(name=name, data_files=entry.data_files, revision=entry.revision)
+        kw: dict[str, Any] = dict(name=name, data_files=entry.data_files, revision=entry.revision)
         if entry.trust_remote_code: kw["trust_remote_code"] = True
         d = datasets.load_dataset(path, **{k: v for k, v in kw.items() if v is not None})
         return _split(d, split, where), [(path, 0)]

@@ -176,6 +176,7 @@ def _model_for(cfg: FinetuneConfig | None, model, tokenizer):
     if model is not None and tokenizer is not None: return model, tokenizer
     key = id(cfg)
     if key not in _LOADED:
+        if cfg is None: raise InferError("a config is needed to load the model (or pass model= and tokenizer=).")
         m, t, _ = load_for_inference(cfg)
         _LOADED.clear(); _LOADED[key] = (m, t)
     return _LOADED[key]
@@ -276,7 +277,7 @@ def merge(cfg: FinetuneConfig, lora_model_dir: str | None = None, output_dir: st
     tok = load_tokenizer(c, quiet=True)
     _, tmpl = training_template(cfg, tok)
     tok.chat_template = tmpl
-    kw = {"device_map": "cpu"} if cpu else {"device_map": {"": 0}}
+    kw: dict[str, Any] = {"device_map": "cpu"} if cpu else {"device_map": {"": 0}}
     if not cpu and cfg.gpu_memory_limit is not None:
         lim = cfg.gpu_memory_limit; kw = {"device_map": "auto", "max_memory": {0: f"{lim}GiB" if isinstance(lim, int) else lim, "cpu": "1000GiB"}}
     model = load_model(c, tok, quiet=True, **kw)
@@ -422,7 +423,7 @@ def inference_main(args, stdin=None, stdout=None) -> int:
     c = Chat(cfg, model, tok, system=args.system, **gen)
     print(f"{what}\nType a message; a blank line sends it. /reset forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
-        lines = []
+        lines: list[str] = []
         try:
             while True:
                 line = input("> " if not lines else ". ")
@@ -453,6 +454,7 @@ def merge_main(args) -> int:
     print(res)
     if push:
         from ftkit.hub import hub_url, push_folder
+        assert repo is not None   # checked above
         push_folder(res.output_dir, repo, private=cfg.hub_private_repo is not False, commit_message="ftkit: merged model")
         print(f"pushed {res.output_dir} to {hub_url(repo)}")
     return 0

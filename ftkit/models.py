@@ -184,7 +184,7 @@ def load_tokenizer(cfg: FinetuneConfig, *, source: ModelSource | None = None, qu
     "The tokenizer of `cfg` with pad token, added tokens and chat template set."
     from transformers import AutoTokenizer
     src = source or model_source(cfg, quiet=quiet)
-    kw = dict(trust_remote_code=bool(cfg.trust_remote_code))
+    kw: dict[str, Any] = dict(trust_remote_code=bool(cfg.trust_remote_code))
     if cfg.tokenizer_use_fast is not None: kw["use_fast"] = bool(cfg.tokenizer_use_fast)
     if src.gguf_file and not src.tokenizer_path: kw["gguf_file"] = src.gguf_file
     tok = AutoTokenizer.from_pretrained(src.tok_path, **kw)
@@ -221,7 +221,7 @@ def load_tokenizer(cfg: FinetuneConfig, *, source: ModelSource | None = None, qu
             notes.append(f"chat template: {name} (saved into the tokenizer)")
     tok.ftkit_added_tokens = len(tok) - n0
     tok.ftkit_notes = notes
-    for n in notes: _say(f"tokenizer: {n}", quiet)
+    for note in notes: _say(f"tokenizer: {note}", quiet)
     return tok
 
 # %% ../nbs/01_models.ipynb #4ae13dc9

@@ -65,7 +65,7 @@ def pack_ffd(lengths: Sequence[int], indices: Sequence[int], capacity: int, bin_
 class MultipackBatchSampler(torch.utils.data.Sampler):
     "Batches of dataset indices, one bin of at most `capacity` tokens each, with a fixed count per epoch."
     def __init__(self, lengths: Sequence[int], capacity: int, *, group_size: int = 100_000, bin_size: int = 200,
-                 shuffle: bool = True, sequential: bool = False, seed: int = 42, num_epochs: int = 1,
+                 shuffle: bool = True, sequential: bool = False, seed: int = 42, num_epochs: float = 1,
                  world_size: int = 1, drop_last: bool = True):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.capacity, self.group_size, self.bin_size = int(capacity), int(group_size), int(bin_size)
@@ -73,7 +73,7 @@ class MultipackBatchSampler(torch.utils.data.Sampler):
         self.world_size, self.drop_last = max(int(world_size), 1), drop_last
         self.num_epochs = max(int(math.ceil(num_epochs)), 1)
         self.too_long = int((self.lengths > self.capacity).sum())
-        self.epoch, self._cache = 0, {}
+        self.epoch, self._cache = 0, dict[int, list]()
         counts = [len(self._bins(e)) for e in range(self.num_epochs)]
         n = min(counts)
         if drop_last: n = (n // self.world_size) * self.world_size
@@ -86,7 +86,9 @@ class MultipackBatchSampler(torch.utils.data.Sampler):
         rng = random.Random(self.seed + epoch)
         idx = [i for i in range(len(self.lengths)) if self.lengths[i] <= self.capacity]
         if self.sequential:
-            bins, cur, used = [], [], 0
+            bins: list[list[int]] = []
+            cur: list[int] = []
+            used = 0
             for i in idx:
                 L = int(self.lengths[i])
                 if cur and (used + L > self.capacity or len(cur) >= self.bin_size): bins.append(cur); cur, used = [], 0
@@ -229,7 +231,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         if pos is None: pos = torch.arange(T, device=query.device)[None].expand(B, T)
         elif pos.shape[0] != B: pos = pos.expand(B, -1)
         cu, max_len = cu_seqlens_from_position_ids(pos)
-    max_len = int(max_len)
+    max_len = int(max_len if max_len is not None else T)
     q = query.transpose(1, 2).reshape(B * T, Hq, D)
     k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)

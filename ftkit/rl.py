@@ -75,7 +75,7 @@ def _trl(cfg: FinetuneConfig, *keys: str) -> dict:
     return {} if t is None else {k: getattr(t, k) for k in keys if getattr(t, k) is not None}
 
 def dpo_options(cfg: FinetuneConfig) -> dict:
-    kw = {"beta": _beta(cfg, 0.1), "loss_type": ["ipo" if cfg.rl == "ipo" else "sigmoid"], "max_length": cfg.sequence_len}
+    kw: dict[str, Any] = {"beta": _beta(cfg, 0.1), "loss_type": ["ipo" if cfg.rl == "ipo" else "sigmoid"], "max_length": cfg.sequence_len}
     if cfg.rpo_alpha: kw.update(loss_type=kw["loss_type"] + ["sft"], loss_weights=[1.0, float(cfg.rpo_alpha)])
     if cfg.dpo_label_smoothing is not None: kw["label_smoothing"] = cfg.dpo_label_smoothing
     if cfg.dpo_use_weighting is not None: kw["use_weighting"] = cfg.dpo_use_weighting
@@ -281,7 +281,7 @@ class PairStrategy(PromptStrategy):
             self.cols = (g("field_prompt", "prompt"), g("field_chosen", "chosen"), g("field_rejected", "rejected"), "plain")
             self.sys_col = g("field_system", "system")
             self.fmt = (g("prompt_format", "{prompt}"), g("chosen_format", "{chosen}"), g("rejected_format", "{rejected}"))
-            self.enc = None
+            self.enc = None  # type: ignore[assignment]  # plain text: no template
         else:
             raise ValueError(f"type {preset!r} is not a preference type; known: {', '.join(sorted(RL_TYPES))}")
 
@@ -315,7 +315,8 @@ class PairStrategy(PromptStrategy):
             cm, rm = _as_messages(chosen, f"'{cc}'"), _as_messages(rejected, f"'{rc}'")
             ch = {"role": "assistant", "content": _content(cm[-1])}
             rj = {"role": "assistant", "content": _content(rm[-1])}
-            if pc and isinstance(row.get(pc), str) and row.get(pc).strip():
+            pv = row.get(pc) if pc else None
+            if isinstance(pv, str) and pv.strip():
                 prompt = [{"role": "user", "content": row[pc]}]
             else:
                 prompt = [{"role": m.get("role", "user"), "content": _content(m)} for m in cm[:-1]]
@@ -341,7 +342,7 @@ class KTOStrategy(PromptStrategy):
         if fam in FAMILY_TEMPLATE:
             if fn not in KTO_PRESETS: raise ValueError(f"type {preset!r}: not a KTO preset; known: {', '.join(sorted(KTO_PRESETS))}")
             p, c, how = KTO_PRESETS[fn]
-            if fam == "llama3" and fn == "argilla_chat": p, how = None, "messages"    # {completion: [user, assistant]}
+            if fam == "llama3" and fn == "argilla_chat": p, how = None, "messages"  # type: ignore[assignment]    # {completion: [user, assistant]}
             self.cols = (g("field_prompt", p), g("field_completion", c), how)
             self.enc = _ChatEncoder(tokenizer, ds, cfg, template=FAMILY_TEMPLATE[fam])
         elif preset == "chat_template.default":
@@ -351,7 +352,7 @@ class KTOStrategy(PromptStrategy):
             self.cols = (g("field_prompt", "prompt"), g("field_completion", "completion"), "plain")
             self.sys_col = g("field_system", "system")
             self.fmt = (g("prompt_format", "{prompt}"), g("completion_format", "{completion}"))
-            self.enc = None
+            self.enc = None  # type: ignore[assignment]  # plain text: no template
         else:
             raise ValueError(f"type {preset!r} is not a KTO type (chatml.*, llama3.*, chat_template.default, user_defined.default)")
 
@@ -567,7 +568,7 @@ def _import_path(path: str, key: str):
 
 def load_reward_funcs(cfg) -> tuple[list[Callable], list[float] | None]:
     "The reward functions (and weights) named by `trl.reward_funcs` / `trl.reward_weights`."
-    trl = cfg.trl or TRLSettings()
+    trl = cfg.trl or TRLSettings.model_validate({})
     names = list(trl.reward_funcs or [])
     if not names: raise RewardFuncError("trl.reward_funcs: rl: grpo needs at least one reward function (module.function)")
     funcs = [_import_path(n, f"trl.reward_funcs[{i}]") for i, n in enumerate(names)]
@@ -676,9 +677,10 @@ def to_reward_rows(rows: list[dict]) -> list[dict]:
 def lora_config(cfg: FinetuneConfig, task_type="CAUSAL_LM"):
     "A peft `LoraConfig` from the adapter keys of the config (for reward / process reward heads)."
     from peft import LoraConfig
-    from ftkit.models import _targets
+    from ftkit.models import _targets, effective_lora_alpha
     r = cfg.lora_r or 8
-    return LoraConfig(r=r, lora_alpha=cfg.lora_alpha or 2 * r, lora_dropout=float(cfg.lora_dropout or 0.0),
+    return LoraConfig(r=r, lora_alpha=effective_lora_alpha(cfg),  # type: ignore[arg-type]  # peft accepts a float alpha
+                      lora_dropout=float(cfg.lora_dropout or 0.0),
                       target_modules=_targets(cfg), modules_to_save=cfg.lora_modules_to_save, bias="none",
                       use_dora=bool(cfg.peft_use_dora), use_rslora=bool(cfg.peft_use_rslora), task_type=task_type)
 

@@ -7,21 +7,22 @@ Docs: https://ftkit.github.io/ftkit/schema.html.md"""
 # %% ../nbs/00_schema.ipynb #5c7e0a04
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic.config import JsonDict
 
 # %% auto #0
-__all__ = ['TrainOnEos', 'OPTIMIZERS', 'SCHEDULERS', 'SECTIONS', 'Section', 'UserDefinedType', 'DatasetEntry', 'SpecialTokens',
-           'ModelSection', 'TokenizerSection', 'AdapterSection', 'DataSection', 'TrainingSection', 'PrecisionSection',
-           'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection', 'DistributedSection',
-           'IntegrationsSection', 'FinetuneConfig']
+__all__ = ['TrainOnEos', 'Optimizer', 'OPTIMIZERS', 'Scheduler', 'SCHEDULERS', 'SECTIONS', 'Section', 'UserDefinedType',
+           'DatasetEntry', 'SpecialTokens', 'ModelSection', 'TokenizerSection', 'AdapterSection', 'DataSection',
+           'TrainingSection', 'PrecisionSection', 'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection',
+           'DistributedSection', 'IntegrationsSection', 'FinetuneConfig']
 
 # %% ../nbs/00_schema.ipynb #16791a2b
 def _f(default=None, desc: str = "", *, adv: bool = False, **kw):
     "A schema field with a description; `adv` marks it as advanced (folded in the form)."
-    extra = {"advanced": True} if adv else None
+    extra: JsonDict | None = {"advanced": True} if adv else None
     return Field(default, description=desc, json_schema_extra=extra, **kw)
 
 class Section(BaseModel):
@@ -245,11 +246,13 @@ class DataSection(Section):
     strict: bool = _f(False, "Stop at the first bad row instead of dropping and counting it.", adv=True)
 
 # %% ../nbs/00_schema.ipynb #5455ebc4
-OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop",
+Optimizer = Literal["adamw_torch_fused", "adamw_torch", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop",
               "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit",
-              "lion_32bit", "adamw_torch_8bit", "adamw_anyprecision", "galore_adamw", "schedule_free_adamw")
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
-              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay", "one_cycle", "rex")
+              "lion_32bit", "adamw_torch_8bit", "adamw_anyprecision", "galore_adamw", "schedule_free_adamw"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay", "one_cycle", "rex"]
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
 class TrainingSection(Section):
     "Batch size, length of training, optimizer and schedule."
@@ -263,10 +266,10 @@ class TrainingSection(Section):
     learning_rate: float = _f(..., "Peak learning rate.", gt=0, allow_inf_nan=False)  # .inf / .nan: refused
     embedding_lr: float | None = _f(None, "Learning rate for embeddings.", adv=True)
     embedding_lr_scale: float | None = _f(None, "Embedding learning-rate scale.", adv=True)
-    optimizer: Literal[OPTIMIZERS] = _f("adamw_torch_fused", "Optimizer.")
+    optimizer: Optimizer = _f("adamw_torch_fused", "Optimizer.")
     optim_args: str | dict[str, Any] | None = _f(None, "Extra optimizer arguments.", adv=True)
     optim_target_modules: list[str] | Literal["all_linear"] | None = _f(None, "Target modules (GaLore).", adv=True)
-    lr_scheduler: Literal[SCHEDULERS] = _f("cosine", "Learning-rate schedule.")
+    lr_scheduler: Scheduler = _f("cosine", "Learning-rate schedule.")
     lr_scheduler_kwargs: dict[str, Any] | None = _f(None, "Extra scheduler arguments.", adv=True)
     cosine_min_lr_ratio: float | None = _f(None, "Cosine decays to this fraction of the peak.", adv=True, ge=0, le=1)
     cosine_constant_lr_ratio: float | None = _f(None, "Fraction of training at constant LR before cosine.", adv=True, ge=0, le=1)
@@ -477,6 +480,13 @@ class FinetuneConfig(ModelSection, TokenizerSection, AdapterSection, DataSection
                      PrecisionSection, AttentionSection, LoggingSection, RLSection, DistributedSection,
                      IntegrationsSection):
     "A whole ftkit (Axolotl-compatible) config. Build it with `load`, not directly."
+    _warnings: list = PrivateAttr(default_factory=list)   # set by ftkit.config.validate
+
+    @property
+    def warnings(self) -> list:
+        "The warnings `ftkit.config.validate` found (ignored keys, advice)."
+        return list(self._warnings)
+
     def section_of(self, key: str) -> str:
         "The section name a top-level key belongs to."
         return next(n for n, s in SECTIONS.items() if key in s.model_fields)

@@ -147,6 +147,7 @@ _NEW_GC = "activation_checkpointing" in TrainingArguments.__dataclass_fields__  
 # %% ../nbs/06_train.ipynb #0bd8fdef
 from .tracking import training_kwargs as tracking_kwargs
 from .hub import training_kwargs as hub_kwargs
+from .streaming import training_kwargs as stream_kwargs
 
 def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir: str, has_eval: bool, packing: bool) -> dict:
     "The keyword arguments every method shares."
@@ -171,6 +172,7 @@ def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir
         seed=plan.seed, data_seed=plan.seed, remove_unused_columns=False, disable_tqdm=True,
         **tracking_kwargs(cfg),               # report_to, run_name (and trackio project): ftkit.tracking
         **hub_kwargs(cfg),                    # push_to_hub, hub_model_id, hub_strategy: ftkit.hub
+        **stream_kwargs(cfg),                 # ignore_data_skip for a stream: ftkit.streaming
         auto_find_batch_size=bool(cfg.auto_find_batch_size),
         ddp_find_unused_parameters=bool(cfg.ddp_find_unused_parameters), ddp_timeout=cfg.ddp_timeout or 1800,
         ddp_bucket_cap_mb=cfg.ddp_bucket_cap_mb, ddp_broadcast_buffers=cfg.ddp_broadcast_buffers,
@@ -257,8 +259,10 @@ class FtkitTrainer(Trainer):
     def _loader(self, ds, plan: PackingPlan | None, batch_size: int, shuffle: bool):
         from torch.utils.data import DataLoader
         args = self.args
-        common = dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory)
-        if plan is not None:
+        common: dict[str, Any] = dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory)
+        if isinstance(ds, torch.utils.data.IterableDataset):   # a stream of packed rows (ftkit.streaming)
+            dl = DataLoader(ds, batch_size=batch_size, collate_fn=self.packed_collator, **common)
+        elif plan is not None:
             dl = DataLoader(ds, batch_sampler=plan.sampler, collate_fn=self.packed_collator, **common)
         else:
             seed = args.data_seed if args.data_seed is not None else args.seed    # order = f(seed, epoch): resumes see the same batches
@@ -372,6 +376,8 @@ def prepare(cfg: FinetuneConfig, tokenizer, quiet: bool = False):
 
 def prepare_data(cfg: FinetuneConfig, tokenizer, data=None, quiet=False):
     "(train, eval, prepared): from `data` if given, else `prepare(cfg, tokenizer)`."
+    from ftkit.streaming import stream_data, streams
+    if data is None and streams(cfg): data = stream_data(cfg, tokenizer)      # pretraining_dataset / streaming: read lazily
     prepared = data if data is not None else prepare(cfg, tokenizer, quiet)
     return _split_data(prepared) + (prepared,)
 
@@ -525,7 +531,8 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
         tokenizer = models.load_tokenizer(cfg, source=src, quiet=quiet)
     if method is not None and tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     train_ds, eval_ds, prepared = prepare_data(cfg, tokenizer, data, quiet)
-    if train_ds is None or len(train_ds) == 0:
+    stream = isinstance(train_ds, torch.utils.data.IterableDataset)
+    if train_ds is None or (not stream and len(train_ds) == 0):
         raise TrainError("there are no training rows after preparation: check the dataset paths and the length filters (sequence_len).")
     inputs = method.inputs(cfg, tokenizer, prepared) if method is not None and method.inputs else None  # e.g. reward functions, checked before the model loads
     if model is None: model = _load_model(cfg, method, tokenizer, plan, src, quiet, plugins)
@@ -537,7 +544,8 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
         from ftkit.kernels.patch import apply_kernels
         _say(str(apply_kernels(model, cfg)), quiet)
     packing = eval_packing = None
-    if method is None and cfg.sample_packing: packing, eval_packing, n_batches = _packing(cfg, train_ds, eval_ds, plan.world_size, quiet)
+    if stream: n_batches = cfg.max_steps * cfg.gradient_accumulation_steps * plan.world_size     # rows come packed
+    elif method is None and cfg.sample_packing: packing, eval_packing, n_batches = _packing(cfg, train_ds, eval_ds, plan.world_size, quiet)
     else: n_batches = math.ceil(len(train_ds) / plan.micro_batch_size)
     steps = step_plan(cfg, n_batches, plan.world_size)
     _say(f"steps: {steps.micro_batches_per_epoch} micro-batches per epoch per rank, {steps.steps_per_epoch} optimizer steps "
@@ -547,7 +555,8 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
                               packing=packing is not None, method=method)
     if cfg.gradient_checkpointing and hasattr(model, "enable_input_require_grads"): model.enable_input_require_grads()
     recorder = MetricsRecorder()
-    cbs = [recorder, guard.fault_watchdog(cfg, Path(cfg.output_dir).expanduser(), plan.precision)] + list(callbacks or []) + plugins.callbacks(cfg)
+    cbs = [recorder, guard.fault_watchdog(cfg, Path(cfg.output_dir).expanduser(), plan.precision)] + list(callbacks or []) + plugins.callbacks(cfg) \
+          + list(getattr(prepared, "callbacks", None) or [])      # e.g. the stream's checkpoint position
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
         cbs.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.early_stopping_patience)))

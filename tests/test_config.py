@@ -42,7 +42,7 @@ RULE_CASES = [
     ({"adapter": "qlora"}, "adapter", "needs `load_in_4bit: true`"),
     ({"bf16": True, "fp16": True}, "fp16", "cannot both be on"),
     ({"batch_size": 5}, "batch_size", "!= micro_batch_size 2 x gradient_accumulation_steps 2"),
-    ({"adapter": "lora", "lora_dropout": 0.1, "lora_mlp_kernel": True}, "lora_mlp_kernel", "lora_dropout is 0.1"),
+    ({"adapter": "lora", "load_in_8bit": True, "lora_mlp_kernel": True}, "lora_mlp_kernel", "8-bit LoRA"),
     ({"adapter": "lora", "peft_use_dora": True, "lora_qkv_kernel": True}, "lora_qkv_kernel", "DoRA"),
     ({"val_set_size": 0.1, "test_datasets": [{"path": "t.jsonl", "type": "chat_template"}]}, "val_set_size", "cannot be used together"),
     ({"flash_attention": True, "sdp_attention": True}, "sdp_attention", "Only one attention backend"),
