@@ -81,8 +81,10 @@ command("schema", "print the JSON Schema of ftkit configs", run_schema, takes_co
 # %% ../nbs/13_cli.ipynb #04606c55
 def run_preprocess(args) -> int:
     from ftkit.train import preprocess
-    preprocess(load_from_args(args), debug=args.debug, num_examples=args.debug_num_examples, text_only=args.debug_text_only,
-               seed=args.debug_seed)
+    from ftkit.progress import stage
+    cfg = load_from_args(args)
+    with stage("load data · tokenize · cache", log_file=Path(cfg.output_dir) / "ftkit.log"):   # library bars/warnings: to the log
+        preprocess(cfg, debug=args.debug, num_examples=args.debug_num_examples, text_only=args.debug_text_only, seed=args.debug_seed)
     return 0
 
 def _preprocess_args(p):
@@ -103,8 +105,11 @@ def run_train(args) -> int:
     if launcher == "python":
         from ftkit.train import train
         from ftkit.launch import MetricsFile
+        import os
+        from ftkit.progress import stage
         try:
-            train(cfg, callbacks=[MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")])
+            with stage("train", log_file=Path(cfg.output_dir) / "ftkit.log", show=int(os.environ.get("RANK", "0") or 0) == 0):
+                train(cfg, callbacks=[MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")])
         finally:  # a launched worker leaves its process group cleanly (FSDP workers otherwise hang at exit)
             dist = sys.modules.get("torch.distributed")
             if dist is not None and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
