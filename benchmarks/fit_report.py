@@ -72,7 +72,8 @@ def measured_points(path: Path) -> list[dict]:
         c = {k: v for k, v in c.items() if k not in ("base_model", "output_dir")}
         ks = r.get("kernels")
         kernels = sorted((ks.get("patched") or {}).keys()) if isinstance(ks, dict) else []
-        out.append(dict(name=name, shape=L1B, world=1, measured=r["peak_alloc_GiB"], config=c, kernels=kernels,
+        leaked = r.get("allocated_before_load_GiB") or 0.0          # left over from the previous config in the same process
+        out.append(dict(name=name, shape=L1B, world=1, measured=r["peak_alloc_GiB"] - leaked, config=c, kernels=kernels,
                         source=f"{path.name} ({m['versions'].get('gpu')})", tokens_per_s=r.get("tokens_per_s_after_step1")))
     return out
 
