@@ -18,8 +18,8 @@ from .errors import FtkitError
 
 # %% auto #0
 __all__ = ['EXT_TYPES', 'BUILDERS', 'GLOBAL_KEYS', 'DataError', 'hub_reachable', 'load_source', 'fingerprint_file',
-           'fingerprint_path', 'tokenizer_fingerprint', 'code_fingerprint', 'Report', 'PreparedData', 'cache_key',
-           'template_eot_warnings', 'detect_template_eot', 'prepare', 'preprocess_main']
+           'fingerprint_path', 'tokenizer_fingerprint', 'code_fingerprint', 'report_html', 'Report', 'PreparedData',
+           'cache_key', 'template_eot_warnings', 'detect_template_eot', 'prepare']
 
 # %% ../nbs/03_data.ipynb #a59fb241
 class DataError(FtkitError):
@@ -251,6 +251,14 @@ def _tokenize_fn(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=F
             emit(ids, am, lab, "", "", r, trunc)
     return out
 
+# %% ../nbs/03_data.ipynb #f340a257
+def report_html(report) -> str:
+    "The data report as HTML (a preformatted block; warnings in red); notebooks show a `DataReport` this way."
+    import html
+    body = "\n".join(f'<span style="color:#c00">{l}</span>' if l.startswith("WARNING") else l for l in html.escape(str(report)).split("\n"))
+    return ('<div class="ftk-report" style="font:12.5px ui-monospace,Menlo,Consolas,monospace;white-space:pre;'
+            f'background:#fafafa;border:1px solid #ddd;padding:6px">{body}</div>')
+
 # %% ../nbs/03_data.ipynb #501993d0
 @dataclass
 class Report:
@@ -304,7 +312,6 @@ class Report:
         return "\n".join(L)
 
     def _repr_html_(self):
-        from ftkit.inspect import report_html
         return report_html(self)
 
 # %% ../nbs/03_data.ipynb #eb880559
@@ -447,6 +454,7 @@ def detect_template_eot(strategy) -> str | None:
     msgs = [{"role": "user", "content": "a", "_train": None, "_detail": None}, {"role": "assistant", "content": "b", "_train": None, "_detail": None}]
     try: text, spans = render_spans(strategy.tpl, msgs, None, strategy.tvars, strategy.o.chat_template_kwargs)
     except Exception: return None
+    if (1, "c") not in spans: return None      # the template never writes the reply: the rows report that, not this probe
     tail = text[spans[(1, "c")][1]:]
     specials = sorted({str(t) for t in (tok.all_special_tokens + list(getattr(tok, "get_added_vocab", dict)().keys()))}, key=len, reverse=True)
     for k in range(len(tail)):
@@ -538,26 +546,3 @@ def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
     rep.cache_path = str(cache) if use_cache else ""
     rep.seconds = time.time() - t0
     return PreparedData(train, eval_ds, rep, cache, strategies)
-
-# %% ../nbs/03_data.ipynb #9481ad42
-def preprocess_main(cfg: FinetuneConfig | str | Path | dict, debug: bool = False, num_examples: int = 1, *, text_only: bool = False, tokenizer=None,
-                    file=None, seed: int | None = None) -> PreparedData:
-    "Prepare the data of `cfg` (path, YAML text, dict or FinetuneConfig), print the report and optional debug rows."
-    import sys
-    file = file or sys.stdout
-    if not isinstance(cfg, FinetuneConfig):                # the CLI's door: a path, YAML text or dict is validated here
-        from ftkit.config import load
-        cfg = load(cfg)
-    if tokenizer is None:
-        from ftkit.models import load_tokenizer
-        tokenizer = load_tokenizer(cfg, quiet=True)
-    prep = prepare(cfg, tokenizer)
-    print(prep.report, file=file)
-    if debug:
-        from ftkit.inspect import print_examples
-        for i, s in enumerate(prep.strategies):
-            name = getattr(s, "template_name", None)
-            print(f"\ndatasets[{i}]: strategy {type(s).__name__}" + (f", chat template {name}:\n{s.template}" if name else ""), file=file)
-        print(f"\n{num_examples} random training row(s) as decoded_token(label, token_id):\n", file=file)
-        print_examples(prep.train, tokenizer, num_examples=num_examples, seed=seed, text_only=text_only, file=file)
-    return prep

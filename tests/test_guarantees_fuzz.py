@@ -230,7 +230,12 @@ def test_fuzz_dataset_files_through_prepare(tok, tmp_path_factory, data):
     elif kind == "folder_with_file":
         path = d / "folder"; path.mkdir(); (path / "a.jsonl").write_text('{"text": "hello there"}\n{"oops": 1}\n')
     else: path = d / "missing.jsonl"
-    cfg = load_cfg({**BASE, "datasets": [{"path": str(path), "type": name}], "sequence_len": 64, "dataset_prepared_path": str(d / "prep")})
+    extra = {}
+    if name == "chat_template":          # hostile or broken templates too
+        tpl = data.draw(st.sampled_from([None, "hello {% for m in messages %}[{{ m['role'] }}]{% endfor %}", "{{ undefined.x.y }}",
+                                         "{% for m in messages %}", "{{ raise_exception('no') }}", "{% for m in messages %}{{ m }}{% endfor %}"]))
+        if tpl: extra = {"chat_template": "jinja", "chat_template_jinja": tpl}
+    cfg = load_cfg({**BASE, "datasets": [{"path": str(path), "type": name}], "sequence_len": 64, "dataset_prepared_path": str(d / "prep"), **extra})
     t = time.process_time()
     try:
         prep = prepare(cfg, tok, use_cache=False, quiet=True)
