@@ -105,8 +105,7 @@ def check(plugins, values: dict) -> list[Problem]:
             out.append(Problem(f"plugins[{i}]", f"unknown plugin {name!r}: {extra}.",
                                f"Installed plugins: {', '.join(have)}; a package adds one with an entry point in the "
                                f"group {ENTRY_POINT_GROUP!r}."))
-        elif where == "native":
-            n = native_integration(name)
+        elif (n := native_integration(name)) is not None:
             if not any(values.get(k) for k in n.keys):
                 out.append(Problem(f"plugins[{i}]", f"{name!r} is ftkit's own {n.title}, switched by {', '.join(n.keys)}, "
                                    "and none of them is on: the plugin does nothing.",
