@@ -287,13 +287,17 @@ def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> float:
                     (n in ("gate_proj", "up_proj", "down_proj") and lora_mlp)
             b += a * s.lora_r + (0 if fused else a * ins[n] * (F / shape.intermediate_size if n == "down_proj" else 1))
         if lora_mlp: b += a * d                     # the fused MLP keeps its (shared) input
+        if "lora_qkv" in k and any(n in s.lora_targets for n in ("q_proj", "k_proj", "v_proj")): b += a * d   # and the fused QKV its own
         if s.method in ("qlora", "lora8"): b += 5 * a * d     # bitsandbytes' bf16 copies of q,k,v,gate,up inputs
     return b
 
 def logits_bytes(shape: ModelShape, s: TrainSetup) -> float:
     "Peak bytes of the logits and loss for one micro-batch."
     T = s.tokens * (s.trained_share if s.trained_share < 0.5 else 1.0)   # ftkit computes logits only at trained positions below 50 %
-    if "fused_linear_ce" in s.kernels: return 2 * s.tokens * shape.hidden_size * 4   # a chunk of fp32 logits ~ tokens x hidden
+    if "fused_linear_ce" in s.kernels:       # ftkit.kernels.flce: 256 MiB chunks of logits, the hidden-state gradient kept
+        chunk = min(T, max(1, (256 << 20) // (shape.vocab_size * s.act_bytes))) * shape.vocab_size * s.act_bytes
+        head = 4 * shape.vocab_size * shape.hidden_size if s.method == "full" else 0     # fp32 LM-head gradient when it trains
+        return chunk + s.act_bytes * T * shape.hidden_size + head
     return 12 * T * shape.vocab_size     # bf16 logits -> fp32 copy -> log-softmax (kept) + its gradient + the input gradient
 
 # %% ../nbs/05a_fit.ipynb #1deba256
