@@ -142,7 +142,7 @@ def test_tools_passed_and_tool_call_trained():
     text = tok.decode(r["input_ids"])
     assert "# Tools" in text and '"name": "add"' in text
     tt = T.trained_text(tok, r)
-    assert tt == '\n<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 5}}\n</tool_call><|im_end|>8.<|im_end|>', tt
+    assert tt == '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 5}}\n</tool_call><|im_end|>8.<|im_end|>', tt
 
 def test_split_thinking_trains_reasoning():
     tok = T.smollm2()

@@ -12,9 +12,10 @@ from pathlib import Path
 from .registry import RowError, as_entry, as_config
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'TEMPLATE_EOT', 'METHARME_SYSTEM', 'DEFAULT_ROLES', 'STANDARD_ROLES', 'EOS_MODES', 'register_template',
-           'resolve_template', 'compile_template', 'template_vars', 'role_map', 'ChatOptions', 'to_messages',
-           'render_spans', 'diff_span', 'detail_tokens', 'ChatTemplateStrategy', 'entry_dict', 'build']
+__all__ = ['TEMPLATES', 'TEMPLATE_EOT', 'QWEN_SYSTEM', 'QWEN_TOOLS', 'QWEN_TOOLS_END', 'METHARME_SYSTEM', 'DEFAULT_ROLES',
+           'STANDARD_ROLES', 'EOS_MODES', 'register_template', 'resolve_template', 'compile_template', 'template_vars',
+           'role_map', 'ChatOptions', 'to_messages', 'render_spans', 'diff_span', 'detail_tokens',
+           'ChatTemplateStrategy', 'entry_dict', 'build']
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #90353ab1
 TEMPLATES: dict[str, str] = {}
@@ -67,25 +68,39 @@ register_template("phi_3",      # Phi-3: a user turn opens the assistant's (`<|a
     "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n<|assistant|>\n' }}"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + '<|end|>\n' }}{% endif %}{% endfor %}", "<|end|>")
 
-register_template("qwen",   # Qwen2.5 layout: ChatML, a default system prompt, tools in the system turn
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN_TOOLS = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+              "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+QWEN_TOOLS_END = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                  "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n")
+register_template("qwen",   # Qwen2.5: ChatML, a default system prompt, tools in the system turn, tool results grouped in a user turn
     "{% if tools %}{{ '<|im_start|>system\n' }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
-    "{% else %}{{ 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{% endif %}"
-    "{{ '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
-    "{% for tool in tools %}{{ '\n' + tool | tojson }}{% endfor %}"
-    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n' }}"
-    "{% elif messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% else %}{{ '" + QWEN_SYSTEM + "' }}{% endif %}{{ " + repr(QWEN_TOOLS) + " }}"
+    "{% for tool in tools %}{{ '\n' + tool | tojson }}{% endfor %}{{ " + repr(QWEN_TOOLS_END) + " }}"
+    "{% elif messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>system\n" + QWEN_SYSTEM + "<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% if not (loop.first and tools) %}{{ '<|im_start|>system\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
-    "{% elif message['role'] == 'tool' %}{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
-    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
-    "{% if message.tool_calls %}{% for tc in message.tool_calls %}{% set f = tc.function if tc.function is defined else tc %}"
-    "{{ '\n<tool_call>\n{\"name\": \"' + f.name + '\", \"arguments\": ' }}"
-    "{% if f.arguments is string %}{{ f.arguments }}{% else %}{{ f.arguments | tojson }}{% endif %}{{ '}\n</tool_call>' }}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) or (message['role'] == 'assistant' and not message.tool_calls) %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|im_start|>assistant' }}{% if message['content'] %}{{ '\n' + message['content'] }}{% endif %}"
+    "{% for tc in message.tool_calls %}{% set f = tc.function if tc.function is defined else tc %}"
+    "{{ '\n<tool_call>\n{\"name\": \"' + f.name + '\", \"arguments\": ' + f.arguments | tojson + '}\n</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}", "<|im_end|>")
+TEMPLATES["qwen_25"], TEMPLATE_EOT["qwen_25"] = TEMPLATES["qwen"], "<|im_end|>"     # Axolotl's name for it
+
+register_template("mistral_v1",   # Axolotl's mistral_v1: " [INST] ... [/INST]" turns, the system text in the first one
+    "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system = none %}{% set loop_messages = messages %}{% endif %}{{ bos_token }}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{% if loop.first and system is not none %}{{ ' [INST] ' + system + '\n\n' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('mistral_v1: only user and assistant roles after an optional system message') }}{% endif %}{% endfor %}")
 
 register_template("qwen3",  # Qwen3's layout: after the last user query, an assistant turn that is last or carries reasoning
     # always gets a <think> block (empty when there is no reasoning); tool results are grouped in one user turn

@@ -6,5 +6,7 @@ DELIBERATE: dict[str, str] = {
     "ct_empty_first_turn_eos": "D4 (an empty turn trains nothing, not even an end-of-turn token near the start)",
     "ct_field_system": "D5 (field_system is honoured)",
     "sharegpt_type": "D7 (type: sharegpt still works, as a chat_template preset)",
+    "ct_thinking_keys": "D8 (field_thinking is honoured)",
+    "ct_default_system_message": "D9 (default_system_message adds a system turn)",
     "ct_tpl_gemma_system": "D6 (gemma folds a system turn into the first user turn)",
 }

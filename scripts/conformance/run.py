@@ -121,6 +121,7 @@ def diff_rows(a: list[dict], f: list[dict], dec: Decoder, max_rows=4, ctx=3) -> 
 def status(r: dict) -> str:
     if r["identical"]: return "identical"
     if r.get("identical_d1"): return "identical (D1)"
+    if r["ftkit"]["rc"] not in (0, 2): return "ftkit crashed"       # 2: a reported config or data error; anything else is a bug
     if r["name"] in DELIBERATE: return "deliberate"
     if r["both_failed"]: return "both reject"
     return "differs"
@@ -136,7 +137,8 @@ def report(results: list[dict], dec: Decoder, versions: dict) -> str:
          f"**{ident} of {n} cases identical**, {sum(status(r) == 'identical (D1)' for r in results)} more identical once the rows "
          "Axolotl keeps without any trained token are left out (difference D1: ftkit drops them, they add nothing to the loss); deliberate differences: "
          f"{sum(status(r) == 'deliberate' for r in results)} (see DIFFERENCES.md); "
-         f"other differences: {sum(status(r) == 'differs' for r in results)}; both tools reject: {sum(status(r) == 'both reject' for r in results)}.", "",
+         f"other differences: {sum(status(r) == 'differs' for r in results)}; both tools reject: {sum(status(r) == 'both reject' for r in results)}"
+         + (f"; ftkit crashed: {sum(status(r) == 'ftkit crashed' for r in results)}" if any(status(r) == 'ftkit crashed' for r in results) else "") + ".", "",
          "| case | checks | result | rows axolotl / ftkit |", "|---|---|---|---|"]
     for r in results:
         ra, rf = r["axolotl"]["rows"], r["ftkit"]["rows"]
@@ -156,6 +158,7 @@ def report(results: list[dict], dec: Decoder, versions: dict) -> str:
     return "\n".join(L) + "\n"
 
 def write_fixture(case: Case, r: dict):
+    if status(r) == "ftkit crashed": return          # keep the last good fixture; the report shows the traceback
     FIXTURES.mkdir(parents=True, exist_ok=True)
     fx = {"name": case.name, "what": case.what, "config": case.config,
           "datasets": [{"entry": ds.entry, "rows": ds.rows} for ds in case.datasets],
