@@ -11,8 +11,7 @@ from .schema import FinetuneConfig
 
 # %% auto #0
 __all__ = ['RED', 'YELLOW', 'GREEN', 'WHITE', 'RESET', 'supports_color', 'debug_text', 'debug_summary', 'print_examples',
-           'html_tokens', 'report_html', 'HTML', 'show', 'sample_rows', 'tokenize_under', 'changed_positions',
-           'Comparison', 'compare']
+           'html_tokens', 'HTML', 'show', 'sample_rows', 'tokenize_under', 'changed_positions', 'Comparison', 'compare']
 
 # %% ../nbs/05_inspect.ipynb #78761f35
 RED, YELLOW, GREEN, WHITE, RESET = "\x1b[31m", "\x1b[33m", "\x1b[32m", "\x1b[37m", "\x1b[0m"
@@ -97,11 +96,7 @@ def html_tokens(sample: dict, tokenizer, end_ids=None, mark=None) -> str:
               f'<span style="border:1px solid #999">special</span> {len(sample["input_ids"])} tokens, {n} trained</div>')
     return legend + '<div class="ftk-tok">' + "".join(out) + "</div>"
 
-def report_html(report) -> str:
-    "The data report as HTML (a preformatted block; warnings in red)."
-    body = _html.escape(str(report))
-    body = "\n".join(f'<span style="color:#c00">{l}</span>' if l.startswith("WARNING") else l for l in body.split("\n"))
-    return _CSS + f'<div class="ftk-report">{body}</div>'
+from .data import report_html   # the data report's HTML lives with the report
 
 class HTML:
     "A minimal object notebooks render as HTML."

@@ -388,14 +388,27 @@ def prepare_for_launch(cfg: FinetuneConfig, quiet: bool = True) -> None:
     prepare(cfg, load_tokenizer(cfg, quiet=True), quiet=quiet)
 
 # %% ../nbs/06_train.ipynb #7365c3cb
-def preprocess(cfg: FinetuneConfig, *, debug: bool = False, num_examples: int = 1, text_only: bool = False,
-               seed: int | None = None, file=None):
-    "`ftkit preprocess` for every method: prepare (and cache) the data, print its report and, with `debug`, rows token by token."
+def preprocess(cfg, *, debug: bool = False, num_examples: int = 1, text_only: bool = False, seed: int | None = None,
+               file=None, tokenizer=None):
+    """`ftkit preprocess` for every method (`cfg`: path, YAML text, dict or FinetuneConfig): prepare and cache the data, print
+    its report and, with `debug`, each dataset's strategy and template and `num_examples` rows token by token."""
+    from ftkit.inspect import print_examples
+    from ftkit.models import load_tokenizer
+    cfg = _as_config(cfg)
+    file = file or sys.stdout
     if method_of(cfg) is not None:
         from ftkit.rl import preprocess_rl
-        return preprocess_rl(cfg, debug=debug, num_examples=num_examples, text_only=text_only, seed=seed, file=file)
-    from ftkit.data import preprocess_main
-    return preprocess_main(cfg, debug=debug, num_examples=num_examples, text_only=text_only, seed=seed)
+        return preprocess_rl(cfg, tokenizer, debug=debug, num_examples=num_examples, text_only=text_only, seed=seed, file=file)
+    tokenizer = tokenizer or load_tokenizer(cfg, quiet=True)
+    prep = prepare(cfg, tokenizer)
+    print(prep.report, file=file)
+    if debug:
+        for i, s in enumerate(prep.strategies):
+            name = getattr(s, "template_name", None)
+            print(f"\ndatasets[{i}]: strategy {type(s).__name__}" + (f", chat template {name}:\n{s.template}" if name else ""), file=file)
+        print(f"\n{num_examples} random training row(s) as decoded_token(label, token_id):\n", file=file)
+        print_examples(prep.train, tokenizer, num_examples=num_examples, seed=seed, text_only=text_only, file=file)
+    return prep
 
 # %% ../nbs/06_train.ipynb #80772833
 class MetricsRecorder(TrainerCallback):

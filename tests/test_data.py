@@ -3,7 +3,8 @@
 import json
 import pytest
 import ftkit_test_tokenizers as T
-from ftkit.data import prepare, DataError, cache_key, preprocess_main
+from ftkit.data import prepare, DataError, cache_key
+from ftkit.train import preprocess as preprocess_main
 from helpers import make_cfg
 
 def conv(i, a=None):
