@@ -507,6 +507,12 @@ class ChatTemplateStrategy:
         if self.o.field_system != "system":
             notes.append(f"differs from Axolotl 0.19.0 (D5): field_system: {self.o.field_system} is used; Axolotl 0.19.0 ignores the "
                          "key and reads the column `system`")
+        if self.o.field_thinking != "reasoning_content":
+            notes.append(f"differs from Axolotl 0.19.0 (D8): field_thinking: {self.o.field_thinking} is used; Axolotl 0.19.0 never "
+                         "passes that column to the template")
+        if self.o.default_system_message:
+            notes.append("differs from Axolotl 0.19.0 (D9): default_system_message adds a system turn to conversations without "
+                         "one; in Axolotl 0.19.0 the key changes nothing")
         if self.template_name == "gemma":
             notes.append("differs from Axolotl 0.19.0 (D6): the gemma template folds a system turn into the first user turn; "
                          "Axolotl's stops the run with 'System role not supported'")
