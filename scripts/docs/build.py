@@ -191,7 +191,7 @@ def execute_all(paths: list[Path], mode: str, workers: int) -> dict[str, Path]:
         log(f"executing {len(nbdev_jobs)} notebook(s) with {workers} worker(s) (cached in {EXEC_CACHE.relative_to(ROOT)})")
         ctx = mp.get_context("spawn")
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as ex:
-            for name, dt, err in ex.map(_exec_nbdev, nbdev_jobs):
+            for name, dt, err in ex.map(_importable(_exec_nbdev), nbdev_jobs):
                 log(f"  {name}: {dt:.1f}s" + (f"  ERROR {err}" if err else ""))
                 if err:
                     failed.append(name)
@@ -315,6 +315,16 @@ def process_notebook(executed: Path, dst: Path, is_nbdev: bool):
     nbformat.write(nb, dst)
 
 
+def _importable(fn):
+    "The same function reached through `import build` (spawned workers cannot unpickle functions of __main__)."
+    import importlib
+    return getattr(importlib.import_module("build"), fn.__name__)
+
+
+def _process_job(job):
+    process_notebook(*job)
+
+
 def page_name(entry: str) -> str:
     "The HTML page name of a sidebar entry: nbdev's output-file (config.html for 00_config.ipynb)."
     p = Path(entry)
@@ -369,11 +379,14 @@ def build_sphinx(execute: str, out: Path, workers: int) -> None:
                 log(f"note: {e} is in _quarto.yml but does not exist; skipped")
     executed = execute_all(nb_paths, execute, workers)
     t1 = time.time()
+    jobs = []
     for p in nb_paths:
         name = "index" if p.name == "index.ipynb" else page_name(str(p.relative_to(NBS)) if p.is_relative_to(NBS) else p.name)
         if p == QUICKSTART:
             name = "quickstart"
-        process_notebook(executed[p.name], SITE_SRC / f"{name}.ipynb", is_nbdev=p.parent == NBS)
+        jobs.append((executed[p.name], SITE_SRC / f"{name}.ipynb", p.parent == NBS))
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        list(ex.map(_importable(_process_job), jobs))
     # 3. hand-written and generated pages
     for md in DOCS_SRC.glob("*.md"):
         shutil.copy(md, SITE_SRC / md.name)
