@@ -31,7 +31,7 @@ _API = {
     # inference
     "generate": "infer", "chat": "infer", "merge": "infer",
 }
-_SUBMODULES = ("config", "models", "data", "packing", "inspect", "train", "infer", "launch", "magics", "widgets",
+_SUBMODULES = ("errors", "schema", "config", "doctor", "models", "data", "packing", "inspect", "train", "infer", "launch", "magics", "widgets",
                "dashboard", "cli", "prompts", "kernels", "fit", "progress")
 
 def __getattr__(name: str):

