@@ -142,6 +142,7 @@ def lora_kernels_preconditions(d):
         yield Problem(on[0], f"{', '.join(on)} cannot be used: {w}.",
                       "Remove DoRA / 8-bit / rl, or turn the kernels off.")
 
+# %% ../nbs/00_config.ipynb #9943d092
 @rule
 def one_attention_backend(d):
     on = [k for k in ("flash_attention", "sdp_attention", "flex_attention", "eager_attention", "xformers_attention", "s2_attention")
@@ -193,6 +194,7 @@ def chat_template_choice(d):
         yield Problem("default_system_message", "default_system_message only works with the chatml template.",
                       "Use `chat_template: chatml` or put the system message in the data.", level="warning")
 
+# %% ../nbs/00_config.ipynb #ce64cdf5
 @rule
 def misc_rules(d):
     if d.get("rl") == "simpo" and _set(d, "warmup_ratio"):
@@ -232,14 +234,14 @@ def _suggest(word, choices) -> str:
 
 def known_dataset_types() -> list[str]:
     "Prompt strategy names known to the registry (`ftkit.prompts.registry`)."
-    try: from ftkit.prompts.registry import known_types
-    except ImportError: return []
+    from ftkit.prompts.registry import known_types   # always importable: the check is never silently off
     return list(known_types())
 
 _PREF_KEYS = ("field_chosen", "field_rejected", "field_prompt")
 _KTO_KEYS = ("field_completion", "field_label")
 _STEP_KEYS = ("step_separator", "train_on_last_step_only")
 
+# %% ../nbs/00_config.ipynb #61195bb3
 @rule
 def dataset_entries(d):
     known = None
@@ -285,6 +287,7 @@ def dataset_entries(d):
                     yield Problem(f"{at}.{k}", f"{k} is a legacy key.",
                                   "Use `message_property_mappings: {role: ..., content: ...}`.", level="warning")
 
+# %% ../nbs/00_config.ipynb #27d65cdb
 def _is_user_module(t, known):
     "`my_module.my_transform` names a user function (GRPO/custom); `alpaca_chat.load_qa` is a known sub-strategy."
     return "." in t and t.split(".")[0] not in {k.split(".")[0] for k in known}
@@ -296,14 +299,17 @@ def trackers_and_plugins(d):
     from ftkit import plugins, tracking   # light modules: no torch / transformers
     yield from tracking.check(d)
     yield from plugins.check(d.get("plugins"), d)
-    from ftkit import hub
+    from ftkit import hub, lmeval
     yield from hub.check(d)
+    yield from lmeval.check(d)
     if d.get("pretraining_dataset") or d.get("streaming"):   # ftkit.streaming imports torch: only for configs that stream
         from ftkit import streaming
         yield from streaming.check(d)
 
 # %% ../nbs/00_config.ipynb #73b4b55f
 _LATER = "not implemented in ftkit yet"
+
+# %% ../nbs/00_config.ipynb #c3c9ce71
 IGNORED_KEYS: dict[str, str] = {
     # hub, data streaming (the workflow issue)
 
@@ -382,6 +388,7 @@ IGNORED_KEYS: dict[str, str] = {
     "trl.use_liger_loss": "ftkit's GRPO uses TRL's own loss",
 }
 
+# %% ../nbs/00_config.ipynb #daeb2d26
 REJECTED_KEYS: dict[str, str] = {
     "xformers_attention": "xformers is not one of transformers 5's attention backends: use sdp_attention or flash_attention",
     "s2_attention": "shifted-sparse attention is not available in transformers 5: use sdp_attention or flash_attention",
@@ -566,6 +573,7 @@ _EXPECT = {"string_type": "text", "int_type": "a whole number", "int_parsing": "
            "dict_type": "a mapping", "model_type": "a mapping of keys", "literal_error": None, "int_from_float": "a whole number",
            "missing": None, "model_attributes_type": "a mapping of keys"}
 
+# %% ../nbs/00_config.ipynb #a83d3d3d
 def _problems_from_validation(ex: ValidationError, data: dict) -> list[Problem]:
     grouped: dict[tuple, list[Any]] = {}
     for e in ex.errors(include_url=False):
@@ -610,6 +618,7 @@ def _problems_from_validation(ex: ValidationError, data: dict) -> list[Problem]:
 def _sort_problems(ps):
     return sorted(ps, key=lambda p: (p.level != "error", p.line or 10**9))
 
+# %% ../nbs/00_config.ipynb #0217c5af
 def validate(source, overrides: dict | None = None) -> tuple[FinetuneConfig | None, list[Problem], str | None, str]:
     "Validate without raising: (config or None, problems, yaml text, origin)."
     data, text, origin = _read_source(source)
@@ -650,6 +659,7 @@ def validate(source, overrides: dict | None = None) -> tuple[FinetuneConfig | No
     if cfg is not None: cfg._warnings = [p for p in problems if p.level == "warning"]
     return cfg, problems, text, origin
 
+# %% ../nbs/00_config.ipynb #7df3475a
 def _parse_key(key: str) -> tuple:
     return tuple(int(x) if x.isdigit() else x for x in re.findall(r"[^.\[\]]+", key or ""))
 
@@ -761,6 +771,7 @@ def _attention(cfg: FinetuneConfig, env: Env) -> tuple[str, str]:
         return "ftkit_varlen", "sample_packing needs attention that keeps packed samples apart: PyTorch varlen attention"
     return "sdpa", "default: PyTorch scaled_dot_product_attention"
 
+# %% ../nbs/00_config.ipynb #c9c2d7b5
 def resolve(cfg: FinetuneConfig, env: Env | None = None) -> Plan:
     "Compute the derived values of `cfg` on the machine described by `env` (detected when omitted)."
     env = env or detect_env()

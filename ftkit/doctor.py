@@ -36,6 +36,7 @@ def _declared_ranges() -> dict[str, str]:
         if m: out.setdefault(m.group(1).lower().replace("_", "-"), m.group(2).strip())
     return out
 
+# %% ../nbs/14_doctor.ipynb #8f687543
 def env_facts() -> dict:
     "Facts about this machine and environment (imports torch; creates no CUDA context)."
     import platform

@@ -49,6 +49,7 @@ def training_template(cfg: FinetuneConfig | None, tokenizer) -> tuple[str, str]:
     try: return resolve_template(tokenizer, ds, cfg)
     except ValueError as e: raise InferError(f"chat_template: {e}") from None
 
+# %% ../nbs/08_infer.ipynb #a7473dba
 class Prompter:
     "Inference prompts rendered exactly like the training rows of `cfg`."
     def __init__(self, tokenizer, cfg: FinetuneConfig | None = None):
@@ -90,6 +91,7 @@ def _adapter_weights(folder: Path) -> dict:
     raise AdapterError(f"lora_model_dir {folder}: no adapter weights (adapter_model.safetensors) in the folder; "
                        "it holds " + (", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"))
 
+# %% ../nbs/08_infer.ipynb #0c4a0a95
 def check_adapter(folder, model, cfg: FinetuneConfig | None = None) -> dict:
     "Check a LoRA folder against `model` (and the config's `lora_r`); returns its adapter_config. Raises `AdapterError`."
     folder = Path(folder).expanduser()
@@ -198,6 +200,7 @@ def _stop_ids(tokenizer, cfg: FinetuneConfig | None) -> list[int]:
         if len(e) == 1 and e[0] not in ids: ids.append(e[0])
     return ids
 
+# %% ../nbs/08_infer.ipynb #4077b446
 def generate(cfg: FinetuneConfig | None, prompt, *, model=None, tokenizer=None, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int | None = None, repetition_penalty: float | None = None, stream: bool = False,
              raw: bool = False, prompter: Prompter | None = None):
@@ -229,6 +232,7 @@ def _stream(model, tokenizer, kw) -> Iterator[str]:
     th.join()
     if err: raise err[0]
 
+# %% ../nbs/08_infer.ipynb #3b5bf9c1
 class Chat:
     "A conversation with the model: `chat('Hi')` replies and remembers; `stream=True` prints as it generates."
     def __init__(self, cfg: FinetuneConfig | None = None, model=None, tokenizer=None, system: str | None = None, **gen):
@@ -318,6 +322,7 @@ class EvalReport(dict):
         cap = f"<caption>{self.what}</caption>" if self.what else ""
         return f"<table class='ftkit-table'>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
+# %% ../nbs/08_infer.ipynb #e6f3e39e
 def lm_loss(model, rows, batch_size: int = 8) -> tuple[float, int]:
     "`(mean loss per trained token, trained tokens)` over rows of input_ids / labels."
     import torch
@@ -349,6 +354,7 @@ def _rows(ds) -> list[dict]:
     cols = [c for c in ("input_ids", "labels") if c in ds.column_names]
     return [dict(zip(cols, v)) for v in zip(*(ds[c] for c in cols))]
 
+# %% ../nbs/08_infer.ipynb #a30657ef
 def evaluate(cfg: FinetuneConfig, model=None, tokenizer=None, data=None, *, train: bool = False, lora_model_dir: str | None = None,
              base_model: str | None = None, batch_size: int | None = None, max_samples: int | None = None,
              save: bool = False) -> EvalReport:
@@ -406,6 +412,7 @@ def add_inference_args(p):
     p.add_argument("--prompter", default="chat_template", help="'None' sends the text without the chat template")
     p.add_argument("--system", default=None, help="system message for the conversation")
 
+# %% ../nbs/08_infer.ipynb #2ce0cfb6
 def inference_main(args, stdin=None, stdout=None) -> int:
     "`ftkit inference CONFIG`: chat in the terminal, or answer the prompt piped on stdin."
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -444,6 +451,7 @@ def add_merge_args(p):
     p.add_argument("--push", nargs="?", const=True, default=None, metavar="REPO",
                    help="upload the merged model to the Hub: to REPO, or to hub_model_id (nothing is uploaded without this flag)")
 
+# %% ../nbs/08_infer.ipynb #4f43f5bc
 def merge_main(args) -> int:
     "`ftkit merge-lora CONFIG`: merge the adapter into the base and save `{output_dir}/merged`."
     cfg = load_with_overrides(args.config, args.overrides)

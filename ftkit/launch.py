@@ -90,6 +90,7 @@ class MetricsFile(TrainerCallback):
             rec = {"rank": args.process_index, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
             with open(self.path.parent / "peak_memory.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
 
+# %% ../nbs/09_launch.ipynb #4375400d
 def read_metrics(path) -> list[dict]:
     "All records written so far."
     p = Path(path)
@@ -154,6 +155,7 @@ def launch_train(cfg: FinetuneConfig, gpus: int, *, on_record: Callable[[dict], 
         if thread: thread.join(5)
     return read_metrics(metrics)
 
+# %% ../nbs/09_launch.ipynb #583d8a6e
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -56,6 +56,7 @@ def _dequantized_save(model, tokenizer, dest: Path):
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
 
+# %% ../nbs/01_models.ipynb #dad583a7
 def embedded_model_path(quiet: bool = False) -> Path:
     "Folder with SmolLM2-135M-Instruct as safetensors, converted from the packaged GGUF on first use."
     dest = ftkit_home() / "models" / EMBEDDED_MODEL
@@ -94,6 +95,7 @@ class ModelSource:
 def _is_embedded(name) -> bool:
     return not name or str(name).strip().lower() in (EMBEDDED_MODEL, "smollm2-135m-instruct.q4_1.gguf")
 
+# %% ../nbs/01_models.ipynb #e0eca395
 def model_source(cfg: FinetuneConfig, *, check: bool = True, quiet: bool = True) -> ModelSource:
     "Resolve and check where the model of `cfg` comes from (fast: reads at most a config file)."
     base, gguf = cfg.base_model, cfg.gguf_file
@@ -127,6 +129,7 @@ def model_source(cfg: FinetuneConfig, *, check: bool = True, quiet: bool = True)
     if check and not src.gguf_file: _check_architecture(cfg, src)
     return src
 
+# %% ../nbs/01_models.ipynb #a1773b65
 def _check_architecture(cfg: FinetuneConfig, src: ModelSource):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -158,6 +161,7 @@ def _check_architecture(cfg: FinetuneConfig, src: ModelSource):
         raise _err("base_model", f"{src.path!r} is a {src.model_type!r} model, which has no causal-LM class in transformers {_tf_version()}.",
                    "Pick a causal language model (decoder), or set trust_remote_code: true if it ships its own code.")
 
+# %% ../nbs/01_models.ipynb #8a25f87f
 def hub_reachable(timeout: float = 3.0) -> bool:
     "Whether the Hugging Face Hub answers (False at once when HF_HUB_OFFLINE is set)."
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"): return False
@@ -180,6 +184,7 @@ def _needs_template(cfg: FinetuneConfig) -> bool:
         if isinstance(t, str) and t.split(".")[0] in ("chat_template", "chatml"): return True
     return False
 
+# %% ../nbs/01_models.ipynb #72a56966
 def load_tokenizer(cfg: FinetuneConfig, *, source: ModelSource | None = None, quiet: bool = False):
     "The tokenizer of `cfg` with pad token, added tokens and chat template set."
     from transformers import AutoTokenizer
@@ -261,6 +266,7 @@ def resize_embeddings(cfg: FinetuneConfig, model, tokenizer, quiet: bool = False
         return target
     return n_emb
 
+# %% ../nbs/01_models.ipynb #fda96fcb
 def load_model(cfg: FinetuneConfig, tokenizer=None, *, source: ModelSource | None = None, plan=None, quiet: bool = False, **kwargs):
     "The model of `cfg` in the resolved dtype and attention backend, embeddings fitted to `tokenizer`."
     import torch
@@ -343,6 +349,7 @@ def effective_lora_alpha(cfg: FinetuneConfig) -> float:
     "`lora_alpha`, or 2 × `lora_r` when it is not set (the one place this derived default lives)."
     return cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r
 
+# %% ../nbs/01_models.ipynb #5dedeb67
 def apply_adapter(cfg: FinetuneConfig, model, *, quiet: bool = False):
     "Add the configured adapter (or set up a full fine-tune); prints and records the trainable-parameter count."
     adapter = cfg.adapter

@@ -217,6 +217,7 @@ def _segment_sdpa(q, k, v, cu, scale):
         out[s:e] = o[0].transpose(0, 1)
     return out
 
+# %% ../nbs/04_packing.ipynb #d6390674
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              is_causal=None, **kwargs):
     "transformers attention function: causal attention within packed segments (no cross-sample attention)."

@@ -247,6 +247,7 @@ class _ChatEncoder:
             p1, c, r = p1[:k], p1[k:] + c, p2[k:] + r
         return p1, c, r
 
+# %% ../nbs/07_rl.ipynb #8ab514bd
 def _encode_text(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
     "Plain-text rows (user_defined, passthrough): the prompt with the tokenizer's own special tokens, the completion + EOS."
     p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -504,6 +505,7 @@ def _tokenize_entries(entries, tokenizer, cfg, mode, problems, group="datasets")
             out += r
     return out, template
 
+# %% ../nbs/07_rl.ipynb #19038930
 def prepare_rl_data(cfg, tokenizer) -> RLData:
     "Load, tokenize and split the RL datasets of `cfg`; raises `RLDataError` naming file and row for unusable rows."
     mode = rl_mode(cfg)
@@ -596,6 +598,7 @@ def check_reward_funcs(funcs: list[Callable], rows: list[dict], names: list[str]
             shape = f"{type(out).__name__} of length {len(out)}" if hasattr(out, "__len__") else repr(out)[:60]
             raise RewardFuncError(f"{key} must return a list of {len(rows)} floats (one per completion), got {shape}: {str(out)[:80]}")
 
+# %% ../nbs/07_rl.ipynb #aadb83c4
 def _grpo_rows(rows, ds, cfg, src, problems) -> list[dict]:
     t = ds.type
     if isinstance(t, str) and t.strip() and t.strip() not in ("passthrough", "chat_template.default"):
@@ -655,6 +658,7 @@ def trainer_classes() -> dict:
     class FtkitCPOTrainer(_PassRow, CPOTrainer): pass
     return {"dpo": FtkitDPOTrainer, "kto": FtkitKTOTrainer, "orpo": FtkitORPOTrainer, "cpo": FtkitCPOTrainer, "reward": RewardTrainer}
 
+# %% ../nbs/07_rl.ipynb #97d42017
 def to_orpo_rows(rows: list[dict], max_length: int | None = None) -> list[dict]:
     "Prompt/chosen/rejected ids -> the concatenated, labelled layout ORPO and CPO train on."
     out = []

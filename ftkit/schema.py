@@ -64,6 +64,7 @@ class UserDefinedType(Section):
 # %% ../nbs/00_schema.ipynb #d7bb5190
 TrainOnEos = Literal["all", "turn", "last", "none"]
 
+# %% ../nbs/00_schema.ipynb #6e8eb0c2
 class DatasetEntry(Section):
     "One entry of `datasets:` / `test_datasets:` (SFT, preference, KTO or stepwise-supervised)."
     # where the data is
@@ -149,6 +150,7 @@ class ModelSection(Section):
     embeddings_skip_upcast: bool | None = _f(None, "Keep embeddings in half precision under PEFT.", adv=True)
     experimental_skip_move_to_device: bool = _f(True, "Don't move the model before sharding.", adv=True)
 
+# %% ../nbs/00_schema.ipynb #ea5183bd
 class TokenizerSection(Section):
     "Tokenizer, special tokens and chat template."
     tokenizer_config: str | None = _f(None, "Use another tokenizer than the model's.", adv=True)
@@ -254,6 +256,7 @@ Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cos
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay", "one_cycle", "rex"]
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
+# %% ../nbs/00_schema.ipynb #626a2a20
 class TrainingSection(Section):
     "Batch size, length of training, optimizer and schedule."
     micro_batch_size: int = _f(1, "Samples per device per forward pass.", ge=1)
@@ -459,6 +462,10 @@ class DistributedSection(Section):
 class IntegrationsSection(Section):
     "Plugins."
     plugins: list[str] | None = _f(None, "Plugins: entry-point names (group ftkit.plugins), module.Class paths, or Axolotl's Liger / Cut Cross-Entropy names (ftkit's own kernels).", adv=True)
+    lm_eval_tasks: list[str] | None = _f(None, "lm-evaluation-harness tasks run on the base and the tuned model (after training, and `ftkit lm-eval`).", adv=True)
+    lm_eval_batch_size: int | None = _f(None, "Batch size of the lm-eval runs.", adv=True, ge=1)
+    lm_eval_limit: int | None = _f(None, "At most N documents per lm-eval task.", adv=True, ge=1)
+    lm_eval_include_path: str | None = _f(None, "A folder of your own lm-eval task YAMLs.", adv=True)
     # Axolotl's Liger / Cut-Cross-Entropy integration switches; ftkit maps them onto its own kernels (ftkit.kernels)
     liger_rope: bool | None = _f(None, "Fused RoPE kernel (Liger's name; ftkit's kernel).", adv=True)
     liger_rms_norm: bool | None = _f(None, "Fused RMSNorm kernel (Liger's name; ftkit's kernel).", adv=True)

@@ -88,6 +88,7 @@ def _imports() -> dict[str, set[str]]:
         for n in ast.walk(tree):
             if isinstance(n, ast.ImportFrom):
                 if n.level: deps.add(".".join(pkg[: len(pkg) - n.level + 1] + ([n.module] if n.module else [])))
+                elif n.module == "ftkit": deps |= {f"ftkit.{a.name}" for a in n.names}   # `from ftkit import data`
                 elif n.module and n.module.startswith("ftkit"): deps.add(n.module)
             elif isinstance(n, ast.Import):
                 deps |= {a.name for a in n.names if a.name.startswith("ftkit")}

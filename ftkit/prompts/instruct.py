@@ -204,7 +204,7 @@ def build(tokenizer, ds=None, cfg=None, preset="alpaca"):
 # %% ../../nbs/02_prompts.instruct.ipynb #9ca09dd9
 def build_user_defined(tokenizer, ds=None, cfg=None):
     "Registry builder for `type: {field_instruction: ..., format: ...}` (`ds`: the `DatasetEntry`)."
-    from ftkit.config import UserDefinedType
+    from ftkit.schema import UserDefinedType
     t = as_entry(ds).type
     if t is None or isinstance(t, str): t = UserDefinedType()      # every key at its default
     fs, fi = t.field_system or "system", t.field_instruction or "instruction"
