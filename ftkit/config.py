@@ -28,9 +28,9 @@ __all__ = ['RENAMED_KEYS', 'RULES', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_M
            'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
            'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
            'packing_conflicts', 'chat_template_choice', 'misc_rules', 'chat_template_names', 'known_dataset_types',
-           'dataset_entries', 'trackers_and_plugins', 'honest_keys', 'optimizer_problem', 'values_that_run',
-           'apply_overrides', 'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env', 'detect_env', 'Plan',
-           'resolve', 'json_schema']
+           'dataset_entries', 'trackers_and_plugins', 'axolotl_differences', 'honest_keys', 'optimizer_problem',
+           'values_that_run', 'apply_overrides', 'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env',
+           'detect_env', 'Plan', 'resolve', 'json_schema']
 
 # %% ../nbs/00_config.ipynb #e544ff6a
 def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
@@ -305,6 +305,33 @@ def trackers_and_plugins(d):
     if d.get("pretraining_dataset") or d.get("streaming"):   # ftkit.streaming imports torch: only for configs that stream
         from ftkit import streaming
         yield from streaming.check(d)
+
+# %% ../nbs/00_config.ipynb #ax12d0f1
+_AXOLOTL_NOTE = "Nothing to change if ftkit's behaviour is what you want: scripts/conformance/DIFFERENCES.md says why it differs."
+
+@rule
+def axolotl_differences(d):
+    "Warnings where a config meets a deliberate difference from Axolotl 0.19.0's labels (scripts/conformance/DIFFERENCES.md)."
+    def w(key, dn, msg): return Problem(key, f"differs from Axolotl 0.19.0 ({dn}): {msg}", _AXOLOTL_NOTE, level="warning")
+    if _set(d, "default_system_message"):
+        yield w("default_system_message", "D9", "ftkit adds this system turn to conversations without one; in Axolotl the key changes nothing.")
+    for i, e in enumerate(d.get("datasets") or []):
+        if not isinstance(e, dict) or e.get("type") not in ("chat_template", "sharegpt"): continue
+        at = f"datasets[{i}]"
+        if e.get("type") == "sharegpt": yield w(f"{at}.type", "D7", "Axolotl 0.19.0 no longer has type: sharegpt; ftkit runs it as chat_template.")
+        roles = e.get("roles")
+        if isinstance(roles, dict):
+            mapped = {str(s) for v in roles.values() for s in ([v] if isinstance(v, str) else (v or []))}
+            left = [r for r in ("human", "gpt") if r not in mapped]
+            if left: yield w(f"{at}.roles", "D2", f"roles: replaces the default mapping and leaves out {', '.join(left)}; "
+                                                  "ftkit rejects rows with such a role, Axolotl renders it unchanged.")
+        if e.get("field_system") not in (None, "system"):
+            yield w(f"{at}.field_system", "D5", "ftkit reads this column; Axolotl 0.19.0 ignores the key and reads `system`.")
+        if e.get("field_thinking") not in (None, "reasoning_content"):
+            yield w(f"{at}.field_thinking", "D8", "ftkit passes this column to the template; Axolotl 0.19.0 never does.")
+        if (e.get("chat_template") or d.get("chat_template")) == "gemma":
+            yield w(f"{at}.chat_template", "D6", "ftkit's gemma template folds a system turn into the first user turn; "
+                                                 "Axolotl's stops the run on one.")
 
 # %% ../nbs/00_config.ipynb #73b4b55f
 _LATER = "not implemented in ftkit yet"
