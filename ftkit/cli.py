@@ -153,6 +153,8 @@ command("merge-lora", "merge the adapter into the base model and save {output_di
         "ftkit.infer:merge_main", _lazy_args("ftkit.infer", "add_merge_args"))
 command("evaluate", "eval loss and perplexity on the eval split (--train: also the train split)",
         "ftkit.infer:evaluate_main", _lazy_args("ftkit.infer", "add_evaluate_args"))
+command("lm-eval", "lm-evaluation-harness tasks (lm_eval_tasks) on the base and the tuned model: a before/after table",
+        "ftkit.lmeval:lm_eval_main", _lazy_args("ftkit.lmeval", "add_lm_eval_args"))
 
 def run_merge_sharded(args) -> int:
     from ftkit.launch import merge_sharded_fsdp_weights

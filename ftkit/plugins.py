@@ -49,6 +49,8 @@ NATIVE_INTEGRATIONS = (
     NativeIntegration("Cut Cross-Entropy", ("axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin",
                                             "axolotl.integrations.cut_cross_entropy", "cut_cross_entropy"),
                       ("cut_cross_entropy",)),
+    NativeIntegration("LM Eval Harness", ("axolotl.integrations.lm_eval.LMEvalPlugin", "axolotl.integrations.lm_eval", "lm_eval"),
+                      ("lm_eval_tasks",)),
 )
 
 def native_integration(name: str) -> NativeIntegration | None:
@@ -112,8 +114,8 @@ def check(plugins, values: dict) -> list[Problem]:
                                    f"Set e.g. `{n.keys[0]}: true`, or remove the plugin.", level="warning"))
     return out
 
-# %% ../nbs/06a_plugins.ipynb #cddbf510
-BUILTIN_PLUGINS = ("ftkit.tracking:TrackingPlugin", "ftkit.hub:HubPlugin")
+# %% ../nbs/06a_plugins.ipynb #7ac20c33
+BUILTIN_PLUGINS = ("ftkit.tracking:TrackingPlugin", "ftkit.hub:HubPlugin", "ftkit.lmeval:LMEvalPlugin")
 
 def _instantiate(name: str) -> Plugin:
     if (n := native_integration(name)): return NativePlugin(n)
