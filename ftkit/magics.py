@@ -213,7 +213,7 @@ def _has_content(text: str) -> bool:
     "Whether a cell body has anything but blank lines and comments (a body of comments reuses the run's config)."
     return any(l.strip() and not l.lstrip().startswith("#") for l in text.splitlines())
 
-MODES = ("validate", "plan", "preprocess", "debug", "train", "sweep", "infer", "merge", "evaluate")
+MODES = ("validate", "plan", "preprocess", "debug", "train", "sweep", "infer", "merge", "evaluate", "lm-eval")
 
 def _split_sweep(cell: str | None) -> tuple[str | None, str | None]:
     "(config, sweep) from a `sweep` cell: the sweep values follow a line `---` (none: the config alone)."
@@ -274,7 +274,7 @@ class FinetuneMagics(Magics):
 
     # -- %%finetune ------------------------------------------------------------
     @magic_arguments()
-    @argument("mode", nargs="?", default="validate", help="validate | plan | preprocess | debug | train | infer | merge | evaluate")
+    @argument("mode", nargs="?", default="validate", help="validate | plan | preprocess | debug | train | sweep | infer | merge | evaluate | lm-eval")
     @argument("--set", action="append", nargs="+", metavar="KEY=VALUE", help="override a config key (repeatable; dotted paths work)")
     @argument("--config", default=None, help="a YAML config file (the cell body, if any, is applied on top)")
     @argument("--name", default="ft", help="name of the run object in the notebook (default: ft)")
@@ -320,7 +320,7 @@ class FinetuneMagics(Magics):
                 self._show(fit_view(cfg, args.gpu, args.gpus))            # will it fit? (memory, speed)
             else:
                 if warnings: self._show(problems_view(warnings, text, "this cell"))
-                getattr(self, f"_{mode}")(args, run)
+                getattr(self, f"_{mode.replace('-', '_')}")(args, run)
             run.stages.append(mode)
         except ConfigError as ex:
             self._show(error_view(ex))
@@ -417,6 +417,13 @@ class FinetuneMagics(Magics):
             finally: dash.close(status)
         run.sweep = sweep(run.config, spec, run=one, quiet=True)
         self._show(run.sweep)
+
+    def _lm_eval(self, args, run):
+        "lm_eval_tasks on the base and the tuned model (this run's model, else the adapter in output_dir): one table."
+        from ftkit.lmeval import lm_eval
+        rep = lm_eval(run.config, model=run.model, tokenizer=run.tokenizer if run.model is not None else None)
+        run.metrics["lm_eval"] = {"base": rep.base, "tuned": rep.tuned}
+        self._show(rep)
 
     def _merge(self, args, run):
         from ftkit import infer

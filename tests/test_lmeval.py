@@ -37,3 +37,35 @@ def test_lm_eval_keys_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="is not a folder"):
         load_config({"learning_rate": 1e-4, "datasets": [{"path": "x.jsonl", "type": "alpaca"}], "lm_eval_tasks": ["t"],
                      "lm_eval_include_path": str(tmp_path / "missing")})
+
+
+def test_finetune_lm_eval_magic_shows_the_before_after_table(tmp_path, root, monkeypatch):
+    "`%%finetune lm-eval` in a real IPython shell, on a tiny local model trained for two steps (fast)."
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.testing.globalipapp import start_ipython
+    from IPython.utils.capture import capture_output
+    from ftkit.train import train
+    from ftkit_test_tokenizers import llama3
+    from test_tracking import tiny_llama
+    monkeypatch.chdir(root)
+    tok = llama3()
+    tiny_llama(vocab_size=len(tok), attn="sdpa", seed=0).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    cfg = {"base_model": str(tmp_path / "tiny"), "adapter": "lora", "lora_r": 4, "lora_target_linear": True,
+           "datasets": [{"path": "examples/data/reverse_words.jsonl", "type": "chat_template"}], "sequence_len": 128,
+           "max_steps": 2, "learning_rate": 1e-2, "optimizer": "adamw_torch", "save_strategy": "no",
+           "output_dir": str(tmp_path / "out"), "dataset_prepared_path": str(tmp_path / "prep"), "dataloader_num_workers": 0,
+           "lm_eval_include_path": "examples/lm_eval", "lm_eval_limit": 4}
+    train(load_config(cfg), quiet=True)
+    ip = start_ipython() or InteractiveShell.instance()
+    ip.display_formatter.active_types = ["text/plain", "text/html"]
+    ip.display_formatter.formatters["text/html"].enabled = True
+    ip.run_line_magic("load_ext", "ftkit")
+    body = yaml.safe_dump({**cfg, "lm_eval_tasks": ["reverse_words_mc"]})
+    with capture_output() as c:
+        r = ip.run_cell(f"%%finetune lm-eval --name lm\n{body}")
+    assert r.success
+    html = "\n".join(o.data.get("text/html", "") for o in c.outputs)
+    assert "ftkit-lmeval" in html and "reverse_words_mc" in html
+    m = ip.user_ns["lm"].metrics["lm_eval"]
+    assert set(m) == {"base", "tuned"} and 0 <= m["tuned"]["reverse_words_mc"]["acc"] <= 1
