@@ -16,9 +16,10 @@ from .errors import FtkitError
 __all__ = ['LOCK_NAME', 'MARKER', 'MAX_TEMPLATE_CONST', 'GuardError', 'LockedError', 'TrainingFault', 'ImportRefused', 'FileLock',
            'lock_output_dir', 'lock_dataset_cache', 'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir',
            'remove_incomplete_checkpoints', 'checkpoint_step', 'first_invalid_utf8', 'die_with_parent',
-           'seed_everything', 'EpochSampler', 'last_checkpoint', 'FaultWatchdog', 'fault_watchdog', 'is_oom',
-           'explain_oom', 'is_disk_full', 'explain_disk_full', 'saving', 'finished_checkpoint',
-           'finish_from_checkpoint', 'split_target', 'module_origin', 'load_target', 'user_modules', 'check_template']
+           'workers_die_with_parent', 'seed_everything', 'EpochSampler', 'last_checkpoint', 'FaultWatchdog',
+           'fault_watchdog', 'is_oom', 'explain_oom', 'is_disk_full', 'explain_disk_full', 'saving',
+           'finished_checkpoint', 'finish_from_checkpoint', 'split_target', 'module_origin', 'load_target',
+           'user_modules', 'check_template']
 
 # %% ../nbs/00b_guard.ipynb #gd000005
 class GuardError(FtkitError):
@@ -34,7 +35,8 @@ class ImportRefused(GuardError, ValueError):
     "A dotted name in the config that ftkit will not import (the current folder, the standard library, a missing function)."
 
 def _say(msg: str, quiet: bool = False):
-    if not quiet: print(msg, file=sys.stderr, flush=True)
+    "A line for the user, where ftkit's progress lines go (stdout; stderr is for library chatter)."
+    if not quiet: print(msg, flush=True)
 
 # %% ../nbs/00b_guard.ipynb #gd000007
 LOCK_NAME = ".ftkit.lock"
@@ -232,6 +234,21 @@ def die_with_parent(main_pid: int | None = None) -> bool:
     except OSError: return False
     if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0: return False       # PR_SET_PDEATHSIG = 1
     if os.getppid() == 1: os._exit(1)                                         # the parent is already gone
+    return True
+
+# %% ../nbs/00b_guard.ipynb #gd000036
+class _AfterFork:
+    "The (weak-referenceable) owner of ftkit's after-fork hook in multiprocess' registry."
+_AFTER_FORK = _AfterFork()
+
+def _arm(_owner): die_with_parent()
+
+def workers_die_with_parent() -> bool:
+    "Every process `multiprocess` starts from now on (pool workers, the pool's manager) gets SIGKILL when its parent dies."
+    try: from multiprocess import util
+    except ImportError: return False
+    if not any(f is _arm for (_, _, f) in list(util._afterfork_registry)):
+        util.register_after_fork(_AFTER_FORK, _arm)
     return True
 
 # %% ../nbs/00b_guard.ipynb #gd000017

@@ -175,9 +175,12 @@ def resolve_template(tokenizer, ds=None, cfg=None) -> tuple[str, str]:
 def compile_template(text: str):
     "A compiled jinja template, in the same environment `apply_chat_template` uses."
     from transformers.utils.chat_template_utils import _compile_jinja_template
+    from jinja2.exceptions import TemplateError
     from ftkit.guard import check_template
     check_template(text)                   # no constant folded into a giant string at compile time
-    return _compile_jinja_template(text)
+    try: return _compile_jinja_template(text)
+    except TemplateError as e:             # a ValueError: the data loader names the dataset entry
+        raise ValueError(f"the chat template does not compile (line {getattr(e, 'lineno', '?')}): {e.message or e}") from None
 
 def template_vars(tokenizer) -> dict:
     "The special-token variables a template sees (`bos_token`, `eos_token`, ...)."
