@@ -469,7 +469,7 @@ def prepare(cfg: FinetuneConfig, tokenizer, *, use_cache: bool = True, quiet: bo
     was_on = dlog.is_progress_bar_enabled()
     if quiet: dlog.disable_progress_bar()
     root = Path(cfg.dataset_prepared_path).expanduser()
-    lock = guard.FileLock(root / ".lock", "dataset cache").acquire(wait=True, quiet=quiet) if use_cache else None
+    lock = guard.lock_dataset_cache(root, quiet) if use_cache else None
     guard.workers_die_with_parent()       # datasets' tokenization pool and its manager never outlive this process
     try:                                  # one preparation at a time per cache folder (an OS lock: gone with its process)
         if use_cache: guard.remove_stale_temps(root, quiet)

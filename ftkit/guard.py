@@ -16,10 +16,9 @@ from .errors import FtkitError
 __all__ = ['LOCK_NAME', 'MARKER', 'MAX_TEMPLATE_CONST', 'GuardError', 'LockedError', 'TrainingFault', 'ImportRefused', 'FileLock',
            'lock_output_dir', 'lock_dataset_cache', 'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir',
            'remove_incomplete_checkpoints', 'checkpoint_step', 'first_invalid_utf8', 'die_with_parent',
-           'workers_die_with_parent', 'seed_everything', 'EpochSampler', 'last_checkpoint', 'FaultWatchdog',
-           'fault_watchdog', 'is_oom', 'explain_oom', 'is_disk_full', 'explain_disk_full', 'saving',
-           'finished_checkpoint', 'finish_from_checkpoint', 'split_target', 'module_origin', 'load_target',
-           'user_modules', 'check_template']
+           'workers_die_with_parent', 'EpochSampler', 'last_checkpoint', 'FaultWatchdog', 'fault_watchdog', 'is_oom',
+           'explain_oom', 'is_disk_full', 'explain_disk_full', 'saving', 'finished_checkpoint',
+           'finish_from_checkpoint', 'split_target', 'module_origin', 'load_target', 'user_modules', 'check_template']
 
 # %% ../nbs/00b_guard.ipynb #gd000005
 class GuardError(FtkitError):
@@ -96,9 +95,9 @@ def lock_output_dir(output_dir, quiet: bool = False) -> FileLock:
     "The lock of a training run's `output_dir` (refuses when another run holds it)."
     return FileLock(Path(output_dir) / LOCK_NAME, "output_dir").acquire(wait=False, quiet=quiet)
 
-def lock_dataset_cache(root, key: str, quiet: bool = False) -> FileLock:
-    "The lock of one prepared-dataset cache entry (waits for another process preparing the same data)."
-    return FileLock(Path(root) / f".lock-{key}", "dataset cache").acquire(wait=True, quiet=quiet)
+def lock_dataset_cache(root, quiet: bool = False) -> FileLock:
+    "The lock of a prepared-dataset cache folder (`dataset_prepared_path`): waits while another process prepares there."
+    return FileLock(Path(root) / ".lock", "dataset cache").acquire(wait=True, quiet=quiet)
 
 # %% ../nbs/00b_guard.ipynb #gd000010
 MARKER = "ftkit-complete.json"
@@ -252,18 +251,6 @@ def workers_die_with_parent() -> bool:
     return True
 
 # %% ../nbs/00b_guard.ipynb #gd000017
-def seed_everything(seed: int) -> int:
-    "Seed Python's `random`, NumPy and torch (CPU and every GPU) with `seed`; returns it."
-    import random
-    random.seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % 2**32)
-    except ImportError: pass
-    import torch
-    torch.manual_seed(seed)
-    return seed
-
 class EpochSampler:
     "A random order of `n` indices that depends only on (`seed`, epoch)."
     def __init__(self, n: int, seed: int = 42): self.n, self.seed, self.epoch = int(n), int(seed), 0
