@@ -484,20 +484,30 @@ def detect_gpu() -> GpuSpec | None:
 @dataclass(frozen=True)
 class Measured:
     gpu: str
-    method: str
+    method: str                 # full | lora | qlora
     shape: str
     params: int
     sequence_len: int
     tokens_per_s: float
     world_size: int = 1
+    kernels: bool = False       # ftkit.kernels on
+    gradient_checkpointing: bool = False
     source: str = ""
 
 _L1B = 1_235_814_400; _L1B_V49K = 1_073_807_360
+_FM = "benchmarks/results/fit_measured_H200.json (steps 2-5)"
 THROUGHPUT: list[Measured] = [
-    Measured("H200", "lora", "llama-1b", _L1B, 4096, 29478, 1, "benchmarks/results/gpu_F_H200.json"),
-    Measured("H200", "lora", "llama-1b (vocab 49k)", _L1B_V49K, 4096, 31014, 1, "benchmarks/results/multi_gpu_H200x2.json (cli1)"),
-    Measured("H200", "lora", "llama-1b (vocab 49k)", _L1B_V49K, 4096, 58538, 2, "benchmarks/results/multi_gpu_H200x2.json (cli2)"),
-    Measured("H200", "full", "llama-1b (vocab 49k)", _L1B_V49K, 4096, 59257, 2, "benchmarks/results/multi_gpu_H200x2.json (fsdp2)"),
+    Measured("H200", "lora", "llama-1b", _L1B, 4096, 29478, 1, False, False, "benchmarks/results/gpu_F_H200.json"),
+    Measured("H200", "lora", "llama-1b (vocab 49k)", _L1B_V49K, 4096, 31014, 1, False, False, "benchmarks/results/multi_gpu_H200x2.json (cli1)"),
+    Measured("H200", "lora", "llama-1b (vocab 49k)", _L1B_V49K, 4096, 58538, 2, False, False, "benchmarks/results/multi_gpu_H200x2.json (cli2)"),
+    Measured("H200", "full", "llama-1b (vocab 49k)", _L1B_V49K, 4096, 59257, 2, False, False, "benchmarks/results/multi_gpu_H200x2.json (fsdp2)"),
+    Measured("H200", "lora", "llama-1b", _L1B, 16384, 40053, 1, False, False, _FM),
+    Measured("H200", "full", "llama-1b", _L1B, 4096, 34430, 1, False, False, _FM),
+    Measured("H200", "lora", "llama-1b", _L1B, 16384, 57302, 1, True, False, _FM),
+    Measured("H200", "qlora", "llama-1b", _L1B, 16384, 54943, 1, True, False, _FM),
+    Measured("H200", "lora", "llama-1b", _L1B, 16384, 44883, 1, True, True, _FM),
+    Measured("H200", "full", "llama-1b", _L1B, 16384, 45263, 1, True, True, _FM),
+    Measured("H200", "full", "llama-1b", _L1B, 4096, 28647, 1, True, False, _FM + ", paged 8-bit AdamW"),
 ]
 MULTI_GPU_EFFICIENCY = 58538 / 31014 / 2          # measured: 2 H200s, DDP LoRA
 
@@ -515,7 +525,8 @@ class SpeedEstimate:
     def __str__(self):
         b = self.basis
         s = (f"speed (estimate, scaled from ftkit's measured {b.tokens_per_s:,.0f} tokens/s: {b.method} {b.shape}, "
-             f"{b.sequence_len:,}-token rows, {b.world_size}x {b.gpu}): ~{self.tokens_per_s:,.0f} tokens/s")
+             f"{b.sequence_len:,}-token rows, {b.world_size}x {b.gpu}, kernels {'on' if b.kernels else 'off'}"
+             f"{', checkpointing' if b.gradient_checkpointing else ''}): ~{self.tokens_per_s:,.0f} tokens/s")
         if self.seconds is not None:
             s += f"; {self.steps} steps x {self.tokens_per_step:,} tokens ≈ {_duration(self.seconds)}"
         else:
@@ -531,13 +542,17 @@ def estimate_speed(e: MemoryEstimate, gpu: GpuSpec | None, steps: int | None = N
     "Tokens/s and time for `steps` optimizer steps, scaled from the nearest measured run; None without the GPU's TFLOP/s."
     if gpu is None or not gpu.tflops: return None
     s = e.setup
-    method = "full" if s.method == "full" else "lora"
-    rows = [m for m in THROUGHPUT if m.method == method] or THROUGHPUT
-    basis = min(rows, key=lambda m: (abs(math.log(m.sequence_len / s.sequence_len)), m.world_size != 1, abs(math.log(m.params / e.shape.params))))
+    method = "full" if s.method == "full" else "qlora" if s.method == "qlora" else "lora"
+    rows = [m for m in THROUGHPUT if m.method == method] or [m for m in THROUGHPUT if m.method == ("full" if method == "full" else "lora")]
+    on = bool(s.kernels - {"offload"})
+    basis = min(rows, key=lambda m: (m.kernels != on, abs(math.log(m.sequence_len / s.sequence_len)), m.gradient_checkpointing != s.gradient_checkpointing,
+                                     m.world_size != 1, abs(math.log(m.params / e.shape.params))))
     base_gpu = gpu_spec(basis.gpu)
     per_gpu = basis.tokens_per_s / (basis.world_size * (MULTI_GPU_EFFICIENCY if basis.world_size > 1 else 1))
-    tps = per_gpu * (_flops_per_token(method, basis.params) / _flops_per_token(method, e.shape.params)) * (gpu.tflops / base_gpu.tflops)
-    if s.gradient_checkpointing: tps *= 0.75                        # one extra forward per layer
+    fam = "full" if method == "full" else "lora"
+    tps = per_gpu * (_flops_per_token(fam, basis.params) / _flops_per_token(fam, e.shape.params)) * (gpu.tflops / base_gpu.tflops)
+    if s.gradient_checkpointing and not basis.gradient_checkpointing: tps *= 0.75     # one extra forward per layer
+    if basis.gradient_checkpointing and not s.gradient_checkpointing: tps /= 0.75
     tps *= s.world_size * (MULTI_GPU_EFFICIENCY if s.world_size > 1 else 1)
     per_step = s.tokens * s.gradient_accumulation_steps * s.world_size
     return SpeedEstimate(tps, basis, steps, per_step, steps * per_step / tps if steps else None)
