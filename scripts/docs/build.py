@@ -156,7 +156,7 @@ def _exec_quickstart(dst: Path, key: str) -> str:
         t0 = time.time()
         err = ""
         try:
-            NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
+            NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
         except Exception as e:
             err = f"{type(e).__name__}: {str(e)[:300]}"
         shutil.rmtree(work, ignore_errors=True)
