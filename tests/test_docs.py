@@ -227,10 +227,6 @@ def _browse(site, base):
                 if frag not in ids_cache[path]:
                     bad.append(link)
         assert not bad, f"{len(bad)} broken internal links: {bad[:20]}"
-        # every other page opens without raw markdown or a traceback
-        for f in sorted(site.glob("*.html")):
-            if f.name not in ("genindex.html", "search.html") and f.name not in seen:
-                read(f.name)
         # search finds a config key
         page.goto(base + "search.html?q=lora_target_linear")
         page.wait_for_selector("#search-results ul.search li", timeout=60_000)
@@ -243,6 +239,15 @@ def _browse(site, base):
         bg = page.eval_on_selector(".ftk-tok .tr", "e => getComputedStyle(e).backgroundColor")
         assert bg == "rgb(200, 240, 200)", bg
         page.screenshot(path=str(ARTIFACTS / "docs_formats_alpaca.png"))
+        # every other page opens without raw markdown or a traceback
+        broken = []
+        for f in sorted(site.glob("*.html")):
+            if f.name not in ("genindex.html", "search.html") and f.name not in seen:
+                try:
+                    read(f.name)
+                except AssertionError as e:
+                    broken.append(f"{f.name}: {str(e)[:300]}")
+        assert not broken, "pages with a traceback or raw markdown:\n" + "\n".join(broken)
         assert not errors, errors
         browser.close()
 
