@@ -238,6 +238,8 @@ def _browse(site, base):
         assert page.locator(".ftk-tok .tr").count() > 50
         bg = page.eval_on_selector(".ftk-tok .tr", "e => getComputedStyle(e).backgroundColor")
         assert bg == "rgb(200, 240, 200)", bg
+        page.evaluate("() => document.getElementById('type-alpaca').scrollIntoView()")
+        page.wait_for_timeout(800)                                                   # let the scroll settle
         page.screenshot(path=str(ARTIFACTS / "docs_formats_alpaca.png"))
         # every other page opens without raw markdown or a traceback
         broken = []
