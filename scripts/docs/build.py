@@ -411,7 +411,7 @@ def build_sphinx(execute: str, out: Path, workers: int) -> None:
 def build_quarto(execute: str) -> None:
     "nbdev's own flow: nbdev-docs renders nbs/ through _quarto.yml; the generated pages are staged in nbs/ for it."
     import pages
-    staged = []
+    staged, static_existed = [], (NBS / "_static").exists()
     for md in DOCS_SRC.glob("*.md"):
         shutil.copy(md, NBS / md.name); staged.append(NBS / md.name)
     staged += pages.write_all(NBS, ROOT)
@@ -420,6 +420,8 @@ def build_quarto(execute: str) -> None:
     finally:
         for p in staged:
             Path(p).unlink(missing_ok=True)
+        if not static_existed:
+            shutil.rmtree(NBS / "_static", ignore_errors=True)
 
 
 def main(argv=None):
