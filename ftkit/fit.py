@@ -15,11 +15,11 @@ from .config import FinetuneConfig, EMBEDDED_MODEL, load
 from .errors import FtkitError
 
 # %% auto #0
-__all__ = ['GiB', 'KERNELS', 'OPTIMIZER_STATES', 'GPUS', 'THROUGHPUT', 'MULTI_GPU_EFFICIENCY', 'ALLOCATOR_SLACK', 'CUDA_CONTEXT',
-           'FitError', 'ModelShape', 'shape_from_config', 'shape_from_gguf', 'model_shape', 'TrainSetup', 'kernels_for',
-           'setup_of', 'OptimizerState', 'layer_activation_bytes', 'logits_bytes', 'Part', 'MemoryEstimate', 'estimate',
-           'GpuSpec', 'gpu_spec', 'detect_gpu', 'Measured', 'SpeedEstimate', 'estimate_speed', 'FitReport',
-           'fit_report', 'FitUnknown', 'fit_view']
+__all__ = ['GiB', 'KERNELS', 'OPTIMIZER_STATES', 'GPUS', 'THROUGHPUT', 'MULTI_GPU_EFFICIENCY', 'MIN_MICRO_BATCH_S',
+           'ALLOCATOR_SLACK', 'CUDA_CONTEXT', 'FitError', 'ModelShape', 'shape_from_config', 'shape_from_gguf',
+           'model_shape', 'TrainSetup', 'kernels_for', 'setup_of', 'OptimizerState', 'layer_activation_bytes',
+           'logits_bytes', 'Part', 'MemoryEstimate', 'estimate', 'GpuSpec', 'gpu_spec', 'detect_gpu', 'Measured',
+           'SpeedEstimate', 'estimate_speed', 'FitReport', 'fit_report', 'FitUnknown', 'fit_view']
 
 # %% ../nbs/05a_fit.ipynb #26753db3
 class FitError(FtkitError):
@@ -329,6 +329,7 @@ class MemoryEstimate:
                 + (f", {s.world_size} GPUs" + (f" ({s.sharding})" if s.sharding else " (DDP)") if s.world_size > 1 else ""))
         tail = [f"  {'peak':<17} {self.peak_gib:7.2f} GiB"] + [f"  note: {n}" for n in self.notes]
         return "\n".join([head] + rows + tail)
+    __repr__ = __str__
 
 def _fmt_params(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,.0f}"
@@ -426,7 +427,7 @@ def estimate(cfg_or_setup, shape: ModelShape | None = None, *, gpus: int | None 
                       ("kept across accumulation steps" if kept_grads else "LM head gradient") if (kept_grads or head_grad) else ""))
     if peak == backward_start: parts += [Part("activations", act, actnote), Part("logits + loss", lg, lgnote)]
     else: notes.append(f"the optimizer step is the peak; activations + logits at the backward start would be {(act + lg) / GiB:.2f} GiB")
-    if s.kernels: notes.append("kernels on: " + ", ".join(sorted(s.kernels)) + " (their memory terms are modelled, not yet validated on a GPU)")
+    if s.kernels: notes.append("kernels on: " + ", ".join(sorted(s.kernels)) + " (memory terms checked on an H200: benchmarks/results/fit_validation.md)")
     if not s.packing: notes.append(f"no sample packing: {s.tokens:,} tokens is the most a padded micro-batch holds")
     return MemoryEstimate(shape, s, parts, peak, paged, notes)
 
@@ -510,6 +511,7 @@ THROUGHPUT: list[Measured] = [
     Measured("H200", "full", "llama-1b", _L1B, 4096, 28647, 1, True, False, _FM + ", paged 8-bit AdamW"),
 ]
 MULTI_GPU_EFFICIENCY = 58538 / 31014 / 2          # measured: 2 H200s, DDP LoRA
+MIN_MICRO_BATCH_S = 0.05                           # launch and optimizer overhead: no micro-batch is faster than this
 
 def _flops_per_token(method: str, params: float) -> float:
     return (6 if method == "full" else 4) * params
@@ -550,12 +552,14 @@ def estimate_speed(e: MemoryEstimate, gpu: GpuSpec | None, steps: int | None = N
     base_gpu = gpu_spec(basis.gpu)
     per_gpu = basis.tokens_per_s / (basis.world_size * (MULTI_GPU_EFFICIENCY if basis.world_size > 1 else 1))
     fam = "full" if method == "full" else "lora"
-    tps = per_gpu * (_flops_per_token(fam, basis.params) / _flops_per_token(fam, e.shape.params)) * (gpu.tflops / base_gpu.tflops)
+    scale = min(_flops_per_token(fam, basis.params) / _flops_per_token(fam, e.shape.params), 4.0)   # small models are overhead-bound
+    tps = per_gpu * scale * (gpu.tflops / base_gpu.tflops)
     if s.gradient_checkpointing and not basis.gradient_checkpointing: tps *= 0.75     # one extra forward per layer
     if basis.gradient_checkpointing and not s.gradient_checkpointing: tps /= 0.75
     tps *= s.world_size * (MULTI_GPU_EFFICIENCY if s.world_size > 1 else 1)
     per_step = s.tokens * s.gradient_accumulation_steps * s.world_size
-    return SpeedEstimate(tps, basis, steps, per_step, steps * per_step / tps if steps else None)
+    step_s = max(per_step / tps, MIN_MICRO_BATCH_S * s.gradient_accumulation_steps)
+    return SpeedEstimate(per_step / step_s, basis, steps, per_step, steps * step_s if steps else None)
 
 # %% ../nbs/05a_fit.ipynb #03914979
 ALLOCATOR_SLACK, CUDA_CONTEXT = 1.08, 0.6 * GiB
@@ -604,6 +608,7 @@ class FitReport:
         lines = [str(self.estimate), f"  kernels: {self.kernels_why}" if self.kernels_why else "", "verdict: " + self.verdict]
         if self.speed: lines.append(str(self.speed))
         return "\n".join(l for l in lines if l)
+    __repr__ = __str__
 
     def _repr_html_(self):
         import html
@@ -652,6 +657,7 @@ class FitUnknown:
     "No estimate, and why (shown where the report would be)."
     reason: str
     def __str__(self): return f"will it fit? no estimate: {self.reason}"
+    __repr__ = __str__
     def _repr_html_(self):
         import html
         return f"<div class='ftkit-fit' style='color:#777'><b>Will it fit?</b> no estimate: {html.escape(self.reason)}</div>"
