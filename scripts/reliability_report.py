@@ -113,7 +113,13 @@ def render(figs: dict) -> str:
           "GPU runs in CI.",
           "- Multi-GPU runs: rank 0 holds the output_dir lock; the kill test runs one process.",
           "- The kill test forks `ftkit` commands from a process that has imported ftkit once (to keep CI time bounded); the "
-          "tokenization, lock, fault and trust tests run the installed `ftkit` / `python -m ftkit.cli` commands.", ""]
+          "tokenization, lock, fault and trust tests run the installed `ftkit` / `python -m ftkit.cli` commands.",
+          "- With `save_total_limit`, transformers deletes the oldest checkpoint before ftkit writes the new one's marker: a "
+          "kill in that instant with `save_total_limit: 1` leaves no complete checkpoint (the run restarts from step 0).",
+          "- The preference / RL dataset types (`chatml.*`, `llama3.*`, ...) are not in the data fuzz; the supervised types are.",
+          "- `ftkit train` lists the user modules a config imports; `ftkit validate` / the plan do not yet.",
+          "- A Python dict config with hundreds of thousands of unknown keys is checked in linear time (about 60 µs a key); "
+          "as YAML it is refused at once by the size budget.", ""]
     return "\n".join(L)
 
 
