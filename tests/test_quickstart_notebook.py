@@ -136,3 +136,9 @@ def test_long_cells_show_one_ftkit_line_per_stage_and_no_library_noise(executed)
     # the captured messages are kept: in the collapsed details and in the run's log file
     log = (work / "outputs" / "quickstart" / "ftkit.log").read_text()
     assert "## " in log and ("FutureWarning" in log or "transformers" in log)
+
+
+def test_runs_side_by_side(executed):
+    nb, _ = executed
+    out = _cell_text(_find(nb, "%finetune_runs"))
+    assert "1 run(s)" in out and "quickstart" in out and "<polyline" in out     # the run trained above, its loss curve
