@@ -17,6 +17,13 @@ Elsewhere the same pages go through Sphinx + MyST-NB + Furo:
 3. the generated pages (scripts/docs/pages.py: config reference, dataset formats, CLI, performance,
    migration, troubleshooting) and the hand-written ones (docs/*.md) are written next to them;
 4. sphinx-build writes the HTML site (sidebar from `_quarto.yml`, search, highlighting) into _docs/.
+
+Why Sphinx + MyST-NB + Furo: the three are actively maintained; MyST-NB renders a notebook's stored outputs
+(HTML such as the token views and dashboards, images, and the markdown that nbdev's show_doc produces) without
+running it, so nbdev's processing and our nbdev-test-style execution stay in charge; Sphinx's search is a static
+index that works from any static host; and the build needs nothing from the network. mkdocs-material was set
+aside because its authors moved it to maintenance in favour of a successor (and MkDocs 1.x itself is no longer
+developed); Jupyter Book 2 / mystmd because it is a Node.js tool that fetches its HTML theme when it builds.
 """
 from __future__ import annotations
 
