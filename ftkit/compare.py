@@ -25,12 +25,14 @@ def _read_jsonl(p: Path) -> list[dict]:
         except ValueError: pass                       # a line cut short by an interrupted run
     return out
 
+# %% ../nbs/08a_compare.ipynb #7804737a
 def _checkpoint_history(d: Path) -> list[dict]:
     cks = sorted(d.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]) if p.parent.name.split("-")[-1].isdigit() else -1)
     if not cks: return []
     hist = json.loads(cks[-1].read_text()).get("log_history", [])
     return [{"event": "log", **h} for h in hist]
 
+# %% ../nbs/08a_compare.ipynb #c9a6ac3f
 @dataclass
 class Run:
     "One training run: its output folder, its resolved config and its metric records."
@@ -79,7 +81,7 @@ class Run:
         n, d = self.tokens, self.duration
         return n / d if n and d else None
 
-# %% ../nbs/08a_compare.ipynb #7804737a
+# %% ../nbs/08a_compare.ipynb #24ff7ebe
 def read_run(path) -> Run:
     "The `Run` in output folder `path` (config.yml, metrics.jsonl, peak_memory.jsonl; else the newest checkpoint's log)."
     d = Path(path).expanduser()
@@ -104,7 +106,7 @@ def find_runs(folder) -> list[Path]:
     skip = lambda d: any(part.startswith("checkpoint-") or part == "merged" for part in d.relative_to(root).parts)
     return sorted(d for d in cands if not skip(d) and _is_run_dir(d))
 
-# %% ../nbs/08a_compare.ipynb #24ff7ebe
+# %% ../nbs/08a_compare.ipynb #070fc89d
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     "A nested config as {dotted.key[0]: value}."
     if isinstance(d, dict):
@@ -125,18 +127,21 @@ def config_diff(a: dict, b: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
             if k not in IGNORED_IN_DIFF and fa.get(k) != fb.get(k)}
 
-# %% ../nbs/08a_compare.ipynb #e1afe5ad
+# %% ../nbs/08a_compare.ipynb #27c210f1
 COLORS = ("#2a7", "#36c", "#c33", "#a60", "#83c", "#0aa", "#777", "#c6c")
 
+# %% ../nbs/08a_compare.ipynb #c2dcdb0e
 def _fmt(v, nd=4) -> str:
     if v is None: return "–"
     if isinstance(v, float): return f"{v:.{nd}g}"
     return str(v)
 
+# %% ../nbs/08a_compare.ipynb #5daa9b2c
 def _dur(s) -> str:
     if s is None: return "–"
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
+# %% ../nbs/08a_compare.ipynb #478d50ed
 def loss_chart(runs: list[Run], width: int = 520, height: int = 220) -> str:
     "One SVG chart with every run's training-loss curve (and eval loss as dots)."
     series = [(r, r.losses, r.eval_losses) for r in runs if r.losses or r.eval_losses]
@@ -163,6 +168,7 @@ def loss_chart(runs: list[Run], width: int = 520, height: int = 220) -> str:
                      for i, (r, _, _) in enumerate(series))
     return "".join(parts) + f"<div style='font:12px sans-serif'>{legend} <span style='color:#777'>(dots: eval loss)</span></div>"
 
+# %% ../nbs/08a_compare.ipynb #c17f05b3
 @dataclass
 class Runs:
     "Runs under a folder, oldest first; the first is the baseline of every config diff."
@@ -211,6 +217,7 @@ class Runs:
         return (f"<div class='ftkit-runs'><b>{len(self.items)} run(s)</b> under <code>{html.escape(str(self.folder))}</code>"
                 f"<table style='font-size:12.5px;border-collapse:collapse'><tr>{th}</tr>{trs}</table>{loss_chart(self.items)}</div>")
 
+# %% ../nbs/08a_compare.ipynb #97b056f0
 def runs(folder=".") -> Runs:
     "Every training run under `folder`, oldest first, with config diffs against the first, losses, speed, memory and a loss chart."
     items = [read_run(d) for d in find_runs(folder)]

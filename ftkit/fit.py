@@ -86,6 +86,7 @@ def shape_from_config(d: dict, name: str = "") -> ModelShape:
                       experts_per_token=int(first("num_experts_per_tok", "num_experts_per_token", default=1)),
                       model_type=str(d.get("model_type") or ""))
 
+# %% ../nbs/05a_fit.ipynb #693ad888
 def shape_from_gguf(path, name: str = "") -> ModelShape:
     "A `ModelShape` from a GGUF file's header (the tensors are memory-mapped, not read)."
     from gguf import GGUFReader
@@ -113,7 +114,7 @@ def shape_from_gguf(path, name: str = "") -> ModelShape:
                       tie_embeddings="output.weight" not in names, num_experts=experts,
                       experts_per_token=int(val(f"{arch}.expert_used_count", 1) or 1), model_type=str(arch))
 
-# %% ../nbs/05a_fit.ipynb #33e89647
+# %% ../nbs/05a_fit.ipynb #7d3e7498
 def _is_embedded(name) -> bool:
     return not name or str(name).strip().lower() in (EMBEDDED_MODEL, "smollm2-135m-instruct.q4_1.gguf")
 
@@ -148,7 +149,7 @@ def model_shape(cfg: FinetuneConfig) -> ModelShape:
               "head_dim": "head_dim", "tie_word_embeddings": "tie_embeddings"}
     return replace(shape, **{keymap[k]: v for k, v in o.items() if k in keymap}) if o else shape
 
-# %% ../nbs/05a_fit.ipynb #72fb8b4f
+# %% ../nbs/05a_fit.ipynb #97798523
 @dataclass(frozen=True)
 class TrainSetup:
     "The facts about a run that decide its memory."
@@ -173,7 +174,7 @@ class TrainSetup:
     @property
     def act_bytes(self) -> int: return 4 if self.precision == "fp32" else 2
 
-# %% ../nbs/05a_fit.ipynb #33150631
+# %% ../nbs/05a_fit.ipynb #03d81580
 KERNELS = ("lora_mlp", "lora_qkv", "lora_o", "rms_norm", "glu", "fused_linear_ce", "offload")
 
 def _train_applies_kernels() -> bool:
@@ -202,7 +203,7 @@ def kernels_for(cfg: FinetuneConfig, shape: ModelShape | None = None) -> tuple[f
     names = frozenset(k for k, v in on.items() if v and k in KERNELS)
     return names, ("on: " + ", ".join(sorted(names))) if names else "all switched off by config keys"
 
-# %% ../nbs/05a_fit.ipynb #03d81580
+# %% ../nbs/05a_fit.ipynb #741d1de1
 def _deepspeed_stage(cfg: FinetuneConfig) -> tuple[int | None, bool]:
     ds = cfg.deepspeed
     if not ds: return None, False
@@ -237,7 +238,7 @@ def setup_of(cfg: FinetuneConfig, gpus: int | None = None, kernels: frozenset | 
                       sharding=sharding if world > 1 or sharding else None, offload=off, lora_r=cfg.lora_r or 8,
                       lora_targets=targets if cfg.adapter else (), kernels=ks, trained_share=share)
 
-# %% ../nbs/05a_fit.ipynb #98a99f79
+# %% ../nbs/05a_fit.ipynb #24dfbb7f
 @dataclass(frozen=True)
 class OptimizerState:
     per_param: Any            # bytes per trainable parameter: a number, or a function of the parameter's bytes
@@ -269,7 +270,7 @@ OPTIMIZER_STATES: dict[str, OptimizerState] = {
     "rmsprop": OptimizerState(lambda p: p, note="one square average"),
 }
 
-# %% ../nbs/05a_fit.ipynb #51d0e63e
+# %% ../nbs/05a_fit.ipynb #c0a9756a
 def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> float:
     "Bytes per token that one decoder layer saves for backward (no checkpointing)."
     a, d, q, kv, F = s.act_bytes, shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size * shape.experts_per_token
@@ -300,13 +301,14 @@ def logits_bytes(shape: ModelShape, s: TrainSetup) -> float:
         return chunk + s.act_bytes * T * shape.hidden_size + head
     return 12 * T * shape.vocab_size     # bf16 logits -> fp32 copy -> log-softmax (kept) + its gradient + the input gradient
 
-# %% ../nbs/05a_fit.ipynb #1deba256
+# %% ../nbs/05a_fit.ipynb #fe243b2f
 @dataclass
 class Part:
     name: str
     bytes: float
     note: str = ""
 
+# %% ../nbs/05a_fit.ipynb #387846f6
 @dataclass
 class MemoryEstimate:
     "Estimated peak GPU memory per GPU, by part (what `torch.cuda.max_memory_allocated` would report)."
@@ -331,9 +333,11 @@ class MemoryEstimate:
         return "\n".join([head] + rows + tail)
     __repr__ = __str__
 
+# %% ../nbs/05a_fit.ipynb #cd290e16
 def _fmt_params(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,.0f}"
 
+# %% ../nbs/05a_fit.ipynb #53932279
 def estimate(cfg_or_setup, shape: ModelShape | None = None, *, gpus: int | None = None,
              kernels: frozenset | None = None) -> MemoryEstimate:
     "Estimated peak memory per GPU of training `cfg` (a FinetuneConfig, path, YAML or dict; or a `TrainSetup` with `shape`)."
@@ -431,7 +435,7 @@ def estimate(cfg_or_setup, shape: ModelShape | None = None, *, gpus: int | None 
     if not s.packing: notes.append(f"no sample packing: {s.tokens:,} tokens is the most a padded micro-batch holds")
     return MemoryEstimate(shape, s, parts, peak, paged, notes)
 
-# %% ../nbs/05a_fit.ipynb #4a6945b5
+# %% ../nbs/05a_fit.ipynb #a08988cb
 @dataclass(frozen=True)
 class GpuSpec:
     name: str
@@ -449,10 +453,12 @@ GPUS: dict[str, tuple[int, float]] = {
 _DEFAULT_VARIANT = {"H100": "H100-80GB", "A100": "A100-80GB", "V100": "V100-32GB", "4090": "RTX-4090", "3090": "RTX-3090",
                     "4080": "RTX-4080"}
 
+# %% ../nbs/05a_fit.ipynb #78466b12
 def _norm(s: str) -> str:
     s = re.sub(r"(NVIDIA|GEFORCE|TESLA|SXM\d?|[-_ ])", "", s.upper())
     return s.replace("RTX", "").replace("GIB", "GB")
 
+# %% ../nbs/05a_fit.ipynb #03914979
 def gpu_spec(spec) -> GpuSpec:
     "A `GpuSpec` from '24GB', '80 GiB', 'A100-80GB', 'H100', 'RTX 4090', 'NVIDIA H200' (case and dashes do not matter)."
     if isinstance(spec, GpuSpec): return spec
@@ -467,6 +473,7 @@ def gpu_spec(spec) -> GpuSpec:
             return GpuSpec(table[k], mib * 2**20, tf)
     raise FitError(f"unknown GPU {txt!r}: name a memory size (`--gpu 24GB`) or one of {', '.join(GPUS)}.")
 
+# %% ../nbs/05a_fit.ipynb #a4d70132
 def detect_gpu() -> GpuSpec | None:
     "The first GPU of this machine (from nvidia-smi; no CUDA context is created), or None."
     exe = shutil.which("nvidia-smi")
@@ -481,7 +488,7 @@ def detect_gpu() -> GpuSpec | None:
     except FitError: known = None
     return GpuSpec(name, float(mib) * 2**20, known.tflops if known else None)
 
-# %% ../nbs/05a_fit.ipynb #303380a7
+# %% ../nbs/05a_fit.ipynb #2002c5b2
 @dataclass(frozen=True)
 class Measured:
     gpu: str
@@ -513,9 +520,11 @@ THROUGHPUT: list[Measured] = [
 MULTI_GPU_EFFICIENCY = 58538 / 31014 / 2          # measured: 2 H200s, DDP LoRA
 MIN_MICRO_BATCH_S = 0.05                           # launch and optimizer overhead: no micro-batch is faster than this
 
+# %% ../nbs/05a_fit.ipynb #9c3a2232
 def _flops_per_token(method: str, params: float) -> float:
     return (6 if method == "full" else 4) * params
 
+# %% ../nbs/05a_fit.ipynb #ebf8cf68
 @dataclass
 class SpeedEstimate:
     tokens_per_s: float
@@ -535,11 +544,13 @@ class SpeedEstimate:
             s += f"; {self.tokens_per_step:,} tokens per optimizer step ≈ {self.tokens_per_step / self.tokens_per_s:.2f} s per step"
         return s
 
+# %% ../nbs/05a_fit.ipynb #e5a59c2a
 def _duration(s: float) -> str:
     if s < 90: return f"{s:.0f} s"
     if s < 5400: return f"{s / 60:.0f} min"
     return f"{s / 3600:.1f} h"
 
+# %% ../nbs/05a_fit.ipynb #f5c99631
 def estimate_speed(e: MemoryEstimate, gpu: GpuSpec | None, steps: int | None = None) -> SpeedEstimate | None:
     "Tokens/s and time for `steps` optimizer steps, scaled from the nearest measured run; None without the GPU's TFLOP/s."
     if gpu is None or not gpu.tflops: return None
@@ -561,7 +572,7 @@ def estimate_speed(e: MemoryEstimate, gpu: GpuSpec | None, steps: int | None = N
     step_s = max(per_step / tps, MIN_MICRO_BATCH_S * s.gradient_accumulation_steps)
     return SpeedEstimate(per_step / step_s, basis, steps, per_step, steps * step_s if steps else None)
 
-# %% ../nbs/05a_fit.ipynb #03914979
+# %% ../nbs/05a_fit.ipynb #91cbcce5
 ALLOCATOR_SLACK, CUDA_CONTEXT = 1.08, 0.6 * GiB
 
 def _knobs(s: TrainSetup) -> list[tuple[str, TrainSetup]]:
@@ -581,6 +592,7 @@ def _knobs(s: TrainSetup) -> list[tuple[str, TrainSetup]]:
         k.append(("2 GPUs with FSDP2 (fsdp_version: 2)", replace(s, world_size=2, sharding="fsdp")))
     return k
 
+# %% ../nbs/05a_fit.ipynb #a929c1ca
 @dataclass
 class FitReport:
     "Will it fit? The memory estimate, the verdict for a GPU, the knobs, and the speed estimate."
@@ -626,6 +638,7 @@ class FitReport:
                 + (f"<div>{html.escape(str(self.speed))}</div>" if self.speed else "")
                 + (f"<ul style='color:#777'>{notes}</ul>" if notes else "") + "</div>")
 
+# %% ../nbs/05a_fit.ipynb #27eeba11
 def fit_report(cfg, gpu=None, *, gpus: int | None = None, shape: ModelShape | None = None,
                kernels: frozenset | None = None) -> FitReport:
     "Will `cfg` fit on `gpu` (a GpuSpec or text like '24GB'; default: this machine's first GPU)? With knobs and speed."
@@ -651,7 +664,7 @@ def fit_report(cfg, gpu=None, *, gpus: int | None = None, shape: ModelShape | No
     steps = cfg.max_steps
     return FitReport(e, g, fits, need, knobs, combo, estimate_speed(e, g, steps), why)
 
-# %% ../nbs/05a_fit.ipynb #2002c5b2
+# %% ../nbs/05a_fit.ipynb #eb3fd9d8
 @dataclass
 class FitUnknown:
     "No estimate, and why (shown where the report would be)."

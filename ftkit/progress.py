@@ -37,12 +37,14 @@ def is_library_noise(w: warnings.WarningMessage) -> bool:
 TRANSFORMERS_STEPS = {"Loading weights": "load model", "Loading checkpoint shards": "load model",
                       "Writing model shards": "save", "Saving": "save"}
 
+# %% ../nbs/00c_progress.ipynb #64955877
 class _ToRecord(logging.Handler):
     def __init__(self, rec): super().__init__(logging.INFO); self.rec = rec
     def emit(self, r):
         try: self.rec.messages.append(f"{r.name}: {r.levelname.lower()}: {r.getMessage()}")
         except Exception: pass
 
+# %% ../nbs/00c_progress.ipynb #484a0726
 class _Lines(io.TextIOBase):
     "A stderr stand-in that keeps complete lines; of a redrawn progress line (carriage returns) only the last state."
     def __init__(self, rec): self.rec, self.buf = rec, ""
@@ -58,6 +60,7 @@ class _Lines(io.TextIOBase):
     def flush(self):
         if "\r" not in self.buf and self.buf.strip(): self._keep(self.buf); self.buf = ""
 
+# %% ../nbs/00c_progress.ipynb #8e50cc85
 def _silence(rec) -> "callable":
     undo = []
     try:
@@ -99,7 +102,7 @@ def _silence(rec) -> "callable":
             except Exception: pass
     return restore
 
-# %% ../nbs/00c_progress.ipynb #484a0726
+# %% ../nbs/00c_progress.ipynb #b2c4af3e
 @dataclass
 class StageRecord:
     "What happened in one stage: its name, the sub-steps seen, the captured messages, how long it took, how it ended."
@@ -135,6 +138,7 @@ class StageRecord:
 
     def __repr__(self): return self.text()
 
+# %% ../nbs/00c_progress.ipynb #c2f59a76
 class _NotebookView:
     def __init__(self): self.handle = None
     def start(self, rec):
@@ -144,6 +148,7 @@ class _NotebookView:
         if self.handle is not None: self.handle.update(rec)
     end = update
 
+# %% ../nbs/00c_progress.ipynb #38b62cdb
 class _TerminalView:
     def __init__(self, out): self.out, self.tty = out, bool(getattr(out, "isatty", lambda: False)())
     def start(self, rec):
@@ -153,11 +158,13 @@ class _TerminalView:
     def end(self, rec):
         self.out.write(("\x1b[2K" if self.tty else "") + rec.text() + "\n"); self.out.flush()
 
+# %% ../nbs/00c_progress.ipynb #05f8ad58
 class _NoView:
     def start(self, rec): pass
     def update(self, rec): pass
     def end(self, rec): pass
 
+# %% ../nbs/00c_progress.ipynb #bf9396e1
 def in_notebook() -> bool:
     "Whether this runs in a Jupyter kernel (where HTML displays render)."
     try:
@@ -166,14 +173,16 @@ def in_notebook() -> bool:
     except Exception: return False
     return sh is not None and type(sh).__name__ == "ZMQInteractiveShell"
 
-# %% ../nbs/00c_progress.ipynb #fa49d410
+# %% ../nbs/00c_progress.ipynb #6b0a9154
 _CURRENT: ContextVar[StageRecord | None] = ContextVar("ftkit_stage", default=None)
 
+# %% ../nbs/00c_progress.ipynb #499e8960
 def step(name: str):
     "Name the current sub-step of the running stage (nothing happens outside a stage)."
     rec = _CURRENT.get()
     if rec is not None: rec.step(name)
 
+# %% ../nbs/00c_progress.ipynb #f34654d0
 def _write_log(rec: StageRecord):
     if not rec.log_file or not rec.messages: return
     try:
@@ -184,6 +193,7 @@ def _write_log(rec: StageRecord):
             f.writelines(m + "\n" for m in rec.messages)
     except OSError: rec.log_file = None
 
+# %% ../nbs/00c_progress.ipynb #018ed660
 @contextlib.contextmanager
 def stage(name: str, *, log_file: str | os.PathLike | None = None, show: bool = True, out=None):
     """Run the enclosed step as one ftkit stage: one progress line; other libraries' bars, logs, stderr and noisy
