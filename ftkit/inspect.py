@@ -127,6 +127,7 @@ def sample_rows(cfg: FinetuneConfig, num_examples: int = 2, dataset: int = 0, se
     idx = sorted(random.Random(seed).sample(range(n), min(num_examples, n))) if seed is not None else range(min(num_examples, n))
     return [dict(ds[int(i)]) for i in idx]
 
+# %% ../nbs/05_inspect.ipynb #9e41bc1f
 def tokenize_under(cfg: FinetuneConfig, tokenizer, rows: list[dict], dataset: int = 0) -> list[dict]:
     "Each raw row tokenized by `cfg`'s prompt strategy for `cfg.datasets[dataset]` (its first sample; errors kept as rows)."
     from ftkit.prompts.registry import resolve_type
@@ -140,6 +141,7 @@ def tokenize_under(cfg: FinetuneConfig, tokenizer, rows: list[dict], dataset: in
         except Exception as e: out.append({"error": f"{type(e).__name__}: {e}", "input_ids": [], "labels": []})
     return out
 
+# %% ../nbs/05_inspect.ipynb #dc523433
 def changed_positions(a: dict, b: dict) -> tuple[set[int], set[int]]:
     "Positions in `a` and in `b` whose token is only on one side, or is trained on one side and masked on the other."
     import difflib
@@ -152,12 +154,14 @@ def changed_positions(a: dict, b: dict) -> tuple[set[int], set[int]]:
             if (int(a["labels"][i1 + k]) == -100) != (int(b["labels"][j1 + k]) == -100): ma.add(i1 + k); mb.add(j1 + k)
     return ma, mb
 
+# %% ../nbs/05_inspect.ipynb #d8c084fd
 class Comparison(HTML):
     "The two-config debug view: HTML for notebooks, `str()` for terminals; `rows` = [(row_a, row_b, marks_a, marks_b)]."
     def __init__(self, data, text, rows): super().__init__(data); self.text, self.rows = text, rows
     def __str__(self): return self.text
     __repr__ = __str__
 
+# %% ../nbs/05_inspect.ipynb #1c6de985
 def compare(cfg_a, cfg_b, *, tokenizer_a=None, tokenizer_b=None, num_examples: int = 2, dataset: int = 0, seed: int | None = 0,
             names: tuple[str, str] = ("this config", "other config")) -> Comparison:
     "The same rows tokenized under `cfg_a` and `cfg_b`, with the tokens whose labels differ underlined in both."
