@@ -15,7 +15,7 @@ from .config import FinetuneConfig, EMBEDDED_MODEL, load
 from .errors import FtkitError
 
 # %% auto #0
-__all__ = ['GiB', 'KERNELS', 'OPTIMIZER_STATES', 'GPUS', 'THROUGHPUT', 'MULTI_GPU_EFFICIENCY', 'MIN_MICRO_BATCH_S',
+__all__ = ['GiB', 'KERNELS', 'OPTIMIZER_STATES', 'NO_BF16', 'GPUS', 'THROUGHPUT', 'MULTI_GPU_EFFICIENCY', 'MIN_MICRO_BATCH_S',
            'ALLOCATOR_SLACK', 'CUDA_CONTEXT', 'FitError', 'ModelShape', 'shape_from_config', 'shape_from_gguf',
            'model_shape', 'TrainSetup', 'kernels_for', 'setup_of', 'OptimizerState', 'layer_activation_bytes',
            'logits_bytes', 'Part', 'MemoryEstimate', 'estimate', 'GpuSpec', 'gpu_spec', 'detect_gpu', 'Measured',
@@ -214,10 +214,10 @@ def _deepspeed_stage(cfg: FinetuneConfig) -> tuple[int | None, bool]:
     return int(z.get("stage", 0)), off
 
 def setup_of(cfg: FinetuneConfig, gpus: int | None = None, kernels: frozenset | None = None,
-             shape: ModelShape | None = None) -> TrainSetup:
-    "The `TrainSetup` of `cfg` on `gpus` GPUs (default: the config's launch size, else 1)."
+             shape: ModelShape | None = None, bf16_supported: bool = True) -> TrainSetup:
+    "The `TrainSetup` of `cfg` on `gpus` GPUs (default: the config's launch size, else 1) of a GPU with or without bf16."
     from ftkit.config import resolve, Env
-    plan = resolve(cfg, Env(cuda=True, bf16_supported=True))
+    plan = resolve(cfg, Env(cuda=True, bf16_supported=bf16_supported))
     method = "qlora" if cfg.adapter == "qlora" or cfg.load_in_4bit else "lora8" if cfg.load_in_8bit and cfg.adapter else (cfg.adapter or "full")
     stage, off = _deepspeed_stage(cfg)
     sharding = "fsdp" if (cfg.fsdp_config or cfg.fsdp or cfg.fsdp_version) else (f"zero{stage}" if stage else None)
@@ -339,13 +339,13 @@ def _fmt_params(n: float) -> str:
 
 # %% ../nbs/05a_fit.ipynb #53932279
 def estimate(cfg_or_setup, shape: ModelShape | None = None, *, gpus: int | None = None,
-             kernels: frozenset | None = None) -> MemoryEstimate:
+             kernels: frozenset | None = None, bf16_supported: bool = True) -> MemoryEstimate:
     "Estimated peak memory per GPU of training `cfg` (a FinetuneConfig, path, YAML or dict; or a `TrainSetup` with `shape`)."
     if isinstance(cfg_or_setup, TrainSetup): s = cfg_or_setup
     else:
         cfg = cfg_or_setup if isinstance(cfg_or_setup, FinetuneConfig) else load(cfg_or_setup)
         shape = shape or model_shape(cfg)
-        s = setup_of(cfg, gpus=gpus, kernels=kernels, shape=shape)
+        s = setup_of(cfg, gpus=gpus, kernels=kernels, shape=shape, bf16_supported=bf16_supported)
     if shape is None: raise FitError("estimate(setup) needs the model's shape.")
     a, L, w = s.act_bytes, shape.num_layers, s.world_size
     parts, notes = [], []
@@ -441,6 +441,9 @@ class GpuSpec:
     name: str
     memory: float               # bytes the card reports
     tflops: float | None = None # dense bf16/fp16 tensor TFLOP/s (None: unknown)
+    bf16: bool = True           # bfloat16 support (Ampere and newer); without it `bf16: auto` trains in fp16
+
+NO_BF16 = ("T4", "V100-16GB", "V100-32GB")
 
 # name: (MiB reported by nvidia-smi, dense bf16 TFLOP/s; fp16 where the card has no bf16)
 GPUS: dict[str, tuple[int, float]] = {
@@ -470,7 +473,7 @@ def gpu_spec(spec) -> GpuSpec:
     for k in (key, _norm(_DEFAULT_VARIANT.get(key, "")), key + "80GB"):
         if k and k in table:
             mib, tf = GPUS[table[k]]
-            return GpuSpec(table[k], mib * 2**20, tf)
+            return GpuSpec(table[k], mib * 2**20, tf, table[k] not in NO_BF16)
     raise FitError(f"unknown GPU {txt!r}: name a memory size (`--gpu 24GB`) or one of {', '.join(GPUS)}.")
 
 # %% ../nbs/05a_fit.ipynb #a4d70132
@@ -486,7 +489,7 @@ def detect_gpu() -> GpuSpec | None:
     name, mib = [x.strip() for x in out[0].rsplit(",", 1)]
     try: known = gpu_spec(name)
     except FitError: known = None
-    return GpuSpec(name, float(mib) * 2**20, known.tflops if known else None)
+    return GpuSpec(name, float(mib) * 2**20, known.tflops if known else None, known.bf16 if known else True)
 
 # %% ../nbs/05a_fit.ipynb #2002c5b2
 @dataclass(frozen=True)
@@ -645,8 +648,8 @@ def fit_report(cfg, gpu=None, *, gpus: int | None = None, shape: ModelShape | No
     cfg = cfg if isinstance(cfg, FinetuneConfig) else load(cfg)
     shape = shape or model_shape(cfg)
     ks, why = (kernels_for(cfg, shape) if kernels is None else (frozenset(kernels), "as given: " + (", ".join(sorted(kernels)) or "none")))
-    e = estimate(cfg, shape, gpus=gpus, kernels=ks)
     g = gpu_spec(gpu) if gpu is not None else detect_gpu()
+    e = estimate(cfg, shape, gpus=gpus, kernels=ks, bf16_supported=g.bf16 if g is not None else True)
     need = e.peak * ALLOCATOR_SLACK + CUDA_CONTEXT
     fits = None if g is None else need <= g.memory
     knobs, combo = [], []
