@@ -101,7 +101,7 @@ def render(figs: dict) -> str:
           "and the data order is a function of the seed and the epoch (so a resumed run needs no sampler state but the epoch "
           "and step the checkpoint carries).", ""]
     L += ["## 6. Nothing runs that the config does not name", ""]
-    L += [f"- {x}" for x in t.get("proven", [])]
+    L += [f"- `{x}`" if "{" in x else f"- {x}" for x in t.get("proven", [])]      # template text stays code, not markup
     L += ["", "A dotted `type:` or reward function is imported only from an installed package or from a file the config "
           "names (`type: ./my_formats.py:build`), never from the current folder implicitly (also under `python -m ftkit.cli`, "
           "how launched workers start), never from the standard library (`ftkit.guard.load_target`); `ftkit train` lists "
