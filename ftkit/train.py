@@ -320,9 +320,15 @@ class FtkitTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         d = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        with guard.saving(d, d.parent):      # a full disk: the partial folder goes, the previous checkpoint stays usable
-            super()._save_checkpoint(model, trial)
-            if self.args.should_save and d.is_dir(): write_marker(d, self.state.global_step)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None   # no rotation before the new marker exists
+        try:
+            with guard.saving(d, d.parent):  # a full disk: the partial folder goes, the previous checkpoint stays usable
+                super()._save_checkpoint(model, trial)
+                if self.args.should_save and d.is_dir(): write_marker(d, self.state.global_step)
+        finally: self.args.save_total_limit = limit
+        if self.args.should_save:            # older checkpoints go only once the new one is complete (a kill keeps one)
+            from transformers.trainer_utils import rotate_checkpoints
+            rotate_checkpoints(output_dir=str(d.parent), save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
 
 def write_marker(d: Path, step: int):
     "Mark checkpoint folder `d` as completely written: every file fsynced and listed with its size (`ftkit.guard`)."

@@ -47,7 +47,7 @@ def render(figs: dict) -> str:
          f"| 6. nothing runs that the config does not name | **{t.get('cases', 0)}** cases | `tests/test_guarantees_trust.py` |",
          ""]
     L += ["## 1. Kill anywhere, lose nothing", "",
-          "`ftkit train` (8 steps, a checkpoint after every step, `auto_resume_from_checkpoints: true`) is SIGKILLed at each "
+          "`ftkit train` (8 steps, a checkpoint after every step, `save_total_limit: 3`, `auto_resume_from_checkpoints: true`) is SIGKILLed at each "
           "point below, in order; each kill leaves the state the next run starts from. The run that finally completes has the "
           f"same losses, learning rates, gradient norms and adapter weights as an uninterrupted run of the same seed: tolerance "
           f"{k.get('tolerance', 'n/a')}. Rerunning after the final checkpoint trains no extra step. No `.tmp-*` cache, no "
@@ -61,7 +61,8 @@ def render(figs: dict) -> str:
           "(`atomic_dir`); leftovers of killed writers are removed at the next start (`remove_stale_temps`, "
           "`remove_incomplete_checkpoints`); tokenization workers ask the kernel to kill them with their parent "
           "(`die_with_parent`); the data order is a function of (seed, epoch) (`EpochSampler`); a checkpoint holding the final "
-          "step is finished from, not trained past (`finish_from_checkpoint`).", ""]
+          "step is finished from, not trained past (`finish_from_checkpoint`); with `save_total_limit` (3 in this test) older "
+          "checkpoints are deleted only after the new one is complete.", ""]
     L += ["## 2. Concurrency", "",
           "One run per `output_dir` and one preparation per dataset cache folder at a time, with `fcntl.flock` locks "
           "(`ftkit.guard.FileLock`) that the kernel drops when their process dies: a killed run never leaves a lock behind. "
@@ -114,8 +115,6 @@ def render(figs: dict) -> str:
           "- Multi-GPU runs: rank 0 holds the output_dir lock; the kill test runs one process.",
           "- The kill test forks `ftkit` commands from a process that has imported ftkit once (to keep CI time bounded); the "
           "tokenization, lock, fault and trust tests run the installed `ftkit` / `python -m ftkit.cli` commands.",
-          "- With `save_total_limit`, transformers deletes the oldest checkpoint before ftkit writes the new one's marker: a "
-          "kill in that instant with `save_total_limit: 1` leaves no complete checkpoint (the run restarts from step 0).",
           "- The preference / RL dataset types (`chatml.*`, `llama3.*`, ...) are not in the data fuzz; the supervised types are.",
           "- `ftkit train` lists the user modules a config imports; `ftkit validate` / the plan do not yet.",
           "- A Python dict config with hundreds of thousands of unknown keys is checked in linear time (about 60 µs a key); "

@@ -147,7 +147,8 @@ def test_kill_anywhere_lose_nothing(tmp_path):
     server = ForkServer(tmp_path)
     try:
         ref_dir, kill_dir = tmp_path / "reference", tmp_path / "killed"
-        ref_cfg, cfg = write_config(ref_dir, max_steps=MAX), write_config(kill_dir, max_steps=MAX)
+        # save_total_limit 3: older checkpoints are deleted only after the new one is complete
+        ref_cfg, cfg = write_config(ref_dir, max_steps=MAX, save_total_limit=3), write_config(kill_dir, max_steps=MAX, save_total_limit=3)
         # the uninterrupted run of the same config and seed
         pid = server.start(["train", ref_cfg], ref_dir / "log.txt")
         assert server.wait(pid) == 0, (ref_dir / "log.txt").read_text()[-3000:]
@@ -179,6 +180,7 @@ def test_kill_anywhere_lose_nothing(tmp_path):
         assert not list(prep.glob(".tmp-*")) and not list(out.glob(".tmp-*"))
         assert not list(out.glob("*.incomplete"))
         assert all((c / MARKER).exists() for c in out.glob("checkpoint-*"))
+        assert sorted(c.name for c in out.glob("checkpoint-*")) == [f"checkpoint-{k}" for k in (MAX - 2, MAX - 1, MAX)]
         # the same curve and schedule as the uninterrupted run, bit for bit
         got = history(out)
         assert got == ref, f"resumed history differs:\n{got}\nvs\n{ref}"
