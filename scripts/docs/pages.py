@@ -411,7 +411,9 @@ def performance_page(root: Path) -> str:
     if runs:
         a = runs[0][2].get("args", {})
         gpu = runs[0][2].get("versions", {}).get("gpu", "GPU")
-        lines += ["## Single-GPU training throughput", "",
+        tv = runs[0][2].get("versions", {}).get("transformers", "?")
+        lines += ["## Single-GPU training throughput (`gpu_*_H200.json`)", "",
+                  f"An earlier call (transformers {tv}) than the end-to-end kernel run further down. "
                   f"One {gpu}; Llama-3.2-1B-shaped model, LoRA r16 on all linear layers, packed rows of {a.get('seq')} tokens, "
                   f"gradient accumulation {a.get('ga')}, {a.get('timed')} timed steps after {a.get('warmup')} warm-up steps "
                   "(`benchmarks/bench_train.py`).", "",
@@ -452,7 +454,25 @@ def performance_page(root: Path) -> str:
             lines.append(f"| {r['procs']} | {r['rows']:,} | {r['rows_per_s']:,} | {r['tokens_per_s']:,} | {r['seconds']} | "
                          f"{r.get('seconds_cache_hit', '—')} |")
         lines += ["", "File: `preprocess.json`.", ""]
+    e2e = res / "kernels_e2e_H200.json"
+    if e2e.exists():
+        try:
+            runs_e2e = json.loads(e2e.read_text()).get("runs", {})
+            bars = [(k, v["tokens_per_s"]) for k, v in runs_e2e.items() if isinstance(v, dict) and v.get("tokens_per_s")]
+            bars.sort(key=lambda kv: ("16k" in kv[0], kv[0]))
+            if bars:
+                lines += ["## End to end with ftkit's kernels (plot of `kernels_e2e_H200.json`)", "",
+                          "```{raw} html", _svg_bars("Tokens/s by run (4k and 16k rows; B0 = TRL, B1 = TRL + Liger)", bars, "tok/s"),
+                          "```", "", "The table and the workload are in the end-to-end section below.", ""]
+        except Exception:
+            pass
+    reports = sorted(res.glob("*.md"))
+    for md in reports:                    # result tables written by the benchmark scripts, included as they are
+        body = re.sub(r"^(#{1,5}) ", lambda m: "#" * min(len(m.group(1)) + 1, 6) + " ", md.read_text(), flags=re.M)
+        body = body.replace("../shared/bench", "the shared benchmark harness")
+        lines += [body.rstrip(), "", f"(File: `{md.name}`.)", ""]
     known = {p.name for p in res.glob("gpu_[FB]*_*.json")} | {p.name for p in res.glob("multi_gpu_*.json")} | {"preprocess.json"}
+    known |= {md.with_suffix(".json").name for md in reports}
     other = [p for p in sorted(res.glob("*.json")) if p.name not in known]
     if other:
         lines += ["## Other results", "", "Result files without a dedicated table: their top-level numbers.", ""]
