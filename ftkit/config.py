@@ -293,15 +293,25 @@ def _is_user_module(t, known):
     return "." in t and t.split(".")[0] not in {k.split(".")[0] for k in known}
 
 # %% ../nbs/00_config.ipynb #7a3c1e55
+def _lm_eval_problems(d) -> Iterable[Problem]:
+    "lm_eval_tasks needs EleutherAI's harness installed; an include path must be a folder."
+    import importlib.util
+    if d.get("lm_eval_tasks") and importlib.util.find_spec("lm_eval") is None:
+        yield Problem("lm_eval_tasks", "lm_eval_tasks needs EleutherAI's lm-evaluation-harness, which is not installed.",
+                      "pip install 'ftkit[eval]' (or `pip install lm-eval`), or remove `lm_eval_tasks`.")
+    p = d.get("lm_eval_include_path")
+    if isinstance(p, str) and not Path(p).expanduser().is_dir():
+        yield Problem("lm_eval_include_path", f"{p!r} is not a folder.", "Point it at a folder of lm-eval task YAMLs.")
+
 @rule
 def trackers_and_plugins(d):
     "Tracker keys (`ftkit.tracking.check`: a tracker that is on needs its package, the `tracking` extra) and `plugins:` (`ftkit.plugins.check`)."
     from ftkit import plugins, tracking   # light modules: no torch / transformers
     yield from tracking.check(d)
     yield from plugins.check(d.get("plugins"), d)
-    from ftkit import hub, lmeval
+    from ftkit import hub
     yield from hub.check(d)
-    yield from lmeval.check(d)
+    yield from _lm_eval_problems(d)
     if d.get("pretraining_dataset") or d.get("streaming"):   # ftkit.streaming imports torch: only for configs that stream
         from ftkit import streaming
         yield from streaming.check(d)

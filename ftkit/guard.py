@@ -18,7 +18,7 @@ __all__ = ['LOCK_NAME', 'MARKER', 'MAX_TEMPLATE_CONST', 'GuardError', 'LockedErr
            'remove_incomplete_checkpoints', 'checkpoint_step', 'first_invalid_utf8', 'die_with_parent',
            'workers_die_with_parent', 'EpochSampler', 'last_checkpoint', 'FaultWatchdog', 'fault_watchdog', 'is_oom',
            'explain_oom', 'is_disk_full', 'explain_disk_full', 'saving', 'finished_checkpoint',
-           'finish_from_checkpoint', 'split_target', 'module_origin', 'load_target', 'user_modules', 'check_template']
+           'finish_from_checkpoint', 'split_target', 'module_origin', 'load_target', 'check_template']
 
 # %% ../nbs/00b_guard.ipynb #gd000005
 class GuardError(FtkitError):
@@ -485,20 +485,6 @@ def load_target(name: str, key: str, error: type = ImportRefused):
     if fn is None or not callable(fn):
         raise error(f"{key}: module {mod!r} ({getattr(m, '__file__', '?')}) has no function {attr!r}.")
     return fn
-
-def user_modules(cfg) -> list[str]:
-    "The user code a config will run: dotted dataset types, reward functions (with where each comes from), a model's remote code."
-    from ftkit.prompts.registry import REGISTRY, is_user_module
-    out = [f"trust_remote_code: true: the Python files that come with {cfg.base_model} will run"] if cfg.trust_remote_code else []
-    for group in ("datasets", "test_datasets"):
-        for i, e in enumerate(getattr(cfg, group, None) or []):
-            t = e.get("type") if isinstance(e, dict) else getattr(e, "type", None)
-            if isinstance(t, str) and t not in REGISTRY and is_user_module(t):
-                out.append(f"{group}[{i}].type: {t} ({module_origin(split_target(t)[0])})")
-    trl = getattr(cfg, "trl", None)
-    for i, n in enumerate((trl.get("reward_funcs") if isinstance(trl, dict) else getattr(trl, "reward_funcs", None)) or []):
-        out.append(f"trl.reward_funcs[{i}]: {n} ({module_origin(split_target(n)[0])})")
-    return out
 
 # %% ../nbs/00b_guard.ipynb #gd000029
 MAX_TEMPLATE_CONST = 1_000_000

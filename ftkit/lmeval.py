@@ -14,19 +14,10 @@ from .errors import FtkitError, Problem
 from .plugins import Plugin
 
 # %% auto #0
-__all__ = ['check', 'LMEvalReport', 'harness', 'lm_eval', 'LMEvalPlugin', 'add_lm_eval_args', 'lm_eval_main']
+__all__ = ['LMEvalReport', 'harness', 'lm_eval', 'LMEvalPlugin', 'add_lm_eval_args', 'lm_eval_main']
 
 # %% ../nbs/06e_lmeval.ipynb #68a090d1
-def check(values: dict) -> list[Problem]:
-    "Problems with a raw config's lm-eval keys: the harness must be installed; an include path must exist."
-    out = []
-    if values.get("lm_eval_tasks") and importlib.util.find_spec("lm_eval") is None:
-        out.append(Problem("lm_eval_tasks", "lm_eval_tasks needs EleutherAI's lm-evaluation-harness, which is not installed.",
-                           "pip install 'ftkit[eval]' (or `pip install lm-eval`), or remove `lm_eval_tasks`."))
-    p = values.get("lm_eval_include_path")
-    if isinstance(p, str) and not Path(p).expanduser().is_dir():
-        out.append(Problem("lm_eval_include_path", f"{p!r} is not a folder.", "Point it at a folder of lm-eval task YAMLs."))
-    return out
+# the config-time check (harness installed, include path a folder) lives in ftkit.config's rules
 
 # %% ../nbs/06e_lmeval.ipynb #ffaa0cac
 @dataclass

@@ -17,6 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .config import FinetuneConfig, Plan, load, resolve
 from .errors import ConfigError, FtkitError, Problem
 from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan
+from .prompts.registry import user_modules
 from .rl import Method, RLData, load_rl_model, make_trainer, method_of, prepare_rl_data
 from . import guard
 
@@ -541,7 +542,7 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     cfg = _as_config(cfg)
     method, plan = method_of(cfg), resolve(cfg)
     _say(str(plan), quiet)
-    for m in guard.user_modules(cfg): _say(f"user module: {m}", quiet)     # the config's own code that will be imported
+    for m in user_modules(cfg): _say(f"user module: {m}", quiet)     # the config's own code that will be imported
     set_seed(plan.seed)                       # before the model, the adapters and the data order exist
     if plugins is None: plugins = load_plugins(cfg)   # ftkit.plugins: built-in (trackers) and the config's; fires after_config_load
     src = None

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ftkit.config import (ConfigError, Env, FinetuneConfig, SECTIONS, json_schema, load, resolve, validate)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((ROOT / "examples").rglob("*.yml")) + sorted((ROOT / "examples").rglob("*.yaml"))
+EXAMPLES = [p for p in sorted((ROOT / "examples").rglob("*.yml")) + sorted((ROOT / "examples").rglob("*.yaml"))
+            if "lm_eval" not in p.parts]   # examples/lm_eval/ holds lm-eval task files, not ftkit configs
 BASE = {"learning_rate": 1e-4, "micro_batch_size": 2, "gradient_accumulation_steps": 2,
         "datasets": [{"path": "d.jsonl", "type": "chat_template"}]}
 

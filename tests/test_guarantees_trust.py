@@ -61,7 +61,7 @@ def test_a_file_the_config_names_is_imported_and_listed(tmp_path):
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-2000:]
     assert (tmp_path / "pwned").exists()                       # named explicitly: imported
     from ftkit.config import load
-    from ftkit.guard import user_modules
+    from ftkit.prompts.registry import user_modules
     import os
     old = os.getcwd(); os.chdir(tmp_path)
     try:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 # %% auto #0
 __all__ = ['REGISTRY', 'as_entry', 'as_config', 'RowError', 'PromptStrategy', 'StrategySpec', 'register', 'known_types',
-           'suggest', 'lookup', 'is_user_module', 'resolve_type']
+           'suggest', 'lookup', 'is_user_module', 'resolve_type', 'user_modules']
 
 # %% ../../nbs/02_prompts.registry.ipynb #ceafd9f6
 from ..schema import DatasetEntry, FinetuneConfig
@@ -187,3 +187,18 @@ def resolve_type(type_) -> StrategySpec:
             return StrategySpec(name, target, "user strategy builder (tokenizer, ds, cfg) -> strategy")
         return lookup(name)
     return REGISTRY["user_defined"]      # a dict or a pydantic model of field_* keys
+
+# %% ../../nbs/02_prompts.registry.ipynb #65b82795
+def user_modules(cfg) -> list[str]:
+    "The user code a config will run: dotted dataset types, reward functions (with where each comes from), a model's remote code."
+    from ftkit.guard import module_origin, split_target
+    out = [f"trust_remote_code: true: the Python files that come with {cfg.base_model} will run"] if cfg.trust_remote_code else []
+    for group in ("datasets", "test_datasets"):
+        for i, e in enumerate(getattr(cfg, group, None) or []):
+            t = e.get("type") if isinstance(e, dict) else getattr(e, "type", None)
+            if isinstance(t, str) and t not in REGISTRY and is_user_module(t):
+                out.append(f"{group}[{i}].type: {t} ({module_origin(split_target(t)[0])})")
+    trl = getattr(cfg, "trl", None)
+    for i, n in enumerate((trl.get("reward_funcs") if isinstance(trl, dict) else getattr(trl, "reward_funcs", None)) or []):
+        out.append(f"trl.reward_funcs[{i}]: {n} ({module_origin(split_target(n)[0])})")
+    return out
