@@ -437,7 +437,8 @@ def _set_keys(d: dict) -> Iterable[tuple[str, str]]:
     for k, v in d.items():
         if v not in (None, False): yield k, k
     for group in ("datasets", "test_datasets"):
-        for i, e in enumerate(d.get(group) or []):
+        entries = d.get(group)
+        for i, e in enumerate(entries if isinstance(entries, list) else []):   # a wrong type is the schema's error, not this rule's
             if not isinstance(e, dict): continue
             for k, v in e.items():
                 if v not in (None, False): yield f"datasets[].{k}", f"{group}[{i}].{k}"
@@ -821,6 +822,8 @@ def resolve(cfg: FinetuneConfig, env: Env | None = None) -> Plan:
     method = (f"rl: {cfg.rl}" if cfg.rl else "reward model" if cfg.reward_model else "process reward model" if cfg.process_reward_model
               else "SFT") + (f" + {cfg.adapter.upper()} (r={cfg.lora_r or 8})" if cfg.adapter else " full fine-tune")
     notes = [str(w) for w in cfg.warnings]
+    from ftkit.prompts.registry import user_modules
+    notes += [f"user code this config imports: {m}" for m in user_modules(cfg)]
     if cfg.seed is None: notes.append("seed not set: using 42")
     return Plan(model=cfg.base_model or f"{EMBEDDED_MODEL} (embedded)", method=method, micro_batch_size=mbs,
                 gradient_accumulation_steps=ga, world_size=env.world_size, effective_batch_size=mbs * ga * env.world_size,

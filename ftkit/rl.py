@@ -278,7 +278,7 @@ class PairStrategy(PromptStrategy):
             self.enc = _ChatEncoder(tokenizer, ds, cfg, raw_messages=(preset == "chat_template.default"))
         elif preset in ("user_defined.default", "passthrough"):
             ud = ds.type if not isinstance(ds.type, str) else None
-            g = lambda k, d: (getattr(ud, k) if ud is not None else None) or getattr(ds, k) or d
+            g = lambda k, d: getattr(ud, k, None) or getattr(ds, k, None) or d   # user-defined formats have keys entries lack
             self.cols = (g("field_prompt", "prompt"), g("field_chosen", "chosen"), g("field_rejected", "rejected"), "plain")
             self.sys_col = g("field_system", "system")
             self.fmt = (g("prompt_format", "{prompt}"), g("chosen_format", "{chosen}"), g("rejected_format", "{rejected}"))
@@ -338,7 +338,7 @@ class KTOStrategy(PromptStrategy):
         self.tok, self.preset = tokenizer, preset
         fam, _, fn = preset.partition(".")
         ud = ds.type if not isinstance(ds.type, str) else None
-        g = lambda k, d: (getattr(ud, k) if ud is not None else None) or getattr(ds, k) or d
+        g = lambda k, d: getattr(ud, k, None) or getattr(ds, k, None) or d   # user-defined formats have keys entries lack
         self.label_col = g("field_label", "label")
         if fam in FAMILY_TEMPLATE:
             if fn not in KTO_PRESETS: raise ValueError(f"type {preset!r}: not a KTO preset; known: {', '.join(sorted(KTO_PRESETS))}")

@@ -289,10 +289,7 @@ def test_configs_in_the_hand_written_pages_are_valid():
 
 # Formats whose example does not render today, with the reason. strict: the test fails once they render, so the
 # entry must then be removed (and the page shows them again).
-KNOWN_BROKEN_FORMATS = {
-    "passthrough": "ftkit.rl.PairStrategy reads entry.prompt_format, which DatasetEntry does not have (typed-config change)",
-    "user_defined.default": "ftkit.rl.PairStrategy reads entry.prompt_format, which DatasetEntry does not have (typed-config change)",
-}
+KNOWN_BROKEN_FORMATS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
