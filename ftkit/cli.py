@@ -132,6 +132,7 @@ def run_sweep(cfg, args) -> int:
     print(f"table: {res.root / 'sweep.jsonl'}\nloss curves: {res.root / 'sweep_losses.svg'}")
     return 0 if all(r.status in ("done", "skipped") for r in res.runs) and not res.stopped else 1
 
+# %% ../nbs/13_cli.ipynb #020b7480
 def _train_args(p):
     p.add_argument("--launcher", choices=["accelerate", "torchrun", "python"], default=None,
                    help="how to start the workers (default: python, i.e. this process; accelerate when --num-processes > 1)")

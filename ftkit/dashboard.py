@@ -153,6 +153,7 @@ def render_html(h: RunHistory, title: str = "ftkit training", summary: str = "",
             + 
             f"<div>{stats}</div><div>{charts}</div>{sample}{notes}{summary}</div>")
 
+# %% ../nbs/12_dashboard.ipynb #d50f1105
 def summary_text(h: RunHistory) -> str:
     "The end-of-run summary as plain text."
     lines = [f"{h.status}: {h.step}/{h.max_steps} steps in {fmt_duration(h.elapsed)}"]
@@ -213,6 +214,7 @@ class HTMLView:
         self.html = render_html(h, title, _summary_html(summary))
         if self.handle is not None: self.handle.update(_Static(self.html, summary))
 
+# %% ../nbs/12_dashboard.ipynb #beb77b30
 class WidgetView:
     "A live ipywidgets box (progress bar + HTML); replaced by a static HTML snapshot at the end so the saved notebook keeps it."
     kind = "widget"
@@ -244,6 +246,7 @@ class WidgetView:
 def _summary_html(summary: str) -> str:
     return f"<pre class='ftkit-summary' style='margin-top:6px;background:#f6f8fa;padding:6px'>{html.escape(summary)}</pre>"
 
+# %% ../nbs/12_dashboard.ipynb #7a2e2456
 def pick_view(mode: str = "auto"):
     "The view for this process: `widget` in a Jupyter kernel with ipywidgets, `html` in a kernel without, else `text`."
     if mode == "auto":

@@ -50,6 +50,7 @@ def _json_problem(path: Path) -> str | None:
         except json.JSONDecodeError as e: return f"line {n} column {e.colno}: {e.msg}"
     return None
 
+# %% ../nbs/03_data.ipynb #3de06863
 def _load_files(files: list[Path], ds_type: str | None, where: str):
     import datasets
     parts, bounds, n = [], [], 0
@@ -83,6 +84,7 @@ def _load_files(files: list[Path], ds_type: str | None, where: str):
     except Exception as e:
         raise DataError(f"the files of this dataset have different columns: {e}", where, "load them as separate dataset entries") from None
 
+# %% ../nbs/03_data.ipynb #c543e2e2
 def _data_files(root: Path, entry: DatasetEntry) -> list[Path]:
     df = entry.data_files
     if df:
@@ -117,6 +119,7 @@ def _split(d, split, where):
         return d[split]
     return d
 
+# %% ../nbs/03_data.ipynb #731e2f0e
 def load_source(entry: DatasetEntry, idx: int = 0, group: str = "datasets"):
     "`(dataset, bounds)` for one dataset entry; bounds are `(file, first_row)` for local files."
     import datasets
@@ -197,6 +200,7 @@ def code_fingerprint() -> str:
     files = sorted(Path(P.__file__).parent.glob("*.py")) + [Path(__file__)] if "__file__" in globals() else sorted(Path(P.__file__).parent.glob("*.py"))
     return _h(*[f.read_bytes() for f in files])
 
+# %% ../nbs/03_data.ipynb #1c5c6225
 def _jsonable(x):
     if hasattr(x, "model_dump"): return _jsonable({k: v for k, v in x.model_dump().items() if k != "section"})
     if isinstance(x, dict): return {str(k): _jsonable(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0])) if v is not None}
@@ -346,6 +350,7 @@ def _term_ids(tok, strategies):
     for s in strategies: ids |= set(getattr(s, "eot_ids", set()) or set())
     return ids
 
+# %% ../nbs/03_data.ipynb #39c08f5f
 def cache_key(cfg: FinetuneConfig, tok, groups=("datasets", "test_datasets")) -> tuple[str, dict]:
     "`(hash, inputs)`: the cache key and the (JSON-able) inputs it was computed from."
     inputs = {"format": 1, "code": code_fingerprint(), "tokenizer": tokenizer_fingerprint(tok),
@@ -359,6 +364,7 @@ def cache_key(cfg: FinetuneConfig, tok, groups=("datasets", "test_datasets")) ->
         inputs[g] = items
     return _h(json.dumps(inputs, sort_keys=True)), inputs
 
+# %% ../nbs/03_data.ipynb #760c1e9d
 def _process_group(cfg: FinetuneConfig, tok, group, report, strict, max_len, key=""):
     import datasets
     parts, strategies = [], []
@@ -411,6 +417,7 @@ def _process_group(cfg: FinetuneConfig, tok, group, report, strict, max_len, key
     merged = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return merged, strategies
 
+# %% ../nbs/03_data.ipynb #d77a44ad
 def _dedup(ds):
     seen, keep = set(), []
     for k, (a, b) in enumerate(zip(ds["input_ids"], ds["labels"])):
@@ -447,6 +454,7 @@ def template_eot_warnings(tok, strategies) -> list[str]:
                        f"Set special_tokens: {{eos_token: {eot!r}}} or eot_tokens: [{eot!r}].")
     return out
 
+# %% ../nbs/03_data.ipynb #453410cc
 def detect_template_eot(strategy) -> str | None:
     "The first special token the template writes after an assistant reply (probe conversation)."
     from ftkit.prompts.chat_template import render_spans
@@ -478,6 +486,7 @@ def prepare(cfg: FinetuneConfig, tokenizer, *, use_cache: bool = True, quiet: bo
         if lock is not None: lock.release()
         if quiet and was_on: dlog.enable_progress_bar()
 
+# %% ../nbs/03_data.ipynb #0bb5571f
 def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
     import datasets
     t0 = time.time()

@@ -45,6 +45,7 @@ def _holder_text(info: dict) -> str:
     started = time.strftime("%H:%M:%S", time.localtime(info.get("time", 0)))
     return f"process {info['pid']} (`{info.get('cmd', '?')}`, {info.get('what', 'run')} started {started} on {info.get('host', '?')})"
 
+# %% ../nbs/00b_guard.ipynb #f608ba12
 class FileLock:
     "An exclusive OS lock on `path` (`fcntl.flock`): released by `release()`, by exiting `with`, or by the process dying."
     def __init__(self, path, what: str = "run"):
@@ -91,6 +92,7 @@ class FileLock:
     def __enter__(self): return self if self.fd is not None else self.acquire()
     def __exit__(self, *exc): self.release()
 
+# %% ../nbs/00b_guard.ipynb #1571e24b
 def lock_output_dir(output_dir, quiet: bool = False) -> FileLock:
     "The lock of a training run's `output_dir` (refuses when another run holds it)."
     return FileLock(Path(output_dir) / LOCK_NAME, "output_dir").acquire(wait=False, quiet=quiet)
@@ -135,6 +137,7 @@ def is_complete(d) -> bool:
         except OSError: return False
     return True
 
+# %% ../nbs/00b_guard.ipynb #db7fb15d
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid(): return True
     try: os.kill(pid, 0)
@@ -163,6 +166,7 @@ def remove_stale_temps(root, quiet: bool = False) -> list[Path]:
     if removed: _say(f"removed {len(removed)} unfinished temporary folder(s) left by killed runs in {root}", quiet)
     return removed
 
+# %% ../nbs/00b_guard.ipynb #263634fb
 @contextmanager
 def atomic_dir(final, **marker_info):
     "Write a folder under a temporary name; on success mark it complete and rename it to `final` (replacing an old one)."
@@ -272,6 +276,7 @@ def _finite(x) -> bool:
     try: return math.isfinite(float(x))
     except (TypeError, ValueError): return True
 
+# %% ../nbs/00b_guard.ipynb #073d20cb
 class FaultWatchdog:
     "Stops training at the first non-finite gradient or loss, or when the loss stays above `threshold` for `patience` logs."
     trainer = None                      # FtkitTrainer fills this in
@@ -321,6 +326,7 @@ class FaultWatchdog:
             self._stop(state.global_step, f"the loss ({float(logs['loss']):.4g}) stayed above loss_watchdog_threshold "
                                           f"{self.threshold:g} for {self.over} logged steps (loss_watchdog_patience {self.patience})")
 
+# %% ../nbs/00b_guard.ipynb #2f0061a0
 def fault_watchdog(cfg, output_dir, precision: str = "") -> FaultWatchdog:
     "The watchdog for a config (its learning rate and loss_watchdog_* keys)."
     return FaultWatchdog(output_dir, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, precision=precision,
@@ -367,6 +373,7 @@ def explain_oom(cfg, exc, device: str = "") -> GuardError:
                       f"gradient_checkpointing {bool(cfg.gradient_checkpointing)}.{mem}\n"
                       f"  to fit, try one at a time: " + "; ".join(k for k in knobs if k))
 
+# %% ../nbs/00b_guard.ipynb #570ff0f3
 def is_disk_full(exc, folder=None) -> bool:
     "Whether `exc` (or its cause) says the disk is full, or is a failed write while `folder`'s file system has < 1 MiB free."
     for e in _chain(exc):
@@ -451,6 +458,7 @@ def module_origin(mod: str) -> str:
         except (ImportError, ValueError): spec = None
     return "package" if spec is not None else "missing"
 
+# %% ../nbs/00b_guard.ipynb #c33c05bc
 def load_target(name: str, key: str, error: type = ImportRefused):
     "Import the function named `name` (config key `key`) under the policy above; `error` names the key and what to do."
     mod, attr = split_target(name)

@@ -96,6 +96,7 @@ def html_tokens(sample: dict, tokenizer, end_ids=None, mark=None) -> str:
               f'<span style="border:1px solid #999">special</span> {len(sample["input_ids"])} tokens, {n} trained</div>')
     return legend + '<div class="ftk-tok">' + "".join(out) + "</div>"
 
+# %% ../nbs/05_inspect.ipynb #d3d3c6df
 from .data import report_html   # the data report's HTML lives with the report
 
 class HTML:

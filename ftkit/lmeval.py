@@ -59,6 +59,7 @@ def _metrics(results: dict) -> dict:
                      and not (isinstance(v, float) and math.isnan(v))}
     return out
 
+# %% ../nbs/06e_lmeval.ipynb #9a1a088d
 def harness(model, tokenizer, cfg) -> dict:
     "Run the config's tasks on `model` (an object, already loaded); {task: {metric: value}}."
     if importlib.util.find_spec("lm_eval") is None:
@@ -110,6 +111,7 @@ class LMEvalPlugin(Plugin):
 
 def add_lm_eval_args(p): pass
 
+# %% ../nbs/06e_lmeval.ipynb #fb72b71c
 def lm_eval_main(args) -> int:
     "`ftkit lm-eval CONFIG`: the config's lm_eval_tasks on the base and the tuned model; the table."
     from ftkit.config import load_with_overrides

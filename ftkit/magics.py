@@ -99,6 +99,7 @@ def problems_html(problems: list[Problem], source: str | None, origin: str = "co
             + (f"<ul style='margin:4px 0'>{''.join(msg(p, False) for p in loose)}</ul>" if loose else "")
             + (f"<div class='ftkit-yaml'>{''.join(body)}</div>" if lines else "") + "</div>")
 
+# %% ../nbs/10_magics.ipynb #bbd8a72e
 def problems_view(problems, source, origin="config", title=None) -> Rich:
     return Rich(problems_html(problems, source, origin, title), str(ConfigError(problems, source=source, origin=origin)))
 
@@ -144,6 +145,7 @@ class FinetuneRun:
         w = max(len(k) for k, _ in self._rows())
         return "FinetuneRun\n" + "\n".join(f"  {k:<{w}} : {v}" for k, v in self._rows())
 
+# %% ../nbs/10_magics.ipynb #63f5d6b2
 def _describe_data(d) -> str:
     if d is None: return "–"
     parts = []
@@ -231,6 +233,7 @@ def _parse_sets(sets) -> dict:
         out[key.strip()] = val
     return out
 
+# %% ../nbs/10_magics.ipynb #e8f04ae9
 @magics_class
 class FinetuneMagics(Magics):
     "`%%finetune`, `%finetune_env`, `%finetune_chat`, `%finetune_form`."
@@ -570,6 +573,7 @@ def _report_view(data) -> Rich:
     from ftkit.inspect import report_html
     return Rich(report_html(rep), str(rep))
 
+# %% ../nbs/10_magics.ipynb #1e08e224
 def debug_view(data, tokenizer, num_examples: int = 2) -> Rich:
     "The tokenization debug view (ftkit.inspect): trained / masked tokens of a few rows, and the data report."
     from ftkit.inspect import debug_text, show

@@ -135,6 +135,7 @@ def _instantiate(name: str) -> Plugin:
         except AttributeError: pass
     return p
 
+# %% ../nbs/06a_plugins.ipynb #e1daae3a
 class PluginSet:
     "The plugins of one run; each method calls that hook on every plugin in order."
     def __init__(self, plugins: list): self.plugins = list(plugins)
@@ -177,6 +178,7 @@ class PluginSet:
                 if v is None: os.environ.pop(k, None)
                 else: os.environ[k] = v
 
+# %% ../nbs/06a_plugins.ipynb #7184e75d
 def load_plugins(cfg, builtins: bool = True) -> PluginSet:
     "The plugins of a run of `cfg` (built-in ones first, then `cfg.plugins`); fires `after_config_load`."
     names = (list(BUILTIN_PLUGINS) if builtins else []) + list(cfg.plugins or [])

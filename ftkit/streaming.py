@@ -141,6 +141,7 @@ class StreamData:
     eval: Any = None
     callbacks: list = field(default_factory=list)
 
+# %% ../nbs/03b_streaming.ipynb #d4ee375a
 def stream_data(cfg, tokenizer) -> StreamData:
     "The packed stream of the config's corpus (all entries' files, in order) and its checkpoint callback."
     files, column = [], "text"

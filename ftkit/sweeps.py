@@ -31,6 +31,7 @@ class SweepSpec:
 
 def _problem(key, msg, hint=""): return ConfigError([Problem(key, msg, hint)], origin="sweep")
 
+# %% ../nbs/06c_sweeps.ipynb #2dcab668
 def read_spec(source) -> SweepSpec:
     "A `SweepSpec` from a sweep file path, YAML text or mapping (Axolotl's format plus `_method`/`_samples`/`_seed`)."
     from ftkit.config import yaml_load
@@ -165,6 +166,7 @@ def loss_plot_svg(curves: dict[str, dict[int, float]], width: int = 560, height:
     parts.append("</svg>")
     return "".join(parts)
 
+# %% ../nbs/06c_sweeps.ipynb #15d03b3e
 @dataclass
 class SweepResult:
     "Every run of a sweep, with a comparison table and one loss plot."
@@ -234,6 +236,7 @@ def _default_run(quiet: bool):
         return train(cfg, quiet=quiet)
     return run
 
+# %% ../nbs/06c_sweeps.ipynb #f3c7adb6
 def sweep(base, spec, *, method: str | None = None, samples: int | None = None, seed: int | None = None,
           run: Callable | None = None, quiet: bool = False, on_run_end: Callable | None = None) -> SweepResult:
     """Train every variant of `spec` (a sweep file, YAML or mapping) over `base`; returns a `SweepResult` (also written

@@ -82,6 +82,7 @@ register(Tracker(
     "tensorboard", "TensorBoard", "tensorboard", "use_tensorboard", (),
     where=lambda cfg, env: f"TensorBoard event files in {_out(cfg)}/runs (`tensorboard --logdir {_out(cfg)}/runs`)"))
 
+# %% ../nbs/06b_tracking.ipynb #53f2eca4
 def _comet_where(cfg, env):
     online = env.get("COMET_START_ONLINE", os.environ.get("COMET_START_ONLINE", "true")).lower() not in ("false", "0")
     proj = cfg.comet_project_name or "Uncategorized"

@@ -117,6 +117,7 @@ def fsdp_training_args(cfg: FinetuneConfig) -> tuple[dict, list[str]]:
     return {"fsdp": "full_shard auto_wrap" if out.get("reshard_after_forward", True) else "shard_grad_op auto_wrap",
             "fsdp_config": out}, notes
 
+# %% ../nbs/06_train.ipynb #2f6bd0b2
 def deepspeed_training_args(cfg: FinetuneConfig) -> dict:
     "TrainingArguments keywords for DeepSpeed (a JSON path or a mapping); a clear error when deepspeed is missing."
     if not cfg.deepspeed: return {}
@@ -150,6 +151,7 @@ from .tracking import training_kwargs as tracking_kwargs
 from .hub import training_kwargs as hub_kwargs
 from .streaming import training_kwargs as stream_kwargs
 
+# %% ../nbs/06_train.ipynb #ab4320e9
 def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir: str, has_eval: bool, packing: bool) -> dict:
     "The keyword arguments every method shares."
     sched, sched_kw = scheduler(cfg)
@@ -239,6 +241,7 @@ class _Counted:
                 out["ftkit_keep"], out["ftkit_shift_labels"] = keep, lab[:, keep + 1]
         return out
 
+# %% ../nbs/06_train.ipynb #4edaaefc
 class FtkitTrainer(Trainer):
     "transformers' Trainer with multipack dataloaders, LoRA+ groups, atomic checkpoints and token counting."
     logits_keep_below = 0.5      # compute logits only at trained positions when they are fewer than this share (0: never)
@@ -331,6 +334,7 @@ class FtkitTrainer(Trainer):
             from transformers.trainer_utils import rotate_checkpoints
             rotate_checkpoints(output_dir=str(d.parent), save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
 
+# %% ../nbs/06_train.ipynb #a96fb377
 def write_marker(d: Path, step: int):
     "Mark checkpoint folder `d` as completely written: every file fsynced and listed with its size (`ftkit.guard`)."
     guard.write_marker(d, step=step)
@@ -447,6 +451,7 @@ class ProgressPrinter(TrainerCallback):
         print(f"  step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
               f"{speed}  {dt:,.0f}s", flush=True)
 
+# %% ../nbs/06_train.ipynb #e2796630
 @dataclass
 class TrainResult:
     "What a training run produced."

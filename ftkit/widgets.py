@@ -75,6 +75,7 @@ def _shared_layouts():
                         text_style=_ws.TextStyle(), desc_style=_wd.DescriptionStyle(), cb_style=_wb.CheckboxStyle())
     return _LAYOUTS
 
+# %% ../nbs/11_widgets.ipynb #0b5e78ac
 class FieldWidget:
     "One config field: its widget, value conversions, help and validation message."
     def __init__(self, name: str, info, on_change=None):
@@ -323,6 +324,7 @@ def _source_data(source) -> dict:
         return data if isinstance(data, dict) else {}
     raise ConfigError([Problem("", f"the form starts from a path, YAML text, a dict or a config, not {type(source).__name__}.")])
 
+# %% ../nbs/11_widgets.ipynb #19fb464b
 class ConfigForm:
     "The config form: sections in tabs, validation as you edit, YAML round trip, and 'Create cell'."
     def __init__(self, source=None, name: str = "ft", mode: str = "train"):
@@ -456,6 +458,7 @@ class ConfigForm:
         b["text/plain"] = "ftkit config form (shown where ipywidgets run: JupyterLab, Notebook, VS Code, Colab); its YAML:\n" + self.to_yaml()
         return b
 
+# %% ../nbs/11_widgets.ipynb #9184d712
 def _js_string(s: str) -> str:
     import json
     return json.dumps(s).replace("</", "<\\/")
@@ -512,6 +515,7 @@ _INSERT_JS = r"""
 })();
 """
 
+# %% ../nbs/11_widgets.ipynb #ce34fdf3
 def frontend_without_cell_insert() -> str | None:
     "The front end, where notebook outputs cannot insert cells ('Colab', 'VS Code'), else None."
     import os, sys

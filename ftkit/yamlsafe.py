@@ -96,6 +96,7 @@ def expanded_size(node, max_values: int = MAX_VALUES) -> int:
         return total
     return size(node)
 
+# %% ../nbs/00a_yamlsafe.ipynb #319ea4c8
 def _reader_error(e: yaml.reader.ReaderError, text: str) -> YamlBudgetError:
     pos = min(e.position, len(text))
     line = text.count("\n", 0, pos); col = pos - (text.rfind("\n", 0, pos) + 1)

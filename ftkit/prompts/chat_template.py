@@ -54,6 +54,7 @@ register_template("mistral",
     "{% else %}{{ raise_exception('mistral template: only user and assistant roles after an optional system message') }}"
     "{% endif %}{% endfor %}")
 
+# %% ../../nbs/02_prompts.chat_template.ipynb #e3e7bcc7
 register_template("gemma",
     "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
     "{% set loop_messages = messages[1:] %}{% else %}{% set system = none %}{% set loop_messages = messages %}{% endif %}"
@@ -92,6 +93,7 @@ register_template("qwen",   # Qwen2.5: ChatML, a default system prompt, tools in
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}", "<|im_end|>")
 TEMPLATES["qwen_25"], TEMPLATE_EOT["qwen_25"] = TEMPLATES["qwen"], "<|im_end|>"     # Axolotl's name for it
 
+# %% ../../nbs/02_prompts.chat_template.ipynb #0aa9c9e6
 register_template("mistral_v1",   # Axolotl's mistral_v1: " [INST] ... [/INST]" turns, the system text in the first one
     "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
     "{% else %}{% set system = none %}{% set loop_messages = messages %}{% endif %}{{ bos_token }}"
@@ -130,6 +132,8 @@ register_template("qwen3",  # Qwen3's layout: after the last user query, an assi
     "<|im_end|>")
 METHARME_SYSTEM = ("Enter RP mode. You shall reply to the user while staying in character. Your responses must be detailed, "
                    "creative, immersive, and drive the scenario forward.")
+
+# %% ../../nbs/02_prompts.chat_template.ipynb #a68325c1
 register_template("metharme",   # Pygmalion's layout: a system text (a default one when the data has none), one EOS at the end
     "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
     "{% set loop_messages = messages[1:] %}{% else %}{% set system = '" + METHARME_SYSTEM + "' %}{% set loop_messages = messages %}"
@@ -202,6 +206,7 @@ def role_map(roles: dict | None) -> dict[str, str]:
         for s in ([srcs] if isinstance(srcs, str) else list(srcs or [])): out[str(s)] = tgt
     return out
 
+# %% ../../nbs/02_prompts.chat_template.ipynb #308e2b31
 @dataclass
 class ChatOptions:
     field_messages: str = "messages"
@@ -255,6 +260,7 @@ class ChatOptions:
 # %% ../../nbs/02_prompts.chat_template.ipynb #75f7c745
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.S)
 
+# %% ../../nbs/02_prompts.chat_template.ipynb #ec0254e6
 def to_messages(row: dict, o: ChatOptions) -> tuple[list[dict], list | None]:
     "The conversation in `row` as template messages (plus tools), or `RowError`."
     if o.field_messages not in row or row[o.field_messages] is None:
@@ -369,6 +375,7 @@ def _skeleton(tpl, msgs, tools, tvars, kw, think_key, with_empty):
         raise RowError("template_mismatch", "the template repeats or invents message contents; its turns cannot be located")
     return glue, keys, vals
 
+# %% ../../nbs/02_prompts.chat_template.ipynb #4c48bc3a
 def _substitute(glue, keys, vals, real):
     "Fast path: put the contents back; the spans if that gives the real render."
     spans, pos, out = {}, 0, []
@@ -432,6 +439,7 @@ def diff_span(tpl, msgs, i, tools, tvars, kw, real, keep=None) -> tuple[int, int
     a, b = min(x for x, _ in out), max(y for _, y in out)
     return (a, b) if b > a else None
 
+# %% ../../nbs/02_prompts.chat_template.ipynb #c3e9d3c5
 def detail_tokens(tokenizer, content: str, detail: list) -> list[int]:
     """Indices of the tokens of `content` (tokenized alone) that `message_field_training_detail` trains, as Axolotl computes them.
 
@@ -455,6 +463,7 @@ def detail_tokens(tokenizer, content: str, detail: list) -> list[int]:
         if bt <= et: spans.append((offs[bt][0], offs[et][1], bool(d.get("train"))))
     return [i for i, (s, e) in enumerate(offs) if any(tr and s >= b and e <= hi for b, hi, tr in spans)]
 
+# %% ../../nbs/02_prompts.chat_template.ipynb #47741ec9
 class ChatTemplateStrategy:
     """Tokenize conversations with a chat template and exact labels.
 
@@ -599,6 +608,7 @@ class ChatTemplateStrategy:
         if isinstance(r, RowError): raise r
         return r
 
+# %% ../../nbs/02_prompts.chat_template.ipynb #e02a049c
 def entry_dict(ds) -> dict:
     "A dataset entry (pydantic model or dict) as a dict of its set (non-None) keys."
     if ds is None: return {}

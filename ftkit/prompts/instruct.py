@@ -93,6 +93,8 @@ CHOICE_CONCISE = "Choose the answer that best answers the question. Be concise i
 CONTEXT_SYSTEM = "Use the following contextual information to concisely answer the question.\n"
 NO_ANSWER = ("The context provided does not contain any information about your inquiry. "
              "Therefore, I'm unable to answer your question based on the given context.")
+
+# %% ../../nbs/02_prompts.instruct.ipynb #411c7523
 CREATIVE_ANSWER = ("Answer the following question in a comprehensive, in-depth, and creative way. Additionally your response "
                    "should be relevant, accurate, and free of any ambiguity.")
 _ALPACA = dict(system=ALPACA_SYSTEM, system_no_input=ALPACA_SYSTEM_NO_INPUT)
@@ -132,6 +134,7 @@ def _evaluation(row):
     return (yaml.dump(row["scores"], default_flow_style=False, Dumper=yaml.Dumper)
             + yaml.dump(row["critiques"], default_flow_style=False, Dumper=yaml.Dumper))
 
+# %% ../../nbs/02_prompts.instruct.ipynb #268b69bd
 # creative_acr critique / revise: Axolotl's layout and YAML evaluation, with ftkit's own shorter rubric wording
 CRITIQUE = ("Given the following Question and Response, critique the Response on a scale of 1-10 for refusal, prescriptive bias, "
             "creativity and comprehensiveness, explain each score and how the Response could improve. Answer in YAML with "
@@ -196,6 +199,7 @@ class InstructStrategy(PromptStrategy):
             out.append([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}])
         return out
 
+# %% ../../nbs/02_prompts.instruct.ipynb #c649c1bf
 def build(tokenizer, ds=None, cfg=None, preset="alpaca"):
     "Registry builder for the named instruct presets (`ds`: the `DatasetEntry`, `cfg`: the `FinetuneConfig`)."
     p = PRESETS[preset]

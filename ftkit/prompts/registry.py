@@ -122,6 +122,8 @@ register(StrategySpec("sharegpt", f"{_CT}:build", "deprecated ShareGPT conversat
 register(StrategySpec("pygmalion", f"{_IN}:build_pygmalion", "Pygmalion conversations (role: system/human/bot, value), <|user|>/<|model|>",
                       ("conversations",)))
 for _n, _s, _f in _INSTRUCT: register(StrategySpec(_n, f"{_IN}:build", _s, _f, {"preset": _n}))
+
+# %% ../../nbs/02_prompts.registry.ipynb #d75b13b9
 register(StrategySpec("user_defined", f"{_IN}:build_user_defined",
                       "user-defined instruct format (a mapping under `type:`)", ("instruction", "input", "output")))
 register(StrategySpec("completion", f"{_BA}:build_completion", "raw text, all trained, split into sequence_len windows", ("text",)))
