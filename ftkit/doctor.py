@@ -13,7 +13,7 @@ __all__ = ['Report', 'env_facts', 'env_report']
 
 # %% ../nbs/14_doctor.ipynb #02b2b183
 class Report:
-    "The doctor's answer, with an HTML form (notebooks) and a plain-text form (terminals)."
+    "Something to show with an HTML form (notebooks) and a plain-text form (terminals): the doctor's answer, and the magics' views."
     def __init__(self, html_: str, text: str): self.html, self.text = html_, text
     def _repr_html_(self): return self.html
     def __repr__(self): return self.text

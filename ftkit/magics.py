@@ -23,8 +23,8 @@ from IPython.display import display
 from .config import ConfigError, FinetuneConfig, Problem, resolve, validate, yaml_load
 
 # %% auto #0
-__all__ = ['MODES', 'interpolate', 'Rich', 'problems_html', 'problems_view', 'FinetuneRun', 'plan_view', 'error_view',
-           'FinetuneMagics', 'stream_reply', 'debug_view', 'load_ipython_extension', 'unload_ipython_extension']
+__all__ = ['MODES', 'interpolate', 'problems_html', 'problems_view', 'FinetuneRun', 'plan_view', 'error_view', 'FinetuneMagics',
+           'stream_reply', 'debug_view', 'load_ipython_extension', 'unload_ipython_extension']
 
 # %% ../nbs/10_magics.ipynb #2791520d
 _INTERP = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[-?\d+\])*)\}")
@@ -58,11 +58,7 @@ def interpolate(text: str, ns: dict) -> str:
     return _INTERP.sub(sub, text)
 
 # %% ../nbs/10_magics.ipynb #cad79d5d
-class Rich:
-    "Something to display with an HTML and a plain-text form."
-    def __init__(self, html_: str, text: str): self.html, self.text = html_, text
-    def _repr_html_(self): return self.html
-    def __repr__(self): return self.text
+from .doctor import Report as Rich   # something to display with an HTML and a plain-text form
 
 _CSS = ("<style>.ftkit-yaml{font:12px/1.45 monospace;border:1px solid #ddd;border-radius:4px;padding:4px 0;margin:4px 0;overflow-x:auto}"
         ".ftkit-yaml .ln{color:#999;display:inline-block;width:3.2em;text-align:right;padding-right:.8em;user-select:none}"
