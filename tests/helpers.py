@@ -30,3 +30,16 @@ def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor, spans) -> list
         lg, lb = logits[r, s:e - 1].float(), labels[r, s + 1:e]
         out.append(F.cross_entropy(lg, lb, ignore_index=-100, reduction="sum").item() / max(int((lb != -100).sum()), 1))
     return out
+
+
+def notebook_shell(cwd=None):
+    """The process's IPython shell, formatting HTML as a notebook frontend does, with ftkit's magics loaded
+    (one shell per process: IPython keeps a single global instance)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.testing.globalipapp import start_ipython
+    shell = start_ipython() or InteractiveShell.instance()
+    shell.display_formatter.active_types = ["text/plain", "text/html"]     # a terminal shell formats text/plain only
+    shell.display_formatter.formatters["text/html"].enabled = True
+    shell.run_line_magic("load_ext", "ftkit")
+    if cwd is not None: shell.run_line_magic("cd", str(cwd))
+    return shell

@@ -114,6 +114,14 @@ def lab(tmp_path_factory):
         proc.kill()
 
 
+def _chromium(p, tmp_path):
+    "Debian's Chromium, headless, with a fresh profile folder per run (Playwright passes it as --user-data-dir)."
+    return p.chromium.launch_persistent_context(
+        str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 1000},
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+              "--disable-sync", "--no-first-run", "--disable-quic"])
+
+
 @skip_reason
 def test_form_and_dashboard_in_jupyterlab(tmp_path, request):
     if _missing:
@@ -123,11 +131,7 @@ def test_form_and_dashboard_in_jupyterlab(tmp_path, request):
     base, token, work = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        # a fresh profile folder per run (Playwright passes it as --user-data-dir)
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 1000},
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = _chromium(p, tmp_path)
         page = browser.new_page()
         page.set_default_timeout(120_000)
         console = []
@@ -217,10 +221,7 @@ def test_form_create_cell_in_notebook7_and_copy_fallback(tmp_path, request):
     base, token, work = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 1000},
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = _chromium(p, tmp_path)
         browser.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
         page = browser.new_page()
         page.set_default_timeout(120_000)

@@ -4,12 +4,7 @@ import pathlib
 import pytest
 from IPython.utils.capture import capture_output
 
-
-def _shell():
-    "The process's IPython shell (IPython's test shell, started once per process)."
-    from IPython.core.interactiveshell import InteractiveShell
-    from IPython.testing.globalipapp import start_ipython
-    return start_ipython() or InteractiveShell.instance()
+from helpers import notebook_shell
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = (ROOT / "examples" / "quickstart.yml").read_text()
@@ -17,12 +12,7 @@ QUICKSTART = (ROOT / "examples" / "quickstart.yml").read_text()
 
 @pytest.fixture(scope="module")
 def ip(tmp_path_factory):
-    shell = _shell()
-    # a terminal shell only formats text/plain; a notebook frontend asks for HTML too
-    shell.display_formatter.active_types = ["text/plain", "text/html"]
-    shell.display_formatter.formatters["text/html"].enabled = True
-    shell.run_line_magic("load_ext", "ftkit")
-    shell.run_line_magic("cd", str(ROOT))
+    shell = notebook_shell(ROOT)
     shell.user_ns["_prep"] = str(tmp_path_factory.mktemp("prep"))
     return shell
 

@@ -6,22 +6,14 @@ import re
 
 from IPython.utils.capture import capture_output
 
+from helpers import notebook_shell
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOISE = re.compile(r"Generating train split|\bMap\b|Flattening the indices|Saving the dataset|Loading weights|FutureWarning|it/s|examples/s")
 
 
-def _shell():
-    from IPython.core.interactiveshell import InteractiveShell
-    from IPython.testing.globalipapp import start_ipython
-    return start_ipython() or InteractiveShell.instance()
-
-
 def test_debug_cell_is_one_stage_line_and_the_noise_goes_to_the_log(tmp_path):
-    ip = _shell()
-    ip.display_formatter.active_types = ["text/plain", "text/html"]
-    ip.display_formatter.formatters["text/html"].enabled = True
-    ip.run_line_magic("load_ext", "ftkit")
-    ip.run_line_magic("cd", str(ROOT))
+    ip = notebook_shell(ROOT)
     body = (ROOT / "examples" / "quickstart.yml").read_text()
     out = tmp_path / "out"
     with capture_output() as c:     # a fresh cache, so datasets really generates, maps and saves
