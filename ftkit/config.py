@@ -813,24 +813,24 @@ def _attention(cfg: FinetuneConfig, env: Env) -> tuple[str, str]:
 def resolve(cfg: FinetuneConfig, env: Env | None = None) -> Plan:
     "Compute the derived values of `cfg` on the machine described by `env` (detected when omitted)."
     env = env or detect_env()
-    mbs = cfg.micro_batch_size or 1
+    mbs = cfg.micro_batch_size
     if cfg.gradient_accumulation_steps and "gradient_accumulation_steps" in cfg.model_fields_set: ga = cfg.gradient_accumulation_steps
     elif cfg.batch_size: ga = max(cfg.batch_size // mbs, 1)
-    else: ga = cfg.gradient_accumulation_steps or 1
+    else: ga = cfg.gradient_accumulation_steps
     precision, why = _precision(cfg, env)
     attn, attn_why = _attention(cfg, env)
     method = (f"rl: {cfg.rl}" if cfg.rl else "reward model" if cfg.reward_model else "process reward model" if cfg.process_reward_model
-              else "SFT") + (f" + {cfg.adapter.upper()} (r={cfg.lora_r or 8})" if cfg.adapter else " full fine-tune")
+              else "SFT") + (f" + {cfg.adapter.upper()} (r={cfg.lora_r})" if cfg.adapter else " full fine-tune")
     notes = [str(w) for w in cfg.warnings]
     from ftkit.prompts.registry import user_modules
     notes += [f"user code this config imports: {m}" for m in user_modules(cfg)]
-    if cfg.seed is None: notes.append("seed not set: using 42")
+    if "seed" not in cfg.model_fields_set: notes.append(f"seed not set: using {cfg.seed}")
     return Plan(model=cfg.base_model or f"{EMBEDDED_MODEL} (embedded)", method=method, micro_batch_size=mbs,
                 gradient_accumulation_steps=ga, world_size=env.world_size, effective_batch_size=mbs * ga * env.world_size,
                 eval_batch_size=cfg.eval_batch_size or mbs, precision=precision, precision_reason=why,
                 attention=attn, attention_reason=attn_why, packing=bool(cfg.sample_packing), sequence_len=cfg.sequence_len,
-                dataset_cache=str(Path(cfg.dataset_prepared_path or "last_run_prepared")),
-                output_dir=cfg.output_dir, seed=42 if cfg.seed is None else cfg.seed, notes=notes)
+                dataset_cache=str(Path(cfg.dataset_prepared_path)),
+                output_dir=cfg.output_dir, seed=cfg.seed, notes=notes)
 
 # %% ../nbs/00_config.ipynb #936f6f0c
 def json_schema() -> dict:

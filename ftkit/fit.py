@@ -235,7 +235,7 @@ def setup_of(cfg: FinetuneConfig, gpus: int | None = None, kernels: frozenset | 
                       gradient_accumulation_steps=plan.gradient_accumulation_steps, packing=bool(cfg.sample_packing),
                       gradient_checkpointing=bool(cfg.gradient_checkpointing), optimizer=cfg.optimizer or "adamw_torch_fused",
                       precision=plan.precision if plan.precision != "fp32" else "fp32", world_size=world,
-                      sharding=sharding if world > 1 or sharding else None, offload=off, lora_r=cfg.lora_r or 8,
+                      sharding=sharding if world > 1 or sharding else None, offload=off, lora_r=cfg.lora_r,
                       lora_targets=targets if cfg.adapter else (), kernels=ks, trained_share=share)
 
 # %% ../nbs/05a_fit.ipynb #24dfbb7f

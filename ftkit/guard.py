@@ -350,7 +350,7 @@ def is_oom(exc) -> bool:
 
 def explain_oom(cfg, exc, device: str = "") -> GuardError:
     "A `GuardError` with the config's numbers and the knobs that would make the run fit."
-    mbs, seq, ga = cfg.micro_batch_size or 1, cfg.sequence_len, cfg.gradient_accumulation_steps or 1
+    mbs, seq, ga = cfg.micro_batch_size, cfg.sequence_len, cfg.gradient_accumulation_steps
     mem = ""
     try:
         import torch

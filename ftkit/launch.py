@@ -166,9 +166,9 @@ def finetune(cfg, *, gpus: int | None = None, on_record: Callable[[dict], Any] |
     """Fine-tune `cfg` (path, YAML text, dict or FinetuneConfig) with its method: in this process (`ftkit.train.train`,
     returns a `TrainResult`), or with `gpus=N` (N > 1) on N worker processes started from here, the data prepared once
     first (returns the workers' metric records). This is `ftkit.finetune`."""
-    from ftkit.train import prepare_for_launch, train
+    from ftkit.train import _as_config, prepare_for_launch, train
     if not gpus or gpus <= 1: return train(cfg, **kw)
-    cfg = cfg if isinstance(cfg, FinetuneConfig) else load(cfg, kw.pop("overrides", None))
+    cfg = _as_config(cfg, kw.pop("overrides", None))
     return launch_train(cfg, gpus, on_record=on_record, prepare=prepare_for_launch)
 
 # %% ../nbs/09_launch.ipynb #ee1aede6

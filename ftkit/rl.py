@@ -682,7 +682,7 @@ def lora_config(cfg: FinetuneConfig, task_type="CAUSAL_LM"):
     "A peft `LoraConfig` from the adapter keys of the config (for reward / process reward heads)."
     from peft import LoraConfig
     from ftkit.models import _targets, effective_lora_alpha
-    r = cfg.lora_r or 8
+    r = cfg.lora_r
     return LoraConfig(r=r, lora_alpha=effective_lora_alpha(cfg),  # type: ignore[arg-type]  # peft accepts a float alpha
                       lora_dropout=float(cfg.lora_dropout or 0.0),
                       target_modules=_targets(cfg), modules_to_save=cfg.lora_modules_to_save, bias="none",
