@@ -154,6 +154,9 @@ def test_form_and_dashboard_in_jupyterlab(tmp_path, request):
 
             # the form renders: sections as tabs, fields with their values
             page.wait_for_selector(".ftkit-form .ftkit-form-status :text('valid config')")
+            # the tab bar is drawn by Lumino after the widget view is attached: wait for it rather than count at once
+            # (a CI run on a loaded machine counted 0 the moment the status said "valid config")
+            page.wait_for_function("() => document.querySelectorAll('.ftkit-form .lm-TabBar-tab').length >= 11")
             assert page.locator(".ftkit-form .lm-TabBar-tab").count() == 11
             shot("browser_form.png")
 
