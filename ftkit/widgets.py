@@ -16,6 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import ipywidgets as w
 from ipywidgets.widgets import widget_bool as _wb, widget_description as _wd, widget_string as _ws
 import yaml
+from fastcore.basics import patch
 from pydantic import BaseModel
 
 from .config import (SECTIONS, ConfigError, DatasetEntry, FinetuneConfig, Problem, validate, yaml_load)
@@ -97,72 +98,81 @@ class FieldWidget:
         self.row.add_class("ftkit-field"); self.row.add_class(f"ftkit-field-{name}")
         self.widget.observe(self._changed, names="value")
 
-    def _make(self):
-        k, s, d = self.kind, self.spec, self.default
-        lay = _LAYOUTS["widget"]
-        if k == "choice":
-            opts = [("(default: %s)" % _label(d) if d is not None else "(not set)", _UNSET)] + [(_label(c), c) for c in s["choices"]]
-            return w.Dropdown(options=opts, value=_UNSET, layout=lay, style=_LAYOUTS["desc_style"])
-        if k == "bool": return w.Checkbox(value=bool(d), indent=False, layout=lay, style=_LAYOUTS["cb_style"])
-        if k == "int":
-            lo = s.get("ge", s["gt"] + 1 if "gt" in s else _INT_MIN); hi = s.get("le", s["lt"] - 1 if "lt" in s else _INT_MAX)
-            return w.BoundedIntText(value=d if isinstance(d, int) else max(lo, min(0, hi)) if lo <= 0 else lo, min=lo, max=hi, layout=lay, style=_LAYOUTS["desc_style"])
-        if k == "float":
-            lo = s.get("ge", s.get("gt", -_FLOAT_BIG)); hi = s.get("le", s.get("lt", _FLOAT_BIG))
-            v = float(d) if isinstance(d, (int, float)) else float(max(lo, min(0.0, hi)))
-            return w.BoundedFloatText(value=v, min=lo, max=hi, step=None, layout=lay, style=_LAYOUTS["desc_style"])
-        if k == "str": return w.Text(value=d or "", placeholder="" if d else "(not set)", layout=lay, style=_LAYOUTS["text_style"])
-        if k == "yaml":
-            if s.get("multiline"):
-                return w.Textarea(value=_inline_yaml(d), placeholder="YAML", rows=2, layout=lay, style=_LAYOUTS["text_style"])
-            return w.Text(value=_inline_yaml(d), placeholder="YAML, e.g. [a, b]", layout=lay, style=_LAYOUTS["text_style"])
-        return w.HTML("")  # datasets / section: the form builds the sub-forms
+# %% ../nbs/11_widgets.ipynb #bf599970
+@patch
+def _make(self:FieldWidget):
+    k, s, d = self.kind, self.spec, self.default
+    lay = _LAYOUTS["widget"]
+    if k == "choice":
+        opts = [("(default: %s)" % _label(d) if d is not None else "(not set)", _UNSET)] + [(_label(c), c) for c in s["choices"]]
+        return w.Dropdown(options=opts, value=_UNSET, layout=lay, style=_LAYOUTS["desc_style"])
+    if k == "bool": return w.Checkbox(value=bool(d), indent=False, layout=lay, style=_LAYOUTS["cb_style"])
+    if k == "int":
+        lo = s.get("ge", s["gt"] + 1 if "gt" in s else _INT_MIN); hi = s.get("le", s["lt"] - 1 if "lt" in s else _INT_MAX)
+        return w.BoundedIntText(value=d if isinstance(d, int) else max(lo, min(0, hi)) if lo <= 0 else lo, min=lo, max=hi, layout=lay, style=_LAYOUTS["desc_style"])
+    if k == "float":
+        lo = s.get("ge", s.get("gt", -_FLOAT_BIG)); hi = s.get("le", s.get("lt", _FLOAT_BIG))
+        v = float(d) if isinstance(d, (int, float)) else float(max(lo, min(0.0, hi)))
+        return w.BoundedFloatText(value=v, min=lo, max=hi, step=None, layout=lay, style=_LAYOUTS["desc_style"])
+    if k == "str": return w.Text(value=d or "", placeholder="" if d else "(not set)", layout=lay, style=_LAYOUTS["text_style"])
+    if k == "yaml":
+        if s.get("multiline"):
+            return w.Textarea(value=_inline_yaml(d), placeholder="YAML", rows=2, layout=lay, style=_LAYOUTS["text_style"])
+        return w.Text(value=_inline_yaml(d), placeholder="YAML, e.g. [a, b]", layout=lay, style=_LAYOUTS["text_style"])
+    return w.HTML("")  # datasets / section: the form builds the sub-forms
 
-    def _changed(self, change):
-        if self._loading: return
-        self.dirty = True
-        if self._on_change: self._on_change(self)
+@patch
+def _changed(self:FieldWidget, change):
+    if self._loading: return
+    self.dirty = True
+    if self._on_change: self._on_change(self)
 
-    def set(self, value, loading: bool = True):
-        "Show `value` (a config value) in the widget."
-        self._loading = loading
-        try:
-            k = self.kind
-            if k == "choice": self.widget.value = value if any(value is c or (value == c and type(value) is type(c)) for c in self.spec["choices"]) else _UNSET
-            elif k == "bool": self.widget.value = bool(value) if value is not None else bool(self.default)
-            elif k in ("int", "float"):
-                if value is None: pass
-                else: self.widget.value = int(value) if k == "int" else float(value)
-            elif k == "str": self.widget.value = "" if value is None else str(value)
-            elif k == "yaml": self.widget.value = _inline_yaml(value) if not (self.spec.get("multiline") and isinstance(value, (dict, list)) and len(str(value)) > 60) \
-                else yaml.safe_dump(value, sort_keys=False, allow_unicode=True).strip()
-        finally: self._loading = False
+# %% ../nbs/11_widgets.ipynb #db30ff3e
+@patch
+def set(self:FieldWidget, value, loading: bool = True):
+    "Show `value` (a config value) in the widget."
+    self._loading = loading
+    try:
+        k = self.kind
+        if k == "choice": self.widget.value = value if any(value is c or (value == c and type(value) is type(c)) for c in self.spec["choices"]) else _UNSET
+        elif k == "bool": self.widget.value = bool(value) if value is not None else bool(self.default)
+        elif k in ("int", "float"):
+            if value is None: pass
+            else: self.widget.value = int(value) if k == "int" else float(value)
+        elif k == "str": self.widget.value = "" if value is None else str(value)
+        elif k == "yaml": self.widget.value = _inline_yaml(value) if not (self.spec.get("multiline") and isinstance(value, (dict, list)) and len(str(value)) > 60) \
+            else yaml.safe_dump(value, sort_keys=False, allow_unicode=True).strip()
+    finally: self._loading = False
 
-    def get(self):
-        "The config value the widget holds (None when empty)."
-        k, v = self.kind, self.widget.value
-        if k == "choice": return None if v is None or v == _UNSET else v
-        if k == "bool": return bool(v)
-        if k == "int": return int(v)
-        if k == "float":
-            return int(v) if self.spec.get("int_ok") and float(v).is_integer() else float(v)
-        if k == "str": return v if v != "" else None
-        if k == "yaml":
-            if not v.strip(): return None
-            try: return yaml_load(v)
-            except yaml.YAMLError: return v   # validation reports it
-        return None
+@patch
+def get(self:FieldWidget):
+    "The config value the widget holds (None when empty)."
+    k, v = self.kind, self.widget.value
+    if k == "choice": return None if v is None or v == _UNSET else v
+    if k == "bool": return bool(v)
+    if k == "int": return int(v)
+    if k == "float":
+        return int(v) if self.spec.get("int_ok") and float(v).is_integer() else float(v)
+    if k == "str": return v if v != "" else None
+    if k == "yaml":
+        if not v.strip(): return None
+        try: return yaml_load(v)
+        except yaml.YAMLError: return v   # validation reports it
+    return None
 
-    def show_problems(self, problems: list[Problem]):
-        if problems == self.problems: return
-        self.problems = list(problems)
-        self.message.value = "".join(
-            f"<div class='ftkit-msg' style='color:{'#b00020' if p.level == 'error' else '#8a5a00'};font-size:12px'>"
-            f"{'✖' if p.level == 'error' else '⚠'} {html.escape(p.message)}{' → ' + html.escape(p.hint) if p.hint else ''}</div>"
-            for p in problems) + self._help
+# %% ../nbs/11_widgets.ipynb #b20d476f
+@patch
+def show_problems(self:FieldWidget, problems: list[Problem]):
+    if problems == self.problems: return
+    self.problems = list(problems)
+    self.message.value = "".join(
+        f"<div class='ftkit-msg' style='color:{'#b00020' if p.level == 'error' else '#8a5a00'};font-size:12px'>"
+        f"{'✖' if p.level == 'error' else '⚠'} {html.escape(p.message)}{' → ' + html.escape(p.hint) if p.hint else ''}</div>"
+        for p in problems) + self._help
 
-    def show(self, visible: bool):
-        self.row.layout.display = None if visible else "none"
+@patch
+def show(self:FieldWidget, visible: bool):
+    self.row.layout.display = None if visible else "none"
 
 # %% ../nbs/11_widgets.ipynb #a76bc2b8
 RELEVANCE: list[tuple[str, Any, str]] = [
@@ -216,46 +226,51 @@ class ModelForm:
     def _changed(self, fw=None):
         if self.on_change: self.on_change(fw)
 
-    def set_values(self, data: dict) -> list[str]:
-        "Show `data` (config values); returns the keys this model does not have."
-        unknown = []
-        self.given = set()
-        for k, v in (data or {}).items():
-            if k not in self.fields: unknown.append(k); continue
-            self.given.add(k)
-            fw = self.fields[k]
-            if fw.kind == "datasets": self.datasets[k].set_values(v if isinstance(v, list) else [])
-            elif fw.kind == "section": self.subforms[k].set_values(v if isinstance(v, dict) else {})
-            else: fw.set(v)
-        return unknown
+# %% ../nbs/11_widgets.ipynb #0fb3fdfc
+@patch
+def set_values(self:ModelForm, data: dict) -> list[str]:
+    "Show `data` (config values); returns the keys this model does not have."
+    unknown = []
+    self.given = set()
+    for k, v in (data or {}).items():
+        if k not in self.fields: unknown.append(k); continue
+        self.given.add(k)
+        fw = self.fields[k]
+        if fw.kind == "datasets": self.datasets[k].set_values(v if isinstance(v, list) else [])
+        elif fw.kind == "section": self.subforms[k].set_values(v if isinstance(v, dict) else {})
+        else: fw.set(v)
+    return unknown
 
-    def values(self, all_: bool = False) -> dict:
-        "The config values to write: keys the source gave, plus the ones the user changed (every field with `all_`)."
-        given = getattr(self, "given", set())
-        out = {}
-        for name, fw in self.fields.items():
-            if fw.kind == "datasets":
-                dl = self.datasets[name]
-                if dl.forms or name in given: out[name] = dl.values()
-                continue
-            if fw.kind == "section":
-                sub = self.subforms[name].values()
-                if sub or name in given: out[name] = sub or None
-                continue
-            if all_ or name in given or fw.dirty:
-                v = fw.get()
-                if v is not None or name in given: out[name] = v
-        return out
+@patch
+def values(self:ModelForm, all_: bool = False) -> dict:
+    "The config values to write: keys the source gave, plus the ones the user changed (every field with `all_`)."
+    given = getattr(self, "given", set())
+    out = {}
+    for name, fw in self.fields.items():
+        if fw.kind == "datasets":
+            dl = self.datasets[name]
+            if dl.forms or name in given: out[name] = dl.values()
+            continue
+        if fw.kind == "section":
+            sub = self.subforms[name].values()
+            if sub or name in given: out[name] = sub or None
+            continue
+        if all_ or name in given or fw.dirty:
+            v = fw.get()
+            if v is not None or name in given: out[name] = v
+    return out
 
-    def all_fields(self, prefix: str = ""):
-        "Every FieldWidget, with its key path (`datasets[0].path`), nested ones included."
-        for name, fw in self.fields.items():
-            yield prefix + name, fw
-            if name in self.datasets:
-                for i, f in enumerate(self.datasets[name].forms):
-                    yield from f.all_fields(f"{prefix}{name}[{i}].")
-            if name in self.subforms:
-                yield from self.subforms[name].all_fields(f"{prefix}{name}.")
+# %% ../nbs/11_widgets.ipynb #b64d9a23
+@patch
+def all_fields(self:ModelForm, prefix: str = ""):
+    "Every FieldWidget, with its key path (`datasets[0].path`), nested ones included."
+    for name, fw in self.fields.items():
+        yield prefix + name, fw
+        if name in self.datasets:
+            for i, f in enumerate(self.datasets[name].forms):
+                yield from f.all_fields(f"{prefix}{name}[{i}].")
+        if name in self.subforms:
+            yield from self.subforms[name].all_fields(f"{prefix}{name}.")
 
 # %% ../nbs/11_widgets.ipynb #509bf11a
 class DatasetList:
@@ -363,100 +378,112 @@ class ConfigForm:
         self.problems: list[Problem] = []
         self.load(source)
 
-    # -- data -------------------------------------------------------------------
-    def load(self, source):
-        "Show the config `source` (path, YAML text, cell text, dict, config or run object) in the form."
-        self._building = True
-        try:
-            data = _source_data(source)
-            unknown = set(data)
-            for s, f in self.sections.items():
-                f.set_values({k: v for k, v in data.items() if k in f.fields})
-                for fw in f.fields.values(): fw.dirty = False
-                unknown -= set(f.fields)
-            self.unknown = sorted(unknown)
-            self._extra = {k: data[k] for k in self.unknown}
-        finally: self._building = False
-        self._changed(None)
+# %% ../nbs/11_widgets.ipynb #e89833fe
+# -- data -------------------------------------------------------------------
+@patch
+def load(self:ConfigForm, source):
+    "Show the config `source` (path, YAML text, cell text, dict, config or run object) in the form."
+    self._building = True
+    try:
+        data = _source_data(source)
+        unknown = set(data)
+        for s, f in self.sections.items():
+            f.set_values({k: v for k, v in data.items() if k in f.fields})
+            for fw in f.fields.values(): fw.dirty = False
+            unknown -= set(f.fields)
+        self.unknown = sorted(unknown)
+        self._extra = {k: data[k] for k in self.unknown}
+    finally: self._building = False
+    self._changed(None)
 
-    def to_dict(self) -> dict:
-        "The config the form stands for (keys in section order)."
-        out = {}
-        for f in self.sections.values(): out.update(f.values())
-        out.update(getattr(self, "_extra", {}))  # unknown keys are kept (and reported) rather than dropped
-        return out
+@patch
+def to_dict(self:ConfigForm) -> dict:
+    "The config the form stands for (keys in section order)."
+    out = {}
+    for f in self.sections.values(): out.update(f.values())
+    out.update(getattr(self, "_extra", {}))  # unknown keys are kept (and reported) rather than dropped
+    return out
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+@patch
+def to_yaml(self:ConfigForm) -> str:
+    return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
 
-    @property
-    def config(self) -> FinetuneConfig | None:
-        "The validated config, or None while the form has errors."
-        cfg, *_ = validate(self.to_yaml()); return cfg
+@patch(as_prop=True)
+def config(self:ConfigForm) -> FinetuneConfig | None:
+    "The validated config, or None while the form has errors."
+    cfg, *_ = validate(self.to_yaml()); return cfg
 
-    def field(self, path: str) -> FieldWidget:
-        "The FieldWidget of a key path: `learning_rate`, `datasets[0].path`, `special_tokens.eos_token`."
-        return dict(self.all_fields())[path]
+@patch
+def field(self:ConfigForm, path: str) -> FieldWidget:
+    "The FieldWidget of a key path: `learning_rate`, `datasets[0].path`, `special_tokens.eos_token`."
+    return dict(self.all_fields())[path]
 
-    def all_fields(self):
-        for f in self.sections.values(): yield from f.all_fields()
+# %% ../nbs/11_widgets.ipynb #1f7cd64a
+@patch
+def all_fields(self:ConfigForm):
+    for f in self.sections.values(): yield from f.all_fields()
 
-    # -- live behaviour --------------------------------------------------------------
-    def _changed(self, fw=None):
-        if self._building: return
-        text = self.to_yaml()
-        if not self.yaml_box.value == text: self.yaml_box.value = text
-        values = {}
-        for f in self.sections.values():
-            for n, x in f.fields.items():
-                if x.kind not in ("datasets", "section"): values[n] = x.get()
-        for s in self.sections.values():
-            for n, x in s.fields.items(): x.show(relevant(n, values))
-        cfg, problems, _, _ = validate(text)
-        self.problems = problems
-        fields = dict(self.all_fields())
-        by_field: dict[str, list[Problem]] = {}
-        loose = []
-        for p in problems:
-            key = p.key or ""
-            while key and key not in fields:
-                key = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", key) if re.search(r"(\.[^.\[\]]+|\[\d+\])$", key) else ""
-            (by_field.setdefault(key, []) if key else loose).append(p)
-        for path, x in fields.items(): x.show_problems(by_field.get(path, []))
-        errors = [p for p in problems if p.level == "error"]
-        hidden_set = sorted(n for n, v in self.to_dict().items() if n in values and not relevant(n, values))
-        notes = "".join(f"<div style='color:#b00020'>✖ {html.escape(str(p.key or 'config'))}: {html.escape(p.message)}</div>" for p in loose if p.level == "error")
-        if hidden_set: notes += f"<div style='color:#8a5a00'>set but not used by this method: {', '.join(hidden_set)}</div>"
-        self.status.value = ((f"<b style='color:#2a7'>✔ valid config</b>" if not errors else
-                              f"<b style='color:#b00020'>✖ {len(errors)} problem{'s' if len(errors) != 1 else ''}</b>") + notes)
+# -- live behaviour --------------------------------------------------------------
+@patch
+def _changed(self:ConfigForm, fw=None):
+    if self._building: return
+    text = self.to_yaml()
+    if not self.yaml_box.value == text: self.yaml_box.value = text
+    values = {}
+    for f in self.sections.values():
+        for n, x in f.fields.items():
+            if x.kind not in ("datasets", "section"): values[n] = x.get()
+    for s in self.sections.values():
+        for n, x in s.fields.items(): x.show(relevant(n, values))
+    cfg, problems, _, _ = validate(text)
+    self.problems = problems
+    fields = dict(self.all_fields())
+    by_field: dict[str, list[Problem]] = {}
+    loose = []
+    for p in problems:
+        key = p.key or ""
+        while key and key not in fields:
+            key = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", key) if re.search(r"(\.[^.\[\]]+|\[\d+\])$", key) else ""
+        (by_field.setdefault(key, []) if key else loose).append(p)
+    for path, x in fields.items(): x.show_problems(by_field.get(path, []))
+    errors = [p for p in problems if p.level == "error"]
+    hidden_set = sorted(n for n, v in self.to_dict().items() if n in values and not relevant(n, values))
+    notes = "".join(f"<div style='color:#b00020'>✖ {html.escape(str(p.key or 'config'))}: {html.escape(p.message)}</div>" for p in loose if p.level == "error")
+    if hidden_set: notes += f"<div style='color:#8a5a00'>set but not used by this method: {', '.join(hidden_set)}</div>"
+    self.status.value = ((f"<b style='color:#2a7'>✔ valid config</b>" if not errors else
+                          f"<b style='color:#b00020'>✖ {len(errors)} problem{'s' if len(errors) != 1 else ''}</b>") + notes)
 
-    # -- the cell ----------------------------------------------------------------
-    def cell_text(self, mode: str | None = None) -> str:
-        "The `%%finetune` cell this form stands for."
-        return f"%%finetune {mode or self.mode.value}" + (f" --name {self.name}" if self.name != "ft" else "") + "\n" + self.to_yaml()
+# %% ../nbs/11_widgets.ipynb #fdc9089c
+# -- the cell ----------------------------------------------------------------
+@patch
+def cell_text(self:ConfigForm, mode: str | None = None) -> str:
+    "The `%%finetune` cell this form stands for."
+    return f"%%finetune {mode or self.mode.value}" + (f" --name {self.name}" if self.name != "ft" else "") + "\n" + self.to_yaml()
 
-    def create_cell(self, mode: str | None = None) -> str:
-        "Write the `%%finetune` cell below: through the notebook frontend when it allows it, else as the next input."
-        text = self.cell_text(mode)
-        self.cell_preview.value = text
-        no_insert = self.insert_cells is False or (self.insert_cells is None and frontend_without_cell_insert() is not None)
-        self.copy_box.value = _copy_html(text, show=no_insert)     # the script below hides or shows it as insertion goes
-        from IPython import get_ipython
-        shell = get_ipython()
-        if shell is not None and getattr(shell, "kernel", None) is not None and self.insert_cells is not False:
-            from IPython.display import Javascript, display
-            self.out.clear_output()
-            with self.out: display(Javascript(_INSERT_JS % {"text": _js_string(text), "uid": self.uid}))
-        if shell is not None:
-            shell.set_next_input(text, replace=False)
-        return text
+@patch
+def create_cell(self:ConfigForm, mode: str | None = None) -> str:
+    "Write the `%%finetune` cell below: through the notebook frontend when it allows it, else as the next input."
+    text = self.cell_text(mode)
+    self.cell_preview.value = text
+    no_insert = self.insert_cells is False or (self.insert_cells is None and frontend_without_cell_insert() is not None)
+    self.copy_box.value = _copy_html(text, show=no_insert)     # the script below hides or shows it as insertion goes
+    from IPython import get_ipython
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None and self.insert_cells is not False:
+        from IPython.display import Javascript, display
+        self.out.clear_output()
+        with self.out: display(Javascript(_INSERT_JS % {"text": _js_string(text), "uid": self.uid}))
+    if shell is not None:
+        shell.set_next_input(text, replace=False)
+    return text
 
-    def _repr_mimebundle_(self, **kw):
-        b = self.box._repr_mimebundle_(**kw)
-        if isinstance(b, tuple): b = b[0]
-        b = dict(b or {})
-        b["text/plain"] = "ftkit config form (shown where ipywidgets run: JupyterLab, Notebook, VS Code, Colab); its YAML:\n" + self.to_yaml()
-        return b
+@patch
+def _repr_mimebundle_(self:ConfigForm, **kw):
+    b = self.box._repr_mimebundle_(**kw)
+    if isinstance(b, tuple): b = b[0]
+    b = dict(b or {})
+    b["text/plain"] = "ftkit config form (shown where ipywidgets run: JupyterLab, Notebook, VS Code, Colab); its YAML:\n" + self.to_yaml()
+    return b
 
 # %% ../nbs/11_widgets.ipynb #9184d712
 def _js_string(s: str) -> str:
