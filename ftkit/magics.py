@@ -19,12 +19,14 @@ from typing import Any
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
+from fastcore.basics import patch
 
 from .config import ConfigError, FinetuneConfig, Problem, resolve, validate, yaml_load
 
 # %% auto #0
-__all__ = ['MODES', 'interpolate', 'problems_html', 'problems_view', 'FinetuneRun', 'plan_view', 'error_view', 'FinetuneMagics',
-           'stream_reply', 'debug_view', 'load_ipython_extension', 'unload_ipython_extension']
+__all__ = ['MODES', 'FINETUNE_ARGUMENTS', 'CHAT_ARGUMENTS', 'FORM_ARGUMENTS', 'interpolate', 'problems_html', 'problems_view',
+           'FinetuneRun', 'plan_view', 'error_view', 'FinetuneMagics', 'stream_reply', 'debug_view',
+           'load_ipython_extension', 'unload_ipython_extension']
 
 # %% ../nbs/10_magics.ipynb #2791520d
 _INTERP = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[-?\d+\])*)\}")
@@ -229,16 +231,48 @@ def _parse_sets(sets) -> dict:
         out[key.strip()] = val
     return out
 
-# %% ../nbs/10_magics.ipynb #e8f04ae9
+# %% ../nbs/10_magics.ipynb #37a80073
+def _with_arguments(arguments: tuple):
+    "Apply IPython `argument(...)` decorators in the order they are listed (as if stacked above the method), then `magic_arguments()`."
+    def deco(fn):
+        for a in reversed(arguments): fn = a(fn)
+        return magic_arguments()(fn)
+    return deco
+
+FINETUNE_ARGUMENTS = (
+    argument("mode", nargs="?", default="validate", help="validate | plan | preprocess | debug | train | sweep | infer | merge | evaluate | lm-eval"),
+    argument("--set", action="append", nargs="+", metavar="KEY=VALUE", help="override a config key (repeatable; dotted paths work)"),
+    argument("--config", default=None, help="a YAML config file (the cell body, if any, is applied on top)"),
+    argument("--name", default="ft", help="name of the run object in the notebook (default: ft)"),
+    argument("--gpus", type=int, default=None, help="number of GPUs (more than 1 launches processes)"),
+    argument("--gpu", default=None, help="plan: judge the memory estimate against this GPU (24GB, A100-80GB, H100, ...; default: this machine's)"),
+    argument("--against", default=None, help="debug: another config (a YAML file, or a run object's name) to tokenize the same rows with"),
+    argument("--max-new-tokens", type=int, default=128, help="infer: tokens to generate"),
+    argument("--temperature", type=float, default=0.0, help="infer: sampling temperature (0 = greedy)"),
+    argument("--dashboard", default="auto", help="train: auto | widget | html | text"),
+    argument("--sweep", default=None, help="sweep: an Axolotl sweep file (or write the sweep after a `---` line in the cell)"),
+)
+CHAT_ARGUMENTS = (
+    argument("message", nargs="*", help="what to say (the rest of the line)"),
+    argument("--name", default="ft", help="run object (default: ft)"),
+    argument("--reset", action="store_true", help="forget the conversation"),
+    argument("--max-new-tokens", type=int, default=128),
+    argument("--temperature", type=float, default=0.0),
+)
+FORM_ARGUMENTS = (
+    argument("source", nargs="?", default=None, help="a YAML file, or the name of a run object / variable holding YAML or a config"),
+    argument("--name", default="ft", help="run object for the form's cell (default: ft)"),
+)
+
+# %% ../nbs/10_magics.ipynb #1be230ba
 @magics_class
 class FinetuneMagics(Magics):
-    "`%%finetune`, `%finetune_env`, `%finetune_chat`, `%finetune_form`."
+    "`%%finetune`, `%finetune_env`, `%finetune_chat`, `%finetune_runs`, `%finetune_form`: thin doors onto the methods below."
 
     def __init__(self, shell):
         super().__init__(shell)
         self.last_run: FinetuneRun | None = None
 
-    # -- helpers ---------------------------------------------------------------
     def _show(self, obj):
         display(obj)
 
@@ -246,44 +280,7 @@ class FinetuneMagics(Magics):
         r = self.shell.user_ns.get(name)
         return r if isinstance(r, FinetuneRun) else FinetuneRun()
 
-    def _config_from(self, args, cell: str | None, run: FinetuneRun):
-        "Validate the cell (or --config, or the run's config) with --set overrides; None after showing problems."
-        overrides = _parse_sets(args.set)
-        body = interpolate(cell, self.shell.user_ns) if cell and _has_content(cell) else ""
-        if args.config and body:
-            base = Path(args.config).read_text() if Path(args.config).is_file() else None
-            if base is None: raise UserError(f"--config {args.config!r}: no such file.")
-            data = yaml_load(base) or {}
-            data.update(yaml_load(body) or {})
-            source, text_for_lines = data, body
-        elif body: source, text_for_lines = body, body
-        elif args.config: source, text_for_lines = args.config, None
-        elif run.config is not None: source, text_for_lines = run.config.to_dict(), None
-        else:
-            raise UserError("no config: write the YAML config in the cell body (under `%%finetune ...`), "
-                            "or pass `--config FILE.yml`.")
-        cfg, problems, text, origin = validate(source, overrides)
-        text = text if text is not None else text_for_lines
-        origin = "this cell" if body else origin
-        errors = [p for p in problems if p.level == "error"]
-        if errors or cfg is None:
-            self._show(problems_view(problems, text, origin))
-            return None, overrides, text, problems
-        return cfg, overrides, (text or cfg.to_yaml()), problems
-
-    # -- %%finetune ------------------------------------------------------------
-    @magic_arguments()
-    @argument("mode", nargs="?", default="validate", help="validate | plan | preprocess | debug | train | sweep | infer | merge | evaluate | lm-eval")
-    @argument("--set", action="append", nargs="+", metavar="KEY=VALUE", help="override a config key (repeatable; dotted paths work)")
-    @argument("--config", default=None, help="a YAML config file (the cell body, if any, is applied on top)")
-    @argument("--name", default="ft", help="name of the run object in the notebook (default: ft)")
-    @argument("--gpus", type=int, default=None, help="number of GPUs (more than 1 launches processes)")
-    @argument("--gpu", default=None, help="plan: judge the memory estimate against this GPU (24GB, A100-80GB, H100, ...; default: this machine's)")
-    @argument("--against", default=None, help="debug: another config (a YAML file, or a run object's name) to tokenize the same rows with")
-    @argument("--max-new-tokens", type=int, default=128, help="infer: tokens to generate")
-    @argument("--temperature", type=float, default=0.0, help="infer: sampling temperature (0 = greedy)")
-    @argument("--dashboard", default="auto", help="train: auto | widget | html | text")
-    @argument("--sweep", default=None, help="sweep: an Axolotl sweep file (or write the sweep after a `---` line in the cell)")
+    @_with_arguments(FINETUNE_ARGUMENTS)
     @line_cell_magic
     def finetune(self, line: str, cell: str | None = None):
         """Run an ftkit config from this cell: `%%finetune [MODE] [--set key=value ...] [--gpus N] [--name NAME]`.
@@ -291,243 +288,297 @@ class FinetuneMagics(Magics):
         The cell body is the YAML config (for `infer`, the prompt). `{var}` in the body is replaced by the
         notebook variable `var`; `{{` and `}}` are literal braces. Results go to the run object `--name` (default `ft`).
         """
-        args = parse_argstring(self.finetune, line)
-        mode = args.mode
-        if mode not in MODES:
-            from ftkit.config import _suggest
-            self._show(error_view(UserError(f"unknown mode {mode!r}. {_suggest(mode, MODES)}Modes: {', '.join(MODES)}."), "%%finetune"))
-            return None
-        run = self._run_object(args.name)
-        try:
-            if mode == "infer":
-                return self._infer(args, cell, run)
-            if mode == "sweep": cell, args.sweep_text = _split_sweep(cell)
-            cfg, overrides, text, problems = self._config_from(args, cell, run)
-            if cfg is None: return None
-            if not run.same_config(cfg):
-                run = FinetuneRun()
-            run.config, run.yaml, run.overrides = cfg, text, overrides
-            run.plan = resolve(cfg)
-            self.shell.user_ns[args.name] = run
-            self.last_run = run
-            if args.gpus is not None and args.gpus > 1 and mode in ("train", "preprocess", "evaluate"):
-                return self._launch(args, run, mode)
-            warnings = [p for p in problems if p.level != "error"]
-            if mode in ("validate", "plan"):
-                self._show(plan_view(cfg, run.plan, text, "train", overrides, args.config, warnings))
-                from ftkit.fit import fit_view
-                self._show(fit_view(cfg, args.gpu, args.gpus))            # will it fit? (memory, speed)
-            else:
-                if warnings: self._show(problems_view(warnings, text, "this cell"))
-                getattr(self, f"_{mode.replace('-', '_')}")(args, run)
-            run.stages.append(mode)
-        except ConfigError as ex:
-            self._show(error_view(ex))
-        except _user_error_types() as ex:
-            self._show(error_view(ex, f"%%finetune {mode}"))
-        return None
+        return self._finetune(parse_argstring(self.finetune, line), cell)
 
-    # -- stages ----------------------------------------------------------------
-    def _tokenizer(self, run):
-        if run.tokenizer is None:
-            from ftkit.models import load_tokenizer
-            run.tokenizer = load_tokenizer(run.config)
-        return run.tokenizer
-
-    def _prepare(self, run):
-        if run.datasets is None:
-            from ftkit.train import prepare   # SFT rows, or the rows of the config's rl: method
-            from ftkit.progress import stage
-            with stage("load data · tokenize · cache", log_file=Path(run.config.output_dir) / "ftkit.log"):
-                run.datasets = prepare(run.config, self._tokenizer(run))
-        return run.datasets
-
-    def _preprocess(self, args, run):
-        data = self._prepare(run)
-        self._show(_report_view(data))
-
-    def _debug(self, args, run):
-        if args.against: return self._show(self._compare(args, run))
-        data = self._prepare(run)
-        self._show(debug_view(data, self._tokenizer(run)))
-
-    def _compare(self, args, run):
-        "`debug --against`: the same rows under this run's config and another (a YAML file or a run object)."
-        from ftkit.config import load
-        from ftkit.inspect import compare
-        from ftkit.progress import stage
-        other = self.shell.user_ns.get(args.against)
-        if isinstance(other, FinetuneRun) and other.config is not None: cfg_b, tok_b = other.config, other.tokenizer
-        elif Path(args.against).is_file(): cfg_b, tok_b = load(args.against), None
-        else: raise UserError(f"--against {args.against!r}: neither a config file nor a run object in this notebook.")
-        with stage("tokenize under both configs", log_file=Path(run.config.output_dir) / "ftkit.log"):
-            return compare(run.config, cfg_b, tokenizer_a=self._tokenizer(run), tokenizer_b=tok_b, names=(args.name, args.against))
-
-    def _train(self, args, run):
-        from ftkit.dashboard import Dashboard
-        import ftkit.train as ft_train
-        cfg = run.config
-        from ftkit.tracking import where
-        dash = Dashboard(title=f"ftkit · {run.plan.method} · {run.plan.model}", mode=args.dashboard, output_dir=cfg.output_dir,
-                         tracked=where(cfg),
-                         sample_prompts=_sample_prompts(run), tokenizer=run.tokenizer,
-                         max_new_tokens=cfg.eval_max_new_tokens or 32)
-        run.dashboard = dash
-        try:
-            from ftkit.launch import MetricsFile
-            from ftkit.progress import stage
-            with stage("train", log_file=Path(cfg.output_dir) / "ftkit.log"):   # library bars and warnings go to the details
-                result = ft_train.train(cfg, callbacks=[dash, MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")],
-                                        tokenizer=run.tokenizer, data=run.datasets, quiet=True)
-        except KeyboardInterrupt:
-            dash.close("interrupted"); raise
-        except BaseException:
-            dash.close("failed"); raise
-        dash.close()
-        run.model, run.tokenizer, run.trainer = result.model, result.tokenizer, result.trainer
-        run.datasets = result.data if result.data is not None else run.datasets
-        run.output_dir = str(result.output_dir)
-        run.metrics = dict(result.metrics)
-        h = dash.history
-        if h.loss: run.metrics.update(first_loss=h.loss[0][1], final_loss=h.loss[-1][1])
-        if h.eval_loss: run.metrics["final_eval_loss"] = h.eval_loss[-1][1]
-        if dash.interrupted: run.metrics["interrupted_at_step"] = h.step
-
-    def _sweep(self, args, run):
-        "Every variant of the sweep in turn, each with its own dashboard; `run.sweep` keeps every result."
-        from ftkit.dashboard import Dashboard
-        from ftkit.launch import MetricsFile
-        from ftkit.sweeps import sweep
-        from ftkit.tracking import where
-        import ftkit.train as ft_train
-        spec = getattr(args, "sweep_text", None) or args.sweep
-        if not spec:
-            raise UserError("sweep: write the sweep values after a `---` line in the cell (e.g. `learning_rate: [1e-4, 3e-4]`), "
-                            "or pass `--sweep FILE.yml`.")
-        def one(cfg):
-            dash = Dashboard(title=f"ftkit sweep · {Path(cfg.output_dir).name}", mode=args.dashboard, output_dir=cfg.output_dir,
-                             tracked=where(cfg))
-            status = "failed"
-            try:
-                r = ft_train.train(cfg, callbacks=[dash, MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")], quiet=True)
-                status = None
-                return r
-            except KeyboardInterrupt: status = "interrupted"; raise
-            finally: dash.close(status)
-        run.sweep = sweep(run.config, spec, run=one, quiet=True)
-        self._show(run.sweep)
-
-    def _lm_eval(self, args, run):
-        "lm_eval_tasks on the base and the tuned model (this run's model, else the adapter in output_dir): one table."
-        from ftkit.lmeval import lm_eval
-        rep = lm_eval(run.config, model=run.model, tokenizer=run.tokenizer if run.model is not None else None)
-        run.metrics["lm_eval"] = {"base": rep.base, "tuned": rep.tuned}
-        self._show(rep)
-
-    def _merge(self, args, run):
-        from ftkit import infer
-        from ftkit.progress import stage
-        with stage("merge", log_file=Path(run.config.output_dir) / "ftkit.log"):
-            res = infer.merge(run.config, quiet=True)
-        run.merged_dir = res.output_dir
-        self._show(Rich(f"<b>merged:</b> adapter <code>{html.escape(res.adapter)}</code> + {html.escape(res.base)} → "
-                        f"<code>{html.escape(res.output_dir)}</code> ({res.seconds:.1f}s)", str(res)))
-
-    def _evaluate(self, args, run):
-        from ftkit import infer
-        rep = infer.evaluate(run.config, model=run.model, tokenizer=run.tokenizer, data=run.datasets)
-        run.metrics.update(dict(rep))
-        self._show(rep)
-
-    def _launch(self, args, run, mode):
-        from ftkit import launch
-        if mode != "train":
-            raise UserError(f"--gpus {args.gpus} is for `train`; `{mode}` runs in this process (drop --gpus).")
-        from ftkit.dashboard import Dashboard
-        dash = Dashboard(title=f"ftkit · {run.plan.method} · {args.gpus} processes", mode=args.dashboard, handle_interrupt=False,
-                         output_dir=run.config.output_dir)
-        run.dashboard = dash
-        from ftkit.train import prepare_for_launch as prepare   # tokenize once here (CPU); the workers load the cache
-        try:
-            records = launch.launch_train(run.config, args.gpus, on_record=dash.on_record, prepare=prepare)
-        except BaseException:
-            dash.close("failed"); raise
-        dash.close("finished")
-        run.output_dir = run.config.output_dir
-        run.metrics = {k: v for rec in records if rec.get("event") == "log" for k, v in rec.items()
-                       if k not in ("event", "time", "step", "max_steps")}
-        run.stages.append(f"train on {args.gpus} processes")
-
-    # -- infer / chat ----------------------------------------------------------
-    def _infer(self, args, cell, run):
-        prompt = interpolate(cell or "", self.shell.user_ns).strip()
-        if not prompt:
-            raise UserError("`%%finetune infer`: write the prompt in the cell body.")
-        if args.config or args.set:
-            cfg, overrides, text, problems = self._config_from(args, None, run)
-            if cfg is None: return None
-            if not run.same_config(cfg): run = FinetuneRun(config=cfg, plan=resolve(cfg))
-            self.shell.user_ns[args.name] = run
-        if run.config is None:
-            raise UserError(f"`%%finetune infer`: no run named {args.name!r} yet. Train first (`%%finetune train`), "
-                            "or pass `--config FILE.yml` whose output_dir holds a trained model.")
-        reply = stream_reply(run, [{"role": "user", "content": prompt}], args.max_new_tokens, args.temperature)
-        run.metrics["last_reply"] = reply
-        return None
-
-    @magic_arguments()
-    @argument("message", nargs="*", help="what to say (the rest of the line)")
-    @argument("--name", default="ft", help="run object (default: ft)")
-    @argument("--reset", action="store_true", help="forget the conversation")
-    @argument("--max-new-tokens", type=int, default=128)
-    @argument("--temperature", type=float, default=0.0)
+    @_with_arguments(CHAT_ARGUMENTS)
     @line_magic
     def finetune_chat(self, line: str):
         "Chat with the tuned model of run `--name`: `%finetune_chat How are you?` (the conversation is kept; `--reset` forgets it)."
-        args = parse_argstring(self.finetune_chat, line)
-        run = self._run_object(args.name)
-        if args.reset: run.chat_history.clear()
-        text = " ".join(args.message).strip()
-        if not text: return None
-        try:
-            if run.config is None:
-                raise UserError(f"no run named {args.name!r}: train one with `%%finetune train` first.")
-            msgs = run.chat_history + [{"role": "user", "content": text}]
-            reply = stream_reply(run, msgs, args.max_new_tokens, args.temperature)
-            run.chat_history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-        except _user_error_types() as ex:
-            self._show(error_view(ex, "%finetune_chat"))
-        return None
+        return self._chat(parse_argstring(self.finetune_chat, line))
 
-    # -- %finetune_env, %finetune_form ---------------------------------------------
     @line_magic
     def finetune_runs(self, line: str = ""):
         "`%finetune_runs [FOLDER]`: the runs under FOLDER (default: the folder of the last run's output_dir) side by side."
-        from ftkit.compare import runs
-        last = self.last_run.config.output_dir if self.last_run is not None and self.last_run.config is not None else None
-        self._show(runs(line.strip() or (str(Path(last).parent) if last else ".")))
+        self._runs(line)
 
     @line_magic
     def finetune_env(self, line: str = ""):
         "Report torch / CUDA / GPUs, library versions against ftkit's tested ranges, and what ftkit can use here."
         self._show(env_report())
 
-    @magic_arguments()
-    @argument("source", nargs="?", default=None, help="a YAML file, or the name of a run object / variable holding YAML or a config")
-    @argument("--name", default="ft", help="run object for the form's cell (default: ft)")
+    @_with_arguments(FORM_ARGUMENTS)
     @line_magic
     def finetune_form(self, line: str):
         "Show the config form (`ftkit.form`); start from a YAML file, a run object or a variable."
-        args = parse_argstring(self.finetune_form, line)
-        from ftkit.widgets import form
-        src = args.source
-        if src is not None and src in self.shell.user_ns:
-            v = self.shell.user_ns[src]
-            src = v.config if isinstance(v, FinetuneRun) else v
-        try: f = form(src, name=args.name)
-        except _user_error_types() as ex:
-            self._show(error_view(ex, "%finetune_form")); return None
-        return f
+        return self._form(parse_argstring(self.finetune_form, line))
+
+# %% ../nbs/10_magics.ipynb #7edf5d82
+@patch
+def _finetune(self:FinetuneMagics, args, cell: str | None = None):
+    "Run an ftkit config from this cell: `%%finetune [MODE] [--set key=value ...] [--gpus N] [--name NAME]`."
+    mode = args.mode
+    if mode not in MODES:
+        from ftkit.config import _suggest
+        self._show(error_view(UserError(f"unknown mode {mode!r}. {_suggest(mode, MODES)}Modes: {', '.join(MODES)}."), "%%finetune"))
+        return None
+    run = self._run_object(args.name)
+    try:
+        if mode == "infer":
+            return self._infer(args, cell, run)
+        if mode == "sweep": cell, args.sweep_text = _split_sweep(cell)
+        cfg, overrides, text, problems = self._config_from(args, cell, run)
+        if cfg is None: return None
+        if not run.same_config(cfg):
+            run = FinetuneRun()
+        run.config, run.yaml, run.overrides = cfg, text, overrides
+        run.plan = resolve(cfg)
+        self.shell.user_ns[args.name] = run
+        self.last_run = run
+        if args.gpus is not None and args.gpus > 1 and mode in ("train", "preprocess", "evaluate"):
+            return self._launch(args, run, mode)
+        warnings = [p for p in problems if p.level != "error"]
+        if mode in ("validate", "plan"):
+            self._show(plan_view(cfg, run.plan, text, "train", overrides, args.config, warnings))
+            from ftkit.fit import fit_view
+            self._show(fit_view(cfg, args.gpu, args.gpus))            # will it fit? (memory, speed)
+        else:
+            if warnings: self._show(problems_view(warnings, text, "this cell"))
+            getattr(self, f"_{mode.replace('-', '_')}")(args, run)
+        run.stages.append(mode)
+    except ConfigError as ex:
+        self._show(error_view(ex))
+    except _user_error_types() as ex:
+        self._show(error_view(ex, f"%%finetune {mode}"))
+    return None
+
+# %% ../nbs/10_magics.ipynb #82b7304e
+@patch
+def _config_from(self:FinetuneMagics, args, cell: str | None, run: FinetuneRun):
+    "Validate the cell (or --config, or the run's config) with --set overrides; None after showing problems."
+    overrides = _parse_sets(args.set)
+    body = interpolate(cell, self.shell.user_ns) if cell and _has_content(cell) else ""
+    if args.config and body:
+        base = Path(args.config).read_text() if Path(args.config).is_file() else None
+        if base is None: raise UserError(f"--config {args.config!r}: no such file.")
+        data = yaml_load(base) or {}
+        data.update(yaml_load(body) or {})
+        source, text_for_lines = data, body
+    elif body: source, text_for_lines = body, body
+    elif args.config: source, text_for_lines = args.config, None
+    elif run.config is not None: source, text_for_lines = run.config.to_dict(), None
+    else:
+        raise UserError("no config: write the YAML config in the cell body (under `%%finetune ...`), "
+                        "or pass `--config FILE.yml`.")
+    cfg, problems, text, origin = validate(source, overrides)
+    text = text if text is not None else text_for_lines
+    origin = "this cell" if body else origin
+    errors = [p for p in problems if p.level == "error"]
+    if errors or cfg is None:
+        self._show(problems_view(problems, text, origin))
+        return None, overrides, text, problems
+    return cfg, overrides, (text or cfg.to_yaml()), problems
+
+# %% ../nbs/10_magics.ipynb #d9aa911a
+@patch
+def _tokenizer(self:FinetuneMagics, run):
+    if run.tokenizer is None:
+        from ftkit.models import load_tokenizer
+        run.tokenizer = load_tokenizer(run.config)
+    return run.tokenizer
+
+@patch
+def _prepare(self:FinetuneMagics, run):
+    if run.datasets is None:
+        from ftkit.train import prepare   # SFT rows, or the rows of the config's rl: method
+        from ftkit.progress import stage
+        with stage("load data · tokenize · cache", log_file=Path(run.config.output_dir) / "ftkit.log"):
+            run.datasets = prepare(run.config, self._tokenizer(run))
+    return run.datasets
+
+@patch
+def _preprocess(self:FinetuneMagics, args, run):
+    data = self._prepare(run)
+    self._show(_report_view(data))
+
+@patch
+def _debug(self:FinetuneMagics, args, run):
+    if args.against: return self._show(self._compare(args, run))
+    data = self._prepare(run)
+    self._show(debug_view(data, self._tokenizer(run)))
+
+@patch
+def _compare(self:FinetuneMagics, args, run):
+    "`debug --against`: the same rows under this run's config and another (a YAML file or a run object)."
+    from ftkit.config import load
+    from ftkit.inspect import compare
+    from ftkit.progress import stage
+    other = self.shell.user_ns.get(args.against)
+    if isinstance(other, FinetuneRun) and other.config is not None: cfg_b, tok_b = other.config, other.tokenizer
+    elif Path(args.against).is_file(): cfg_b, tok_b = load(args.against), None
+    else: raise UserError(f"--against {args.against!r}: neither a config file nor a run object in this notebook.")
+    with stage("tokenize under both configs", log_file=Path(run.config.output_dir) / "ftkit.log"):
+        return compare(run.config, cfg_b, tokenizer_a=self._tokenizer(run), tokenizer_b=tok_b, names=(args.name, args.against))
+
+# %% ../nbs/10_magics.ipynb #cf64700b
+@patch
+def _train(self:FinetuneMagics, args, run):
+    from ftkit.dashboard import Dashboard
+    import ftkit.train as ft_train
+    cfg = run.config
+    from ftkit.tracking import where
+    dash = Dashboard(title=f"ftkit · {run.plan.method} · {run.plan.model}", mode=args.dashboard, output_dir=cfg.output_dir,
+                     tracked=where(cfg),
+                     sample_prompts=_sample_prompts(run), tokenizer=run.tokenizer,
+                     max_new_tokens=cfg.eval_max_new_tokens or 32)
+    run.dashboard = dash
+    try:
+        from ftkit.launch import MetricsFile
+        from ftkit.progress import stage
+        with stage("train", log_file=Path(cfg.output_dir) / "ftkit.log"):   # library bars and warnings go to the details
+            result = ft_train.train(cfg, callbacks=[dash, MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")],
+                                    tokenizer=run.tokenizer, data=run.datasets, quiet=True)
+    except KeyboardInterrupt:
+        dash.close("interrupted"); raise
+    except BaseException:
+        dash.close("failed"); raise
+    dash.close()
+    run.model, run.tokenizer, run.trainer = result.model, result.tokenizer, result.trainer
+    run.datasets = result.data if result.data is not None else run.datasets
+    run.output_dir = str(result.output_dir)
+    run.metrics = dict(result.metrics)
+    h = dash.history
+    if h.loss: run.metrics.update(first_loss=h.loss[0][1], final_loss=h.loss[-1][1])
+    if h.eval_loss: run.metrics["final_eval_loss"] = h.eval_loss[-1][1]
+    if dash.interrupted: run.metrics["interrupted_at_step"] = h.step
+
+# %% ../nbs/10_magics.ipynb #c7eb5c68
+@patch
+def _sweep(self:FinetuneMagics, args, run):
+    "Every variant of the sweep in turn, each with its own dashboard; `run.sweep` keeps every result."
+    from ftkit.dashboard import Dashboard
+    from ftkit.launch import MetricsFile
+    from ftkit.sweeps import sweep
+    from ftkit.tracking import where
+    import ftkit.train as ft_train
+    spec = getattr(args, "sweep_text", None) or args.sweep
+    if not spec:
+        raise UserError("sweep: write the sweep values after a `---` line in the cell (e.g. `learning_rate: [1e-4, 3e-4]`), "
+                        "or pass `--sweep FILE.yml`.")
+    def one(cfg):
+        dash = Dashboard(title=f"ftkit sweep · {Path(cfg.output_dir).name}", mode=args.dashboard, output_dir=cfg.output_dir,
+                         tracked=where(cfg))
+        status = "failed"
+        try:
+            r = ft_train.train(cfg, callbacks=[dash, MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")], quiet=True)
+            status = None
+            return r
+        except KeyboardInterrupt: status = "interrupted"; raise
+        finally: dash.close(status)
+    run.sweep = sweep(run.config, spec, run=one, quiet=True)
+    self._show(run.sweep)
+
+# %% ../nbs/10_magics.ipynb #51c53ff8
+@patch
+def _lm_eval(self:FinetuneMagics, args, run):
+    "lm_eval_tasks on the base and the tuned model (this run's model, else the adapter in output_dir): one table."
+    from ftkit.lmeval import lm_eval
+    rep = lm_eval(run.config, model=run.model, tokenizer=run.tokenizer if run.model is not None else None)
+    run.metrics["lm_eval"] = {"base": rep.base, "tuned": rep.tuned}
+    self._show(rep)
+
+@patch
+def _merge(self:FinetuneMagics, args, run):
+    from ftkit import infer
+    from ftkit.progress import stage
+    with stage("merge", log_file=Path(run.config.output_dir) / "ftkit.log"):
+        res = infer.merge(run.config, quiet=True)
+    run.merged_dir = res.output_dir
+    self._show(Rich(f"<b>merged:</b> adapter <code>{html.escape(res.adapter)}</code> + {html.escape(res.base)} → "
+                    f"<code>{html.escape(res.output_dir)}</code> ({res.seconds:.1f}s)", str(res)))
+
+@patch
+def _evaluate(self:FinetuneMagics, args, run):
+    from ftkit import infer
+    rep = infer.evaluate(run.config, model=run.model, tokenizer=run.tokenizer, data=run.datasets)
+    run.metrics.update(dict(rep))
+    self._show(rep)
+
+# %% ../nbs/10_magics.ipynb #2ba0153a
+@patch
+def _launch(self:FinetuneMagics, args, run, mode):
+    from ftkit import launch
+    if mode != "train":
+        raise UserError(f"--gpus {args.gpus} is for `train`; `{mode}` runs in this process (drop --gpus).")
+    from ftkit.dashboard import Dashboard
+    dash = Dashboard(title=f"ftkit · {run.plan.method} · {args.gpus} processes", mode=args.dashboard, handle_interrupt=False,
+                     output_dir=run.config.output_dir)
+    run.dashboard = dash
+    from ftkit.train import prepare_for_launch as prepare   # tokenize once here (CPU); the workers load the cache
+    try:
+        records = launch.launch_train(run.config, args.gpus, on_record=dash.on_record, prepare=prepare)
+    except BaseException:
+        dash.close("failed"); raise
+    dash.close("finished")
+    run.output_dir = run.config.output_dir
+    run.metrics = {k: v for rec in records if rec.get("event") == "log" for k, v in rec.items()
+                   if k not in ("event", "time", "step", "max_steps")}
+    run.stages.append(f"train on {args.gpus} processes")
+
+# %% ../nbs/10_magics.ipynb #71aa431c
+@patch
+def _infer(self:FinetuneMagics, args, cell, run):
+    prompt = interpolate(cell or "", self.shell.user_ns).strip()
+    if not prompt:
+        raise UserError("`%%finetune infer`: write the prompt in the cell body.")
+    if args.config or args.set:
+        cfg, overrides, text, problems = self._config_from(args, None, run)
+        if cfg is None: return None
+        if not run.same_config(cfg): run = FinetuneRun(config=cfg, plan=resolve(cfg))
+        self.shell.user_ns[args.name] = run
+    if run.config is None:
+        raise UserError(f"`%%finetune infer`: no run named {args.name!r} yet. Train first (`%%finetune train`), "
+                        "or pass `--config FILE.yml` whose output_dir holds a trained model.")
+    reply = stream_reply(run, [{"role": "user", "content": prompt}], args.max_new_tokens, args.temperature)
+    run.metrics["last_reply"] = reply
+    return None
+
+# %% ../nbs/10_magics.ipynb #f29dcb74
+@patch
+def _chat(self:FinetuneMagics, args):
+    "Chat with the tuned model of run `--name`: `%finetune_chat How are you?` (the conversation is kept; `--reset` forgets it)."
+    run = self._run_object(args.name)
+    if args.reset: run.chat_history.clear()
+    text = " ".join(args.message).strip()
+    if not text: return None
+    try:
+        if run.config is None:
+            raise UserError(f"no run named {args.name!r}: train one with `%%finetune train` first.")
+        msgs = run.chat_history + [{"role": "user", "content": text}]
+        reply = stream_reply(run, msgs, args.max_new_tokens, args.temperature)
+        run.chat_history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+    except _user_error_types() as ex:
+        self._show(error_view(ex, "%finetune_chat"))
+    return None
+
+@patch
+def _form(self:FinetuneMagics, args):
+    "Show the config form (`ftkit.form`); start from a YAML file, a run object or a variable."
+    from ftkit.widgets import form
+    src = args.source
+    if src is not None and src in self.shell.user_ns:
+        v = self.shell.user_ns[src]
+        src = v.config if isinstance(v, FinetuneRun) else v
+    try: f = form(src, name=args.name)
+    except _user_error_types() as ex:
+        self._show(error_view(ex, "%finetune_form")); return None
+    return f
+
+@patch
+def _runs(self:FinetuneMagics, line: str):
+    "The runs under the folder `line` names (default: the folder of the last run's output_dir), side by side."
+    from ftkit.compare import runs
+    last = self.last_run.config.output_dir if self.last_run is not None and self.last_run.config is not None else None
+    self._show(runs(line.strip() or (str(Path(last).parent) if last else ".")))
 
 # %% ../nbs/10_magics.ipynb #0dbf8738
 def stream_reply(run: FinetuneRun, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0, out=None) -> str:
