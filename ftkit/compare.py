@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['IGNORED_IN_DIFF', 'COLORS', 'Run', 'read_run', 'find_runs', 'flatten', 'config_diff', 'loss_chart', 'Runs', 'runs']
@@ -70,16 +71,17 @@ class Run:
         rt = [r["train_runtime"] for r in self.records if "train_runtime" in r]
         return float(rt[-1]) if rt else None
 
-    @property
-    def tokens(self) -> int | None:
-        n = [int(r["num_tokens"]) for r in self.records if "num_tokens" in r]
-        return max(n) if n else None
+# %% ../nbs/08a_compare.ipynb #22b0ec20
+@patch(as_prop=True)
+def tokens(self:Run) -> int | None:
+    n = [int(r["num_tokens"]) for r in self.records if "num_tokens" in r]
+    return max(n) if n else None
 
-    @property
-    def tokens_per_s(self) -> float | None:
-        "Real (non-padding) tokens trained per second over the whole run."
-        n, d = self.tokens, self.duration
-        return n / d if n and d else None
+@patch(as_prop=True)
+def tokens_per_s(self:Run) -> float | None:
+    "Real (non-padding) tokens trained per second over the whole run."
+    n, d = self.tokens, self.duration
+    return n / d if n and d else None
 
 # %% ../nbs/08a_compare.ipynb #24ff7ebe
 def read_run(path) -> Run:
@@ -204,18 +206,20 @@ class Runs:
 
     def __repr__(self): return str(self)
 
-    def _repr_html_(self):
-        if not self.items: return f"<div style='color:#777'>{html.escape(str(self))}</div>"
-        rows = self.rows()
-        cols = list(rows[0])
-        th = "".join(f"<th style='text-align:left;padding:2px 8px'>{html.escape(c)}</th>" for c in cols)
-        def td(c, v):
-            s = _dur(v) if c == "duration" else (f"{v:,.0f}" if c == "tokens/s" and v else f"{v:.2f}" if c == "peak GiB" and v else _fmt(v))
-            return f"<td style='padding:2px 8px'>{html.escape(s)}</td>"
-        trs = "".join(f"<tr style='border-left:4px solid {COLORS[i % len(COLORS)]}'>" + "".join(td(c, r[c]) for c in cols) + "</tr>"
-                      for i, r in enumerate(rows))
-        return (f"<div class='ftkit-runs'><b>{len(self.items)} run(s)</b> under <code>{html.escape(str(self.folder))}</code>"
-                f"<table style='font-size:12.5px;border-collapse:collapse'><tr>{th}</tr>{trs}</table>{loss_chart(self.items)}</div>")
+# %% ../nbs/08a_compare.ipynb #85e48712
+@patch
+def _repr_html_(self:Runs):
+    if not self.items: return f"<div style='color:#777'>{html.escape(str(self))}</div>"
+    rows = self.rows()
+    cols = list(rows[0])
+    th = "".join(f"<th style='text-align:left;padding:2px 8px'>{html.escape(c)}</th>" for c in cols)
+    def td(c, v):
+        s = _dur(v) if c == "duration" else (f"{v:,.0f}" if c == "tokens/s" and v else f"{v:.2f}" if c == "peak GiB" and v else _fmt(v))
+        return f"<td style='padding:2px 8px'>{html.escape(s)}</td>"
+    trs = "".join(f"<tr style='border-left:4px solid {COLORS[i % len(COLORS)]}'>" + "".join(td(c, r[c]) for c in cols) + "</tr>"
+                  for i, r in enumerate(rows))
+    return (f"<div class='ftkit-runs'><b>{len(self.items)} run(s)</b> under <code>{html.escape(str(self.folder))}</code>"
+            f"<table style='font-size:12.5px;border-collapse:collapse'><tr>{th}</tr>{trs}</table>{loss_chart(self.items)}</div>")
 
 # %% ../nbs/08a_compare.ipynb #97b056f0
 def runs(folder=".") -> Runs:

@@ -14,6 +14,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from fastcore.basics import patch
 from transformers import TrainerCallback
 
 # %% auto #0
@@ -302,145 +303,165 @@ class Dashboard(TrainerCallback):
         "Ask for a clean stop at the end of the current step (what Ctrl-C does)."
         self._interrupted = True
 
-    # -- drawing ------------------------------------------------------------
-    def _draw(self, force: bool = False):
-        if self.view is None: return
-        now = time.time()
-        if not force and now - self._last_draw < self.refresh: return
-        self._last_draw = now
-        self.view.update(self.history, self.title, force=force)
+# %% ../nbs/12_dashboard.ipynb #4b00de3b
+# -- drawing ------------------------------------------------------------
+@patch
+def _draw(self:Dashboard, force: bool = False):
+    if self.view is None: return
+    now = time.time()
+    if not force and now - self._last_draw < self.refresh: return
+    self._last_draw = now
+    self.view.update(self.history, self.title, force=force)
 
-    def _gpu_mem(self):
-        try:
-            import torch
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                self.history.gpu_mem_gb = torch.cuda.max_memory_allocated() / 2**30
+@patch
+def _gpu_mem(self:Dashboard):
+    try:
+        import torch
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.history.gpu_mem_gb = torch.cuda.max_memory_allocated() / 2**30
+    except Exception: pass
+
+# -- TrainerCallback hooks ----------------------------------------------
+@patch
+def on_init_end(self:Dashboard, args, state, control, **kw):
+    if getattr(args, "include_num_input_tokens_seen", "no") in ("no", False):
+        try: args.include_num_input_tokens_seen = "non_padding"
         except Exception: pass
 
-    # -- TrainerCallback hooks ----------------------------------------------
-    def on_init_end(self, args, state, control, **kw):
-        if getattr(args, "include_num_input_tokens_seen", "no") in ("no", False):
-            try: args.include_num_input_tokens_seen = "non_padding"
-            except Exception: pass
+@patch
+def on_train_begin(self:Dashboard, args, state, control, **kw):
+    h = self.history
+    h.started, h.max_steps, h.status = time.time(), state.max_steps, "training"
+    h.step = h.first_step = state.global_step
+    h.output_dir = h.output_dir or getattr(args, "output_dir", None)
+    if self.view is None:
+        self.view = pick_view(self.mode)
+        self.view.show(h, self.title)
+    self._install_sigint()
 
-    def on_train_begin(self, args, state, control, **kw):
-        h = self.history
-        h.started, h.max_steps, h.status = time.time(), state.max_steps, "training"
-        h.step = h.first_step = state.global_step
-        h.output_dir = h.output_dir or getattr(args, "output_dir", None)
-        if self.view is None:
-            self.view = pick_view(self.mode)
-            self.view.show(h, self.title)
-        self._install_sigint()
+# %% ../nbs/12_dashboard.ipynb #52af28dc
+@patch
+def on_step_end(self:Dashboard, args, state, control, **kw):
+    h = self.history
+    h.step, h.epoch, h.max_steps = state.global_step, state.epoch or 0.0, state.max_steps
+    if h.first_step_at is None: h.first_step_at, h.first_step = time.time(), state.global_step
+    h.tokens = getattr(state, "num_input_tokens_seen", 0) or h.tokens
+    self._gpu_mem()
+    if self._interrupted:
+        control.should_save = True
+        control.should_training_stop = True
+        h.status = "interrupted"
+        h.checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    self._draw()
 
-    def on_step_end(self, args, state, control, **kw):
-        h = self.history
-        h.step, h.epoch, h.max_steps = state.global_step, state.epoch or 0.0, state.max_steps
-        if h.first_step_at is None: h.first_step_at, h.first_step = time.time(), state.global_step
-        h.tokens = getattr(state, "num_input_tokens_seen", 0) or h.tokens
-        self._gpu_mem()
-        if self._interrupted:
-            control.should_save = True
-            control.should_training_stop = True
-            h.status = "interrupted"
-            h.checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        self._draw()
+@patch
+def on_log(self:Dashboard, args, state, control, logs=None, **kw):
+    h, step = self.history, state.global_step
+    for key, series in (("loss", h.loss), ("eval_loss", h.eval_loss), ("learning_rate", h.learning_rate), ("grad_norm", h.grad_norm)):
+        v = (logs or {}).get(key)
+        if isinstance(v, (int, float)) and not (series and series[-1][0] == step): series.append((step, float(v)))
+    h.tokens = (logs or {}).get("num_input_tokens_seen", h.tokens) or h.tokens
+    self._draw(force=True)
 
-    def on_log(self, args, state, control, logs=None, **kw):
-        h, step = self.history, state.global_step
+@patch
+def on_evaluate(self:Dashboard, args, state, control, metrics=None, **kw):
+    h = self.history
+    v = (metrics or {}).get("eval_loss")
+    if isinstance(v, (int, float)) and not (h.eval_loss and h.eval_loss[-1][0] == state.global_step):
+        h.eval_loss.append((state.global_step, float(v)))
+    if self.sample_prompts and kw.get("model") is not None:
+        try: h.sample = self._generate(kw["model"], kw.get("processing_class") or kw.get("tokenizer") or self.tokenizer)
+        except Exception as ex: h.notes.append(f"eval generation skipped: {ex}")
+    self._draw(force=True)
+
+@patch
+def on_save(self:Dashboard, args, state, control, **kw):
+    self.history.checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+
+# %% ../nbs/12_dashboard.ipynb #aa37a24d
+@patch
+def on_train_end(self:Dashboard, args, state, control, **kw):
+    h = self.history
+    h.step = state.global_step
+    if h.status != "interrupted": h.status = "finished"
+    self.close()
+
+@patch
+def close(self:Dashboard, status: str | None = None):
+    "Restore Ctrl-C, stamp the end time and show the summary (idempotent; called on errors too)."
+    self._restore_sigint()
+    if self._closed: return
+    self._closed = True
+    h = self.history
+    if status: h.status = status
+    h.finished = h.finished or time.time()
+    self._gpu_mem()
+    if self.view is None:
+        self.view = pick_view(self.mode); self.view.show(h, self.title)
+    self.view.close(h, self.title, summary_text(h))
+
+@patch(as_prop=True)
+def interrupted(self:Dashboard) -> bool: return self.history.status == "interrupted"
+
+# %% ../nbs/12_dashboard.ipynb #caeabd60
+@patch
+def _generate(self:Dashboard, model, tok):
+    import torch
+    p = self.sample_prompts[0]
+    if isinstance(p, list):
+        text = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        shown = p[-1].get("content", "") if p and isinstance(p[-1], dict) else str(p)
+    else: text, shown = str(p), str(p)[-300:]
+    enc = tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    finally:
+        if was_training: model.train()
+    return shown + ("\n→ " if isinstance(p, list) else ""), tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+# %% ../nbs/12_dashboard.ipynb #611c1d69
+@patch
+def on_record(self:Dashboard, rec: dict):
+    "Feed one metrics record from a multi-GPU launch (`ftkit.launch`: rank 0 writes `begin` / `log` / `end` records)."
+    h = self.history
+    ev = rec.get("event")
+    if ev == "begin":
+        h.started, h.max_steps, h.status = rec.get("time", time.time()), rec.get("max_steps", 0), "training"
+        if rec.get("world_size", 1) > 1: h.notes.append(f"{rec['world_size']} processes; metrics from rank 0")
+        if self.view is None: self.view = pick_view(self.mode); self.view.show(h, self.title)
+        return
+    if ev == "log":
+        step = rec.get("step", h.step)
+        if h.first_step_at is None: h.first_step_at, h.first_step = rec.get("time", time.time()), step
+        h.step, h.max_steps, h.epoch = step, rec.get("max_steps", h.max_steps), rec.get("epoch", h.epoch) or h.epoch
         for key, series in (("loss", h.loss), ("eval_loss", h.eval_loss), ("learning_rate", h.learning_rate), ("grad_norm", h.grad_norm)):
-            v = (logs or {}).get(key)
+            v = rec.get(key)
             if isinstance(v, (int, float)) and not (series and series[-1][0] == step): series.append((step, float(v)))
-        h.tokens = (logs or {}).get("num_input_tokens_seen", h.tokens) or h.tokens
+        h.tokens = rec.get("num_input_tokens_seen", h.tokens) or h.tokens
         self._draw(force=True)
+    elif ev == "end":
+        h.step = rec.get("step", h.step)
+        h.finished = rec.get("time", time.time())
 
-    def on_evaluate(self, args, state, control, metrics=None, **kw):
-        h = self.history
-        v = (metrics or {}).get("eval_loss")
-        if isinstance(v, (int, float)) and not (h.eval_loss and h.eval_loss[-1][0] == state.global_step):
-            h.eval_loss.append((state.global_step, float(v)))
-        if self.sample_prompts and kw.get("model") is not None:
-            try: h.sample = self._generate(kw["model"], kw.get("processing_class") or kw.get("tokenizer") or self.tokenizer)
-            except Exception as ex: h.notes.append(f"eval generation skipped: {ex}")
-        self._draw(force=True)
+@patch
+def _repr_html_(self:Dashboard):
+    return render_html(self.history, self.title, _summary_html(summary_text(self.history)) if self._closed else "")
 
-    def on_save(self, args, state, control, **kw):
-        self.history.checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-
-    def on_train_end(self, args, state, control, **kw):
-        h = self.history
-        h.step = state.global_step
-        if h.status != "interrupted": h.status = "finished"
-        self.close()
-
-    def close(self, status: str | None = None):
-        "Restore Ctrl-C, stamp the end time and show the summary (idempotent; called on errors too)."
-        self._restore_sigint()
-        if self._closed: return
-        self._closed = True
-        h = self.history
-        if status: h.status = status
-        h.finished = h.finished or time.time()
-        self._gpu_mem()
-        if self.view is None:
-            self.view = pick_view(self.mode); self.view.show(h, self.title)
-        self.view.close(h, self.title, summary_text(h))
-
-    @property
-    def interrupted(self) -> bool: return self.history.status == "interrupted"
-
-    def _generate(self, model, tok):
-        import torch
-        p = self.sample_prompts[0]
-        if isinstance(p, list):
-            text = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            shown = p[-1].get("content", "") if p and isinstance(p[-1], dict) else str(p)
-        else: text, shown = str(p), str(p)[-300:]
-        enc = tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        finally:
-            if was_training: model.train()
-        return shown + ("\n→ " if isinstance(p, list) else ""), tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    def on_record(self, rec: dict):
-        "Feed one metrics record from a multi-GPU launch (`ftkit.launch`: rank 0 writes `begin` / `log` / `end` records)."
-        h = self.history
-        ev = rec.get("event")
-        if ev == "begin":
-            h.started, h.max_steps, h.status = rec.get("time", time.time()), rec.get("max_steps", 0), "training"
-            if rec.get("world_size", 1) > 1: h.notes.append(f"{rec['world_size']} processes; metrics from rank 0")
-            if self.view is None: self.view = pick_view(self.mode); self.view.show(h, self.title)
-            return
-        if ev == "log":
-            step = rec.get("step", h.step)
-            if h.first_step_at is None: h.first_step_at, h.first_step = rec.get("time", time.time()), step
-            h.step, h.max_steps, h.epoch = step, rec.get("max_steps", h.max_steps), rec.get("epoch", h.epoch) or h.epoch
-            for key, series in (("loss", h.loss), ("eval_loss", h.eval_loss), ("learning_rate", h.learning_rate), ("grad_norm", h.grad_norm)):
-                v = rec.get(key)
-                if isinstance(v, (int, float)) and not (series and series[-1][0] == step): series.append((step, float(v)))
-            h.tokens = rec.get("num_input_tokens_seen", h.tokens) or h.tokens
-            self._draw(force=True)
-        elif ev == "end":
-            h.step = rec.get("step", h.step)
-            h.finished = rec.get("time", time.time())
-
-    def _repr_html_(self):
-        return render_html(self.history, self.title, _summary_html(summary_text(self.history)) if self._closed else "")
-
-    def attach(self, trainer):
-        "Add this dashboard to `trainer` in place of transformers' progress bar / log printer."
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-        for cb in (PrinterCallback, ProgressCallback):
-            trainer.remove_callback(cb)
-        try:
-            from transformers.utils.notebook import NotebookProgressCallback
-            trainer.remove_callback(NotebookProgressCallback)
-        except ImportError: pass
-        trainer.add_callback(self)
-        self.on_init_end(trainer.args, trainer.state, trainer.control)
-        return self
+# %% ../nbs/12_dashboard.ipynb #dcc62a62
+@patch
+def attach(self:Dashboard, trainer):
+    "Add this dashboard to `trainer` in place of transformers' progress bar / log printer."
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    try:
+        from transformers.utils.notebook import NotebookProgressCallback
+        trainer.remove_callback(NotebookProgressCallback)
+    except ImportError: pass
+    trainer.add_callback(self)
+    self.on_init_end(trainer.args, trainer.state, trainer.control)
+    return self
