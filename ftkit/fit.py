@@ -256,6 +256,11 @@ OPTIMIZER_STATES: dict[str, OptimizerState] = {
     "adamw_anyprecision": OptimizerState(_two, note="two moments"),
     "galore_adamw": OptimizerState(_two, note="two moments (GaLore projects them; counted in full)"),
     "schedule_free_adamw": OptimizerState(_two, note="z and second moment"),
+    "schedule_free_radam": OptimizerState(_two, note="z and second moment"),
+    "schedule_free_sgd": OptimizerState(lambda p: p, note="z sequence"),
+    "adopt_adamw": OptimizerState(_two, note="two moments in the parameter dtype"),
+    "lion": OptimizerState(lambda p: p, note="one moment in the parameter dtype"),
+    "muon": OptimizerState(lambda p: p, note="one momentum buffer (matrices; the rest use AdamW: counted as Muon)"),
     "adamw_8bit": OptimizerState(2.04, note="two 8-bit moments + block scales"),
     "adamw_bnb_8bit": OptimizerState(2.04, note="two 8-bit moments + block scales"),
     "adamw_torch_8bit": OptimizerState(2.04, note="two 8-bit moments + block scales"),
@@ -337,20 +342,24 @@ class MemoryEstimate:
 def _fmt_params(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,.0f}"
 
-# %% ../nbs/05a_fit.ipynb #53932279
-def estimate(cfg_or_setup, shape: ModelShape | None = None, *, gpus: int | None = None,
-             kernels: frozenset | None = None, bf16_supported: bool = True) -> MemoryEstimate:
-    "Estimated peak memory per GPU of training `cfg` (a FinetuneConfig, path, YAML or dict; or a `TrainSetup` with `shape`)."
-    if isinstance(cfg_or_setup, TrainSetup): s = cfg_or_setup
-    else:
-        cfg = cfg_or_setup if isinstance(cfg_or_setup, FinetuneConfig) else load(cfg_or_setup)
-        shape = shape or model_shape(cfg)
-        s = setup_of(cfg, gpus=gpus, kernels=kernels, shape=shape, bf16_supported=bf16_supported)
-    if shape is None: raise FitError("estimate(setup) needs the model's shape.")
-    a, L, w = s.act_bytes, shape.num_layers, s.world_size
-    parts, notes = [], []
-    full, lora = s.method == "full", s.method in ("lora", "qlora", "lora8")
-    # weights
+# %% ../nbs/05a_fit.ipynb #8346e1b1
+@dataclass
+class _Terms:
+    "The memory terms of one GPU in bytes, as `estimate` adds them up (weights, adapter, gradients, optimizer states)."
+    weights: float
+    wnote: str
+    n_train: float
+    pbytes: int
+    adapter: float = 0.0
+    anote: str = ""
+    grads: float = 0.0
+    states: float = 0.0
+    gathered: float = 0.0
+    paged: float = 0.0
+
+def _weight_terms(s: TrainSetup, shape: ModelShape, opt) -> _Terms:
+    "Weights in their stored precision, then what is trained: LoRA's fp32 A/B (+ grads) or every parameter's gradient."
+    full = s.method == "full"
     wbytes = 4 if s.precision == "fp32" else (4 if (full and s.precision == "fp16") else 2)
     if s.method == "qlora":
         weights = shape.linear_params * (0.5 + 1 / 64 + 4 / (64 * 256)) + (shape.embed_params + shape.other_params) * 4
@@ -361,46 +370,44 @@ def estimate(cfg_or_setup, shape: ModelShape | None = None, *, gpus: int | None 
     else:
         weights = shape.params * wbytes
         wnote = f"{_fmt_params(shape.params)} params in {'fp32' if wbytes == 4 else s.precision}"
-    opt = OPTIMIZER_STATES.get(s.optimizer, OPTIMIZER_STATES["adamw_torch"])
-    # trainable parameters, their gradients and optimizer states
-    if lora:
+    if s.method in ("lora", "qlora", "lora8"):
         ins_outs = shape.linears()
-        n_train = L * sum(s.lora_r * (ins_outs[n][0] + ins_outs[n][1]) for n in s.lora_targets if n in ins_outs)
-        pbytes = 4
-        adapter = n_train * (pbytes + pbytes)                       # fp32 A/B and their gradients
-        states = n_train * opt.bytes_per_param(pbytes)
-        grads = 0.0
-        anote = f"LoRA r{s.lora_r} on {len(s.lora_targets)} modules x {L} layers: {_fmt_params(n_train)} params + grads (fp32)"
-    else:
-        n_train, adapter, anote = shape.params, 0.0, ""
-        pbytes = 4 if (s.sharding == "fsdp" and s.precision != "fp32") else wbytes   # FSDP2: fp32 master weights
-        grads = n_train * pbytes
-        states = n_train * opt.bytes_per_param(pbytes)
-    # sharding
-    gathered = 0.0
+        n = shape.num_layers * sum(s.lora_r * (ins_outs[m][0] + ins_outs[m][1]) for m in s.lora_targets if m in ins_outs)
+        return _Terms(weights, wnote, n, 4, adapter=n * 8, states=n * opt.bytes_per_param(4),     # fp32 A/B + their grads
+                      anote=f"LoRA r{s.lora_r} on {len(s.lora_targets)} modules x {shape.num_layers} layers: {_fmt_params(n)} params + grads (fp32)")
+    pbytes = 4 if (s.sharding == "fsdp" and s.precision != "fp32") else wbytes       # FSDP2: fp32 master weights
+    return _Terms(weights, wnote, shape.params, pbytes, grads=shape.params * pbytes, states=shape.params * opt.bytes_per_param(pbytes))
+
+# %% ../nbs/05a_fit.ipynb #8d0ddf52
+def _shard(t: _Terms, s: TrainSetup, shape: ModelShape, opt, notes: list) -> _Terms:
+    "Divide the terms over `s.world_size` GPUs as FSDP2 / ZeRO-1/2/3 / DDP do (in place), and move paged states out."
+    w, a, full, lora = s.world_size, s.act_bytes, s.method == "full", s.method in ("lora", "qlora", "lora8")
     if s.sharding == "fsdp":
-        if full: weights = shape.params * pbytes / w
-        else: weights, adapter, states = weights / w, adapter / w, states / w
-        grads, states = grads / w, (states / w if full else states)
+        if full: t.weights = shape.params * t.pbytes / w
+        else: t.weights, t.adapter, t.states = t.weights / w, t.adapter / w, t.states / w
+        t.grads, t.states = t.grads / w, (t.states / w if full else t.states)
         biggest = max(sum(i * o * c for i, o, c in shape.linears().values()), 1)
-        gathered = (2 * biggest + shape.vocab_size * shape.hidden_size) * a        # two layers in flight + the root's embeddings
+        t.gathered = (2 * biggest + shape.vocab_size * shape.hidden_size) * a       # two layers in flight + the root's embeddings
         notes.append("FSDP2: fp32 master weights, gradients and optimizer states sharded; layers gathered in the compute dtype")
     elif s.sharding in ("zero1", "zero2", "zero3") and full:
         stage = int(s.sharding[-1])
         master = 0 if s.offload else shape.params * 4 / w
-        states = 0 if s.offload else n_train * opt.bytes_per_param(4) / w
-        weights = shape.params * 2 / (w if stage == 3 else 1) + master
-        grads = shape.params * 2 / (w if stage >= 2 else 1)
-        wnote += f"; + fp32 master copy sharded over {w} GPUs (ZeRO-{stage})"
+        t.states = 0 if s.offload else t.n_train * opt.bytes_per_param(4) / w
+        t.weights = shape.params * 2 / (w if stage == 3 else 1) + master
+        t.grads = shape.params * 2 / (w if stage >= 2 else 1)
+        t.wnote += f"; + fp32 master copy sharded over {w} GPUs (ZeRO-{stage})"
     elif s.sharding and s.sharding.startswith("zero") and lora:
-        states = states / w
+        t.states = t.states / w
     elif w > 1:
-        grads += n_train * pbytes if not lora else 0
-        adapter += n_train * pbytes if lora else 0                  # DDP bucket copy of the gradients
-    if opt.paged: paged, states = states, 0.0
-    else: paged = 0.0
-    # activations and logits
-    per_layer = layer_activation_bytes(shape, s)
+        t.grads += t.n_train * t.pbytes if not lora else 0
+        t.adapter += t.n_train * t.pbytes if lora else 0                 # DDP bucket copy of the gradients
+    if opt.paged: t.paged, t.states = t.states, 0.0
+    return t
+
+# %% ../nbs/05a_fit.ipynb #08cfab89
+def _activation_terms(s: TrainSetup, shape: ModelShape) -> tuple[float, str, float, str]:
+    "(activations, their note, logits + loss, their note) at the start of the backward pass."
+    a, L, per_layer = s.act_bytes, shape.num_layers, layer_activation_bytes(shape, s)
     if s.gradient_checkpointing:
         resid = 4 if s.method in ("qlora", "lora8") else a
         act = s.tokens * (L * resid * shape.hidden_size + per_layer)
@@ -410,30 +417,45 @@ def estimate(cfg_or_setup, shape: ModelShape | None = None, *, gpus: int | None 
         actnote = f"{s.tokens:,} tokens x {L} layers x {per_layer / 1024:.0f} KiB per token and layer"
     if "offload" in s.kernels:
         act, actnote = s.tokens * per_layer * 2, "activations offloaded to pinned CPU memory (about two layers on the GPU)"
-    if s.method == "qlora" or s.method == "lora8":
-        act += shape.vocab_size * shape.hidden_size * a                # autocast's bf16 copy of the fp32 LM head, kept for backward
+    if s.method in ("qlora", "lora8"):
+        act += shape.vocab_size * shape.hidden_size * a                 # autocast's bf16 copy of the fp32 LM head, kept for backward
     lg = logits_bytes(shape, s)
     lgnote = ("fused linear cross-entropy (no logits tensor)" if "fused_linear_ce" in s.kernels
               else f"{s.tokens:,} x {shape.vocab_size:,} logits: bf16, fp32 copy, log-softmax and its gradients")
-    head_grad = shape.vocab_size * shape.hidden_size * pbytes / (w if s.sharding == "fsdp" else 1) if full else 0.0
-    static = weights + adapter + states + gathered
-    kept_grads = grads if s.gradient_accumulation_steps > 1 else 0.0
-    backward_start = static + kept_grads + act + lg + head_grad
-    optimizer_step = static + grads
+    return act, actnote, lg, lgnote
+
+# %% ../nbs/05a_fit.ipynb #53932279
+def estimate(cfg_or_setup, shape: ModelShape | None = None, *, gpus: int | None = None,
+             kernels: frozenset | None = None, bf16_supported: bool = True) -> MemoryEstimate:
+    "Estimated peak memory per GPU of training `cfg` (a FinetuneConfig, path, YAML or dict; or a `TrainSetup` with `shape`)."
+    if isinstance(cfg_or_setup, TrainSetup): s = cfg_or_setup
+    else:
+        cfg = cfg_or_setup if isinstance(cfg_or_setup, FinetuneConfig) else load(cfg_or_setup)
+        shape = shape or model_shape(cfg)
+        s = setup_of(cfg, gpus=gpus, kernels=kernels, shape=shape, bf16_supported=bf16_supported)
+    if shape is None: raise FitError("estimate(setup) needs the model's shape.")
+    notes: list[str] = []
+    opt = OPTIMIZER_STATES.get(s.optimizer, OPTIMIZER_STATES["adamw_torch"])
+    t = _shard(_weight_terms(s, shape, opt), s, shape, opt, notes)
+    act, actnote, lg, lgnote = _activation_terms(s, shape)
+    head_grad = shape.vocab_size * shape.hidden_size * t.pbytes / (s.world_size if s.sharding == "fsdp" else 1) if s.method == "full" else 0.0
+    static = t.weights + t.adapter + t.states + t.gathered
+    kept_grads = t.grads if s.gradient_accumulation_steps > 1 else 0.0
+    backward_start, optimizer_step = static + kept_grads + act + lg + head_grad, static + t.grads
     peak = max(backward_start, optimizer_step)
-    parts = [Part("weights", weights, wnote)]
-    if adapter: parts.append(Part("adapter", adapter, anote))
-    if gathered: parts.append(Part("gathered layers", gathered, "FSDP all-gathers in the compute dtype"))
-    parts.append(Part("optimizer states", states, f"{s.optimizer}: {opt.note}" + (" (on the CPU)" if s.offload else "")))
-    if paged: parts.append(Part("paged states", 0.0, f"{paged / GiB:.2f} GiB of {s.optimizer} in unified memory (not counted)"))
-    parts.append(Part("gradients", grads if peak == optimizer_step else kept_grads + head_grad,
+    parts = [Part("weights", t.weights, t.wnote)]
+    if t.adapter: parts.append(Part("adapter", t.adapter, t.anote))
+    if t.gathered: parts.append(Part("gathered layers", t.gathered, "FSDP all-gathers in the compute dtype"))
+    parts.append(Part("optimizer states", t.states, f"{s.optimizer}: {opt.note}" + (" (on the CPU)" if s.offload else "")))
+    if t.paged: parts.append(Part("paged states", 0.0, f"{t.paged / GiB:.2f} GiB of {s.optimizer} in unified memory (not counted)"))
+    parts.append(Part("gradients", t.grads if peak == optimizer_step else kept_grads + head_grad,
                       "all gradients at the optimizer step" if peak == optimizer_step else
                       ("kept across accumulation steps" if kept_grads else "LM head gradient") if (kept_grads or head_grad) else ""))
     if peak == backward_start: parts += [Part("activations", act, actnote), Part("logits + loss", lg, lgnote)]
     else: notes.append(f"the optimizer step is the peak; activations + logits at the backward start would be {(act + lg) / GiB:.2f} GiB")
     if s.kernels: notes.append("kernels on: " + ", ".join(sorted(s.kernels)) + " (memory terms checked on an H200: benchmarks/results/fit_validation.md)")
     if not s.packing: notes.append(f"no sample packing: {s.tokens:,} tokens is the most a padded micro-batch holds")
-    return MemoryEstimate(shape, s, parts, peak, paged, notes)
+    return MemoryEstimate(shape, s, parts, peak, t.paged, notes)
 
 # %% ../nbs/05a_fit.ipynb #a08988cb
 @dataclass(frozen=True)
