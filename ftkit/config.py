@@ -29,8 +29,8 @@ __all__ = ['RENAMED_KEYS', 'RULES', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_M
            'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
            'packing_conflicts', 'chat_template_choice', 'misc_rules', 'chat_template_names', 'known_dataset_types',
            'dataset_entries', 'trackers_and_plugins', 'axolotl_differences', 'honest_keys', 'optimizer_problem',
-           'values_that_run', 'apply_overrides', 'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env',
-           'detect_env', 'Plan', 'resolve', 'json_schema']
+           'values_that_run', 'safe_paths', 'apply_overrides', 'parse_overrides', 'validate', 'load',
+           'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
 
 # %% ../nbs/00_config.ipynb #e544ff6a
 def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
@@ -489,6 +489,13 @@ def values_that_run(d):
     if _num(d, "dataloader_prefetch_factor") and not _num(d, "dataloader_num_workers"):
         yield Problem("dataloader_prefetch_factor", "dataloader_prefetch_factor needs dataloader_num_workers > 0.",
                       "Set dataloader_num_workers (e.g. 2) or remove dataloader_prefetch_factor.")
+
+# %% ../nbs/00_config.ipynb #sp000002
+@rule
+def safe_paths(d):
+    "Output folders and dataset paths that cannot be paths (`ftkit.guard.path_problems`)."
+    from ftkit.guard import path_problems
+    yield from path_problems(d)
 
 # %% ../nbs/00_config.ipynb #774e23b0
 def _read_source(source) -> tuple[Any, str | None, str]:

@@ -500,7 +500,7 @@ def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
                         "skip_prepare_dataset", "remove skip_prepare_dataset to prepare (and cache) the data")
     key, inputs = cache_key(cfg, tokenizer)
     root = Path(cfg.dataset_prepared_path).expanduser()
-    cache = root / key
+    cache = guard.child_path(root, key)
     strict = bool(cfg.strict)
     max_len = cfg.sequence_len
     strategies = [_strategy(tokenizer, e, cfg, _where(i))[1] for i, e in enumerate(_entries(cfg, "datasets"))]

@@ -6,19 +6,21 @@ Docs: https://ftkit.github.io/ftkit/guard.html.md"""
 
 # %% ../nbs/00b_guard.ipynb #gd000004
 from __future__ import annotations
-import errno, fcntl, importlib, importlib.util, json, math, os, shutil, sys, time, uuid
+import errno, fcntl, hashlib, importlib, importlib.util, json, math, os, re, shutil, sys, time, uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import FtkitError
 
 # %% auto #0
-__all__ = ['LOCK_NAME', 'MARKER', 'MAX_TEMPLATE_CONST', 'GuardError', 'LockedError', 'TrainingFault', 'ImportRefused', 'FileLock',
-           'lock_output_dir', 'lock_dataset_cache', 'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir',
-           'remove_incomplete_checkpoints', 'checkpoint_step', 'first_invalid_utf8', 'die_with_parent',
-           'workers_die_with_parent', 'EpochSampler', 'last_checkpoint', 'FaultWatchdog', 'fault_watchdog', 'is_oom',
-           'explain_oom', 'is_disk_full', 'explain_disk_full', 'saving', 'finished_checkpoint',
-           'finish_from_checkpoint', 'split_target', 'module_origin', 'load_target', 'check_template']
+__all__ = ['LOCK_NAME', 'MARKER', 'MAX_NAME_BYTES', 'MAX_PATH_BYTES', 'OUTPUT_PATH_KEYS', 'MAX_TEMPLATE_CONST', 'GuardError',
+           'LockedError', 'TrainingFault', 'ImportRefused', 'FileLock', 'lock_output_dir', 'lock_dataset_cache',
+           'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir', 'remove_incomplete_checkpoints',
+           'checkpoint_step', 'path_problem', 'path_problems', 'safe_name', 'child_path', 'first_invalid_utf8',
+           'die_with_parent', 'workers_die_with_parent', 'EpochSampler', 'last_checkpoint', 'FaultWatchdog',
+           'fault_watchdog', 'is_oom', 'explain_oom', 'is_disk_full', 'explain_disk_full', 'saving',
+           'finished_checkpoint', 'finish_from_checkpoint', 'split_target', 'module_origin', 'load_target',
+           'check_template']
 
 # %% ../nbs/00b_guard.ipynb #gd000005
 class GuardError(FtkitError):
@@ -147,7 +149,7 @@ def _pid_alive(pid: int) -> bool:
     except OSError: return True
 
 def _tmp_name(final: Path) -> Path:
-    return final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return final.parent / f".tmp-{final.name[:100]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 def _writer_pid(p: Path) -> int | None:
     parts = p.name.split("-")
@@ -204,6 +206,68 @@ def checkpoint_step(p) -> int:
     "N of a `checkpoint-N` folder (-1 otherwise)."
     tail = Path(p).name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else -1
+
+# %% ../nbs/00b_guard.ipynb #gp000002
+MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 4096        # Linux NAME_MAX / PATH_MAX
+OUTPUT_PATH_KEYS = ("output_dir", "dataset_prepared_path")
+
+def path_problem(value, what: str = "path", output: bool = True) -> str | None:
+    "Why the string `value` cannot name a file or folder (None when it can). `output`: also refuse empty and control characters."
+    if not isinstance(value, str): return None                   # the schema reports wrong types
+    if output and not value.strip(): return f"{what} is empty (it would mean the current folder)"
+    if "\x00" in value: return f"{what} contains a NUL character, which no file name can hold"
+    ctl = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if output and ctl is not None: return f"{what} contains the control character {ctl!r}"
+    size = lambda s: len(s.encode("utf-8", "surrogatepass"))
+    if size(value) > MAX_PATH_BYTES: return f"{what} is {size(value):,} bytes long; paths hold at most {MAX_PATH_BYTES:,}"
+    long = next((p for p in Path(value).parts if size(p) > MAX_NAME_BYTES), None)
+    if long is not None:
+        return f"{what} has a name of {size(long):,} bytes ({long[:24]}...); file names hold at most {MAX_NAME_BYTES}"
+    return None
+
+# %% ../nbs/00b_guard.ipynb #gp000003
+def _path_values(d: dict):
+    "(key, value, is an output) of every path a raw config dict names."
+    for k in OUTPUT_PATH_KEYS: yield k, d.get(k), True
+    for group in ("datasets", "test_datasets"):
+        entries = d.get(group)
+        if not isinstance(entries, list): continue
+        for i, e in enumerate(entries):
+            if not isinstance(e, dict): continue
+            yield f"{group}[{i}].path", e.get("path"), False
+            files = e.get("data_files")
+            for j, f in enumerate(files if isinstance(files, list) else [files]):
+                yield f"{group}[{i}].data_files" + (f"[{j}]" if isinstance(files, list) else ""), f, False
+
+def path_problems(d: dict) -> list:
+    "A `Problem` for every output folder or dataset path in the raw config `d` that cannot be a path (see `path_problem`)."
+    from ftkit.errors import Problem
+    out = []
+    for key, v, output in _path_values(d):
+        msg = path_problem(v, key, output)
+        if msg: out.append(Problem(key, msg + ".", "Use a plain folder or file name (letters, digits, '-', '_', '.', '/')."))
+    return out
+
+# %% ../nbs/00b_guard.ipynb #gp000004
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.=,+-]")
+
+def safe_name(name, max_len: int = 100) -> str:
+    "One path component from user-derived text: only `[A-Za-z0-9_.=,+-]`, no leading dot, at most `max_len` characters."
+    raw = str(name)
+    s = _UNSAFE.sub("_", raw).lstrip(".") or "_"
+    if len(s) > max_len:             # keep the start readable; the hash keeps two long names apart
+        h = hashlib.sha1(raw.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        s = s[:max_len - 11].rstrip(".") + "-" + h
+    return s
+
+def child_path(root, name, max_len: int = 100) -> Path:
+    "`root / safe_name(name)`: a derived folder that never leaves `root` (checked after resolving links and `..`)."
+    root = Path(root)
+    p = root / safe_name(name, max_len)
+    base = root.expanduser().resolve()
+    if p.expanduser().resolve().parent != base:      # a symlink planted under root cannot redirect it either
+        raise GuardError(f"{p} would resolve outside {base}; ftkit does not write there.")
+    return p
 
 # %% ../nbs/00b_guard.ipynb #gd000033
 def first_invalid_utf8(path, chunk: int = 1 << 24) -> tuple[int, int] | None:

@@ -119,6 +119,7 @@ class SweepRun:
 def plan(base, spec, *, method: str | None = None, samples: int | None = None, seed: int | None = None) -> list[SweepRun]:
     "The runs of a sweep of `base` (path, YAML, dict or config): each variant's config, all validated first."
     from ftkit.config import FinetuneConfig, load, validate
+    from ftkit.guard import child_path
     base_cfg = base if isinstance(base, FinetuneConfig) else load(base)
     base_d = base_cfg.to_dict()
     root = Path(base_cfg.output_dir)
@@ -127,7 +128,7 @@ def plan(base, spec, *, method: str | None = None, samples: int | None = None, s
     vs = variants(spec, method, samples, seed)
     keys = varying(vs)
     for i, ov in enumerate(vs):
-        out = root / f"{i:02d}-{slug(ov, keys)}"
+        out = child_path(root, f"{i:02d}-{slug(ov, keys)}")       # a derived folder never leaves output_dir
         cfg, ps, *_ = validate(base_d, {**ov, "output_dir": str(out)})
         for p in ps:
             if p.level == "error": problems.append(Problem(p.key, f"variant {i} ({slug(ov, keys, 200)}): {p.message}", p.hint))

@@ -23,6 +23,7 @@ def _f(figs: dict, section: str, key: str, default="not run yet"):
 def render(figs: dict) -> str:
     k, kt, c, cs = figs.get("kills", {}), figs.get("kills_tokenization_workers", {}), figs.get("concurrency", {}), figs.get("locks_stale", {})
     fz, fa, r, t = figs.get("fuzz", {}), figs.get("faults", {}), figs.get("reproducibility", {}), figs.get("trust", {})
+    pa = figs.get("paths", {})
     tried = k.get("tried", 0) + kt.get("tried", 0)
     survived = k.get("survived", 0) + kt.get("survived", 0)
     conc = c.get("cases", 0) + cs.get("cases", 0)
@@ -45,6 +46,8 @@ def render(figs: dict) -> str:
          f"| 5. reproducible | {'bit-identical' if r.get('identical') else 'not run yet'}: {r.get('runs', 0)} runs of {r.get('steps', 0)} steps "
          "(and every resumed run of guarantee 1) | `tests/test_guarantees_repro.py` |",
          f"| 6. nothing runs that the config does not name | **{t.get('cases', 0)}** cases | `tests/test_guarantees_trust.py` |",
+         f"| 6. nothing is written where the config does not say | **{pa.get('cases', 0)}** hostile path cases | "
+         "`tests/test_guarantees_paths.py` |",
          ""]
     L += ["## 1. Kill anywhere, lose nothing", "",
           "`ftkit train` (8 steps, a checkpoint after every step, `save_total_limit: 3`, `auto_resume_from_checkpoints: true`) is SIGKILLed at each "
@@ -109,6 +112,16 @@ def render(figs: dict) -> str:
           "every such module before it runs. Chat templates render in jinja's sandbox; `chat_template_jinja` is read as a file "
           "only when it names a `.jinja` file. Weights load from safetensors (`torch.load` only with `weights_only=True`), no "
           "shell is used, `trust_remote_code` is off unless set.", ""]
+    L += ["### Paths", "",
+          "Output folders (`output_dir`, `dataset_prepared_path`) and dataset paths that cannot be paths (empty, a NUL or "
+          "control character, a name over 255 bytes, a path over 4096 bytes) are refused when the config loads, naming the "
+          "key, before anything is written (`ftkit.guard.path_problems`; an empty output_dir used to train into the current "
+          "folder). Folders ftkit derives from config or data values (a sweep variant's `NN-slug`, the data cache folder) go "
+          "through `ftkit.guard.child_path`: one component of safe characters, no leading dot, at most 100 characters, "
+          "checked to stay inside its parent after resolving links. A `hub_model_id` must be a Hub repo id "
+          "(huggingface_hub's own rule), never a path. Cases of the last run:", ""]
+    L += [f"- {x!r}" if any(ord(ch) < 32 for ch in x) else f"- {x}" for x in pa.get("proven", [])]
+    L += [""]
     L += ["## Not covered", "",
           "- A CUDA out-of-memory error is explained by the same code as the CPU allocator failure the test provokes, but no "
           "GPU runs in CI.",
