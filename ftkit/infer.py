@@ -91,6 +91,28 @@ def _adapter_weights(folder: Path) -> dict:
     raise AdapterError(f"lora_model_dir {folder}: no adapter weights (adapter_model.safetensors) in the folder; "
                        "it holds " + (", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"))
 
+# %% ../nbs/08_infer.ipynb #c8058fc2
+def _adapter_mismatches(weights: dict, model, limit: int = 3) -> list[str]:
+    "Up to `limit` LoRA tensors whose shapes do not fit `model`'s modules (or whose module it lacks), described for the user."
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mods = dict(base.named_modules())
+    bad: list[str] = []
+    for k, t in weights.items():
+        if ".lora_A." not in k and ".lora_B." not in k: continue
+        name = k.split(".lora_")[0]
+        for pre in ("base_model.model.", "base_model."):
+            if name.startswith(pre): name = name[len(pre):]; break
+        m = mods.get(name)
+        w = getattr(getattr(m, "base_layer", m), "weight", None) if m is not None else None
+        if w is None: bad.append(f"{name}: no such module in the base model"); continue
+        shape = tuple(getattr(w, "ds_shape", None) or w.shape)
+        if getattr(w, "__class__", type(w)).__name__ == "Params4bit":   # packed 4-bit weight: use the module's features
+            shape = (getattr(m, "out_features", shape[0]), getattr(m, "in_features", -1))
+        ok = t.shape[1] == shape[1] if ".lora_A." in k else t.shape[0] == shape[0]
+        if not ok: bad.append(f"{name}: base weight {list(shape)} vs adapter {k.split('.')[-2]} {list(t.shape)}")
+        if len(bad) >= limit: break
+    return bad
+
 # %% ../nbs/08_infer.ipynb #0c4a0a95
 def check_adapter(folder, model, cfg: FinetuneConfig | None = None) -> dict:
     "Check a LoRA folder against `model` (and the config's `lora_r`); returns its adapter_config. Raises `AdapterError`."
@@ -110,23 +132,7 @@ def check_adapter(folder, model, cfg: FinetuneConfig | None = None) -> dict:
         raise AdapterError(f"lora_model_dir {folder}: the adapter has rank r={r} but the config says lora_r: {want}. "
                            "Use the config the adapter was trained with, or set lora_r to match.")
     weights = _adapter_weights(folder)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    mods = dict(base.named_modules())
-    bad = []
-    for k, t in weights.items():
-        if ".lora_A." not in k and ".lora_B." not in k: continue
-        name = k.split(".lora_")[0]
-        for pre in ("base_model.model.", "base_model."):
-            if name.startswith(pre): name = name[len(pre):]; break
-        m = mods.get(name)
-        w = getattr(getattr(m, "base_layer", m), "weight", None) if m is not None else None
-        if w is None: bad.append(f"{name}: no such module in the base model"); continue
-        shape = tuple(getattr(w, "ds_shape", None) or w.shape)
-        if getattr(w, "__class__", type(w)).__name__ == "Params4bit":   # packed 4-bit weight: use the module's features
-            shape = (getattr(m, "out_features", shape[0]), getattr(m, "in_features", -1))
-        ok = t.shape[1] == shape[1] if ".lora_A." in k else t.shape[0] == shape[0]
-        if not ok: bad.append(f"{name}: base weight {list(shape)} vs adapter {k.split('.')[-2]} {list(t.shape)}")
-        if len(bad) >= 3: break
+    bad = _adapter_mismatches(weights, model)
     if bad:
         raise AdapterError(f"lora_model_dir {folder}: the adapter does not fit this base model (trained on "
                            f"{acfg.get('base_model_name_or_path') or 'another model'}): " + "; ".join(bad)
@@ -354,6 +360,37 @@ def _rows(ds) -> list[dict]:
     cols = [c for c in ("input_ids", "labels") if c in ds.column_names]
     return [dict(zip(cols, v)) for v in zip(*(ds[c] for c in cols))]
 
+# %% ../nbs/08_infer.ipynb #725bbd14
+def _pair_eval_rows(cfg: FinetuneConfig, model, tokenizer, data, splits: list, bs: int, max_samples: int | None) -> list[dict]:
+    "Preference data: the chosen answers' loss and perplexity, and the chosen-minus-rejected log-probability margin and accuracy."
+    from ftkit.rl import prepare_rl_data, sequence_logps
+    d = data if data is not None and hasattr(data, "mode") else prepare_rl_data(cfg, tokenizer)
+    rows = []
+    for sp in splits:
+        rs = (d.eval if sp == "eval" else d.train)[:max_samples]
+        if not rs: continue
+        P = [r["prompt_ids"] for r in rs]
+        ch, rj = sequence_logps(model, P, [r["chosen_ids"] for r in rs], bs), sequence_logps(model, P, [r["rejected_ids"] for r in rs], bs)
+        ntok = sum(len(r["chosen_ids"]) for r in rs)
+        loss = -sum(ch) / ntok
+        m = [a - b for a, b in zip(ch, rj)]
+        rows.append(dict(split=sp, samples=len(rs), tokens=ntok, loss=loss, perplexity=_ppl(loss),
+                         margin=sum(m) / len(m), accuracy=sum(x > 0 for x in m) / len(m)))
+    return rows
+
+def _sft_eval_rows(cfg: FinetuneConfig, model, tokenizer, data, splits: list, bs: int, max_samples: int | None) -> list[dict]:
+    "SFT data: loss and perplexity over the trained (labelled) tokens of each split."
+    if data is None:
+        from ftkit.data import prepare
+        data = prepare(cfg, tokenizer, quiet=True)
+    rows = []
+    for sp in splits:
+        rs = _rows(data.eval if sp == "eval" else data.train)[:max_samples]
+        if not rs: continue
+        loss, n = lm_loss(model, rs, bs)
+        rows.append(dict(split=sp, samples=len(rs), tokens=n, loss=loss, perplexity=_ppl(loss)))
+    return rows
+
 # %% ../nbs/08_infer.ipynb #a30657ef
 def evaluate(cfg: FinetuneConfig, model=None, tokenizer=None, data=None, *, train: bool = False, lora_model_dir: str | None = None,
              base_model: str | None = None, batch_size: int | None = None, max_samples: int | None = None,
@@ -366,29 +403,8 @@ def evaluate(cfg: FinetuneConfig, model=None, tokenizer=None, data=None, *, trai
     from ftkit.rl import rl_mode
     mode = rl_mode(cfg)
     splits = ["eval"] + (["train"] if train else [])
-    rows = []
-    if mode == "pair":
-        from ftkit.rl import prepare_rl_data, sequence_logps
-        d = data if data is not None and hasattr(data, "mode") else prepare_rl_data(cfg, tokenizer)
-        for sp in splits:
-            rs = (d.eval if sp == "eval" else d.train)[:max_samples]
-            if not rs: continue
-            P = [r["prompt_ids"] for r in rs]
-            ch, rj = sequence_logps(model, P, [r["chosen_ids"] for r in rs], bs), sequence_logps(model, P, [r["rejected_ids"] for r in rs], bs)
-            ntok = sum(len(r["chosen_ids"]) for r in rs)
-            loss = -sum(ch) / ntok
-            m = [a - b for a, b in zip(ch, rj)]
-            rows.append(dict(split=sp, samples=len(rs), tokens=ntok, loss=loss, perplexity=_ppl(loss),
-                             margin=sum(m) / len(m), accuracy=sum(x > 0 for x in m) / len(m)))
-    elif mode is None:
-        if data is None:
-            from ftkit.data import prepare
-            data = prepare(cfg, tokenizer, quiet=True)
-        for sp in splits:
-            rs = _rows(data.eval if sp == "eval" else data.train)[:max_samples]
-            if not rs: continue
-            loss, n = lm_loss(model, rs, bs)
-            rows.append(dict(split=sp, samples=len(rs), tokens=n, loss=loss, perplexity=_ppl(loss)))
+    if mode == "pair": rows = _pair_eval_rows(cfg, model, tokenizer, data, splits, bs, max_samples)
+    elif mode is None: rows = _sft_eval_rows(cfg, model, tokenizer, data, splits, bs, max_samples)
     else:
         raise InferError(f"evaluate: {mode} configs are not supported (loss/perplexity are defined for SFT and preference data)")
     if not rows:
