@@ -98,11 +98,12 @@ command("preprocess", "tokenize and cache the datasets, print the data report (-
 # %% ../nbs/13_cli.ipynb #97ea8227
 def run_train(args) -> int:
     import subprocess
-    from ftkit.launch import launcher_command
+    from ftkit.launch import Nodes, launcher_command, _cuda_device_count
     cfg = load_from_args(args)
     if args.sweep: return run_sweep(cfg, args)
-    launcher = args.launcher or ("accelerate" if (args.num_processes or 1) > 1 else "python")
-    if launcher == "python":
+    nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint).check()   # several machines: torchrun's rendezvous
+    launcher = args.launcher or ("torchrun" if nodes.nnodes > 1 else "accelerate" if (args.num_processes or 1) > 1 else "python")
+    if launcher == "python" and nodes.nnodes == 1 and (args.num_processes or 1) == 1:
         from ftkit.train import train
         from ftkit.launch import MetricsFile
         import os
@@ -115,8 +116,11 @@ def run_train(args) -> int:
             if dist is not None and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
         return 0
     from ftkit.train import prepare_for_launch
-    prepare_for_launch(cfg)             # tokenize and cache once, here; the workers load the cache
-    cmd = launcher_command(args.config, launcher, args.num_processes, args.launcher_args, args.overrides)
+    from ftkit.guard import check_not_in_worker
+    check_not_in_worker(f"--launcher {launcher}")   # a launch inside a launched worker would multiply the job
+    num = args.num_processes or ((_cuda_device_count() or 1) if nodes.nnodes > 1 else None)
+    cmd = launcher_command(args.config, launcher, num, args.launcher_args, args.overrides, nodes)   # checks before any work
+    prepare_for_launch(cfg)             # tokenize and cache once per machine, here; the workers load the cache
     print("launching: " + " ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode
 
@@ -125,8 +129,8 @@ def run_sweep(cfg, args) -> int:
     from ftkit.sweeps import sweep
     from ftkit.train import train
     from ftkit.launch import MetricsFile
-    if (args.launcher not in (None, "python")) or (args.num_processes or 1) > 1:
-        raise UserError("--sweep runs the variants one after another in this process: drop --launcher / --num-processes.")
+    if (args.launcher not in (None, "python")) or (args.num_processes or 1) > 1 or args.nnodes > 1:
+        raise UserError("--sweep runs the variants one after another in this process: drop --launcher / --num-processes / --nnodes.")
     res = sweep(cfg, args.sweep, run=lambda c: train(c, callbacks=[MetricsFile(Path(c.output_dir) / "metrics.jsonl")]))
     print(repr(res))
     print(f"table: {res.root / 'sweep.jsonl'}\nloss curves: {res.root / 'sweep_losses.svg'}")
@@ -137,6 +141,9 @@ def _train_args(p):
     p.add_argument("--launcher", choices=["accelerate", "torchrun", "python"], default=None,
                    help="how to start the workers (default: python, i.e. this process; accelerate when --num-processes > 1)")
     p.add_argument("--num-processes", type=int, default=None, metavar="N", help="worker processes (GPUs) on this node")
+    p.add_argument("--nnodes", type=int, default=1, metavar="N", help="machines in the job (each runs this command; torchrun rendezvous)")
+    p.add_argument("--node-rank", type=int, default=None, metavar="R", help="this machine's rank 0..N-1 (omit: the rendezvous assigns it)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="node 0's address and a free port, reachable from every machine")
     p.add_argument("--sweep", default=None, metavar="SWEEP.yml",
                    help="Axolotl sweep file: lists of values per key, `_` groups of paired values; each variant in {output_dir}/NN-...")
 
@@ -156,6 +163,8 @@ command("evaluate", "eval loss and perplexity on the eval split (--train: also t
         "ftkit.infer:evaluate_main", _lazy_args("ftkit.infer", "add_evaluate_args"))
 command("lm-eval", "lm-evaluation-harness tasks (lm_eval_tasks) on the base and the tuned model: a before/after table",
         "ftkit.lmeval:lm_eval_main", _lazy_args("ftkit.lmeval", "add_lm_eval_args"))
+command("quantize", "post-training int8 / int4 quantization of the trained model (quantization: or qat:): size and eval loss before/after",
+        "ftkit.quant:quantize_main", _lazy_args("ftkit.quant", "add_quantize_args"))
 
 def run_merge_sharded(args) -> int:
     from ftkit.launch import merge_sharded_fsdp_weights

@@ -27,9 +27,10 @@ from .schema import (OPTIMIZERS, SCHEDULERS, SECTIONS, AdapterSection, Attention
 __all__ = ['RENAMED_KEYS', 'RULES', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_MODEL', 'yaml_positions', 'YamlLoader',
            'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
            'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
-           'packing_conflicts', 'chat_template_choice', 'misc_rules', 'chat_template_names', 'known_dataset_types',
-           'dataset_entries', 'trackers_and_plugins', 'axolotl_differences', 'honest_keys', 'optimizer_problem',
-           'values_that_run', 'safe_paths', 'apply_overrides', 'parse_overrides', 'validate', 'load',
+           'packing_conflicts', 'chat_template_choice', 'vision_conflicts', 'misc_rules', 'training_variants',
+           'chat_template_names', 'known_dataset_types', 'dataset_entries', 'trackers_and_plugins',
+           'axolotl_differences', 'honest_keys', 'optimizer_problem', 'values_that_run', 'optimizer_options',
+           'safe_paths', 'quantization_keys', 'apply_overrides', 'parse_overrides', 'validate', 'load',
            'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
 
 # %% ../nbs/00_config.ipynb #e544ff6a
@@ -75,6 +76,8 @@ def yaml_load(text: str):
 RENAMED_KEYS = {
     "evaluation_strategy": "eval_strategy", "noisy_embedding_alpha": "neftune_noise_alpha",
     "dataset_processes": "dataset_num_proc", "dpo_beta": "rl_beta", "sequence_parallel_degree": "context_parallel_size",
+    "relora_steps": "jagged_restart_steps", "relora_warmup_steps": "jagged_restart_warmup_steps",
+    "relora_anneal_steps": "jagged_restart_anneal_steps",
 }
 
 # %% ../nbs/00_config.ipynb #25aec3f1
@@ -194,6 +197,28 @@ def chat_template_choice(d):
         yield Problem("default_system_message", "default_system_message only works with the chatml template.",
                       "Use `chat_template: chatml` or put the system message in the data.", level="warning")
 
+# %% ../nbs/00_config.ipynb #03dacddf
+@rule
+def vision_conflicts(d):
+    "Vision-language fine-tuning (`processor_type`, ftkit.vision): what it cannot be combined with, and the image keys it needs."
+    if not _set(d, "processor_type"):
+        for k in ("image_size", "image_resize_algorithm"):
+            if _set(d, k): yield Problem(k, f"`{k}` only acts on vision-language fine-tuning, and processor_type is not set.",
+                                         "Add `processor_type: AutoProcessor` for a vision-language model, or remove the key.")
+        return
+    if d.get("sample_packing") is True:
+        yield Problem("sample_packing", "sample_packing cannot be used with a vision-language model (processor_type): the "
+                      "vision towers cannot tell packed rows' images apart.", "Set `sample_packing: false`.")
+    for k in ("rl", "reward_model", "process_reward_model", "pretraining_dataset"):
+        if _set(d, k): yield Problem(k, f"`{k}` is not supported with processor_type: ftkit fine-tunes vision-language models "
+                                        "on chat_template datasets (supervised).", f"Remove `{k}` or processor_type.")
+    if d.get("skip_prepare_dataset") is True:
+        yield Problem("skip_prepare_dataset", "ftkit prepares vision rows ahead (pictures stay encoded bytes until the collator "
+                      "runs the processor), so skip_prepare_dataset is ignored here.", "Remove `skip_prepare_dataset`.", level="warning")
+    if _set(d, "image_resize_algorithm") and not _set(d, "image_size"):
+        yield Problem("image_resize_algorithm", "image_resize_algorithm has no effect without image_size.",
+                      "Add `image_size`, or remove the key.", level="warning")
+
 # %% ../nbs/00_config.ipynb #ce64cdf5
 @rule
 def misc_rules(d):
@@ -211,6 +236,72 @@ def misc_rules(d):
     opt = d.get("optimizer") or "adamw_torch_fused"
     if adam and isinstance(opt, str) and "adam" not in opt:
         yield Problem(adam[0], f"{', '.join(adam)} have no effect with optimizer {opt}.", "Remove them or use an AdamW optimizer.", level="warning")
+
+# %% ../nbs/00_config.ipynb #7a1e0c02
+_KD_TYPE = "axolotl.integrations.kd.chat_template"
+_SFT_ONLY = ("relora", "lisa_n_layers", "spectrum_top_fraction", "kd_trainer")
+
+def _relora_problems(d):
+    ad, n = d.get("adapter"), _num(d, "jagged_restart_steps")
+    if d.get("relora") is True:
+        if ad != "lora":
+            yield Problem("relora", f"relora needs `adapter: lora` (got adapter: {ad!r}): ReLoRA merges the adapters into full-precision base weights.",
+                          "Set `adapter: lora` (a 4-bit QLoRA base cannot take the merge), or remove `relora`.")
+        if not n: yield Problem("relora", "relora needs `jagged_restart_steps` (how often to merge and restart).", "Add e.g. `jagged_restart_steps: 100`.")
+    for k in ("jagged_restart_warmup_steps", "jagged_restart_anneal_steps"):
+        if _set(d, k) and not n: yield Problem(k, f"{k} needs jagged_restart_steps.", "Add `jagged_restart_steps: N`, or remove the key.")
+    w, a = _num(d, "jagged_restart_warmup_steps", 0) or 0, _num(d, "jagged_restart_anneal_steps", 0) or 0
+    if n and w + a > n:
+        yield Problem("jagged_restart_warmup_steps", f"warmup ({w}) + anneal ({a}) steps exceed the restart period jagged_restart_steps ({n}).",
+                      "Shorten the warmup / anneal, or lengthen jagged_restart_steps.")
+
+def _lisa_spectrum_problems(d):
+    ad = d.get("adapter")
+    lisa = [k for k in ("lisa_n_layers", "lisa_step_interval") if _set(d, k)]
+    if len(lisa) == 1:
+        yield Problem(lisa[0], "LISA needs both lisa_n_layers and lisa_step_interval.", "Set both (e.g. lisa_n_layers: 2, lisa_step_interval: 20).")
+    if lisa and ad: yield Problem(lisa[0], f"LISA is a full fine-tune of a few layers at a time; it cannot be used with adapter: {ad}.",
+                                  "Remove `adapter` or the lisa_* keys.")
+    for k in ("relora", "spectrum_top_fraction", "unfrozen_parameters"):
+        if lisa and _set(d, k): yield Problem(k, f"{k} cannot be used with LISA (LISA decides which layers train).", f"Remove `{k}` or the lisa_* keys.")
+    if _set(d, "spectrum_top_fraction") and ad:
+        yield Problem("spectrum_top_fraction", f"Spectrum chooses which full weight matrices train; it cannot be used with adapter: {ad}.",
+                      "Remove `adapter` (a full fine-tune), or remove spectrum_top_fraction.")
+
+
+# %% ../nbs/00_config.ipynb #7a1e0c03
+def _kd_problems(d):
+    entries = [(f"{g}[{i}]", e) for g in ("datasets", "test_datasets") for i, e in enumerate(d.get(g) if isinstance(d.get(g), list) else [])
+               if isinstance(e, dict)]
+    with_lp = [at for at, e in entries if e.get("logprobs_field")]
+    for at, e in entries:
+        if e.get("type") == _KD_TYPE:
+            yield Problem(f"{at}.type", f"{_KD_TYPE!r} is Axolotl's module; ftkit's chat_template reads logprobs_field itself.",
+                          "Use `type: chat_template` with `logprobs_field:` (and kd_trainer: true).")
+    if d.get("kd_trainer") is True:
+        for at, e in entries:
+            if not e.get("logprobs_field"):
+                yield Problem(f"{at}.logprobs_field", "kd_trainer needs the teacher's logprobs in every dataset entry.",
+                              "Add `logprobs_field: <column>` (ftkit.distill.add_teacher_logprobs makes such a column).")
+        for k, bad in (("sample_packing", True), ("excess_length_strategy", "truncate"), ("streaming", True)):
+            if d.get(k) == bad: yield Problem(k, f"kd_trainer cannot be used with {k}: {bad} (the teacher's logprobs are aligned to whole rows).",
+                                              f"Remove `{k}: {bad}`.")
+    else:
+        for at in with_lp: yield Problem(f"{at}.logprobs_field", "logprobs_field is only read by knowledge distillation.",
+                                         "Add `kd_trainer: true`, or remove logprobs_field.")
+        kd = [k for k in ("kd_ce_alpha", "kd_alpha", "kd_temperature", "kd_zscore_base_temp", "kd_top_k_before_softmax") if _set(d, k)]
+        if kd: yield Problem(kd[0], f"{', '.join(kd)} only act with kd_trainer: true.", "Add `kd_trainer: true`, or remove them.", level="warning")
+
+@rule
+def training_variants(d):
+    "ReLoRA / jagged restarts, LISA, Spectrum and distillation: combinations that cannot run."
+    yield from _relora_problems(d)
+    yield from _lisa_spectrum_problems(d)
+    yield from _kd_problems(d)
+    method = d.get("rl") or ("reward_model" if d.get("reward_model") else "process_reward_model" if d.get("process_reward_model") else None)
+    for k in _SFT_ONLY:
+        if method and _set(d, k): yield Problem(k, f"{k} is for supervised fine-tuning; it cannot be used with {method}.", f"Remove `{k}`.")
+
 
 # %% ../nbs/00_config.ipynb #d2f6d81d
 _FALLBACK = "tokenizer_default_fallback_"
@@ -356,7 +447,6 @@ IGNORED_KEYS: dict[str, str] = {
     "dataset_keep_in_memory": "ftkit always memory-maps the prepared Arrow cache",
     "accelerator_config": "accelerate's Accelerator options are not passed through; the launcher's defaults apply",
     "save_safetensors": "ftkit always saves safetensors (no pickle files)",
-    "lr_div_factor": "only used by the one_cycle schedule, which ftkit refuses",
     "hf_use_auth_token": "the Hub token comes from huggingface_hub's own login (HF_TOKEN or `hf auth login`)",
     "eval_causal_lm_metrics": f"{_LATER}: eval reports loss and perplexity",
     # kernels and compilation (the kernels issue)
@@ -367,26 +457,18 @@ IGNORED_KEYS: dict[str, str] = {
     "liger_cross_entropy": "ftkit fuses the LM head with the loss (liger_fused_linear_cross_entropy), so no logits-level CE kernel runs",
     "use_kernels": "Hub kernels (the `kernels` package) are not loaded; ftkit's own kernels are switched by their keys",
     "flex_attn_compile_kwargs": "flex attention runs uncompiled options of transformers' own flex backend",
-    "fp8": f"{_LATER}: training runs in bf16/fp16/fp32",
     # distributed
     "context_parallel_size": f"{_LATER}: each GPU holds whole sequences",
     "tensor_parallel_size": f"{_LATER}: GPUs are used data-parallel (DDP, FSDP2, DeepSpeed)",
     # training variants (the beyond-SFT issue)
-    "relora": f"{_LATER} (ReLoRA)",
-    "lr_groups": f"{_LATER}: one learning rate for all trained parameters (or LoRA+ groups)",
-    "embedding_lr": f"{_LATER}: embeddings use learning_rate",
-    "embedding_lr_scale": f"{_LATER}: embeddings use learning_rate",
+    "spectrum_model_name": "ftkit computes the signal-to-noise ratios from the loaded weights instead of downloading precomputed ones",
     "adam_beta3": "only used by the CAME optimizer, which ftkit does not offer",
     "adam_epsilon2": "only used by the CAME optimizer, which ftkit does not offer",
-    "lr_quadratic_warmup": f"{_LATER}: warmup is linear",
-    "cosine_constant_lr_ratio": f"{_LATER}: use lr_scheduler: warmup_stable_decay for a constant phase",
     "trainer_cls": "ftkit's trainer is chosen by the method (rl:); custom Trainer classes are not loaded",
     "loss_watchdog_threshold": f"{_LATER}: a diverging loss is not stopped automatically",
     "loss_watchdog_patience": f"{_LATER}: a diverging loss is not stopped automatically",
-    "gptq": f"{_LATER}: GPTQ-quantized bases are not loaded",
     "lora_target_parameters": f"{_LATER}: adapters go on modules (lora_target_modules / lora_target_linear)",
     "qlora_sharded_model_loading": "4-bit bases are loaded whole by bitsandbytes",
-    "processor_type": f"{_LATER}: vision-language models are not supported",
     # data / packing details that ftkit computes itself
     "sample_packing_eff_est": "ftkit packs exactly (first-fit decreasing) and reports the real efficiency",
     "sample_packing_mp_start_method": "ftkit's packing runs in the training process",
@@ -418,7 +500,6 @@ IGNORED_KEYS: dict[str, str] = {
     "datasets[].field_human": "legacy sharegpt field: use message_property_mappings",
     "datasets[].field_model": "legacy sharegpt field: use message_property_mappings",
     "datasets[].input_format": "legacy field: use a user-defined type",
-    "datasets[].logprobs_field": f"{_LATER}: knowledge distillation",
     "datasets[].type.input_transform": "legacy transform of user-defined formats",
     "trl.vllm_guided_decoding_regex": f"{_LATER}: vLLM generation options beyond mode/host/port",
     "trl.vllm_enable_sleep_mode": f"{_LATER}: vLLM generation options beyond mode/host/port",
@@ -466,7 +547,8 @@ _OPTIMIZER_PACKAGES = {  # optimizer -> (import name, pip install hint)
     **{o: ("bitsandbytes", "pip install 'ftkit[quant]'") for o in (
         "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit", "lion_32bit")},
     "adamw_anyprecision": ("torchdistx", "pip install torchdistx"), "galore_adamw": ("galore_torch", "pip install galore-torch"),
-    "schedule_free_adamw": ("schedulefree", "pip install schedulefree")}
+    **{o: ("schedulefree", "pip install 'ftkit[optimizers]'") for o in ("schedule_free_adamw", "schedule_free_sgd", "schedule_free_radam")},
+    "lion": ("lion_pytorch", "pip install 'ftkit[optimizers]'")}
 
 def optimizer_problem(optimizer) -> Problem | None:
     "The problem with `optimizer` on this machine: its package is not installed (None when it can run)."
@@ -483,12 +565,72 @@ def values_that_run(d):
     "A value the schema accepts must also run: a missing package is named now (training stops at once), an unimplemented value is refused."
     p = optimizer_problem(d.get("optimizer"))
     if p is not None: yield p
-    if d.get("lr_scheduler") in ("one_cycle", "rex"):
-        yield Problem("lr_scheduler", f"lr_scheduler {d['lr_scheduler']!r} is not implemented in ftkit yet.",
-                      "Use cosine (the default), linear, or warmup_stable_decay.")
     if _num(d, "dataloader_prefetch_factor") and not _num(d, "dataloader_num_workers"):
         yield Problem("dataloader_prefetch_factor", "dataloader_prefetch_factor needs dataloader_num_workers > 0.",
                       "Set dataloader_num_workers (e.g. 2) or remove dataloader_prefetch_factor.")
+
+# %% ../nbs/00_config.ipynb #570d15d1
+_ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")          # transformers 5's scaled RoPE types (plus default)
+
+def _lr_group_problems(groups) -> Iterable[Problem]:
+    seen = set()
+    for i, g in enumerate(groups if isinstance(groups, list) else []):
+        ok = (isinstance(g, dict) and isinstance(g.get("name"), str) and isinstance(g.get("modules"), list) and g["modules"]
+              and all(isinstance(m, str) and m for m in g["modules"]) and _num(g, "lr") is not None and g["lr"] > 0)
+        if not ok:
+            yield Problem(f"lr_groups[{i}]", "an lr_groups entry needs name (text), modules (a list of parameter-name parts) and lr (> 0).",
+                          "E.g. {name: o_proj, modules: [self_attn.o_proj], lr: 1e-5}.")
+        elif g["name"] in seen: yield Problem(f"lr_groups[{i}].name", f"two lr_groups are named {g['name']!r}.", "Give each group its own name.")
+        else: seen.add(g["name"])
+
+@rule
+def optimizer_options(d):
+    "lr_groups entries, where ftkit's schedules / PoSE / Muon run, known RoPE types, and schedule options the schedule ignores."
+    yield from _lr_group_problems(d.get("lr_groups"))
+    sched = d.get("lr_scheduler") or "cosine"
+    own = sched in ("one_cycle", "rex") or (sched == "cosine" and (_set(d, "cosine_constant_lr_ratio") or _set(d, "lr_quadratic_warmup")))
+    for key, on in (("lr_scheduler", own), ("use_pose", _set(d, "use_pose"))):
+        if on and _set(d, "rl"):
+            yield Problem(key, f"{key}: {d.get(key)!r} runs in ftkit's supervised trainer; the rl: trainers use transformers' schedules and positions.",
+                          "Use lr_scheduler: cosine (or another transformers schedule) and no use_pose with rl:.")
+    if d.get("optimizer") == "muon" and (_set(d, "fsdp_config") or _set(d, "fsdp") or _set(d, "deepspeed")):
+        yield Problem("optimizer", "Muon needs whole weight matrices on each GPU: ftkit does not offer it with FSDP or DeepSpeed.",
+                      "Use DDP (no fsdp_config / deepspeed), or optimizer: adamw_torch_fused.")
+    for key, wants, used in (("lr_div_factor", "one_cycle", sched == "one_cycle"),
+                             ("cosine_constant_lr_ratio", "cosine", sched == "cosine"),
+                             ("lr_quadratic_warmup", "cosine or rex", sched in ("cosine", "rex"))):
+        if _set(d, key) and not used:
+            yield Problem(key, f"{key} shapes the {wants} schedule; lr_scheduler is {sched}, so it does nothing.",
+                          f"Remove {key}, or set lr_scheduler: {wants.split()[0]}.", level="warning")
+    if str(d.get("optimizer", "")).startswith("schedule_free") and sched not in ("constant", "constant_with_warmup"):
+        yield Problem("lr_scheduler", f"a schedule-free optimizer replaces the schedule (it warms up itself over warmup_steps); "
+                      f"lr_scheduler: {sched} multiplies its learning rate on top.", "Set lr_scheduler: constant.", level="warning")
+    yield from _rope_and_pose_problems(d)
+
+# %% ../nbs/00_config.ipynb #e5994193
+def _rope_and_pose_problems(d) -> Iterable[Problem]:
+    rs = d.get("rope_scaling")
+    if isinstance(rs, dict):
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind not in _ROPE_TYPES + ("default",):
+            yield Problem("rope_scaling", f"rope_scaling needs rope_type (or type), one of {', '.join(_ROPE_TYPES)}; got {kind!r}.",
+                          "E.g. rope_scaling: {rope_type: yarn, factor: 4.0}.")
+        elif kind != "default" and kind != "longrope" and _num(rs, "factor") is None:
+            yield Problem("rope_scaling.factor", f"rope_type {kind} needs a numeric factor (how many times longer the context gets).",
+                          "E.g. factor: 2.0.")
+    if _set(d, "use_pose"):
+        ctx, seq = _num(d, "pose_max_context_len"), _num(d, "sequence_len", 2048)
+        if ctx is None or ctx <= seq:
+            yield Problem("pose_max_context_len", f"use_pose needs pose_max_context_len above sequence_len ({seq}): the context "
+                          "the skipped positions may span.", "E.g. pose_max_context_len: 4 × sequence_len.")
+    for i, pat in enumerate(d.get("unfrozen_parameters") or []):
+        try: re.compile(str(pat))
+        except re.error as e:
+            yield Problem(f"unfrozen_parameters[{i}]", f"{pat!r} is not a regular expression: {e}.", r"E.g. '^model\.layers\.[0-3]\.'")
+    if d.get("unfrozen_parameters") and d.get("adapter"):
+        yield Problem("unfrozen_parameters", "unfrozen_parameters chooses what a full fine-tune trains; with an adapter the base "
+                      "weights stay frozen and only the adapter trains.", "Remove it, or use lora_modules_to_save for whole modules.",
+                      level="warning")
 
 # %% ../nbs/00_config.ipynb #sp000002
 @rule
@@ -496,6 +638,37 @@ def safe_paths(d):
     "Output folders and dataset paths that cannot be paths (`ftkit.guard.path_problems`)."
     from ftkit.guard import path_problems
     yield from path_problems(d)
+
+# %% ../nbs/00_config.ipynb #a936f384
+_TORCHAO = "pip install 'ftkit[torchao]' (torchao)"
+_GPTQ_PACKAGES = ("optimum", "gptqmodel")
+
+def _missing(*mods) -> list[str]:
+    import importlib.util
+    return [m for m in mods if importlib.util.find_spec(m) is None]
+
+@rule
+def quantization_keys(d):
+    "qat / quantization / fp8 need torchao; gptq needs its backend and an adapter; fp8 and qat are for full fine-tunes, one at a time."
+    for k in ("qat", "quantization", "fp8"):
+        if _set(d, k) and _missing("torchao"):
+            yield Problem(k, f"`{k}` needs the torchao package, which is not installed.", f"{_TORCHAO}, or remove `{k}`.")
+    if _set(d, "fp8") and _set(d, "qat"):
+        yield Problem("fp8", "fp8 training and qat both replace the linear layers; they cannot be used together.", "Remove `fp8` or `qat`.")
+    if _set(d, "fp8") and _set(d, "adapter"):
+        yield Problem("fp8", "fp8 training converts the trained linear layers to float8; ftkit runs it for full fine-tunes only.",
+                      "Remove `adapter` (full fine-tune) or `fp8`.")
+    if _set(d, "qat") and _set(d, "adapter"):
+        yield Problem("qat", "qat fake-quantizes the weights that are trained; with an adapter the base stays frozen and the merged "
+                      "weights would be rounded differently from what training saw.", "Remove `adapter` (full fine-tune) or `qat`.")
+    if _set(d, "gptq"):
+        if (miss := _missing(*_GPTQ_PACKAGES)):
+            yield Problem("gptq", f"gptq: true loads a GPTQ-quantized base through {' and '.join(_GPTQ_PACKAGES)}; not installed: {', '.join(miss)}.",
+                          f"pip install {' '.join(_GPTQ_PACKAGES)}, or use the unquantized model (adapter: lora / qlora).")
+        if d.get("adapter") != "lora":
+            yield Problem("gptq", "a GPTQ base is frozen integer weights: only an adapter can be trained on it.", "Set `adapter: lora`.")
+        for k in ("load_in_4bit", "load_in_8bit"):
+            if _set(d, k): yield Problem(k, f"`{k}` re-quantizes with bitsandbytes; a GPTQ base is already quantized.", f"Remove `{k}`.")
 
 # %% ../nbs/00_config.ipynb #774e23b0
 def _read_source(source) -> tuple[Any, str | None, str]:
@@ -732,6 +905,7 @@ class Env:
     world_size: int = 1
     flash_attn: bool = False
     gpu_name: str = ""
+    fp8_supported: bool = False      # float8 matmuls: compute capability 8.9+ (Ada, Hopper)
 
 def detect_env() -> Env:
     "Describe this machine without creating a CUDA context."
@@ -742,13 +916,13 @@ def detect_env() -> Env:
         import torch
         cuda = torch.cuda.is_available()
     except Exception: cuda = False
-    bf16 = False
+    bf16 = fp8 = False
     if cuda:
         try:
-            major, _ = torch.cuda.get_device_capability(0)  # reads device properties; no context is created
-            bf16 = major >= 8
-        except Exception: bf16 = False
-    return Env(cuda=cuda, bf16_supported=bf16, world_size=world, flash_attn=flash)
+            major, minor = torch.cuda.get_device_capability(0)  # reads device properties; no context is created
+            bf16, fp8 = major >= 8, (major, minor) >= (8, 9)
+        except Exception: bf16 = fp8 = False
+    return Env(cuda=cuda, bf16_supported=bf16, world_size=world, flash_attn=flash, fp8_supported=fp8)
 
 # %% ../nbs/00_config.ipynb #9d58a4fb
 @dataclass
@@ -820,6 +994,10 @@ def _attention(cfg: FinetuneConfig, env: Env) -> tuple[str, str]:
 def resolve(cfg: FinetuneConfig, env: Env | None = None) -> Plan:
     "Compute the derived values of `cfg` on the machine described by `env` (detected when omitted)."
     env = env or detect_env()
+    if cfg.fp8 and not env.fp8_supported:      # float8 matmuls exist only on Ada / Hopper and newer GPUs
+        raise ConfigError([Problem("fp8", "float8 training needs a GPU with float8 matmuls (compute capability 8.9+: Ada, Hopper); "
+                                   + ("this GPU has none." if env.cuda else "this machine has no GPU."),
+                                   "Remove `fp8` (training runs in bf16), or run on an H100/H200/L4-class GPU.")])
     mbs = cfg.micro_batch_size
     if cfg.gradient_accumulation_steps and "gradient_accumulation_steps" in cfg.model_fields_set: ga = cfg.gradient_accumulation_steps
     elif cfg.batch_size: ga = max(cfg.batch_size // mbs, 1)

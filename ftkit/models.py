@@ -15,11 +15,12 @@ from .config import ConfigError, Problem, EMBEDDED_MODEL
 
 # %% auto #0
 __all__ = ['EMBEDDED_GGUF', 'ftkit_home', 'embedded_gguf', 'embedded_model_path', 'ModelSource', 'model_source', 'hub_reachable',
-           'load_tokenizer', 'resize_embeddings', 'load_model', 'trainable_parameters', 'effective_lora_alpha',
-           'apply_adapter', 'load']
+           'load_tokenizer', 'resize_embeddings', 'set_rope_scaling', 'model_config', 'load_model',
+           'trainable_parameters', 'effective_lora_alpha', 'apply_adapter', 'load']
 
 # %% ../nbs/01_models.ipynb #4c96c078
 from .config import FinetuneConfig
+from . import vision      # processor_type: the model class, the processor, the LoRA targets of a VLM
 
 def _err(key: str, message: str, hint: str = "") -> ConfigError:
     return ConfigError([Problem(key, message, hint)], origin="model")
@@ -132,7 +133,6 @@ def model_source(cfg: FinetuneConfig, *, check: bool = True, quiet: bool = True)
 # %% ../nbs/01_models.ipynb #a1773b65
 def _check_architecture(cfg: FinetuneConfig, src: ModelSource):
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     trust = bool(cfg.trust_remote_code)
     kw = dict(trust_remote_code=trust, revision=cfg.revision_of_model)
     try:
@@ -157,9 +157,10 @@ def _check_architecture(cfg: FinetuneConfig, src: ModelSource):
             "Use a local folder, download it first (huggingface-cli download), check the name and your token, "
             "or leave base_model empty for the embedded SmolLM2-135M-Instruct.") from None
     src.model_type = getattr(mc, "model_type", None)
-    if not trust and src.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise _err("base_model", f"{src.path!r} is a {src.model_type!r} model, which has no causal-LM class in transformers {_tf_version()}.",
-                   "Pick a causal language model (decoder), or set trust_remote_code: true if it ships its own code.")
+    if not trust and src.model_type not in vision.model_types(cfg):    # causal LMs, or image-text-to-text under processor_type
+        kind = "image-text-to-text" if vision.is_vision(cfg) else "causal-LM"
+        raise _err("base_model", f"{src.path!r} is a {src.model_type!r} model, which has no {kind} class in transformers {_tf_version()}.",
+                   vision.model_type_hint(cfg, src.model_type))
 
 # %% ../nbs/01_models.ipynb #8a25f87f
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -215,6 +216,7 @@ def load_tokenizer(cfg: FinetuneConfig, *, source: ModelSource | None = None, qu
         notes.append(f"pad_token set to the EOS token {tok.eos_token!r}: padding is masked by position, so EOS is still trained")
     elif tok.pad_token == tok.eos_token:
         notes.append(f"pad_token is the EOS token {tok.eos_token!r}: padding is masked by position, so EOS is still trained")
+    if vision.is_vision(cfg): notes += vision.attach_processor(cfg, tok, src.path)   # its chat template becomes the default
     if _needs_template(cfg) or cfg.chat_template:
         from ftkit.prompts.chat_template import resolve_template
         try: name, text = resolve_template(tok, None, cfg)
@@ -266,11 +268,48 @@ def resize_embeddings(cfg: FinetuneConfig, model, tokenizer, quiet: bool = False
         return target
     return n_emb
 
+# %% ../nbs/01_models.ipynb #33e66680
+def _check_gptq(src: ModelSource):
+    "Refuse `gptq: true` on a base whose config.json has no GPTQ quantization_config."
+    from transformers import AutoConfig
+    qc = getattr(AutoConfig.from_pretrained(src.path), "quantization_config", None) if not src.gguf_file else None
+    method = (qc or {}).get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(method).lower() != "gptq":
+        raise _err("gptq", f"gptq: true but {src.path} is not a GPTQ checkpoint (its config.json has "
+                           f"{'quant_method ' + repr(method) if method else 'no quantization_config'}).",
+                   "Point base_model at a GPTQ model (e.g. a *-GPTQ repository), or remove `gptq`.")
+
+# %% ../nbs/01_models.ipynb #79dec766
+def set_rope_scaling(mc, rope_scaling: dict) -> None:
+    "Merge `rope_scaling` into the (text) config's `rope_parameters`, keeping `rope_theta`; a config error when transformers rejects it."
+    c = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
+    old = dict(getattr(c, "rope_parameters", None) or {})
+    if any(isinstance(v, dict) for v in old.values()):
+        raise _err("rope_scaling", "this model sets RoPE per layer type; one rope_scaling cannot say which layers it is for.",
+                   "Set rope_parameters per layer type with overrides_of_model_config.")
+    new = {k: v for k, v in rope_scaling.items() if k != "type"}
+    new["rope_type"] = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    c.rope_parameters = {**{k: v for k, v in old.items() if k in ("rope_theta", "partial_rotary_factor")}, **new}
+    try:
+        c.standardize_rope_params(); c.validate_rope()
+    except (KeyError, ValueError, TypeError) as e:
+        raise _err("rope_scaling", f"transformers rejects rope_scaling {rope_scaling}: {str(e).strip(chr(34))}",
+                   "E.g. {rope_type: yarn, factor: 4.0}; llama3 also needs low_freq_factor and high_freq_factor.") from None
+
+def model_config(cfg: FinetuneConfig, src: ModelSource):
+    "The model's config with `overrides_of_model_config` and `rope_scaling` applied, or None when neither is set."
+    if not (cfg.overrides_of_model_config or cfg.rope_scaling): return None
+    from transformers import AutoConfig
+    mc = AutoConfig.from_pretrained(src.path, **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
+    for k, v in (cfg.overrides_of_model_config or {}).items(): setattr(mc, k, v)
+    if cfg.rope_scaling: set_rope_scaling(mc, cfg.rope_scaling)
+    return mc
+
 # %% ../nbs/01_models.ipynb #fda96fcb
 def load_model(cfg: FinetuneConfig, tokenizer=None, *, source: ModelSource | None = None, plan=None, quiet: bool = False, **kwargs):
     "The model of `cfg` in the resolved dtype and attention backend, embeddings fitted to `tokenizer`."
     import torch
-    from transformers import AutoModelForCausalLM
+    auto = vision.auto_model_class(cfg)        # AutoModelForCausalLM, or AutoModelForImageTextToText under processor_type
     src = source or model_source(cfg, quiet=quiet)
     dtype, dtype_why, attn, attn_why = _dtype_and_attention(cfg, plan)
     if dtype == torch.float16 and not cfg.adapter and not cfg.float16:
@@ -288,6 +327,7 @@ def load_model(cfg: FinetuneConfig, tokenizer=None, *, source: ModelSource | Non
         raise _err("xformers_attention" if attn == "xformers" else "s2_attention", f"{attn} attention is not supported by ftkit.",
                    "Use sdp_attention, flex_attention or flash_attention.")
     quant = _quant_config(cfg, dtype)
+    if cfg.gptq: _check_gptq(src)             # the GPTQ config inside the checkpoint quantizes; ftkit adds none
     kw = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=bool(cfg.trust_remote_code))
     if quant is not None:
         kw["quantization_config"] = quant
@@ -297,18 +337,14 @@ def load_model(cfg: FinetuneConfig, tokenizer=None, *, source: ModelSource | Non
     if cfg.revision_of_model: kw["revision"] = cfg.revision_of_model
     kw.update(cfg.overrides_of_model_kwargs or {})
     kw.update(kwargs)
-    if cfg.overrides_of_model_config:
-        from transformers import AutoConfig
-        mc = AutoConfig.from_pretrained(src.path, **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
-        for k, v in cfg.overrides_of_model_config.items(): setattr(mc, k, v)
-        kw["config"] = mc
+    if (mc := model_config(cfg, src)) is not None: kw["config"] = mc     # overrides_of_model_config, rope_scaling
     t = time.time()
     if cfg.reinit_weights:
         from transformers import AutoConfig
         mc = kw.pop("config", None) or AutoConfig.from_pretrained(src.path)
-        model = AutoModelForCausalLM.from_config(mc, dtype=dtype, attn_implementation=attn)
+        model = auto.from_config(mc, dtype=dtype, attn_implementation=attn)
     else:
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kw)
+        model = auto.from_pretrained(src.path, **kw)
     if src.gguf_file:
         model.hf_quantizer = None
         for a in ("is_quantized", "quantization_method"): model.__dict__.pop(a, None)
@@ -382,7 +418,7 @@ def apply_adapter(cfg: FinetuneConfig, model, *, quiet: bool = False):
             _say(f"adapter: continuing from {d}", quiet)
         else:
             kw = dict(r=cfg.lora_r, lora_alpha=effective_lora_alpha(cfg), lora_dropout=float(cfg.lora_dropout or 0.0),
-                      target_modules=_targets(cfg), bias="none", task_type="CAUSAL_LM",
+                      target_modules=vision.lora_targets(model, _targets(cfg)) if vision.is_vision(cfg) else _targets(cfg), bias="none", task_type="CAUSAL_LM",
                       modules_to_save=save or None, use_dora=bool(cfg.peft_use_dora),
                       use_rslora=bool(cfg.peft_use_rslora), fan_in_fan_out=bool(cfg.lora_fan_in_fan_out))
             if cfg.peft_layers_to_transform is not None: kw["layers_to_transform"] = cfg.peft_layers_to_transform

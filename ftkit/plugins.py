@@ -41,6 +41,7 @@ class NativeIntegration:
     title: str
     names: tuple[str, ...]
     keys: tuple[str, ...]
+    on_by_name: bool = False          # listing the plugin switches it on (its keys only tune it)
 
 NATIVE_INTEGRATIONS = (
     NativeIntegration("Liger kernels", ("axolotl.integrations.liger.LigerPlugin", "axolotl.integrations.liger", "liger"),
@@ -51,6 +52,11 @@ NATIVE_INTEGRATIONS = (
                       ("cut_cross_entropy",)),
     NativeIntegration("LM Eval Harness", ("axolotl.integrations.lm_eval.LMEvalPlugin", "axolotl.integrations.lm_eval", "lm_eval"),
                       ("lm_eval_tasks",)),
+    NativeIntegration("Knowledge distillation", ("axolotl.integrations.kd.KDPlugin", "axolotl.integrations.kd", "kd"), ("kd_trainer",)),
+    NativeIntegration("Spectrum", ("axolotl.integrations.spectrum.SpectrumPlugin", "axolotl.integrations.spectrum", "spectrum"),
+                      ("spectrum_top_fraction",)),
+    NativeIntegration("Grokfast", ("axolotl.integrations.grokfast.GrokfastPlugin", "axolotl.integrations.grokfast", "grokfast"),
+                      ("grokfast_alpha", "grokfast_lamb"), on_by_name=True),      # ftkit.optim.Grokfast
 )
 
 def native_integration(name: str) -> NativeIntegration | None:
@@ -108,14 +114,14 @@ def check(plugins, values: dict) -> list[Problem]:
                                f"Installed plugins: {', '.join(have)}; a package adds one with an entry point in the "
                                f"group {ENTRY_POINT_GROUP!r}."))
         elif (n := native_integration(name)) is not None:
-            if not any(values.get(k) for k in n.keys):
+            if not n.on_by_name and not any(values.get(k) for k in n.keys):
                 out.append(Problem(f"plugins[{i}]", f"{name!r} is ftkit's own {n.title}, switched by {', '.join(n.keys)}, "
                                    "and none of them is on: the plugin does nothing.",
                                    f"Set e.g. `{n.keys[0]}: true`, or remove the plugin.", level="warning"))
     return out
 
 # %% ../nbs/06a_plugins.ipynb #7ac20c33
-BUILTIN_PLUGINS = ("ftkit.tracking:TrackingPlugin", "ftkit.hub:HubPlugin", "ftkit.lmeval:LMEvalPlugin")
+BUILTIN_PLUGINS = ("ftkit.tracking:TrackingPlugin", "ftkit.hub:HubPlugin", "ftkit.lmeval:LMEvalPlugin", "ftkit.quant:QuantPlugin")
 
 def _instantiate(name: str) -> Plugin:
     if (n := native_integration(name)): return NativePlugin(n)

@@ -7,17 +7,18 @@ Docs: https://ftkit.github.io/ftkit/schema.html.md"""
 # %% ../nbs/00_schema.ipynb #5c7e0a04
 from __future__ import annotations
 
-from typing import Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic.config import JsonDict
 
 # %% auto #0
-__all__ = ['TrainOnEos', 'Optimizer', 'OPTIMIZERS', 'Scheduler', 'SCHEDULERS', 'SECTIONS', 'Section', 'UserDefinedType',
-           'DatasetEntry', 'SpecialTokens', 'ModelSection', 'TokenizerSection', 'AdapterSection', 'DataSection',
-           'TrainingSection', 'PrecisionSection', 'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection',
-           'DistributedSection', 'IntegrationsSection', 'FinetuneConfig']
+__all__ = ['TrainOnEos', 'Optimizer', 'OPTIMIZERS', 'Scheduler', 'SCHEDULERS', 'QuantDtype', 'SECTIONS', 'Section',
+           'UserDefinedType', 'DatasetEntry', 'SpecialTokens', 'ModelSection', 'TokenizerSection', 'AdapterSection',
+           'DataSection', 'TrainingSection', 'QATSettings', 'QuantizationSettings', 'PrecisionSection',
+           'AttentionSection', 'LoggingSection', 'TRLSettings', 'RLSection', 'DistributedSection',
+           'IntegrationsSection', 'FinetuneConfig']
 
 # %% ../nbs/00_schema.ipynb #16791a2b
 def _f(default=None, desc: str = "", *, adv: bool = False, **kw):
@@ -115,7 +116,7 @@ class DatasetEntry(Section):
     train_on_last_step_only: bool | None = _f(None, "Only the last step is labelled (stepwise supervised).", adv=True)
     # knowledge distillation
     logprobs_field: str | None = _f(None, "Column with teacher log-probabilities (distillation).", adv=True)
-    temperature: float | None = _f(None, "Distillation temperature.", adv=True, gt=0)
+    temperature: float | None = _f(None, "Sampling temperature the teacher's logprobs were made at (distillation re-scales them to kd_temperature; default 1).", adv=True, gt=0)
 
 # %% ../nbs/00_schema.ipynb #2ecae126
 class SpecialTokens(Section):
@@ -137,6 +138,7 @@ class ModelSection(Section):
     cls_model_config: str | None = _f(None, "Model config class.", adv=True)
     trust_remote_code: bool | None = _f(None, "Allow the model repository's own code to run.", adv=True)
     overrides_of_model_config: dict[str, Any] | None = _f(None, "Override model config values (e.g. rope_scaling).", adv=True)
+    rope_scaling: dict[str, Any] | None = _f(None, "RoPE scaling for a longer context, e.g. {rope_type: yarn, factor: 4.0} (linear, dynamic, yarn, longrope, llama3; Axolotl's `type:` works too): merged into the model config's rope_parameters at load.", adv=True)
     overrides_of_model_kwargs: dict[str, Any] | None = _f(None, "Extra from_pretrained keyword arguments.", adv=True)
     low_cpu_mem_usage: bool | None = _f(None, "Load with low CPU memory use.", adv=True)
     device_map: Any = _f(None, "Device map for loading.", adv=True)
@@ -158,7 +160,11 @@ class TokenizerSection(Section):
     tokenizer_use_fast: bool | None = _f(None, "Use the fast tokenizer.", adv=True)
     tokenizer_legacy: bool | None = _f(None, "Legacy tokenizer behaviour.", adv=True)
     tokenizer_save_jinja_files: bool = _f(True, "Save the chat template as a jinja file.", adv=True)
-    processor_type: str | None = _f(None, "Processor class (multimodal).", adv=True)
+    processor_type: str | None = _f(None, "Processor class of a vision-language model (AutoProcessor or e.g. LlavaProcessor): switches to image+text fine-tuning (docs: vision).", adv=True)
+    image_size: Annotated[int, Field(gt=0)] | Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)] | None = _f(
+        None, "Resize every image to this size first: an int (square) or [height, width] (vision-language models).", adv=True)
+    image_resize_algorithm: Literal["bilinear", "bicubic", "lanczos", "nearest"] = _f(
+        "bilinear", "Resampling filter for image_size.", adv=True)
     special_tokens: SpecialTokens | None = _f(None, "Special tokens to set or add.")
     tokens: list[str] | None = _f(None, "Extra tokens to add to the vocabulary.", adv=True)
     added_tokens_overrides: dict[int, str] | None = _f(None, "Rename reserved added tokens {id: text}.", adv=True)
@@ -238,6 +244,10 @@ class DataSection(Section):
     pad_to_sequence_len: bool | None = _f(None, "Pad every batch to sequence_len (default true with packing).", adv=True)
     multipack_real_batches: bool | None = _f(None, "Pack micro_batch_size rows of sequence_len instead of one long row.", adv=True)
     curriculum_sampling: bool | None = _f(None, "Sequential sampling (curriculum).", adv=True)
+    use_pose: bool | None = _f(None, "PoSE: training rows get position ids with random skips, as if spread over pose_max_context_len tokens (long-context training on short rows).", adv=True)
+    pose_max_context_len: int | None = _f(None, "PoSE: the context the skipped positions may span (largest position id + 1); needed with use_pose.", adv=True, ge=2)
+    pose_num_chunks: int | None = _f(None, "PoSE: chunks per row, each shifted by a random skip (default 2).", adv=True, ge=1)
+    pose_split_on_token_ids: list[int] | None = _f(None, "PoSE: skip only right before these token ids (e.g. a turn start) instead of at equal chunks.", adv=True)
     group_by_length: bool | None = _f(None, "Batch samples of similar length.", adv=True)
     remove_unused_columns: bool | None = _f(None, "Drop dataset columns the model does not use.", adv=True)
     dataloader_pin_memory: bool | None = _f(None, "Pin dataloader memory.", adv=True)
@@ -250,7 +260,8 @@ class DataSection(Section):
 # %% ../nbs/00_schema.ipynb #5455ebc4
 Optimizer = Literal["adamw_torch_fused", "adamw_torch", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop",
               "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_lion_8bit",
-              "lion_32bit", "adamw_torch_8bit", "adamw_anyprecision", "galore_adamw", "schedule_free_adamw"]
+              "lion_32bit", "adamw_torch_8bit", "adamw_anyprecision", "galore_adamw", "schedule_free_adamw",
+              "schedule_free_sgd", "schedule_free_radam", "muon", "lion", "adopt_adamw"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay", "one_cycle", "rex"]
@@ -267,18 +278,18 @@ class TrainingSection(Section):
     num_epochs: float = _f(1.0, "Passes over the training data.", gt=0)
     max_steps: int | None = _f(None, "Optimizer steps; wins over num_epochs.", ge=1)
     learning_rate: float = _f(..., "Peak learning rate.", gt=0, allow_inf_nan=False)  # .inf / .nan: refused
-    embedding_lr: float | None = _f(None, "Learning rate for embeddings.", adv=True)
-    embedding_lr_scale: float | None = _f(None, "Embedding learning-rate scale.", adv=True)
+    embedding_lr: float | None = _f(None, "Learning rate of the input and output embeddings (embed_tokens, lm_head; no weight decay); embedding_lr_scale wins.", adv=True, gt=0)
+    embedding_lr_scale: float | None = _f(None, "Embeddings train at learning_rate times this (a separate parameter group without weight decay).", adv=True, gt=0)
     optimizer: Optimizer = _f("adamw_torch_fused", "Optimizer.")
     optim_args: str | dict[str, Any] | None = _f(None, "Extra optimizer arguments.", adv=True)
     optim_target_modules: list[str] | Literal["all_linear"] | None = _f(None, "Target modules (GaLore).", adv=True)
     lr_scheduler: Scheduler = _f("cosine", "Learning-rate schedule.")
     lr_scheduler_kwargs: dict[str, Any] | None = _f(None, "Extra scheduler arguments.", adv=True)
     cosine_min_lr_ratio: float | None = _f(None, "Cosine decays to this fraction of the peak.", adv=True, ge=0, le=1)
-    cosine_constant_lr_ratio: float | None = _f(None, "Fraction of training at constant LR before cosine.", adv=True, ge=0, le=1)
-    lr_quadratic_warmup: bool | None = _f(None, "Quadratic warmup.", adv=True)
-    lr_div_factor: float | None = _f(None, "one_cycle initial LR divisor.", adv=True)
-    lr_groups: list[dict[str, Any]] | None = _f(None, "Per-module learning-rate groups [{name, modules, lr}].", adv=True)
+    cosine_constant_lr_ratio: float | None = _f(None, "Cosine reaches its floor (cosine_min_lr_ratio) at this fraction of training and stays there.", adv=True, gt=0, le=1)
+    lr_quadratic_warmup: bool | None = _f(None, "Warm up quadratically instead of linearly (cosine and rex schedules).", adv=True)
+    lr_div_factor: float | None = _f(None, "one_cycle starts at learning_rate / lr_div_factor (default 25).", adv=True, gt=0)
+    lr_groups: list[dict[str, Any]] | None = _f(None, "Per-module learning rates: [{name, modules: [name parts], lr}]; a parameter whose name contains one of a group's modules trains at its lr.", adv=True)
     warmup_steps: int | None = _f(None, "Warmup steps.", ge=0)
     warmup_ratio: float | None = _f(None, "Warmup as a fraction of total steps.", ge=0, le=1)
     weight_decay: float = _f(0.0, "Weight decay.", ge=0)
@@ -292,6 +303,8 @@ class TrainingSection(Section):
     gradient_checkpointing_kwargs: dict[str, Any] | None = _f(None, "Checkpointing options, e.g. {use_reentrant: false}.", adv=True)
     activation_offloading: bool | Literal["legacy", "disk"] = _f(False, "Offload activations (needs gradient_checkpointing).", adv=True)
     neftune_noise_alpha: float | None = _f(None, "NEFTune noise alpha.", adv=True, gt=0)
+    grokfast_alpha: float | None = _f(None, "Grokfast: decay of the gradients' moving average (0.98 in the paper); setting it (or grokfast_lamb, or Axolotl's Grokfast plugin) switches Grokfast on.", adv=True, ge=0, lt=1)
+    grokfast_lamb: float | None = _f(None, "Grokfast: the moving average is added to each gradient times this (2.0 in the paper).", adv=True, ge=0)
     seed: int = _f(42, "Random seed.")
     resume_from_checkpoint: str | None = _f(None, "Checkpoint folder to resume from.", adv=True)
     auto_resume_from_checkpoints: bool | None = _f(None, "Resume from the newest checkpoint in output_dir.", adv=True)
@@ -299,7 +312,41 @@ class TrainingSection(Section):
     loss_watchdog_threshold: float | None = _f(None, "Stop when the loss stays above this.", adv=True)
     loss_watchdog_patience: int | None = _f(None, "Steps above the threshold before stopping.", adv=True, ge=1)
     trainer_cls: str | None = _f(None, "Custom trainer class (module.Class).", adv=True)
-    relora: bool | None = _f(None, "ReLoRA.", adv=True)
+    # training variants (ftkit.variants, ftkit.distill)
+    relora: bool | None = _f(None, "ReLoRA: every jagged_restart_steps merge the LoRA adapters into the base weights, re-initialise them and prune their optimizer state (needs adapter: lora).", adv=True)
+    jagged_restart_steps: int | None = _f(None, "Restart period in optimizer steps: ReLoRA merges here, and the learning rate warms up again after each restart.", adv=True, ge=1)
+    jagged_restart_warmup_steps: int | None = _f(None, "Warmup steps after each restart (jagged learning rate).", adv=True, ge=0)
+    jagged_restart_anneal_steps: int | None = _f(None, "Steps of linear decay before each restart (jagged learning rate).", adv=True, ge=1)
+    relora_prune_ratio: float = _f(0.9, "Fraction of the adapters' optimizer-state entries (smallest magnitude) zeroed at each ReLoRA restart.", adv=True, ge=0, le=1)
+    relora_cpu_offload: bool = _f(False, "Compute the ReLoRA merge on the CPU (less GPU memory during restarts).", adv=True)
+    lisa_n_layers: int | None = _f(None, "LISA: layers trained at a time (the other decoder layers are frozen; embeddings and head stay trained).", adv=True, ge=1)
+    lisa_step_interval: int | None = _f(None, "LISA: draw a new random set of lisa_n_layers layers every N optimizer steps.", adv=True, ge=1)
+    lisa_layers_attribute: str = _f("model.layers", "LISA: attribute path of the decoder layer list under the model.", adv=True)
+    spectrum_top_fraction: float | None = _f(None, "Spectrum: train this fraction of each kind of weight matrix, the ones with the highest signal-to-noise ratio (computed from the weights' singular values); the rest is frozen.", adv=True, gt=0, le=1)
+    spectrum_model_name: str | None = _f(None, "Spectrum: model whose precomputed SNR results Axolotl downloads (ftkit computes them from the loaded weights).", adv=True)
+    kd_trainer: bool = _f(False, "Knowledge distillation from a teacher's top-k log-probabilities stored in the data (datasets[].logprobs_field).", adv=True)
+    kd_ce_alpha: float = _f(0.0, "Weight of the cross-entropy loss on the labels during distillation.", adv=True, ge=0)
+    kd_alpha: float = _f(1.0, "Weight of the distillation loss (forward KL to the teacher's top-k).", adv=True, ge=0)
+    kd_temperature: float = _f(1.0, "Distillation temperature (teacher re-scaled to it, student logits divided by it, loss times T^2).", adv=True, gt=0)
+    kd_zscore_base_temp: float | None = _f(None, "Z-score (logit-standardised) distillation with this base temperature.", adv=True, gt=0)
+    kd_top_k_before_softmax: bool = _f(False, "Normalise the student over the teacher's top-k tokens only (not the whole vocabulary).", adv=True)
+
+# %% ../nbs/00_schema.ipynb #b67a8aaf
+QuantDtype = Literal["int4", "int8"]
+
+class QATSettings(Section):
+    "Quantization-aware training (`qat:`): torchao fake-quantizes the linear layers during training; `ftkit quantize` converts after."
+    weight_dtype: QuantDtype = _f("int8", "Integer width the weights are fake-quantized to.")
+    activation_dtype: Literal["int8"] | None = _f(None, "Also fake-quantize activations (int8, per token, dynamic); unset: weight-only.")
+    group_size: int = _f(32, "Weights per quantization scale (per-group scales along the input dimension).", ge=1)
+    fake_quant_after_n_steps: int | None = _f(None, "Train without fake quantization for the first N optimizer steps.", ge=0)
+
+class QuantizationSettings(Section):
+    "Post-training quantization (`quantization:`) applied by `ftkit quantize` to the trained (merged) model."
+    weight_dtype: QuantDtype = _f("int8", "Integer width of the quantized weights.")
+    activation_dtype: Literal["int8"] | None = _f(None, "Quantize activations to int8 at run time too (dynamic); unset: weight-only.")
+    group_size: int = _f(32, "Weights per quantization scale (per-group scales along the input dimension).", ge=1)
+    quantize_embedding: bool = _f(False, "Quantize the input embedding too (weight-only).")
 
 # %% ../nbs/00_schema.ipynb #2582afed
 class PrecisionSection(Section):
@@ -310,7 +357,9 @@ class PrecisionSection(Section):
     bfloat16: bool | None = _f(None, "Load weights in bfloat16 without AMP.", adv=True)
     float16: bool | None = _f(None, "Load weights in float16 without AMP.", adv=True)
     float32: bool | None = _f(None, "Load weights in float32.", adv=True)
-    fp8: bool | None = _f(None, "FP8 training (torchao, Hopper).", adv=True)
+    fp8: bool | None = _f(None, "FP8 training: torchao float8 linear layers (GPUs of compute capability 8.9+: Ada, Hopper).", adv=True)
+    qat: QATSettings | None = _f(None, "Quantization-aware training: torchao fake-quantizes the linear layers while training (see `qat.*`).", adv=True)
+    quantization: QuantizationSettings | None = _f(None, "Post-training quantization of the trained model by `ftkit quantize` (see `quantization.*`).", adv=True)
 
 class AttentionSection(Section):
     "Attention backend and performance switches."
