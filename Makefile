@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.ftkit-installed
 
-.PHONY: install demo test typecheck test-nbs test-py export readme docs clean gpu-test browser-deps conformance
+.PHONY: install demo test typecheck test-nbs test-quick test-py export readme docs clean gpu-test browser-deps conformance
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,12 @@ readme: install
 demo: install
 	$(BIN)/ftkit demo
 
+# Cells flagged `#| slow` (a model generating, whole-config estimates: over ~10 s each on 2 cores) run here too;
+# `make test-quick` skips them while you iterate.
 test-nbs: install
+	$(BIN)/nbdev-test --n-workers 2 --flags slow
+
+test-quick: install
 	$(BIN)/nbdev-test --n-workers 2
 
 # The browser test drives Debian's Chromium (Playwright never downloads a browser here); install it when missing.
