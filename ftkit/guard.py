@@ -15,12 +15,13 @@ from .errors import FtkitError
 # %% auto #0
 __all__ = ['LOCK_NAME', 'MARKER', 'MAX_NAME_BYTES', 'MAX_PATH_BYTES', 'OUTPUT_PATH_KEYS', 'MAX_TEMPLATE_CONST', 'GuardError',
            'LockedError', 'TrainingFault', 'ImportRefused', 'FileLock', 'lock_output_dir', 'lock_dataset_cache',
-           'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir', 'remove_incomplete_checkpoints',
-           'checkpoint_step', 'path_problem', 'path_problems', 'safe_name', 'child_path', 'first_invalid_utf8',
-           'die_with_parent', 'workers_die_with_parent', 'EpochSampler', 'last_checkpoint', 'FaultWatchdog',
-           'fault_watchdog', 'is_oom', 'explain_oom', 'is_disk_full', 'explain_disk_full', 'saving',
-           'finished_checkpoint', 'finish_from_checkpoint', 'split_target', 'module_origin', 'load_target',
-           'check_template']
+           'JobError', 'launched_world', 'check_one_job', 'check_not_in_worker', 'job_broadcast', 'lock_output_dir_job',
+           'rank0_decides', 'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir',
+           'remove_incomplete_checkpoints', 'checkpoint_step', 'CheckpointMarker', 'path_problem', 'path_problems',
+           'safe_name', 'child_path', 'first_invalid_utf8', 'die_with_parent', 'workers_die_with_parent',
+           'EpochSampler', 'last_checkpoint', 'FaultWatchdog', 'fault_watchdog', 'is_oom', 'explain_oom',
+           'is_disk_full', 'explain_disk_full', 'saving', 'finished_checkpoint', 'finish_from_checkpoint',
+           'split_target', 'module_origin', 'load_target', 'check_template']
 
 # %% ../nbs/00b_guard.ipynb #gd000005
 class GuardError(FtkitError):
@@ -102,6 +103,78 @@ def lock_output_dir(output_dir, quiet: bool = False) -> FileLock:
 def lock_dataset_cache(root, quiet: bool = False) -> FileLock:
     "The lock of a prepared-dataset cache folder (`dataset_prepared_path`): waits while another process prepares there."
     return FileLock(Path(root) / ".lock", "dataset cache").acquire(wait=True, quiet=quiet)
+
+# %% ../nbs/00b_guard.ipynb #job00002
+class JobError(GuardError):
+    "The processes of a launch would not form one training job (each would train alone and write the same files)."
+
+def launched_world() -> tuple[int, int]:
+    "(rank, world size) a launcher gave this process (the process group's when it is up); (0, 1) when none."
+    d = _dist()
+    if d is not None: return d.get_rank(), d.get_world_size()
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+def _dist():
+    "torch.distributed when a process group is up in this process, else None (never imports torch)."
+    d = sys.modules.get("torch.distributed")
+    return d if d is not None and d.is_available() and d.is_initialized() else None
+
+def check_one_job(world_size: int) -> None:
+    "`JobError` when the launcher started this process as one of several but training would run with `world_size`."
+    announced = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if announced <= 1: return
+    d = _dist()
+    group = d.get_world_size() if d is not None else None
+    if world_size == announced == group: return
+    rank = os.environ.get("RANK", "?")
+    raise JobError(f"this process is rank {rank} of {announced} started by a launcher (WORLD_SIZE={announced}), but training "
+                   f"would run with world size {world_size} (process group: {group or 'not initialised'}): the {announced} "
+                   "processes would each train alone on all the data and write the same output_dir.\n"
+                   "  fix: start ftkit's own command in each process (`ftkit train CONFIG --launcher torchrun ...`, or "
+                   "`torchrun ... -m ftkit.cli train CONFIG`), or call ftkit.train without a launcher for one process.")
+
+# %% ../nbs/00b_guard.ipynb #job00003
+def check_not_in_worker(what: str) -> None:
+    "`JobError` when this process is itself a launched worker: starting `what` from it would multiply the job."
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 and not ("LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ): return
+    raise JobError(f"{what} was asked for inside a process that a launcher already started (rank "
+                   f"{os.environ.get('RANK', '?')} of {world}): each of the {world} processes would start its own workers, "
+                   "N separate jobs instead of one.\n"
+                   "  fix: give the launcher's options (--num-processes, --nnodes, ...) to the outer command only; inside a "
+                   "launched process run `ftkit train CONFIG` (or `python -m ftkit.cli train CONFIG`) without them.")
+
+# %% ../nbs/00b_guard.ipynb #job00006
+def job_broadcast(value):
+    "Rank 0's `value` on every rank of the job (the value itself when there is no process group)."
+    d = _dist()
+    if d is None or d.get_world_size() == 1: return value
+    box = [value]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
+
+def lock_output_dir_job(output_dir, quiet: bool = False) -> FileLock | None:
+    "Rank 0 takes the output_dir lock for the whole job (returned there; None elsewhere); every rank raises rank 0's `LockedError`."
+    rank, world = launched_world()
+    lock, refusal = None, None
+    if rank == 0:
+        try: lock = lock_output_dir(output_dir, quiet)
+        except LockedError as e: refusal = str(e)
+    refusal = job_broadcast(refusal)
+    if refusal: raise LockedError(refusal if rank == 0 else f"(rank {rank} of {world}) {refusal}")
+    return lock
+
+def rank0_decides(fn):
+    "`fn()` computed on rank 0 alone and handed to every rank; an error there is raised on every rank."
+    rank, _ = launched_world()
+    out, err = None, None
+    if rank == 0:
+        try: out = ("ok", fn())
+        except Exception as e: err, out = e, ("error", f"{type(e).__name__}: {e}")
+    out = job_broadcast(out)
+    if err is not None: raise err
+    if out[0] == "error": raise GuardError(f"rank 0 stopped: {out[1]}")
+    return out[1]
 
 # %% ../nbs/00b_guard.ipynb #gd000010
 MARKER = "ftkit-complete.json"
@@ -206,6 +279,19 @@ def checkpoint_step(p) -> int:
     "N of a `checkpoint-N` folder (-1 otherwise)."
     tail = Path(p).name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else -1
+
+# %% ../nbs/00b_guard.ipynb #job00008
+class CheckpointMarker:
+    "Trainer callback (duck-typed) for trainers that save without ftkit's marker (TRL's): after every save, all ranks meet, then rank 0 marks `checkpoint-N` complete."
+    def __getattr__(self, name):
+        if name.startswith("on_"): return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_save(self, args, state, control, **kw):
+        d = _dist()
+        if d is not None and d.get_world_size() > 1: d.barrier()       # every rank's files (rng_state_R.pth) are written
+        ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and ck.is_dir() and not is_complete(ck): write_marker(ck, step=state.global_step)
 
 # %% ../nbs/00b_guard.ipynb #gp000002
 MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 4096        # Linux NAME_MAX / PATH_MAX

@@ -21,7 +21,7 @@ from .errors import FtkitError
 
 # %% auto #0
 __all__ = ['LaunchError', 'parent_problems', 'check_parent', 'MetricsFile', 'read_metrics', 'follow_metrics', 'launch_train',
-           'finetune', 'launcher_command', 'merge_sharded_fsdp_weights']
+           'finetune', 'launch_nodes', 'Nodes', 'launcher_command', 'merge_sharded_fsdp_weights']
 
 # %% ../nbs/09_launch.ipynb #8f2459e7
 class LaunchError(FtkitError):
@@ -135,6 +135,8 @@ def launch_train(cfg: FinetuneConfig, gpus: int, *, on_record: Callable[[dict], 
                  port: int | None = None) -> list[dict]:
     "Train on `gpus` processes from this (notebook) process; returns the metric records."
     from accelerate import notebook_launcher
+    from ftkit.guard import check_not_in_worker
+    check_not_in_worker(f"{gpus} worker processes")   # a launch inside a launched worker would multiply the job
     check_parent(gpus)
     visible = _cuda_device_count()
     if visible and gpus > visible:
@@ -162,28 +164,99 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 # %% ../nbs/09_launch.ipynb #7a1b73c8
-def finetune(cfg, *, gpus: int | None = None, on_record: Callable[[dict], Any] | None = None, **kw):
+def finetune(cfg, *, gpus: int | None = None, on_record: Callable[[dict], Any] | None = None, nnodes: int = 1,
+             node_rank: int | None = None, rdzv_endpoint: str | None = None, **kw):
     """Fine-tune `cfg` (path, YAML text, dict or FinetuneConfig) with its method: in this process (`ftkit.train.train`,
     returns a `TrainResult`), or with `gpus=N` (N > 1) on N worker processes started from here, the data prepared once
-    first (returns the workers' metric records). This is `ftkit.finetune`."""
+    first (returns the workers' metric records). With `nnodes > 1` this machine joins a job of several machines through
+    torchrun's rendezvous (`gpus` processes here). This is `ftkit.finetune`."""
     from ftkit.train import _as_config, prepare_for_launch, train
+    nodes = Nodes(nnodes, node_rank, rdzv_endpoint).check()
+    if nnodes > 1:
+        cfg = _as_config(cfg, kw.pop("overrides", None))
+        return launch_nodes(cfg, gpus, nodes, on_record=on_record, prepare=prepare_for_launch)
     if not gpus or gpus <= 1: return train(cfg, **kw)
     cfg = _as_config(cfg, kw.pop("overrides", None))
     return launch_train(cfg, gpus, on_record=on_record, prepare=prepare_for_launch)
 
+# %% ../nbs/09_launch.ipynb #b2d4e6f8
+def launch_nodes(cfg: FinetuneConfig, gpus: int | None, nodes: Nodes, *, on_record: Callable[[dict], Any] | None = None,
+                 prepare: Callable[[FinetuneConfig], Any] | None = None) -> list[dict]:
+    "This machine's part of a multi-machine job: torchrun (a child process, so this kernel stays clean) with the rendezvous of `nodes`."
+    import subprocess, tempfile
+    from ftkit.guard import check_not_in_worker
+    check_not_in_worker(f"a launch on {nodes.nnodes} machines")
+    if prepare is not None: prepare(cfg)          # this machine's data cache (shared storage: the cache lock makes it once)
+    fd, path = tempfile.mkstemp(prefix="ftkit-node-", suffix=".yml")
+    with os.fdopen(fd, "w") as f: f.write(cfg.to_yaml())
+    cmd = launcher_command(path, "torchrun", gpus or _cuda_device_count() or 1, [], [], nodes)
+    metrics = Path(cfg.output_dir) / "metrics.jsonl"
+    stop = threading.Event()
+    thread = follow_metrics(metrics, on_record, stop) if on_record else None
+    try:
+        rc = subprocess.run(cmd).returncode
+    finally:
+        stop.set()
+        if thread: thread.join(5)
+        os.unlink(path)
+    if rc != 0: raise LaunchError(f"node {nodes.node_rank}: the training processes exited with status {rc} (their messages are above).")
+    return read_metrics(metrics)
+
 # %% ../nbs/09_launch.ipynb #ee1aede6
+from dataclasses import dataclass
+
+@dataclass(frozen=True)
+class Nodes:
+    "Where this machine sits in a job of several machines (torchrun / accelerate rendezvous)."
+    nnodes: int = 1
+    node_rank: int | None = None          # None: torchrun's c10d rendezvous assigns it
+    rdzv_endpoint: str | None = None      # HOST:PORT of node 0 (static) or of the rendezvous (c10d)
+
+    def check(self) -> "Nodes":
+        "`LaunchError` for values that cannot form a job."
+        if self.nnodes < 1: raise LaunchError(f"--nnodes {self.nnodes}: must be 1 or more.")
+        if self.nnodes == 1 and self.node_rank in (None, 0): return self
+        if not self.rdzv_endpoint or self.rdzv_endpoint.count(":") != 1 or not self.rdzv_endpoint.rsplit(":", 1)[1].isdigit():
+            raise LaunchError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the address of node 0 that every machine "
+                              f"can reach, e.g. node0:29500); got {self.rdzv_endpoint!r}.")
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
+            raise LaunchError(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1} for --nnodes {self.nnodes}.")
+        return self
+
+    @property
+    def host_port(self) -> tuple[str, str]:
+        h, p = (self.rdzv_endpoint or ":").rsplit(":", 1)
+        return h, p
+
+    def torchrun_args(self) -> list[str]:
+        if self.nnodes <= 1: return []
+        h, p = self.host_port
+        if self.node_rank is not None:
+            return ["--nnodes", str(self.nnodes), "--node_rank", str(self.node_rank), "--master_addr", h, "--master_port", p]
+        return ["--nnodes", str(self.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{h}:{p}", "--rdzv_id", "ftkit"]
+
+    def accelerate_args(self) -> list[str]:
+        if self.nnodes <= 1: return []
+        if self.node_rank is None: raise LaunchError("--launcher accelerate on several machines needs --node-rank (use torchrun to let the rendezvous assign it).")
+        h, p = self.host_port
+        return ["--num_machines", str(self.nnodes), "--machine_rank", str(self.node_rank), "--main_process_ip", h, "--main_process_port", p]
+
+# %% ../nbs/09_launch.ipynb #a1c0d3e1
 def launcher_command(config: str, launcher: str, num_processes: int | None, launcher_args: list[str],
-                     overrides: list[str]) -> list[str]:
-    "The command that runs ftkit's training in each process under `launcher`."
+                     overrides: list[str], nodes: Nodes = Nodes()) -> list[str]:
+    "The command that runs ftkit's training in each process under `launcher` (`num_processes` per machine)."
     inner = ["-m", "ftkit.cli", "train", str(config), "--launcher", "python", *overrides]
+    nodes.check()
     if launcher == "python":
+        if nodes.nnodes > 1 or (num_processes or 1) > 1:
+            raise LaunchError("--launcher python runs one process: use torchrun or accelerate for several processes or machines.")
         return [sys.executable, *inner]
-    if launcher == "accelerate":
-        n = ["--num_processes", str(num_processes)] if num_processes else []
-        return [sys.executable, "-m", "accelerate.commands.launch", *n, *launcher_args, *inner]
+    if launcher == "accelerate":     # accelerate counts processes over all machines
+        n = ["--num_processes", str(num_processes * nodes.nnodes)] if num_processes else []
+        return [sys.executable, "-m", "accelerate.commands.launch", *n, *nodes.accelerate_args(), *launcher_args, *inner]
     if launcher == "torchrun":
         n = ["--nproc_per_node", str(num_processes)] if num_processes else []
-        return [sys.executable, "-m", "torch.distributed.run", *n, *launcher_args, *inner]
+        return [sys.executable, "-m", "torch.distributed.run", *n, *nodes.torchrun_args(), *launcher_args, *inner]
     raise LaunchError(f"unknown launcher {launcher!r}: use accelerate, torchrun or python.")
 
 # %% ../nbs/09_launch.ipynb #147c0e86
