@@ -8,10 +8,12 @@ Docs: https://ftkit.github.io/ftkit/inspect.html.md"""
 from __future__ import annotations
 import html as _html, os, random, sys
 from .schema import FinetuneConfig
+from .vision import image_token_ids     # a VLM's image tokens are shown as one `<image ×N>` run
 
 # %% auto #0
-__all__ = ['RED', 'YELLOW', 'GREEN', 'WHITE', 'RESET', 'supports_color', 'debug_text', 'debug_summary', 'print_examples',
-           'html_tokens', 'HTML', 'show', 'sample_rows', 'tokenize_under', 'changed_positions', 'Comparison', 'compare']
+__all__ = ['RED', 'YELLOW', 'GREEN', 'WHITE', 'RESET', 'supports_color', 'token_runs', 'debug_text', 'debug_summary',
+           'print_examples', 'html_tokens', 'HTML', 'show', 'sample_rows', 'tokenize_under', 'changed_positions',
+           'Comparison', 'compare']
 
 # %% ../nbs/05_inspect.ipynb #78761f35
 RED, YELLOW, GREEN, WHITE, RESET = "\x1b[31m", "\x1b[33m", "\x1b[32m", "\x1b[37m", "\x1b[0m"
@@ -25,12 +27,23 @@ def supports_color(stream=None) -> bool:
 
 def _c(text, col, on): return f"{col}{text}{RESET}" if on else text
 
-def debug_text(sample: dict, tokenizer, color: bool = False, text_only: bool = False) -> str:
-    "One tokenized row in Axolotl's debug format: `tok(label, id)` per token."
-    parts = []
-    for i, l in zip(sample["input_ids"], sample["labels"]):
+def token_runs(sample: dict, tokenizer) -> list[tuple[int, int, int, int]]:
+    "`(position, id, label, count)` per token, a run of one image token (a VLM's, `ftkit.vision`) folded into one entry."
+    fold, out = image_token_ids(tokenizer), []
+    for k, (i, l) in enumerate(zip(sample["input_ids"], sample["labels"])):
         i, l = int(i), int(l)
-        t = tokenizer.decode([i])
+        if out and i in fold and out[-1][1] == i and out[-1][2] == l: out[-1][3] += 1
+        else: out.append([k, i, l, 1])
+    return [tuple(r) for r in out]
+
+def _tok_text(tokenizer, i: int, n: int, fold: set) -> str:
+    return f"<image ×{n}>" if i in fold else tokenizer.decode([i])
+
+def debug_text(sample: dict, tokenizer, color: bool = False, text_only: bool = False) -> str:
+    "One tokenized row in Axolotl's debug format: `tok(label, id)` per token (a VLM's image tokens: one `<image ×N>(label, id)`)."
+    parts, fold = [], image_token_ids(tokenizer)
+    for _, i, l, n in token_runs(sample, tokenizer):
+        t = _tok_text(tokenizer, i, n, fold)
         col = RED if l == -100 else YELLOW if l == 0 else GREEN
         parts.append(_c(t, col, color) if text_only else _c(t, col, color) + _c(f"({l}, {i})", WHITE, color))
     return ("" if text_only else " ").join(parts)
@@ -77,9 +90,9 @@ def html_tokens(sample: dict, tokenizer, end_ids=None, mark=None) -> str:
     except Exception: pass
     ends = set(end_ids or ()) | ({tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set())
     out, prev_trained = [], None
-    for k, (i, l) in enumerate(zip(sample["input_ids"], sample["labels"])):
-        i, l = int(i), int(l)
-        t = tokenizer.decode([i])
+    fold = image_token_ids(tokenizer)
+    for k, i, l, n in token_runs(sample, tokenizer):
+        t = _tok_text(tokenizer, i, n, fold)
         cls = ["ms" if l == -100 else "z" if l == 0 else "tr"]
         if i in special: cls.append("sp")
         if i in ends: cls.append("eos")

@@ -417,7 +417,7 @@ def apply_adapter(cfg: FinetuneConfig, model, *, quiet: bool = False):
             model = PeftModel.from_pretrained(model, str(d), is_trainable=True)
             _say(f"adapter: continuing from {d}", quiet)
         else:
-            kw = dict(r=cfg.lora_r, lora_alpha=effective_lora_alpha(cfg), lora_dropout=float(cfg.lora_dropout or 0.0),
+            kw: dict[str, Any] = dict(r=cfg.lora_r, lora_alpha=effective_lora_alpha(cfg), lora_dropout=float(cfg.lora_dropout or 0.0),
                       target_modules=vision.lora_targets(model, _targets(cfg)) if vision.is_vision(cfg) else _targets(cfg), bias="none", task_type="CAUSAL_LM",
                       modules_to_save=save or None, use_dora=bool(cfg.peft_use_dora),
                       use_rslora=bool(cfg.peft_use_rslora), fan_in_fan_out=bool(cfg.lora_fan_in_fan_out))

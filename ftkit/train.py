@@ -20,6 +20,7 @@ from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, pack
 from .prompts.registry import user_modules
 from .rl import Method, RLData, load_rl_model, make_trainer, method_of, prepare_rl_data
 from . import guard
+from . import vision      # processor_type: the trainer gets the processor and its collator
 
 
 # %% auto #0
@@ -246,15 +247,15 @@ class FtkitTrainer(Trainer):
     "transformers' Trainer with multipack dataloaders, LoRA+ groups, atomic checkpoints and token counting."
     logits_keep_below = 0.5      # compute logits only at trained positions when they are fewer than this share (0: never)
     def __init__(self, *a, ftkit_cfg: FinetuneConfig, packing: PackingPlan | None = None, eval_packing: PackingPlan | None = None,
-                 pad_token_id: int = 0, **kw):
+                 pad_token_id: int = 0, collator=None, **kw):
         self.ftkit_cfg, self.packing, self.eval_packing, self.ftkit_tokens = ftkit_cfg, packing, eval_packing, 0
         self._pad_id = pad_token_id
         seq, mbs = ftkit_cfg.sequence_len, ftkit_cfg.micro_batch_size
         pad_to = mbs * seq if ftkit_cfg.pad_to_sequence_len else None
         kb = self.logits_keep_below
         self.packed_collator = _Counted(PackedCollator(pad_token_id=pad_token_id, pad_to=pad_to, pad_to_multiple_of=None if pad_to else 8), kb)
-        self.padded_collator = _Counted(PaddedCollator(pad_token_id=pad_token_id, pad_to=seq if ftkit_cfg.pad_to_sequence_len else None,
-                                                       pad_to_multiple_of=8), kb)
+        self.padded_collator = _Counted(collator or PaddedCollator(pad_token_id=pad_token_id, pad_to=seq if ftkit_cfg.pad_to_sequence_len
+                                                                   else None, pad_to_multiple_of=8), kb)   # `collator`: e.g. a VLM's
         kw.setdefault("data_collator", self.padded_collator)
         super().__init__(*a, **kw)
         for cb in self.callback_handler.callbacks:      # callbacks that declare `trainer = None` get the trainer
@@ -588,7 +589,8 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     with plugins.environment(cfg):            # trackers read their environment when the trainer builds its callbacks
         if method is None:
             trainer = FtkitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
-                                   processing_class=tokenizer, callbacks=cbs, ftkit_cfg=cfg, packing=packing,
+                                   callbacks=cbs, ftkit_cfg=cfg, packing=packing,
+                                   **({"processing_class": tokenizer} | vision.trainer_kwargs(cfg, tokenizer)),   # a VLM: processor, collator
                                    eval_packing=eval_packing, pad_token_id=tokenizer.pad_token_id or 0)
         else:
             trainer = make_trainer(method, cfg, args, model, tokenizer, prepared, inputs, callbacks=cbs, ref_model=ref_model)
