@@ -114,11 +114,13 @@ class QATCallback(TrainerCallback):
 def _float8_ok(module, fqn: str) -> bool:
     return _linears(module, fqn) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
-def prepare_fp8(model):
-    "Swap the eligible linear layers of `model` for torchao's Float8Linear (in place); returns the model."
+def prepare_fp8(model, emulate: bool = False):
+    """Swap the eligible linear layers of `model` for torchao's Float8Linear (in place); returns the model. The token
+    dimension is padded to a multiple of 16 inside the matmuls (any batch shape works); `emulate` runs them without
+    float8 hardware (for checks on the CPU)."""
     torchao()
-    from torchao.float8 import convert_to_float8_training
-    return convert_to_float8_training(model, module_filter_fn=_float8_ok)
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    return convert_to_float8_training(model, module_filter_fn=_float8_ok, config=Float8LinearConfig(pad_inner_dim=True, emulate=emulate))
 
 def float8_linears(model) -> list[str]:
     "Names of the Float8Linear layers of `model`."

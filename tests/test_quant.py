@@ -158,6 +158,19 @@ def test_gptq_on_a_plain_model_is_refused(base_dir):
         _check_gptq(ModelSource(str(base_dir / "base")))
 
 
+@needs_torchao
+def test_float8_linears_train_with_emulated_float8_on_the_cpu():
+    "The CPU half of the fp8 path: the swap ftkit's plugin makes, trained with torchao's float8 emulation (any token count)."
+    from ftkit.quant import float8_linears, prepare_fp8
+    m = prepare_fp8(tiny_llama(hidden_size=64, intermediate_size=128, head_dim=16).to(torch.bfloat16), emulate=True)
+    assert len(float8_linears(m)) == 14 and "lm_head" not in " ".join(float8_linears(m))
+    opt, ids = torch.optim.AdamW(m.parameters(), 3e-3), torch.randint(3, 128, (3, 13))
+    losses = []
+    for _ in range(5):
+        loss = m(input_ids=ids, labels=ids).loss; loss.backward(); opt.step(); opt.zero_grad(); losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
 @pytest.mark.gpu
 @needs_torchao
 def test_fp8_trains_with_float8_linears_on_the_gpu(base_dir):

@@ -15,6 +15,8 @@ SECTION_METHODS = {
     "datasets": ALL,
     "special_tokens": ALL,
     "type": "user-defined formats (`type:` as a mapping)",
+    "qat": "full fine-tune (SFT)",
+    "quantization": "`ftkit quantize` (after training)",
 }
 
 METHODS = {
@@ -28,6 +30,8 @@ METHODS = {
     "reward_model": "reward model", "process_reward_model": "process reward model",
     "center_rewards_coefficient": "reward model",
     "trl.beta": "dpo, ipo, kto, grpo",
+    "qat": "full fine-tune (SFT)", "quantization": "`ftkit quantize` (after training)", "fp8": "full fine-tune on a GPU with float8 (Ada, Hopper)",
+    "gptq": "LoRA on a GPTQ base",
     "load_in_4bit": "QLoRA", "load_in_8bit": "LoRA (8-bit base)", "adapter": ALL,
     "unfrozen_parameters": "full fine-tune", "bnb_config_kwargs": "QLoRA / 8-bit",
     "sample_packing": "SFT", "pad_to_sequence_len": "SFT", "train_on_inputs": "SFT",
@@ -40,9 +44,17 @@ METHODS = {
     "fsdp_final_state_dict_type": "multi-GPU", "ddp_timeout": "multi-GPU", "ddp_bucket_cap_mb": "multi-GPU",
     "ddp_broadcast_buffers": "multi-GPU", "ddp_find_unused_parameters": "multi-GPU",
     "context_parallel_size": "multi-GPU", "tensor_parallel_size": "multi-GPU",
+    "relora": "SFT with `adapter: lora`", "relora_prune_ratio": "SFT with `adapter: lora` (relora)",
+    "relora_cpu_offload": "SFT with `adapter: lora` (relora)", "jagged_restart_steps": "SFT",
+    "jagged_restart_warmup_steps": "SFT", "jagged_restart_anneal_steps": "SFT",
+    "lisa_n_layers": "full fine-tune (SFT)", "lisa_step_interval": "full fine-tune (SFT)", "lisa_layers_attribute": "full fine-tune (SFT)",
+    "spectrum_top_fraction": "full fine-tune (SFT)", "spectrum_model_name": "full fine-tune (SFT)",
+    "kd_trainer": "distillation (SFT)", "kd_ce_alpha": "distillation (SFT)", "kd_alpha": "distillation (SFT)",
+    "kd_temperature": "distillation (SFT)", "kd_zscore_base_temp": "distillation (SFT)", "kd_top_k_before_softmax": "distillation (SFT)",
 }
 
 EXAMPLES = {
+    "qat": {"weight_dtype": "int4", "group_size": 32}, "quantization": {"weight_dtype": "int8"},
     "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "base_model_config": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -67,6 +79,9 @@ EXAMPLES = {
     "fsdp_config": {"reshard_after_forward": True}, "trl.reward_funcs": ["my_rewards.exact_match"],
     "trl.num_generations": 4, "trl.beta": 0.04, "trl.loss_type": "dr_grpo",
     "plugins": ["my_plugin.Plugin"], "trainer_cls": "my_module.MyTrainer",
+    "jagged_restart_steps": 150, "jagged_restart_warmup_steps": 10, "jagged_restart_anneal_steps": 10, "relora_prune_ratio": 0.9,
+    "lisa_n_layers": 4, "lisa_step_interval": 20, "spectrum_top_fraction": 0.5, "kd_alpha": 0.9, "kd_ce_alpha": 0.1,
+    "kd_temperature": 1.0, "datasets.logprobs_field": "logprobs",
     "resume_from_checkpoint": "./outputs/my-run/checkpoint-100", "lora_model_dir": "./outputs/my-run",
     "hub_model_id": "me/my-model", "wandb_project": "ftkit", "wandb_mode": "offline",
     "gradient_checkpointing_kwargs": {"use_reentrant": False},

@@ -148,6 +148,9 @@ def schema_tables():
     out.append(("type (user-defined format)", "type.", C.UserDefinedType, C.UserDefinedType.__doc__ or ""))
     out.append(("special_tokens", "special_tokens.", C.SpecialTokens, C.SpecialTokens.__doc__ or ""))
     out.append(("trl", "trl.", C.TRLSettings, C.TRLSettings.__doc__ or ""))
+    from ftkit.schema import QATSettings, QuantizationSettings
+    out.append(("qat", "qat.", QATSettings, QATSettings.__doc__ or ""))
+    out.append(("quantization", "quantization.", QuantizationSettings, QuantizationSettings.__doc__ or ""))
     return out
 
 
