@@ -1,0 +1,101 @@
+"""Several machines, one job: two "nodes" on this machine (127.0.0.1), each its own `ftkit train ... --nnodes 2
+--node-rank R --rdzv-endpoint 127.0.0.1:PORT` process with one CPU worker (gloo), joined by torchrun's rendezvous.
+
+Two nodes with gradient_accumulation_steps 1 and one process with 2 see the same samples in every optimizer step,
+so their losses agree (float32 summation order only: the tolerance of tests/test_launch.py). The job resumes as a
+whole: a second launch with auto_resume_from_checkpoints continues from the checkpoint rank 0 picked, and its steps
+equal the uninterrupted run's. Two jobs never share an output_dir: every rank of the second job stops with the
+message naming the holder.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_launch import FTKIT, losses, tiny_model_dir, write_config  # noqa: F401  (tiny_model_dir is a fixture)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(cfg, *extra):
+    "Start node 0 and node 1 as separate processes (as two machines would), wait for both."
+    ep = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([FTKIT, "train", str(cfg), "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", ep,
+                               "--num-processes", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process_and_resume_as_one_job(tmp_path, tiny_model_dir):
+    from ftkit.launch import MetricsFile
+    from ftkit.train import train
+    ref = tmp_path / "ref"
+    train(str(write_config(tmp_path, tiny_model_dir, ref, max_steps=4)), callbacks=[MetricsFile(ref / "metrics.jsonl")], quiet=True)
+    want, _ = losses(ref)
+    out = tmp_path / "nodes"
+    cfg = write_config(tmp_path, tiny_model_dir, out, gradient_accumulation_steps=1, max_steps=4, save_strategy="steps", save_steps=2)
+    res = two_nodes(cfg)
+    assert all(rc == 0 for rc, _, _ in res), [e[-3000:] for _, _, e in res]
+    assert "--node_rank 1 --master_addr 127.0.0.1" in res[1][1], "node 1 joined through torchrun's static rendezvous"
+    got, recs = losses(out)
+    begin = [r for r in recs if r["event"] == "begin"]
+    assert len(begin) == 1 and begin[0]["world_size"] == 2, "one job of 2 processes; rank 0 alone writes"
+    assert got == pytest.approx(want, rel=2e-3, abs=2e-3), (got, want)
+    assert (out / "checkpoint-2" / "ftkit-complete.json").exists() and (out / "checkpoint-2" / "rng_state_1.pth").exists()
+    # a job that died after checkpoint-2: the whole job resumes from rank 0's choice and continues as the uninterrupted run
+    import shutil
+    shutil.rmtree(out / "checkpoint-4")
+    cfg2 = write_config(tmp_path, tiny_model_dir, out, gradient_accumulation_steps=1, max_steps=4, save_strategy="no",
+                        auto_resume_from_checkpoints=True)
+    res = two_nodes(cfg2)
+    assert all(rc == 0 for rc, _, _ in res), [e[-3000:] for _, _, e in res]
+    got2, recs2 = losses(out)
+    steps = [r["step"] for r in recs2 if r.get("event") == "log" and "loss" in r]
+    assert steps == [3, 4] and got2 == pytest.approx(want[2:], rel=2e-3, abs=2e-3), (steps, got2, want)
+
+
+LOCKED = r'''
+import os, sys, torch.distributed as dist
+from ftkit.guard import LockedError, lock_output_dir_job
+dist.init_process_group("gloo")
+try: lock_output_dir_job(sys.argv[1], quiet=True); print("RANK", dist.get_rank(), "GOT THE FOLDER", flush=True)
+except LockedError as e: print("RANK", dist.get_rank(), "REFUSED", str(e).splitlines()[0], flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_a_second_job_on_a_used_output_dir_stops_on_every_rank(tmp_path):
+    "Another job holds output_dir: rank 0 finds the lock taken, and rank 1 learns it through the process group."
+    from ftkit.guard import lock_output_dir
+    out = tmp_path / "out"
+    held = lock_output_dir(out)                          # the running job
+    (tmp_path / "w.py").write_text(LOCKED)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                        str(tmp_path / "w.py"), str(out)], capture_output=True, text=True, timeout=300)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("RANK")]
+    assert len(lines) == 2 and all("REFUSED" in l and f"process {os.getpid()}" in l for l in lines), r.stdout + r.stderr[-2000:]
+    assert any("(rank 1 of 2)" in l for l in lines)
+    held.release()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                        str(tmp_path / "w.py"), str(out)], capture_output=True, text=True, timeout=300)
+    assert sorted(l.split("GOT")[0] for l in r.stdout.splitlines() if "GOT THE FOLDER" in l) == ["RANK 0 ", "RANK 1 "], r.stdout + r.stderr[-2000:]
+
+
+def test_node_arguments_are_checked_before_anything_runs(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir, tmp_path / "o")
+    for extra, needle in ((["--nnodes", "2"], "needs --rdzv-endpoint HOST:PORT"),
+                          (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"], "outside 0..1"),
+                          (["--nnodes", "2", "--launcher", "python", "--rdzv-endpoint", "h:1"], "--launcher python runs one process")):
+        r = subprocess.run([FTKIT, "train", str(cfg), *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-1500:])
+    assert not (tmp_path / "o").exists() and not (tmp_path / "prepared").exists(), "nothing was prepared or written"
