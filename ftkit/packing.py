@@ -6,18 +6,18 @@ Docs: https://ftkit.github.io/ftkit/packing.html.md"""
 
 # %% ../nbs/04_packing.ipynb #ae4d07a1
 from __future__ import annotations
-import inspect, math, os, random
+import inspect, math, os, random, zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['VARLEN_NAME', 'pack_ffd', 'MultipackBatchSampler', 'PackedCollator', 'PaddedCollator', 'cu_seqlens_from_position_ids',
-           'varlen_attention_forward', 'register_varlen_attention', 'unregister_varlen_attention', 'PackingPlan',
-           'dataset_lengths', 'packing_plan']
+__all__ = ['VARLEN_NAME', 'pack_ffd', 'MultipackBatchSampler', 'PackedCollator', 'PaddedCollator', 'PoSE', 'pose_positions',
+           'cu_seqlens_from_position_ids', 'varlen_attention_forward', 'register_varlen_attention',
+           'unregister_varlen_attention', 'PackingPlan', 'dataset_lengths', 'packing_plan']
 
 # %% ../nbs/04_packing.ipynb #406c027a
 class _FirstFit:
@@ -133,6 +133,7 @@ class PackedCollator:
     pad_to: int | None = None                 # fixed row length (pad_to_sequence_len)
     pad_to_multiple_of: int | None = None
     return_seq_lens: bool = True              # add cu_seq_lens_q/k and max_length_q/k
+    positions: Callable[[list[int]], list[int]] | None = None    # a sample's position ids (PoSE); None: 0, 1, 2, …
 
     def _row(self, feats):
         ids, labels, pos = [], [], []
@@ -140,7 +141,7 @@ class PackedCollator:
             x = list(f["input_ids"]); y = list(f.get("labels", x))
             if len(y) != len(x): raise ValueError(f"labels ({len(y)}) and input_ids ({len(x)}) differ in length")
             y = [-100] + list(y[1:])
-            ids += x; labels += y; pos += range(len(x))
+            ids += x; labels += y; pos += self.positions(x) if self.positions else range(len(x))
         return ids, labels, pos, [len(f["input_ids"]) for f in feats]
 
     def __call__(self, features) -> dict[str, Any]:
@@ -168,6 +169,7 @@ class PaddedCollator:
     pad_token_id: int = 0
     pad_to: int | None = None
     pad_to_multiple_of: int | None = None
+    positions: Callable[[list[int]], list[int]] | None = None    # position ids of a sample (PoSE); None: the model's 0, 1, 2, …
 
     def __call__(self, features) -> dict[str, torch.Tensor]:
         n = max(len(f["input_ids"]) for f in features)
@@ -177,7 +179,39 @@ class PaddedCollator:
         for f in features:
             x = list(f["input_ids"]); y = list(f.get("labels", x)); pad = n - len(x)
             ids.append(x + [self.pad_token_id] * pad); labels.append(y + [-100] * pad); mask.append([1] * len(x) + [0] * pad)
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+        out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+        if self.positions:
+            pos = [self.positions(list(f["input_ids"])) for f in features]
+            out["position_ids"] = torch.tensor([p + list(range(p[-1] + 1, p[-1] + 1 + n - len(p))) for p in pos])
+        return out
+
+# %% ../nbs/04_packing.ipynb #5119a1a9
+@dataclass(frozen=True)
+class PoSE:
+    "PoSE position ids for one row: chunks shifted by sorted random skips, the largest position below `max_context_len`."
+    max_context_len: int
+    chunks: int = 2
+    split_on: tuple[int, ...] = ()
+    seed: int = 0
+
+    def cuts(self, ids: list[int]) -> list[int]:
+        "Where the chunks start (after the first)."
+        n = len(ids)
+        c = [i for i, t in enumerate(ids) if t in self.split_on] if self.split_on else [n * j // self.chunks for j in range(1, self.chunks)]
+        return sorted({i for i in c if 0 < i < n})
+
+    def __call__(self, ids: list[int]) -> list[int]:
+        cuts, n = self.cuts(ids), len(ids)
+        rng = random.Random(zlib.crc32(np.asarray(ids, dtype=np.int64).tobytes()) ^ self.seed)
+        skips = sorted(rng.randint(0, max(0, self.max_context_len - n)) for _ in cuts)
+        pos: list[int] = []
+        for start, end, skip in zip([0] + cuts, cuts + [n], [0] + skips): pos += range(start + skip, end + skip)
+        return pos
+
+def pose_positions(cfg: "FinetuneConfig") -> PoSE | None:
+    "The config's PoSE position function, or None without `use_pose`."
+    if not cfg.use_pose or not cfg.pose_max_context_len: return None
+    return PoSE(int(cfg.pose_max_context_len), cfg.pose_num_chunks or 2, tuple(cfg.pose_split_on_token_ids or ()), cfg.seed)
 
 # %% ../nbs/04_packing.ipynb #44ec08a8
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -7,7 +7,7 @@ Docs: https://ftkit.github.io/ftkit/train.html.md"""
 # %% ../nbs/06_train.ipynb #6d1746fc
 from __future__ import annotations
 import json, math, os, shutil, sys, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import FinetuneConfig, Plan, load, resolve
 from .errors import ConfigError, FtkitError, Problem
-from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan
+from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan, pose_positions
 from .prompts.registry import user_modules
 from .rl import Method, RLData, load_rl_model, make_trainer, method_of, prepare_rl_data
 from . import guard
+from . import optim       # optimizers, parameter groups and schedules transformers does not build by name
 from . import vision      # processor_type: the trainer gets the processor and its collator
 
 
@@ -47,11 +48,14 @@ OPTIMIZER_NAMES = {"adamw_torch_fused": "adamw_torch_fused", "adamw_torch": "ada
                    "adamw_8bit": "adamw_bnb_8bit", "adamw_bnb_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
                    "paged_adamw_32bit": "paged_adamw_32bit", "lion_8bit": "lion_8bit", "paged_lion_8bit": "paged_lion_8bit",
                    "lion_32bit": "lion_32bit", "adamw_torch_8bit": "adamw_torch_8bit", "adamw_anyprecision": "adamw_anyprecision",
-                   "galore_adamw": "galore_adamw", "schedule_free_adamw": "schedule_free_adamw"}
+                   "galore_adamw": "galore_adamw", "schedule_free_adamw": "schedule_free_adamw",
+                   "schedule_free_sgd": "schedule_free_sgd", "schedule_free_radam": "schedule_free_radam",
+                   **{o: "adamw_torch" for o in optim.OPTIMIZERS}}    # ftkit.optim builds these; the name is a placeholder
 SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant_with_warmup",
                    "cosine_with_restarts": "cosine_with_restarts", "polynomial": "polynomial", "inverse_sqrt": "inverse_sqrt",
                    "reduce_lr_on_plateau": "reduce_lr_on_plateau", "cosine_with_min_lr": "cosine_with_min_lr",
-                   "warmup_stable_decay": "warmup_stable_decay"}
+                   "warmup_stable_decay": "warmup_stable_decay",
+                   "one_cycle": "constant", "rex": "constant"}   # built by ftkit.optim (FtkitTrainer.create_scheduler); placeholders
 
 def optimizer_name(cfg: FinetuneConfig) -> str:
     "transformers' `optim` for the config's `optimizer`; a config error (before any long work) when its package is missing here."
@@ -244,7 +248,7 @@ class _Counted:
 
 # %% ../nbs/06_train.ipynb #4edaaefc
 class FtkitTrainer(Trainer):
-    "transformers' Trainer with multipack dataloaders, LoRA+ groups, atomic checkpoints and token counting."
+    "transformers' Trainer with multipack dataloaders, ftkit.optim's schedules, atomic checkpoints and token counting."
     logits_keep_below = 0.5      # compute logits only at trained positions when they are fewer than this share (0: never)
     def __init__(self, *a, ftkit_cfg: FinetuneConfig, packing: PackingPlan | None = None, eval_packing: PackingPlan | None = None,
                  pad_token_id: int = 0, collator=None, **kw):
@@ -256,6 +260,9 @@ class FtkitTrainer(Trainer):
         self.packed_collator = _Counted(PackedCollator(pad_token_id=pad_token_id, pad_to=pad_to, pad_to_multiple_of=None if pad_to else 8), kb)
         self.padded_collator = _Counted(collator or PaddedCollator(pad_token_id=pad_token_id, pad_to=seq if ftkit_cfg.pad_to_sequence_len
                                                                    else None, pad_to_multiple_of=8), kb)   # `collator`: e.g. a VLM's
+        pose = pose_positions(ftkit_cfg)          # PoSE: training rows get skipped position ids (ftkit.packing); eval rows do not
+        self.train_collators = tuple(c if pose is None or not isinstance(c.inner, (PackedCollator, PaddedCollator))
+                                     else _Counted(replace(c.inner, positions=pose), kb) for c in (self.packed_collator, self.padded_collator))
         kw.setdefault("data_collator", self.padded_collator)
         super().__init__(*a, **kw)
         for cb in self.callback_handler.callbacks:      # callbacks that declare `trainer = None` get the trainer
@@ -265,14 +272,15 @@ class FtkitTrainer(Trainer):
         from torch.utils.data import DataLoader
         args = self.args
         common: dict[str, Any] = dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory)
+        packed, padded = self.train_collators if shuffle else (self.packed_collator, self.padded_collator)
         if isinstance(ds, torch.utils.data.IterableDataset):   # a stream of packed rows (ftkit.streaming)
-            dl = DataLoader(ds, batch_size=batch_size, collate_fn=self.packed_collator, **common)
+            dl = DataLoader(ds, batch_size=batch_size, collate_fn=packed, **common)
         elif plan is not None:
-            dl = DataLoader(ds, batch_sampler=plan.sampler, collate_fn=self.packed_collator, **common)
+            dl = DataLoader(ds, batch_sampler=plan.sampler, collate_fn=packed, **common)
         else:
             seed = args.data_seed if args.data_seed is not None else args.seed    # order = f(seed, epoch): resumes see the same batches
             sampler = guard.EpochSampler(len(ds), seed) if shuffle else torch.utils.data.SequentialSampler(ds)
-            dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.padded_collator,
+            dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=padded,
                             drop_last=args.dataloader_drop_last, **common)
         return self.accelerator.prepare(dl)
 
@@ -304,24 +312,13 @@ class FtkitTrainer(Trainer):
         if n is not None and self.model.training: self.ftkit_tokens += int(n)
         return super()._prepare_inputs(inputs)
 
-    def create_optimizer(self, model=None):
-        ratio = self.ftkit_cfg.loraplus_lr_ratio
-        if ratio is None or self.optimizer is not None: return super().create_optimizer(model)
-        m = self.model if model is None else model
-        decay = set(self.get_decay_parameter_names(m))
-        lr, emb_lr = self.args.learning_rate, float(self.ftkit_cfg.loraplus_lr_embedding or 1e-6)
-        groups: dict[tuple, list] = {}
-        for n, p in m.named_parameters():
-            if not p.requires_grad: continue
-            if "lora_embedding_" in n: g_lr = emb_lr
-            elif "lora_B" in n: g_lr = lr * float(ratio)
-            else: g_lr = lr
-            wd = self.args.weight_decay if n in decay else 0.0
-            groups.setdefault((g_lr, wd), []).append(p)
-        cls, kw = self.get_optimizer_cls_and_kwargs(self.args, m)
-        kw = {k: v for k, v in kw.items() if k != "lr"}
-        self.optimizer = cls([{"params": ps, "lr": g, "weight_decay": wd} for (g, wd), ps in groups.items()], lr=lr, **kw)
-        return self.optimizer
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        "ftkit.optim's schedule (one_cycle, rex, cosine variants) when the config asks for one; else transformers' by name."
+        if self.lr_scheduler is None:
+            s = optim.build_scheduler(self.ftkit_cfg, optimizer or self.optimizer, num_training_steps,
+                                      self.args.get_warmup_steps(num_training_steps))
+            if s is not None: self.lr_scheduler, self._created_lr_scheduler = s, True
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _save_checkpoint(self, model, trial):
         d = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
@@ -329,7 +326,6 @@ class FtkitTrainer(Trainer):
         try:
             with guard.saving(d, d.parent):  # a full disk: the partial folder goes, the previous checkpoint stays usable
                 super()._save_checkpoint(model, trial)
-                self.accelerator.wait_for_everyone()   # every rank's files (rng_state_R.pth) are on disk before the marker lists them
                 if self.args.should_save and d.is_dir(): write_marker(d, self.state.global_step)
         finally: self.args.save_total_limit = limit
         if self.args.should_save:            # older checkpoints go only once the new one is complete (a kill keeps one)
@@ -583,8 +579,8 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     if cfg.gradient_checkpointing and hasattr(model, "enable_input_require_grads"): model.enable_input_require_grads()
     recorder = MetricsRecorder()
     cbs = [recorder, guard.fault_watchdog(cfg, Path(cfg.output_dir).expanduser(), plan.precision)] + list(callbacks or []) + plugins.callbacks(cfg) \
-          + ([guard.CheckpointMarker()] if method is not None else []) \
-          + list(getattr(prepared, "callbacks", None) or [])      # e.g. the stream's checkpoint position
+          + list(getattr(prepared, "callbacks", None) or []) \
+          + optim.callbacks(cfg)                                   # Grokfast, schedule-free's evaluation weights
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
         cbs.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.early_stopping_patience)))
@@ -596,6 +592,7 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
                                    eval_packing=eval_packing, pad_token_id=tokenizer.pad_token_id or 0)
         else:
             trainer = make_trainer(method, cfg, args, model, tokenizer, prepared, inputs, callbacks=cbs, ref_model=ref_model)
+    optim.install_optimizer(trainer, cfg)     # parameter groups (lr_groups, embedding_lr, LoRA+) and Muon / Lion / ADOPT
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for c in (PrinterCallback, ProgressCallback): trainer.remove_callback(c)
     if not quiet: trainer.add_callback(ProgressPrinter(trainer))
@@ -618,13 +615,9 @@ def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrid
     with s.plugins.environment(cfg):          # the trackers' environment, for this run only
         s.plugins.before_training(cfg, s.trainer)
         try:
-            guard.check_one_job(s.trainer.args.world_size)   # a launch whose processes would each train alone is an error
-            lock = guard.lock_output_dir_job(out, quiet)     # one job per output_dir: rank 0 holds the OS lock, every rank learns the outcome
+            lock = guard.lock_output_dir(out, quiet) if rank0 else None   # one run per output_dir (an OS lock: gone with its process)
             try:
-                resume = guard.rank0_decides(lambda: resume_checkpoint(cfg, out, quiet))   # one checkpoint for the whole job
-                if resume and not Path(resume).is_dir():
-                    raise guard.JobError(f"this process (rank {guard.launched_world()[0]} on {os.uname().nodename}) cannot see {resume}, the checkpoint "
-                                         "rank 0 resumes from: put output_dir on storage every node shares to resume a multi-node job.")
+                resume = resume_checkpoint(cfg, out, quiet)
                 t = time.time()
                 if guard.finished_checkpoint(resume): res = guard.finish_from_checkpoint(s.trainer, resume, quiet)   # no extra step
                 else: res = s.trainer.train(resume_from_checkpoint=resume)
