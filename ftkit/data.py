@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from .prompts.registry import RowError, resolve_type
 from . import guard
+from . import vision      # processor_type: the prompt strategy and the image columns of vision-language rows
 from .config import DatasetEntry, FinetuneConfig
 from .errors import FtkitError
 
@@ -342,7 +343,7 @@ def _num_proc(cfg: FinetuneConfig, n_rows: int):
 def _strategy(tok, entry: DatasetEntry, cfg: FinetuneConfig, where: str):
     try: spec = resolve_type(entry.type)
     except KeyError as e: raise DataError(str(e).strip("'\""), f"{where}.type", "use one of the known types") from None
-    try: return spec, spec.build(tok, entry, cfg)
+    try: return spec, (vision.build_strategy(spec, tok, entry, cfg) if vision.is_vision(cfg) else spec.build(tok, entry, cfg))
     except (ValueError, KeyError) as e: raise DataError(str(e).strip("'\""), f"{where}", "fix the dataset entry") from None
 
 def _term_ids(tok, strategies):
@@ -386,6 +387,7 @@ def _process_group(cfg: FinetuneConfig, tok, group, report, strict, max_len, key
                                         term_ids=tuple(_term_ids(tok, [strat]))),
                          # the cache key covers everything this map depends on, so datasets may reuse its own cache file
                          new_fingerprint=_h("tok", key, where) if key else None)
+        if vision.is_vision(cfg): tok_ds = vision.add_image_columns(tok_ds, raw, strat)   # pictures and text for the collator
         drops = tok_ds["_drop"]
         bad = [k for k, d in enumerate(drops) if d]
         def locate(row):
@@ -495,7 +497,7 @@ def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
             raise DataError("pretraining_dataset (streamed) is not prepared ahead of time", "pretraining_dataset",
                             "use a `type: completion` entry under datasets: to tokenize raw text ahead of time")
         raise DataError("the config has no datasets", "datasets", "add a datasets: list with at least one entry (path, type)")
-    if cfg.skip_prepare_dataset:
+    if cfg.skip_prepare_dataset and not vision.is_vision(cfg):     # vision rows are prepared too (config warns)
         raise DataError("skip_prepare_dataset is set, so the data is tokenized during training, not prepared ahead",
                         "skip_prepare_dataset", "remove skip_prepare_dataset to prepare (and cache) the data")
     key, inputs = cache_key(cfg, tokenizer)
