@@ -206,6 +206,9 @@ def vision_conflicts(d):
             if _set(d, k): yield Problem(k, f"`{k}` only acts on vision-language fine-tuning, and processor_type is not set.",
                                          "Add `processor_type: AutoProcessor` for a vision-language model, or remove the key.")
         return
+    s = d.get("image_size")
+    if s is not None and not (isinstance(s, int) and s > 0 or isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and x > 0 for x in s)):
+        yield Problem("image_size", f"image_size must be a positive int or [height, width] of positive ints, not {s!r}.", "E.g. `image_size: 448`.")
     if d.get("sample_packing") is True:
         yield Problem("sample_packing", "sample_packing cannot be used with a vision-language model (processor_type): the "
                       "vision towers cannot tell packed rows' images apart.", "Set `sample_packing: false`.")

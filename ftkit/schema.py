@@ -161,7 +161,7 @@ class TokenizerSection(Section):
     tokenizer_legacy: bool | None = _f(None, "Legacy tokenizer behaviour.", adv=True)
     tokenizer_save_jinja_files: bool = _f(True, "Save the chat template as a jinja file.", adv=True)
     processor_type: str | None = _f(None, "Processor class of a vision-language model (AutoProcessor or e.g. LlavaProcessor): switches to image+text fine-tuning (docs: vision).", adv=True)
-    image_size: Annotated[int, Field(gt=0)] | Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)] | None = _f(
+    image_size: int | list[int] | None = _f(
         None, "Resize every image to this size first: an int (square) or [height, width] (vision-language models).", adv=True)
     image_resize_algorithm: Literal["bilinear", "bicubic", "lanczos", "nearest"] = _f(
         "bilinear", "Resampling filter for image_size.", adv=True)

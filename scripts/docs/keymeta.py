@@ -51,9 +51,12 @@ METHODS = {
     "spectrum_top_fraction": "full fine-tune (SFT)", "spectrum_model_name": "full fine-tune (SFT)",
     "kd_trainer": "distillation (SFT)", "kd_ce_alpha": "distillation (SFT)", "kd_alpha": "distillation (SFT)",
     "kd_temperature": "distillation (SFT)", "kd_zscore_base_temp": "distillation (SFT)", "kd_top_k_before_softmax": "distillation (SFT)",
+    "processor_type": "SFT (vision-language models)", "image_size": "SFT (vision-language models)",
+    "image_resize_algorithm": "SFT (vision-language models)",
 }
 
 EXAMPLES = {
+    "processor_type": "AutoProcessor", "image_size": 448, "image_resize_algorithm": "bicubic",
     "qat": {"weight_dtype": "int4", "group_size": 32}, "quantization": {"weight_dtype": "int8"},
     "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "base_model_config": "HuggingFaceTB/SmolLM2-135M-Instruct",
