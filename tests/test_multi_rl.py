@@ -96,7 +96,8 @@ def test_rl_two_processes_are_one_job(tmp_path, rl_dir):
         out = tmp_path / f"{m}-1"
         train(str(config(rl_dir, m, out)), callbacks=[MetricsFile(out / "metrics.jsonl")], quiet=True)
     (tmp_path / "worker.py").write_text(WORKER)
-    cfgs = [str(config(rl_dir, m, tmp_path / f"{m}-2", gradient_accumulation_steps=1)) for m in METHODS]
+    cfgs = [str(config(rl_dir, m, tmp_path / f"{m}-2", gradient_accumulation_steps=1, save_strategy="steps", save_steps=1))
+            for m in METHODS]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                         str(tmp_path / "worker.py"), *cfgs], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -111,6 +112,8 @@ def test_rl_two_processes_are_one_job(tmp_path, rl_dir):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), m
         assert a["grad_norm"] > 0
         assert (tmp_path / f"{m}-2" / "adapter_model.safetensors").exists()
+        ck = tmp_path / f"{m}-2" / "checkpoint-1"       # TRL's save, marked complete after both ranks wrote their files
+        assert (ck / "ftkit-complete.json").exists() and "rng_state_1.pth" in (ck / "ftkit-complete.json").read_text(), m
 
 
 def test_a_launch_inside_a_worker_is_refused(tmp_path, rl_dir):
