@@ -153,3 +153,18 @@ def test_vlm_without_processor_type_says_what_to_add(setup):
     cfg = {k: v for k, v in setup["cfg"].items() if k != "processor_type"}
     with pytest.raises(ConfigError, match="processor_type: AutoProcessor"):
         model_source(load(cfg))
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_vision_training_and_generation(setup):
+    "On a GPU the same run trains in bf16 (pixel values cast by the model), lowers the loss and answers an image prompt."
+    from PIL import Image
+    from ftkit.train import train
+    res = train(_cfg(setup, output_dir=str(setup["dir"] / "out-gpu")), quiet=True)
+    losses = [res.losses[s] for s in sorted(res.losses)]
+    assert next(res.model.parameters()).device.type == "cuda"
+    assert any(p.dtype == torch.bfloat16 for p in res.model.parameters())
+    assert all(np.isfinite(losses)) and np.mean(losses[-4:]) < 0.75 * np.mean(losses[:2]), losses
+    pic = Image.open(io.BytesIO(_png(COLOURS["red"], 98)))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": pic}, {"type": "text", "text": "What colour is this?"}]}]
+    assert isinstance(vision.generate(res.model, res.tokenizer, msgs, _cfg(setup), max_new_tokens=3), str)
