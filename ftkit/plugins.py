@@ -19,7 +19,7 @@ __all__ = ['HOOKS', 'NATIVE_INTEGRATIONS', 'ENTRY_POINT_GROUP', 'BUILTIN_PLUGINS
 
 # %% ../nbs/06a_plugins.ipynb #20a65248
 HOOKS = ("after_config_load", "before_model_load", "after_model_load", "after_adapters", "environment", "callbacks",
-         "before_training", "after_training")
+         "metrics", "before_training", "after_training")
 
 class Plugin:
     "Base class of ftkit plugins: override the hooks you need (see the table above); every default does nothing."
@@ -30,6 +30,7 @@ class Plugin:
     def after_adapters(self, cfg, model): return None
     def environment(self, cfg) -> dict[str, str]: return {}
     def callbacks(self, cfg) -> list: return []
+    def metrics(self, cfg) -> dict: return {}
     def before_training(self, cfg, trainer) -> None: pass
     def after_training(self, cfg, trainer, result) -> None: pass
     def __repr__(self): return f"{type(self).__name__}({self.name or type(self).__module__})"
@@ -167,6 +168,9 @@ class PluginSet:
     def after_adapters(self, cfg, model): return self._chain("after_adapters", cfg, model)
     def callbacks(self, cfg) -> list:
         return [cb for p in self.plugins if hasattr(p, "callbacks") for cb in (p.callbacks(cfg) or [])]
+    def metrics(self, cfg) -> dict:
+        "Generation metrics the plugins register, by name (a later plugin's name wins)."
+        return {k: fn for p in self.plugins if hasattr(p, "metrics") for k, fn in (p.metrics(cfg) or {}).items()}
     def before_training(self, cfg, trainer): self._each("before_training", cfg, trainer)
     def after_training(self, cfg, trainer, result): self._each("after_training", cfg, trainer, result)
 

@@ -22,6 +22,7 @@ from .rl import Method, RLData, load_rl_model, make_trainer, method_of, prepare_
 from . import guard
 from . import optim       # optimizers, parameter groups and schedules transformers does not build by name
 from . import vision      # processor_type: the trainer gets the processor and its collator
+from . import geneval     # do_causal_lm_eval / eval_causal_lm_metrics: generation metrics at each evaluation
 
 
 # %% auto #0
@@ -581,6 +582,8 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     cbs = [recorder, guard.fault_watchdog(cfg, Path(cfg.output_dir).expanduser(), plan.precision)] + list(callbacks or []) + plugins.callbacks(cfg) \
           + list(getattr(prepared, "callbacks", None) or []) \
           + optim.callbacks(cfg)                                   # Grokfast, schedule-free's evaluation weights
+    if method is None and has_eval:           # do_causal_lm_eval / eval_causal_lm_metrics: generation metrics (ftkit.geneval)
+        cbs += geneval.callbacks(cfg, eval_ds, tokenizer, plugins.metrics(cfg))
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
         cbs.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.early_stopping_patience)))

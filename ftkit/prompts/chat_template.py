@@ -15,7 +15,7 @@ from .registry import RowError, as_entry, as_config
 __all__ = ['TEMPLATES', 'TEMPLATE_EOT', 'QWEN_SYSTEM', 'QWEN_TOOLS', 'QWEN_TOOLS_END', 'METHARME_SYSTEM', 'DEFAULT_ROLES',
            'STANDARD_ROLES', 'EOS_MODES', 'register_template', 'resolve_template', 'compile_template', 'template_vars',
            'role_map', 'ChatOptions', 'to_messages', 'render_spans', 'diff_span', 'detail_tokens',
-           'ChatTemplateStrategy', 'entry_dict', 'build']
+           'encode_with_offsets', 'ChatTemplateStrategy', 'entry_dict', 'build']
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #90353ab1
 TEMPLATES: dict[str, str] = {}
@@ -345,10 +345,11 @@ def _render(tpl, msgs, tools, tvars, kw, gen=False):
     except Exception as e:
         raise RowError("template_error", f"the chat template failed on this row: {type(e).__name__}: {e}")
 
-def render_spans(tpl, msgs, tools, tvars, kw, think_key="reasoning_content"):
-    "`(text, spans)`: the rendered text and `{(i, 'c'|'t'): (start, end)}` character spans of contents / reasoning."
+def render_spans(tpl, msgs, tools, tvars, kw, think_key="reasoning_content", cache: dict | None = None):
+    """`(text, spans)`: the rendered text and `{(i, 'c'|'t'): (start, end)}` character spans of contents / reasoning.
+    `cache` (a dict the caller keeps for one template and one set of `tvars`/`kw`) holds sentinel renders by shape."""
     real = _render(tpl, msgs, tools, tvars, kw)
-    text, spans = _content_spans(tpl, msgs, tools, tvars, kw, think_key, real)
+    text, spans = _content_spans(tpl, msgs, tools, tvars, kw, think_key, real, cache)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant": continue
         # an assistant turn with tool calls and no content starts where the generation prompt ends
@@ -361,16 +362,33 @@ def render_spans(tpl, msgs, tools, tvars, kw, think_key="reasoning_content"):
             if real.startswith(p) and len(p) <= spans[(i, "t")][0]: spans[(i, "o")] = (len(p), spans[(i, "t")][0])
     return text, spans
 
-def _skeleton(tpl, msgs, tools, tvars, kw, think_key, with_empty):
-    "Render with sentinels: `(glue pieces, keys, values)`."
-    sk_msgs, vals = [], {}
+def _shape(msgs, tools, think_key, with_empty) -> tuple:
+    "Everything a sentinel render reads: each message's fields in order, except the contents / reasoning it replaces."
+    return (with_empty, repr(tools), tuple(
+        (tuple((k, repr(v)) for k, v in m.items() if not k.startswith("_") and k != "content" and not (k == think_key and v)),
+         bool(m["content"]) or with_empty, bool(m.get(think_key))) for m in msgs))
+
+def _skeleton(tpl, msgs, tools, tvars, kw, think_key, with_empty, cache: dict | None = None):
+    "Render with sentinels: `(glue pieces, keys, values)`; conversations of one shape share one render through `cache`."
+    vals = {}
     for i, m in enumerate(msgs):
-        m2 = dict(m)
-        if m["content"] or with_empty: m2["content"] = _sentinel(i, "c"); vals[(i, "c")] = m["content"]
-        if m.get(think_key): m2[think_key] = _sentinel(i, "t"); vals[(i, "t")] = m[think_key]
-        sk_msgs.append(m2)
-    pieces = _SENT.split(_render(tpl, sk_msgs, tools, tvars, kw))
-    glue, keys = pieces[0::3], [(int(a), b) for a, b in zip(pieces[1::3], pieces[2::3])]
+        if m["content"] or with_empty: vals[(i, "c")] = m["content"]
+        if m.get(think_key): vals[(i, "t")] = m[think_key]
+    shape = _shape(msgs, tools, think_key, with_empty) if cache is not None else None
+    hit = cache.get(shape) if cache is not None else None
+    if hit is None:
+        sk_msgs = []
+        for i, m in enumerate(msgs):
+            m2 = dict(m)
+            if (i, "c") in vals: m2["content"] = _sentinel(i, "c")
+            if (i, "t") in vals: m2[think_key] = _sentinel(i, "t")
+            sk_msgs.append(m2)
+        pieces = _SENT.split(_render(tpl, sk_msgs, tools, tvars, kw))
+        hit = pieces[0::3], [(int(a), b) for a, b in zip(pieces[1::3], pieces[2::3])]
+        if cache is not None:
+            if len(cache) >= 4096: cache.clear()          # bounded: many distinct shapes only cost renders
+            cache[shape] = hit
+    glue, keys = hit
     if any(k not in vals for k in keys) or len(set(keys)) != len(keys):
         raise RowError("template_mismatch", "the template repeats or invents message contents; its turns cannot be located")
     return glue, keys, vals
@@ -401,10 +419,10 @@ def _align(glue, keys, real):
         spans[k] = (pos, end); pos = end + len(g)
     return spans
 
-def _content_spans(tpl, msgs, tools, tvars, kw, think_key, real):
+def _content_spans(tpl, msgs, tools, tvars, kw, think_key, real, cache=None):
     # an empty content may switch a template branch (`{% if content %}`): then try without sentinels for those
     variants = [True] + ([False] if any(not m["content"] for m in msgs) else [])
-    skels = [_skeleton(tpl, msgs, tools, tvars, kw, think_key, w) for w in variants]
+    skels = [_skeleton(tpl, msgs, tools, tvars, kw, think_key, w, cache) for w in variants]
     for glue, keys, vals in skels:
         spans = _substitute(glue, keys, vals, real)
         if spans is not None: return real, spans
@@ -463,6 +481,22 @@ def detail_tokens(tokenizer, content: str, detail: list) -> list[int]:
         if bt <= et: spans.append((offs[bt][0], offs[et][1], bool(d.get("train"))))
     return [i for i, (s, e) in enumerate(offs) if any(tr and s >= b and e <= hi for b, hi, tr in spans)]
 
+# %% ../../nbs/02_prompts.chat_template.ipynb #c3e9d3d1
+def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text, without special tokens: what
+    `tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)` returns, read straight from the
+    fast tokenizer's batch encodings (transformers' per-row conversion into a `BatchEncoding` costs as much as
+    the tokenization). Falls back to that call when the backend has truncation or padding set, or splits
+    special tokens differently from the wrapper."""
+    bt = getattr(tokenizer, "_tokenizer", None)
+    plain = bt is not None and getattr(bt, "truncation", 0) is None and getattr(bt, "padding", 0) is None \
+        and getattr(bt, "encode_special_tokens", None) == bool(getattr(tokenizer, "split_special_tokens", False))
+    if not plain:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [list(x) for x in enc["input_ids"]], [[tuple(o) for o in x] for x in enc["offset_mapping"]]
+    encs = bt.encode_batch(texts, add_special_tokens=False)
+    return [e.ids for e in encs], [e.offsets for e in encs]
+
 # %% ../../nbs/02_prompts.chat_template.ipynb #47741ec9
 class ChatTemplateStrategy:
     """Tokenize conversations with a chat template and exact labels.
@@ -486,9 +520,10 @@ class ChatTemplateStrategy:
                              "make them equal or drop the EOS token from eot_tokens")
         self.term_ids = self.eot_ids | ({self.eos_id} if self.eos_id is not None else set())
         self.sequence_len = conf.sequence_len
+        self._shapes: dict = {}          # sentinel renders by conversation shape (see `_skeleton`)
 
     def __getstate__(self):          # compiled templates do not pickle; recompile in worker processes
-        d = dict(self.__dict__); d.pop("tpl", None); return d
+        d = dict(self.__dict__); d.pop("tpl", None); d["_shapes"] = {}; return d
 
     def __setstate__(self, d):
         self.__dict__.update(d); self.tpl = compile_template(self.template)
@@ -541,7 +576,7 @@ class ChatTemplateStrategy:
         "Render one row: `(text, messages, spans)`; raises `RowError`."
         msgs, tools = to_messages(row, self.o)
         kw, think = self.o.chat_template_kwargs, self.o.template_thinking_key
-        text, spans = render_spans(self.tpl, msgs, tools, self.tvars, kw, think)
+        text, spans = render_spans(self.tpl, msgs, tools, self.tvars, kw, think, self._shapes)
         for i, m in enumerate(msgs):     # turns whose template text depends on more than the content: Axolotl's locator
             if m.get("tool_calls") or m.get(think) is not None:
                 spans[(i, "a")] = diff_span(self.tpl, msgs, i, tools, self.tvars, kw, text)
@@ -577,10 +612,10 @@ class ChatTemplateStrategy:
                     for q in detail_tokens(self.tok, m["content"], detail):
                         if lo + q < n: labels[lo + q] = ids[lo + q]
                 else:
-                    for q in range(lo, hi): labels[q] = ids[q]
+                    labels[lo:hi] = ids[lo:hi]
             for is_eos, pool, mode in ((False, self.eot_ids, self.o.train_on_eot), (True, {self.eos_id}, self.o.train_on_eos)):
-                q = next((q for q in range(hi, n) if ids[q] in pool), None)
-                if q is None or q - hi > 3: continue
+                q = next((q for q in range(hi, min(n, hi + 4)) if ids[q] in pool), None)   # within 3 tokens of the turn
+                if q is None: continue
                 last[is_eos] = q
                 if mode == "all" or (mode == "turn" and trains): labels[q] = ids[q]
         for is_eos, mode in ((False, self.o.train_on_eot), (True, self.o.train_on_eos)):
@@ -593,11 +628,11 @@ class ChatTemplateStrategy:
         for row in rows:
             try: p = self.prepare(row); prepped.append(p); texts.append(p[0])
             except RowError as e: prepped.append(e)
-        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {"input_ids": [], "offset_mapping": []}
+        all_ids, all_offs = encode_with_offsets(self.tok, texts) if texts else ([], [])
         out, k = [], 0
         for p in prepped:
             if isinstance(p, RowError): out.append(p); continue
-            ids, offs = list(enc["input_ids"][k]), [tuple(x) for x in enc["offset_mapping"][k]]; k += 1
+            ids, offs = all_ids[k], all_offs[k]; k += 1
             labels = self.label(p[0], p[1], p[2], ids, offs)
             out.append([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}])
         return out
