@@ -8,7 +8,7 @@ Docs: https://ftkit.github.io/ftkit/inspect.html.md"""
 from __future__ import annotations
 import html as _html, os, random, sys
 from .schema import FinetuneConfig
-from .vision import image_token_ids     # a VLM's image tokens are shown as one `<image ×N>` run
+from .vision import build_strategy, image_token_ids, is_vision   # a VLM's rows: its strategy; image runs folded
 
 # %% auto #0
 __all__ = ['RED', 'YELLOW', 'GREEN', 'WHITE', 'RESET', 'supports_color', 'token_runs', 'debug_text', 'debug_summary',
@@ -146,7 +146,8 @@ def tokenize_under(cfg: FinetuneConfig, tokenizer, rows: list[dict], dataset: in
     "Each raw row tokenized by `cfg`'s prompt strategy for `cfg.datasets[dataset]` (its first sample; errors kept as rows)."
     from ftkit.prompts.registry import resolve_type
     entry = cfg.datasets[min(dataset, len(cfg.datasets) - 1)]
-    strategy = resolve_type(entry.type).build(tokenizer, entry, cfg)
+    spec = resolve_type(entry.type)
+    strategy = build_strategy(spec, tokenizer, entry, cfg) if is_vision(cfg) else spec.build(tokenizer, entry, cfg)
     out = []
     for r in rows:
         try:

@@ -105,6 +105,19 @@ def test_debug_view_folds_image_tokens(setup):
     assert "&lt;image ×16&gt;" in html
 
 
+def test_two_config_view_tokenizes_vision_rows(setup):
+    "`%%finetune debug --against` (inspect.compare) tokenizes image rows with the vision strategy under both configs."
+    from ftkit.inspect import compare
+    a = _cfg(setup)
+    b = _cfg(setup, datasets=[{**setup["cfg"]["datasets"][0], "roles_to_train": ["assistant", "user"]}])
+    cmp = compare(a, b, num_examples=1, seed=0)
+    assert "error" not in cmp.text.lower() and "token(s) differ" in cmp.text, cmp.text
+    (ra, rb, ma, mb), = cmp.rows
+    assert ra["input_ids"] == rb["input_ids"] and "&lt;image ×16&gt;" in cmp.data
+    from ftkit.models import load_tokenizer
+    img_id = vision.processor_of(load_tokenizer(a, quiet=True)).image_token_id
+    assert all(l == -100 for i, l in zip(rb["input_ids"], rb["labels"]) if i == img_id)   # trained user turn: images still masked
+
 def test_training_through_ftkit_train_lowers_loss_lora_on_language_model_only(setup):
     from ftkit.train import train
     res = train(_cfg(setup), quiet=True)
