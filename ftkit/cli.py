@@ -102,7 +102,8 @@ def run_train(args) -> int:
     cfg = load_from_args(args)
     if args.sweep: return run_sweep(cfg, args)
     nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint).check()   # several machines: torchrun's rendezvous
-    launcher = args.launcher or ("torchrun" if nodes.nnodes > 1 else "accelerate" if (args.num_processes or 1) > 1 else "python")
+    many = nodes.nnodes > 1 or (args.num_processes or 1) > 1     # default: accelerate on one GPU machine, torchrun otherwise
+    launcher = args.launcher or (("accelerate" if nodes.nnodes == 1 and _cuda_device_count() else "torchrun") if many else "python")
     if launcher == "python" and nodes.nnodes == 1 and (args.num_processes or 1) == 1:
         from ftkit.train import train
         from ftkit.launch import MetricsFile
@@ -139,7 +140,8 @@ def run_sweep(cfg, args) -> int:
 # %% ../nbs/13_cli.ipynb #020b7480
 def _train_args(p):
     p.add_argument("--launcher", choices=["accelerate", "torchrun", "python"], default=None,
-                   help="how to start the workers (default: python, i.e. this process; accelerate when --num-processes > 1)")
+                   help="how to start the workers (default: python, i.e. this process; with --num-processes > 1 accelerate on a GPU machine, "
+                        "torchrun on CPUs or with --nnodes > 1)")
     p.add_argument("--num-processes", type=int, default=None, metavar="N", help="worker processes (GPUs) on this node")
     p.add_argument("--nnodes", type=int, default=1, metavar="N", help="machines in the job (each runs this command; torchrun rendezvous)")
     p.add_argument("--node-rank", type=int, default=None, metavar="R", help="this machine's rank 0..N-1 (omit: the rendezvous assigns it)")

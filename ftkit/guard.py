@@ -15,8 +15,8 @@ from .errors import FtkitError
 # %% auto #0
 __all__ = ['LOCK_NAME', 'MARKER', 'MAX_NAME_BYTES', 'MAX_PATH_BYTES', 'OUTPUT_PATH_KEYS', 'MAX_TEMPLATE_CONST', 'GuardError',
            'LockedError', 'TrainingFault', 'ImportRefused', 'FileLock', 'lock_output_dir', 'lock_dataset_cache',
-           'JobError', 'launched_world', 'check_one_job', 'check_not_in_worker', 'job_broadcast', 'lock_output_dir_job',
-           'rank0_decides', 'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir',
+           'JobError', 'launched_world', 'check_one_job', 'check_not_in_worker', 'check_sharding', 'job_broadcast',
+           'lock_output_dir_job', 'rank0_decides', 'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir',
            'remove_incomplete_checkpoints', 'checkpoint_step', 'CheckpointMarker', 'path_problem', 'path_problems',
            'safe_name', 'child_path', 'first_invalid_utf8', 'die_with_parent', 'workers_die_with_parent',
            'EpochSampler', 'last_checkpoint', 'FaultWatchdog', 'fault_watchdog', 'is_oom', 'explain_oom',
@@ -143,6 +143,17 @@ def check_not_in_worker(what: str) -> None:
                    "N separate jobs instead of one.\n"
                    "  fix: give the launcher's options (--num-processes, --nnodes, ...) to the outer command only; inside a "
                    "launched process run `ftkit train CONFIG` (or `python -m ftkit.cli train CONFIG`) without them.")
+
+# %% ../nbs/00b_guard.ipynb #job00010
+def check_sharding(asked: str | None, fsdp_on: bool, deepspeed_on: bool) -> None:
+    "`JobError` when the config asks for FSDP or DeepSpeed (`asked`) but the trainer would run without it."
+    if asked == "fsdp" and not fsdp_on or asked == "deepspeed" and not deepspeed_on:
+        _, world = launched_world()
+        raise JobError(f"the config asks for {'FSDP' if asked == 'fsdp' else 'DeepSpeed'}, but the trainer on this machine would run "
+                       f"without it ({'plain DDP' if world > 1 else 'one unsharded process'}, every rank holding the whole model): "
+                       "accelerate shards only on GPUs, with 2 or more processes.\n"
+                       "  fix: run on GPUs with --num-processes 2 or more, or drop the fsdp_*/deepspeed keys for this run.")
+
 
 # %% ../nbs/00b_guard.ipynb #job00006
 def job_broadcast(value):

@@ -71,10 +71,11 @@ class MetricsFile(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, mode) as f: f.write(json.dumps(rec) + "\n")
 
-    def on_train_begin(self, args, state, control, **kw):
+    def on_train_begin(self, args, state, control, model=None, **kw):
         if state.is_world_process_zero:  # a new run starts new files
             (self.path.parent / "peak_memory.jsonl").unlink(missing_ok=True)
-            self._write({"event": "begin", "max_steps": state.max_steps, "world_size": args.world_size, "time": time.time()}, "w")
+            self._write({"event": "begin", "max_steps": state.max_steps, "world_size": args.world_size, "time": time.time(),
+                         **_layout(self.trainer, model)}, "w")
 
     def on_log(self, args, state, control, logs=None, **kw):
         tokens = self._global_tokens()  # on every rank: a collective
@@ -89,6 +90,17 @@ class MetricsFile(TrainerCallback):
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():  # every rank: its GPU's peak
             rec = {"rank": args.process_index, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
             with open(self.path.parent / "peak_memory.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
+
+def _layout(trainer, model) -> dict:
+    "How the job holds the model: sharding (none | ddp | fsdp | deepspeed) and the parameter elements rank 0 holds itself."
+    if trainer is None or model is None: return {}
+    acc = trainer.accelerator
+    kind = ("fsdp" if getattr(acc, "is_fsdp2", False) or trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled
+            else "ddp" if acc.num_processes > 1 else "none")
+    local = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if hasattr(p, "to_local") else p).numel()
+                for p in model.parameters())                     # ZeRO-3 / FSDP2 shards: this rank's part only
+    return {"sharding": kind, "rank0_param_elements": int(local)}
+
 
 # %% ../nbs/09_launch.ipynb #4375400d
 def read_metrics(path) -> list[dict]:
@@ -252,6 +264,9 @@ def launcher_command(config: str, launcher: str, num_processes: int | None, laun
             raise LaunchError("--launcher python runs one process: use torchrun or accelerate for several processes or machines.")
         return [sys.executable, *inner]
     if launcher == "accelerate":     # accelerate counts processes over all machines
+        if (num_processes or 1) * nodes.nnodes > 1 and not _cuda_device_count():
+            raise LaunchError("accelerate launch starts a single process on a machine without GPUs (it would train alone, "
+                              "world size 1): use --launcher torchrun, which runs CPU processes together (gloo).")
         n = ["--num_processes", str(num_processes * nodes.nnodes)] if num_processes else []
         return [sys.executable, "-m", "accelerate.commands.launch", *n, *nodes.accelerate_args(), *launcher_args, *inner]
     if launcher == "torchrun":

@@ -327,6 +327,7 @@ class FtkitTrainer(Trainer):
         try:
             with guard.saving(d, d.parent):  # a full disk: the partial folder goes, the previous checkpoint stays usable
                 super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()   # every rank's files (rng_state_R.pth) are on disk before the marker lists them
                 if self.args.should_save and d.is_dir(): write_marker(d, self.state.global_step)
         finally: self.args.save_total_limit = limit
         if self.args.should_save:            # older checkpoints go only once the new one is complete (a kill keeps one)
@@ -580,6 +581,7 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     if cfg.gradient_checkpointing and hasattr(model, "enable_input_require_grads"): model.enable_input_require_grads()
     recorder = MetricsRecorder()
     cbs = [recorder, guard.fault_watchdog(cfg, Path(cfg.output_dir).expanduser(), plan.precision)] + list(callbacks or []) + plugins.callbacks(cfg) \
+          + ([guard.CheckpointMarker()] if method is not None else []) \
           + list(getattr(prepared, "callbacks", None) or []) \
           + optim.callbacks(cfg)                                   # Grokfast, schedule-free's evaluation weights
     if method is None and has_eval:           # do_causal_lm_eval / eval_causal_lm_metrics: generation metrics (ftkit.geneval)
@@ -618,9 +620,15 @@ def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrid
     with s.plugins.environment(cfg):          # the trackers' environment, for this run only
         s.plugins.before_training(cfg, s.trainer)
         try:
-            lock = guard.lock_output_dir(out, quiet) if rank0 else None   # one run per output_dir (an OS lock: gone with its process)
+            guard.check_one_job(s.trainer.args.world_size)   # a launch whose processes would each train alone is an error
+            guard.check_sharding("fsdp" if (cfg.fsdp_config or cfg.fsdp or cfg.fsdp_version) else "deepspeed" if cfg.deepspeed else None,
+                                 s.trainer.is_fsdp_enabled, s.trainer.is_deepspeed_enabled)   # FSDP asked on CPUs would be DDP
+            lock = guard.lock_output_dir_job(out, quiet)     # one job per output_dir: rank 0 holds the OS lock, every rank learns the outcome
             try:
-                resume = resume_checkpoint(cfg, out, quiet)
+                resume = guard.rank0_decides(lambda: resume_checkpoint(cfg, out, quiet))   # one checkpoint for the whole job
+                if resume and not Path(resume).is_dir():
+                    raise guard.JobError(f"this process (rank {guard.launched_world()[0]} on {os.uname().nodename}) cannot see {resume}, the checkpoint "
+                                         "rank 0 resumes from: put output_dir on storage every node shares to resume a multi-node job.")
                 t = time.time()
                 if guard.finished_checkpoint(resume): res = guard.finish_from_checkpoint(s.trainer, resume, quiet)   # no extra step
                 else: res = s.trainer.train(resume_from_checkpoint=resume)
