@@ -20,6 +20,8 @@ from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, pack
 from .prompts.registry import user_modules
 from .rl import Method, RLData, load_rl_model, make_trainer, method_of, prepare_rl_data
 from . import guard
+from . import variants    # ReLoRA / jagged restarts, LISA, Spectrum
+from .distill import DistillationMixin
 from . import optim       # optimizers, parameter groups and schedules transformers does not build by name
 from . import vision      # processor_type: the trainer gets the processor and its collator
 from . import geneval     # do_causal_lm_eval / eval_causal_lm_metrics: generation metrics at each evaluation
@@ -28,10 +30,10 @@ from . import geneval     # do_causal_lm_eval / eval_causal_lm_metrics: generati
 # %% auto #0
 __all__ = ['OPTIMIZER_NAMES', 'SCHEDULER_NAMES', 'FSDP1_TO_FSDP2', 'FSDP2_REMOVED', 'CHECKPOINT_MARKER', 'TrainError',
            'optimizer_name', 'scheduler', 'StepPlan', 'step_plan', 'fsdp_training_args', 'deepspeed_training_args',
-           'training_arguments', 'FtkitTrainer', 'write_marker', 'complete_checkpoints', 'quarantine_incomplete',
-           'resume_checkpoint', 'prepare', 'prepare_data', 'prepare_for_launch', 'preprocess', 'MetricsRecorder',
-           'ProgressPrinter', 'TrainResult', 'save_outputs', 'TrainerSetup', 'build_trainer', 'train', 'train_main',
-           'generate_replies', 'exact_match', 'demo']
+           'training_arguments', 'FtkitTrainer', 'DistillationTrainer', 'write_marker', 'complete_checkpoints',
+           'quarantine_incomplete', 'resume_checkpoint', 'prepare', 'prepare_data', 'prepare_for_launch', 'preprocess',
+           'MetricsRecorder', 'ProgressPrinter', 'TrainResult', 'save_outputs', 'TrainerSetup', 'build_trainer',
+           'train', 'train_main', 'generate_replies', 'exact_match', 'demo']
 
 # %% ../nbs/06_train.ipynb #4c29efa1
 def _err(key, message, hint=""):
@@ -334,6 +336,10 @@ class FtkitTrainer(Trainer):
             from transformers.trainer_utils import rotate_checkpoints
             rotate_checkpoints(output_dir=str(d.parent), save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
 
+# %% ../nbs/06_train.ipynb #b7d1a002
+class DistillationTrainer(DistillationMixin, FtkitTrainer):
+    "FtkitTrainer whose loss is kd_ce_alpha x cross-entropy + kd_alpha x forward KL to the teacher's top-k (`ftkit.distill`)."
+
 # %% ../nbs/06_train.ipynb #a96fb377
 def write_marker(d: Path, step: int):
     "Mark checkpoint folder `d` as completely written: every file fsynced and listed with its size (`ftkit.guard`)."
@@ -586,12 +592,15 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
           + optim.callbacks(cfg)                                   # Grokfast, schedule-free's evaluation weights
     if method is None and has_eval:           # do_causal_lm_eval / eval_causal_lm_metrics: generation metrics (ftkit.geneval)
         cbs += geneval.callbacks(cfg, eval_ds, tokenizer, plugins.metrics(cfg))
+    if method is None:                        # Spectrum freezes before the optimizer exists; LISA / ReLoRA act as callbacks
+        model, cbs = variants.prepare_model(cfg, model, quiet), cbs + variants.callbacks(cfg)
     if cfg.early_stopping_patience:
         from transformers import EarlyStoppingCallback
         cbs.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.early_stopping_patience)))
     with plugins.environment(cfg):            # trackers read their environment when the trainer builds its callbacks
         if method is None:
-            trainer = FtkitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
+            cls = DistillationTrainer if cfg.kd_trainer else FtkitTrainer       # kd_trainer: the distillation loss (ftkit.distill)
+            trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
                                    callbacks=cbs, ftkit_cfg=cfg, packing=packing,
                                    **({"processing_class": tokenizer} | vision.trainer_kwargs(cfg, tokenizer)),   # a VLM: processor, collator
                                    eval_packing=eval_packing, pad_token_id=tokenizer.pad_token_id or 0)
