@@ -23,7 +23,11 @@ __all__ = ['SCHEMES', 'torchao', 'scheme_name', 'torchao_config', 'fake_quantize
 # %% ../nbs/06f_quant.ipynb #9cafe36b
 def torchao():
     "Import torchao, or a clear error naming the extra to install."
+    import logging
+    quiet = [logging.getLogger("torchao")]       # its import-time notes about optional GPU kernels missing on this machine
+    levels = [lg.level for lg in quiet]
     try:
+        for lg in quiet: lg.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import torchao
@@ -31,6 +35,8 @@ def torchao():
     except ImportError:
         raise ConfigError([Problem("quantization", "quantization (qat, quantization, fp8) needs the torchao package, which is not installed.",
                                    "pip install 'ftkit[torchao]'")]) from None
+    finally:
+        for lg, lv in zip(quiet, levels): lg.setLevel(lv)
 
 def _intx(weight: str, act: str | None, group_size: int):
     import torch
