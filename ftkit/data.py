@@ -465,9 +465,11 @@ def _process_group(cfg: FinetuneConfig, tok, group, report, strict, max_len, key
 
 # %% ../nbs/03_data.ipynb #d77a44ad
 def _dedup(ds):
+    "Exact duplicates dropped: the same tokens and labels (and, for vision rows, the same pictures)."
     seen, keep = set(), []
-    for k, (a, b) in enumerate(zip(ds["input_ids"], ds["labels"])):
-        h = hash((tuple(a), tuple(b)))
+    pics = ds["images"] if "images" in ds.column_names else [[]] * len(ds)
+    for k, (a, b, p) in enumerate(zip(ds["input_ids"], ds["labels"], pics)):
+        h = hash((tuple(a), tuple(b), tuple(x["bytes"] for x in p)))
         if h not in seen: seen.add(h); keep.append(k)
     return ds.select(keep) if len(keep) < len(ds) else ds, len(ds) - len(keep)
 

@@ -92,6 +92,16 @@ def test_labels_mask_image_tokens_and_non_assistant_turns_exactly(setup):
         assert len(got["images"]) == 1 and got["text"].count("<image>") == 1
 
 
+def test_deduplication_keeps_rows_whose_pictures_differ(setup):
+    "Rows 0 and 4 have the same text and different pictures: both stay; an exact copy of row 0 goes."
+    from ftkit.data import prepare
+    from ftkit.models import load_tokenizer
+    d = setup["dir"]
+    (d / "dup.jsonl").write_text("\n".join(json.dumps(r) for r in setup["rows"] + [setup["rows"][0]]) + "\n")
+    cfg = _cfg(setup, dataset_exact_deduplication=True, datasets=[{"path": str(d / "dup.jsonl"), "type": "chat_template"}])
+    prep = prepare(cfg, load_tokenizer(cfg, quiet=True), quiet=True)
+    assert prep.report.deduplicated == 1 and len(prep.train) == len(setup["rows"])
+
 def test_debug_view_folds_image_tokens(setup):
     import io as _io
     from ftkit.inspect import show
