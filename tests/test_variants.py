@@ -190,22 +190,24 @@ def test_spectrum_unfreezes_the_planted_high_snr_matrices_and_trains_only_them(t
 def _kl(teacher, student, rows):
     "Mean full-vocabulary KL(teacher || student) at the trained positions of `rows`."
     tot = n = 0.0
+    dev = next(student.parameters()).device
     with torch.no_grad():
         for r in rows:
-            ids = torch.tensor([r["input_ids"]])
+            ids = torch.tensor([r["input_ids"]], device=dev)
             t = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].float(), -1)
             s = torch.log_softmax(student(input_ids=ids).logits[0, :-1].float(), -1)
-            keep = torch.tensor(r["labels"][1:]) != -100
+            keep = torch.tensor(r["labels"][1:], device=dev) != -100
             tot += float((t.exp() * (t - s)).sum(-1)[keep].sum()); n += int(keep.sum())
     return tot / n
 
 
-def test_distillation_moves_a_smaller_student_towards_the_teacher(tmp_path):
+def _distill(tmp_path, device="cpu", **extra):
+    "Teacher logprobs for chat rows -> a KD dataset file -> distil a smaller student; (kl before, kl after, result, samples)."
     from ftkit.prompts.registry import resolve_type
     from ftkit_test_tokenizers import llama3
     tok = llama3()
     V = len(tok)
-    teacher = tiny_llama(vocab_size=V, seed=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    teacher = tiny_llama(vocab_size=V, seed=1, hidden_size=64, intermediate_size=128, num_hidden_layers=2).to(device)
     with torch.no_grad(): teacher.lm_head.weight.mul_(30.0)          # a confident teacher: peaked distributions
     words = "the quick brown fox jumps over the lazy dog hello world answer".split()
     g = torch.Generator().manual_seed(0)
@@ -216,19 +218,22 @@ def test_distillation_moves_a_smaller_student_towards_the_teacher(tmp_path):
     base = {"learning_rate": 3e-3, "micro_batch_size": 8, "sequence_len": 128, "optimizer": "adamw_torch", "seed": 3,
             "save_strategy": "no", "lr_scheduler": "constant", "logging_steps": 1, "output_dir": str(tmp_path / "out"),
             "dataset_prepared_path": str(tmp_path / "prep")}
-    cfg = load_config({**base, "datasets": [entry], "kd_trainer": True, "kd_alpha": 1.0, "kd_ce_alpha": 0.1, "max_steps": 40})
+    cfg = load_config({**base, "datasets": [entry], "kd_trainer": True, "kd_alpha": 1.0, "kd_ce_alpha": 0.1, "max_steps": 40, **extra})
     strat = resolve_type("chat_template").build(tok, cfg.datasets[0], cfg)      # the student's own tokenization
     samples = [strat.tokenize({"messages": c})[0] for c in convs]
     with_lp = add_teacher_logprobs(teacher, samples, column="teacher", top_k=16)
     write_jsonl([{"messages": c, "teacher": r["teacher"]} for c, r in zip(convs, with_lp)], tmp_path / "kd.jsonl")
-
-    student = tiny_llama(vocab_size=V, seed=2, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    student = tiny_llama(vocab_size=V, seed=2, hidden_size=32, intermediate_size=64, num_hidden_layers=1).to(device)
     kl0 = _kl(teacher, student, samples)
     r = train(cfg, model=student, tokenizer=tok, quiet=True)
-    kl1 = _kl(teacher, student, samples)
-    assert type(r.trainer).__name__ == "DistillationTrainer"
+    return kl0, _kl(teacher, student, samples), r
+
+
+def test_distillation_moves_a_smaller_student_towards_the_teacher(tmp_path):
+    kl0, kl1, r = _distill(tmp_path)
     print(f"KL(teacher || student) before {kl0:.4f} after {kl1:.4f}")
-    assert kl1 < 0.5 * kl0, (kl0, kl1)
+    assert type(r.trainer).__name__ == "DistillationTrainer"
+    assert kl1 < 0.5 * kl0, (kl0, kl1)                               # measured 4.46 -> 1.28
     kd_logged = [h["kd_loss"] for h in r.log_history if "kd_loss" in h]
     assert len(kd_logged) == 40 and kd_logged[-1] < kd_logged[0]
     # the prepared rows carry the teacher's top-16 aligned to the tokens: position p holds the teacher's view of token p
@@ -275,3 +280,35 @@ def test_axolotl_names_are_accepted():
                         ("axolotl.integrations.kd.KDPlugin", {"kd_trainer": True, "datasets": [{**ds[0], "logprobs_field": "lp"}]})):
         cfg = load_config({"learning_rate": 1e-4, "datasets": ds, "plugins": [plugin], **key})
         assert not [w for w in cfg.warnings if w.key.startswith("plugins")]
+
+
+# ---------------------------------------------------------------- GPU (bf16): the same paths on CUDA
+
+@pytest.mark.gpu
+def test_relora_lisa_spectrum_and_distillation_bf16_on_gpu(tmp_path):
+    "ReLoRA merges into a bf16 base on CUDA and its saved full model matches; LISA and Spectrum train; KD distils in bf16."
+    from ftkit.models import apply_adapter
+    cfg = _cfg(tmp_path / "r", adapter="lora", lora_r=8, lora_alpha=16, lora_target_linear=True, max_steps=16, relora=True,
+               jagged_restart_steps=4, jagged_restart_warmup_steps=2, bf16=True)
+    model = apply_adapter(cfg, tiny_llama(vocab_size=64, seed=0).to("cuda", torch.bfloat16), quiet=True)
+    r = train(cfg, data=(counting_data(128), None), model=model, tokenizer=StubTok(), quiet=True)
+    cb = next(c for c in r.trainer.callback_handler.callbacks if type(c).__name__ == "RestartCallback")
+    assert [x["step"] for x in cb.restarts] == [4, 8, 12]
+    from transformers import AutoModelForCausalLM
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "relora-full", dtype=torch.bfloat16).cuda()
+    x = torch.tensor([[1, 5, 6, 7, 8, 9]], device="cuda")
+    with torch.no_grad():
+        assert torch.allclose(full(input_ids=x).logits.float(), r.model(input_ids=x).logits.float(), atol=2e-2)
+    losses = [r.losses[s] for s in sorted(r.losses)]
+    assert all(math.isfinite(v) for v in losses) and sum(losses[-3:]) < sum(losses[:3])
+    cfg = _cfg(tmp_path / "l", max_steps=6, lisa_n_layers=1, lisa_step_interval=2, learning_rate=1e-3, bf16=True)
+    r = train(cfg, data=(counting_data(64), None), model=tiny_llama(vocab_size=64, seed=0, num_hidden_layers=4).cuda(),
+              tokenizer=StubTok(), quiet=True)
+    assert [s for s, _ in next(c for c in r.trainer.callback_handler.callbacks if type(c).__name__ == "LisaCallback").history] == [0, 2, 4]
+    m, planted = _planted()
+    r = train(_cfg(tmp_path / "s", max_steps=2, spectrum_top_fraction=0.34, bf16=True), data=(counting_data(32), None),
+              model=m.cuda(), tokenizer=StubTok(), quiet=True)
+    assert set(planted) <= set(m.ftkit_spectrum.trained)
+    kl0, kl1, r = _distill(tmp_path / "kd", device="cuda", bf16=True)
+    print(f"GPU bf16 KL(teacher || student) before {kl0:.4f} after {kl1:.4f}")
+    assert kl1 < 0.5 * kl0, (kl0, kl1)
