@@ -201,6 +201,14 @@ def _kl(teacher, student, rows):
     return tot / n
 
 
+def _kd_script():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("kd_dataset", Path(__file__).resolve().parents[1] / "scripts" / "kd_dataset.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
 def _distill(tmp_path, device="cpu", **extra):
     "Teacher logprobs for chat rows -> a KD dataset file -> distil a smaller student; (kl before, kl after, result, samples)."
     from ftkit.prompts.registry import resolve_type
@@ -219,10 +227,16 @@ def _distill(tmp_path, device="cpu", **extra):
             "save_strategy": "no", "lr_scheduler": "constant", "logging_steps": 1, "output_dir": str(tmp_path / "out"),
             "dataset_prepared_path": str(tmp_path / "prep")}
     cfg = load_config({**base, "datasets": [entry], "kd_trainer": True, "kd_alpha": 1.0, "kd_ce_alpha": 0.1, "max_steps": 40, **extra})
+    src = write_jsonl([{"messages": c} for c in convs], tmp_path / "src.jsonl")
+    rows, skipped = _kd_script().label_rows(load_config({**base, "datasets": [{"path": str(src), "type": "chat_template"}]}),
+                                            tok, teacher, column="teacher", top_k=16)          # scripts/kd_dataset.py
+    assert skipped == 0 and len(rows) == 32 and rows[0]["messages"] == convs[0]
+    write_jsonl(rows, tmp_path / "kd.jsonl")
     strat = resolve_type("chat_template").build(tok, cfg.datasets[0], cfg)      # the student's own tokenization
     samples = [strat.tokenize({"messages": c})[0] for c in convs]
-    with_lp = add_teacher_logprobs(teacher, samples, column="teacher", top_k=16)
-    write_jsonl([{"messages": c, "teacher": r["teacher"]} for c, r in zip(convs, with_lp)], tmp_path / "kd.jsonl")
+    alone = add_teacher_logprobs(teacher, samples[:1], column="teacher", top_k=16)[0]["teacher"]   # unbatched: same numbers
+    assert len(alone) == len(rows[0]["teacher"]) == len(samples[0]["input_ids"]) - 1
+    assert all(a[0]["token"] == b[0]["token"] and abs(a[0]["logprob"] - b[0]["logprob"]) < 1e-3 for a, b in zip(alone, rows[0]["teacher"]))
     student = tiny_llama(vocab_size=V, seed=2, hidden_size=32, intermediate_size=64, num_hidden_layers=1).to(device)
     kl0 = _kl(teacher, student, samples)
     r = train(cfg, model=student, tokenizer=tok, quiet=True)
