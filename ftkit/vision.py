@@ -190,7 +190,7 @@ def image_placeholder(processor) -> str:
         j = 0
         while j < len(a) - i and a[-1 - j] == b[-1 - j]: j += 1
         ph = b[i:len(b) - j]
-        if ph and (token is None or token in ph): return ph
+        if ph: return ph            # what the template writes is what the processor expands (e.g. Gemma 3's <start_of_image>)
     if token: return str(token)
     raise ValueError(f"{type(processor).__name__} has no image token and its chat template writes nothing for an image part")
 
@@ -257,7 +257,8 @@ def carry_labels(ids0: list[int], labels0: list[int], ids: list[int]) -> list[in
 def process(proc, cfg: FinetuneConfig, texts: list[str], pictures: list[list[bytes]]):
     "The processor's tensors for rendered `texts` and their pictures (encoded bytes, one list per text)."
     imgs = [[open_image(b, cfg) for b in ps] for ps in pictures]
-    return proc(text=texts, images=imgs if any(imgs) else None, return_tensors="pt", padding=True, add_special_tokens=False)
+    return proc(text=texts, images=imgs if any(imgs) else None, return_tensors="pt", padding=True, padding_side="right",
+                add_special_tokens=False)
 
 def tokenize_row(s, row: dict) -> dict:
     "One row as `input_ids`, `attention_mask`, `labels` under strategy `s` (a `VisionChatStrategy`); raises `RowError`."
@@ -340,7 +341,6 @@ class VisionCollator:
         from ftkit.errors import FtkitError
         enc = process(self.proc, self.cfg, [f["text"] for f in features], [[im["bytes"] for im in f["images"]] for f in features])
         ids = enc["input_ids"]
-        if self.proc.tokenizer.padding_side == "left": raise FtkitError("vision rows are batched with right padding; set the tokenizer's padding_side to 'right'")
         labels = torch.full_like(ids, -100)
         for k, f in enumerate(features):
             m = len(f["input_ids"])
