@@ -8,6 +8,13 @@ chat rows of random words, long enough that packed rows are full. LoRA r16 on ev
 sample packing into rows of --seq tokens, bf16.
 
   python benchmarks/multi_gpu.py --tokenizer DIR --out OUT [--steps 30] [--shape 1b|tiny] [--runs cli1,cli2,nb2,fsdp2,zero2]
+  python benchmarks/multi_gpu.py --tokenizer DIR --out OUT --gpus 4 --runs allreduce,cli1,cliN,full1,fullN --steps 12 --warmup 4
+
+Scaling runs (--gpus N, default 2): cliN = LoRA DDP on N GPUs (global batch kept: GA/N each), full1 / fullN = full
+fine-tune on 1 GPU and FSDP2 on N GPUs, allreduce = NCCL all-reduce bus bandwidth between the N GPUs. OUT/scaling.json
+and OUT/scaling.md hold tokens/s per GPU, scaling efficiency, memory per GPU and the paper estimate for 8 and 64 GPUs
+(`estimate`: measured per-GPU throughput + gradient traffic over the measured bandwidth; the inter-node bandwidth is
+an assumption given by --inter-node-gbps and named as such in the table).
 
 Each run writes OUT/<run>/metrics.jsonl (rank 0) and OUT/<run>.log; OUT/multi_gpu.json holds the summary:
 tokens/s over the steps after the first --warmup, loss per step, peak GPU memory per rank.
@@ -127,6 +134,8 @@ def summarize(out: Path, warmup: int) -> dict:
     res = {"ok": any(r.get("event") == "end" for r in recs), "losses": [r["loss"] for r in logs], "steps": len(logs)}
     begin = next((r for r in recs if r.get("event") == "begin"), {})
     res["world_size"] = begin.get("world_size")
+    if begin.get("rank0_trainable_elements"):   # whole count under DDP (each rank holds all of it)
+        res["trainable"] = begin["rank0_trainable_elements"] * (begin.get("world_size") or 1 if begin.get("sharding") == "fsdp" else 1)
     tok = [r for r in logs if "num_tokens" in r]
     if len(tok) > warmup + 1:
         a, b = tok[warmup], tok[-1]
@@ -148,6 +157,101 @@ def generate_check(model_dir: Path, log: Path) -> dict:
     return {"loads_and_generates": "GEN_OK 5" in r.stdout}
 
 
+ALLREDUCE = r'''
+import json, os, sys, time, torch, torch.distributed as dist
+dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+rank, n = dist.get_rank(), dist.get_world_size()
+dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+if dev.type == "cuda": torch.cuda.set_device(dev)
+res = []
+for mib in [int(x) for x in sys.argv[2].split(",")]:
+    x = torch.ones(mib * 2**20 // 2, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float16, device=dev)
+    for _ in range(3): dist.all_reduce(x)
+    if dev.type == "cuda": torch.cuda.synchronize()
+    iters = 10 if dev.type == "cuda" else 2
+    t = time.perf_counter()
+    for _ in range(iters): dist.all_reduce(x)
+    if dev.type == "cuda": torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / iters
+    res.append({"mib": mib, "seconds": dt, "bus_gb_s": 2 * (n - 1) / n * mib * 2**20 / dt / 1e9})
+if rank == 0: open(sys.argv[1], "w").write(json.dumps({"world_size": n, "backend": dist.get_backend(), "sizes": res}))
+dist.destroy_process_group()
+'''
+
+
+def allreduce(out: Path, n: int, sizes: str = "64,256,1024") -> dict:
+    "Bus bandwidth of all_reduce between `n` local GPUs (NCCL; gloo on a CPU machine), the nccl-tests definition."
+    script = out / "allreduce.py"
+    script.write_text(ALLREDUCE)
+    res = out / "allreduce.json"
+    rc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), str(script), str(res), sizes],
+             out / "allreduce.log", timeout=180)
+    return json.loads(res.read_text()) if rc == 0 and res.exists() else {"ok": False}
+
+
+def per_gpu(run: dict, n: int) -> dict:
+    "tokens/s per GPU and the most memory any GPU used."
+    tps = run.get("tokens_per_s")
+    peak = max((run.get("peak_gib_per_rank") or {"": None}).values(), default=None)
+    return {"gpus": n, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / n if tps else None, "peak_gib_per_gpu": peak}
+
+
+def estimate(per_gpu_tps: float, tokens_per_gpu_step: int, grad_bytes: float, bus_gb_s: float, n: int,
+             inter_gb_s: float, gpus_per_node: int = 8, fsdp: bool = False) -> dict:
+    """Paper estimate for `n` GPUs with the work per GPU fixed (weak scaling): compute time from the measured per-GPU
+    throughput; communication = the bytes of a ring all-reduce of the gradients (DDP: 2(n-1)/n x grad bytes; FSDP: about
+    1.5x that, an all-gather per pass and a reduce-scatter) over the slowest link (NVLink inside a node, the network
+    between nodes). Two bounds: communication fully hidden behind the backward pass, or not hidden at all."""
+    compute = tokens_per_gpu_step / per_gpu_tps
+    bw = bus_gb_s if n <= gpus_per_node else min(bus_gb_s, inter_gb_s)
+    comm = (1.5 if fsdp else 1.0) * 2 * (n - 1) / n * grad_bytes / (bw * 1e9)
+    lo, hi = n * tokens_per_gpu_step / (compute + comm), n * tokens_per_gpu_step / max(compute, comm)
+    return {"gpus": n, "compute_s": compute, "comm_s": comm, "tokens_per_s_no_overlap": lo, "tokens_per_s_full_overlap": hi,
+            "bandwidth_gb_s": bw, "bandwidth_source": "measured (NVLink, this node)" if n <= gpus_per_node else
+            f"assumed --inter-node-gbps {inter_gb_s:g} GB/s per GPU" if inter_gb_s < bus_gb_s else "measured (NVLink, this node)"}
+
+
+def scaling_report(summary: dict, args, out: Path) -> None:
+    "OUT/scaling.json and OUT/scaling.md: measured per-GPU numbers and the estimate for 8 and 64 GPUs."
+    n, rows, est = args.gpus, [], []
+    bus = max((x["bus_gb_s"] for x in summary.get("allreduce", {}).get("sizes", [])), default=None)
+    tokens_step = args.seq * args.ga                     # packed rows of --seq tokens, --ga rows per optimizer step (global)
+    for kind, one, many in (("LoRA r16 (DDP)", "cli1", "cliN"), ("full fine-tune (1 GPU / FSDP2)", "full1", "fullN")):
+        a, b = summary.get(one, {}), summary.get(many, {})
+        if not (a.get("tokens_per_s") and b.get("tokens_per_s")): continue
+        pa, pb = per_gpu(a, 1), per_gpu(b, n)
+        eff = pb["tokens_per_s"] / (n * pa["tokens_per_s"])
+        rows.append({"workload": kind, "one": pa, "many": pb, "speedup": pb["tokens_per_s"] / pa["tokens_per_s"], "efficiency": eff})
+        grad = (b.get("trainable") or 0) * (4 if "LoRA" in kind else 2)
+        if bus and grad:
+            for m in (8, 64):
+                est.append({"workload": kind, **estimate(pb["tokens_per_s_per_gpu"], tokens_step // n, grad, bus, m,
+                                                         args.inter_node_gbps, fsdp="FSDP" in kind)})
+    rep = {"gpus": n, "gpu": summary.get("gpu"), "seq": args.seq, "global_batch_rows": args.ga, "bus_gb_s": bus,
+           "measured": rows, "estimate": est}
+    (out / "scaling.json").write_text(json.dumps(rep, indent=1))
+    md = [f"# Scaling on {n}x {summary.get('gpu', 'GPU')} (`benchmarks/multi_gpu.py`)", "",
+          f"{'Llama-3.2-1B' if args.shape == '1b' else args.shape} shape, packed rows of {args.seq} tokens, global batch {args.ga} rows per step on 1 and on {n} GPUs.", "",
+          "| workload | GPUs | tokens/s | tokens/s per GPU | speed-up | scaling efficiency | peak GiB per GPU |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for side in ("one", "many"):
+            p = r[side]
+            md.append(f"| {r['workload']} | {p['gpus']} | {p['tokens_per_s']:,.0f} | {p['tokens_per_s_per_gpu']:,.0f} | "
+                      + (f"x{r['speedup']:.2f} | {r['efficiency']:.0%}" if side == "many" else "— | —") + f" | {p['peak_gib_per_gpu']} |")
+    if bus: md += ["", f"all-reduce bus bandwidth between the {n} GPUs ({summary['allreduce'].get('backend')}, best of "
+                   f"{', '.join(str(x['mib']) for x in summary['allreduce']['sizes'])} MiB messages): **{bus:,.1f} GB/s**."]
+    if est:
+        md += ["", "Paper estimate, work per GPU fixed at the measured run's (compute from the measured tokens/s per GPU, "
+               "gradient traffic over the bandwidth named in the row):", "",
+               "| workload | GPUs | compute s/step | communication s/step | bandwidth | tokens/s (no overlap .. full overlap) |",
+               "|---|---|---|---|---|---|"]
+        for e in est:
+            md.append(f"| {e['workload']} | {e['gpus']} | {e['compute_s']:.3f} | {e['comm_s']:.4f} | {e['bandwidth_gb_s']:,.1f} GB/s, "
+                      f"{e['bandwidth_source']} | {e['tokens_per_s_no_overlap']:,.0f} .. {e['tokens_per_s_full_overlap']:,.0f} |")
+    (out / "scaling.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True)
@@ -159,6 +263,9 @@ def main():
     ap.add_argument("--ga", type=int, default=4)
     ap.add_argument("--rows", type=int, default=12000)
     ap.add_argument("--runs", default="cli1,cli2,nb2,fsdp2,zero2")
+    ap.add_argument("--gpus", type=int, default=2, help="GPUs for the cliN / fullN / allreduce runs")
+    ap.add_argument("--inter-node-gbps", type=float, default=50.0,
+                    help="assumed network bandwidth per GPU between nodes for the 64-GPU estimate (GB/s; 8x400 Gb/s NICs = 50)")
     args = ap.parse_args()
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     ftkit = [sys.executable, "-m", "ftkit.cli"]
@@ -191,6 +298,30 @@ def main():
         summary["nb2"] = summarize(out / "nb2", args.warmup)
         txt = (out / "nb2.log").read_text() if (out / "nb2.log").exists() else ""
         if "NB_RESULT " in txt: summary["nb2"].update(json.loads(txt.split("NB_RESULT ")[1].splitlines()[0]))
+    n = args.gpus
+    if "allreduce" in runs:
+        print(f"all-reduce bandwidth, {n} processes", flush=True)
+        summary["allreduce"] = allreduce(out, n)
+    if "cliN" in runs:
+        c = write(base_config(model_dir, data, out / "cliN", args, gradient_accumulation_steps=max(args.ga // n, 1)), out / "cliN.yml")
+        print(f"{n} GPUs LoRA (CLI, torchrun)", flush=True)
+        run(ftkit + ["train", str(c), "--launcher", "torchrun", "--num-processes", str(n)], out / "cliN.log")
+        summary["cliN"] = summarize(out / "cliN", args.warmup)
+    full = dict(adapter=None, lora_r=None, lora_alpha=None, lora_target_linear=None, lora_dropout=None, optimizer="adamw_torch")
+    if "full1" in runs:
+        c = write(base_config(model_dir, data, out / "full1", args, **full), out / "full1.yml")
+        print("1 GPU full fine-tune", flush=True)
+        run(ftkit + ["train", str(c)], out / "full1.log", one_gpu)
+        summary["full1"] = summarize(out / "full1", args.warmup)
+    if "fullN" in runs:
+        c = write(base_config(model_dir, data, out / "fullN", args, **full, gradient_accumulation_steps=max(args.ga // n, 1),
+                              fsdp_version=2, fsdp_config={"fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                                           "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+                                                           "fsdp_state_dict_type": "FULL_STATE_DICT"}), out / "fullN.yml")
+        print(f"{n} GPUs FSDP2 full fine-tune", flush=True)
+        run(ftkit + ["train", str(c), "--launcher", "accelerate", "--num-processes", str(n)], out / "fullN.log")
+        summary["fullN"] = summarize(out / "fullN", args.warmup)
+    (out / "multi_gpu.json").write_text(json.dumps(summary, indent=1))
     short = dict(max_steps=min(args.steps, 8), adapter=None, lora_r=None, lora_alpha=None, lora_target_linear=None,
                  lora_dropout=None, gradient_accumulation_steps=max(args.ga // 2, 1), optimizer="adamw_torch")
     if "fsdp2" in runs:
@@ -215,6 +346,7 @@ def main():
         n = min(len(l1), len(l2))
         summary["max_abs_loss_diff_1v2"] = max(abs(a - b) for a, b in zip(l1[:n], l2[:n])) if n else None
     (out / "multi_gpu.json").write_text(json.dumps(summary, indent=1))
+    if {"allreduce", "cliN", "fullN"} & set(runs): scaling_report(summary, args, out)
     for name in runs:  # keep the raw records beside the summary
         for f in ("metrics.jsonl", "peak_memory.jsonl"):
             if (out / name / f).exists(): (out / f"{name}.{f}").write_text((out / name / f).read_text())

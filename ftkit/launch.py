@@ -97,9 +97,10 @@ def _layout(trainer, model) -> dict:
     acc = trainer.accelerator
     kind = ("fsdp" if getattr(acc, "is_fsdp2", False) or trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled
             else "ddp" if acc.num_processes > 1 else "none")
-    local = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if hasattr(p, "to_local") else p).numel()
-                for p in model.parameters())                     # ZeRO-3 / FSDP2 shards: this rank's part only
-    return {"sharding": kind, "rank0_param_elements": int(local)}
+    here = lambda p: (p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if hasattr(p, "to_local") else p).numel()
+    local = sum(here(p) for p in model.parameters())                      # ZeRO-3 / FSDP2 shards: this rank's part only
+    trainable = sum(here(p) for p in model.parameters() if p.requires_grad)
+    return {"sharding": kind, "rank0_param_elements": int(local), "rank0_trainable_elements": int(trainable)}
 
 
 # %% ../nbs/09_launch.ipynb #4375400d
