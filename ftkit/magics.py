@@ -245,6 +245,9 @@ FINETUNE_ARGUMENTS = (
     argument("--config", default=None, help="a YAML config file (the cell body, if any, is applied on top)"),
     argument("--name", default="ft", help="name of the run object in the notebook (default: ft)"),
     argument("--gpus", type=int, default=None, help="number of GPUs (more than 1 launches processes)"),
+    argument("--nnodes", type=int, default=1, help="train: machines in the job (each runs this cell with its --node-rank)"),
+    argument("--node-rank", type=int, default=None, help="train: this machine's rank 0..nnodes-1"),
+    argument("--rdzv-endpoint", default=None, help="train: HOST:PORT of node 0, reachable from every machine"),
     argument("--gpu", default=None, help="plan: judge the memory estimate against this GPU (24GB, A100-80GB, H100, ...; default: this machine's)"),
     argument("--against", default=None, help="debug: another config (a YAML file, or a run object's name) to tokenize the same rows with"),
     argument("--max-new-tokens", type=int, default=128, help="infer: tokens to generate"),
@@ -334,7 +337,7 @@ def _finetune(self:FinetuneMagics, args, cell: str | None = None):
         run.plan = resolve(cfg)
         self.shell.user_ns[args.name] = run
         self.last_run = run
-        if args.gpus is not None and args.gpus > 1 and mode in ("train", "preprocess", "evaluate"):
+        if (args.gpus is not None and args.gpus > 1 or args.nnodes > 1) and mode in ("train", "preprocess", "evaluate"):
             return self._launch(args, run, mode)
         warnings = [p for p in problems if p.level != "error"]
         if mode in ("validate", "plan"):
@@ -510,19 +513,23 @@ def _launch(self:FinetuneMagics, args, run, mode):
     if mode != "train":
         raise UserError(f"--gpus {args.gpus} is for `train`; `{mode}` runs in this process (drop --gpus).")
     from ftkit.dashboard import Dashboard
-    dash = Dashboard(title=f"ftkit · {run.plan.method} · {args.gpus} processes", mode=args.dashboard, handle_interrupt=False,
+    nodes = launch.Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint).check()     # before anything starts
+    where = f"{args.gpus or 1} processes" + (f" on node {nodes.node_rank} of {nodes.nnodes}" if nodes.nnodes > 1 else "")
+    dash = Dashboard(title=f"ftkit · {run.plan.method} · {where}", mode=args.dashboard, handle_interrupt=False,
                      output_dir=run.config.output_dir)
     run.dashboard = dash
     from ftkit.train import prepare_for_launch as prepare   # tokenize once here (CPU); the workers load the cache
     try:
-        records = launch.launch_train(run.config, args.gpus, on_record=dash.on_record, prepare=prepare)
+        if nodes.nnodes > 1:      # this machine's part of a multi-machine job (torchrun rendezvous, in a child process)
+            records = launch.launch_nodes(run.config, args.gpus, nodes, on_record=dash.on_record, prepare=prepare)
+        else: records = launch.launch_train(run.config, args.gpus, on_record=dash.on_record, prepare=prepare)
     except BaseException:
         dash.close("failed"); raise
     dash.close("finished")
     run.output_dir = run.config.output_dir
     run.metrics = {k: v for rec in records if rec.get("event") == "log" for k, v in rec.items()
                    if k not in ("event", "time", "step", "max_steps")}
-    run.stages.append(f"train on {args.gpus} processes")
+    run.stages.append(f"train on {where}")
 
 # %% ../nbs/10_magics.ipynb #71aa431c
 @patch

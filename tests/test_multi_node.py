@@ -100,3 +100,15 @@ def test_node_arguments_are_checked_before_anything_runs(tmp_path, tiny_model_di
         r = subprocess.run([FTKIT, "train", str(cfg), *extra], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-1500:])
     assert not (tmp_path / "o").exists() and not (tmp_path / "prepared").exists(), "nothing was prepared or written"
+
+
+def test_the_magic_takes_the_node_arguments(tmp_path, tiny_model_dir, capsys):
+    "`%%finetune train --nnodes 2 ...` goes through the same checks (and would start this machine's torchrun)."
+    from helpers import notebook_shell
+    shell = notebook_shell(tmp_path)
+    cfg = write_config(tmp_path, tiny_model_dir, tmp_path / "m")
+    r = shell.run_cell(f"%%finetune train --nnodes 2 --node-rank 0 --config {cfg}\nmax_steps: 1\n")
+    assert r.success
+    out = capsys.readouterr().out
+    assert "needs --rdzv-endpoint HOST:PORT" in out and "Traceback" not in out, out[-1500:]
+    assert not (tmp_path / "m").exists()
