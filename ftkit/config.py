@@ -491,7 +491,9 @@ IGNORED_KEYS: dict[str, str] = {
     "use_kernels": "Hub kernels (the `kernels` package) are not loaded; ftkit's own kernels are switched by their keys",
     "flex_attn_compile_kwargs": "flex attention runs uncompiled options of transformers' own flex backend",
     # distributed
-    "context_parallel_size": f"{_LATER}: each GPU holds whole sequences",
+    "context_parallel_size": (f"{_LATER}: each GPU holds whole sequences. accelerate's context parallelism (FSDP2 + SDPA ring "
+                              "attention) takes no attention mask, so packed documents would attend to each other; a varlen "
+                              "ring attention is not wired in"),
     "tensor_parallel_size": f"{_LATER}: GPUs are used data-parallel (DDP, FSDP2, DeepSpeed)",
     # training variants (the beyond-SFT issue)
     "spectrum_model_name": "ftkit computes the signal-to-noise ratios from the loaded weights instead of downloading precomputed ones",
