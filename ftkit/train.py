@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .config import FinetuneConfig, Plan, load, resolve
 from .errors import ConfigError, FtkitError, Problem
 from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan, pose_positions
-from .prompts.registry import user_modules
+from .prompts.registry import resolve_type, user_modules
 from .rl import Method, RLData, load_rl_model, make_trainer, method_of, prepare_rl_data
 from . import guard
 from . import variants    # ReLoRA / jagged restarts, LISA, Spectrum
@@ -394,7 +394,8 @@ def prepare(cfg: FinetuneConfig, tokenizer, quiet: bool = False):
 def prepare_data(cfg: FinetuneConfig, tokenizer, data=None, quiet=False):
     "(train, eval, prepared): from `data` if given, else `prepare(cfg, tokenizer)`."
     from ftkit.streaming import stream_data, streams
-    if data is None and streams(cfg): data = stream_data(cfg, tokenizer)      # pretraining_dataset / streaming: read lazily
+    if data is None and streams(cfg):         # pretraining_dataset / streaming: read lazily (prompt types through their strategy)
+        data = stream_data(cfg, tokenizer, lambda i: resolve_type(cfg.datasets[i].type).build(tokenizer, cfg.datasets[i], cfg))
     prepared = data if data is not None else prepare(cfg, tokenizer, quiet)
     return _split_data(prepared) + (prepared,)
 
