@@ -568,9 +568,9 @@ def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
         if cfg.dataset_exact_deduplication:
             train, n = _dedup(train); rep.deduplicated += n
             if test is not None: test, n = _dedup(test); rep.deduplicated += n
+        _stats(train, rep, tokenizer, strategies)          # before the shuffle: the statistics do not depend on the order
         if cfg.shuffle_merged_datasets is not False:
             train = train.shuffle(seed=cfg.seed)
-        _stats(train, rep, tokenizer, strategies)
         rep.warnings += template_eot_warnings(tokenizer, strategies)
         rep.warnings += [n for s in strategies if hasattr(s, "axolotl_notes") for n in s.axolotl_notes()]  # DIFFERENCES.md
         if len(train) == 0:

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from fastcore.basics import patch
 from transformers import TrainerCallback
 
 from .errors import ConfigError, Problem
 
 # %% auto #0
-__all__ = ['SUFFIXES', 'POSITION_FILE', 'corpus_files', 'read_documents', 'PackedStream', 'streams', 'check', 'StreamData',
-           'stream_data', 'training_kwargs', 'StreamPosition']
+__all__ = ['SUFFIXES', 'TEXT_TYPES', 'POSITION_FILE', 'corpus_files', 'read_documents', 'PackedStream', 'PackedSampleStream',
+           'streams', 'check', 'StreamData', 'stream_data', 'training_kwargs', 'StreamPosition']
 
 # %% ../nbs/03b_streaming.ipynb #18774da6
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -32,8 +33,9 @@ def corpus_files(path) -> list[Path]:
     raise ConfigError([Problem("pretraining_dataset", f"{str(p)!r} does not exist.",
                                "Point `path` at a local .jsonl / .parquet file or a folder of them.")], origin="streaming")
 
-def read_documents(files: list[Path], column: str = "text", start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, str]]:
-    "(file index, document index, text) for every document from `start` on, reading one line / record batch at a time."
+def read_documents(files: list[Path], column: str | None = "text", start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, Any]]:
+    """(file index, document index, text) for every document from `start` on, reading one line / record batch at a time;
+    with `column=None`, the whole record (a dict) instead of one column's text."""
     fi0, off0 = start
     for fi in range(fi0, len(files)):
         f, skip = files[fi], (off0 if fi == fi0 else 0)
@@ -47,16 +49,17 @@ def read_documents(files: list[Path], column: str = "text", start: tuple[int, in
                 groups.append(g)
             if not groups: continue
             i = first
-            for batch in pf.iter_batches(batch_size=256, columns=[column], row_groups=groups):
-                for v in batch.column(0).to_pylist():
+            for batch in pf.iter_batches(batch_size=256, columns=[column] if column else None, row_groups=groups):
+                for v in (batch.column(0).to_pylist() if column else batch.to_pylist()):
                     if i >= skip and v: yield fi, i, v
                     i += 1
         else:
             with open(f, encoding="utf-8") as fh:
                 for i, line in enumerate(fh):
                     if i < skip or not line.strip(): continue
-                    v = json.loads(line).get(column)
-                    if v: yield fi, i, v
+                    rec = json.loads(line)
+                    v = rec.get(column) if column else rec
+                    if v and isinstance(v, (str, dict)): yield fi, i, v
 
 # %% ../nbs/03b_streaming.ipynb #6cbe5d48
 class PackedStream(torch.utils.data.IterableDataset):
@@ -103,10 +106,65 @@ class PackedStream(torch.utils.data.IterableDataset):
                 yield segs
                 segs, n = [], 0
 
+# %% ../nbs/03b_streaming.ipynb #st15a001
+class PackedSampleStream(PackedStream):
+    """Rows of whole samples from prompt strategies (chat_template, alpaca, ...; `strategies[i]` tokenizes the records of
+    `files[i]`, labels exactly as in prepared data). Samples are packed in order into rows of at most `seq_len` tokens and
+    never split; a sample longer than `seq_len` is dropped (or cut, `truncate`), as is one with nothing to train.
+    The position is (file, record, samples of that record not yet placed)."""
+    def __init__(self, files: list[Path], tokenizer, seq_len: int, strategies: list, truncate: bool = False,
+                 min_len: int = 2, keep: int = 1024):
+        super().__init__(files, tokenizer, seq_len, column=None, keep=keep)
+        self.strategies, self.truncate, self.min_len = list(strategies), truncate, int(min_len)
+        self.dropped: dict[str, int] = {}
+
+    def _samples(self, fi: int, record: dict) -> list[dict]:
+        "The record's samples as {input_ids, labels} that fit the length rules; the rest counted in `dropped`."
+        res = self.strategies[fi].tokenize_batch([record])[0]
+        if not isinstance(res, list):             # a RowError: counted by its reason, as the data report does
+            self.dropped[getattr(res, "reason", "error")] = self.dropped.get(getattr(res, "reason", "error"), 0) + 1; return []
+        out = []
+        for s in res:
+            ids, lab = list(s["input_ids"]), list(s["labels"])
+            if len(ids) > self.seq_len:
+                if not self.truncate: self.dropped["too_long"] = self.dropped.get("too_long", 0) + 1; continue
+                ids, lab = ids[:self.seq_len], lab[:self.seq_len]
+            if len(ids) < self.min_len or all(x == -100 for x in lab):
+                self.dropped["too_short_or_untrained"] = self.dropped.get("too_short_or_untrained", 0) + 1; continue
+            out.append({"input_ids": ids, "labels": lab})
+        return out
+
+# %% ../nbs/03b_streaming.ipynb #st15a002
+@patch
+def __iter__(self:PackedSampleStream):
+    start = self.state_dict()
+    self.rows, self.after = 0, deque(maxlen=self.after.maxlen)
+    carry, nxt = [dict(s) for s in start["carry"]], (start["file"], start["doc"])
+    docs = read_documents(self.files, None, nxt)
+    row, n = [], 0
+    while True:
+        if not carry:
+            try: fi, di, rec = next(docs)
+            except StopIteration: break
+            carry, nxt = self._samples(fi, rec), (fi, di + 1)
+            continue
+        if row and n + len(carry[0]["input_ids"]) > self.seq_len:    # the next sample does not fit: this row is done
+            self.rows += 1
+            self.after.append((self.rows, {"file": nxt[0], "doc": nxt[1], "carry": [dict(s) for s in carry]}))
+            yield row
+            row, n = [], 0
+        s = carry.pop(0); row.append(s); n += len(s["input_ids"])
+    if row:                                                           # the last row: whole samples, shorter than seq_len
+        self.rows += 1
+        self.after.append((self.rows, {"file": nxt[0], "doc": nxt[1], "carry": []}))
+        yield row
+
 # %% ../nbs/03b_streaming.ipynb #e119415e
 def streams(cfg) -> bool:
     "Whether a config trains from a stream (`pretraining_dataset`, or `streaming: true`)."
     return bool(cfg.pretraining_dataset) or bool(cfg.streaming)
+
+TEXT_TYPES = (None, "completion", "pretrain")      # streamed as plain text; any other type through its prompt strategy
 
 def _entries(cfg) -> list[dict]:
     if cfg.pretraining_dataset:
@@ -122,10 +180,13 @@ def check(values: dict) -> list[Problem]:
         key = "pretraining_dataset" if values.get("pretraining_dataset") else "streaming"
         out.append(Problem(key, "a streamed dataset has no length, so the run needs max_steps.", "Add e.g. `max_steps: 1000`."))
     if values.get("streaming") and not values.get("pretraining_dataset"):
-        for i, e in enumerate(values.get("datasets") or []):
-            if isinstance(e, dict) and e.get("type") not in (None, "completion", "pretrain"):
-                out.append(Problem(f"datasets[{i}].type", f"streaming reads plain-text datasets (type completion or pretrain); got {e.get('type')!r}.",
-                                   "Use `type: completion` with `field: text`, or drop `streaming: true`."))
+        text = [(e.get("type") if isinstance(e, dict) else None) in TEXT_TYPES for e in values.get("datasets") or []]
+        if any(text) and not all(text):
+            out.append(Problem("streaming", "streaming packs either plain text (type completion / pretrain) or prompt-strategy "
+                               "rows (chat_template, alpaca, ...), not both in one run.", "Stream one kind, or drop `streaming: true`."))
+        if values.get("rl") or values.get("reward_model") or values.get("process_reward_model"):
+            out.append(Problem("streaming", "streaming is for supervised fine-tuning and pretraining; preference / RL methods "
+                               "read prepared rows.", "Drop `streaming: true`."))
     pd = values.get("pretraining_dataset")
     for i, e in enumerate(pd if isinstance(pd, list) else ([pd] if pd else [])):
         p = e.get("path") if isinstance(e, dict) else e
@@ -142,18 +203,30 @@ class StreamData:
     callbacks: list = field(default_factory=list)
 
 # %% ../nbs/03b_streaming.ipynb #d4ee375a
-def stream_data(cfg, tokenizer) -> StreamData:
-    "The packed stream of the config's corpus (all entries' files, in order) and its checkpoint callback."
-    files, column = [], "text"
-    for e in _entries(cfg):
+def stream_data(cfg, tokenizer, strategy_for=None) -> StreamData:
+    """The packed stream of the config's corpus (all entries' files, in order) and its checkpoint callback. Prompt-strategy
+    datasets need `strategy_for(i)`, the strategy of `datasets[i]` (`ftkit.train` passes it: strategies live above this module)."""
+    entries, files, column = _entries(cfg), [], "text"
+    if not cfg.pretraining_dataset and any(e.get("type") not in TEXT_TYPES for e in entries):
+        if strategy_for is None: raise ConfigError([Problem("streaming", "prompt-strategy rows need their strategies.",
+                                                            "Train through ftkit.train, which passes them.")], origin="streaming")
+        strats: list = []
+        for i, e in enumerate(entries):
+            fs = corpus_files(e["path"]); files += fs; strats += [strategy_for(i)] * len(fs)
+        ds: PackedStream = PackedSampleStream(files, tokenizer, cfg.sequence_len, strats, min_len=cfg.min_sample_len,
+                                              truncate=cfg.excess_length_strategy == "truncate")
+        return StreamData(ds, None, [StreamPosition(ds, cfg.micro_batch_size, cfg.gradient_accumulation_steps)])
+    for e in entries:
         files += corpus_files(e["path"])
         column = e.get("text_column") or e.get("field") or column
     ds = PackedStream(files, tokenizer, cfg.sequence_len, column)
     return StreamData(ds, None, [StreamPosition(ds, cfg.micro_batch_size, cfg.gradient_accumulation_steps)])
 
 def training_kwargs(cfg) -> dict:
-    "TrainingArguments keywords for a streamed run: no batch skipping on resume (the stream resumes at its position)."
-    return {"ignore_data_skip": True} if streams(cfg) else {}
+    """TrainingArguments keywords for a streamed run: no batch skipping on resume (the stream resumes at its position), and
+    no batch dispatching: accelerate would otherwise slice every tensor of a batch of an IterableDataset along its first
+    dimension, cutting the packed rows' `cu_seq_lens` (the document boundaries attention keeps apart) to the batch size."""
+    return {"ignore_data_skip": True, "accelerator_config": {"dispatch_batches": False}} if streams(cfg) else {}
 
 POSITION_FILE = "data_position.json"
 

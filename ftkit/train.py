@@ -610,6 +610,8 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     optim.install_optimizer(trainer, cfg)     # parameter groups (lr_groups, embedding_lr, LoRA+) and Muon / Lion / ADOPT
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     for c in (PrinterCallback, ProgressCallback): trainer.remove_callback(c)
+    for cb in trainer.callback_handler.callbacks:     # every method's trainer reaches callbacks that ask for it (metrics layout)
+        if getattr(cb, "trainer", 0) is None: cb.trainer = trainer
     if not quiet: trainer.add_callback(ProgressPrinter(trainer))
     return TrainerSetup(trainer, model, tokenizer, prepared, plan, steps, method, recorder, packing, plugins)
 

@@ -74,8 +74,12 @@ def test_stream_keys_are_checked(setup, tmp_path):
         load_config({"learning_rate": 1e-4, "pretraining_dataset": [{"path": str(d / "corpus")}]})
     with pytest.raises(ConfigError, match="not a local file or folder"):
         load_config({"learning_rate": 1e-4, "max_steps": 3, "pretraining_dataset": [{"path": "allenai/c4"}]})
-    with pytest.raises(ConfigError, match="plain-text datasets"):
-        load_config({"learning_rate": 1e-4, "max_steps": 3, "streaming": True, "datasets": [{"path": "x.jsonl", "type": "alpaca"}]})
+    with pytest.raises(ConfigError, match="not both in one run"):
+        load_config({"learning_rate": 1e-4, "max_steps": 3, "streaming": True,
+                     "datasets": [{"path": "x.jsonl", "type": "alpaca"}, {"path": "y.jsonl", "type": "completion"}]})
+    with pytest.raises(ConfigError, match="preference / RL methods"):
+        load_config({"learning_rate": 1e-4, "max_steps": 3, "streaming": True, "rl": "dpo",
+                     "datasets": [{"path": "x.jsonl", "type": "chatml.intel"}]})
     cfg = load_config({"learning_rate": 1e-4, "max_steps": 3, "streaming": True,
                        "datasets": [{"path": str(d / "corpus"), "type": "completion"}]})
     assert not [w for w in cfg.warnings if w.key == "streaming"]          # no longer an accepted-but-ignored key
@@ -89,3 +93,44 @@ def test_memory_stays_flat_from_1x_to_20x_corpus(root):
     lines = {l.split(":")[0].strip(): l for l in p.stdout.splitlines() if "peak RSS" in l}
     peak = {k: float(l.split("peak RSS ")[1].split(" MiB")[0]) for k, l in lines.items()}
     assert abs(peak["20x"] - peak["1x"]) < 16, peak          # well under one parquet row group / read-ahead window
+
+
+def test_streamed_chat_rows_have_prepared_labels_and_resume(setup, tmp_path):
+    "`streaming: true` over chat_template rows: each packed sample equals the prepared (cached) sample of its row, a row"
+    " never exceeds sequence_len, and a run resumed at checkpoint-3 repeats the uninterrupted run's steps 4-6."
+    from ftkit.data import prepare
+    from ftkit.streaming import stream_data
+    from ftkit.prompts.registry import resolve_type
+    d, tok = setup
+    rng = random.Random(1)
+    (d / "chat").mkdir(exist_ok=True)
+    with open(d / "chat" / "c.jsonl", "w") as f:
+        for i in range(120):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"{i}: {q}"},
+                                             {"role": "assistant", "content": " ".join(reversed(q.split()))}]}) + "\n")
+    base = {"base_model": str(d / "model"), "sequence_len": 160, "micro_batch_size": 2, "learning_rate": 1e-2,
+            "datasets": [{"path": str(d / "chat" / "c.jsonl"), "type": "chat_template", "chat_template": "llama3"}],
+            "dataset_prepared_path": str(tmp_path / "prep")}
+    def cfg(out, **kw):
+        return load_config({**base, "streaming": True, "max_steps": 6, "optimizer": "adamw_torch", "logging_steps": 1, "save_steps": 3,
+                            "seed": 1, "output_dir": str(out), "dataloader_num_workers": 0, **kw})
+    c = cfg(tmp_path / "x")
+    sd = stream_data(c, tok, lambda i: resolve_type(c.datasets[i].type).build(tok, c.datasets[i], c))
+    rows = list(sd.train)
+    prepared = prepare(load_config({**base, "shuffle_merged_datasets": False}), tok, quiet=True)
+    want = [(list(r["input_ids"]), list(r["labels"])) for r in prepared.train]
+    assert [(s["input_ids"], s["labels"]) for r in rows for s in r] == want       # same samples, same labels, same order
+    assert all(sum(len(s["input_ids"]) for s in r) <= 160 for r in rows) and any(len(r) > 1 for r in rows) and len(rows) >= 12
+    # the trainer's batches keep every sample boundary (accelerate's batch dispatching would slice cu_seq_lens to the batch size)
+    from ftkit.train import build_trainer
+    s = build_trainer(cfg(tmp_path / "probe"), quiet=True)
+    first = next(iter(s.trainer.get_train_dataloader()))
+    expected = s.trainer.packed_collator(rows[:2])["cu_seq_lens_q"]
+    assert first["cu_seq_lens_q"].tolist() == expected.tolist() and len(expected) >= 1 + len(rows[0]) + len(rows[1])
+    full = train(cfg(tmp_path / "full"), quiet=True)
+    part = train(cfg(tmp_path / "cut"), quiet=True, callbacks=[StopAt(3)])
+    assert part.global_step == 3 and (tmp_path / "cut" / "checkpoint-3" / "data_position.json").exists()
+    resumed = train(cfg(tmp_path / "cut", resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3")), quiet=True)
+    assert sorted(resumed.losses) == [4, 5, 6]
+    assert [resumed.losses[s] for s in (4, 5, 6)] == pytest.approx([full.losses[s] for s in (4, 5, 6)], rel=1e-5)

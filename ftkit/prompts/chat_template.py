@@ -365,7 +365,8 @@ def render_spans(tpl, msgs, tools, tvars, kw, think_key="reasoning_content", cac
 def _shape(msgs, tools, think_key, with_empty) -> tuple:
     "Everything a sentinel render reads: each message's fields in order, except the contents / reasoning it replaces."
     return (with_empty, repr(tools), tuple(
-        (tuple((k, repr(v)) for k, v in m.items() if not k.startswith("_") and k != "content" and not (k == think_key and v)),
+        (tuple((k, v) if type(v) is str else (k, type(v).__name__, repr(v)) for k, v in m.items()
+               if k[:1] != "_" and k != "content" and not (k == think_key and v)),
          bool(m["content"]) or with_empty, bool(m.get(think_key))) for m in msgs))
 
 def _skeleton(tpl, msgs, tools, tvars, kw, think_key, with_empty, cache: dict | None = None):
