@@ -892,6 +892,9 @@ def validate(source, overrides: dict | None = None) -> tuple[FinetuneConfig | No
                 data.setdefault(new, data[old])
                 problems.append(Problem(old, f"`{old}` is an old name of `{new}`.", f"Write `{new}`.", level="warning"))
             del data[old]
+    from ftkit.plugins import split_config_keys     # keys the listed plugins declare are theirs, validated by their models
+    data, plugin_settings, plugin_problems = split_config_keys(data, reserved=set(FinetuneConfig.model_fields))
+    problems += plugin_problems
     cfg = None
     try: cfg = FinetuneConfig.model_validate(data)
     except ValidationError as ex: problems += _problems_from_validation(ex, data)
@@ -909,7 +912,7 @@ def validate(source, overrides: dict | None = None) -> tuple[FinetuneConfig | No
                 while path and path not in pos: path = path[:-1]
                 if path in pos: p.line, p.column = pos[path]
     problems = _sort_problems(problems)
-    if cfg is not None: cfg._warnings = [p for p in problems if p.level == "warning"]
+    if cfg is not None: cfg._warnings, cfg._plugin_settings = [p for p in problems if p.level == "warning"], plugin_settings
     return cfg, problems, text, origin
 
 # %% ../nbs/00_config.ipynb #7df3475a

@@ -15,7 +15,7 @@ from .errors import ConfigError, Problem
 # %% auto #0
 __all__ = ['HOOKS', 'NATIVE_INTEGRATIONS', 'ENTRY_POINT_GROUP', 'BUILTIN_PLUGINS', 'Plugin', 'NativeIntegration',
            'native_integration', 'NativePlugin', 'installed', 'locate', 'available_names', 'check', 'PluginSet',
-           'load_plugins']
+           'load_plugins', 'split_config_keys']
 
 # %% ../nbs/06a_plugins.ipynb #20a65248
 HOOKS = ("after_config_load", "before_model_load", "after_model_load", "after_adapters", "environment", "callbacks",
@@ -24,6 +24,8 @@ HOOKS = ("after_config_load", "before_model_load", "after_model_load", "after_ad
 class Plugin:
     "Base class of ftkit plugins: override the hooks you need (see the table above); every default does nothing."
     name: str = ""
+    config_keys: Any = None      # a pydantic model of the plugin's own config keys (see "Config keys of a plugin")
+    settings: Any = None         # its validated instance for this run (set by load_plugins), None without config_keys
     def after_config_load(self, cfg) -> None: pass
     def before_model_load(self, cfg) -> None: pass
     def after_model_load(self, cfg, model): return None
@@ -193,5 +195,41 @@ def load_plugins(cfg, builtins: bool = True) -> PluginSet:
     "The plugins of a run of `cfg` (built-in ones first, then `cfg.plugins`); fires `after_config_load`."
     names = (list(BUILTIN_PLUGINS) if builtins else []) + list(cfg.plugins or [])
     ps = PluginSet([_instantiate(n) for n in names])
+    own = getattr(cfg, "_plugin_settings", None) or {}
+    for n, p in zip(names, ps):
+        if n in own: p.settings = own[n]              # the plugin's own config keys, validated (config_keys)
     ps.after_config_load(cfg)
     return ps
+
+# %% ../nbs/06a_plugins.ipynb #pk15a001
+def _plugin_object(name: str):
+    "The class (or object) a plugin name loads, not instantiated; None for native integrations and names that do not load."
+    if native_integration(name): return None
+    eps = installed()
+    try:
+        if name in eps: return eps[name].load()
+        p = _split_path(name)
+        return getattr(importlib.import_module(p[0]), p[1]) if p else None
+    except (ImportError, AttributeError): return None
+
+def split_config_keys(data: dict, reserved: set = frozenset()) -> tuple[dict, dict[str, Any], list[Problem]]:
+    """Take the keys that the config's plugins declare (`Plugin.config_keys`) out of a raw config mapping:
+    `(the other keys, {plugin name: validated settings}, problems)`; the other keys go on to ftkit's schema."""
+    from pydantic import ValidationError
+    names = data.get("plugins") if isinstance(data.get("plugins"), list) else []
+    rest, settings, problems, owner = dict(data), {}, [], {}
+    for name in (n for n in names if isinstance(n, str)):
+        model = getattr(_plugin_object(name), "config_keys", None)
+        if model is None: continue
+        for k in sorted(set(model.model_fields) & set(reserved)):
+            problems.append(Problem("plugins", f"plugin {name!r} declares `{k}`, which is an ftkit key.", "Rename the plugin's key."))
+        mine = {k: rest.pop(k) for k in list(rest) if k in model.model_fields and k not in reserved}
+        for k in mine:
+            if k in owner: problems.append(Problem(k, f"plugins {owner[k]!r} and {name!r} both declare `{k}`.", "List one of them."))
+            owner[k] = name
+        try: settings[name] = model.model_validate(mine)
+        except ValidationError as ex:
+            for e in ex.errors():
+                key = ".".join(str(x) for x in e["loc"])
+                problems.append(Problem(key, f"{e['msg']} (a key of plugin {name!r}).", f"Fix `{key}`: see plugin {name!r}'s documentation."))
+    return rest, settings, problems

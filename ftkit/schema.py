@@ -537,6 +537,7 @@ class FinetuneConfig(ModelSection, TokenizerSection, AdapterSection, DataSection
                      IntegrationsSection):
     "A whole ftkit (Axolotl-compatible) config. Build it with `load`, not directly."
     _warnings: list = PrivateAttr(default_factory=list)   # set by ftkit.config.validate
+    _plugin_settings: dict = PrivateAttr(default_factory=dict)   # plugin name -> its validated own keys (ftkit.plugins)
 
     @property
     def warnings(self) -> list:
