@@ -191,3 +191,54 @@ def test_gpu_bf16_vision_training_and_generation(setup):
     pic = Image.open(io.BytesIO(_png(COLOURS["red"], 98)))
     msgs = [{"role": "user", "content": [{"type": "image", "image": pic}, {"type": "text", "text": "What colour is this?"}]}]
     assert isinstance(vision.generate(res.model, res.tokenizer, msgs, _cfg(setup), max_new_tokens=3), str)
+
+
+def _tiny_idefics3(dest, image_size=56):
+    "A SmolVLM / Idefics3-shaped model (SigLIP-like tower, pixel-shuffle connector, 2-layer Llama) and its processor."
+    from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from ftkit.models import embedded_model_path
+    tok = AutoTokenizer.from_pretrained(embedded_model_path(quiet=True))
+    tok.add_special_tokens({"additional_special_tokens": ["<global-img>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"]},
+                           replace_extra_special_tokens=False)
+    ip = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size})
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=vision.TINY_TEMPLATE)
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, pad_token_id=tok.pad_token_id, initializer_range=0.25)
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(Idefics3Config(
+        text_config=text, scale_factor=2, image_token_id=proc.image_token_id,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=image_size, patch_size=14)))
+    model.save_pretrained(dest)
+    proc.save_pretrained(dest)
+    return dest
+
+
+def test_idefics3_shaped_model_its_image_markers_masked_and_trained(setup):
+    "Idefics3 / SmolVLM expands `<image>` into marker tokens around the image tokens (not one repeated token): the labels "
+    "still follow the text strategy, every inserted token is masked, a batch mixes rows with and without a picture, and "
+    "LoRA sits in its text model only."
+    from ftkit.data import prepare
+    from ftkit.models import load_tokenizer
+    from ftkit.train import train
+    d = setup["dir"]
+    model_dir = _tiny_idefics3(d / "tiny-idefics3")
+    rows = setup["rows"][:4] + [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+    (d / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = _cfg(setup, base_model=str(model_dir), datasets=[{"path": str(d / "mixed.jsonl"), "type": "chat_template"}],
+               output_dir=str(d / "out-idefics3"), max_steps=8, learning_rate=1e-2)
+    tok = load_tokenizer(cfg, quiet=True)
+    prep = prepare(cfg, tok, quiet=True)
+    markers = {tok.convert_tokens_to_ids(t) for t in ("<global-img>", "<fake_token_around_image>", "<image>")}
+    for k, raw in enumerate(rows):
+        ids, labels = prep.train[k]["input_ids"], prep.train[k]["labels"]
+        assert sum(i in markers for i in ids) == (7 if k < 4 else 0)     # <fake> <global-img> <image>x4 <fake>
+        assert all(l == -100 for i, l in zip(ids, labels) if i in markers)
+        answer = raw["messages"][-1]["content"]
+        answer = answer if isinstance(answer, str) else answer[0]["text"]
+        assert tok.decode([i for i, l in zip(ids, labels) if l != -100]) == answer + "<|im_end|>"
+    res = train(cfg, quiet=True)
+    losses = [res.losses[s] for s in sorted(res.losses)]
+    assert losses[-1] < losses[0], losses
+    lora = [n for n, _ in res.model.named_modules() if n.endswith(".lora_A")]
+    assert lora and all(".text_model." in n for n in lora), lora
