@@ -315,3 +315,35 @@ def test_grokfast_plugin_name_switches_it_on(tmp_path):
     assert [(type(c).__name__, c.alpha, c.lamb) for c in cbs] == [("Grokfast", 0.98, 2.0)]
     assert not [p for p in validate({"learning_rate": 1e-4, "plugins": ["axolotl.integrations.grokfast.GrokfastPlugin"]})[1]
                 if p.key.startswith("plugins")]
+
+
+
+def test_rl_trainer_gets_groups_optimizer_and_grokfast(tmp_path):
+    "The rl: trainers (here DPO) get the same optimizer factory and callbacks as SFT."
+    from test_rl import base_cfg, pairs, tiny_model, write_jsonl
+    from ftkit.models import load_tokenizer
+    tok = load_tokenizer(load_config({"learning_rate": 1e-5}), quiet=True)
+    p = write_jsonl(tmp_path / "pref.jsonl", pairs(["apples", "rivers", "music", "stars"]))
+    cfg = base_cfg(tmp_path, rl="dpo", max_steps=2, optimizer="adopt_adamw", grokfast_lamb=1.0, datasets=[{"path": p, "type": "chatml.intel"}],
+                   lr_groups=[{"name": "mlp", "modules": ["mlp."], "lr": 1e-4}])
+    s = build_trainer(cfg, model=tiny_model(tok), tokenizer=tok, quiet=True)
+    s.trainer.train()
+    opt = _inner(s.trainer.optimizer)
+    assert isinstance(opt, ADOPT) and {g["name"]: g["lr"] for g in opt.param_groups}["mlp"] == 1e-4
+    assert s.trainer.state.global_step == 2 and any(isinstance(c, Grokfast) and c.avg for c in s.trainer.callback_handler.callbacks)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,lr,package", [("muon", 2e-2, None), ("adopt_adamw", 2e-3, None), ("lion", 5e-4, "lion_pytorch"),
+                                             ("schedule_free_adamw", 2e-3, "schedulefree")])
+def test_gpu_optimizers_learn_in_bf16(tmp_path, name, lr, package):
+    "Each optimizer ftkit builds (or passes to transformers) trains a bf16 Llama on the GPU: the loss falls by a fifth in 30 steps."
+    if package and importlib.util.find_spec(package) is None:
+        pytest.skip(f"optimizer {name} needs the {package} package: pip install 'ftkit[optimizers]'")
+    m = tiny_llama(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32, attn="ftkit_varlen", seed=0).to("cuda", torch.bfloat16)
+    cfg = _cfg(tmp_path, optimizer=name, learning_rate=lr, bf16=True, max_steps=30, micro_batch_size=8, sequence_len=128,
+               **({"warmup_steps": 3} if name.startswith("schedule_free") else {}))
+    r = _run(cfg, data=(counting_data(400), None), model=m)
+    losses = [r.losses[s] for s in sorted(r.losses)]
+    assert r.global_step == 30 and sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, (name, losses)

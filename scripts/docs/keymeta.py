@@ -51,6 +51,10 @@ METHODS = {
     "spectrum_top_fraction": "full fine-tune (SFT)", "spectrum_model_name": "full fine-tune (SFT)",
     "kd_trainer": "distillation (SFT)", "kd_ce_alpha": "distillation (SFT)", "kd_alpha": "distillation (SFT)",
     "kd_temperature": "distillation (SFT)", "kd_zscore_base_temp": "distillation (SFT)", "kd_top_k_before_softmax": "distillation (SFT)",
+    "lr_groups": SFT_RL, "embedding_lr": SFT_RL, "embedding_lr_scale": SFT_RL, "grokfast_alpha": SFT_RL, "grokfast_lamb": SFT_RL,
+    "lr_div_factor": "SFT (`lr_scheduler: one_cycle`)", "cosine_constant_lr_ratio": "SFT (`lr_scheduler: cosine`)",
+    "lr_quadratic_warmup": "SFT (`lr_scheduler: cosine` or `rex`)", "rope_scaling": ALL,
+    "use_pose": "SFT", "pose_max_context_len": "SFT", "pose_num_chunks": "SFT", "pose_split_on_token_ids": "SFT",
     "processor_type": "SFT (vision-language models)", "image_size": "SFT (vision-language models)",
     "image_resize_algorithm": "SFT (vision-language models)",
 }
