@@ -509,17 +509,22 @@ def is_oom(exc) -> bool:
         if isinstance(e, MemoryError): return True
     return False
 
-def explain_oom(cfg, exc, device: str = "") -> GuardError:
-    "A `GuardError` with the config's numbers and the knobs that would make the run fit."
+def explain_oom(cfg, exc, device: str = "", kernels=None) -> GuardError:
+    "A `GuardError` with the config's numbers and the knobs that would make the run fit (`kernels`: the ftkit kernels patched in, when known)."
     mbs, seq, ga = cfg.micro_batch_size, cfg.sequence_len, cfg.gradient_accumulation_steps
     mem = ""
+    gpu = any(type(e).__name__ == "OutOfMemoryError" or "CUDA" in str(e) for e in _chain(exc))
     try:
         import torch
-        if torch.cuda.is_available():
+        if gpu and torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
-            mem = f" The GPU has {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free now)."
+            frac = torch.cuda.get_per_process_memory_fraction()
+            mem = (f" The GPU has {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free now"
+                   + (f"; this process may use {frac:.0%} of it, {frac * total / 2**30:.1f} GiB" if frac < 1 else "")
+                   + f"); this run had {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated at its peak.")
             device = device or torch.cuda.get_device_name(0)
     except Exception: pass
+    device = device or ("the GPU" if gpu else "the CPU (host memory)")
     adapter = cfg.adapter or "full fine-tune"
     quant = "4-bit" if cfg.load_in_4bit else "8-bit" if cfg.load_in_8bit else "unquantized"
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
@@ -527,7 +532,9 @@ def explain_oom(cfg, exc, device: str = "") -> GuardError:
              f"sequence_len: {max(seq // 2, 64)}" if seq > 256 else None,
              None if cfg.gradient_checkpointing else "gradient_checkpointing: true",
              "adapter: qlora with load_in_4bit: true (a 4-bit base)" if not cfg.load_in_4bit else None,
-             "the memory-saving kernels (liger_fused_linear_cross_entropy: true or cut_cross_entropy: true)"]
+             None if kernels is not None and "fused_linear_ce" in kernels else
+             "the memory-saving kernels (liger_fused_linear_cross_entropy: true or cut_cross_entropy: true)",
+             "activation_offloading: true (activations wait in host memory)" if cfg.gradient_checkpointing and not cfg.activation_offloading else None]
     return GuardError(f"out of memory{' on ' + device if device else ''}: {first}\n"
                       f"  this config: micro_batch_size {mbs} x sequence_len {seq} tokens per step"
                       f"{' (packed)' if cfg.sample_packing else ''}, gradient_accumulation_steps {ga}, {adapter} on a {quant} base, "

@@ -195,17 +195,31 @@ def _as_messages(v, what: str) -> list[dict]:
         raise RowError("bad_message", f"{what} is {type(v).__name__}, not a list of {{role, content}} messages")
     return v
 
-def _content(m: dict, ck: str = "content") -> str:
+def _content(m: dict, ck: str = "content", where: str = "") -> str:
     c = m.get(ck)
-    if not isinstance(c, str): raise RowError("bad_message", f"message has no string '{ck}'")
+    if not isinstance(c, str):
+        raise RowError("bad_message", f"{where + ': ' if where else ''}a message has no string '{ck}' (it is {type(c).__name__})")
     return c
 
-def _label(v) -> bool:
+def _text(v, col: str) -> str:
+    "A text value of column `col` (a number reads as its digits); anything else is a `RowError` naming the column."
+    if isinstance(v, str): return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool): return str(v)
+    raise RowError("non_string_content", f"'{col}' is {type(v).__name__}, not text")
+
+def _format(fmt: str, key: str, **vals) -> str:
+    "`fmt.format(**vals)`; a placeholder the row lacks is a `RowError` naming it and the format key."
+    try: return fmt.format(**vals)
+    except KeyError as e: raise RowError("missing_field", f"{key} {fmt[:60]!r} uses the field {e}, which the row lacks") from None
+    except (IndexError, ValueError, AttributeError, TypeError) as e:
+        raise RowError("bad_format", f"{key} {fmt[:60]!r} cannot be filled from this row: {type(e).__name__}: {e}") from None
+
+def _label(v, col: str = "label") -> bool:
     if isinstance(v, bool): return v
     if isinstance(v, (int, float)) and v in (0, 1): return bool(v)
     if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
         return v.strip().lower() in ("true", "1", "yes")
-    raise RowError("bad_label", f"KTO label {v!r} is not true/false")
+    raise RowError("bad_label", f"'{col}' value {str(v)[:40]!r} is not true/false")
 
 # %% ../nbs/07_rl.ipynb #d8005785
 _CHAT_KEYS = ("chat_template", "chat_template_jinja", "message_property_mappings", "message_field_role", "message_field_content",
@@ -229,19 +243,19 @@ class _ChatEncoder:
         self.role_key = self.cts.o.mappings.get("role", "role")
         self.template_name, self.template = self.cts.template_name, self.cts.template
 
-    def encode(self, prompt: list[dict], final: dict, row: dict | None = None) -> tuple[list[int], list[int]]:
+    def encode(self, prompt: list[dict], final: dict, row: dict | None = None, what: str = "the final message") -> tuple[list[int], list[int]]:
         msgs = [{**m, _TRAIN_KEY: False} for m in prompt] + [{**final, _TRAIN_KEY: True}]
         r = {k: v for k, v in (row or {}).items() if k in (self.field_system, self.cts.o.field_tools)}
         r[self.field_messages] = msgs
         out = self.cts.tokenize(r)[0]
         ids, labels = out["input_ids"], out["labels"]
         idx = [i for i, l in enumerate(labels) if l != -100]
-        if not idx: raise RowError("empty_completion", "the final message renders to no trainable tokens (empty content?)")
+        if not idx: raise RowError("empty_completion", f"{what} renders to no trainable tokens (empty content?)")
         return list(ids[:idx[0]]), list(ids[idx[0]:idx[-1] + 1])
 
-    def pair(self, prompt, chosen, rejected, row=None):
-        p1, c = self.encode(prompt, chosen, row)
-        p2, r = self.encode(prompt, rejected, row)
+    def pair(self, prompt, chosen, rejected, row=None, what=("'chosen'", "'rejected'")):
+        p1, c = self.encode(prompt, chosen, row, what[0])
+        p2, r = self.encode(prompt, rejected, row, what[1])
         if p1 != p2:     # tokens merged across the boundary: keep the common prefix as the prompt
             k = next((i for i, (a, b) in enumerate(zip(p1, p2)) if a != b), min(len(p1), len(p2)))
             p1, c, r = p1[:k], p1[k:] + c, p2[k:] + r
@@ -296,9 +310,9 @@ class PairStrategy(PromptStrategy):
         if how == "plain":
             vals = {k: row.get(v) for k, v in (("prompt", pc), ("system", self.sys_col))}
             vals = {k: ("" if v is None else v) for k, v in vals.items()}
-            prompt = self.fmt[0].format(**vals, **{k: v for k, v in row.items() if isinstance(k, str) and k not in vals})
-            p, c = _encode_text(self.tok, prompt, self.fmt[1].format(chosen=chosen, **{k: v for k, v in row.items() if k != "chosen"}))
-            p2, r = _encode_text(self.tok, prompt, self.fmt[2].format(rejected=rejected, **{k: v for k, v in row.items() if k != "rejected"}))
+            prompt = _format(self.fmt[0], "prompt_format", **{k: v for k, v in row.items() if k not in vals}, **vals)
+            p, c = _encode_text(self.tok, prompt, _format(self.fmt[1], "chosen_format", **{**row, "chosen": chosen}))
+            p2, r = _encode_text(self.tok, prompt, _format(self.fmt[2], "rejected_format", **{**row, "rejected": rejected}))
             return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}]
         sys_msg = row.get(self.enc.field_system)
         if how == "ct_default":
@@ -306,28 +320,28 @@ class PairStrategy(PromptStrategy):
             ch, rj = _as_messages(chosen, f"'{cc}'")[-1], _as_messages(rejected, f"'{rc}'")[-1]
             rk = self.enc.role_key
             for m in (ch, rj): m.setdefault(rk, "assistant")
-            p, c, r = self.enc.pair(prompt, ch, rj, row)
+            p, c, r = self.enc.pair(prompt, ch, rj, row, (f"'{cc}'", f"'{rc}'"))
             return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}]
         if how == "text":
             user = _need(row, pc, "prompt", "field_prompt")
-            prompt = [{"role": "user", "content": str(user)}]
-            ch, rj = {"role": "assistant", "content": str(chosen)}, {"role": "assistant", "content": str(rejected)}
+            prompt = [{"role": "user", "content": _text(user, pc)}]
+            ch, rj = {"role": "assistant", "content": _text(chosen, cc)}, {"role": "assistant", "content": _text(rejected, rc)}
         else:   # message lists: the prompt is every turn but the last (or the prompt column, when given)
             cm, rm = _as_messages(chosen, f"'{cc}'"), _as_messages(rejected, f"'{rc}'")
-            ch = {"role": "assistant", "content": _content(cm[-1])}
-            rj = {"role": "assistant", "content": _content(rm[-1])}
+            ch = {"role": "assistant", "content": _content(cm[-1], where=f"'{cc}'")}
+            rj = {"role": "assistant", "content": _content(rm[-1], where=f"'{rc}'")}
             pv = row.get(pc) if pc else None
             if isinstance(pv, str) and pv.strip():
                 prompt = [{"role": "user", "content": row[pc]}]
             else:
-                prompt = [{"role": m.get("role", "user"), "content": _content(m)} for m in cm[:-1]]
-                other = [{"role": m.get("role", "user"), "content": _content(m)} for m in rm[:-1]]
+                prompt = [{"role": m.get("role", "user"), "content": _content(m, where=f"'{cc}'")} for m in cm[:-1]]
+                other = [{"role": m.get("role", "user"), "content": _content(m, where=f"'{rc}'")} for m in rm[:-1]]
                 if other != prompt:
                     raise RowError("prompt_mismatch", f"'{cc}' and '{rc}' must share every turn but the last")
                 if not prompt: raise RowError("missing_prompt", f"'{cc}' has no turns before the answer")
         if isinstance(sys_msg, str) and sys_msg and not any(m["role"] == "system" for m in prompt):
             prompt = [{"role": "system", "content": sys_msg}] + prompt
-        p, c, r = self.enc.pair(prompt, ch, rj)
+        p, c, r = self.enc.pair(prompt, ch, rj, what=(f"'{cc}'", f"'{rc}'"))
         return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}]
 
 # %% ../nbs/07_rl.ipynb #37be0a8e
@@ -363,30 +377,31 @@ class KTOStrategy(PromptStrategy):
     def tokenize_one(self, row: dict) -> list[dict]:
         pc, cc, how = self.cols
         comp = _need(row, cc, "completion", "field_completion")
-        label = _label(_need(row, self.label_col, "label", "field_label") if not isinstance(row.get(self.label_col), bool) else row[self.label_col])
+        label = _label(_need(row, self.label_col, "label", "field_label") if not isinstance(row.get(self.label_col), bool) else row[self.label_col],
+                       self.label_col)
         if how == "plain":
             vals = {"prompt": row.get(pc) or "", "system": row.get(self.sys_col) or ""}
-            p, c = _encode_text(self.tok, self.fmt[0].format(**vals), self.fmt[1].format(completion=comp))
+            p, c = _encode_text(self.tok, _format(self.fmt[0], "prompt_format", **vals), _format(self.fmt[1], "completion_format", completion=comp))
             return [{"prompt_ids": p, "completion_ids": c, "label": label}]
         if how == "ct_default":
             prompt = _as_messages(_need(row, pc, "prompt messages", "field_messages"), f"'{pc}'")
             fin = comp if isinstance(comp, dict) else (_as_messages(comp, f"'{cc}'")[-1] if not isinstance(comp, str) else {"role": "assistant", "content": comp})
             fin = dict(fin); fin.setdefault(self.enc.role_key, "assistant")
-            p, c = self.enc.encode(prompt, fin, row)
+            p, c = self.enc.encode(prompt, fin, row, f"'{cc}'")
             return [{"prompt_ids": p, "completion_ids": c, "label": label}]
         if how == "text":
-            prompt = [{"role": "user", "content": str(_need(row, pc, "prompt", "field_prompt"))}]
-            fin = {"role": "assistant", "content": str(comp)}
+            prompt = [{"role": "user", "content": _text(_need(row, pc, "prompt", "field_prompt"), pc)}]
+            fin = {"role": "assistant", "content": _text(comp, cc)}
         else:
             cm = _as_messages(comp, f"'{cc}'")
-            fin = {"role": "assistant", "content": _content(cm[-1])}
-            prompt = ([{"role": m.get("role", "user"), "content": _content(m)} for m in _as_messages(row[pc], f"'{pc}'")]
-                      if pc and row.get(pc) else [{"role": m.get("role", "user"), "content": _content(m)} for m in cm[:-1]])
-            if not prompt: raise RowError("missing_prompt", "the completion has no user turn before it")
+            fin = {"role": "assistant", "content": _content(cm[-1], where=f"'{cc}'")}
+            prompt = ([{"role": m.get("role", "user"), "content": _content(m, where=f"'{pc}'")} for m in _as_messages(row[pc], f"'{pc}'")]
+                      if pc and row.get(pc) else [{"role": m.get("role", "user"), "content": _content(m, where=f"'{cc}'")} for m in cm[:-1]])
+            if not prompt: raise RowError("missing_prompt", f"'{cc}' has no user turn before the answer" + (f" and '{pc}' is empty" if pc else ""))
         sys_msg = row.get(self.enc.field_system)
         if isinstance(sys_msg, str) and sys_msg and not any(m["role"] == "system" for m in prompt):
             prompt = [{"role": "system", "content": sys_msg}] + prompt
-        p, c = self.enc.encode(prompt, fin)
+        p, c = self.enc.encode(prompt, fin, what=f"'{cc}'")
         return [{"prompt_ids": p, "completion_ids": c, "label": label}]
 
 # %% ../nbs/07_rl.ipynb #8af9ee66
@@ -403,23 +418,23 @@ class StepwiseStrategy(PromptStrategy):
         if not self.sep_ids: raise ValueError(f"step_separator {self.sep!r} encodes to no tokens")
 
     def tokenize_one(self, row: dict) -> list[dict]:
-        prompt = _need(row, "prompt", "prompt", "the row's 'prompt' column")
+        prompt = _text(_need(row, "prompt", "prompt", "the row's 'prompt' column"), "prompt")
         steps = _need(row, "completions", "completions (list of steps)", "the row's 'completions' column")
         labels = _need(row, "labels", "labels (one per step)", "the row's 'labels' column")
         if not isinstance(steps, list) or not isinstance(labels, list):
             raise RowError("bad_steps", "'completions' and 'labels' must be lists")
         if len(steps) != len(labels):
-            raise RowError("bad_steps", f"{len(steps)} completions but {len(labels)} labels: one label per step")
+            raise RowError("bad_steps", f"{len(steps)} 'completions' but {len(labels)} 'labels': one label per step")
         ids = list(self.tok(prompt, add_special_tokens=True)["input_ids"]) + self.sep_ids
         lab = [-100] * len(ids)
         n_prompt = len(ids)
         for j, (s, l) in enumerate(zip(steps, labels)):
-            t = list(self.tok(str(s), add_special_tokens=False)["input_ids"]) + self.sep_ids
-            v = int(_label(l)) if (not self.last_only or j == len(steps) - 1) else -100
+            t = list(self.tok(_text(s, f"completions[{j}]"), add_special_tokens=False)["input_ids"]) + self.sep_ids
+            v = int(_label(l, "labels")) if (not self.last_only or j == len(steps) - 1) else -100
             ids += t; lab += [-100] * (len(t) - 1) + [v]
         if self.max_completion: ids, lab = ids[:n_prompt + self.max_completion], lab[:n_prompt + self.max_completion]
         if self.max_len: ids, lab = ids[:self.max_len], lab[:self.max_len]
-        if all(x == -100 for x in lab): raise RowError("no_labels", "no step label survives truncation")
+        if all(x == -100 for x in lab): raise RowError("no_labels", "no step label of 'labels' survives truncation to sequence_len")
         return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": lab}]
 
 # %% ../nbs/07_rl.ipynb #fd6ddb5d
@@ -444,7 +459,7 @@ class RLDataError(FtkitError, ValueError):
     "Rows that cannot be used for preference / RL training; `problems` is a list of `(source, row, message)`."
     def __init__(self, problems: list[tuple[str, int, str]], total: int):
         self.problems, self.total = problems, total
-        lines = [f"  {src} row {i}: {msg}" for src, i, msg in problems[:10]]
+        lines = [f"  {src}{'' if i < 0 else f' row {i}'}: {msg}" for src, i, msg in problems[:10]]
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         super().__init__(f"{len(problems)} of {total} rows cannot be used for training:\n" + "\n".join(lines) + more)
 
@@ -458,24 +473,54 @@ def load_rows(ds) -> list[dict]:
     files = [files] if isinstance(files, str) else list(files or [])
     cands = [Path(path).expanduser()] if path and not files else [Path(path or ".").expanduser() / f if path and Path(path).is_dir() else Path(f) for f in files]
     if cands and all(c.is_file() and c.suffix in (".json", ".jsonl") for c in cands):
-        rows = []
-        for c in cands:
-            text = c.read_text()
-            if c.suffix == ".jsonl" or not text.lstrip().startswith("["):
-                for j, line in enumerate(text.splitlines()):
-                    if not line.strip(): continue
-                    try: rows.append(json.loads(line))
-                    except ValueError as e: raise RLDataError([(str(c), j, f"not valid JSON: {e}")], j + 1) from None
-            else: rows += json.loads(text)
-        return rows
+        return [r for c in cands for r in _json_rows(c)]
+    local = str(path or "").startswith((".", "/", "~")) or Path(str(path or "")).suffix in (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+    missing = [c for c in cands if not c.exists()] if (local or files) else []
+    if missing:
+        raise RLDataError([(str(missing[0]), -1, "does not exist (a relative path is read from the current folder)")], 0)
     from datasets import load_dataset
-    if cands and all(c.is_file() for c in cands):
-        kind = ds.ds_type or {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}.get(cands[0].suffix, "json")
-        d = load_dataset(kind, data_files=[str(c) for c in cands], split="train")
-    else:
-        d = load_dataset(path, name=ds.name, split=ds.split or "train", data_files=files or None,
-                         revision=ds.revision)
+    try:
+        if cands and all(c.is_file() for c in cands):
+            kind = ds.ds_type or {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}.get(cands[0].suffix, "json")
+            d = load_dataset(kind, data_files=[str(c) for c in cands], split="train")
+        else:
+            d = load_dataset(path, name=ds.name, split=ds.split or "train", data_files=files or None,
+                             revision=ds.revision)
+    except Exception as e:      # not there, no data files in the folder, an unreadable file: the source is named, no traceback
+        raise RLDataError([(_ds_source(ds), -1, f"cannot be loaded: {type(e).__name__}: {str(e)[:300]}")], 0) from None
     return d.to_list()
+
+# %% ../nbs/07_rl.ipynb #rlj00002
+def _json_rows(c: Path) -> list:
+    "The rows of a local .json / .jsonl file; `RLDataError` naming the file and line for bytes or lines that are not JSON."
+    try: text = c.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        from ftkit.guard import first_invalid_utf8
+        line, col = first_invalid_utf8(c) or (1, 1)
+        raise RLDataError([(str(c), line - 1, f"line {line}, column {col} is not UTF-8 text (save the file as UTF-8)")], 1) from None
+    if c.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        rows = []
+        for j, line in enumerate(text.splitlines()):
+            if not line.strip(): continue
+            try: rows.append(json.loads(line))
+            except ValueError as e: raise RLDataError([(str(c), j, f"line {j + 1} is not valid JSON: {e}")], j + 1) from None
+        return rows
+    try: rows = json.loads(text)
+    except ValueError as e: raise RLDataError([(str(c), -1, f"not valid JSON: {e}")], 1) from None
+    return rows if isinstance(rows, list) else [rows]
+
+def _json_kind(v) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(type(v), "a number")
+
+def _invalid_text(row: dict) -> str | None:
+    "The column of `row` whose text (at any depth) is not valid Unicode: a lone surrogate from a JSON `\\ud800` escape."
+    def bad(v) -> bool:
+        if isinstance(v, str):
+            try: v.encode("utf-8"); return False
+            except UnicodeEncodeError: return True
+        if isinstance(v, dict): return any(bad(x) for x in v.values())
+        return isinstance(v, list) and any(bad(x) for x in v)
+    return next((k for k, v in row.items() if bad(v)), None)
 
 # %% ../nbs/07_rl.ipynb #21e75b7c
 @dataclass
@@ -492,7 +537,11 @@ def _tokenize_entries(entries, tokenizer, cfg, mode, problems, group="datasets")
     out, template = [], None
     for k, ds in enumerate(entries or []):
         src = _ds_source(ds)
-        rows = load_rows(ds)
+        rows = []
+        for i, r in enumerate(load_rows(ds)):
+            if not isinstance(r, dict): problems.append((src, i, f"the row is {_json_kind(r)}, not an object with named fields"))
+            elif (k := _invalid_text(r)): problems.append((src, i, f"'{k}' holds text that is not valid Unicode (a lone surrogate such as \\ud800)"))
+            else: rows.append((i, r))
         if mode == "grpo":
             out += _grpo_rows(rows, ds, cfg, src, problems); continue
         try: strat = build(tokenizer, ds, cfg, rl_type_name(ds))
@@ -500,9 +549,11 @@ def _tokenize_entries(entries, tokenizer, cfg, mode, problems, group="datasets")
             from ftkit.config import ConfigError, Problem
             raise ConfigError([Problem(f"{group}[{k}].type", str(e))]) from None
         template = template or getattr(strat, "template", None)
-        for i, r in enumerate(strat.tokenize_batch(rows)):
-            if isinstance(r, RowError): problems.append((src, i, r.detail)); continue
-            out += r
+        for i, r in rows:
+            try: out += strat.tokenize_one(r)
+            except RowError as e: problems.append((src, i, e.detail))
+            except Exception as e:      # a failure no check above foresaw: this row is named, the others go on
+                problems.append((src, i, f"unexpected {type(e).__name__} reading this row: {str(e)[:200]}"))
     return out, template
 
 # %% ../nbs/07_rl.ipynb #19038930
@@ -514,7 +565,7 @@ def prepare_rl_data(cfg, tokenizer) -> RLData:
     train, template = _tokenize_entries(cfg.datasets, tokenizer, cfg, mode, problems)
     evals, _ = _tokenize_entries(cfg.test_datasets, tokenizer, cfg, mode, problems, "test_datasets")
     if problems: raise RLDataError(problems, len(train) + len(evals) + len(problems))
-    if not train: raise RLDataError([("datasets", 0, "no rows")], 0)
+    if not train: raise RLDataError([(", ".join(_ds_source(d) for d in cfg.datasets or []) or "datasets", -1, "holds no rows to train on")], 0)
     if cfg.shuffle_merged_datasets:
         random.Random(cfg.seed).shuffle(train)
     v = cfg.val_set_size or 0
@@ -609,16 +660,16 @@ def _grpo_rows(rows, ds, cfg, src, problems) -> list[dict]:
         if isinstance(made, tuple): made, kw = made; remove = list((kw or {}).get("remove_columns", []))
         if not callable(made): made = fn
         out = []
-        for i, r in enumerate(rows):
+        for i, r in rows:
             try: 
                 try: x = made(r)
                 except TypeError: x = made(r, tokenizer=None)
             except Exception as e: problems.append((src, i, f"transform {t} failed: {type(e).__name__}: {e}")); continue
-            x = {**{k: v for k, v in r.items() if k not in remove}, **x}
-            out.append(x)
+            if not isinstance(x, dict): problems.append((src, i, f"transform {t} returned {type(x).__name__}, not a dict")); continue
+            out.append((i, {**{k: v for k, v in r.items() if k not in remove}, **x}))
         rows = out
     res = []
-    for i, r in enumerate(rows):
+    for i, r in rows:
         if r.get("prompt") in (None, "", []): problems.append((src, i, "GRPO rows need a 'prompt' (text or messages); use a transform (type: module.fn) to build it")); continue
         res.append(r)
     return res

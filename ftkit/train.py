@@ -574,7 +574,9 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
         _say(f"attention: {register_varlen_attention()['kernel']}", quiet)
     if method is None:                        # ftkit's Triton kernels wherever they are exact; what was patched goes to the log
         from ftkit.kernels.patch import apply_kernels
-        _say(str(apply_kernels(model, cfg)), quiet)
+        rep = apply_kernels(model, cfg)
+        model.ftkit_kernels = frozenset(k for k, _ in rep.patched)     # named in an out-of-memory explanation
+        _say(str(rep), quiet)
     packing = eval_packing = None
     if stream: n_batches = cfg.max_steps * cfg.gradient_accumulation_steps * plan.world_size     # rows come packed
     elif method is None and cfg.sample_packing: packing, eval_packing, n_batches = _packing(cfg, train_ds, eval_ds, plan.world_size, quiet)
@@ -652,7 +654,7 @@ def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrid
                     save_outputs(s.trainer, s.tokenizer, cfg, s.plan, out, {"packing efficiency": f"{s.packing.efficiency:.4f}" if s.packing else "n/a",
                                                                             "optimizer steps": s.trainer.state.global_step})
             except Exception as e:                    # out of memory / a full disk: explained with this config's numbers
-                if guard.is_oom(e): raise guard.explain_oom(cfg, e) from None
+                if guard.is_oom(e): raise guard.explain_oom(cfg, e, kernels=getattr(s.model, "ftkit_kernels", None)) from None
                 if guard.is_disk_full(e, out): raise guard.explain_disk_full(e, out, out, removed=False) from None
                 raise
             finally:

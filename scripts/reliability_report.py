@@ -80,8 +80,9 @@ def render(figs: dict) -> str:
           "too; `loss_watchdog_threshold` / `loss_watchdog_patience` are honoured (`ftkit.guard.FaultWatchdog`). "
           "`learning_rate: .inf` is refused by `ftkit validate` with its line. Out of memory is explained with the config's "
           "micro_batch_size, sequence_len, accumulation, adapter and the knobs that make it fit (`explain_oom`; the test caps "
-          "the address space so that the CPU allocator fails for real; a CUDA OOM takes the same path but is not exercised in "
-          "CI). A full disk during a checkpoint save (a small tmpfs; skipped without root) removes the half-written folder, "
+          "the address space so that the CPU allocator fails for real; `tests/test_guarantees_gpu_oom.py` provokes a real CUDA "
+          "out-of-memory error under a 1 GiB allocator cap on a GPU, checks the explanation and that the advice it gives fits "
+          "under the same cap; that test runs only on a GPU machine, not in CI). A full disk during a checkpoint save (a small tmpfs; skipped without root) removes the half-written folder, "
           "names the previous complete checkpoint, and the same command resumes from it once there is space.",
           "", f"Proven in the last run: {', '.join(fa.get('proven', [])) or 'none'}.", ""]
     fams = fz.get("families", {})
@@ -90,8 +91,12 @@ def render(figs: dict) -> str:
           "random bytes and Latin-1 / UTF-16 / UTF-32 files, nesting up to 20,000 levels, alias bombs, documents up to 2 MB) "
           "and data (random rows for every supervised dataset type through the real tokenize step, with enormous and invalid "
           "strings and wrong roles; real files through `ftkit.data.prepare`: broken JSON lines, missing fields, invalid UTF-8, "
-          "empty files, folders, missing paths). Every case ends in a config, prepared data with its drops counted, or ftkit's "
-          "own error naming the key and line or the file and row.", "",
+          "empty files, folders, missing paths; preference / RL files through `ftkit.rl.prepare_rl_data` for every method "
+          f"({', '.join(sorted(k.split(':')[1] for k in fz.get('families', {}) if k.startswith('rl_rows:') and k.split(':')[1] not in ('error', 'prepared'))) or 'none yet'}) "
+          "and every type of each, with valid rows mutated field by field, lone surrogates, rows that are not objects). Every "
+          "case ends in a config, prepared data with its drops counted, or ftkit's own error naming the key and line or the "
+          "file and row; preference data is all-or-nothing: every row is used, or the error names every unusable row and its "
+          "field.", "",
           "| family | cases |", "|---|---|"]
     L += [f"| {name} | {n:,} |" for name, n in fams.items() if ":" not in name]
     L += ["", f"Total **{fz.get('cases', 0):,}** cases; peak memory {fz.get('peak_rss_mib', '?')} MiB. "
@@ -123,13 +128,10 @@ def render(figs: dict) -> str:
     L += [f"- {x!r}" if any(ord(ch) < 32 for ch in x) else f"- {x}" for x in pa.get("proven", [])]
     L += [""]
     L += ["## Not covered", "",
-          "- A CUDA out-of-memory error is explained by the same code as the CPU allocator failure the test provokes, but no "
-          "GPU runs in CI.",
+          "- CI has no GPU: the CUDA out-of-memory test (`-m gpu`) runs only when a GPU machine runs the GPU tests.",
           "- Multi-GPU runs: rank 0 holds the output_dir lock; the kill test runs one process.",
           "- The kill test forks `ftkit` commands from a process that has imported ftkit once (to keep CI time bounded); the "
           "tokenization, lock, fault and trust tests run the installed `ftkit` / `python -m ftkit.cli` commands.",
-          "- The preference / RL dataset types (`chatml.*`, `llama3.*`, ...) are not in the data fuzz; the supervised types are.",
-          "- `ftkit train` lists the user modules a config imports; `ftkit validate` / the plan do not yet.",
           "- A Python dict config with hundreds of thousands of unknown keys is checked in linear time (about 60 µs a key); "
           "as YAML it is refused at once by the size budget.", ""]
     return "\n".join(L)

@@ -8,6 +8,7 @@ blowing up memory. The number of cases run is recorded for RELIABILITY.md."""
 import json
 import resource
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -248,6 +249,118 @@ def test_fuzz_dataset_files_through_prepare(tok, tmp_path_factory, data):
     assert time.process_time() - t < T_MAX * 3
     N["dataset_files"] += 1
     N[f"dataset_files:{outcome}"] += 1
+
+
+# ---------------------------------------------------------------- preference / RL data (dpo ipo simpo orpo kto grpo reward prm)
+RL_METHODS = {"dpo": {"rl": "dpo"}, "ipo": {"rl": "ipo"}, "simpo": {"rl": "simpo"}, "orpo": {"rl": "orpo"}, "kto": {"rl": "kto"},
+              "grpo": {"rl": "grpo"}, "reward": {"reward_model": True}, "prm": {"process_reward_model": True}}
+
+
+def _rl_types(method):
+    from ftkit.rl import KTO_PRESETS, PAIR_PRESETS
+    if method == "prm": return ["stepwise_supervised"]
+    if method == "grpo": return ["passthrough", "chat_template.default", None]
+    presets = KTO_PRESETS if method == "kto" else PAIR_PRESETS
+    fams = [f"{f}.{p}" for f in ("chatml", "llama3") for p in presets]
+    plain = ["chat_template.default", "user_defined.default", "passthrough", None,
+             {"field_prompt": "question", "field_chosen": "good", "field_rejected": "bad", "field_completion": "answer",
+              "prompt_format": "Q: {prompt}", "chosen_format": "{chosen}!", "rejected_format": "{rejected}?"}]
+    return fams + plain + (["chat_template.argilla"] if method == "orpo" else []) + (["bradley_terry.chat_template"] if method == "reward" else [])
+
+
+RL_KEYS = ["prompt", "chosen", "rejected", "completion", "label", "messages", "instruction", "chosen_response", "rejected_response",
+           "input", "question", "system", "completions", "labels", "good", "bad", "answer", "conversation"]
+_rl_value = st.one_of(_text, st.integers(), st.none(), st.booleans(), st.floats(allow_nan=True), st.lists(_message, max_size=3),
+                      _message, st.lists(st.one_of(st.text(max_size=8), st.booleans(), st.integers(-1, 2)), max_size=4),
+                      st.sampled_from(["true", "no", "maybe"]))
+_rl_row = st.builds(lambda r: json.dumps(r), st.dictionaries(
+    st.sampled_from(RL_KEYS), _rl_value.filter(lambda v: not isinstance(v, str) or len(v) < 2000), max_size=6))
+_rl_good = st.sampled_from([
+    '{"prompt": "hi", "chosen": "good answer", "rejected": "bad answer", "completion": "ok", "label": true, '
+    '"completions": ["step one", "step two"], "labels": [true, false], "question": "q?", "instruction": "do it", '
+    '"chosen_response": "yes", "rejected_response": "no", "input": "x", "good": "g", "bad": "b", "answer": "a"}',
+    '{"messages": [{"role": "user", "content": "hi"}], "chosen": {"role": "assistant", "content": "a"}, '
+    '"rejected": [{"role": "assistant", "content": "b"}], "completion": [{"role": "assistant", "content": "c"}], "label": 0}',
+    '{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+    '"rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}], "label": "false", "prompt": "p"}',
+    '{"prompt": "' + "y" * 100_000 + '", "chosen": "a", "rejected": "b", "completion": "c", "label": true}'])
+_rl_broken = st.sampled_from(['{"broken": ', "not json", "[1, 2, 3]", '"a string"', "null", "", "3.5"])
+_RL_VALID = [   # a row every plain-text type reads, and one every message-list type reads
+    {"prompt": "hi", "chosen": "good answer", "rejected": "bad answer", "completion": "ok", "label": True,
+     "completions": ["step one", "step two"], "labels": [True, False], "question": "q?", "instruction": "do it", "system": "be brief",
+     "chosen_response": "yes", "rejected_response": "no", "input": "x", "good": "g", "bad": "b", "answer": "a"},
+    {"messages": [{"role": "user", "content": "hi"}], "prompt": "p", "label": True,
+     "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+     "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+     "completion": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "c"}]}]
+_DROP = object()
+
+
+def _mutate(base_changes):
+    base, changes = base_changes
+    row = dict(base)
+    for k, v in changes.items():
+        if v is _DROP: row.pop(k, None)
+        else: row[k] = v
+    return json.dumps(row)
+
+
+_rl_mutant = st.tuples(st.sampled_from(_RL_VALID), st.dictionaries(st.sampled_from(RL_KEYS), st.one_of(_rl_value, st.just(_DROP)),
+                                                                    min_size=1, max_size=2)).map(_mutate)
+_rl_line = st.one_of(_rl_row, _rl_good, _rl_mutant, _rl_mutant, st.sampled_from(_RL_VALID).map(json.dumps))
+
+
+@pytest.fixture(scope="module")
+def rl_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuzz_rl")
+    (d / "rewards.py").write_text("def score(completions, **kw): return [1.0] * len(completions)\n")
+    return d
+
+
+@S(700)
+@given(st.data())
+def test_fuzz_rl_datasets_every_method_and_type(tok, rl_dir, data):
+    """Random preference / KTO / stepwise / GRPO rows (and broken lines, invalid UTF-8, empty files, folders, missing
+    paths) through ftkit.rl.prepare_rl_data: every row is used, or ftkit's error names the file, every bad row and its
+    field; nothing is dropped silently."""
+    from ftkit.config import load as load_cfg
+    from ftkit.rl import RLDataError, prepare_rl_data
+    method = data.draw(st.sampled_from(sorted(RL_METHODS)))
+    type_ = data.draw(st.sampled_from(_rl_types(method)))
+    kind = data.draw(st.sampled_from(["lines"] * 8 + ["broken_lines"] * 2 + ["invalid_utf8", "empty", "folder", "missing", "json_array"]))
+    case = uuid.uuid4().hex[:8]
+    path = rl_dir / f"case{case}.jsonl"
+    lines = data.draw(st.lists(st.one_of(_rl_line, _rl_broken) if kind == "broken_lines" else _rl_line, min_size=1, max_size=6))
+    if kind in ("lines", "broken_lines"): path.write_text("\n".join(lines) + "\n")
+    elif kind == "json_array": path = path.with_suffix(".json"); path.write_text("[" + ", ".join(l for l in lines if l.strip()) + "]")
+    elif kind == "invalid_utf8": path.write_bytes(b'{"prompt": "ok", "chosen": "a", "rejected": "b"}\n{"prompt": "bad \xff\xfe"}\n')
+    elif kind == "empty": path.write_bytes(b"")
+    elif kind == "folder": path = rl_dir / f"folder{case}"; path.mkdir()
+    else: path = rl_dir / "missing.jsonl"
+    entry = {"path": str(path)}
+    if type_ is not None: entry["type"] = type_
+    extra = {"trl": {"reward_funcs": [f"{rl_dir}/rewards.py:score"]}} if method == "grpo" else {}
+    cfg = load_cfg({**BASE, **RL_METHODS[method], "datasets": [entry], "sequence_len": 64, **extra})
+    n_rows = len([l for l in lines if l.strip()]) if kind in ("lines", "broken_lines", "json_array") else None
+    t = time.process_time()
+    try:
+        out = prepare_rl_data(cfg, tok)
+        assert n_rows is None or len(out.train) + len(out.eval) == n_rows, (n_rows, out)     # nothing dropped silently
+        outcome = "prepared"
+    except RLDataError as e:
+        assert e.problems and all(str(path) in src or path.name in src for src, _, _ in e.problems), e
+        assert all(isinstance(i, int) and msg and not msg.startswith("unexpected") for _, i, msg in e.problems), e
+        if n_rows and e.total == n_rows:   # per-row problems: each names its row and field (a column or message key)
+            assert all(i >= 0 and ("'" in msg or "JSON" in msg or msg.startswith("the row is")) for _, i, msg in e.problems), e
+        outcome = "error"
+    except FtkitError as e:
+        where = getattr(e, "where", "") or ""
+        assert str(path) in str(e) + where or path.name in str(e) + where or "datasets[0]" in str(e) + where, str(e)
+        outcome = "error"
+    assert time.process_time() - t < T_MAX, f"{method}/{type_}: {time.process_time() - t:.1f} CPU s"
+    N["rl_rows"] += 1
+    N[f"rl_rows:{outcome}"] += 1
+    N[f"rl_rows:{method}"] += 1
 
 
 def test_zz_record_fuzz():
