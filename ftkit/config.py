@@ -658,6 +658,11 @@ def _rope_and_pose_problems(d) -> Iterable[Problem]:
         if ctx is None or ctx <= seq:
             yield Problem("pose_max_context_len", f"use_pose needs pose_max_context_len above sequence_len ({seq}): the context "
                           "the skipped positions may span.", "E.g. pose_max_context_len: 4 × sequence_len.")
+        by_positions = [k for k in ("sdp_attention", "flex_attention", "eager_attention") if _set(d, k)]
+        if _set(d, "sample_packing") and by_positions:       # these find packed samples from position jumps: PoSE's skips would split them
+            yield Problem(by_positions[0], f"use_pose with sample_packing needs attention that takes the packed samples' bounds from the "
+                          f"packing (the default varlen attention, or flash_attention); {by_positions[0]} finds them from position_ids, "
+                          "where PoSE's skips would cut each sample apart.", f"Remove {by_positions[0]}, or sample_packing.")
     for i, pat in enumerate(d.get("unfrozen_parameters") or []):
         try: re.compile(str(pat))
         except re.error as e:

@@ -214,6 +214,15 @@ def test_pose_positions_skip_within_the_context_in_training_only(tmp_path, packi
     assert s.trainer.state.global_step == 2
 
 
+
+def test_pose_validation():
+    ps = validate({"learning_rate": 1e-4, "use_pose": True, "sequence_len": 512})[1]
+    assert [p.key for p in ps if p.level == "error"] == ["pose_max_context_len"]
+    ps = validate({"learning_rate": 1e-4, "use_pose": True, "pose_max_context_len": 4096, "sample_packing": True, "sdp_attention": True})[1]
+    assert [p.key for p in ps if p.level == "error"] == ["sdp_attention"]        # sdpa finds packed samples from the positions
+    assert not validate({"learning_rate": 1e-4, "use_pose": True, "pose_max_context_len": 4096, "sample_packing": True})[1]
+
+
 # ---------------------------------------------------------------- NEFTune
 
 class EmbeddingTap:
