@@ -278,6 +278,7 @@ def merge(cfg: FinetuneConfig, lora_model_dir: str | None = None, output_dir: st
     "Merge the LoRA/QLoRA adapter of `cfg` into its base and save to `{output_dir}/merged`."
     import torch
     from ftkit.models import load_tokenizer, load_model
+    from ftkit.vision import is_vision, processor_of
     t0 = time.time()
     lora = lora_model_dir or cfg.lora_model_dir or cfg.output_dir
     out = Path(output_dir or Path(cfg.output_dir) / "merged").expanduser()
@@ -296,7 +297,7 @@ def merge(cfg: FinetuneConfig, lora_model_dir: str | None = None, output_dir: st
     model = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
+    (processor_of(tok) if is_vision(cfg) else tok).save_pretrained(str(out))   # a VLM: its processor (with the tokenizer)
     if not (out / "chat_template.jinja").exists(): (out / "chat_template.jinja").write_text(tmpl)
     res = MergeResult(str(out), str(lora), str(base_model or cfg.base_model or "embedded SmolLM2-135M-Instruct"), time.time() - t0)
     if not quiet: print(res, file=sys.stderr)

@@ -162,6 +162,13 @@ def test_saved_adapter_reloads_and_generates_from_an_image(setup):
     with model.disable_adapter():
         base = vision.generate(model, tok, msgs, cfg, max_new_tokens=3)
     assert base != reply                                      # and the answer comes from the adapter
+    from ftkit.infer import merge
+    merged = merge(cfg, str(out), quiet=True).output_dir      # ftkit merge-lora: the merged model keeps its processor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    assert type(AutoProcessor.from_pretrained(merged)).__name__ == "LlavaProcessor"
+    m = AutoModelForImageTextToText.from_pretrained(merged)
+    m.generation_config.pad_token_id = tok.pad_token_id
+    assert vision.generate(m, tok, msgs, cfg, max_new_tokens=3) == reply
 
 
 def test_sample_packing_and_stray_image_keys_are_refused(setup):
