@@ -310,9 +310,9 @@ class PairStrategy(PromptStrategy):
         if how == "plain":
             vals = {k: row.get(v) for k, v in (("prompt", pc), ("system", self.sys_col))}
             vals = {k: ("" if v is None else v) for k, v in vals.items()}
-            prompt = _format(self.fmt[0], "prompt_format", **{k: v for k, v in row.items() if k not in vals}, **vals)
-            p, c = _encode_text(self.tok, prompt, _format(self.fmt[1], "chosen_format", **{**row, "chosen": chosen}))
-            p2, r = _encode_text(self.tok, prompt, _format(self.fmt[2], "rejected_format", **{**row, "rejected": rejected}))
+            text = _format(self.fmt[0], "prompt_format", **{k: v for k, v in row.items() if k not in vals}, **vals)
+            p, c = _encode_text(self.tok, text, _format(self.fmt[1], "chosen_format", **{**row, "chosen": chosen}))
+            p2, r = _encode_text(self.tok, text, _format(self.fmt[2], "rejected_format", **{**row, "rejected": rejected}))
             return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}]
         sys_msg = row.get(self.enc.field_system)
         if how == "ct_default":
@@ -496,8 +496,8 @@ def _json_rows(c: Path) -> list:
     try: text = c.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         from ftkit.guard import first_invalid_utf8
-        line, col = first_invalid_utf8(c) or (1, 1)
-        raise RLDataError([(str(c), line - 1, f"line {line}, column {col} is not UTF-8 text (save the file as UTF-8)")], 1) from None
+        ln, col = first_invalid_utf8(c) or (1, 1)
+        raise RLDataError([(str(c), ln - 1, f"line {ln}, column {col} is not UTF-8 text (save the file as UTF-8)")], 1) from None
     if c.suffix == ".jsonl" or not text.lstrip().startswith("["):
         rows = []
         for j, line in enumerate(text.splitlines()):
@@ -540,7 +540,7 @@ def _tokenize_entries(entries, tokenizer, cfg, mode, problems, group="datasets")
         rows = []
         for i, r in enumerate(load_rows(ds)):
             if not isinstance(r, dict): problems.append((src, i, f"the row is {_json_kind(r)}, not an object with named fields"))
-            elif (k := _invalid_text(r)): problems.append((src, i, f"'{k}' holds text that is not valid Unicode (a lone surrogate such as \\ud800)"))
+            elif (col := _invalid_text(r)): problems.append((src, i, f"'{col}' holds text that is not valid Unicode (a lone surrogate such as \\ud800)"))
             else: rows.append((i, r))
         if mode == "grpo":
             out += _grpo_rows(rows, ds, cfg, src, problems); continue
