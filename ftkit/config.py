@@ -218,6 +218,9 @@ def vision_conflicts(d):
     if d.get("skip_prepare_dataset") is True:
         yield Problem("skip_prepare_dataset", "ftkit prepares vision rows ahead (pictures stay encoded bytes until the collator "
                       "runs the processor), so skip_prepare_dataset is ignored here.", "Remove `skip_prepare_dataset`.", level="warning")
+    if d.get("pad_to_sequence_len") is True:
+        yield Problem("pad_to_sequence_len", "vision batches are padded to their longest row (the processor pads them), so "
+                      "pad_to_sequence_len is ignored here.", "Remove `pad_to_sequence_len`.", level="warning")
     if _set(d, "image_resize_algorithm") and not _set(d, "image_size"):
         yield Problem("image_resize_algorithm", "image_resize_algorithm has no effect without image_size.",
                       "Add `image_size`, or remove the key.", level="warning")
