@@ -741,7 +741,7 @@ def lora_config(cfg: FinetuneConfig, task_type="CAUSAL_LM"):
 
 def load_rl_model(cfg: FinetuneConfig, tokenizer, head: str = "causal"):
     "The policy (head `causal`), reward model (`seqcls`, 1 label) or process reward model (`tokcls`, 2 labels), adapter added."
-    from ftkit.models import load_model, apply_adapter, model_source, _dtype_and_attention, _quant_config
+    from ftkit.models import load_model, apply_adapter, model_config, model_source, _dtype_and_attention, _quant_config
     if head == "causal": return apply_adapter(cfg, load_model(cfg, tokenizer))
     import transformers as T
     src = model_source(cfg)
@@ -749,6 +749,8 @@ def load_rl_model(cfg: FinetuneConfig, tokenizer, head: str = "causal"):
     cls = T.AutoModelForSequenceClassification if head == "seqcls" else T.AutoModelForTokenClassification
     kw = dict(dtype=dtype, num_labels=cfg.num_labels or (1 if head == "seqcls" else 2))
     if src.gguf_file: kw["gguf_file"] = src.gguf_file
+    if (mc := model_config(cfg, src)) is not None:          # overrides_of_model_config, rope_scaling
+        mc.num_labels = kw.pop("num_labels"); kw["config"] = mc
     q = _quant_config(cfg, dtype)
     if q is not None: kw.update(quantization_config=q, device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
     model = cls.from_pretrained(src.path, **kw)

@@ -177,6 +177,13 @@ def test_rope_scaling_reaches_the_loaded_model(saved_llama, rope, check):
     assert check(m.model.rotary_emb, base.model.rotary_emb)
 
 
+def test_rope_scaling_reaches_a_reward_model(saved_llama):
+    from ftkit.rl import load_rl_model
+    cfg = load_config({"learning_rate": 1e-4, "base_model": str(saved_llama), "reward_model": True, "rope_scaling": {"type": "linear", "factor": 4.0}})
+    m = load_rl_model(cfg, StubTok(), "seqcls")
+    base = tiny_llama(vocab_size=64).model.rotary_emb
+    assert m.config.num_labels == 1 and torch.allclose(m.model.rotary_emb.inv_freq, base.inv_freq / 4)
+
 def test_rope_scaling_errors(saved_llama):
     _, ps, *_ = validate({"learning_rate": 1e-4, "rope_scaling": {"type": "stretchy", "factor": 2}})
     assert [p.key for p in ps if p.level == "error"] == ["rope_scaling"]
