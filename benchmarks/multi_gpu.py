@@ -207,8 +207,18 @@ def estimate(per_gpu_tps: float, tokens_per_gpu_step: int, grad_bytes: float, bu
     comm = (1.5 if fsdp else 1.0) * 2 * (n - 1) / n * grad_bytes / (bw * 1e9)
     lo, hi = n * tokens_per_gpu_step / (compute + comm), n * tokens_per_gpu_step / max(compute, comm)
     return {"gpus": n, "compute_s": compute, "comm_s": comm, "tokens_per_s_no_overlap": lo, "tokens_per_s_full_overlap": hi,
-            "bandwidth_gb_s": bw, "bandwidth_source": "measured (NVLink, this node)" if n <= gpus_per_node else
-            f"assumed --inter-node-gbps {inter_gb_s:g} GB/s per GPU" if inter_gb_s < bus_gb_s else "measured (NVLink, this node)"}
+            "bandwidth_gb_s": bw, "bandwidth_source": "measured between this node's GPUs" if n <= gpus_per_node else
+            f"assumed --inter-node-gbps {inter_gb_s:g} GB/s per GPU" if inter_gb_s < bus_gb_s else "measured between this node's GPUs"}
+
+
+def param_count(shape: str, lora: bool, r: int = 16, vocab: int = 49152) -> int:
+    "Trainable parameters of the benchmark model: LoRA r16 on every linear layer, or the whole (tied-embedding) model."
+    c = SHAPES[shape]
+    h, L, ff = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * c["head_dim"]
+    q = c["num_attention_heads"] * c["head_dim"]
+    if lora: return L * r * ((h + q) * 2 + (h + kv) * 2 + (h + ff) * 3)
+    return vocab * h + L * (h * q * 2 + h * kv * 2 + h * ff * 3 + 2 * h) + h
 
 
 def scaling_report(summary: dict, args, out: Path) -> None:
@@ -216,23 +226,29 @@ def scaling_report(summary: dict, args, out: Path) -> None:
     n, rows, est = args.gpus, [], []
     bus = max((x["bus_gb_s"] for x in summary.get("allreduce", {}).get("sizes", [])), default=None)
     tokens_step = args.seq * args.ga                     # packed rows of --seq tokens, --ga rows per optimizer step (global)
-    for kind, one, many in (("LoRA r16 (DDP)", "cli1", "cliN"), ("full fine-tune (1 GPU / FSDP2)", "full1", "fullN")):
-        a, b = summary.get(one, {}), summary.get(many, {})
-        if not (a.get("tokens_per_s") and b.get("tokens_per_s")): continue
-        pa, pb = per_gpu(a, 1), per_gpu(b, n)
-        eff = pb["tokens_per_s"] / (n * pa["tokens_per_s"])
-        rows.append({"workload": kind, "one": pa, "many": pb, "speedup": pb["tokens_per_s"] / pa["tokens_per_s"], "efficiency": eff})
-        grad = (b.get("trainable") or 0) * (4 if "LoRA" in kind else 2)
-        if bus and grad:
+    prev = json.loads(Path(args.previous).read_text()) if args.previous else {}
+    for kind, one, many, old in (("LoRA r16 (DDP)", "cli1", "cliN", "cli2"), ("full fine-tune (1 GPU / FSDP2)", "full1", "fullN", "fsdp2")):
+        a, b, nb = summary.get(one, {}), summary.get(many, {}), n
+        if not b.get("tokens_per_s") and prev.get(old, {}).get("tokens_per_s"):     # throughput of an earlier call
+            b, nb = {**prev[old], "source": f"{Path(args.previous).name}:{old}"}, prev[old].get("world_size") or 2
+        if not b.get("tokens_per_s"): continue
+        pb = per_gpu(b, nb)
+        if a.get("tokens_per_s"):
+            pa = per_gpu(a, 1)
+            rows.append({"workload": kind, "one": pa, "many": pb, "speedup": pb["tokens_per_s"] / pa["tokens_per_s"],
+                         "efficiency": pb["tokens_per_s"] / (nb * pa["tokens_per_s"])})
+        grad = (b.get("trainable") or param_count(args.shape, lora="LoRA" in kind)) * (4 if "LoRA" in kind else 2)
+        if bus:
             for m in (8, 64):
-                est.append({"workload": kind, **estimate(pb["tokens_per_s_per_gpu"], tokens_step // n, grad, bus, m,
-                                                         args.inter_node_gbps, fsdp="FSDP" in kind)})
+                est.append({"workload": kind, "throughput_from": b.get("source", many),
+                            **estimate(pb["tokens_per_s_per_gpu"], tokens_step // nb, grad, bus, m, args.inter_node_gbps,
+                                       fsdp="FSDP" in kind)})
     rep = {"gpus": n, "gpu": summary.get("gpu"), "seq": args.seq, "global_batch_rows": args.ga, "bus_gb_s": bus,
            "measured": rows, "estimate": est}
     (out / "scaling.json").write_text(json.dumps(rep, indent=1))
     md = [f"# Scaling on {n}x {summary.get('gpu', 'GPU')} (`benchmarks/multi_gpu.py`)", "",
-          f"{'Llama-3.2-1B' if args.shape == '1b' else args.shape} shape, packed rows of {args.seq} tokens, global batch {args.ga} rows per step on 1 and on {n} GPUs.", "",
-          "| workload | GPUs | tokens/s | tokens/s per GPU | speed-up | scaling efficiency | peak GiB per GPU |", "|---|---|---|---|---|---|---|"]
+          f"{'Llama-3.2-1B' if args.shape == '1b' else args.shape} shape, packed rows of {args.seq} tokens, global batch {args.ga} rows per step on 1 and on {n} GPUs.", ""]
+    if rows: md += ["| workload | GPUs | tokens/s | tokens/s per GPU | speed-up | scaling efficiency | peak GiB per GPU |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         for side in ("one", "many"):
             p = r[side]
@@ -246,7 +262,7 @@ def scaling_report(summary: dict, args, out: Path) -> None:
                "| workload | GPUs | compute s/step | communication s/step | bandwidth | tokens/s (no overlap .. full overlap) |",
                "|---|---|---|---|---|---|"]
         for e in est:
-            md.append(f"| {e['workload']} | {e['gpus']} | {e['compute_s']:.3f} | {e['comm_s']:.4f} | {e['bandwidth_gb_s']:,.1f} GB/s, "
+            md.append(f"| {e['workload']} ({e['throughput_from']}) | {e['gpus']} | {e['compute_s']:.3f} | {e['comm_s']:.4f} | {e['bandwidth_gb_s']:,.1f} GB/s, "
                       f"{e['bandwidth_source']} | {e['tokens_per_s_no_overlap']:,.0f} .. {e['tokens_per_s_full_overlap']:,.0f} |")
     (out / "scaling.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
@@ -254,7 +270,7 @@ def scaling_report(summary: dict, args, out: Path) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (needed by every run except allreduce)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--shape", default="1b", choices=list(SHAPES))
     ap.add_argument("--steps", type=int, default=30)
@@ -263,15 +279,19 @@ def main():
     ap.add_argument("--ga", type=int, default=4)
     ap.add_argument("--rows", type=int, default=12000)
     ap.add_argument("--runs", default="cli1,cli2,nb2,fsdp2,zero2")
+    ap.add_argument("--previous", default=None, help="an earlier multi_gpu.json whose cli2 / fsdp2 throughput the estimate uses "
+                    "when this call did not run cliN / fullN (e.g. benchmarks/results/multi_gpu_H200x2.json)")
     ap.add_argument("--gpus", type=int, default=2, help="GPUs for the cliN / fullN / allreduce runs")
     ap.add_argument("--inter-node-gbps", type=float, default=50.0,
                     help="assumed network bandwidth per GPU between nodes for the 64-GPU estimate (GB/s; 8x400 Gb/s NICs = 50)")
     args = ap.parse_args()
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     ftkit = [sys.executable, "-m", "ftkit.cli"]
-    model_dir = make_model(Path(args.tokenizer), out / "model", args.shape)
-    data = make_data(out / "data.jsonl", args.rows, 200)
     runs = args.runs.split(",")
+    model_dir = data = None
+    if set(runs) - {"allreduce"}:          # a training run: the model and the data (not needed for the bandwidth alone)
+        model_dir = make_model(Path(args.tokenizer), out / "model", args.shape)
+        data = make_data(out / "data.jsonl", args.rows, 200)
     summary = {"shape": args.shape, "seq": args.seq, "steps": args.steps, "global_batch_rows": args.ga}
     try:
         import torch

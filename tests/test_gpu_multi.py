@@ -136,3 +136,18 @@ def test_zero3_lora_and_full_offload_two_gpus(tmp_path, base):
     ok, log = _generates(out, base)
     assert ok, log
     _report("zero3_offload_full", None, peaks, next(r for r in recs if r["event"] == "begin"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_fsdp2_qlora_two_gpus(tmp_path, base):
+    "QLoRA under FSDP2 (4-bit base stored as bf16 for sharding): trains, saves the adapter alone, reloads, generates."
+    _two_gpus()
+    out, recs, peaks = _train(_config(base, tmp_path / "fsdp_qlora", adapter="qlora", load_in_4bit=True, **FSDP), 2)
+    begin = next(r for r in recs if r["event"] == "begin")
+    assert begin["world_size"] == 2 and begin["sharding"] == "fsdp" and len(_losses(recs)) == 6
+    from safetensors.torch import load_file
+    sd = load_file(str(out / "adapter_model.safetensors"))
+    assert sd and all("lora_" in k for k in sd)
+    ok, log = _generates(out, base)
+    assert ok, log
+    _report("fsdp2_qlora", None, peaks, begin)

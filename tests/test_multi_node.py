@@ -50,7 +50,7 @@ def test_two_nodes_equal_one_process_and_resume_as_one_job(tmp_path, tiny_model_
     got, recs = losses(out)
     begin = [r for r in recs if r["event"] == "begin"]
     assert len(begin) == 1 and begin[0]["world_size"] == 2, "one job of 2 processes; rank 0 alone writes"
-    assert begin[0]["sharding"] == "ddp" and begin[0]["rank0_param_elements"] > begin[0]["rank0_trainable_elements"] > 0
+    assert begin[0]["sharding"] == "ddp" and begin[0]["rank0_param_elements"] >= begin[0]["rank0_trainable_elements"] > 0
     assert got == pytest.approx(want, rel=2e-3, abs=2e-3), (got, want)
     assert (out / "checkpoint-2" / "ftkit-complete.json").exists() and (out / "checkpoint-2" / "rng_state_1.pth").exists()
     # a job that died after checkpoint-2: the whole job resumes from rank 0's choice and continues as the uninterrupted run

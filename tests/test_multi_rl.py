@@ -105,6 +105,7 @@ def test_rl_two_processes_are_one_job(tmp_path, rl_dir):
         one, two = records(tmp_path / f"{m}-1"), records(tmp_path / f"{m}-2")
         begins = [x for x in two if x["event"] == "begin"]
         assert len(begins) == 1 and begins[0]["world_size"] == 2, f"{m}: rank 0 alone writes, and sees a job of 2"
+        assert begins[0]["sharding"] == "ddp", begins[0]
         assert sum(x["event"] == "end" for x in two) == 1
         a, b = first_step(one), first_step(two)
         print(f"{m}: loss {a['loss']:.6f} / {b['loss']:.6f}, grad_norm {a['grad_norm']:.6f} / {b['grad_norm']:.6f}")
