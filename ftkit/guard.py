@@ -49,6 +49,8 @@ def _holder_text(info: dict) -> str:
     return f"process {info['pid']} (`{info.get('cmd', '?')}`, {info.get('what', 'run')} started {started} on {info.get('host', '?')})"
 
 # %% ../nbs/00b_guard.ipynb #f608ba12
+_KEY_OF = {"output_dir": "output_dir", "dataset cache": "dataset_prepared_path"}    # the config key a lock's folder comes from
+
 class FileLock:
     "An exclusive OS lock on `path` (`fcntl.flock`): released by `release()`, by exiting `with`, or by the process dying."
     def __init__(self, path, what: str = "run"):
@@ -59,9 +61,18 @@ class FileLock:
         try: return json.loads(self.path.read_text() or "{}")
         except (OSError, ValueError): return {}
 
+    def _open(self) -> int:
+        "The lock file's descriptor (its folder made first); a folder that cannot be made or written is a `GuardError`."
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise GuardError(f"cannot write the {self.what} folder {self.path.parent}: {e.strerror or e}"
+                             f"{f' ({e.filename})' if e.filename and str(e.filename) != str(self.path) else ''}.\n"
+                             f"  fix: set {_KEY_OF.get(self.what, 'it')} to a folder this user can create and write in.") from None
+
     def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd); return False
@@ -82,7 +93,7 @@ class FileLock:
             raise LockedError(f"{self.what} {self.path.parent} is in use by {who}.\n"
                               f"  fix: wait for it to finish (or stop it), or use another folder for this run.")
         _say(f"waiting: {self.what} {self.path.parent} is in use by {who}", quiet)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try: fcntl.flock(fd, fcntl.LOCK_EX)           # blocks until the holder releases or dies
         except BaseException: os.close(fd); raise
         self._claim(fd)
@@ -336,12 +347,21 @@ def _path_values(d: dict):
             for j, f in enumerate(files if isinstance(files, list) else [files]):
                 yield f"{group}[{i}].data_files" + (f"[{j}]" if isinstance(files, list) else ""), f, False
 
+def _not_a_folder(value: str) -> str | None:
+    "Why no folder can be made at `value`: it, or a folder above it, is a file."
+    p = Path(value).expanduser()
+    try:
+        for q in (p, *p.parents):
+            if q.exists(): return None if q.is_dir() else f"{q} is a file" + ("" if q == p else ", so no folder can be made under it")
+    except OSError: return None
+    return None
+
 def path_problems(d: dict) -> list:
     "A `Problem` for every output folder or dataset path in the raw config `d` that cannot be a path (see `path_problem`)."
     from ftkit.errors import Problem
     out = []
     for key, v, output in _path_values(d):
-        msg = path_problem(v, key, output)
+        msg = path_problem(v, key, output) or (_not_a_folder(v) if output and isinstance(v, str) else None)
         if msg: out.append(Problem(key, msg + ".", "Use a plain folder or file name (letters, digits, '-', '_', '.', '/')."))
     return out
 

@@ -46,6 +46,18 @@ def test_hostile_output_folders_are_refused_before_anything_is_written(tmp_path,
     CASES.append(f"{key}: {case}")
 
 
+@pytest.mark.parametrize("command,key,case,value", [
+    ("train", "output_dir", "a_file", "data.jsonl"), ("train", "output_dir", "under_a_file", "data.jsonl/sub"),
+    ("preprocess", "dataset_prepared_path", "a_file", "data.jsonl"), ("train", "output_dir", "unwritable", "/proc/ftkit-out"),
+    ("preprocess", "dataset_prepared_path", "unwritable", "/proc/ftkit-prep")])
+def test_output_folders_that_cannot_be_made_are_refused_with_the_key(tmp_path, capsys, command, key, case, value):
+    "A file where the folder should be (refused at load) or a folder this user cannot make (refused by the lock, first write)."
+    code, err, files = _run_cli(tmp_path, capsys, command, **{key: value})
+    assert code == 2 and key in err and "Traceback" not in err, err[-1500:]
+    assert files == ["cfg.yml", "data.jsonl"] and (tmp_path / "data.jsonl").is_file(), files
+    CASES.append(f"{key}: {case}")
+
+
 @pytest.mark.parametrize("case,value", [("nul", "da\x00ta.jsonl"), ("long_name", "d" * 300 + ".jsonl")])
 def test_hostile_dataset_paths_are_refused_with_the_entry(tmp_path, capsys, case, value):
     code, err, files = _run_cli(tmp_path, capsys, "preprocess", ds_path=value)
