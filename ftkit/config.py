@@ -636,7 +636,9 @@ def optimizer_options(d):
                       "Use DDP (no fsdp_config / deepspeed), or optimizer: adamw_torch_fused.")
     for key, wants, used in (("lr_div_factor", "one_cycle", sched == "one_cycle"),
                              ("cosine_constant_lr_ratio", "cosine", sched == "cosine"),
-                             ("lr_quadratic_warmup", "cosine or rex", sched in ("cosine", "rex"))):
+                             ("lr_quadratic_warmup", "cosine or rex", sched in ("cosine", "rex")),
+                             ("cosine_min_lr_ratio", "cosine or rex", sched in ("cosine", "cosine_with_min_lr", "rex")),
+                             ("lr_scheduler_kwargs", "one_cycle or transformers'", not own or sched == "one_cycle")):
         if _set(d, key) and not used:
             yield Problem(key, f"{key} shapes the {wants} schedule; lr_scheduler is {sched}, so it does nothing.",
                           f"Remove {key}, or set lr_scheduler: {wants.split()[0]}.", level="warning")

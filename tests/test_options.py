@@ -150,6 +150,10 @@ def test_schedule_options_validate():
     assert [p.level for p in ps if p.key == "lr_div_factor"] == ["warning"]
     ps = validate({"learning_rate": 1e-4, "lr_scheduler": "rex", "rl": "dpo"})[1]
     assert [p.level for p in ps if p.key == "lr_scheduler"] == ["error"]
+    ps = validate({"learning_rate": 1e-4, "lr_scheduler": "rex", "lr_scheduler_kwargs": {"x": 1}, "cosine_min_lr_ratio": 0.1})[1]
+    assert [(p.key, p.level) for p in ps] == [("lr_scheduler_kwargs", "warning")]                # rex ignores the kwargs, uses the floor
+    ps = validate({"learning_rate": 1e-4, "lr_scheduler": "linear", "cosine_min_lr_ratio": 0.1})[1]
+    assert [(p.key, p.level) for p in ps] == [("cosine_min_lr_ratio", "warning")]
 
 
 # ---------------------------------------------------------------- rope_scaling
