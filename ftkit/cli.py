@@ -126,13 +126,13 @@ def run_train(args) -> int:
     return subprocess.run(cmd).returncode
 
 def run_sweep(cfg, args) -> int:
-    "`ftkit train CONFIG --sweep SWEEP.yml`: every variant in turn, in this process (ftkit.sweeps); the table at the end."
+    """`ftkit train CONFIG --sweep SWEEP.yml`: every variant in turn in this process, or side by side one per GPU when
+    several are visible (ftkit.sweeps); the table at the end."""
     from ftkit.sweeps import sweep
-    from ftkit.train import train
-    from ftkit.launch import MetricsFile
     if (args.launcher not in (None, "python")) or (args.num_processes or 1) > 1 or args.nnodes > 1:
-        raise UserError("--sweep runs the variants one after another in this process: drop --launcher / --num-processes / --nnodes.")
-    res = sweep(cfg, args.sweep, run=lambda c: train(c, callbacks=[MetricsFile(Path(c.output_dir) / "metrics.jsonl")]))
+        raise UserError("--sweep runs each variant on one device (one per GPU side by side, or in turn here): drop "
+                        "--launcher / --num-processes / --nnodes.")
+    res = sweep(cfg, args.sweep)
     print(repr(res))
     print(f"table: {res.root / 'sweep.jsonl'}\nloss curves: {res.root / 'sweep_losses.svg'}")
     return 0 if all(r.status in ("done", "skipped") for r in res.runs) and not res.stopped else 1

@@ -242,7 +242,7 @@ def _length_rules(idxs, results, max_len, min_len, truncate):
         if isinstance(res, RowError): recs.append((r, (), (), None, False, res.reason, res.detail)); continue
         for s in res:
             ids, lab, am = s["input_ids"], s["labels"], s.get("attention_mask")
-            if am is not None and list(am).count(1) == len(am): am = None
+            if am is not None and (am if isinstance(am, list) else list(am)).count(1) == len(am): am = None
             trunc = False
             if len(ids) > max_len:
                 if not truncate:

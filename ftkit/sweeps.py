@@ -6,7 +6,7 @@ Docs: https://ftkit.github.io/ftkit/sweeps.html.md"""
 
 # %% ../nbs/06c_sweeps.ipynb #ef7fe531
 from __future__ import annotations
-import html, itertools, json, math, random, re, signal, threading, time
+import html, itertools, json, math, os, random, re, signal, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +15,7 @@ from .errors import ConfigError, Problem
 
 # %% auto #0
 __all__ = ['SETTINGS', 'SweepSpec', 'read_spec', 'variants', 'varying', 'slug', 'SweepRun', 'plan', 'loss_plot_svg',
-           'SweepResult', 'sweep']
+           'SweepResult', 'sweep', 'ChildResult', 'sweep_devices']
 
 # %% ../nbs/06c_sweeps.ipynb #d4f77c6f
 SETTINGS = ("_method", "_samples", "_seed")
@@ -110,6 +110,7 @@ class SweepRun:
     result: Any = None             # the TrainResult
     error: str | None = None
     seconds: float = 0.0
+    device: str | None = None      # CUDA_VISIBLE_DEVICES of its process when variants run side by side ("" = the CPU)
 
     @property
     def output_dir(self) -> Path: return Path(self.cfg.output_dir)
@@ -196,7 +197,7 @@ class SweepResult:
                          "steps": getattr(res, "global_step", None), "first_loss": losses[0] if losses else None,
                          "final_loss": losses[-1] if losses else None, "min_loss": min(losses) if losses else None,
                          "eval_loss": evals[-1] if evals else None, "seconds": round(r.seconds, 1),
-                         "output_dir": str(r.output_dir)})
+                         "output_dir": str(r.output_dir), **({"device": r.device} if r.device is not None else {})})
         return rows
 
     def curves(self) -> dict[str, dict[int, float]]:
@@ -233,17 +234,21 @@ class SweepResult:
 # %% ../nbs/06c_sweeps.ipynb #0e90a2c5
 def _default_run(quiet: bool):
     def run(cfg):
+        from ftkit.launch import MetricsFile
         from ftkit.train import train
-        return train(cfg, quiet=quiet)
+        return train(cfg, quiet=quiet, callbacks=[MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")])
     return run
 
 # %% ../nbs/06c_sweeps.ipynb #f3c7adb6
 def sweep(base, spec, *, method: str | None = None, samples: int | None = None, seed: int | None = None,
-          run: Callable | None = None, quiet: bool = False, on_run_end: Callable | None = None) -> SweepResult:
+          run: Callable | None = None, quiet: bool = False, on_run_end: Callable | None = None,
+          devices: list[str] | None = None) -> SweepResult:
     """Train every variant of `spec` (a sweep file, YAML or mapping) over `base`; returns a `SweepResult` (also written
-    as `sweep.jsonl` and `sweep_losses.svg` into the base config's output_dir)."""
+    as `sweep.jsonl` and `sweep_losses.svg` into the base config's output_dir). Without `run`, variants run side by side
+    on several devices when `sweep_devices(devices)` finds two or more (see below), else one after another here."""
     runs = plan(base, spec, method=method, samples=samples, seed=seed)
     res = SweepResult(Path(runs[0].cfg.output_dir).parent, runs)
+    devs = sweep_devices(devices) if run is None else []
     run = run or _default_run(quiet)
     stop = {"asked": False}
     prev = None
@@ -254,7 +259,9 @@ def sweep(base, spec, *, method: str | None = None, samples: int | None = None, 
     if threading.current_thread() is threading.main_thread():
         prev = signal.signal(signal.SIGINT, on_sigint)
     try:
-        for r in runs:
+        if len(devs) > 1: _run_parallel(runs, res, devs, stop, quiet, on_run_end); runs_here: list = []
+        else: runs_here = runs
+        for r in runs_here:
             if stop["asked"]:
                 res.stopped = "interrupted"
                 break
@@ -281,3 +288,84 @@ def sweep(base, spec, *, method: str | None = None, samples: int | None = None, 
         if r.status == "pending": r.status = "skipped"
     res.save()
     return res
+
+# %% ../nbs/06c_sweeps.ipynb #sw15a001
+@dataclass
+class ChildResult:
+    "What a run in its own process leaves: read back from its `metrics.jsonl` (losses, eval records, steps)."
+    output_dir: Path
+    returncode: int
+    global_step: int = 0
+    total_steps: int = 0
+    losses: dict = field(default_factory=dict)
+    log_history: list = field(default_factory=list)
+    started: float | None = None          # wall time of the run's first record (its `begin`)
+    ended: float | None = None            # wall time of its last record
+
+    @classmethod
+    def read(cls, output_dir, returncode: int) -> "ChildResult":
+        from ftkit.launch import read_metrics
+        recs = read_metrics(Path(output_dir) / "metrics.jsonl")
+        logs = [r for r in recs if r.get("event") == "log"]
+        begin = next((r for r in recs if r.get("event") == "begin"), {})
+        return cls(Path(output_dir), returncode, max((r.get("step", 0) for r in logs), default=0), begin.get("max_steps", 0),
+                   {r["step"]: r["loss"] for r in logs if "loss" in r}, logs, begin.get("time"),
+                   max((r.get("time", 0) for r in recs), default=None))
+
+def sweep_devices(devices: list[str] | None = None) -> list[str]:
+    """The devices variants run on at the same time, one variant per device: `devices` as given (CUDA_VISIBLE_DEVICES
+    values; "" is the CPU), else every visible GPU when there are two or more, else [] (one after another, in this process)."""
+    if devices is not None: return [str(d) for d in devices]
+    from ftkit.launch import _cuda_device_count
+    n = _cuda_device_count()
+    return [str(i) for i in range(n)] if n > 1 else []
+
+# %% ../nbs/06c_sweeps.ipynb #sw15a002
+def _start_child(r: SweepRun, device: str, quiet: bool):
+    "Start `ftkit train` for one variant in its own process, on `device` (its CUDA_VISIBLE_DEVICES)."
+    import subprocess, sys
+    out = Path(r.cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
+    yml = out / "sweep_variant.yml"
+    yml.write_text(r.cfg.to_yaml())
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+    log = open(out / "sweep_run.log", "w")
+    if not quiet: print(f"sweep: run {r.index + 1} on {'GPU ' + device if device else 'the CPU'}: {slug(r.overrides, None, 200)}", flush=True)
+    return subprocess.Popen([sys.executable, "-m", "ftkit.cli", "train", str(yml)], env=env, stdout=log, stderr=subprocess.STDOUT), log
+
+def _finish_child(r: SweepRun, proc, log, t0: float):
+    "Record a finished child: its result from metrics.jsonl, done / interrupted / failed."
+    log.close()
+    r.result, r.seconds = ChildResult.read(r.cfg.output_dir, proc.returncode), time.time() - t0
+    if proc.returncode == 0:
+        r.status = "done" if r.result.global_step >= (r.result.total_steps or 0) else "interrupted"
+    else:
+        tail = (Path(r.cfg.output_dir) / "sweep_run.log").read_text(errors="replace").strip().splitlines()[-3:]
+        r.status, r.error = "failed", f"exit code {proc.returncode}: " + " | ".join(tail)
+
+# %% ../nbs/06c_sweeps.ipynb #sw15a003
+def _run_parallel(runs: list[SweepRun], res: SweepResult, devices: list[str], stop: dict, quiet: bool, on_run_end) -> None:
+    """Run the variants as child processes, at most one per device at a time. After a first Ctrl-C no new run starts and the
+    running ones finish; a second one stops them (each is recorded as interrupted, its finished steps kept)."""
+    pending, active, free = list(runs), {}, list(devices)      # active: run index -> (run, process, log, start time, device)
+    try:
+        while pending or active:
+            while pending and free and not stop["asked"]:
+                r, dev = pending.pop(0), free.pop(0)
+                r.status = "running"
+                proc, log = _start_child(r, dev, quiet); r.device = dev
+                active[r.index] = (r, proc, log, time.time(), dev)
+            if stop["asked"] and not active: break
+            for i, (r, proc, log, t0, dev) in list(active.items()):
+                if proc.poll() is None: continue
+                _finish_child(r, proc, log, t0)
+                del active[i]; free.append(dev)
+                if not quiet and r.status == "failed": print(f"sweep: run {r.index} failed: {r.error}", flush=True)
+                res.save()
+                if on_run_end: on_run_end(r, res)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for r, proc, log, t0, _ in active.values():
+            proc.terminate(); proc.wait()
+            _finish_child(r, proc, log, t0); r.status, r.error = "interrupted", None
+        stop["asked"] = True
+    if stop["asked"]: res.stopped = "interrupted"

@@ -143,3 +143,56 @@ def test_finetune_sweep_magic_keeps_every_run_and_each_dashboard_says_where_it_i
     with capture_output() as c:
         ip.run_cell("%%finetune sweep --name sw2\n" + yaml.safe_dump(cfg))
     assert "write the sweep values after a `---` line" in c.stdout + "\n".join(o.data.get("text/plain", "") for o in c.outputs)
+
+
+def _saved_tiny_model(tmp_path, root):
+    "A tiny Llama + local tokenizer saved as a model folder, and a base config over the bundled chat data."
+    from ftkit_test_tokenizers import llama3
+    tok = llama3()
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab_size=len(tok), attn="sdpa", seed=0).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return {**BASE, "base_model": str(model_dir), "output_dir": str(tmp_path / "out"), "max_steps": 3, "sequence_len": 128,
+            "logging_steps": 1, "dataset_prepared_path": str(tmp_path / "prep"), "dataloader_num_workers": 0,
+            "datasets": [{"path": str(root / "examples/data/reverse_words.jsonl"), "type": "chat_template", "split": "train[:200]"}]}
+
+
+def _check_side_by_side(res, n):
+    assert [r.status for r in res.runs] == ["done"] * n, [(r.status, r.error) for r in res.runs]
+    for r in res.runs:                                   # each variant: its own process, folder, config and metrics
+        assert r.result.global_step == 3 and sorted(r.losses) == [1, 2, 3] and r.result.returncode == 0
+        assert yaml.safe_load((r.output_dir / "config.yml").read_text())["learning_rate"] == r.overrides["learning_rate"]
+    a, b = res.runs[0].result, res.runs[1].result          # the two runs were alive at the same time
+    assert a.started < b.ended and b.started < a.ended
+    rows = [json.loads(l) for l in (res.root / "sweep.jsonl").read_text().splitlines()]
+    assert [(x["status"], x["steps"]) for x in rows] == [("done", 3)] * n
+
+
+def test_two_variants_run_at_once_as_two_cpu_processes(tmp_path, root):
+    "devices=['', '']: two child `ftkit train` processes on the CPU at the same time (the path several GPUs take)."
+    from ftkit.sweeps import sweep_devices
+    assert sweep_devices(["", ""]) == ["", ""] and sweep_devices([]) == []
+    res = sweep(_saved_tiny_model(tmp_path, root), {"learning_rate": [1e-2, 1e-3]}, devices=["", ""], quiet=True)
+    _check_side_by_side(res, 2)
+    assert [r.device for r in res.runs] == ["", ""] and not (res.runs[0].output_dir / "peak_memory.jsonl").exists()
+
+
+@pytest.mark.gpu
+def test_sweep_on_two_gpus_runs_one_variant_per_gpu(tmp_path, root):
+    "With 2 GPUs visible, `ftkit train --sweep` runs the variants side by side, each child seeing one GPU."
+    import torch
+    if torch.cuda.device_count() < 2: pytest.skip("needs 2 GPUs")
+    from ftkit.cli import main
+    from ftkit.sweeps import sweep_devices
+    assert sweep_devices() == [str(i) for i in range(torch.cuda.device_count())]
+    cfg = _saved_tiny_model(tmp_path, root)
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg)); (tmp_path / "s.yml").write_text("learning_rate: [0.01, 0.001]\n")
+    assert main(["train", str(tmp_path / "c.yml"), "--sweep", str(tmp_path / "s.yml")]) == 0
+    from ftkit.sweeps import ChildResult
+    rows = [json.loads(l) for l in (Path(cfg["output_dir"]) / "sweep.jsonl").read_text().splitlines()]
+    assert sorted(r["device"] for r in rows) == ["0", "1"] and all(r["status"] == "done" for r in rows)   # one GPU each
+    res = [ChildResult.read(r["output_dir"], 0) for r in rows]
+    assert all(r.global_step == 3 for r in res) and res[0].started < res[1].ended and res[1].started < res[0].ended
+    for r in rows:                                       # each child trained on a GPU (its peak memory is recorded), alone
+        peak = [json.loads(l) for l in (Path(r["output_dir"]) / "peak_memory.jsonl").read_text().splitlines()]
+        assert [p["rank"] for p in peak] == [0] and peak[0]["peak_gib"] > 0
