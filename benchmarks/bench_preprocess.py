@@ -8,6 +8,10 @@ cache write (load the jsonl, render chat templates, tokenize, labels, length/lab
 Arrow once); loading the tokenizer is not timed. Prints rows/s and tokens/s, the CPU seconds the child and its
 workers used (user + system: on a shared machine this is the honest figure when other jobs take cores) and the
 1-minute load average before and after the run.
+
+`--axolotl VENV` also runs `axolotl preprocess` from that virtual environment (e.g. the conformance harness's,
+scripts/conformance/setup.sh) on the same rows, tokenizer (saved to a folder: Axolotl cannot read the GGUF) and
+settings, with its own fresh HF_HOME, timed the same way (wall and CPU of the whole command, start-up included).
 """
 import argparse, json, os, platform, random, resource, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -45,10 +49,37 @@ def child(data: str, procs: int, prep: str):
     c1, k1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = sum(getattr(b, f) - getattr(a, f) for a, b in ((c0, c1), (k0, k1)) for f in ("ru_utime", "ru_stime"))
     r = p.report
-    print(json.dumps({"procs": procs, "rows": r.rows_in, "samples": r.samples_out, "tokens": r.tokens, "seconds": round(dt, 2),
+    whole = resource.getrusage(resource.RUSAGE_SELF)          # the whole process: imports and tokenizer loading included
+    whole_cpu = whole.ru_utime + whole.ru_stime + (k1.ru_utime + k1.ru_stime)
+    print(json.dumps({"procs": procs, "cpu_seconds_whole_process": round(whole_cpu, 2), "rows": r.rows_in, "samples": r.samples_out, "tokens": r.tokens, "seconds": round(dt, 2),
                       "cpu_seconds": round(cpu, 2), "rows_per_s": round(r.rows_in / dt), "tokens_per_s": round(r.tokens / dt),
                       "trainable_fraction": round(r.trainable_fraction, 3), "load_before": round(load0, 2),
                       "load_after": round(os.getloadavg()[0], 2)}))
+
+def run_axolotl(venv: Path, data: Path, tmp: Path, procs: int) -> dict:
+    "`axolotl preprocess` on the same rows and tokenizer: wall and CPU seconds of the whole command."
+    import yaml
+    tok_dir = tmp / "smollm2"
+    subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" / "conformance" / "make_tokenizer.py"), str(tok_dir)],
+                   check=True, capture_output=True)
+    run = tmp / "axolotl"
+    cfg = {"base_model": str(tok_dir), "datasets": [{"path": str(data), "ds_type": "json", "type": "chat_template"}],
+           "chat_template": "chatml", "sequence_len": 2048, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
+           "learning_rate": 1e-4, "num_epochs": 1, "dataset_num_proc": procs, "dataset_prepared_path": str(run / "prep"),
+           "output_dir": str(run / "out")}
+    (run).mkdir(parents=True, exist_ok=True); (run / "cfg.yml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HOME": str(run / "hf"), "HF_DATASETS_CACHE": str(run / "hf" / "datasets"), "HF_HUB_OFFLINE": "1"}
+    load0, k0 = os.getloadavg()[0], resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    out = subprocess.run([str(venv / "bin" / "axolotl"), "preprocess", str(run / "cfg.yml")], env=env, capture_output=True, text=True)
+    dt, k1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode: sys.exit("axolotl preprocess failed:\n" + out.stderr[-3000:])
+    cpu = (k1.ru_utime - k0.ru_utime) + (k1.ru_stime - k0.ru_stime)
+    res = {"tool": "axolotl", "procs": procs, "seconds": round(dt, 2), "cpu_seconds": round(cpu, 2), "load_before": round(load0, 2),
+           "load_after": round(os.getloadavg()[0], 2)}
+    print(f"axolotl preprocess (dataset_num_proc={procs}): {dt:.1f}s ({cpu:.1f} CPU s, start-up included) "
+          f"[load {res['load_before']} -> {res['load_after']}]", flush=True)
+    return res
 
 def main():
     ap = argparse.ArgumentParser()
@@ -56,6 +87,7 @@ def main():
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/preprocess.json")
+    ap.add_argument("--axolotl", metavar="VENV", help="also time `axolotl preprocess` from this virtual environment")
     ap.add_argument("--child", nargs=3, metavar=("DATA", "PROCS", "PREP"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child: return child(a.child[0], int(a.child[1]), a.child[2])
@@ -75,8 +107,9 @@ def main():
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(res)
             print(f"num_proc={n}: {res['rows']} rows, {res['tokens']} tokens in {res['seconds']:.1f}s "
-                  f"({res['cpu_seconds']:.1f} CPU s) -> {res['rows_per_s']} rows/s, {res['tokens_per_s']} tokens/s "
+                  f"({res['cpu_seconds']:.1f} CPU s; {res['cpu_seconds_whole_process']:.1f} CPU s for the whole process) -> {res['rows_per_s']} rows/s, {res['tokens_per_s']} tokens/s "
                   f"[load {res['load_before']} -> {res['load_after']}]", flush=True)
+    if a.axolotl: results.append(run_axolotl(Path(a.axolotl), data, tmp, a.procs[0]))
     meta = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
             "datasets": datasets.__version__, "command": "python benchmarks/bench_preprocess.py " + " ".join(sys.argv[1:]),
             "results": results}

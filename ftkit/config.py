@@ -478,7 +478,6 @@ _LATER = "not implemented in ftkit yet"
 IGNORED_KEYS: dict[str, str] = {
     # hub, data streaming (the workflow issue)
 
-    "push_dataset_to_hub": f"{_LATER}: the prepared data stays in dataset_prepared_path",
 
 
     "dataset_keep_in_memory": "ftkit always memory-maps the prepared Arrow cache",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from .prompts.registry import RowError, resolve_type
 from . import guard
+from . import hub         # push_dataset_to_hub: the fresh cache goes to a dataset repo
 from . import vision      # processor_type: the prompt strategy and the image columns of vision-language rows
 from .config import DatasetEntry, FinetuneConfig
 from .errors import FtkitError
@@ -591,6 +592,7 @@ def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
                 (tmp / "report.json").write_text(json.dumps(rep.as_dict(), default=str))
             train = datasets.load_from_disk(str(cache / "train"))
             if test is not None: test = datasets.load_from_disk(str(cache / "test"))
+            hub.push_prepared(cfg, cache)                         # push_dataset_to_hub: only a fresh preparation is uploaded
     # split and shard: after the cache, so the cache holds the unsplit data
     eval_ds = test
     vs = float(cfg.val_set_size or 0)

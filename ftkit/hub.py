@@ -13,7 +13,7 @@ from .errors import Problem
 from .plugins import Plugin
 
 # %% auto #0
-__all__ = ['HUB_STRATEGIES', 'pushing', 'training_kwargs', 'check', 'hub_url', 'HubPlugin', 'push_folder']
+__all__ = ['HUB_STRATEGIES', 'pushing', 'training_kwargs', 'check', 'hub_url', 'HubPlugin', 'push_folder', 'push_prepared']
 
 # %% ../nbs/06d_hub.ipynb #926c9e0e
 HUB_STRATEGIES = ("every_save", "checkpoint", "all_checkpoints", "end")
@@ -36,13 +36,14 @@ def check(values: dict) -> list[Problem]:
         out.append(Problem("hub_strategy", f"expected one of {', '.join(HUB_STRATEGIES)}; got {s!r}.", "Fix `hub_strategy`."))
     if values.get("push_to_hub") is True and not values.get("hub_model_id"):
         out.append(Problem("push_to_hub", "push_to_hub: true needs hub_model_id (the repo to push to).", "Add `hub_model_id: you/name`."))
-    rid = values.get("hub_model_id")
-    if isinstance(rid, str) and rid:      # huggingface_hub's own rule: a repo id is never a path ('..', '/a/b', NUL)
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-        try: validate_repo_id(rid)
-        except HFValidationError as e:
-            out.append(Problem("hub_model_id", f"{rid[:120]!r} is not a Hub repo id: {str(e).split(':')[0]}.",
-                               "Write `you/name`: letters, digits, '-', '_', '.', no '..' or '--', at most 96 characters."))
+    for key in ("hub_model_id", "push_dataset_to_hub"):
+        rid = values.get(key)
+        if isinstance(rid, str) and rid:      # huggingface_hub's own rule: a repo id is never a path ('..', '/a/b', NUL)
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+            try: validate_repo_id(rid)
+            except HFValidationError as e:
+                out.append(Problem(key, f"{rid[:120]!r} is not a Hub repo id: {str(e).split(':')[0]}.",
+                                   "Write `you/name`: letters, digits, '-', '_', '.', no '..' or '--', at most 96 characters."))
     for k in ("hub_strategy", "hub_private_repo"):
         if values.get(k) is not None and not values.get("hub_model_id"):
             out.append(Problem(k, f"{k} is set but nothing is pushed: hub_model_id is not set.",
@@ -64,10 +65,22 @@ class HubPlugin(Plugin):
         print(f"pushed {result.output_dir} to {hub_url(trainer.hub_model_id)}", flush=True)
 
 # %% ../nbs/06d_hub.ipynb #78278fdb
-def push_folder(folder, repo_id: str, *, private: bool = True, commit_message: str = "ftkit: upload") -> str:
-    "Create `repo_id` if needed (private by default) and upload `folder`; returns the commit URL."
+def push_folder(folder, repo_id: str, *, private: bool = True, commit_message: str = "ftkit: upload",
+                repo_type: str = "model", path_in_repo: str | None = None) -> str:
+    "Create `repo_id` if needed (private by default) and upload `folder` (into `path_in_repo`); returns the commit URL."
     from huggingface_hub import HfApi
     api = HfApi()
-    repo = api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo.repo_id, commit_message=commit_message)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo.repo_id, commit_message=commit_message, repo_type=repo_type,
+                             path_in_repo=path_in_repo)
     return str(getattr(info, "commit_url", info))
+
+# %% ../nbs/06d_hub.ipynb #hb15a001
+def push_prepared(cfg, cache_dir) -> str | None:
+    "Upload a freshly prepared data cache to `push_dataset_to_hub` (a private dataset repo); None when the key is not set."
+    if not cfg.push_dataset_to_hub: return None
+    cache_dir = Path(cache_dir)
+    url = push_folder(cache_dir, cfg.push_dataset_to_hub, repo_type="dataset", path_in_repo=cache_dir.name,
+                      commit_message=f"ftkit: prepared data {cache_dir.name}")
+    print(f"pushed the prepared data ({cache_dir.name}) to https://huggingface.co/datasets/{cfg.push_dataset_to_hub}", flush=True)
+    return url

@@ -46,9 +46,9 @@ class FakeHub:
                     d = json.loads(body or b"{}")
                     repo_id = f"{d.get('organization') or 'tester'}/{d['name']}"
                     private = bool(d.get("private")) or d.get("visibility") == "private"   # older / newer huggingface_hub
-                    hub.repos.setdefault(repo_id, {"private": private, "files": {}, "commits": []})
+                    hub.repos.setdefault(repo_id, {"private": private, "files": {}, "commits": [], "type": d.get("type") or "model"})
                     return self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
-                if len(parts) >= 5 and parts[0] == "api" and parts[1] == "models" and parts[4] in ("preupload", "commit"):
+                if len(parts) >= 5 and parts[0] == "api" and parts[1] in ("models", "datasets") and parts[4] in ("preupload", "commit"):
                     repo_id = f"{parts[2]}/{parts[3]}"
                     if repo_id not in hub.repos: return self._send(404, {"error": f"Repository {repo_id} not found"})
                     if parts[4] == "preupload":

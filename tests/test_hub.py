@@ -82,3 +82,29 @@ def test_hub_keys_are_checked(tmp_path):
         load({**base, "push_to_hub": True})
     from ftkit.hub import training_kwargs
     assert training_kwargs(load({**base, "hub_model_id": "a/b", "push_to_hub": False})) == {}
+
+
+def test_preprocess_pushes_the_prepared_data_once(tmp_path, tiny_model, root):
+    "`push_dataset_to_hub`: a fresh `ftkit preprocess` uploads the cache folder to a private dataset repo (readable back with"
+    " datasets.load_from_disk); a second run, served from the cache, uploads nothing."
+    import datasets
+    cfg = _config(tmp_path, tiny_model, root, push_dataset_to_hub="tester/prepared")
+    with FakeHub() as hub:
+        out = _ftkit(hub, "preprocess", str(cfg))
+        repo = hub.repos["tester/prepared"]
+        assert repo["type"] == "dataset" and repo["private"] and len(repo["commits"]) == 1 and "pushed the prepared data" in out
+        key = {f.split("/")[0] for f in repo["files"]}
+        assert len(key) == 1 and {f.split("/", 1)[1] for f in repo["files"]} >= {"report.json", "inputs.json", "train/dataset_info.json"}
+        (k,) = key
+        for f, data in repo["files"].items():                 # what arrived is the cache, byte for byte
+            assert (tmp_path / "prep" / f).read_bytes() == data
+        got = tmp_path / "got"
+        for f, data in repo["files"].items():
+            (got / f).parent.mkdir(parents=True, exist_ok=True); (got / f).write_bytes(data)
+        assert datasets.load_from_disk(str(got / k / "train"))[:3] == datasets.load_from_disk(str(tmp_path / "prep" / k / "train"))[:3]
+        n = len(hub.calls)
+        _ftkit(hub, "preprocess", str(cfg))
+        assert not [c for c in hub.calls[n:] if c[0] == "POST"] and len(repo["commits"]) == 1
+    from ftkit.config import ConfigError, load
+    with pytest.raises(ConfigError, match="push_dataset_to_hub"):
+        load({"learning_rate": 1e-4, "datasets": [{"path": "x.jsonl", "type": "alpaca"}], "push_dataset_to_hub": "../x"})
