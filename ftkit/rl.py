@@ -475,7 +475,7 @@ def load_rows(ds) -> list[dict]:
     if cands and all(c.is_file() and c.suffix in (".json", ".jsonl") for c in cands):
         return [r for c in cands for r in _json_rows(c)]
     local = str(path or "").startswith((".", "/", "~")) or Path(str(path or "")).suffix in (".json", ".jsonl", ".csv", ".parquet", ".arrow")
-    missing = [c for c in cands if not c.exists()] if (local or files) else []
+    missing = [c for c in cands if not c.exists()] if (local or (files and not path)) else []   # a Hub repo's data_files are not local
     if missing:
         raise RLDataError([(str(missing[0]), -1, "does not exist (a relative path is read from the current folder)")], 0)
     from datasets import load_dataset
