@@ -1,5 +1,6 @@
-"""Several machines, one job: two "nodes" on this machine (127.0.0.1), each its own `ftkit train ... --nnodes 2
---node-rank R --rdzv-endpoint 127.0.0.1:PORT` process with one CPU worker (gloo), joined by torchrun's rendezvous.
+"""Several machines, one job: two "nodes" on this machine (127.0.0.1), each its own process with one CPU worker
+(gloo) joined by torchrun's rendezvous: node 0 is `ftkit train ... --nnodes 2 --node-rank 0 --rdzv-endpoint
+127.0.0.1:PORT`, node 1 the same from Python (`ftkit.finetune(cfg, gpus=1, nnodes=2, node_rank=1, rdzv_endpoint=...)`).
 
 Two nodes with gradient_accumulation_steps 1 and one process with 2 see the same samples in every optimizer step,
 so their losses agree (float32 summation order only: the tolerance of tests/test_launch.py). The job resumes as a
@@ -25,12 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(cfg, *extra):
-    "Start node 0 and node 1 as separate processes (as two machines would), wait for both."
+def two_nodes(cfg):
+    "Node 0 from the command line, node 1 from Python (`ftkit.finetune(..., nnodes=2)`), as two machines would, both awaited."
     ep = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen([FTKIT, "train", str(cfg), "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", ep,
-                               "--num-processes", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
+    node1 = f"import ftkit; ftkit.finetune({str(cfg)!r}, gpus=1, nnodes=2, node_rank=1, rdzv_endpoint={ep!r})"
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in ([FTKIT, "train", str(cfg), "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", ep, "--num-processes", "1"],
+                         [sys.executable, "-c", node1])]
     outs = [p.communicate(timeout=600) for p in procs]
     return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
 
@@ -46,7 +48,7 @@ def test_two_nodes_equal_one_process_and_resume_as_one_job(tmp_path, tiny_model_
     cfg = write_config(tmp_path, tiny_model_dir, out, gradient_accumulation_steps=1, max_steps=4, save_strategy="steps", save_steps=2)
     res = two_nodes(cfg)
     assert all(rc == 0 for rc, _, _ in res), [e[-3000:] for _, _, e in res]
-    assert "--node_rank 1 --master_addr 127.0.0.1" in res[1][1], "node 1 joined through torchrun's static rendezvous"
+    assert "--node_rank 0 --master_addr 127.0.0.1" in res[0][1], "the nodes joined through torchrun's static rendezvous"
     got, recs = losses(out)
     begin = [r for r in recs if r["event"] == "begin"]
     assert len(begin) == 1 and begin[0]["world_size"] == 2, "one job of 2 processes; rank 0 alone writes"
