@@ -88,6 +88,7 @@ def first_step(recs):
     return next(r for r in recs if r.get("event") == "log" and "loss" in r and "grad_norm" in r)
 
 
+@pytest.mark.slow
 def test_rl_two_processes_are_one_job(tmp_path, rl_dir):
     "DPO, KTO and a reward model: 1 process (accumulation 2) vs 2 processes (torchrun, gloo) with the same global batch."
     from ftkit.launch import MetricsFile
