@@ -212,12 +212,13 @@ def _plugin_object(name: str):
         return getattr(importlib.import_module(p[0]), p[1]) if p else None
     except (ImportError, AttributeError): return None
 
-def split_config_keys(data: dict, reserved: set = frozenset()) -> tuple[dict, dict[str, Any], list[Problem]]:
+def split_config_keys(data: dict, reserved: set | frozenset = frozenset()) -> tuple[dict, dict[str, Any], list[Problem]]:
     """Take the keys that the config's plugins declare (`Plugin.config_keys`) out of a raw config mapping:
     `(the other keys, {plugin name: validated settings}, problems)`; the other keys go on to ftkit's schema."""
     from pydantic import ValidationError
-    names = data.get("plugins") if isinstance(data.get("plugins"), list) else []
-    rest, settings, problems, owner = dict(data), {}, [], {}
+    names: list = data["plugins"] if isinstance(data.get("plugins"), list) else []
+    rest, settings, problems = dict(data), {}, []
+    owner: dict[str, str] = {}                                    # key -> the plugin that declared it
     for name in (n for n in names if isinstance(n, str)):
         model = getattr(_plugin_object(name), "config_keys", None)
         if model is None: continue

@@ -1,4 +1,4 @@
-"""`pretraining_dataset` and `streaming: true`: local jsonl / parquet read lazily, tokenized on the fly and packed into full rows across document boundaries; the data position is saved in every checkpoint, so a resumed run neither repeats nor skips a document.
+"""`pretraining_dataset` and `streaming: true`: local jsonl / parquet read lazily, tokenized on the fly and packed into full rows across document boundaries (plain text), or whole samples through their prompt strategy (chat_template, alpaca, ...); the data position is saved in every checkpoint, so a resumed run neither repeats nor skips a document.
 
 Docs: https://ftkit.github.io/ftkit/streaming.html.md"""
 
@@ -65,7 +65,7 @@ def read_documents(files: list[Path], column: str | None = "text", start: tuple[
 class PackedStream(torch.utils.data.IterableDataset):
     """Rows of exactly `seq_len` tokens from a corpus, each a list of segments ({input_ids, labels}) for
     `PackedCollator`; `state_dict()` / `load_state_dict()` are the data position."""
-    def __init__(self, files: list[Path], tokenizer, seq_len: int, column: str = "text", keep: int = 1024):
+    def __init__(self, files: list[Path], tokenizer, seq_len: int, column: str | None = "text", keep: int = 1024):
         super().__init__()
         self.files, self.tokenizer, self.seq_len, self.column = list(files), tokenizer, int(seq_len), column
         self.state = {"file": 0, "doc": 0, "carry": []}
@@ -141,7 +141,7 @@ def __iter__(self:PackedSampleStream):
     self.rows, self.after = 0, deque(maxlen=self.after.maxlen)
     carry, nxt = [dict(s) for s in start["carry"]], (start["file"], start["doc"])
     docs = read_documents(self.files, None, nxt)
-    row, n = [], 0
+    row: list[dict] = []; n = 0
     while True:
         if not carry:
             try: fi, di, rec = next(docs)

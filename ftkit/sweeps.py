@@ -346,7 +346,8 @@ def _finish_child(r: SweepRun, proc, log, t0: float):
 def _run_parallel(runs: list[SweepRun], res: SweepResult, devices: list[str], stop: dict, quiet: bool, on_run_end) -> None:
     """Run the variants as child processes, at most one per device at a time. After a first Ctrl-C no new run starts and the
     running ones finish; a second one stops them (each is recorded as interrupted, its finished steps kept)."""
-    pending, active, free = list(runs), {}, list(devices)      # active: run index -> (run, process, log, start time, device)
+    pending, free = list(runs), list(devices)
+    active: dict[int, tuple] = {}                              # run index -> (run, process, log, start time, device)
     try:
         while pending or active:
             while pending and free and not stop["asked"]:

@@ -395,7 +395,8 @@ def prepare_data(cfg: FinetuneConfig, tokenizer, data=None, quiet=False):
     "(train, eval, prepared): from `data` if given, else `prepare(cfg, tokenizer)`."
     from ftkit.streaming import stream_data, streams
     if data is None and streams(cfg):         # pretraining_dataset / streaming: read lazily (prompt types through their strategy)
-        data = stream_data(cfg, tokenizer, lambda i: resolve_type(cfg.datasets[i].type).build(tokenizer, cfg.datasets[i], cfg))
+        entries = list(cfg.datasets or [])
+        data = stream_data(cfg, tokenizer, lambda i: resolve_type(entries[i].type).build(tokenizer, entries[i], cfg))
     prepared = data if data is not None else prepare(cfg, tokenizer, quiet)
     return _split_data(prepared) + (prepared,)
 
