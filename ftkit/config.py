@@ -245,7 +245,7 @@ def misc_rules(d):
 
 # %% ../nbs/00_config.ipynb #7a1e0c02
 _KD_TYPE = "axolotl.integrations.kd.chat_template"
-_SFT_ONLY = ("relora", "lisa_n_layers", "spectrum_top_fraction", "kd_trainer")
+_SFT_ONLY = ("relora", "jagged_restart_steps", "lisa_n_layers", "spectrum_top_fraction", "kd_trainer")
 
 def _relora_problems(d):
     ad, n = d.get("adapter"), _num(d, "jagged_restart_steps")
