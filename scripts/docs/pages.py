@@ -452,10 +452,12 @@ def performance_page(root: Path) -> str:
         lines += ["## Data preparation", "",
                   f"`benchmarks/bench_preprocess.py`: chat rows tokenized with the SmolLM2 tokenizer on a {d.get('cpu_count')}-core "
                   f"machine (Python {d.get('python')}, datasets {d.get('datasets')}).", "",
-                  "| processes | rows | rows/s | tokens/s | seconds | seconds, cache hit |", "|---|---|---|---|---|---|"]
-        for r in d.get("results", []):
-            lines.append(f"| {r['procs']} | {r['rows']:,} | {r['rows_per_s']:,} | {r['tokens_per_s']:,} | {r['seconds']} | "
-                         f"{r.get('seconds_cache_hit', '—')} |")
+                  "| tool | processes | rows/s | tokens/s | seconds | CPU s, whole process | load average |", "|---|---|---|---|---|---|---|"]
+        num = lambda v: f"{v:,}" if isinstance(v, (int, float)) else "—"
+        for r in d.get("results", []):          # ftkit's runs, and `axolotl preprocess` when the script was given --axolotl
+            lines.append(f"| {r.get('tool', 'ftkit')} | {r['procs']} | {num(r.get('rows_per_s'))} | {num(r.get('tokens_per_s'))} | "
+                         f"{r['seconds']} | {num(r.get('cpu_seconds_whole_process', r.get('cpu_seconds')))} | "
+                         f"{r.get('load_before', '—')} → {r.get('load_after', '—')} |")
         lines += ["", "File: `preprocess.json`.", ""]
     e2e = res / "kernels_e2e_H200.json"
     if e2e.exists():
