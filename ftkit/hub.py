@@ -44,13 +44,6 @@ def check(values: dict) -> list[Problem]:
             except HFValidationError as e:
                 out.append(Problem(key, f"{rid[:120]!r} is not a Hub repo id: {str(e).split(':')[0]}.",
                                    "Write `you/name`: letters, digits, '-', '_', '.', no '..' or '--', at most 96 characters."))
-    rid = values.get("hub_model_id")
-    if isinstance(rid, str) and rid:      # huggingface_hub's own rule: a repo id is never a path ('..', '/a/b', NUL)
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-        try: validate_repo_id(rid)
-        except HFValidationError as e:
-            out.append(Problem("hub_model_id", f"{rid[:120]!r} is not a Hub repo id: {str(e).split(':')[0]}.",
-                               "Write `you/name`: letters, digits, '-', '_', '.', no '..' or '--', at most 96 characters."))
     for k in ("hub_strategy", "hub_private_repo"):
         if values.get(k) is not None and not values.get("hub_model_id"):
             out.append(Problem(k, f"{k} is set but nothing is pushed: hub_model_id is not set.",
