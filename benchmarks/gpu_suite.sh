@@ -47,9 +47,9 @@ elif [ "$part" = features ]; then
   ( CUDA_VISIBLE_DEVICES=0 timeout ${T_A:-130} $PT tests/test_quant.py tests/test_vision.py tests/test_options.py > $R/gpu0.log 2>&1 ) &
   ( CUDA_VISIBLE_DEVICES=1 timeout ${T_A:-130} $PT tests/test_guarantees_gpu_oom.py tests/test_variants.py tests/test_gpu.py tests/test_gpu_rl.py ${GPU1_MORE:-} > $R/gpu1.log 2>&1 ) &
   wait
-  timeout ${T_B:-120} $PT -s tests/test_gpu_multi.py -k "fsdp2" tests/test_sweeps.py > $R/multi.log 2>&1
+  timeout ${T_B:-120} $PT -s tests/test_gpu_multi.py -k "fsdp2 or two_gpus" tests/test_sweeps.py > $R/multi.log 2>&1
   timeout 30 python3 benchmarks/multi_gpu.py --out $R/mg --runs allreduce --gpus 2 --previous benchmarks/results/multi_gpu_H200x2.json > $R/allreduce.log 2>&1
-  for f in $R/*.log; do echo "== $f"; grep -E "passed|failed|error|SKIPPED|FAILED|ERROR" $f | tail -12; done
+  for f in $R/*.log; do echo "== $f"; grep -E "passed|failed|PASSED|SKIPPED|FAILED|ERROR" $f | tail -24; done
   cp "$OUT/env.txt" $R/ 2>/dev/null; tar czf /tmp/features_run.tgz -C $R .; mkdir -p "$FINAL_OUT"; cp /tmp/features_run.tgz "$FINAL_OUT"/
 fi
 ls -la "$FINAL_OUT"
