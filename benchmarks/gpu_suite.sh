@@ -43,7 +43,7 @@ elif [ "$part" = features ]; then
   # every feature's GPU test in one short call on 2 GPUs: single-GPU tests side by side (one per GPU), then the
   # tests that need both GPUs. Logs (and the multi-GPU memory records) are packed into features_run.tgz.
   R=/tmp/feat; mkdir -p $R; export OUT=$R
-  PT="python3 -m pytest -m gpu -v -rs -p no:cacheprovider"
+  PT="python3 -m pytest -m gpu -v -rs --tb=short --timeout=${T_TEST:-100} -p no:cacheprovider"   # a per-test limit: pytest still prints its failures
   ( CUDA_VISIBLE_DEVICES=0 timeout ${T_A:-130} $PT tests/test_quant.py tests/test_vision.py tests/test_options.py > $R/gpu0.log 2>&1 ) &
   ( CUDA_VISIBLE_DEVICES=1 timeout ${T_A:-130} $PT tests/test_guarantees_gpu_oom.py tests/test_variants.py tests/test_gpu.py tests/test_gpu_rl.py ${GPU1_MORE:-} > $R/gpu1.log 2>&1 ) &
   wait
