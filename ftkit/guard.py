@@ -597,12 +597,14 @@ def saving(folder, output_dir=None):
         raise explain_disk_full(e, folder, output_dir) from None
 
 # %% ../nbs/00b_guard.ipynb #gd000031
-def finished_checkpoint(checkpoint) -> bool:
-    "Whether `checkpoint` holds the final step of its run (its trainer state's global_step reached max_steps)."
+def finished_checkpoint(checkpoint, max_steps: int | None = None) -> bool:
+    """Whether `checkpoint` holds the final step of the run: its global_step reached `max_steps` (this run's, when it
+    sets one: a resumed run whose max_steps was raised trains on), else the max_steps the checkpoint was saved under."""
     if not checkpoint: return False
     try: st = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     except (OSError, ValueError): return False
-    return bool(st.get("max_steps")) and st.get("global_step", 0) >= st["max_steps"]
+    target = max_steps if max_steps and max_steps > 0 else st.get("max_steps")
+    return bool(target) and st.get("global_step", 0) >= target
 
 def finish_from_checkpoint(trainer, checkpoint, quiet: bool = False):
     "Resume a run whose checkpoint is its final step: load its weights and state and train no further step (a `TrainOutput`)."

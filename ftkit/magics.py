@@ -392,10 +392,10 @@ def _tokenizer(self:FinetuneMagics, run):
 @patch
 def _prepare(self:FinetuneMagics, run):
     if run.datasets is None:
-        from ftkit.train import prepare   # SFT rows, or the rows of the config's rl: method
         from ftkit.progress import stage
         with stage("load data · tokenize · cache", log_file=Path(run.config.output_dir) / "ftkit.log"):
-            run.datasets = prepare(run.config, self._tokenizer(run))
+            from ftkit.train import prepare   # SFT rows, or the rows of the config's rl: method (imported inside the stage:
+            run.datasets = prepare(run.config, self._tokenizer(run))   # optional libraries' import-time notes go to its details)
     return run.datasets
 
 @patch
@@ -426,7 +426,6 @@ def _compare(self:FinetuneMagics, args, run):
 @patch
 def _train(self:FinetuneMagics, args, run):
     from ftkit.dashboard import Dashboard
-    import ftkit.train as ft_train
     cfg = run.config
     from ftkit.tracking import where
     dash = Dashboard(title=f"ftkit · {run.plan.method} · {run.plan.model}", mode=args.dashboard, output_dir=cfg.output_dir,
@@ -438,6 +437,7 @@ def _train(self:FinetuneMagics, args, run):
         from ftkit.launch import MetricsFile
         from ftkit.progress import stage
         with stage("train", log_file=Path(cfg.output_dir) / "ftkit.log"):   # library bars and warnings go to the details
+            import ftkit.train as ft_train     # imported here: optional libraries' import-time notes go to the details too
             result = ft_train.train(cfg, callbacks=[dash, MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")],
                                     tokenizer=run.tokenizer, data=run.datasets, quiet=True)
     except KeyboardInterrupt:

@@ -504,6 +504,12 @@ def save_outputs(trainer, tokenizer, cfg: FinetuneConfig, plan, output_dir: Path
         tmp.write_text("# ftkit resolved config\n" + head + body)
         os.replace(tmp, output_dir / "config.yml")
 
+# %% ../nbs/06_train.ipynb #111032c9
+def _patched_kernels(model) -> frozenset | None:
+    "The ftkit kernels patched into `model` (from the kernel report `apply_kernels` leaves on it); None when unknown."
+    rep = getattr(model, "ftkit_kernels", None)
+    return frozenset(k for k, _ in rep.patched) if rep is not None and hasattr(rep, "patched") else None
+
 # %% ../nbs/06_train.ipynb #0c770ba9
 def _as_config(cfg, overrides=None) -> FinetuneConfig:
     if isinstance(cfg, FinetuneConfig) and not overrides: return cfg
@@ -575,8 +581,7 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
         _say(f"attention: {register_varlen_attention()['kernel']}", quiet)
     if method is None:                        # ftkit's Triton kernels wherever they are exact; what was patched goes to the log
         from ftkit.kernels.patch import apply_kernels
-        rep = apply_kernels(model, cfg)
-        model.ftkit_kernels = frozenset(k for k, _ in rep.patched)     # named in an out-of-memory explanation
+        rep = apply_kernels(model, cfg)      # the report stays on the model (`model.ftkit_kernels`): an OOM explanation names it
         _say(str(rep), quiet)
     packing = eval_packing = None
     if stream: n_batches = cfg.max_steps * cfg.gradient_accumulation_steps * plan.world_size     # rows come packed
@@ -645,7 +650,7 @@ def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrid
                     raise guard.JobError(f"this process (rank {guard.launched_world()[0]} on {os.uname().nodename}) cannot see {resume}, the checkpoint "
                                          "rank 0 resumes from: put output_dir on storage every node shares to resume a multi-node job.")
                 t = time.time()
-                if guard.finished_checkpoint(resume): res = guard.finish_from_checkpoint(s.trainer, resume, quiet)   # no extra step
+                if guard.finished_checkpoint(resume, s.trainer.args.max_steps): res = guard.finish_from_checkpoint(s.trainer, resume, quiet)   # no extra step
                 else: res = s.trainer.train(resume_from_checkpoint=resume)
                 secs = time.time() - t
                 metrics = dict(res.metrics)
@@ -655,7 +660,7 @@ def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrid
                     save_outputs(s.trainer, s.tokenizer, cfg, s.plan, out, {"packing efficiency": f"{s.packing.efficiency:.4f}" if s.packing else "n/a",
                                                                             "optimizer steps": s.trainer.state.global_step})
             except Exception as e:                    # out of memory / a full disk: explained with this config's numbers
-                if guard.is_oom(e): raise guard.explain_oom(cfg, e, kernels=getattr(s.model, "ftkit_kernels", None)) from None
+                if guard.is_oom(e): raise guard.explain_oom(cfg, e, kernels=_patched_kernels(s.model)) from None
                 if guard.is_disk_full(e, out): raise guard.explain_disk_full(e, out, out, removed=False) from None
                 raise
             finally:

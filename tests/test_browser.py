@@ -249,6 +249,10 @@ def test_form_create_cell_in_notebook7_and_copy_fallback(tmp_path, request):
             page.wait_for_selector(".ftkit-form >> nth=1")
             form, form2 = page.locator(".ftkit-form").nth(0), page.locator(".ftkit-form").nth(1)
             form.locator(".ftkit-form-status :text('valid config')").wait_for()
+            # Lumino draws the tab bar in an animation frame: bring the form into view and wait for its tabs (a full
+            # `make test` run on a loaded machine once timed out clicking a tab that was not drawn yet)
+            form.scroll_into_view_if_needed()
+            page.wait_for_function("() => document.querySelectorAll('.ftkit-form')[0]?.querySelectorAll('.lm-TabBar-tab').length >= 11")
             form.locator(".lm-TabBar-tab", has_text="training").click()
             steps = form.locator(".ftkit-field-max_steps input")
             steps.fill("7"); steps.press("Tab")

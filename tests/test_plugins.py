@@ -25,7 +25,7 @@ def plugin_pkg(monkeypatch):
 def test_entry_point_is_discovered_and_unknown_names_list_what_is_installed(plugin_pkg):
     assert "recording" in plugins.installed() and plugins.locate("recording") == "entry point"
     cfg, problems, *_ = validate("learning_rate: 1e-4\ndatasets: [{path: x.jsonl, type: alpaca}]\n"
-                                 "plugins:\n  - recording\n  - axolotl.integrations.spectrum.SpectrumPlugin\n")
+                                 "plugins:\n  - recording\n  - axolotl.integrations.llm_compressor.LLMCompressorPlugin\n")
     errs = [p for p in problems if p.level == "error"]
     assert [(p.key, p.line) for p in errs] == [("plugins[1]", 5)]
     assert "does not provide" in errs[0].message and "recording" in errs[0].hint and "liger" in errs[0].hint

@@ -93,6 +93,18 @@ def test_resume_continues_same_curve_and_schedule(tmp_path, cut, kw):
         assert resumed.lrs[s] == pytest.approx(full.lrs[s], rel=1e-6), s
 
 
+def test_raising_max_steps_resumes_a_finished_run_and_trains_on(tmp_path):
+    "A run that reached its max_steps, resumed with a larger max_steps, trains the extra steps (not 'nothing left')."
+    out = tmp_path / "run"
+    done = _run(_cfg(out, max_steps=2, save_steps=2, save_strategy="steps"))
+    assert done.global_step == 2
+    again = _run(_cfg(out, max_steps=2, auto_resume_from_checkpoints=True))           # same target: nothing left to train
+    assert again.global_step == 2 and again.metrics.get("finished_before_resume")
+    more = _run(_cfg(out, max_steps=4, save_steps=2, save_strategy="steps", auto_resume_from_checkpoints=True))
+    assert more.resumed_from.endswith("checkpoint-2") and more.global_step == 4 and not more.metrics.get("finished_before_resume")
+    assert sorted(more.losses) == [3, 4]                                               # only the new steps were trained
+
+
 def test_interrupted_checkpoint_is_never_resumed(tmp_path):
     out = tmp_path / "run"
     _run(_cfg(out, max_steps=4, save_steps=2, save_strategy="steps"))

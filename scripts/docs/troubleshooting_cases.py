@@ -3,7 +3,7 @@ the page shows the message ftkit really prints, and the errors ftkit raises at r
 the source (every `raise SomethingError(...)` and every `RowError(reason, ...)` in ftkit/)."""
 from __future__ import annotations
 
-import ast
+import ast, re
 import builtins
 from pathlib import Path
 
@@ -70,6 +70,14 @@ def collect_raises() -> dict[str, list[tuple[str, str]]]:
             elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "emit" and len(node.args) >= 5
                   and isinstance(node.args[3], ast.Constant) and node.args[3].value):   # ftkit.data's drop reasons
                 out.setdefault("RowError", []).append((mod, f"{node.args[3].value}: {_msg(node.args[4])}"))
+                continue
+            if mod == "ftkit.data" and isinstance(node, ast.Tuple):                  # ftkit.data's drop reasons: a
+                elts = node.elts                                                      # ("reason", "detail") pair in a record
+                for a, b in zip(elts, elts[1:]):
+                    if (isinstance(a, ast.Constant) and isinstance(a.value, str) and re.fullmatch(r"[a-z]+(_[a-z]+)+", a.value)
+                            and isinstance(b, (ast.Constant, ast.JoinedStr)) and " " in _msg(b)):   # a sentence, not a key name
+                        item = (mod, f"{a.value}: {_msg(b)}")
+                        if item not in out.setdefault("RowError", []): out["RowError"].append(item)
                 continue
             if call is None or not call.args:
                 continue
