@@ -43,6 +43,8 @@ import ftkit, time, tempfile, torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from ftkit.dashboard import Dashboard
+import ipywidgets
+ipywidgets.Label("widgets ready")   # the probe: renders once the front end's widget manager is listening
 """
 FORM = "form = ftkit.form('quickstart.yml')\nform"
 TRAIN = """\
@@ -63,7 +65,7 @@ trainer.train()
 """
 
 
-NB7_SETUP = "%load_ext ftkit\nimport ftkit"
+NB7_SETUP = "%load_ext ftkit\nimport ftkit, ipywidgets\nipywidgets.Label(\"widgets ready\")"
 NB7_FORM = "form = ftkit.form('quickstart.yml')\nform"
 NB7_FALLBACK = "form2 = ftkit.form('quickstart.yml', name='copied')\nform2.insert_cells = False   # as on Colab / VS Code\nform2"
 
@@ -122,6 +124,21 @@ def _chromium(p, tmp_path):
               "--disable-sync", "--no-first-run", "--disable-quic"])
 
 
+def _run_probe(page, first_cell, key="Control+Enter", tries=4):
+    """Run the first cell until its probe widget renders. On a loaded machine JupyterLab's widget manager can start
+    listening after the kernel already sent the first widgets ("widget model not found" in the console, nothing drawn):
+    running the cell again, as a user would, then renders it."""
+    for _ in range(tries):
+        first_cell.locator(".jp-InputPrompt").click()
+        page.keyboard.press(key)
+        try:
+            page.wait_for_selector(".widget-label:has-text('widgets ready')", timeout=30_000)
+            return
+        except Exception:
+            continue
+    raise AssertionError("the probe widget never rendered: the front end's widget manager did not start")
+
+
 @skip_reason
 def test_form_and_dashboard_in_jupyterlab(tmp_path, request):
     if _missing:
@@ -138,13 +155,26 @@ def test_form_and_dashboard_in_jupyterlab(tmp_path, request):
         page.on("console", lambda m: console.append(m.text))
         try:
             page.goto(f"{base}/lab/tree/browser.ipynb?token={token}")
-            # JupyterLab as it ships (no window.jupyterapp): run the three cells with Shift+Enter, as a user would
+            # JupyterLab as it ships (no window.jupyterapp): run the three cells from the keyboard, as a user would
             page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content")
             page.get_by_text("Python 3 (ipykernel) | Idle").wait_for()      # the status bar: kernel started
-            page.locator(".jp-Cell .jp-InputPrompt").first.click()
-            for _ in range(3):
-                page.keyboard.press("Shift+Enter")
-                time.sleep(0.3)
+            cells = page.locator(".jp-Notebook .jp-Cell")
+            _run_probe(page, cells.nth(0))                                   # setup + the widgets-ready probe
+            # The form. Two full `make test` runs on a loaded 2-core machine saw its status drawn but no tabs, with
+            # "widget model not found" in the browser console (section views whose children JupyterLab's widget
+            # manager had not registered). Where that happens the form cell is run again once, as a user would, and
+            # must then draw every tab.
+            drawn = "() => document.querySelectorAll('.ftkit-form .lm-TabBar-tab').length >= 11"
+            for attempt in range(2):
+                cells.nth(1).locator(".jp-InputPrompt").click()
+                page.keyboard.press("Control+Enter")
+                try:
+                    page.wait_for_function(drawn, timeout=60_000 if attempt == 0 else 120_000)
+                    break
+                except Exception:
+                    if attempt: raise
+            cells.nth(2).locator(".jp-InputPrompt").click()
+            page.keyboard.press("Control+Enter")                            # the training run
 
             def shot(name):
                 news = page.locator(".jp-Notification-Toast button:has-text('No')")   # JupyterLab's news prompt
@@ -154,9 +184,6 @@ def test_form_and_dashboard_in_jupyterlab(tmp_path, request):
 
             # the form renders: sections as tabs, fields with their values
             page.wait_for_selector(".ftkit-form .ftkit-form-status :text('valid config')")
-            # the tab bar is drawn by Lumino after the widget view is attached: wait for it rather than count at once
-            # (a CI run on a loaded machine counted 0 the moment the status said "valid config")
-            page.wait_for_function("() => document.querySelectorAll('.ftkit-form .lm-TabBar-tab').length >= 11")
             assert page.locator(".ftkit-form .lm-TabBar-tab").count() == 11
             shot("browser_form.png")
 
@@ -242,8 +269,9 @@ def test_form_create_cell_in_notebook7_and_copy_fallback(tmp_path, request):
                     break
                 except Exception:
                     continue
-            first.locator(".jp-InputPrompt").click()
-            for _ in range(3):
+            _run_probe(page, first)                                          # the widgets-ready probe rendered
+            page.locator(".jp-Cell").nth(1).locator(".jp-InputPrompt").click()
+            for _ in range(2):
                 page.keyboard.press("Shift+Enter")
                 time.sleep(0.3)
             page.wait_for_selector(".ftkit-form >> nth=1")
