@@ -1,4 +1,4 @@
-"Test helpers: a validated config from keyword arguments, a tiny random Llama, per-sample losses."
+"Test helpers: a validated config from keyword arguments, a tiny random Llama, counting rows and a stub tokenizer, per-sample losses."
 import torch
 import torch.nn.functional as F
 
@@ -43,3 +43,37 @@ def notebook_shell(cwd=None):
     shell.run_line_magic("load_ext", "ftkit")
     if cwd is not None: shell.run_line_magic("cd", str(cwd))
     return shell
+
+
+def counting_data(n: int, seed: int = 0, vocab: int = 64, lengths: tuple[int, int] = (4, 12)):
+    "Rows where each token is the previous + 1 (a tiny model learns it in a few dozen steps); `lengths`: torch.randint's range."
+    from datasets import Dataset
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        k = int(torch.randint(*lengths, (1,), generator=g))
+        s = int(torch.randint(0, vocab - 4, (1,), generator=g))
+        ids = [1] + [4 + (s + i) % (vocab - 4) for i in range(k)] + [2]
+        rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
+    return Dataset.from_list(rows)
+
+
+class StubTok:
+    "The least a Trainer needs of a tokenizer for pre-tokenized rows."
+    pad_token_id, eos_token_id = 0, 2
+
+    def save_pretrained(self, d):
+        from pathlib import Path
+        (Path(d) / "tokenizer_stub.json").write_text("{}")
+
+
+def save_tiny_model(dest):
+    "A tiny random Llama with the embedded SmolLM2 tokenizer, saved to `dest` (a folder ftkit loads as base_model); the tokenizer."
+    from transformers import AutoTokenizer
+    from ftkit.models import embedded_model_path
+    tok = AutoTokenizer.from_pretrained(embedded_model_path(quiet=True))
+    m = tiny_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    m.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return tok

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import StubTok
+
 pytestmark = pytest.mark.gpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,13 +38,6 @@ def _docs(n, vocab=64, lo=16, hi=300, seed=0):
         ids = [1] + [4 + (s + i) % (vocab - 8) for i in range(k)] + [2]     # counting: learnable
         out.append({"input_ids": ids, "labels": [-100] + ids[1:]})
     return out
-
-
-class StubTok:
-    pad_token_id, eos_token_id = 0, 2
-
-    def save_pretrained(self, d):
-        (Path(d) / "tokenizer_stub.json").write_text("{}")
 
 
 def test_varlen_kernel_matches_reference():

@@ -20,15 +20,9 @@ FTKIT = str(pathlib.Path(sys.executable).parent / "ftkit")
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-    from ftkit.models import embedded_model_path
-    from helpers import tiny_llama
+    from helpers import save_tiny_model
     d = tmp_path_factory.mktemp("tiny")
-    tok = AutoTokenizer.from_pretrained(embedded_model_path(quiet=True))
-    m = tiny_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                   head_dim=16, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    m.save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_model(d)
     data = d / "train.jsonl"
     rows = (ROOT / "examples" / "data" / "reverse_words.jsonl").read_text().splitlines()[:96]
     data.write_text("\n".join(rows) + "\n")

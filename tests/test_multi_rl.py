@@ -40,15 +40,9 @@ for path in sys.argv[1:]:                      # what `python -m ftkit.cli train
 
 @pytest.fixture(scope="module")
 def rl_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-    from ftkit.models import embedded_model_path
-    from helpers import tiny_llama
+    from helpers import save_tiny_model
     d = tmp_path_factory.mktemp("rl")
-    tok = AutoTokenizer.from_pretrained(embedded_model_path(quiet=True))
-    m = tiny_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                   head_dim=16, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    m.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    save_tiny_model(d / "model")
     rows = lambda f: "".join(json.dumps(r) + "\n" for t in TOPICS for r in f(t))
     (d / "pref.jsonl").write_text(rows(lambda t: [{"question": f"Tell me about {t}.", "chosen": f"Sure! {t} are lovely, thanks.",
                                                    "rejected": "No. Go away."}]))

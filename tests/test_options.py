@@ -12,26 +12,13 @@ from ftkit.errors import ConfigError
 from ftkit.models import apply_adapter, load_model
 from ftkit.optim import ADOPT, CombinedOptimizer, Grokfast
 from ftkit.train import build_trainer, train
-from helpers import tiny_llama
+from helpers import StubTok, tiny_llama
+from helpers import counting_data as _counting
 
 
 def counting_data(n, seed=0, vocab=64):
-    "Rows where each token is the previous + 1: a tiny model learns it in a few dozen steps."
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        k = int(torch.randint(6, 14, (1,), generator=g))
-        s = int(torch.randint(0, vocab - 4, (1,), generator=g))
-        ids = [1] + [4 + (s + i) % (vocab - 4) for i in range(k)] + [2]
-        rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
-    return Dataset.from_list(rows)
-
-
-class StubTok:
-    pad_token_id, eos_token_id = 0, 2
-
-    def save_pretrained(self, d):
-        pass
+    "Counting rows of 8 to 15 tokens (these tests were tuned on them)."
+    return _counting(n, seed, vocab, lengths=(6, 14))
 
 
 def _cfg(out, **kw):
@@ -225,7 +212,6 @@ def test_pose_positions_skip_within_the_context_in_training_only(tmp_path, packi
     assert s.trainer.state.global_step == 2
 
 
-
 def test_pose_validation():
     ps = validate({"learning_rate": 1e-4, "use_pose": True, "sequence_len": 512})[1]
     assert [p.key for p in ps if p.level == "error"] == ["pose_max_context_len"]
@@ -335,7 +321,6 @@ def test_grokfast_plugin_name_switches_it_on(tmp_path):
     assert [(type(c).__name__, c.alpha, c.lamb) for c in cbs] == [("Grokfast", 0.98, 2.0)]
     assert not [p for p in validate({"learning_rate": 1e-4, "plugins": ["axolotl.integrations.grokfast.GrokfastPlugin"]})[1]
                 if p.key.startswith("plugins")]
-
 
 
 def test_rl_trainer_gets_groups_optimizer_and_grokfast(tmp_path):

@@ -68,7 +68,7 @@ def test_every_hook_fires_once_with_the_run_objects(plugin_pkg, tmp_path, root):
 def test_after_training_runs_with_none_when_training_fails(plugin_pkg, tmp_path):
     from transformers import TrainerCallback
     from ftkit.train import train
-    from test_tracking import StubTok, counting_data, tiny_llama
+    from helpers import StubTok, counting_data, tiny_llama
 
     class Boom(TrainerCallback):
         def on_step_end(self, *a, **kw): raise RuntimeError("boom")

@@ -11,7 +11,7 @@ from ftkit.config import ConfigError
 from ftkit.sweeps import SweepResult, plan, read_spec, sweep
 from ftkit.train import train
 
-from test_tracking import StubTok, counting_data, tiny_llama
+from helpers import StubTok, counting_data, tiny_llama
 
 BASE = {"learning_rate": 1e-2, "micro_batch_size": 4, "sequence_len": 32, "sample_packing": True, "max_steps": 4,
         "optimizer": "adamw_torch", "seed": 3, "logging_steps": 1, "save_strategy": "no", "dataloader_num_workers": 0,

@@ -11,26 +11,8 @@ from ftkit.launch import MetricsFile, read_metrics
 from ftkit.train import train
 from ftkit import tracking
 
-try: from helpers import tiny_llama          # tests/helpers.py (the shared test helpers)
-except ImportError: from ftkit.packing import tiny_llama
+from helpers import StubTok, counting_data, tiny_llama     # tests/helpers.py (the shared test helpers)
 
-
-def counting_data(n, seed=0, vocab=64):
-    "Rows where each token is the previous + 1 (a tiny model's loss falls within a few steps)."
-    import torch
-    from datasets import Dataset
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        k = int(torch.randint(4, 12, (1,), generator=g)); s = int(torch.randint(0, vocab - 4, (1,), generator=g))
-        ids = [1] + [4 + (s + i) % (vocab - 4) for i in range(k)] + [2]
-        rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
-    return Dataset.from_list(rows)
-
-
-class StubTok:
-    pad_token_id, eos_token_id = 0, 2
-    def save_pretrained(self, d): (Path(d) / "tokenizer_stub.json").write_text("{}")
 
 HAVE = {m: importlib.util.find_spec(m) is not None for m in ("tensorboard", "mlflow", "wandb", "comet_ml", "trackio")}
 

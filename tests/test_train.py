@@ -11,27 +11,8 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from ftkit.config import load as load_config
-from helpers import make_cfg, tiny_llama
+from helpers import StubTok, counting_data, make_cfg, tiny_llama
 from ftkit.train import (CHECKPOINT_MARKER, complete_checkpoints, resume_checkpoint, train, train_main, TrainResult)
-
-
-def counting_data(n, seed=0, vocab=64):
-    "Rows where each token is the previous + 1: a tiny model learns it in a few dozen steps."
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        k = int(torch.randint(4, 12, (1,), generator=g))
-        s = int(torch.randint(0, vocab - 4, (1,), generator=g))
-        ids = [1] + [4 + (s + i) % (vocab - 4) for i in range(k)] + [2]
-        rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
-    return Dataset.from_list(rows)
-
-
-class StubTok:
-    pad_token_id, eos_token_id = 0, 2
-
-    def save_pretrained(self, d):
-        (Path(d) / "tokenizer_stub.json").write_text("{}")
 
 
 def _cfg(out, **kw):

@@ -12,25 +12,13 @@ from ftkit.config import ConfigError, load as load_config
 from ftkit.distill import add_teacher_logprobs, kd_loss, write_jsonl
 from ftkit.train import train
 from ftkit.variants import apply_spectrum, merge_and_reinit, snr, spectrum_scan
-from helpers import tiny_llama
+from helpers import StubTok, tiny_llama
+from helpers import counting_data as _counting
 
 
 def counting_data(n, seed=0, vocab=64):
-    "Rows where each token is the previous + 1: a tiny model learns it in a few dozen steps."
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        k = int(torch.randint(6, 14, (1,), generator=g))
-        s = int(torch.randint(0, vocab - 4, (1,), generator=g))
-        ids = [1] + [4 + (s + i) % (vocab - 4) for i in range(k)] + [2]
-        rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
-    return Dataset.from_list(rows)
-
-
-class StubTok:
-    pad_token_id, eos_token_id = 0, 2
-
-    def save_pretrained(self, d): pass
+    "Counting rows of 8 to 15 tokens (these tests were tuned on them)."
+    return _counting(n, seed, vocab, lengths=(6, 14))
 
 
 def _cfg(out, **kw):
