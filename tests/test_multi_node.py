@@ -71,10 +71,21 @@ LOCKED = r'''
 import os, sys, torch.distributed as dist
 from ftkit.guard import LockedError, lock_output_dir_job
 dist.init_process_group("gloo")
-try: lock_output_dir_job(sys.argv[1], quiet=True); print("RANK", dist.get_rank(), "GOT THE FOLDER", flush=True)
-except LockedError as e: print("RANK", dist.get_rank(), "REFUSED", str(e).splitlines()[0], flush=True)
+rank = dist.get_rank()
+try: line = f"RANK {rank} GOT THE FOLDER"; lock_output_dir_job(sys.argv[1], quiet=True)
+except LockedError as e: line = f"RANK {rank} REFUSED " + str(e).splitlines()[0]
+with open(os.path.join(sys.argv[2], f"rank{rank}.txt"), "w") as f: f.write(line + "\n")   # one file per rank: no interleaved stdout
 dist.destroy_process_group()
 '''
+
+
+def rank_lines(tmp_path, job: str, out) -> tuple[list[str], str]:
+    "Run the LOCKED worker as a 2-process job; each rank's line comes from its own file."
+    d = tmp_path / job
+    d.mkdir()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                        str(tmp_path / "w.py"), str(out), str(d)], capture_output=True, text=True, timeout=300)
+    return [f.read_text().strip() for f in sorted(d.glob("rank*.txt"))], r.stdout + r.stderr[-2000:]
 
 
 def test_a_second_job_on_a_used_output_dir_stops_on_every_rank(tmp_path):
@@ -83,15 +94,12 @@ def test_a_second_job_on_a_used_output_dir_stops_on_every_rank(tmp_path):
     out = tmp_path / "out"
     held = lock_output_dir(out)                          # the running job
     (tmp_path / "w.py").write_text(LOCKED)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                        str(tmp_path / "w.py"), str(out)], capture_output=True, text=True, timeout=300)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("RANK")]
-    assert len(lines) == 2 and all("REFUSED" in l and f"process {os.getpid()}" in l for l in lines), r.stdout + r.stderr[-2000:]
-    assert any("(rank 1 of 2)" in l for l in lines)
+    lines, log = rank_lines(tmp_path, "second", out)
+    assert len(lines) == 2 and all("REFUSED" in l and f"process {os.getpid()}" in l for l in lines), (lines, log)
+    assert lines[1].startswith("RANK 1 REFUSED (rank 1 of 2)"), lines
     held.release()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                        str(tmp_path / "w.py"), str(out)], capture_output=True, text=True, timeout=300)
-    assert sorted(l.split("GOT")[0] for l in r.stdout.splitlines() if "GOT THE FOLDER" in l) == ["RANK 0 ", "RANK 1 "], r.stdout + r.stderr[-2000:]
+    lines, log = rank_lines(tmp_path, "free", out)
+    assert lines == ["RANK 0 GOT THE FOLDER", "RANK 1 GOT THE FOLDER"], (lines, log)
 
 
 def test_node_arguments_are_checked_before_anything_runs(tmp_path, tiny_model_dir):
