@@ -286,31 +286,59 @@ def test_axolotl_names_are_accepted():
 
 # ---------------------------------------------------------------- GPU (bf16): the same paths on CUDA
 
-@pytest.mark.gpu
-def test_relora_lisa_spectrum_and_distillation_bf16_on_gpu(tmp_path):
-    "ReLoRA merges into a bf16 base on CUDA and its saved full model matches; LISA and Spectrum train; KD distils in bf16."
+# ---------------------------------------------------------------- bf16, on the CPU and on a CUDA GPU
+# The same four checks run in CI on the CPU (bf16 autocast and a bf16 base) and, marked `gpu`, on a CUDA device. They are
+# separate tests so that a failure on the GPU names the variant; tolerances are relative to how far training moved the
+# model, since bf16 merges round differently on each device.
+
+BF16_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", BF16_DEVICES)
+def test_relora_merges_into_a_bf16_base(tmp_path, device):
+    "ReLoRA on a bf16 base: restarts at 4/8/12, the saved full model computes what the live model computes, loss falls."
     from ftkit.models import apply_adapter
+    from transformers import AutoModelForCausalLM
     cfg = _cfg(tmp_path / "r", adapter="lora", lora_r=8, lora_alpha=16, lora_target_linear=True, max_steps=16, relora=True,
                jagged_restart_steps=4, jagged_restart_warmup_steps=2, bf16=True)
-    model = apply_adapter(cfg, tiny_llama(vocab_size=64, seed=0).to("cuda", torch.bfloat16), quiet=True)
+    model = apply_adapter(cfg, tiny_llama(vocab_size=64, seed=0).to(device, torch.bfloat16), quiet=True)
     r = train(cfg, data=(counting_data(128), None), model=model, tokenizer=StubTok(), quiet=True)
     cb = next(c for c in r.trainer.callback_handler.callbacks if type(c).__name__ == "RestartCallback")
     assert [x["step"] for x in cb.restarts] == [4, 8, 12]
-    from transformers import AutoModelForCausalLM
-    full = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "relora-full", dtype=torch.bfloat16).cuda()
-    x = torch.tensor([[1, 5, 6, 7, 8, 9]], device="cuda")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "relora-full", dtype=torch.bfloat16).to(device)
+    untrained = tiny_llama(vocab_size=64, seed=0).to(device, torch.bfloat16)
+    x = torch.tensor([[1, 5, 6, 7, 8, 9]], device=device)
     with torch.no_grad():
-        assert torch.allclose(full(input_ids=x).logits.float(), r.model(input_ids=x).logits.float(), atol=2e-2)
+        live = r.model(input_ids=x).logits.float()
+        err = float((full(input_ids=x).logits.float() - live).abs().max())
+        moved = float((untrained(input_ids=x).logits.float() - live).abs().max())
+    print(f"{device} bf16 ReLoRA: |full - live| {err:.4f}, |untrained - live| {moved:.4f}")
+    assert err < 0.1 * moved, (err, moved)                  # the saved model holds every merged cycle, up to bf16 rounding
     losses = [r.losses[s] for s in sorted(r.losses)]
-    assert all(math.isfinite(v) for v in losses) and sum(losses[-3:]) < sum(losses[:3])
+    assert all(math.isfinite(v) for v in losses) and sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+@pytest.mark.parametrize("device", BF16_DEVICES)
+def test_lisa_switches_layers_in_bf16(tmp_path, device):
     cfg = _cfg(tmp_path / "l", max_steps=6, lisa_n_layers=1, lisa_step_interval=2, learning_rate=1e-3, bf16=True)
-    r = train(cfg, data=(counting_data(64), None), model=tiny_llama(vocab_size=64, seed=0, num_hidden_layers=4).cuda(),
+    r = train(cfg, data=(counting_data(64), None), model=tiny_llama(vocab_size=64, seed=0, num_hidden_layers=4).to(device),
               tokenizer=StubTok(), quiet=True)
-    assert [s for s, _ in next(c for c in r.trainer.callback_handler.callbacks if type(c).__name__ == "LisaCallback").history] == [0, 2, 4]
+    cb = next(c for c in r.trainer.callback_handler.callbacks if type(c).__name__ == "LisaCallback")
+    assert [s for s, _ in cb.history] == [0, 2, 4], cb.history
+    assert all(math.isfinite(v) for v in r.losses.values())
+
+
+@pytest.mark.parametrize("device", BF16_DEVICES)
+def test_spectrum_picks_the_planted_matrices_in_bf16(tmp_path, device):
     m, planted = _planted()
     r = train(_cfg(tmp_path / "s", max_steps=2, spectrum_top_fraction=0.34, bf16=True), data=(counting_data(32), None),
-              model=m.cuda(), tokenizer=StubTok(), quiet=True)
-    assert set(planted) <= set(m.ftkit_spectrum.trained)
-    kl0, kl1, r = _distill(tmp_path / "kd", device="cuda", bf16=True)
-    print(f"GPU bf16 KL(teacher || student) before {kl0:.4f} after {kl1:.4f}")
+              model=m.to(device), tokenizer=StubTok(), quiet=True)
+    assert set(planted) <= set(m.ftkit_spectrum.trained), m.ftkit_spectrum.trained
+    assert all(math.isfinite(v) for v in r.losses.values())
+
+
+@pytest.mark.parametrize("device", BF16_DEVICES)
+def test_distillation_in_bf16(tmp_path, device):
+    kl0, kl1, r = _distill(tmp_path / "kd", device=device, bf16=True)
+    print(f"{device} bf16 KL(teacher || student) before {kl0:.4f} after {kl1:.4f}")
     assert kl1 < 0.5 * kl0, (kl0, kl1)
