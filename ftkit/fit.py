@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fastcore.basics import patch
+
 from .config import FinetuneConfig, EMBEDDED_MODEL, load
 from .errors import FtkitError
 
@@ -54,14 +56,15 @@ class ModelShape:
         return {"q_proj": (d, self.q_dim, 1), "k_proj": (d, self.kv_dim, 1), "v_proj": (d, self.kv_dim, 1),
                 "o_proj": (self.q_dim, d, 1), "gate_proj": (d, f, e), "up_proj": (d, f, e), "down_proj": (f, d, e)}
 
-    @property
-    def linear_params(self) -> int: return self.num_layers * sum(i * o * c for i, o, c in self.linears().values())
-    @property
-    def embed_params(self) -> int: return self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
-    @property
-    def other_params(self) -> int: return (2 * self.num_layers + 1) * self.hidden_size     # RMSNorm weights
-    @property
-    def params(self) -> int: return self.linear_params + self.embed_params + self.other_params
+# %% ../nbs/05a_fit.ipynb #5ab67609
+@patch(as_prop=True)
+def linear_params(self:ModelShape) -> int: return self.num_layers * sum(i * o * c for i, o, c in self.linears().values())
+@patch(as_prop=True)
+def embed_params(self:ModelShape) -> int: return self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+@patch(as_prop=True)
+def other_params(self:ModelShape) -> int: return (2 * self.num_layers + 1) * self.hidden_size     # RMSNorm weights
+@patch(as_prop=True)
+def params(self:ModelShape) -> int: return self.linear_params + self.embed_params + self.other_params
 
 # %% ../nbs/05a_fit.ipynb #f708a91b
 def shape_from_config(d: dict, name: str = "") -> ModelShape:
@@ -647,21 +650,23 @@ class FitReport:
         return "\n".join(l for l in lines if l)
     __repr__ = __str__
 
-    def _repr_html_(self):
-        import html
-        e = self.estimate
-        rows = "".join(f"<tr><td>{html.escape(p.name)}</td><td style='text-align:right'>{p.bytes / GiB:.2f} GiB</td>"
-                       f"<td style='color:#777'>{html.escape(p.note)}</td></tr>" for p in e.parts if p.bytes or p.note)
-        rows += f"<tr><td><b>peak</b></td><td style='text-align:right'><b>{e.peak_gib:.2f} GiB</b></td><td></td></tr>"
-        col = "#777" if self.fits is None else "#2a7" if self.fits else "#c33"
-        knobs = "".join(f"<li><code>{html.escape(k)}</code>: saves {sv / GiB:.1f} GiB → {new / GiB:.1f} GiB</li>" for k, sv, new in self.knobs)
-        notes = "".join(f"<li>{html.escape(n)}</li>" for n in e.notes + ([f"kernels: {self.kernels_why}"] if self.kernels_why else []))
-        return (f"<div class='ftkit-fit'><b>Will it fit?</b> <span style='color:#777'>(estimate, per GPU)</span>"
-                f"<table style='font-size:12.5px'>{rows}</table>"
-                f"<div style='color:{col}'><b>{html.escape(self.verdict)}</b></div>"
-                + (f"<details><summary>what each knob saves</summary><ul>{knobs}</ul></details>" if knobs else "")
-                + (f"<div>{html.escape(str(self.speed))}</div>" if self.speed else "")
-                + (f"<ul style='color:#777'>{notes}</ul>" if notes else "") + "</div>")
+# %% ../nbs/05a_fit.ipynb #ee648125
+@patch
+def _repr_html_(self:FitReport):
+    import html
+    e = self.estimate
+    rows = "".join(f"<tr><td>{html.escape(p.name)}</td><td style='text-align:right'>{p.bytes / GiB:.2f} GiB</td>"
+                   f"<td style='color:#777'>{html.escape(p.note)}</td></tr>" for p in e.parts if p.bytes or p.note)
+    rows += f"<tr><td><b>peak</b></td><td style='text-align:right'><b>{e.peak_gib:.2f} GiB</b></td><td></td></tr>"
+    col = "#777" if self.fits is None else "#2a7" if self.fits else "#c33"
+    knobs = "".join(f"<li><code>{html.escape(k)}</code>: saves {sv / GiB:.1f} GiB → {new / GiB:.1f} GiB</li>" for k, sv, new in self.knobs)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in e.notes + ([f"kernels: {self.kernels_why}"] if self.kernels_why else []))
+    return (f"<div class='ftkit-fit'><b>Will it fit?</b> <span style='color:#777'>(estimate, per GPU)</span>"
+            f"<table style='font-size:12.5px'>{rows}</table>"
+            f"<div style='color:{col}'><b>{html.escape(self.verdict)}</b></div>"
+            + (f"<details><summary>what each knob saves</summary><ul>{knobs}</ul></details>" if knobs else "")
+            + (f"<div>{html.escape(str(self.speed))}</div>" if self.speed else "")
+            + (f"<ul style='color:#777'>{notes}</ul>" if notes else "") + "</div>")
 
 # %% ../nbs/05a_fit.ipynb #27eeba11
 def fit_report(cfg, gpu=None, *, gpus: int | None = None, shape: ModelShape | None = None,
