@@ -342,56 +342,63 @@ _PREF_KEYS = ("field_chosen", "field_rejected", "field_prompt")
 _KTO_KEYS = ("field_completion", "field_label")
 _STEP_KEYS = ("step_separator", "train_on_last_step_only")
 
-# %% ../nbs/00_config.ipynb #61195bb3
-@rule
-def dataset_entries(d):
-    known = None
+# %% ../nbs/00_config.ipynb #7f9ddda1
+def _each_entry(d) -> Iterable[tuple[str, str, dict]]:
+    "(group, key path, entry) for each mapping in `datasets` and `test_datasets`; other shapes are the schema's errors."
     for group in ("datasets", "test_datasets"):
         entries = d.get(group)
         if not isinstance(entries, list): continue
         for i, e in enumerate(entries):
-            if not isinstance(e, dict): continue
-            at = f"{group}[{i}]"
-            t = e.get("type")
-            if isinstance(t, str) and t:
-                known = known if known is not None else known_dataset_types()
-                if known and t not in known and not _is_user_module(t, known):
-                    yield Problem(f"{at}.type", f"unknown dataset type {t!r}.",
-                                  _suggest(t, known) + f"Known types: {', '.join(sorted(known))}; or a user-defined mapping; or empty for pre-tokenized rows.")
-            if e.get("shards_idx") is not None and e.get("shards") is None:
-                yield Problem(f"{at}.shards_idx", "shards_idx needs shards.", "Add `shards: N`.")
-            if isinstance(e.get("shards"), int) and isinstance(e.get("shards_idx"), int) and e["shards_idx"] >= e["shards"]:
-                yield Problem(f"{at}.shards_idx", f"shards_idx {e['shards_idx']} must be < shards {e['shards']}.", "Use an index from 0 to shards-1.")
-            if e.get("shards") and e.get("preprocess_shards"):
-                yield Problem(f"{at}.preprocess_shards", "preprocess_shards cannot be used with shards.", "Remove one.")
-            if t == "input_output" and d.get("train_on_inputs") is True:
-                yield Problem(f"{at}.type", "input_output datasets need `train_on_inputs: false` (segments say what is trained).",
-                              "Remove `train_on_inputs: true`.")
-            if e.get("path") in (None, "") and group == "datasets":
-                yield Problem(f"{at}.path", "a dataset entry needs `path`.", "Add `path:` (a local file or folder, or a Hub id).")
-            rl = d.get("rl")
-            kind_keys = [k for k in _PREF_KEYS if e.get(k) is not None]
-            if kind_keys and rl not in ("dpo", "ipo", "simpo", "orpo") and not d.get("reward_model"):
-                yield Problem(f"{at}.{kind_keys[0]}", f"{kind_keys[0]} is for preference data, but rl is {rl!r}.",
-                              "Set `rl: dpo` (or ipo/simpo/orpo), `reward_model: true`, or remove the key.")
-            kto_keys = [k for k in _KTO_KEYS if e.get(k) is not None]
-            if kto_keys and rl != "kto":
-                yield Problem(f"{at}.{kto_keys[0]}", f"{kto_keys[0]} is for KTO data, but rl is {rl!r}.", "Set `rl: kto` or remove the key.")
-            step_keys = [k for k in _STEP_KEYS if e.get(k) is not None]
-            if step_keys and not d.get("process_reward_model"):
-                yield Problem(f"{at}.{step_keys[0]}", f"{step_keys[0]} is for stepwise-supervised data.",
-                              "Set `process_reward_model: true` or remove the key.", level="warning")
-            ct = e.get("chat_template")
-            if isinstance(ct, str): yield from _check_template_name(f"{at}.chat_template", ct)
-            for k in ("message_field_role", "message_field_content"):
-                if e.get(k) is not None:
-                    yield Problem(f"{at}.{k}", f"{k} is a legacy key.",
-                                  "Use `message_property_mappings: {role: ..., content: ...}`.", level="warning")
+            if isinstance(e, dict): yield group, f"{group}[{i}]", e
 
-# %% ../nbs/00_config.ipynb #27d65cdb
 def _is_user_module(t, known):
     "`my_module.my_transform` names a user function (GRPO/custom); `alpaca_chat.load_qa` is a known sub-strategy."
     return "." in t and t.split(".")[0] not in {k.split(".")[0] for k in known}
+
+def _unknown_type(at: str, t: str, known: list[str]) -> Iterable[Problem]:
+    "An entry's `type` that is neither a registered prompt strategy nor a user module: the error, with the closest name."
+    if known and t not in known and not _is_user_module(t, known):
+        yield Problem(f"{at}.type", f"unknown dataset type {t!r}.",
+                      _suggest(t, known) + f"Known types: {', '.join(sorted(known))}; or a user-defined mapping; or empty for pre-tokenized rows.")
+
+# %% ../nbs/00_config.ipynb #61195bb3
+@rule
+def dataset_entries(d):
+    known = None
+    for group, at, e in _each_entry(d):
+        t = e.get("type")
+        if isinstance(t, str) and t:
+            known = known if known is not None else known_dataset_types()
+            yield from _unknown_type(at, t, known)
+        if e.get("shards_idx") is not None and e.get("shards") is None:
+            yield Problem(f"{at}.shards_idx", "shards_idx needs shards.", "Add `shards: N`.")
+        if isinstance(e.get("shards"), int) and isinstance(e.get("shards_idx"), int) and e["shards_idx"] >= e["shards"]:
+            yield Problem(f"{at}.shards_idx", f"shards_idx {e['shards_idx']} must be < shards {e['shards']}.", "Use an index from 0 to shards-1.")
+        if e.get("shards") and e.get("preprocess_shards"):
+            yield Problem(f"{at}.preprocess_shards", "preprocess_shards cannot be used with shards.", "Remove one.")
+        if t == "input_output" and d.get("train_on_inputs") is True:
+            yield Problem(f"{at}.type", "input_output datasets need `train_on_inputs: false` (segments say what is trained).",
+                          "Remove `train_on_inputs: true`.")
+        if e.get("path") in (None, "") and group == "datasets":
+            yield Problem(f"{at}.path", "a dataset entry needs `path`.", "Add `path:` (a local file or folder, or a Hub id).")
+        rl = d.get("rl")
+        kind_keys = [k for k in _PREF_KEYS if e.get(k) is not None]
+        if kind_keys and rl not in ("dpo", "ipo", "simpo", "orpo") and not d.get("reward_model"):
+            yield Problem(f"{at}.{kind_keys[0]}", f"{kind_keys[0]} is for preference data, but rl is {rl!r}.",
+                          "Set `rl: dpo` (or ipo/simpo/orpo), `reward_model: true`, or remove the key.")
+        kto_keys = [k for k in _KTO_KEYS if e.get(k) is not None]
+        if kto_keys and rl != "kto":
+            yield Problem(f"{at}.{kto_keys[0]}", f"{kto_keys[0]} is for KTO data, but rl is {rl!r}.", "Set `rl: kto` or remove the key.")
+        step_keys = [k for k in _STEP_KEYS if e.get(k) is not None]
+        if step_keys and not d.get("process_reward_model"):
+            yield Problem(f"{at}.{step_keys[0]}", f"{step_keys[0]} is for stepwise-supervised data.",
+                          "Set `process_reward_model: true` or remove the key.", level="warning")
+        ct = e.get("chat_template")
+        if isinstance(ct, str): yield from _check_template_name(f"{at}.chat_template", ct)
+        for k in ("message_field_role", "message_field_content"):
+            if e.get(k) is not None:
+                yield Problem(f"{at}.{k}", f"{k} is a legacy key.",
+                              "Use `message_property_mappings: {role: ..., content: ...}`.", level="warning")
 
 # %% ../nbs/00_config.ipynb #7a3c1e55
 def _lm_eval_problems(d) -> Iterable[Problem]:
@@ -474,12 +481,9 @@ def axolotl_differences(d):
 # %% ../nbs/00_config.ipynb #73b4b55f
 _LATER = "not implemented in ftkit yet"
 
-# %% ../nbs/00_config.ipynb #c3c9ce71
-IGNORED_KEYS: dict[str, str] = {
+# %% ../nbs/00_config.ipynb #e3ed8f2f
+_IGNORED_RUNTIME: dict[str, str] = {
     # hub, data streaming (the workflow issue)
-
-
-
     "dataset_keep_in_memory": "ftkit always memory-maps the prepared Arrow cache",
     "accelerator_config": "accelerate's Accelerator options are not passed through; the launcher's defaults apply",
     "save_safetensors": "ftkit always saves safetensors (no pickle files)",
@@ -492,6 +496,10 @@ IGNORED_KEYS: dict[str, str] = {
     "liger_cross_entropy": "ftkit fuses the LM head with the loss (liger_fused_linear_cross_entropy), so no logits-level CE kernel runs",
     "use_kernels": "Hub kernels (the `kernels` package) are not loaded; ftkit's own kernels are switched by their keys",
     "flex_attn_compile_kwargs": "flex attention runs uncompiled options of transformers' own flex backend",
+}
+
+# %% ../nbs/00_config.ipynb #f86f68d4
+_IGNORED_TRAINING: dict[str, str] = {
     # distributed
     "context_parallel_size": (f"{_LATER}: each GPU holds whole sequences. accelerate's context parallelism (FSDP2 + SDPA ring "
                               "attention) takes no attention mask, so packed documents would attend to each other; a varlen "
@@ -506,6 +514,10 @@ IGNORED_KEYS: dict[str, str] = {
     "loss_watchdog_patience": f"{_LATER}: a diverging loss is not stopped automatically",
     "lora_target_parameters": f"{_LATER}: adapters go on modules (lora_target_modules / lora_target_linear)",
     "qlora_sharded_model_loading": "4-bit bases are loaded whole by bitsandbytes",
+}
+
+# %% ../nbs/00_config.ipynb #306c8605
+_IGNORED_DATA: dict[str, str] = {
     # data / packing details that ftkit computes itself
     "sample_packing_eff_est": "ftkit packs exactly (first-fit decreasing) and reports the real efficiency",
     "sample_packing_mp_start_method": "ftkit's packing runs in the training process",
@@ -519,6 +531,10 @@ IGNORED_KEYS: dict[str, str] = {
     "dpo_use_logits_to_keep": "TRL 1.x's DPOTrainer has no such option",
     "dpo_padding_free": "TRL 1.x's DPOTrainer has no such option",
     "dpo_generate_during_eval": "TRL 1.x's DPOTrainer has no such option",
+}
+
+# %% ../nbs/00_config.ipynb #01deae3f
+_IGNORED_LOADING: dict[str, str] = {
     # model / tokenizer loading details that transformers 5 decides
     "low_cpu_mem_usage": "transformers 5 always loads weights lazily",
     "experimental_skip_move_to_device": "ftkit places the model with accelerate (device_map / the launcher)",
@@ -542,6 +558,8 @@ IGNORED_KEYS: dict[str, str] = {
     "trl.vllm_enable_sleep_mode": f"{_LATER}: vLLM generation options beyond mode/host/port",
     "trl.use_liger_loss": "ftkit's GRPO uses TRL's own loss",
 }
+
+IGNORED_KEYS: dict[str, str] = {**_IGNORED_RUNTIME, **_IGNORED_TRAINING, **_IGNORED_DATA, **_IGNORED_LOADING}
 
 # %% ../nbs/00_config.ipynb #daeb2d26
 REJECTED_KEYS: dict[str, str] = {
@@ -880,6 +898,43 @@ def _problems_from_validation(ex: ValidationError, data: dict) -> list[Problem]:
 def _sort_problems(ps):
     return sorted(ps, key=lambda p: (p.level != "error", p.line or 10**9))
 
+# %% ../nbs/00_config.ipynb #a9820475
+def _rename_old_keys(data: dict) -> tuple[dict[str, str], list[Problem]]:
+    "Move each old key name (`RENAMED_KEYS`) of `data` to its new name, in place: ({new: old}, the problems found)."
+    renamed: dict[str, str] = {}
+    problems: list[Problem] = []
+    for old, new in RENAMED_KEYS.items():
+        if old in data:
+            renamed[new] = old
+            if new in data and data[new] != data[old]:
+                problems.append(Problem(old, f"`{old}` (old name) and `{new}` are both set.", f"Keep `{new}` only."))
+            else:
+                data.setdefault(new, data[old])
+                problems.append(Problem(old, f"`{old}` is an old name of `{new}`.", f"Write `{new}`.", level="warning"))
+            del data[old]
+    return renamed, problems
+
+def _rule_problems(data: dict) -> list[Problem]:
+    "The problems of every registered rule over the raw config; a rule that fails is a warning, the others still run."
+    problems: list[Problem] = []
+    for r in RULES:
+        try: problems += list(r(data))
+        except Exception as ex:  # a rule must never hide the other problems
+            problems.append(Problem("", f"internal check {r.__name__} failed: {ex!r}", level="warning"))
+    return problems
+
+def _parse_key(key: str) -> tuple:
+    return tuple(int(x) if x.isdigit() else x for x in re.findall(r"[^.\[\]]+", key or ""))
+
+def _locate_problems(problems: list[Problem], text: str) -> None:
+    "Give each problem without a line the line of its key in the YAML `text` (or of its nearest parent key), in place."
+    pos = yaml_positions(text)
+    for p in problems:
+        if p.line is None:
+            path = _parse_key(p.key)
+            while path and path not in pos: path = path[:-1]
+            if path in pos: p.line, p.column = pos[path]
+
 # %% ../nbs/00_config.ipynb #0217c5af
 def validate(source, overrides: dict | None = None) -> tuple[FinetuneConfig | None, list[Problem], str | None, str]:
     "Validate without raising: (config or None, problems, yaml text, origin)."
@@ -891,16 +946,8 @@ def validate(source, overrides: dict | None = None) -> tuple[FinetuneConfig | No
     if overrides:
         try: data = apply_overrides(data, overrides)
         except ConfigError as ex: problems += ex.problems
-    renamed = {}
-    for old, new in RENAMED_KEYS.items():
-        if old in data:
-            renamed[new] = old
-            if new in data and data[new] != data[old]:
-                problems.append(Problem(old, f"`{old}` (old name) and `{new}` are both set.", f"Keep `{new}` only."))
-            else:
-                data.setdefault(new, data[old])
-                problems.append(Problem(old, f"`{old}` is an old name of `{new}`.", f"Write `{new}`.", level="warning"))
-            del data[old]
+    renamed, rename_problems = _rename_old_keys(data)
+    problems += rename_problems
     from ftkit.plugins import split_config_keys     # keys the listed plugins declare are theirs, validated by their models
     data, plugin_settings, plugin_problems = split_config_keys(data, reserved=set(FinetuneConfig.model_fields))
     problems += plugin_problems
@@ -909,24 +956,11 @@ def validate(source, overrides: dict | None = None) -> tuple[FinetuneConfig | No
     except ValidationError as ex: problems += _problems_from_validation(ex, data)
     for p in problems:  # report a renamed key under the name the user wrote
         if p.key in renamed and p.level == "error": p.key = renamed[p.key]
-    for r in RULES:
-        try: problems += list(r(data))
-        except Exception as ex:  # a rule must never hide the other problems
-            problems.append(Problem("", f"internal check {r.__name__} failed: {ex!r}", level="warning"))
-    if text:
-        pos = yaml_positions(text)
-        for p in problems:
-            if p.line is None:
-                path = _parse_key(p.key)
-                while path and path not in pos: path = path[:-1]
-                if path in pos: p.line, p.column = pos[path]
+    problems += _rule_problems(data)
+    if text: _locate_problems(problems, text)
     problems = _sort_problems(problems)
     if cfg is not None: cfg._warnings, cfg._plugin_settings = [p for p in problems if p.level == "warning"], plugin_settings
     return cfg, problems, text, origin
-
-# %% ../nbs/00_config.ipynb #7df3475a
-def _parse_key(key: str) -> tuple:
-    return tuple(int(x) if x.isdigit() else x for x in re.findall(r"[^.\[\]]+", key or ""))
 
 # %% ../nbs/00_config.ipynb #9a06e377
 def load(source, overrides: dict | None = None, **kw) -> FinetuneConfig:
