@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['VARLEN_NAME', 'pack_ffd', 'MultipackBatchSampler', 'PackedCollator', 'PaddedCollator', 'PoSE', 'pose_positions',
@@ -61,7 +62,42 @@ def pack_ffd(lengths: Sequence[int], indices: Sequence[int], capacity: int, bin_
         bins[b].append(i)
     return bins
 
-# %% ../nbs/04_packing.ipynb #9b4e0c21
+# %% ../nbs/04_packing.ipynb #195135c9
+def _fill_in_order(lengths: Sequence[int], idx: Sequence[int], capacity: int, bin_size: int) -> list[list[int]]:
+    "Greedy bins in the order of `idx`: a new bin when the next sample would overflow or `bin_size` is reached."
+    bins: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
+    for i in idx:
+        L = int(lengths[i])
+        if cur and (used + L > capacity or len(cur) >= bin_size): bins.append(cur); cur, used = [], 0
+        cur.append(i); used += L
+    if cur: bins.append(cur)
+    return bins
+
+# %% ../nbs/04_packing.ipynb #5c58eb0c
+def _pack_epoch(lengths: np.ndarray, capacity: int, seed: int, *, sequential: bool, shuffle: bool,
+                group_size: int, bin_size: int) -> list[list[int]]:
+    "One epoch's bins of the samples that fit: in order, or shuffled with `seed` and packed per group."
+    rng = random.Random(seed)
+    idx = [i for i in range(len(lengths)) if lengths[i] <= capacity]
+    if sequential: return _fill_in_order(lengths.tolist(), idx, capacity, bin_size)
+    if shuffle: rng.shuffle(idx)
+    bins: list[list[int]] = []
+    lens = lengths.tolist()
+    for g in range(0, len(idx), group_size):
+        bins += pack_ffd(lens, idx[g:g + group_size], capacity, bin_size)
+    if shuffle: rng.shuffle(bins)
+    return bins
+
+# %% ../nbs/04_packing.ipynb #aaf81899
+def _batch_count(counts: Sequence[int], world_size: int, drop_last: bool) -> tuple[int, int]:
+    "Batches per epoch (the same every epoch, a multiple of `world_size`) and the bins dropped over all epochs."
+    if drop_last: n = (min(counts) // world_size) * world_size
+    else: n = int(math.ceil(max(counts) / world_size)) * world_size
+    return n, sum(max(c - n, 0) for c in counts)
+
+# %% ../nbs/04_packing.ipynb #e5d986a7
 class MultipackBatchSampler(torch.utils.data.Sampler):
     "Batches of dataset indices, one bin of at most `capacity` tokens each, with a fixed count per epoch."
     def __init__(self, lengths: Sequence[int], capacity: int, *, group_size: int = 100_000, bin_size: int = 200,
@@ -75,37 +111,19 @@ class MultipackBatchSampler(torch.utils.data.Sampler):
         self.too_long = int((self.lengths > self.capacity).sum())
         self.epoch, self._cache = 0, dict[int, list]()
         counts = [len(self._bins(e)) for e in range(self.num_epochs)]
-        n = min(counts)
-        if drop_last: n = (n // self.world_size) * self.world_size
-        else: n = int(math.ceil(max(counts) / self.world_size)) * self.world_size
-        self.num_batches = n
-        self.dropped = sum(max(c - n, 0) for c in counts)
+        self.num_batches, self.dropped = _batch_count(counts, self.world_size, drop_last)
 
     def _bins(self, epoch: int) -> list[list[int]]:
         if epoch in self._cache: return self._cache[epoch]
-        rng = random.Random(self.seed + epoch)
-        idx = [i for i in range(len(self.lengths)) if self.lengths[i] <= self.capacity]
-        if self.sequential:
-            bins: list[list[int]] = []
-            cur: list[int] = []
-            used = 0
-            for i in idx:
-                L = int(self.lengths[i])
-                if cur and (used + L > self.capacity or len(cur) >= self.bin_size): bins.append(cur); cur, used = [], 0
-                cur.append(i); used += L
-            if cur: bins.append(cur)
-        else:
-            if self.shuffle: rng.shuffle(idx)
-            bins = []
-            lens = self.lengths.tolist()
-            for g in range(0, len(idx), self.group_size):
-                bins += pack_ffd(lens, idx[g:g + self.group_size], self.capacity, self.bin_size)
-            if self.shuffle: rng.shuffle(bins)
+        bins = _pack_epoch(self.lengths, self.capacity, self.seed + epoch, sequential=self.sequential,
+                           shuffle=self.shuffle, group_size=self.group_size, bin_size=self.bin_size)
         if len(self._cache) > 4: self._cache.pop(next(iter(self._cache)))
         self._cache[epoch] = bins
         return bins
 
     def set_epoch(self, epoch: int): self.epoch = int(epoch)
+    def __iter__(self) -> Iterator[list[int]]: return iter(self.batches())
+    def __len__(self) -> int: return self.num_batches
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         "The batches of `epoch` (default: the current one), exactly `len(self)` of them."
@@ -113,17 +131,16 @@ class MultipackBatchSampler(torch.utils.data.Sampler):
         if len(bins) >= self.num_batches: return bins[: self.num_batches]
         return bins + bins[: self.num_batches - len(bins)]       # drop_last=False: repeat to a multiple of world_size
 
-    def __iter__(self) -> Iterator[list[int]]: return iter(self.batches())
-    def __len__(self) -> int: return self.num_batches
-
     def efficiency(self, epoch: int | None = None) -> float:
         "Real tokens / token slots over the batches of an epoch."
         b = self.batches(epoch)
         return float(sum(int(self.lengths[i]) for x in b for i in x) / max(len(b) * self.capacity, 1))
 
-    def __repr__(self):
-        return (f"MultipackBatchSampler({len(self.lengths)} samples -> {self.num_batches} batches of <= {self.capacity} tokens, "
-                f"efficiency {self.efficiency(0):.3f}, dropped {self.dropped}, too long {self.too_long})")
+# %% ../nbs/04_packing.ipynb #0fee3490
+@patch
+def __repr__(self:MultipackBatchSampler):
+    return (f"MultipackBatchSampler({len(self.lengths)} samples -> {self.num_batches} batches of <= {self.capacity} tokens, "
+            f"efficiency {self.efficiency(0):.3f}, dropped {self.dropped}, too long {self.too_long})")
 
 # %% ../nbs/04_packing.ipynb #6b779435
 @dataclass
