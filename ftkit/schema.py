@@ -65,9 +65,9 @@ class UserDefinedType(Section):
 # %% ../nbs/00_schema.ipynb #d7bb5190
 TrainOnEos = Literal["all", "turn", "last", "none"]
 
-# %% ../nbs/00_schema.ipynb #6e8eb0c2
-class DatasetEntry(Section):
-    "One entry of `datasets:` / `test_datasets:` (SFT, preference, KTO or stepwise-supervised)."
+# %% ../nbs/00_schema.ipynb #03c6ccef
+class _EntrySource(Section):
+    "Part of `DatasetEntry`: where the data is and how its rows become tokens."
     # where the data is
     path: str | None = _f(None, "Hub dataset id, local file or folder, or URL.")
     name: str | None = _f(None, "Dataset configuration name (load_dataset's `name`).", adv=True)
@@ -86,6 +86,10 @@ class DatasetEntry(Section):
     field_human: str | None = _f(None, "Legacy field.", adv=True)
     field_model: str | None = _f(None, "Legacy field.", adv=True)
     input_format: str | None = _f(None, "Legacy field.", adv=True)
+
+# %% ../nbs/00_schema.ipynb #8c867124
+class _EntryChat(_EntrySource):
+    "Part of `DatasetEntry`: the options of `type: chat_template`."
     # chat_template options
     chat_template: str | None = _f(None, "Chat template for this dataset (overrides the top-level `chat_template`).")
     chat_template_jinja: str | None = _f(None, "Custom jinja template (or a path to one) when `chat_template: jinja`.", adv=True)
@@ -105,6 +109,10 @@ class DatasetEntry(Section):
     field_thinking: str | None = _f(None, "Message key with the reasoning trace (default `reasoning_content`).", adv=True)
     template_thinking_key: str | None = _f(None, "Key the template expects for the reasoning trace.", adv=True)
     split_thinking: bool | None = _f(None, "Split `<think>...</think>answer` into reasoning and content.", adv=True)
+
+# %% ../nbs/00_schema.ipynb #82096801
+class DatasetEntry(_EntryChat):
+    "One entry of `datasets:` / `test_datasets:` (SFT, preference, KTO or stepwise-supervised)."
     # preference / KTO / stepwise
     field_prompt: str | None = _f(None, "Column with the prompt (preference data).", adv=True)
     field_chosen: str | None = _f(None, "Column with the chosen message (preference data).", adv=True)
@@ -209,9 +217,9 @@ class AdapterSection(Section):
     lora_qkv_kernel: bool | None = _f(None, "Fused LoRA QKV kernel.", adv=True)
     lora_o_kernel: bool | None = _f(None, "Fused LoRA output-projection kernel.", adv=True)
 
-# %% ../nbs/00_schema.ipynb #8e1e68fc
-class DataSection(Section):
-    "Datasets, preprocessing, sequence length and packing."
+# %% ../nbs/00_schema.ipynb #96c1e73c
+class _DataSources(Section):
+    "Part of `DataSection`: the datasets and how they are prepared."
     datasets: list[DatasetEntry] | None = _f(None, "Training datasets (several are merged).", min_length=1)
     test_datasets: list[DatasetEntry] | None = _f(None, "Evaluation datasets (instead of val_set_size).", min_length=1)
     pretraining_dataset: Any = _f(None, "Streaming pretraining dataset(s).", adv=True)
@@ -227,6 +235,10 @@ class DataSection(Section):
     skip_prepare_dataset: bool = _f(False, "Tokenize on the fly (multimodal).", adv=True)
     push_dataset_to_hub: str | None = _f(None, "Push the prepared data to this Hub repo.", adv=True)
     hf_use_auth_token: bool | None = _f(None, "Use the Hub token for private data.", adv=True)
+
+# %% ../nbs/00_schema.ipynb #82679ac8
+class _DataLengths(_DataSources):
+    "Part of `DataSection`: the eval split, sequence lengths, packing and PoSE."
     val_set_size: float = _f(0.0, "Held-out evaluation split: a fraction (<= 1) or a row count (> 1).", ge=0)
     sequence_len: int = _f(512, "Maximum tokens per sample.", ge=1)
     eval_sequence_len: int | None = _f(None, "Maximum tokens per eval sample.", adv=True, ge=1)
@@ -248,6 +260,10 @@ class DataSection(Section):
     pose_max_context_len: int | None = _f(None, "PoSE: the context the skipped positions may span (largest position id + 1); needed with use_pose.", adv=True, ge=2)
     pose_num_chunks: int | None = _f(None, "PoSE: chunks per row, each shifted by a random skip (default 2).", adv=True, ge=1)
     pose_split_on_token_ids: list[int] | None = _f(None, "PoSE: skip only right before these token ids (e.g. a turn start) instead of at equal chunks.", adv=True)
+
+# %% ../nbs/00_schema.ipynb #9525130d
+class DataSection(_DataLengths):
+    "Datasets, preprocessing, sequence length and packing."
     group_by_length: bool | None = _f(None, "Batch samples of similar length.", adv=True)
     remove_unused_columns: bool | None = _f(None, "Drop dataset columns the model does not use.", adv=True)
     dataloader_pin_memory: bool | None = _f(None, "Pin dataloader memory.", adv=True)
@@ -267,9 +283,9 @@ Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cos
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay", "one_cycle", "rex"]
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
-# %% ../nbs/00_schema.ipynb #626a2a20
-class TrainingSection(Section):
-    "Batch size, length of training, optimizer and schedule."
+# %% ../nbs/00_schema.ipynb #67eb56e9
+class _TrainingLength(Section):
+    "Part of `TrainingSection`: batch size, length of training and learning rates."
     micro_batch_size: int = _f(1, "Samples per device per forward pass.", ge=1)
     gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.", ge=1)
     batch_size: int | None = _f(None, "Samples per optimizer step per device (derived; prefer gradient_accumulation_steps).", adv=True, ge=1)
@@ -280,6 +296,10 @@ class TrainingSection(Section):
     learning_rate: float = _f(..., "Peak learning rate.", gt=0, allow_inf_nan=False)  # .inf / .nan: refused
     embedding_lr: float | None = _f(None, "Learning rate of the input and output embeddings (embed_tokens, lm_head; no weight decay); embedding_lr_scale wins.", adv=True, gt=0)
     embedding_lr_scale: float | None = _f(None, "Embeddings train at learning_rate times this (a separate parameter group without weight decay).", adv=True, gt=0)
+
+# %% ../nbs/00_schema.ipynb #8f00cba5
+class _TrainingOptimizer(_TrainingLength):
+    "Part of `TrainingSection`: the optimizer and the learning-rate schedule."
     optimizer: Optimizer = _f("adamw_torch_fused", "Optimizer.")
     optim_args: str | dict[str, Any] | None = _f(None, "Extra optimizer arguments.", adv=True)
     optim_target_modules: list[str] | Literal["all_linear"] | None = _f(None, "Target modules (GaLore).", adv=True)
@@ -299,6 +319,10 @@ class TrainingSection(Section):
     adam_beta3: float | None = _f(None, "CAME beta3.", adv=True)
     adam_epsilon: float | None = _f(None, "Adam epsilon.", adv=True, gt=0)
     adam_epsilon2: float | None = _f(None, "CAME epsilon2.", adv=True)
+
+# %% ../nbs/00_schema.ipynb #bfee7552
+class _TrainingRun(_TrainingOptimizer):
+    "Part of `TrainingSection`: memory savers, gradient noise, seed, resuming and stopping."
     gradient_checkpointing: bool | Literal["offload", "offload_disk"] = _f(False, "Recompute activations to save memory.")
     gradient_checkpointing_kwargs: dict[str, Any] | None = _f(None, "Checkpointing options, e.g. {use_reentrant: false}.", adv=True)
     activation_offloading: bool | Literal["legacy", "disk"] = _f(False, "Offload activations (needs gradient_checkpointing).", adv=True)
@@ -312,6 +336,10 @@ class TrainingSection(Section):
     loss_watchdog_threshold: float | None = _f(None, "Stop when the loss stays above this.", adv=True)
     loss_watchdog_patience: int | None = _f(None, "Steps above the threshold before stopping.", adv=True, ge=1)
     trainer_cls: str | None = _f(None, "Custom trainer class (module.Class).", adv=True)
+
+# %% ../nbs/00_schema.ipynb #051016ec
+class TrainingSection(_TrainingRun):
+    "Batch size, length of training, optimizer and schedule."
     # training variants (ftkit.variants, ftkit.distill)
     relora: bool | None = _f(None, "ReLoRA: every jagged_restart_steps merge the LoRA adapters into the base weights, re-initialise them and prune their optimizer state (needs adapter: lora).", adv=True)
     jagged_restart_steps: int | None = _f(None, "Restart period in optimizer steps: ReLoRA merges here, and the learning rate warms up again after each restart.", adv=True, ge=1)
@@ -378,9 +406,9 @@ class AttentionSection(Section):
     chunked_cross_entropy_num_chunks: int | None = _f(None, "Chunks for chunked cross-entropy.", adv=True, ge=1)
     use_kernels: bool | None = _f(None, "Hub kernels (MegaBlocks etc.).", adv=True)
 
-# %% ../nbs/00_schema.ipynb #e1ff55fd
-class LoggingSection(Section):
-    "Evaluation, checkpoints, output and experiment tracking."
+# %% ../nbs/00_schema.ipynb #6c92624d
+class _LoggingEvalSave(Section):
+    "Part of `LoggingSection`: evaluation, checkpoints and the output folder."
     output_dir: str = _f("./model-out", "Where the adapter or model, tokenizer and resolved config are saved.")
     logging_steps: int = _f(1, "Log every N steps.", ge=1)
     eval_strategy: Literal["no", "steps", "epoch"] | None = _f(None, "When to evaluate (inferred).", adv=True)
@@ -402,6 +430,10 @@ class LoggingSection(Section):
     eval_causal_lm_metrics: list[str] | None = _f(None, "Generation metrics at each evaluation: exact_match, sacrebleu, chrf, ter, perplexity, a plugin's metric, or a function path (pkg.mod.fn, ./file.py:fn); comet is warned and not computed.", adv=True)
     include_tokens_per_second: bool | None = _f(None, "Log tokens per second.", adv=True)
     gc_steps: int | None = _f(None, "Run garbage collection every N steps.", adv=True)
+
+# %% ../nbs/00_schema.ipynb #7cb624ad
+class LoggingSection(_LoggingEvalSave):
+    "Evaluation, checkpoints, output and experiment tracking."
     hub_model_id: str | None = _f(None, "Push the result to this Hub repo.", adv=True)
     hub_strategy: str | None = _f(None, "Hub push strategy: every_save (default), checkpoint, all_checkpoints or end.", adv=True)
     push_to_hub: bool | None = _f(None, "false: keep hub_model_id (for `merge-lora --push`) but upload nothing while training.", adv=True)
