@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from fastcore.basics import patch
+
 from .prompts.registry import RowError, PromptStrategy
 from .config import DatasetEntry, FinetuneConfig
 from .schema import TRLSettings
@@ -201,6 +203,7 @@ def _content(m: dict, ck: str = "content", where: str = "") -> str:
         raise RowError("bad_message", f"{where + ': ' if where else ''}a message has no string '{ck}' (it is {type(c).__name__})")
     return c
 
+# %% ../nbs/07_rl.ipynb #a2313a3f
 def _text(v, col: str) -> str:
     "A text value of column `col` (a number reads as its digits); anything else is a `RowError` naming the column."
     if isinstance(v, str): return v
@@ -220,6 +223,40 @@ def _label(v, col: str = "label") -> bool:
     if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
         return v.strip().lower() in ("true", "1", "yes")
     raise RowError("bad_label", f"'{col}' value {str(v)[:40]!r} is not true/false")
+
+# %% ../nbs/07_rl.ipynb #0873276e
+def _user_turn(row: dict, pc: str) -> list[dict]: return [{"role": "user", "content": _text(_need(row, pc, "prompt", "field_prompt"), pc)}]
+def _answer(v, col: str) -> dict: return {"role": "assistant", "content": _text(v, col)}
+
+def _turns(msgs: list[dict], col: str) -> list[dict]:
+    "`{role, content}` of each message (role defaults to user); a message without text content names `col`."
+    return [{"role": m.get("role", "user"), "content": _content(m, where=f"'{col}'")} for m in msgs]
+
+def _pair_message_turns(row: dict, pc, cc: str, rc: str, chosen, rejected) -> tuple[list[dict], dict, dict]:
+    "(prompt, chosen, rejected) of two message lists: the answers are their last turns."
+    cm, rm = _as_messages(chosen, f"'{cc}'"), _as_messages(rejected, f"'{rc}'")
+    ch = {"role": "assistant", "content": _content(cm[-1], where=f"'{cc}'")}
+    rj = {"role": "assistant", "content": _content(rm[-1], where=f"'{rc}'")}
+    pv = row.get(pc) if pc else None
+    if isinstance(pv, str) and pv.strip(): return [{"role": "user", "content": row[pc]}], ch, rj
+    prompt, other = _turns(cm[:-1], cc), _turns(rm[:-1], rc)
+    if other != prompt: raise RowError("prompt_mismatch", f"'{cc}' and '{rc}' must share every turn but the last")
+    if not prompt: raise RowError("missing_prompt", f"'{cc}' has no turns before the answer")
+    return prompt, ch, rj
+
+def _kto_message_turns(row: dict, pc, cc: str, comp) -> tuple[list[dict], dict]:
+    "(prompt, completion) of a message list: the completion is its last turn, the prompt the `pc` column's messages or the turns before."
+    cm = _as_messages(comp, f"'{cc}'")
+    fin = {"role": "assistant", "content": _content(cm[-1], where=f"'{cc}'")}
+    prompt = _turns(_as_messages(row[pc], f"'{pc}'"), pc) if pc and row.get(pc) else _turns(cm[:-1], cc)
+    if not prompt: raise RowError("missing_prompt", f"'{cc}' has no user turn before the answer" + (f" and '{pc}' is empty" if pc else ""))
+    return prompt, fin
+
+def _with_system(prompt: list[dict], sys_msg) -> list[dict]:
+    "The row's system message (non-empty text) first, unless the prompt has a system turn already."
+    if isinstance(sys_msg, str) and sys_msg and not any(m["role"] == "system" for m in prompt):
+        return [{"role": "system", "content": sys_msg}] + prompt
+    return prompt
 
 # %% ../nbs/07_rl.ipynb #d8005785
 _CHAT_KEYS = ("chat_template", "chat_template_jinja", "message_property_mappings", "message_field_role", "message_field_content",
@@ -303,46 +340,28 @@ class PairStrategy(PromptStrategy):
     @property
     def template(self): return self.enc.template if self.enc else None
 
-    def tokenize_one(self, row: dict) -> list[dict]:
-        pc, cc, rc, how = self.cols
-        chosen = _need(row, cc, "chosen response", "field_chosen")
-        rejected = _need(row, rc, "rejected response", "field_rejected")
-        if how == "plain":
-            vals = {k: row.get(v) for k, v in (("prompt", pc), ("system", self.sys_col))}
-            vals = {k: ("" if v is None else v) for k, v in vals.items()}
-            text = _format(self.fmt[0], "prompt_format", **{k: v for k, v in row.items() if k not in vals}, **vals)
-            p, c = _encode_text(self.tok, text, _format(self.fmt[1], "chosen_format", **{**row, "chosen": chosen}))
-            p2, r = _encode_text(self.tok, text, _format(self.fmt[2], "rejected_format", **{**row, "rejected": rejected}))
-            return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}]
-        sys_msg = row.get(self.enc.field_system)
-        if how == "ct_default":
-            prompt = _as_messages(_need(row, pc, "prompt messages", "field_messages"), f"'{pc}'")
-            ch, rj = _as_messages(chosen, f"'{cc}'")[-1], _as_messages(rejected, f"'{rc}'")[-1]
-            rk = self.enc.role_key
-            for m in (ch, rj): m.setdefault(rk, "assistant")
-            p, c, r = self.enc.pair(prompt, ch, rj, row, (f"'{cc}'", f"'{rc}'"))
-            return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}]
-        if how == "text":
-            user = _need(row, pc, "prompt", "field_prompt")
-            prompt = [{"role": "user", "content": _text(user, pc)}]
-            ch, rj = {"role": "assistant", "content": _text(chosen, cc)}, {"role": "assistant", "content": _text(rejected, rc)}
-        else:   # message lists: the prompt is every turn but the last (or the prompt column, when given)
-            cm, rm = _as_messages(chosen, f"'{cc}'"), _as_messages(rejected, f"'{rc}'")
-            ch = {"role": "assistant", "content": _content(cm[-1], where=f"'{cc}'")}
-            rj = {"role": "assistant", "content": _content(rm[-1], where=f"'{rc}'")}
-            pv = row.get(pc) if pc else None
-            if isinstance(pv, str) and pv.strip():
-                prompt = [{"role": "user", "content": row[pc]}]
-            else:
-                prompt = [{"role": m.get("role", "user"), "content": _content(m, where=f"'{cc}'")} for m in cm[:-1]]
-                other = [{"role": m.get("role", "user"), "content": _content(m, where=f"'{rc}'")} for m in rm[:-1]]
-                if other != prompt:
-                    raise RowError("prompt_mismatch", f"'{cc}' and '{rc}' must share every turn but the last")
-                if not prompt: raise RowError("missing_prompt", f"'{cc}' has no turns before the answer")
-        if isinstance(sys_msg, str) and sys_msg and not any(m["role"] == "system" for m in prompt):
-            prompt = [{"role": "system", "content": sys_msg}] + prompt
-        p, c, r = self.enc.pair(prompt, ch, rj, what=(f"'{cc}'", f"'{rc}'"))
-        return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}]
+# %% ../nbs/07_rl.ipynb #06979166
+@patch
+def tokenize_one(self:PairStrategy, row: dict) -> list[dict]:
+    pc, cc, rc, how = self.cols
+    chosen = _need(row, cc, "chosen response", "field_chosen")
+    rejected = _need(row, rc, "rejected response", "field_rejected")
+    if how == "plain":
+        vals = {k: row.get(v) for k, v in (("prompt", pc), ("system", self.sys_col))}
+        vals = {k: ("" if v is None else v) for k, v in vals.items()}
+        text = _format(self.fmt[0], "prompt_format", **{k: v for k, v in row.items() if k not in vals}, **vals)
+        p, c = _encode_text(self.tok, text, _format(self.fmt[1], "chosen_format", **{**row, "chosen": chosen}))
+        p2, r = _encode_text(self.tok, text, _format(self.fmt[2], "rejected_format", **{**row, "rejected": rejected}))
+    elif how == "ct_default":
+        prompt = _as_messages(_need(row, pc, "prompt messages", "field_messages"), f"'{pc}'")
+        ch, rj = _as_messages(chosen, f"'{cc}'")[-1], _as_messages(rejected, f"'{rc}'")[-1]
+        for m in (ch, rj): m.setdefault(self.enc.role_key, "assistant")
+        p, c, r = self.enc.pair(prompt, ch, rj, row, (f"'{cc}'", f"'{rc}'"))
+    else:
+        prompt, ch, rj = ((_user_turn(row, pc), _answer(chosen, cc), _answer(rejected, rc)) if how == "text"
+                          else _pair_message_turns(row, pc, cc, rc, chosen, rejected))
+        p, c, r = self.enc.pair(_with_system(prompt, row.get(self.enc.field_system)), ch, rj, what=(f"'{cc}'", f"'{rc}'"))
+    return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}]
 
 # %% ../nbs/07_rl.ipynb #37be0a8e
 class KTOStrategy(PromptStrategy):
@@ -374,35 +393,25 @@ class KTOStrategy(PromptStrategy):
     @property
     def template(self): return self.enc.template if self.enc else None
 
-    def tokenize_one(self, row: dict) -> list[dict]:
-        pc, cc, how = self.cols
-        comp = _need(row, cc, "completion", "field_completion")
-        label = _label(_need(row, self.label_col, "label", "field_label") if not isinstance(row.get(self.label_col), bool) else row[self.label_col],
-                       self.label_col)
-        if how == "plain":
-            vals = {"prompt": row.get(pc) or "", "system": row.get(self.sys_col) or ""}
-            p, c = _encode_text(self.tok, _format(self.fmt[0], "prompt_format", **vals), _format(self.fmt[1], "completion_format", completion=comp))
-            return [{"prompt_ids": p, "completion_ids": c, "label": label}]
-        if how == "ct_default":
-            prompt = _as_messages(_need(row, pc, "prompt messages", "field_messages"), f"'{pc}'")
-            fin = comp if isinstance(comp, dict) else (_as_messages(comp, f"'{cc}'")[-1] if not isinstance(comp, str) else {"role": "assistant", "content": comp})
-            fin = dict(fin); fin.setdefault(self.enc.role_key, "assistant")
-            p, c = self.enc.encode(prompt, fin, row, f"'{cc}'")
-            return [{"prompt_ids": p, "completion_ids": c, "label": label}]
-        if how == "text":
-            prompt = [{"role": "user", "content": _text(_need(row, pc, "prompt", "field_prompt"), pc)}]
-            fin = {"role": "assistant", "content": _text(comp, cc)}
-        else:
-            cm = _as_messages(comp, f"'{cc}'")
-            fin = {"role": "assistant", "content": _content(cm[-1], where=f"'{cc}'")}
-            prompt = ([{"role": m.get("role", "user"), "content": _content(m, where=f"'{pc}'")} for m in _as_messages(row[pc], f"'{pc}'")]
-                      if pc and row.get(pc) else [{"role": m.get("role", "user"), "content": _content(m, where=f"'{cc}'")} for m in cm[:-1]])
-            if not prompt: raise RowError("missing_prompt", f"'{cc}' has no user turn before the answer" + (f" and '{pc}' is empty" if pc else ""))
-        sys_msg = row.get(self.enc.field_system)
-        if isinstance(sys_msg, str) and sys_msg and not any(m["role"] == "system" for m in prompt):
-            prompt = [{"role": "system", "content": sys_msg}] + prompt
-        p, c = self.enc.encode(prompt, fin, what=f"'{cc}'")
-        return [{"prompt_ids": p, "completion_ids": c, "label": label}]
+# %% ../nbs/07_rl.ipynb #fed4be31
+@patch  # type: ignore[no-redef]  # the second function named tokenize_one in this module
+def tokenize_one(self:KTOStrategy, row: dict) -> list[dict]:
+    pc, cc, how = self.cols
+    comp = _need(row, cc, "completion", "field_completion")
+    label = _label(_need(row, self.label_col, "label", "field_label") if not isinstance(row.get(self.label_col), bool) else row[self.label_col],
+                   self.label_col)
+    if how == "plain":
+        vals = {"prompt": row.get(pc) or "", "system": row.get(self.sys_col) or ""}
+        p, c = _encode_text(self.tok, _format(self.fmt[0], "prompt_format", **vals), _format(self.fmt[1], "completion_format", completion=comp))
+    elif how == "ct_default":
+        prompt = _as_messages(_need(row, pc, "prompt messages", "field_messages"), f"'{pc}'")
+        fin = comp if isinstance(comp, dict) else (_as_messages(comp, f"'{cc}'")[-1] if not isinstance(comp, str) else {"role": "assistant", "content": comp})
+        fin = dict(fin); fin.setdefault(self.enc.role_key, "assistant")
+        p, c = self.enc.encode(prompt, fin, row, f"'{cc}'")
+    else:
+        prompt, fin = (_user_turn(row, pc), _answer(comp, cc)) if how == "text" else _kto_message_turns(row, pc, cc, comp)
+        p, c = self.enc.encode(_with_system(prompt, row.get(self.enc.field_system)), fin, what=f"'{cc}'")
+    return [{"prompt_ids": p, "completion_ids": c, "label": label}]
 
 # %% ../nbs/07_rl.ipynb #8af9ee66
 class StepwiseStrategy(PromptStrategy):
