@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect, json, os, re
 from dataclasses import dataclass, field
 from pathlib import Path
+from fastcore.basics import patch
 from .registry import RowError, as_entry, as_config
 
 # %% auto #0
@@ -206,9 +207,10 @@ def role_map(roles: dict | None) -> dict[str, str]:
         for s in ([srcs] if isinstance(srcs, str) else list(srcs or [])): out[str(s)] = tgt
     return out
 
-# %% ../../nbs/02_prompts.chat_template.ipynb #308e2b31
+# %% ../../nbs/02_prompts.chat_template.ipynb #fb9a1f74
 @dataclass
 class ChatOptions:
+    "How one chat dataset's rows become messages and which of their tokens train."
     field_messages: str = "messages"
     mappings: dict = field(default_factory=lambda: {"role": "role", "content": "content"})
     roles: dict = field(default_factory=lambda: role_map(None))   # dataset role -> template role
@@ -231,25 +233,7 @@ class ChatOptions:
     @classmethod
     def from_config(cls, ds=None, cfg=None) -> "ChatOptions":
         "The options of dataset entry `ds` (a `DatasetEntry`; a dict is validated into one) under config `cfg` (`FinetuneConfig`)."
-        e, c = as_entry(ds), as_config(cfg)
-        maps = {"role": "role", "content": "content", **(e.message_property_mappings or {})}
-        if e.message_field_role: maps["role"] = e.message_field_role
-        if e.message_field_content: maps["content"] = e.message_field_content
-        roles = role_map(e.roles)
-        rtt = ["assistant"] if e.roles_to_train is None else list(e.roles_to_train)
-        eos = e.train_on_eos or "turn"
-        eot = e.train_on_eot or eos
-        return cls(field_messages=e.field_messages or "messages", mappings=maps, roles=roles,
-                   roles_to_train=[roles.get(r, r) for r in rtt],
-                   train_on_inputs=bool(c.train_on_inputs), train_on_eos=eos, train_on_eot=eot,
-                   eot_tokens=list(c.eot_tokens or []),
-                   message_field_training=e.message_field_training,
-                   message_field_training_detail=e.message_field_training_detail,
-                   drop_system_message=bool(e.drop_system_message), field_system=e.field_system or "system",
-                   field_tools=e.field_tools or "tools", field_thinking=e.field_thinking or "reasoning_content",
-                   template_thinking_key=e.template_thinking_key or "reasoning_content",
-                   split_thinking=bool(e.split_thinking), chat_template_kwargs=dict(c.chat_template_kwargs or {}),
-                   default_system_message=c.default_system_message)
+        return cls(**_option_values(as_entry(ds), as_config(cfg)))
 
     def template_role(self, src: str) -> str | None:
         "The template role of dataset role `src`, or None when it is neither mapped nor usable as it is."
@@ -257,12 +241,31 @@ class ChatOptions:
         if src in STANDARD_ROLES or src in self.roles.values() or src in self.roles_to_train: return src
         return None
 
-# %% ../../nbs/02_prompts.chat_template.ipynb #75f7c745
-_THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.S)
+# %% ../../nbs/02_prompts.chat_template.ipynb #cb5f1a54
+def _option_values(e, c) -> dict:
+    "`ChatOptions` field values from a validated `DatasetEntry` `e` and `FinetuneConfig` `c`."
+    maps = {"role": "role", "content": "content", **(e.message_property_mappings or {})}
+    if e.message_field_role: maps["role"] = e.message_field_role
+    if e.message_field_content: maps["content"] = e.message_field_content
+    roles = role_map(e.roles)
+    rtt = ["assistant"] if e.roles_to_train is None else list(e.roles_to_train)
+    eos = e.train_on_eos or "turn"
+    eot = e.train_on_eot or eos
+    return dict(field_messages=e.field_messages or "messages", mappings=maps, roles=roles,
+                roles_to_train=[roles.get(r, r) for r in rtt],
+                train_on_inputs=bool(c.train_on_inputs), train_on_eos=eos, train_on_eot=eot,
+                eot_tokens=list(c.eot_tokens or []),
+                message_field_training=e.message_field_training,
+                message_field_training_detail=e.message_field_training_detail,
+                drop_system_message=bool(e.drop_system_message), field_system=e.field_system or "system",
+                field_tools=e.field_tools or "tools", field_thinking=e.field_thinking or "reasoning_content",
+                template_thinking_key=e.template_thinking_key or "reasoning_content",
+                split_thinking=bool(e.split_thinking), chat_template_kwargs=dict(c.chat_template_kwargs or {}),
+                default_system_message=c.default_system_message)
 
-# %% ../../nbs/02_prompts.chat_template.ipynb #ec0254e6
-def to_messages(row: dict, o: ChatOptions) -> tuple[list[dict], list | None]:
-    "The conversation in `row` as template messages (plus tools), or `RowError`."
+# %% ../../nbs/02_prompts.chat_template.ipynb #252731d0
+def _raw_messages(row: dict, o: ChatOptions) -> list:
+    "The message list in `row` (a JSON string is parsed), or `RowError`."
     if o.field_messages not in row or row[o.field_messages] is None:
         raise RowError("missing_field", f"no '{o.field_messages}' column in the row (set field_messages: to the column "
                                         f"that holds the message list; row keys: {sorted(row)[:8]})")
@@ -271,55 +274,79 @@ def to_messages(row: dict, o: ChatOptions) -> tuple[list[dict], list | None]:
         try: raw = json.loads(raw)
         except ValueError: raise RowError("bad_message", f"'{o.field_messages}' is a string, not a list of messages")
     if not isinstance(raw, (list, tuple)): raise RowError("bad_message", f"'{o.field_messages}' is {type(raw).__name__}, not a list")
+    return raw
+
+# %% ../../nbs/02_prompts.chat_template.ipynb #21f7b470
+def _message_content(m: dict, j: int, ck: str, role: str) -> str:
+    "The text of message `j` (its `ck` key): text parts joined, `''` for a tool-call-only turn; else `RowError`."
+    content = m.get(ck)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type", "text") == "text" for p in content):
+        content = "".join(str(p.get("text", "")) for p in content)
+    tcs = m.get("tool_calls")
+    if content is None and (tcs or ck not in m and role != "assistant"):
+        if not tcs: raise RowError("missing_field", f"message {j} has no '{ck}' key (message_property_mappings.content)")
+        content = ""
+    if content is None: raise RowError("missing_field", f"message {j} has no '{ck}' value")
+    if not isinstance(content, str):
+        raise RowError("non_string_content", f"message {j} content is {type(content).__name__}, not a string")
+    return content
+
+def _tool_calls(tcs: list, j: int) -> list[dict]:
+    "The tool calls of message `j` with JSON-string `arguments` parsed, or `RowError`."
+    fixed = []
+    for tc in tcs:
+        tc = dict(tc)
+        f = dict(tc.get("function") or {})
+        if isinstance(f.get("arguments"), str):
+            try: f["arguments"] = json.loads(f["arguments"])
+            except ValueError: raise RowError("bad_tool_call", f"message {j}: tool call arguments are not valid JSON")
+        if f: tc["function"] = f
+        fixed.append(tc)
+    return fixed
+
+# %% ../../nbs/02_prompts.chat_template.ipynb #916fde28
+_THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.S)
+
+def _to_message(m, j: int, o: ChatOptions, rk: str, ck: str) -> dict:
+    "Message `j` of a row (`rk`/`ck`: its role and content keys) as a template message, or `RowError`."
+    if not isinstance(m, dict): raise RowError("bad_message", f"message {j} is {type(m).__name__}, not a mapping")
+    if rk not in m or m[rk] is None:
+        raise RowError("missing_field", f"message {j} has no '{rk}' key (message_property_mappings.role); keys: {sorted(m)}")
+    src = str(m[rk])
+    role = o.template_role(src)
+    if role is None:
+        raise RowError("unknown_role", f"message {j} has role '{src}', which roles: does not map; add it under roles: "
+                                       f"(e.g. roles: {{assistant: [{src}]}}); mapped: {sorted(o.roles)}")
+    content = _message_content(m, j, ck, role)
+    msg = {k: v for k, v in m.items() if k not in (rk, ck) and v is not None}
+    for tk, dk in o.mappings.items():       # other mapped properties (e.g. name: speaker)
+        if tk not in ("role", "content") and dk in m: msg[tk] = m[dk]
+    msg["role"], msg["content"] = role, content
+    tcs = m.get("tool_calls")
+    if tcs: msg["tool_calls"] = _tool_calls(tcs, j)
+    think = m.get(o.field_thinking)
+    if o.split_thinking and role == "assistant" and think is None:
+        mt = _THINK.match(content)
+        if mt: think, msg["content"] = mt.group(1).strip(), mt.group(2)
+    msg.pop(o.field_thinking, None)
+    if isinstance(think, str) and think: msg[o.template_thinking_key] = think
+    tr = m.get(o.message_field_training) if o.message_field_training else None
+    msg["_train"] = None if tr is None else bool(tr)
+    msg["_detail"] = m.get(o.message_field_training_detail) if o.message_field_training_detail else None
+    return msg
+
+# %% ../../nbs/02_prompts.chat_template.ipynb #0ccf188d
+def to_messages(row: dict, o: ChatOptions) -> tuple[list[dict], list | None]:
+    "The conversation in `row` as template messages (plus tools), or `RowError`."
+    raw = _raw_messages(row, o)
     rk, ck = o.mappings.get("role", "role"), o.mappings.get("content", "content")
     msgs = []
     sys_val = row.get(o.field_system) if o.field_system != o.field_messages else None
     if isinstance(sys_val, str) and sys_val and not o.drop_system_message:
         msgs.append({"role": "system", "content": sys_val, "_train": False, "_detail": None, "_from_field": True})
     for j, m in enumerate(raw):
-        if not isinstance(m, dict): raise RowError("bad_message", f"message {j} is {type(m).__name__}, not a mapping")
-        if rk not in m or m[rk] is None:
-            raise RowError("missing_field", f"message {j} has no '{rk}' key (message_property_mappings.role); keys: {sorted(m)}")
-        src = str(m[rk])
-        role = o.template_role(src)
-        if role is None:
-            raise RowError("unknown_role", f"message {j} has role '{src}', which roles: does not map; add it under roles: "
-                                           f"(e.g. roles: {{assistant: [{src}]}}); mapped: {sorted(o.roles)}")
-        content = m.get(ck)
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type", "text") == "text" for p in content):
-            content = "".join(str(p.get("text", "")) for p in content)
-        tcs = m.get("tool_calls")
-        if content is None and (tcs or ck not in m and role != "assistant"):
-            if not tcs: raise RowError("missing_field", f"message {j} has no '{ck}' key (message_property_mappings.content)")
-            content = ""
-        if content is None: raise RowError("missing_field", f"message {j} has no '{ck}' value")
-        if not isinstance(content, str):
-            raise RowError("non_string_content", f"message {j} content is {type(content).__name__}, not a string")
-        msg = {k: v for k, v in m.items() if k not in (rk, ck) and v is not None}
-        for tk, dk in o.mappings.items():       # other mapped properties (e.g. name: speaker)
-            if tk not in ("role", "content") and dk in m: msg[tk] = m[dk]
-        msg["role"], msg["content"] = role, content
-        if tcs:
-            fixed = []
-            for tc in tcs:
-                tc = dict(tc)
-                f = dict(tc.get("function") or {})
-                if isinstance(f.get("arguments"), str):
-                    try: f["arguments"] = json.loads(f["arguments"])
-                    except ValueError: raise RowError("bad_tool_call", f"message {j}: tool call arguments are not valid JSON")
-                if f: tc["function"] = f
-                fixed.append(tc)
-            msg["tool_calls"] = fixed
-        think = m.get(o.field_thinking)
-        if o.split_thinking and role == "assistant" and think is None:
-            mt = _THINK.match(content)
-            if mt: think, msg["content"] = mt.group(1).strip(), mt.group(2)
-        msg.pop(o.field_thinking, None)
-        if isinstance(think, str) and think: msg[o.template_thinking_key] = think
-        tr = m.get(o.message_field_training) if o.message_field_training else None
-        msg["_train"] = None if tr is None else bool(tr)
-        msg["_detail"] = m.get(o.message_field_training_detail) if o.message_field_training_detail else None
-        if role == "system" and o.drop_system_message: continue
+        msg = _to_message(m, j, o, rk, ck)
+        if msg["role"] == "system" and o.drop_system_message: continue
         msgs.append(msg)
     if any(m["role"] == "system" and not m.get("_from_field") for m in msgs):
         msgs = [m for m in msgs if not m.get("_from_field")]     # the data's own system turn wins
@@ -333,7 +360,7 @@ def to_messages(row: dict, o: ChatOptions) -> tuple[list[dict], list | None]:
         except ValueError: raise RowError("bad_tool_call", f"'{o.field_tools}' is a string that is not valid JSON")
     return msgs, (list(tools) if tools else None)
 
-# %% ../../nbs/02_prompts.chat_template.ipynb #d6fc8f3f
+# %% ../../nbs/02_prompts.chat_template.ipynb #d3218f05
 _S0, _S1 = "\ue000", "\ue001"
 _SENT = re.compile(_S0 + r"(\d+)([ct])" + _S1)
 
@@ -345,23 +372,7 @@ def _render(tpl, msgs, tools, tvars, kw, gen=False):
     except Exception as e:
         raise RowError("template_error", f"the chat template failed on this row: {type(e).__name__}: {e}")
 
-def render_spans(tpl, msgs, tools, tvars, kw, think_key="reasoning_content", cache: dict | None = None):
-    """`(text, spans)`: the rendered text and `{(i, 'c'|'t'): (start, end)}` character spans of contents / reasoning.
-    `cache` (a dict the caller keeps for one template and one set of `tvars`/`kw`) holds sentinel renders by shape."""
-    real = _render(tpl, msgs, tools, tvars, kw)
-    text, spans = _content_spans(tpl, msgs, tools, tvars, kw, think_key, real, cache)
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant": continue
-        # an assistant turn with tool calls and no content starts where the generation prompt ends
-        if not m["content"] and m.get("tool_calls") and (i, "c") not in spans:
-            p = _render(tpl, msgs[:i], tools, tvars, kw, gen=True)
-            if real.startswith(p): spans[(i, "c")] = (len(p), len(p))
-        # with reasoning, the model writes the opening tag (`<think>\n`) itself: from the generation prompt's end
-        if (i, "t") in spans:
-            p = _render(tpl, msgs[:i], tools, tvars, kw, gen=True)
-            if real.startswith(p) and len(p) <= spans[(i, "t")][0]: spans[(i, "o")] = (len(p), spans[(i, "t")][0])
-    return text, spans
-
+# %% ../../nbs/02_prompts.chat_template.ipynb #6026bce7
 def _shape(msgs, tools, think_key, with_empty) -> tuple:
     "Everything a sentinel render reads: each message's fields in order, except the contents / reasoning it replaces."
     return (with_empty, repr(tools), tuple(
@@ -433,6 +444,24 @@ def _content_spans(tpl, msgs, tools, tvars, kw, think_key, real, cache=None):
     raise RowError("template_mismatch", "the template changes message contents in a way ftkit cannot align with the "
                                         "rendered text; check the template (or report it with the row)")
 
+# %% ../../nbs/02_prompts.chat_template.ipynb #51f949db
+def render_spans(tpl, msgs, tools, tvars, kw, think_key="reasoning_content", cache: dict | None = None):
+    """`(text, spans)`: the rendered text and `{(i, 'c'|'t'): (start, end)}` character spans of contents / reasoning.
+    `cache` (a dict the caller keeps for one template and one set of `tvars`/`kw`) holds sentinel renders by shape."""
+    real = _render(tpl, msgs, tools, tvars, kw)
+    text, spans = _content_spans(tpl, msgs, tools, tvars, kw, think_key, real, cache)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant": continue
+        # an assistant turn with tool calls and no content starts where the generation prompt ends
+        if not m["content"] and m.get("tool_calls") and (i, "c") not in spans:
+            p = _render(tpl, msgs[:i], tools, tvars, kw, gen=True)
+            if real.startswith(p): spans[(i, "c")] = (len(p), len(p))
+        # with reasoning, the model writes the opening tag (`<think>\n`) itself: from the generation prompt's end
+        if (i, "t") in spans:
+            p = _render(tpl, msgs[:i], tools, tvars, kw, gen=True)
+            if real.startswith(p) and len(p) <= spans[(i, "t")][0]: spans[(i, "o")] = (len(p), spans[(i, "t")][0])
+    return text, spans
+
 # %% ../../nbs/02_prompts.chat_template.ipynb #c6cf944c
 def _single_token_id(tokenizer, t: str) -> int:
     ids = tokenizer.encode(t, add_special_tokens=False)
@@ -498,7 +527,17 @@ def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], l
     encs = bt.encode_batch(texts, add_special_tokens=False)
     return [e.ids for e in encs], [e.offsets for e in encs]
 
-# %% ../../nbs/02_prompts.chat_template.ipynb #47741ec9
+# %% ../../nbs/02_prompts.chat_template.ipynb #34dce94f
+def _eot_ids(tokenizer, o: ChatOptions) -> set[int]:
+    "The ids of the end-of-turn tokens: `eot_tokens`, default the EOS."
+    eots = o.eot_tokens or ([tokenizer.eos_token] if tokenizer.eos_token else [])
+    ids = {_single_token_id(tokenizer, t) for t in eots}
+    if tokenizer.eos_token_id in ids and o.eot_tokens and o.train_on_eos != o.train_on_eot:
+        raise ValueError("eot_tokens contains the EOS token but train_on_eos and train_on_eot differ; "
+                         "make them equal or drop the EOS token from eot_tokens")
+    return ids
+
+# %% ../../nbs/02_prompts.chat_template.ipynb #c8172435
 class ChatTemplateStrategy:
     """Tokenize conversations with a chat template and exact labels.
 
@@ -513,136 +552,152 @@ class ChatTemplateStrategy:
         self.tok, self.o = tokenizer, ChatOptions.from_config(entry, conf)
         self.template_name, self.template = resolve_template(tokenizer, entry, conf)
         self.tpl, self.tvars = compile_template(self.template), template_vars(tokenizer)
-        self.eos_id = tokenizer.eos_token_id
-        eots = self.o.eot_tokens or ([tokenizer.eos_token] if tokenizer.eos_token else [])
-        self.eot_ids = {_single_token_id(tokenizer, t) for t in eots}
-        if self.eos_id in self.eot_ids and self.o.eot_tokens and self.o.train_on_eos != self.o.train_on_eot:
-            raise ValueError("eot_tokens contains the EOS token but train_on_eos and train_on_eot differ; "
-                             "make them equal or drop the EOS token from eot_tokens")
+        self.eos_id, self.eot_ids = tokenizer.eos_token_id, _eot_ids(tokenizer, self.o)
         self.term_ids = self.eot_ids | ({self.eos_id} if self.eos_id is not None else set())
         self.sequence_len = conf.sequence_len
         self._shapes: dict = {}          # sentinel renders by conversation shape (see `_skeleton`)
-
-    def __getstate__(self):          # compiled templates do not pickle; recompile in worker processes
-        d = dict(self.__dict__); d.pop("tpl", None); d["_shapes"] = {}; return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d); self.tpl = compile_template(self.template)
 
     def fingerprint(self) -> dict:
         "Everything about this strategy that changes tokens or labels (for the cache key)."
         return {"strategy": self.name, "template": self.template, "options": {k: v for k, v in vars(self.o).items()},
                 "eot_ids": sorted(self.eot_ids), "eos_id": self.eos_id, "labels": 2}
 
-    def expected_eot(self) -> str | None:
-        "The token the template ends turns with (built-in templates), for the report's EOS check."
-        return TEMPLATE_EOT.get(self.template_name)
-
-    def axolotl_notes(self) -> list[str]:
-        "Deliberate differences from Axolotl 0.19.0 that this dataset's config can meet (scripts/conformance/DIFFERENCES.md)."
-        notes = []
-        probe = [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]
-        try: ids = self.tok(_render(self.tpl, probe, None, self.tvars, self.o.chat_template_kwargs), add_special_tokens=False)["input_ids"]
-        except RowError: ids = []
-        if ids and ids[-1] not in self.term_ids and any(i in self.term_ids for i in ids[:3]):
-            notes.append(f"differs from Axolotl 0.19.0 (D4): with the chat template ({self.template_name}) a conversation can hold an "
-                         "end-of-turn token among its first 3 tokens; Axolotl trains it whenever a turn renders empty (its lookup "
-                         "starts from index -1), ftkit trains nothing of an empty turn")
-        unmapped = [r for r in ("human", "gpt") if r not in self.o.roles]
-        if self.o.roles != role_map(None) and unmapped:
-            notes.append(f"differs from Axolotl 0.19.0 (D2): roles: replaces the default role mapping and does not map "
-                         f"{', '.join(unmapped)}; ftkit rejects rows with such a role (unknown_role), Axolotl renders it unchanged")
-        if self.o.field_system != "system":
-            notes.append(f"differs from Axolotl 0.19.0 (D5): field_system: {self.o.field_system} is used; Axolotl 0.19.0 ignores the "
-                         "key and reads the column `system`")
-        if self.o.field_thinking != "reasoning_content":
-            notes.append(f"differs from Axolotl 0.19.0 (D8): field_thinking: {self.o.field_thinking} is used; Axolotl 0.19.0 never "
-                         "passes that column to the template")
-        if self.o.default_system_message:
-            notes.append("differs from Axolotl 0.19.0 (D9): default_system_message adds a system turn to conversations without "
-                         "one; in Axolotl 0.19.0 the key changes nothing")
-        if self.template_name == "gemma":
-            notes.append("differs from Axolotl 0.19.0 (D6): the gemma template folds a system turn into the first user turn; "
-                         "Axolotl's stops the run with 'System role not supported'")
-        return notes
-
-    # -- one row ------------------------------------------------------------------------------
-    def _turn_trains(self, m) -> bool:
-        "Axolotl's precedence: the message's own flag, else a detail list (an empty one trains nothing), else the role."
-        if m["_train"] is not None: return m["_train"]
-        if m["_detail"] is not None: return bool(m["_detail"])
-        return self.o.train_on_inputs or m["role"] in self.o.roles_to_train
-
     def prepare(self, row):
         "Render one row: `(text, messages, spans)`; raises `RowError`."
         msgs, tools = to_messages(row, self.o)
         kw, think = self.o.chat_template_kwargs, self.o.template_thinking_key
         text, spans = render_spans(self.tpl, msgs, tools, self.tvars, kw, think, self._shapes)
-        for i, m in enumerate(msgs):     # turns whose template text depends on more than the content: Axolotl's locator
-            if m.get("tool_calls") or m.get(think) is not None:
-                spans[(i, "a")] = diff_span(self.tpl, msgs, i, tools, self.tvars, kw, text)
-                if m.get(think) is not None and m["_detail"]:
-                    spans[(i, "ac")] = diff_span(self.tpl, msgs, i, tools, self.tvars, kw, text, keep=think)
+        spans.update(_diff_spans(self.tpl, msgs, tools, self.tvars, kw, think, text))
         return text, msgs, spans
-
-    def label(self, text, msgs, spans, ids, offsets):
-        "Labels for one rendered row, given its token ids and character offsets."
-        n = len(ids)
-        labels = [-100] * n
-        starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
-        def tok_span(a, b):             # tokens overlapping characters [a, b) (byte pieces of one character share offsets)
-            return bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)
-        any_all = "all" in (self.o.train_on_eos, self.o.train_on_eot)
-        last = {True: None, False: None}            # last EOS / EOT index seen, for `last`
-        for i, m in enumerate(msgs):
-            trains = self._turn_trains(m)
-            if not trains and not any_all: continue    # Axolotl locates only trained turns (all turns under `all`)
-            detail = m["_detail"]
-            if (i, "a") in spans:                        # located by diffing against placeholder renders (Axolotl's way)
-                sp = spans.get((i, "ac")) if detail and (i, "ac") in spans else spans[(i, "a")]
-                if sp is None: continue
-                a, b = sp
-            else:
-                c = spans.get((i, "c"))
-                if c is None: continue                   # the template does not render this message
-                a, b = c
-            lo, hi = tok_span(a, b) if b > a else (None, 0)
-            if lo is None or hi <= lo: continue          # an empty turn: no token, no end-of-turn token
-            if trains:
-                if detail:
-                    for q in detail_tokens(self.tok, m["content"], detail):
-                        if lo + q < n: labels[lo + q] = ids[lo + q]
-                else:
-                    labels[lo:hi] = ids[lo:hi]
-            for is_eos, pool, mode in ((False, self.eot_ids, self.o.train_on_eot), (True, {self.eos_id}, self.o.train_on_eos)):
-                q = next((q for q in range(hi, min(n, hi + 4)) if ids[q] in pool), None)   # within 3 tokens of the turn
-                if q is None: continue
-                last[is_eos] = q
-                if mode == "all" or (mode == "turn" and trains): labels[q] = ids[q]
-        for is_eos, mode in ((False, self.o.train_on_eot), (True, self.o.train_on_eos)):
-            if mode == "last" and last[is_eos] is not None: labels[last[is_eos]] = ids[last[is_eos]]
-        return labels
-
-    def tokenize_batch(self, rows: list[dict]) -> list:
-        "Tokenize many rows; each result is a list of samples or a `RowError`."
-        prepped, texts = [], []
-        for row in rows:
-            try: p = self.prepare(row); prepped.append(p); texts.append(p[0])
-            except RowError as e: prepped.append(e)
-        all_ids, all_offs = encode_with_offsets(self.tok, texts) if texts else ([], [])
-        out, k = [], 0
-        for p in prepped:
-            if isinstance(p, RowError): out.append(p); continue
-            ids, offs = all_ids[k], all_offs[k]; k += 1
-            labels = self.label(p[0], p[1], p[2], ids, offs)
-            out.append([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}])
-        return out
 
     def tokenize(self, row: dict) -> list[dict]:
         "Tokenize one row (raises `RowError`)."
         r = self.tokenize_batch([row])[0]
         if isinstance(r, RowError): raise r
         return r
+
+# %% ../../nbs/02_prompts.chat_template.ipynb #9998ce34
+def _diff_spans(tpl, msgs, tools, tvars, kw, think, text) -> dict:
+    "`{(i, 'a'): span}` (and `(i, 'ac')`) of the turns with tool calls or reasoning, located by `diff_span`."
+    spans = {}
+    for i, m in enumerate(msgs):     # turns whose template text depends on more than the content: Axolotl's locator
+        if m.get("tool_calls") or m.get(think) is not None:
+            spans[(i, "a")] = diff_span(tpl, msgs, i, tools, tvars, kw, text)
+            if m.get(think) is not None and m["_detail"]:
+                spans[(i, "ac")] = diff_span(tpl, msgs, i, tools, tvars, kw, text, keep=think)
+    return spans
+
+# %% ../../nbs/02_prompts.chat_template.ipynb #40a8d93f
+@patch
+def __getstate__(self:ChatTemplateStrategy):          # compiled templates do not pickle; recompile in worker processes
+    d = dict(self.__dict__); d.pop("tpl", None); d["_shapes"] = {}; return d
+
+@patch
+def __setstate__(self:ChatTemplateStrategy, d):
+    self.__dict__.update(d); self.tpl = compile_template(self.template)
+
+# %% ../../nbs/02_prompts.chat_template.ipynb #4417e32a
+@patch
+def expected_eot(self:ChatTemplateStrategy) -> str | None:
+    "The token the template ends turns with (built-in templates), for the report's EOS check."
+    return TEMPLATE_EOT.get(self.template_name)
+
+@patch
+def axolotl_notes(self:ChatTemplateStrategy) -> list[str]:
+    "Deliberate differences from Axolotl 0.19.0 that this dataset's config can meet (scripts/conformance/DIFFERENCES.md)."
+    notes = []
+    probe = [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]
+    try: ids = self.tok(_render(self.tpl, probe, None, self.tvars, self.o.chat_template_kwargs), add_special_tokens=False)["input_ids"]
+    except RowError: ids = []
+    if ids and ids[-1] not in self.term_ids and any(i in self.term_ids for i in ids[:3]):
+        notes.append(f"differs from Axolotl 0.19.0 (D4): with the chat template ({self.template_name}) a conversation can hold an "
+                     "end-of-turn token among its first 3 tokens; Axolotl trains it whenever a turn renders empty (its lookup "
+                     "starts from index -1), ftkit trains nothing of an empty turn")
+    unmapped = [r for r in ("human", "gpt") if r not in self.o.roles]
+    if self.o.roles != role_map(None) and unmapped:
+        notes.append(f"differs from Axolotl 0.19.0 (D2): roles: replaces the default role mapping and does not map "
+                     f"{', '.join(unmapped)}; ftkit rejects rows with such a role (unknown_role), Axolotl renders it unchanged")
+    if self.o.field_system != "system":
+        notes.append(f"differs from Axolotl 0.19.0 (D5): field_system: {self.o.field_system} is used; Axolotl 0.19.0 ignores the "
+                     "key and reads the column `system`")
+    if self.o.field_thinking != "reasoning_content":
+        notes.append(f"differs from Axolotl 0.19.0 (D8): field_thinking: {self.o.field_thinking} is used; Axolotl 0.19.0 never "
+                     "passes that column to the template")
+    if self.o.default_system_message:
+        notes.append("differs from Axolotl 0.19.0 (D9): default_system_message adds a system turn to conversations without "
+                     "one; in Axolotl 0.19.0 the key changes nothing")
+    if self.template_name == "gemma":
+        notes.append("differs from Axolotl 0.19.0 (D6): the gemma template folds a system turn into the first user turn; "
+                     "Axolotl's stops the run with 'System role not supported'")
+    return notes
+
+# %% ../../nbs/02_prompts.chat_template.ipynb #46ac25dd
+def _turn_chars(i: int, detail, spans: dict) -> tuple[int, int] | None:
+    "The characters of message `i`: its diffed span (with reasoning for a detail list), else its content; None: not rendered."
+    if (i, "a") in spans:                        # located by diffing against placeholder renders (Axolotl's way)
+        return spans.get((i, "ac")) if detail and (i, "ac") in spans else spans[(i, "a")]
+    return spans.get((i, "c"))
+
+def _turn_end(ids: list[int], hi: int, pool) -> int | None:
+    "The first token of `pool` within 3 tokens after a turn that ends before token `hi`."
+    return next((q for q in range(hi, min(len(ids), hi + 4)) if ids[q] in pool), None)
+
+@patch
+def _turn_trains(self:ChatTemplateStrategy, m) -> bool:
+    "Axolotl's precedence: the message's own flag, else a detail list (an empty one trains nothing), else the role."
+    if m["_train"] is not None: return m["_train"]
+    if m["_detail"] is not None: return bool(m["_detail"])
+    return self.o.train_on_inputs or m["role"] in self.o.roles_to_train
+
+# %% ../../nbs/02_prompts.chat_template.ipynb #2e84448a
+@patch
+def label(self:ChatTemplateStrategy, text, msgs, spans, ids, offsets):
+    "Labels for one rendered row, given its token ids and character offsets."
+    n = len(ids)
+    labels = [-100] * n
+    starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
+    any_all = "all" in (self.o.train_on_eos, self.o.train_on_eot)
+    last = {True: None, False: None}            # last EOS / EOT index seen, for `last`
+    for i, m in enumerate(msgs):
+        trains = self._turn_trains(m)
+        if not trains and not any_all: continue    # Axolotl locates only trained turns (all turns under `all`)
+        detail = m["_detail"]
+        sp = _turn_chars(i, detail, spans)
+        if sp is None: continue                      # the template does not render this message
+        a, b = sp                                    # tokens overlapping characters [a, b) (pieces of one character share offsets):
+        lo, hi = (bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)) if b > a else (None, 0)
+        if lo is None or hi <= lo: continue          # an empty turn: no token, no end-of-turn token
+        if trains:
+            if detail:
+                for q in detail_tokens(self.tok, m["content"], detail):
+                    if lo + q < n: labels[lo + q] = ids[lo + q]
+            else:
+                labels[lo:hi] = ids[lo:hi]
+        for is_eos, pool, mode in ((False, self.eot_ids, self.o.train_on_eot), (True, {self.eos_id}, self.o.train_on_eos)):
+            q = _turn_end(ids, hi, pool)
+            if q is None: continue
+            last[is_eos] = q
+            if mode == "all" or (mode == "turn" and trains): labels[q] = ids[q]
+    for is_eos, mode in ((False, self.o.train_on_eot), (True, self.o.train_on_eos)):
+        if mode == "last" and last[is_eos] is not None: labels[last[is_eos]] = ids[last[is_eos]]
+    return labels
+
+# %% ../../nbs/02_prompts.chat_template.ipynb #e8de0e7c
+@patch
+def tokenize_batch(self:ChatTemplateStrategy, rows: list[dict]) -> list:
+    "Tokenize many rows; each result is a list of samples or a `RowError`."
+    prepped, texts = [], []
+    for row in rows:
+        try: p = self.prepare(row); prepped.append(p); texts.append(p[0])
+        except RowError as e: prepped.append(e)
+    all_ids, all_offs = encode_with_offsets(self.tok, texts) if texts else ([], [])
+    out, k = [], 0
+    for p in prepped:
+        if isinstance(p, RowError): out.append(p); continue
+        ids, offs = all_ids[k], all_offs[k]; k += 1
+        labels = self.label(p[0], p[1], p[2], ids, offs)
+        out.append([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}])
+    return out
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #e02a049c
 def entry_dict(ds) -> dict:
