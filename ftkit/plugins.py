@@ -10,6 +10,8 @@ import contextlib, importlib, importlib.metadata, importlib.util, os, sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from fastcore.basics import patch
+
 from .errors import ConfigError, Problem
 
 # %% auto #0
@@ -157,8 +159,6 @@ class PluginSet:
             f = getattr(p, hook, None)
             if f is not None: f(*a)
 
-    def after_config_load(self, cfg): self._each("after_config_load", cfg)
-    def before_model_load(self, cfg): self._each("before_model_load", cfg)
     def _chain(self, hook, cfg, model):
         for p in self.plugins:
             f = getattr(p, hook, None)
@@ -166,29 +166,41 @@ class PluginSet:
             new = f(cfg, model)
             if new is not None: model = new
         return model
-    def after_model_load(self, cfg, model): return self._chain("after_model_load", cfg, model)
-    def after_adapters(self, cfg, model): return self._chain("after_adapters", cfg, model)
-    def callbacks(self, cfg) -> list:
-        return [cb for p in self.plugins if hasattr(p, "callbacks") for cb in (p.callbacks(cfg) or [])]
-    def metrics(self, cfg) -> dict:
-        "Generation metrics the plugins register, by name (a later plugin's name wins)."
-        return {k: fn for p in self.plugins if hasattr(p, "metrics") for k, fn in (p.metrics(cfg) or {}).items()}
+
+    def after_config_load(self, cfg): self._each("after_config_load", cfg)
+    def before_model_load(self, cfg): self._each("before_model_load", cfg)
     def before_training(self, cfg, trainer): self._each("before_training", cfg, trainer)
     def after_training(self, cfg, trainer, result): self._each("after_training", cfg, trainer, result)
 
-    @contextlib.contextmanager
-    def environment(self, cfg) -> Iterator[dict]:
-        "Set every plugin's environment variables for the block; the previous values come back after it."
-        env = {}
-        for p in self.plugins:
-            if hasattr(p, "environment"): env.update({k: str(v) for k, v in (p.environment(cfg) or {}).items()})
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try: yield env
-        finally:
-            for k, v in old.items():
-                if v is None: os.environ.pop(k, None)
-                else: os.environ[k] = v
+# %% ../nbs/06a_plugins.ipynb #507fde85
+@patch
+def after_model_load(self:PluginSet, cfg, model): return self._chain("after_model_load", cfg, model)
+@patch
+def after_adapters(self:PluginSet, cfg, model): return self._chain("after_adapters", cfg, model)
+
+@patch
+def callbacks(self:PluginSet, cfg) -> list:
+    return [cb for p in self.plugins if hasattr(p, "callbacks") for cb in (p.callbacks(cfg) or [])]
+@patch
+def metrics(self:PluginSet, cfg) -> dict:
+    "Generation metrics the plugins register, by name (a later plugin's name wins)."
+    return {k: fn for p in self.plugins if hasattr(p, "metrics") for k, fn in (p.metrics(cfg) or {}).items()}
+
+# %% ../nbs/06a_plugins.ipynb #d8c8614c
+@patch
+@contextlib.contextmanager
+def environment(self:PluginSet, cfg) -> Iterator[dict]:
+    "Set every plugin's environment variables for the block; the previous values come back after it."
+    env = {}
+    for p in self.plugins:
+        if hasattr(p, "environment"): env.update({k: str(v) for k, v in (p.environment(cfg) or {}).items()})
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try: yield env
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
 
 # %% ../nbs/06a_plugins.ipynb #7184e75d
 def load_plugins(cfg, builtins: bool = True) -> PluginSet:
