@@ -10,6 +10,8 @@ import errno, fcntl, hashlib, importlib, importlib.util, json, math, os, re, shu
 from contextlib import contextmanager
 from pathlib import Path
 
+from fastcore.basics import patch
+
 from .errors import FtkitError
 
 # %% auto #0
@@ -71,40 +73,44 @@ class FileLock:
                              f"{f' ({e.filename})' if e.filename and str(e.filename) != str(self.path) else ''}.\n"
                              f"  fix: set {_KEY_OF.get(self.what, 'it')} to a folder this user can create and write in.") from None
 
-    def try_acquire(self) -> bool:
-        fd = self._open()
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd); return False
-        self._claim(fd)
-        return True
-
-    def _claim(self, fd):
-        info = {"pid": os.getpid(), "cmd": " ".join(sys.argv)[:200], "what": self.what, "time": time.time(),
-                "host": os.uname().nodename}
-        os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(info).encode(), 0)
-        self.fd = fd
-
-    def acquire(self, wait: bool = False, quiet: bool = False) -> "FileLock":
-        "Take the lock; `LockedError` naming the holder when `wait` is False and another process holds it."
-        if self.try_acquire(): return self
-        who = _holder_text(self.holder())
-        if not wait:
-            raise LockedError(f"{self.what} {self.path.parent} is in use by {who}.\n"
-                              f"  fix: wait for it to finish (or stop it), or use another folder for this run.")
-        _say(f"waiting: {self.what} {self.path.parent} is in use by {who}", quiet)
-        fd = self._open()
-        try: fcntl.flock(fd, fcntl.LOCK_EX)           # blocks until the holder releases or dies
-        except BaseException: os.close(fd); raise
-        self._claim(fd)
-        return self
-
     def release(self):
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN); os.close(self.fd); self.fd = None
 
     def __enter__(self): return self if self.fd is not None else self.acquire()
     def __exit__(self, *exc): self.release()
+
+# %% ../nbs/00b_guard.ipynb #a5f4d175
+@patch
+def try_acquire(self: FileLock) -> bool:
+    fd = self._open()
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd); return False
+    self._claim(fd)
+    return True
+
+@patch
+def _claim(self: FileLock, fd):
+    info = {"pid": os.getpid(), "cmd": " ".join(sys.argv)[:200], "what": self.what, "time": time.time(),
+            "host": os.uname().nodename}
+    os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(info).encode(), 0)
+    self.fd = fd
+
+@patch
+def acquire(self: FileLock, wait: bool = False, quiet: bool = False) -> "FileLock":
+    "Take the lock; `LockedError` naming the holder when `wait` is False and another process holds it."
+    if self.try_acquire(): return self
+    who = _holder_text(self.holder())
+    if not wait:
+        raise LockedError(f"{self.what} {self.path.parent} is in use by {who}.\n"
+                          f"  fix: wait for it to finish (or stop it), or use another folder for this run.")
+    _say(f"waiting: {self.what} {self.path.parent} is in use by {who}", quiet)
+    fd = self._open()
+    try: fcntl.flock(fd, fcntl.LOCK_EX)           # blocks until the holder releases or dies
+    except BaseException: os.close(fd); raise
+    self._claim(fd)
+    return self
 
 # %% ../nbs/00b_guard.ipynb #1571e24b
 def lock_output_dir(output_dir, quiet: bool = False) -> FileLock:
@@ -484,28 +490,32 @@ class FaultWatchdog:
                             f"  last good checkpoint: {ck if ck else 'none (no complete checkpoint was saved yet)'}"
                             + ("; after fixing the cause, resume from it with auto_resume_from_checkpoints: true." if ck else "."))
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-        if model is None: return
-        for name, p in model.named_parameters():
-            g = p.grad
-            if g is not None and not bool(g.isfinite().all()):
-                kind = "NaN" if bool(g.isnan().any()) else "inf"
-                self._stop(state.global_step + 1, f"the gradient of {name} is {kind} (the weights were not updated with it)")
+# %% ../nbs/00b_guard.ipynb #ca72f43d
+@patch
+def on_pre_optimizer_step(self: FaultWatchdog, args, state, control, model=None, **kw):
+    if model is None: return
+    for name, p in model.named_parameters():
+        g = p.grad
+        if g is not None and not bool(g.isfinite().all()):
+            kind = "NaN" if bool(g.isnan().any()) else "inf"
+            self._stop(state.global_step + 1, f"the gradient of {name} is {kind} (the weights were not updated with it)")
 
-    def on_log(self, args, state, control, logs=None, **kw):
-        logs = logs or {}
-        for k in ("loss", "grad_norm"):
-            if k in logs and not _finite(logs[k]): self._stop(state.global_step, f"the {k.replace('_', ' ')} is {logs[k]}")
-        if "grad_norm" in logs and "loss" in logs:          # a collapsed model: its output no longer depends on the weights
-            self.zeros = self.zeros + 1 if float(logs["grad_norm"]) == 0.0 and float(logs["loss"]) > 0 else 0
-            if self.zero_grad_steps and self.zeros >= self.zero_grad_steps:
-                self._stop(state.global_step, f"the gradient norm was exactly 0 for {self.zeros} logged steps while the loss "
-                                              f"stayed at {float(logs['loss']):.4g}: the model collapsed and no longer learns")
-        if self.threshold is None or "loss" not in logs: return
-        self.over = self.over + 1 if float(logs["loss"]) > self.threshold else 0
-        if self.over >= self.patience:
-            self._stop(state.global_step, f"the loss ({float(logs['loss']):.4g}) stayed above loss_watchdog_threshold "
-                                          f"{self.threshold:g} for {self.over} logged steps (loss_watchdog_patience {self.patience})")
+# %% ../nbs/00b_guard.ipynb #7cced10d
+@patch
+def on_log(self: FaultWatchdog, args, state, control, logs=None, **kw):
+    logs = logs or {}
+    for k in ("loss", "grad_norm"):
+        if k in logs and not _finite(logs[k]): self._stop(state.global_step, f"the {k.replace('_', ' ')} is {logs[k]}")
+    if "grad_norm" in logs and "loss" in logs:          # a collapsed model: its output no longer depends on the weights
+        self.zeros = self.zeros + 1 if float(logs["grad_norm"]) == 0.0 and float(logs["loss"]) > 0 else 0
+        if self.zero_grad_steps and self.zeros >= self.zero_grad_steps:
+            self._stop(state.global_step, f"the gradient norm was exactly 0 for {self.zeros} logged steps while the loss "
+                                          f"stayed at {float(logs['loss']):.4g}: the model collapsed and no longer learns")
+    if self.threshold is None or "loss" not in logs: return
+    self.over = self.over + 1 if float(logs["loss"]) > self.threshold else 0
+    if self.over >= self.patience:
+        self._stop(state.global_step, f"the loss ({float(logs['loss']):.4g}) stayed above loss_watchdog_threshold "
+                                      f"{self.threshold:g} for {self.over} logged steps (loss_watchdog_patience {self.patience})")
 
 # %% ../nbs/00b_guard.ipynb #2f0061a0
 def fault_watchdog(cfg, output_dir, precision: str = "") -> FaultWatchdog:
@@ -529,6 +539,7 @@ def is_oom(exc) -> bool:
         if isinstance(e, MemoryError): return True
     return False
 
+# %% ../nbs/00b_guard.ipynb #3bed3c2b
 def explain_oom(cfg, exc, device: str = "", kernels=None) -> GuardError:
     "A `GuardError` with the config's numbers and the knobs that would make the run fit (`kernels`: the ftkit kernels patched in, when known)."
     mbs, seq, ga = cfg.micro_batch_size, cfg.sequence_len, cfg.gradient_accumulation_steps
