@@ -8,6 +8,7 @@ Docs: https://ftkit.github.io/ftkit/prompts.instruct.html.md"""
 from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
+from fastcore.basics import patch
 from .registry import PromptStrategy, RowError, as_entry, as_config
 
 # %% auto #0
@@ -52,7 +53,7 @@ USER_SYSTEM = ("Below is an instruction from a USER that describes a task, paire
 USER_SYSTEM_NO_INPUT = ("Below is an instruction from a USER that describes a task. "
                         "The ASSISTANT writes a response that appropriately and concisely completes the request.\n\n")
 
-# %% ../../nbs/02_prompts.instruct.ipynb #2148fe01
+# %% ../../nbs/02_prompts.instruct.ipynb #3e3766e1
 def _f(row, key, required=True):
     "Field `key` of `row` as text ('' when optional and missing); `RowError` when a required one is missing."
     v = row.get(key)
@@ -73,6 +74,7 @@ def _reflection(row):
     label = (f"### Thought:\n{out}\n\n### Agent Reflection:\n{refl}\n\n### Final Response:\n{corr}" if out and refl and corr else "")
     return _f(row, "instruction"), _f(row, "input", False), label
 
+# %% ../../nbs/02_prompts.instruct.ipynb #a6300774
 @dataclass(frozen=True)
 class Preset:
     layout: str
@@ -88,15 +90,16 @@ class Preset:
         system, system_ni = (f[3], f[3]) if len(f) > 3 else (self.system, self.system_no_input)
         return LAYOUTS[self.layout].prompt(system, system_ni, f[0], f[1]), f[2]
 
+# %% ../../nbs/02_prompts.instruct.ipynb #6696d1cc
 CHOICE_EXPLAIN = "Choose the answer that best answers the question. Explain your reasoning.\n"
 CHOICE_CONCISE = "Choose the answer that best answers the question. Be concise in your response.\n\n"
 CONTEXT_SYSTEM = "Use the following contextual information to concisely answer the question.\n"
 NO_ANSWER = ("The context provided does not contain any information about your inquiry. "
              "Therefore, I'm unable to answer your question based on the given context.")
-
-# %% ../../nbs/02_prompts.instruct.ipynb #411c7523
 CREATIVE_ANSWER = ("Answer the following question in a comprehensive, in-depth, and creative way. Additionally your response "
                    "should be relevant, accurate, and free of any ambiguity.")
+
+# %% ../../nbs/02_prompts.instruct.ipynb #411c7523
 _ALPACA = dict(system=ALPACA_SYSTEM, system_no_input=ALPACA_SYSTEM_NO_INPUT)
 _USER = dict(system=USER_SYSTEM, system_no_input=USER_SYSTEM_NO_INPUT)
 _ctx = lambda r, q: (_f(r, "article") + "\n===\n" + _f(r, q), "")
@@ -146,7 +149,7 @@ PRESETS["creative_acr.load_critique"] = Preset("creative", lambda r: (
 PRESETS["creative_acr.load_revise"] = Preset("creative", lambda r: (
     REVISE.format(question=_f(r, "instruction"), answer=_f(r, "answer"), evaluation=_evaluation(r)), "", _f(r, "revision")))
 
-# %% ../../nbs/02_prompts.instruct.ipynb #57ab6805
+# %% ../../nbs/02_prompts.instruct.ipynb #4d88b06a
 class InstructStrategy(PromptStrategy):
     "Prompt masked (unless train_on_inputs), response + EOS trained. `cfg` is the `FinetuneConfig`."
     def __init__(self, tokenizer, parts, name, cfg=None, extra=None, n_eos: int = 1, joint: bool = False):
@@ -166,38 +169,42 @@ class InstructStrategy(PromptStrategy):
         enc = iter(self.tok(nz, truncation=True, max_length=self.max_len)["input_ids"] if nz else [])
         return [list(next(enc)) if t else [] for t in texts]
 
-    def _finish(self, ids: list[int], eos: bool, strip_bos: bool) -> list[int]:
-        if not ids: return ids
-        if eos and self.eos_id is not None:
-            if self.n_eos == 1:
-                if ids[-1] != self.eos_id and len(ids) < self.max_len: ids.append(self.eos_id)
-            else:                   # metharme: n EOS tokens, one fewer when the text already ends with one
-                for _ in range(self.n_eos - (ids[-1] == self.eos_id)):
-                    if len(ids) < self.max_len: ids.append(self.eos_id)
-        if strip_bos and self.bos_id is not None and ids[0] == self.bos_id: ids = ids[1:]
-        return ids
+# %% ../../nbs/02_prompts.instruct.ipynb #d7bacace
+@patch
+def _finish(self:InstructStrategy, ids: list[int], eos: bool, strip_bos: bool) -> list[int]:
+    if not ids: return ids
+    if eos and self.eos_id is not None:
+        if self.n_eos == 1:
+            if ids[-1] != self.eos_id and len(ids) < self.max_len: ids.append(self.eos_id)
+        else:                   # metharme: n EOS tokens, one fewer when the text already ends with one
+            for _ in range(self.n_eos - (ids[-1] == self.eos_id)):
+                if len(ids) < self.max_len: ids.append(self.eos_id)
+    if strip_bos and self.bos_id is not None and ids[0] == self.bos_id: ids = ids[1:]
+    return ids
 
-    def tokenize_batch(self, rows):
-        parts = []
-        for r in rows:
-            try: parts.append(self.parts(r))
-            except RowError as e: parts.append(e)
-        good = [p for p in parts if not isinstance(p, RowError)]
-        P = self._encode([p for p, _ in good])
-        R = self._encode([p + r if self.joint else r for p, r in good])
-        out, k = [], 0
-        for p in parts:
-            if isinstance(p, RowError): out.append(p); continue
-            pi, ri = self._finish(P[k], False, False), R[k]; k += 1
-            if self.joint:          # one piece: its first len(prompt) tokens are the prompt
-                ids = self._finish(ri, True, False)
-                labels = list(ids) if self.train_on_inputs else [-100] * len(pi) + ids[len(pi):]
-            else:
-                ri = self._finish(ri, True, True)
-                ids = pi + ri
-                labels = (list(pi) if self.train_on_inputs else [-100] * len(pi)) + ri
-            out.append([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}])
-        return out
+# %% ../../nbs/02_prompts.instruct.ipynb #4f79766a
+@patch
+def tokenize_batch(self:InstructStrategy, rows):
+    parts = []
+    for r in rows:
+        try: parts.append(self.parts(r))
+        except RowError as e: parts.append(e)
+    good = [p for p in parts if not isinstance(p, RowError)]
+    P = self._encode([p for p, _ in good])
+    R = self._encode([p + r if self.joint else r for p, r in good])
+    out, k = [], 0
+    for p in parts:
+        if isinstance(p, RowError): out.append(p); continue
+        pi, ri = self._finish(P[k], False, False), R[k]; k += 1
+        if self.joint:          # one piece: its first len(prompt) tokens are the prompt
+            ids = self._finish(ri, True, False)
+            labels = list(ids) if self.train_on_inputs else [-100] * len(pi) + ids[len(pi):]
+        else:
+            ri = self._finish(ri, True, True)
+            ids = pi + ri
+            labels = (list(pi) if self.train_on_inputs else [-100] * len(pi)) + ri
+        out.append([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}])
+    return out
 
 # %% ../../nbs/02_prompts.instruct.ipynb #c649c1bf
 def build(tokenizer, ds=None, cfg=None, preset="alpaca"):
