@@ -61,8 +61,7 @@ class _Lines(io.TextIOBase):
         if "\r" not in self.buf and self.buf.strip(): self._keep(self.buf); self.buf = ""
 
 # %% ../nbs/00c_progress.ipynb #8e50cc85
-def _silence(rec) -> "callable":
-    undo = []
+def _quiet_datasets(rec, undo: list):
     try:
         import importlib
         dtq = importlib.import_module("datasets.utils.tqdm")      # the module (datasets.utils.tqdm is also a class name)
@@ -70,12 +69,17 @@ def _silence(rec) -> "callable":
         dtq._hf_datasets_progress_bars_disabled = True
         undo.append(lambda: setattr(dtq, "_hf_datasets_progress_bars_disabled", was))
     except Exception: pass
+
+def _quiet_hub(rec, undo: list):
     try:
         import huggingface_hub.utils.tqdm as htq
         saved = dict(htq.progress_bar_states)
         htq.progress_bar_states.clear(); htq.progress_bar_states["_global"] = False
         undo.append(lambda: (htq.progress_bar_states.clear(), htq.progress_bar_states.update(saved)))
     except Exception: pass
+
+# %% ../nbs/00c_progress.ipynb #29915e73
+def _quiet_transformers(rec, undo: list):
     try:
         from transformers.utils import logging as tlog
         active, hook = tlog.is_progress_bar_enabled(), getattr(tlog, "_tqdm_hook", None)
@@ -90,12 +94,21 @@ def _silence(rec) -> "callable":
             undo.append(lambda: tlog.set_tqdm_hook(hook))
         undo.append(lambda: setattr(tlog, "_tqdm_active", active))
     except Exception: pass
+
+# %% ../nbs/00c_progress.ipynb #07bcd7b1
+def _loggers_to_record(rec, undo: list):
     handler = _ToRecord(rec)
     for name in LIBRARY_LOGGERS:
         lg = logging.getLogger(name)
         state = (list(lg.handlers), lg.propagate)
         lg.handlers, lg.propagate = [handler], False
         undo.append(lambda lg=lg, state=state: (setattr(lg, "handlers", state[0]), setattr(lg, "propagate", state[1])))
+
+_QUIETERS = (_quiet_datasets, _quiet_hub, _quiet_transformers, _loggers_to_record)
+
+def _silence(rec) -> "callable":
+    undo: list = []
+    for quiet in _QUIETERS: quiet(rec, undo)
     def restore():
         for f in reversed(undo):
             try: f()
