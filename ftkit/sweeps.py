@@ -6,10 +6,12 @@ Docs: https://ftkit.github.io/ftkit/sweeps.html.md"""
 
 # %% ../nbs/06c_sweeps.ipynb #ef7fe531
 from __future__ import annotations
-import html, itertools, json, math, os, random, re, signal, threading, time
+import contextlib, html, itertools, json, math, os, random, re, signal, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from fastcore.basics import patch
 
 from .errors import ConfigError, Problem
 
@@ -169,6 +171,18 @@ def loss_plot_svg(curves: dict[str, dict[int, float]], width: int = 560, height:
     return "".join(parts)
 
 # %% ../nbs/06c_sweeps.ipynb #15d03b3e
+def _table_row(r: SweepRun, keys: list) -> dict:
+    "A run's row: run, the varied `keys`, status, steps, first/final/min loss, last eval loss, seconds, output_dir (+ device)."
+    losses = [v for _, v in sorted(r.losses.items())]
+    res = r.result
+    evals = [h["eval_loss"] for h in (getattr(res, "log_history", None) or []) if "eval_loss" in h]
+    return {"run": r.index, **{k: r.overrides.get(k) for k in keys}, "status": r.status,
+            "steps": getattr(res, "global_step", None), "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "min_loss": min(losses) if losses else None,
+            "eval_loss": evals[-1] if evals else None, "seconds": round(r.seconds, 1),
+            "output_dir": str(r.output_dir), **({"device": r.device} if r.device is not None else {})}
+
+# %% ../nbs/06c_sweeps.ipynb #479beb37
 @dataclass
 class SweepResult:
     "Every run of a sweep, with a comparison table and one loss plot."
@@ -188,17 +202,7 @@ class SweepResult:
     def table(self) -> list[dict]:
         "One row per run: run, the varied keys, status, steps, losses, eval loss, seconds, output_dir."
         keys = list(dict.fromkeys(k for r in self.runs for k in r.overrides))
-        rows = []
-        for r in self.runs:
-            losses = [v for _, v in sorted(r.losses.items())]
-            res = r.result
-            evals = [h["eval_loss"] for h in (getattr(res, "log_history", None) or []) if "eval_loss" in h]
-            rows.append({"run": r.index, **{k: r.overrides.get(k) for k in keys}, "status": r.status,
-                         "steps": getattr(res, "global_step", None), "first_loss": losses[0] if losses else None,
-                         "final_loss": losses[-1] if losses else None, "min_loss": min(losses) if losses else None,
-                         "eval_loss": evals[-1] if evals else None, "seconds": round(r.seconds, 1),
-                         "output_dir": str(r.output_dir), **({"device": r.device} if r.device is not None else {})})
-        return rows
+        return [_table_row(r, keys) for r in self.runs]
 
     def curves(self) -> dict[str, dict[int, float]]:
         keys = varying([r.overrides for r in self.runs])
@@ -212,24 +216,27 @@ class SweepResult:
         (self.root / "sweep.jsonl").write_text("".join(json.dumps(row, default=str) + "\n" for row in self.table()))
         (self.root / "sweep_losses.svg").write_text(self.svg())
 
-    def __repr__(self):
-        rows = self.table()
-        if not rows: return "SweepResult(no runs)"
-        cols = [c for c in rows[0] if c != "output_dir"]
-        cell = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-        w = {c: max(len(c), *(len(cell(r[c])) for r in rows)) for c in cols}
-        lines = ["  ".join(f"{c:<{w[c]}}" for c in cols)] + ["  ".join(f"{cell(r[c]):<{w[c]}}" for c in cols) for r in rows]
-        head = f"sweep in {self.root}: {len(self.finished)}/{len(self.runs)} runs finished" + (f" ({self.stopped})" if self.stopped else "")
-        return head + "\n" + "\n".join(lines)
+# %% ../nbs/06c_sweeps.ipynb #ab95affb
+@patch
+def __repr__(self:SweepResult):
+    rows = self.table()
+    if not rows: return "SweepResult(no runs)"
+    cols = [c for c in rows[0] if c != "output_dir"]
+    cell = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    w = {c: max(len(c), *(len(cell(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(f"{c:<{w[c]}}" for c in cols)] + ["  ".join(f"{cell(r[c]):<{w[c]}}" for c in cols) for r in rows]
+    head = f"sweep in {self.root}: {len(self.finished)}/{len(self.runs)} runs finished" + (f" ({self.stopped})" if self.stopped else "")
+    return head + "\n" + "\n".join(lines)
 
-    def _repr_html_(self):
-        rows = self.table()
-        cols = [c for c in (rows[0] if rows else {}) if c != "output_dir"]
-        cell = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else html.escape(str(v)))
-        body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in cols) + "</tr>" for r in rows)
-        head = html.escape(repr(self).splitlines()[0])
-        return (f"<div class='ftkit-sweep'><b>{head}</b><table><tr>{''.join(f'<th>{html.escape(c)}</th>' for c in cols)}</tr>"
-                f"{body}</table>{self.svg()}</div>")
+@patch
+def _repr_html_(self:SweepResult):
+    rows = self.table()
+    cols = [c for c in (rows[0] if rows else {}) if c != "output_dir"]
+    cell = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else html.escape(str(v)))
+    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in cols) + "</tr>" for r in rows)
+    head = html.escape(repr(self).splitlines()[0])
+    return (f"<div class='ftkit-sweep'><b>{head}</b><table><tr>{''.join(f'<th>{html.escape(c)}</th>' for c in cols)}</tr>"
+            f"{body}</table>{self.svg()}</div>")
 
 # %% ../nbs/06c_sweeps.ipynb #0e90a2c5
 def _default_run(quiet: bool):
@@ -238,6 +245,34 @@ def _default_run(quiet: bool):
         from ftkit.train import train
         return train(cfg, quiet=quiet, callbacks=[MetricsFile(Path(cfg.output_dir) / "metrics.jsonl")])
     return run
+
+# %% ../nbs/06c_sweeps.ipynb #35ebacc8
+@contextlib.contextmanager
+def _stop_on_ctrl_c(stop: dict):
+    "For the block: a first Ctrl-C sets `stop['asked']` (stop at the next run boundary), a second one interrupts."
+    def on_sigint(signum, frame):
+        if stop["asked"]: raise KeyboardInterrupt
+        stop["asked"] = True
+        print("\nsweep: Ctrl-C: stopping after this run (press again to stop now)", flush=True)
+    prev = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    try: yield
+    finally:
+        if prev is not None: signal.signal(signal.SIGINT, prev)
+
+def _run_here(r: SweepRun, run: Callable, res: SweepResult, n: int, quiet: bool) -> None:
+    "Train variant `r` (of `n`) in this process with `run`: its result, status and time; a failure is recorded, not raised."
+    if not quiet: print(f"sweep: run {r.index + 1}/{n}: {slug(r.overrides, None, 200)}", flush=True)
+    r.status, t = "running", time.time()
+    try:
+        r.result = run(r.cfg)
+        done = getattr(r.result, "global_step", 1) >= (getattr(r.result, "total_steps", 0) or 0)
+        r.status = "done" if done else "interrupted"
+    except KeyboardInterrupt:
+        r.status, res.stopped = "interrupted", "interrupted"
+    except Exception as ex:                     # one bad variant must not lose the others
+        r.status, r.error = "failed", f"{type(ex).__name__}: {ex}"
+        if not quiet: print(f"sweep: run {r.index} failed: {r.error}", flush=True)
+    r.seconds = time.time() - t
 
 # %% ../nbs/06c_sweeps.ipynb #f3c7adb6
 def sweep(base, spec, *, method: str | None = None, samples: int | None = None, seed: int | None = None,
@@ -251,39 +286,19 @@ def sweep(base, spec, *, method: str | None = None, samples: int | None = None, 
     devs = sweep_devices(devices) if run is None else []
     run = run or _default_run(quiet)
     stop = {"asked": False}
-    prev = None
-    def on_sigint(signum, frame):
-        if stop["asked"]: raise KeyboardInterrupt
-        stop["asked"] = True
-        print("\nsweep: Ctrl-C: stopping after this run (press again to stop now)", flush=True)
-    if threading.current_thread() is threading.main_thread():
-        prev = signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with _stop_on_ctrl_c(stop):
         if len(devs) > 1: _run_parallel(runs, res, devs, stop, quiet, on_run_end); runs_here: list = []
         else: runs_here = runs
         for r in runs_here:
             if stop["asked"]:
                 res.stopped = "interrupted"
                 break
-            if not quiet: print(f"sweep: run {r.index + 1}/{len(runs)}: {slug(r.overrides, None, 200)}", flush=True)
-            r.status, t = "running", time.time()
-            try:
-                r.result = run(r.cfg)
-                done = getattr(r.result, "global_step", 1) >= (getattr(r.result, "total_steps", 0) or 0)
-                r.status = "done" if done else "interrupted"
-            except KeyboardInterrupt:
-                r.status, res.stopped = "interrupted", "interrupted"
-            except Exception as ex:                     # one bad variant must not lose the others
-                r.status, r.error = "failed", f"{type(ex).__name__}: {ex}"
-                if not quiet: print(f"sweep: run {r.index} failed: {r.error}", flush=True)
-            r.seconds = time.time() - t
+            _run_here(r, run, res, len(runs), quiet)
             res.save()
             if on_run_end: on_run_end(r, res)
             if r.status == "interrupted":
                 res.stopped = "interrupted"
                 break
-    finally:
-        if prev is not None: signal.signal(signal.SIGINT, prev)
     for r in runs:
         if r.status == "pending": r.status = "skipped"
     res.save()
