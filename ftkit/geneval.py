@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from fastcore.basics import patch
 from transformers import TrainerCallback
 
 from . import guard
@@ -177,32 +178,36 @@ class GenerationEval(TrainerCallback):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.history: list[dict] = []
 
-    def evaluate(self, model) -> tuple[dict[str, float], list[dict]]:
-        "`(values, generations)` for `model` now (it is put in eval mode and back)."
-        was = model.training
-        model.eval()
-        try:
-            strings = any(fn is not None for fn in self.metrics.values())
-            gen = generate(model, self.pairs, pad_id=self.pad_id, stop_ids=self.stop_ids, max_new_tokens=self.max_new_tokens,
-                           batch_size=self.batch_size) if strings else [[] for _ in self.pairs]
-            dec = lambda ids: self.tok.decode(ids, skip_special_tokens=True).strip()
-            preds, refs = [dec(g) for g in gen], [dec(p.reference) for p in self.pairs]
-            prompts = [self.tok.decode(p.prompt) for p in self.pairs]
-            values = score(self.metrics, preds, refs, prompts, model=model, pairs=self.pairs)
-        finally:
-            if was: model.train()
-        return values, [{"prompt": a, "prediction": b, "reference": c} for a, b, c in zip(prompts, preds, refs)]
+# %% ../nbs/06i_geneval.ipynb #724f203b
+@patch
+def evaluate(self:GenerationEval, model) -> tuple[dict[str, float], list[dict]]:
+    "`(values, generations)` for `model` now (it is put in eval mode and back)."
+    was = model.training
+    model.eval()
+    try:
+        strings = any(fn is not None for fn in self.metrics.values())
+        gen = generate(model, self.pairs, pad_id=self.pad_id, stop_ids=self.stop_ids, max_new_tokens=self.max_new_tokens,
+                       batch_size=self.batch_size) if strings else [[] for _ in self.pairs]
+        dec = lambda ids: self.tok.decode(ids, skip_special_tokens=True).strip()
+        preds, refs = [dec(g) for g in gen], [dec(p.reference) for p in self.pairs]
+        prompts = [self.tok.decode(p.prompt) for p in self.pairs]
+        values = score(self.metrics, preds, refs, prompts, model=model, pairs=self.pairs)
+    finally:
+        if was: model.train()
+    return values, [{"prompt": a, "prediction": b, "reference": c} for a, b, c in zip(prompts, preds, refs)]
 
-    def on_evaluate(self, args, state, control, model=None, metrics=None, **kw):
-        if model is None or not self.pairs: return
-        values, rows = self.evaluate(model)
-        if metrics is not None: metrics.update(values)
-        self.history.append({"step": state.global_step, **values})
-        if self.path is not None and state.is_world_process_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                for r in rows: f.write(json.dumps({"step": state.global_step, **r}) + "\n")
-        if self.trainer is not None: self.trainer.log(dict(values))
+# %% ../nbs/06i_geneval.ipynb #6941415d
+@patch
+def on_evaluate(self:GenerationEval, args, state, control, model=None, metrics=None, **kw):
+    if model is None or not self.pairs: return
+    values, rows = self.evaluate(model)
+    if metrics is not None: metrics.update(values)
+    self.history.append({"step": state.global_step, **values})
+    if self.path is not None and state.is_world_process_zero:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            for r in rows: f.write(json.dumps({"step": state.global_step, **r}) + "\n")
+    if self.trainer is not None: self.trainer.log(dict(values))
 
 # %% ../nbs/06i_geneval.ipynb #59ddf2ed
 def callbacks(cfg, eval_rows, tokenizer, plugin_metrics: dict[str, Callable] | None = None) -> list:
