@@ -185,16 +185,10 @@ def _needs_template(cfg: FinetuneConfig) -> bool:
         if isinstance(t, str) and t.split(".")[0] in ("chat_template", "chatml"): return True
     return False
 
-# %% ../nbs/01_models.ipynb #72a56966
-def load_tokenizer(cfg: FinetuneConfig, *, source: ModelSource | None = None, quiet: bool = False):
-    "The tokenizer of `cfg` with pad token, added tokens and chat template set."
-    from transformers import AutoTokenizer
-    src = source or model_source(cfg, quiet=quiet)
-    kw: dict[str, Any] = dict(trust_remote_code=bool(cfg.trust_remote_code))
-    if cfg.tokenizer_use_fast is not None: kw["use_fast"] = bool(cfg.tokenizer_use_fast)
-    if src.gguf_file and not src.tokenizer_path: kw["gguf_file"] = src.gguf_file
-    tok = AutoTokenizer.from_pretrained(src.tok_path, **kw)
-    notes, n0 = [], len(tok)
+# %% ../nbs/01_models.ipynb #9e8a5dab
+def _add_tokens(cfg: FinetuneConfig, tok) -> list[str]:
+    "Set `special_tokens` (bos/eos/pad/unk, additional) and add `tokens`; the notes saying what changed."
+    notes: list[str] = []
     if cfg.special_tokens:
         st = cfg.special_tokens.model_dump(exclude_none=True, exclude={"section"})
         special = {k: v for k, v in st.items() if v and k in ("bos_token", "eos_token", "pad_token", "unk_token")}
@@ -209,23 +203,46 @@ def load_tokenizer(cfg: FinetuneConfig, *, source: ModelSource | None = None, qu
     if toks:
         n = tok.add_tokens(list(toks))
         notes.append(f"tokens: {n} of {len(toks)} added")
+    return notes
+
+def _set_pad_token(tok) -> list[str]:
+    "Pad with the EOS token when there is no pad token (padding is masked by position, so EOS stays trained)."
     if tok.pad_token is None:
         if tok.eos_token is None: raise _err("special_tokens", "the tokenizer has neither a pad nor an EOS token.",
                                              "Set special_tokens: {pad_token: ...}.")
         tok.pad_token = tok.eos_token
-        notes.append(f"pad_token set to the EOS token {tok.eos_token!r}: padding is masked by position, so EOS is still trained")
-    elif tok.pad_token == tok.eos_token:
-        notes.append(f"pad_token is the EOS token {tok.eos_token!r}: padding is masked by position, so EOS is still trained")
+        return [f"pad_token set to the EOS token {tok.eos_token!r}: padding is masked by position, so EOS is still trained"]
+    if tok.pad_token == tok.eos_token:
+        return [f"pad_token is the EOS token {tok.eos_token!r}: padding is masked by position, so EOS is still trained"]
+    return []
+
+# %% ../nbs/01_models.ipynb #c0c68eb5
+def _set_chat_template(cfg: FinetuneConfig, tok) -> list[str]:
+    "Put the chosen chat template into the tokenizer (saved with it), where the config names one or a dataset needs one."
+    if not (_needs_template(cfg) or cfg.chat_template): return []
+    from ftkit.prompts.chat_template import resolve_template
+    try: name, text = resolve_template(tok, None, cfg)
+    except ValueError as e:
+        raise _err("chat_template", str(e), "Set chat_template: chatml (or another built-in name), "
+                   "tokenizer_default_fallback_chatml, or jinja with chat_template_jinja.") from None
+    if text != tok.chat_template:
+        tok.chat_template = text
+        return [f"chat template: {name} (saved into the tokenizer)"]
+    return []
+
+# %% ../nbs/01_models.ipynb #72a56966
+def load_tokenizer(cfg: FinetuneConfig, *, source: ModelSource | None = None, quiet: bool = False):
+    "The tokenizer of `cfg` with pad token, added tokens and chat template set."
+    from transformers import AutoTokenizer
+    src = source or model_source(cfg, quiet=quiet)
+    kw: dict[str, Any] = dict(trust_remote_code=bool(cfg.trust_remote_code))
+    if cfg.tokenizer_use_fast is not None: kw["use_fast"] = bool(cfg.tokenizer_use_fast)
+    if src.gguf_file and not src.tokenizer_path: kw["gguf_file"] = src.gguf_file
+    tok = AutoTokenizer.from_pretrained(src.tok_path, **kw)
+    n0 = len(tok)
+    notes = _add_tokens(cfg, tok) + _set_pad_token(tok)
     if vision.is_vision(cfg): notes += vision.attach_processor(cfg, tok, src.path)   # its chat template becomes the default
-    if _needs_template(cfg) or cfg.chat_template:
-        from ftkit.prompts.chat_template import resolve_template
-        try: name, text = resolve_template(tok, None, cfg)
-        except ValueError as e:
-            raise _err("chat_template", str(e), "Set chat_template: chatml (or another built-in name), "
-                       "tokenizer_default_fallback_chatml, or jinja with chat_template_jinja.") from None
-        if text != tok.chat_template:
-            tok.chat_template = text
-            notes.append(f"chat template: {name} (saved into the tokenizer)")
+    notes += _set_chat_template(cfg, tok)
     tok.ftkit_added_tokens = len(tok) - n0
     tok.ftkit_notes = notes
     for note in notes: _say(f"tokenizer: {note}", quiet)
@@ -305,15 +322,9 @@ def model_config(cfg: FinetuneConfig, src: ModelSource):
     if cfg.rope_scaling: set_rope_scaling(mc, cfg.rope_scaling)
     return mc
 
-# %% ../nbs/01_models.ipynb #fda96fcb
-def load_model(cfg: FinetuneConfig, tokenizer=None, *, source: ModelSource | None = None, plan=None, quiet: bool = False, **kwargs):
-    "The model of `cfg` in the resolved dtype and attention backend, embeddings fitted to `tokenizer`."
-    import torch
-    auto = vision.auto_model_class(cfg)        # AutoModelForCausalLM, or AutoModelForImageTextToText under processor_type
-    src = source or model_source(cfg, quiet=quiet)
-    dtype, dtype_why, attn, attn_why = _dtype_and_attention(cfg, plan)
-    if dtype == torch.float16 and not cfg.adapter and not cfg.float16:
-        dtype, dtype_why = torch.float32, dtype_why + "; a full fine-tune with fp16 AMP keeps float32 master weights"
+# %% ../nbs/01_models.ipynb #bd07cbb5
+def _check_loadable(cfg: FinetuneConfig, src: ModelSource, attn: str) -> None:
+    "Refuse a GGUF model with bitsandbytes and an attention backend that cannot run; register `ftkit_varlen` when chosen."
     if src.gguf_file and (cfg.load_in_4bit or cfg.load_in_8bit or cfg.adapter == "qlora"):
         raise _err("gguf_file", "a GGUF model cannot be re-quantized with bitsandbytes at load time.",
                    "Use adapter: lora (the GGUF is dequantized), or the original safetensors model for QLoRA.")
@@ -326,9 +337,10 @@ def load_model(cfg: FinetuneConfig, tokenizer=None, *, source: ModelSource | Non
     elif attn in ("xformers", "s2"):
         raise _err("xformers_attention" if attn == "xformers" else "s2_attention", f"{attn} attention is not supported by ftkit.",
                    "Use sdp_attention, flex_attention or flash_attention.")
-    quant = _quant_config(cfg, dtype)
-    if cfg.gptq: _check_gptq(src)             # the GPTQ config inside the checkpoint quantizes; ftkit adds none
-    kw = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=bool(cfg.trust_remote_code))
+
+def _load_kwargs(cfg: FinetuneConfig, src: ModelSource, dtype, attn: str, quant, extra: dict) -> dict[str, Any]:
+    "The keyword arguments of `from_pretrained`: `extra` (load_model's own keyword arguments) wins over the config's."
+    kw: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=bool(cfg.trust_remote_code))
     if quant is not None:
         kw["quantization_config"] = quant
         kw["device_map"] = cfg.device_map or {"": int(os.environ.get("LOCAL_RANK", "0"))}
@@ -336,8 +348,40 @@ def load_model(cfg: FinetuneConfig, tokenizer=None, *, source: ModelSource | Non
     if src.gguf_file: kw["gguf_file"] = src.gguf_file
     if cfg.revision_of_model: kw["revision"] = cfg.revision_of_model
     kw.update(cfg.overrides_of_model_kwargs or {})
-    kw.update(kwargs)
+    kw.update(extra)
     if (mc := model_config(cfg, src)) is not None: kw["config"] = mc     # overrides_of_model_config, rope_scaling
+    return kw
+
+# %% ../nbs/01_models.ipynb #133ab397
+def _drop_gguf_marker(model) -> None:
+    "A dequantized GGUF model is an ordinary one: no quantizer, no quantization config."
+    model.hf_quantizer = None
+    for a in ("is_quantized", "quantization_method"): model.__dict__.pop(a, None)
+    if hasattr(model.config, "quantization_config"): del model.config.quantization_config
+
+def _fit_to_tokenizer(cfg: FinetuneConfig, model, tokenizer, quiet: bool = False) -> None:
+    "Embeddings grown to the tokenizer, its added-token count recorded, its pad/EOS ids in the config and generation config."
+    resize_embeddings(cfg, model, tokenizer, quiet)
+    model.ftkit_added_tokens = getattr(tokenizer, "ftkit_added_tokens", 0)
+    if tokenizer.pad_token_id is not None: model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if tokenizer.eos_token_id is not None and model.generation_config.eos_token_id is None:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+# %% ../nbs/01_models.ipynb #fda96fcb
+def load_model(cfg: FinetuneConfig, tokenizer=None, *, source: ModelSource | None = None, plan=None, quiet: bool = False, **kwargs):
+    "The model of `cfg` in the resolved dtype and attention backend, embeddings fitted to `tokenizer`."
+    import torch
+    auto = vision.auto_model_class(cfg)        # AutoModelForCausalLM, or AutoModelForImageTextToText under processor_type
+    src = source or model_source(cfg, quiet=quiet)
+    dtype, dtype_why, attn, attn_why = _dtype_and_attention(cfg, plan)
+    if dtype == torch.float16 and not cfg.adapter and not cfg.float16:
+        dtype, dtype_why = torch.float32, dtype_why + "; a full fine-tune with fp16 AMP keeps float32 master weights"
+    _check_loadable(cfg, src, attn)
+    quant = _quant_config(cfg, dtype)
+    if cfg.gptq: _check_gptq(src)             # the GPTQ config inside the checkpoint quantizes; ftkit adds none
+    kw = _load_kwargs(cfg, src, dtype, attn, quant, kwargs)
     t = time.time()
     if cfg.reinit_weights:
         from transformers import AutoConfig
@@ -345,22 +389,12 @@ def load_model(cfg: FinetuneConfig, tokenizer=None, *, source: ModelSource | Non
         model = auto.from_config(mc, dtype=dtype, attn_implementation=attn)
     else:
         model = auto.from_pretrained(src.path, **kw)
-    if src.gguf_file:
-        model.hf_quantizer = None
-        for a in ("is_quantized", "quantization_method"): model.__dict__.pop(a, None)
-        if hasattr(model.config, "quantization_config"): del model.config.quantization_config
+    if src.gguf_file: _drop_gguf_marker(model)
     _say(f"model: {Path(src.path).name if not src.remote else src.path}{' (' + src.gguf_file + ')' if src.gguf_file else ''} "
          f"loaded in {time.time() - t:.1f}s as {str(dtype).replace('torch.', '')} ({dtype_why}), attention {attn} ({attn_why})"
          + (f", {'4' if getattr(quant, 'load_in_4bit', False) else '8'}-bit bitsandbytes" if quant is not None else ""), quiet)
     model.config.use_cache = False
-    if tokenizer is not None:
-        resize_embeddings(cfg, model, tokenizer, quiet)
-        model.ftkit_added_tokens = getattr(tokenizer, "ftkit_added_tokens", 0)
-        if tokenizer.pad_token_id is not None: model.config.pad_token_id = tokenizer.pad_token_id
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-            if tokenizer.eos_token_id is not None and model.generation_config.eos_token_id is None:
-                model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if tokenizer is not None: _fit_to_tokenizer(cfg, model, tokenizer, quiet)
     model.ftkit_source = src
     return model
 
@@ -385,6 +419,47 @@ def effective_lora_alpha(cfg: FinetuneConfig) -> float:
     "`lora_alpha`, or 2 × `lora_r` when it is not set (the one place this derived default lives)."
     return cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r
 
+# %% ../nbs/01_models.ipynb #cfdc916c
+def _check_new_rows_trained(cfg: FinetuneConfig, model, save: list[str]) -> None:
+    "Refuse added tokens whose embedding rows would stay frozen under a new adapter."
+    added = getattr(model, "ftkit_added_tokens", 0)
+    if added and not cfg.lora_model_dir:
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        need = ["embed_tokens"] + ([] if tied else ["lm_head"])
+        missing = [m for m in need if not any(m in s for s in save)]
+        if missing:
+            raise _err("lora_modules_to_save", f"{added} token(s) were added to the vocabulary, but {', '.join(missing)} "
+                       "would stay frozen, so the new embedding rows would never be trained.",
+                       "Add lora_modules_to_save: [embed_tokens, lm_head].")
+
+# %% ../nbs/01_models.ipynb #7c5f11da
+def _continue_adapter(model, d: Path, quiet: bool = False):
+    "The model with the saved adapter in `d` (trainable), to train on."
+    from peft import PeftModel
+    if not (d / "adapter_config.json").exists():
+        raise _err("lora_model_dir", f"{d} has no adapter_config.json.", "Point lora_model_dir at a folder saved by a LoRA run.")
+    model = PeftModel.from_pretrained(model, str(d), is_trainable=True)
+    _say(f"adapter: continuing from {d}", quiet)
+    return model
+
+def _new_adapter(cfg: FinetuneConfig, model, save: list[str]):
+    "The model with a new LoRA adapter made from the config's LoRA keys; peft's refusal becomes a config error."
+    from peft import LoraConfig, get_peft_model
+    kw: dict[str, Any] = dict(r=cfg.lora_r, lora_alpha=effective_lora_alpha(cfg), lora_dropout=float(cfg.lora_dropout or 0.0),
+              target_modules=vision.lora_targets(model, _targets(cfg)) if vision.is_vision(cfg) else _targets(cfg), bias="none", task_type="CAUSAL_LM",
+              modules_to_save=save or None, use_dora=bool(cfg.peft_use_dora),
+              use_rslora=bool(cfg.peft_use_rslora), fan_in_fan_out=bool(cfg.lora_fan_in_fan_out))
+    if cfg.peft_layers_to_transform is not None: kw["layers_to_transform"] = cfg.peft_layers_to_transform
+    if cfg.peft_layers_pattern is not None: kw["layers_pattern"] = cfg.peft_layers_pattern
+    if cfg.peft_init_lora_weights is not None: kw["init_lora_weights"] = cfg.peft_init_lora_weights
+    if cfg.peft_layer_replication is not None: kw["layer_replication"] = cfg.peft_layer_replication
+    if cfg.peft_trainable_token_indices is not None: kw["trainable_token_indices"] = cfg.peft_trainable_token_indices
+    try: return get_peft_model(model, LoraConfig(**kw))
+    except ValueError as e:
+        key = "lora_target_modules" if "target" in str(e).lower() else "adapter"
+        raise _err(key, f"peft could not add the adapter: {str(e).splitlines()[0][:300]}",
+                   "Check lora_target_modules against the model's module names, or use lora_target_linear: true.") from None
+
 # %% ../nbs/01_models.ipynb #5dedeb67
 def apply_adapter(cfg: FinetuneConfig, model, *, quiet: bool = False):
     "Add the configured adapter (or set up a full fine-tune); prints and records the trainable-parameter count."
@@ -395,42 +470,15 @@ def apply_adapter(cfg: FinetuneConfig, model, *, quiet: bool = False):
             rx = [re.compile(p) for p in pats]
             for n, p in model.named_parameters(): p.requires_grad = any(r.search(n) for r in rx)
     else:
-        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
             gc = bool(cfg.gradient_checkpointing)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                 gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False})
         save = list(cfg.lora_modules_to_save or [])
-        added = getattr(model, "ftkit_added_tokens", 0)
-        if added and not cfg.lora_model_dir:
-            tied = getattr(model.config, "tie_word_embeddings", False)
-            need = ["embed_tokens"] + ([] if tied else ["lm_head"])
-            missing = [m for m in need if not any(m in s for s in save)]
-            if missing:
-                raise _err("lora_modules_to_save", f"{added} token(s) were added to the vocabulary, but {', '.join(missing)} "
-                           "would stay frozen, so the new embedding rows would never be trained.",
-                           "Add lora_modules_to_save: [embed_tokens, lm_head].")
-        if cfg.lora_model_dir:
-            d = Path(cfg.lora_model_dir).expanduser()
-            if not (d / "adapter_config.json").exists():
-                raise _err("lora_model_dir", f"{d} has no adapter_config.json.", "Point lora_model_dir at a folder saved by a LoRA run.")
-            model = PeftModel.from_pretrained(model, str(d), is_trainable=True)
-            _say(f"adapter: continuing from {d}", quiet)
-        else:
-            kw: dict[str, Any] = dict(r=cfg.lora_r, lora_alpha=effective_lora_alpha(cfg), lora_dropout=float(cfg.lora_dropout or 0.0),
-                      target_modules=vision.lora_targets(model, _targets(cfg)) if vision.is_vision(cfg) else _targets(cfg), bias="none", task_type="CAUSAL_LM",
-                      modules_to_save=save or None, use_dora=bool(cfg.peft_use_dora),
-                      use_rslora=bool(cfg.peft_use_rslora), fan_in_fan_out=bool(cfg.lora_fan_in_fan_out))
-            if cfg.peft_layers_to_transform is not None: kw["layers_to_transform"] = cfg.peft_layers_to_transform
-            if cfg.peft_layers_pattern is not None: kw["layers_pattern"] = cfg.peft_layers_pattern
-            if cfg.peft_init_lora_weights is not None: kw["init_lora_weights"] = cfg.peft_init_lora_weights
-            if cfg.peft_layer_replication is not None: kw["layer_replication"] = cfg.peft_layer_replication
-            if cfg.peft_trainable_token_indices is not None: kw["trainable_token_indices"] = cfg.peft_trainable_token_indices
-            try: model = get_peft_model(model, LoraConfig(**kw))
-            except ValueError as e:
-                key = "lora_target_modules" if "target" in str(e).lower() else "adapter"
-                raise _err(key, f"peft could not add the adapter: {str(e).splitlines()[0][:300]}",
-                           "Check lora_target_modules against the model's module names, or use lora_target_linear: true.") from None
+        _check_new_rows_trained(cfg, model, save)
+        if cfg.lora_model_dir: model = _continue_adapter(model, Path(cfg.lora_model_dir).expanduser(), quiet)
+        else: model = _new_adapter(cfg, model, save)
     tr, tot = trainable_parameters(model)
     model.ftkit_trainable = (tr, tot)
     what = f"{adapter.upper()} r={cfg.lora_r}" if adapter and not cfg.lora_model_dir else (adapter or "full fine-tune")
