@@ -72,7 +72,8 @@ def _quiet_datasets(rec, undo: list):
 
 def _quiet_hub(rec, undo: list):
     try:
-        import huggingface_hub.utils.tqdm as htq
+        import importlib
+        htq = importlib.import_module("huggingface_hub.utils.tqdm")   # the module: `import ... as` yields its tqdm class
         saved = dict(htq.progress_bar_states)
         htq.progress_bar_states.clear(); htq.progress_bar_states["_global"] = False
         undo.append(lambda: (htq.progress_bar_states.clear(), htq.progress_bar_states.update(saved)))
@@ -104,7 +105,8 @@ def _loggers_to_record(rec, undo: list):
         lg.handlers, lg.propagate = [handler], False
         undo.append(lambda lg=lg, state=state: (setattr(lg, "handlers", state[0]), setattr(lg, "propagate", state[1])))
 
-_QUIETERS = (_quiet_datasets, _quiet_hub, _quiet_transformers, _loggers_to_record)
+# transformers before the Hub: importing transformers' logging reads the Hub's switch as its own starting state
+_QUIETERS = (_quiet_datasets, _quiet_transformers, _quiet_hub, _loggers_to_record)
 
 def _silence(rec) -> "callable":
     undo: list = []
