@@ -81,9 +81,26 @@ class StrategySpec:
         "Build the strategy for dataset entry `ds` (a `DatasetEntry`) under the global config `cfg` (a `FinetuneConfig`)."
         return self.load()(tokenizer, as_entry() if ds is None else ds, as_config() if cfg is None else cfg, **self.params)
 
-# %% ../../nbs/02_prompts.registry.ipynb #6d99429d
+# %% ../../nbs/02_prompts.registry.ipynb #58652971
+REGISTRY: dict[str, StrategySpec] = {}
+
+def register(spec: StrategySpec) -> StrategySpec:
+    "Add (or replace) a strategy; returns it."
+    REGISTRY[spec.name] = spec
+    return spec
+
+# the modules that hold the built-in builders
 _CT, _IN, _BA = "ftkit.prompts.chat_template", "ftkit.prompts.instruct", "ftkit.prompts.basic"
 
+# %% ../../nbs/02_prompts.registry.ipynb #bfed50eb
+register(StrategySpec("chat_template", f"{_CT}:build", "list of messages rendered with a jinja chat template",
+                      ("messages",)))
+register(StrategySpec("sharegpt", f"{_CT}:build", "deprecated ShareGPT conversations (from/value); chat_template preset",
+                      ("conversations",), {"preset": "sharegpt"}))
+register(StrategySpec("pygmalion", f"{_IN}:build_pygmalion", "Pygmalion conversations (role: system/human/bot, value), <|user|>/<|model|>",
+                      ("conversations",)))
+
+# %% ../../nbs/02_prompts.registry.ipynb #dee68289
 _INSTRUCT = [  # name, summary, fields
     ("alpaca", "Alpaca instruction / optional input / output", ("instruction", "input", "output")),
     ("jeopardy", "Jeopardy question, category (as the input) and answer", ("question", "category", "answer")),
@@ -107,20 +124,6 @@ _INSTRUCT = [  # name, summary, fields
     ("creative_acr.load_revise", "creative writing: critique then revise", ("scores", "critiques", "instruction", "answer", "revision")),
     ("metharme", "Pygmalion metharme <|user|>/<|model|> prompt and generation", ("prompt", "generation")),
 ]
-
-REGISTRY: dict[str, StrategySpec] = {}
-
-def register(spec: StrategySpec) -> StrategySpec:
-    "Add (or replace) a strategy; returns it."
-    REGISTRY[spec.name] = spec
-    return spec
-
-register(StrategySpec("chat_template", f"{_CT}:build", "list of messages rendered with a jinja chat template",
-                      ("messages",)))
-register(StrategySpec("sharegpt", f"{_CT}:build", "deprecated ShareGPT conversations (from/value); chat_template preset",
-                      ("conversations",), {"preset": "sharegpt"}))
-register(StrategySpec("pygmalion", f"{_IN}:build_pygmalion", "Pygmalion conversations (role: system/human/bot, value), <|user|>/<|model|>",
-                      ("conversations",)))
 for _n, _s, _f in _INSTRUCT: register(StrategySpec(_n, f"{_IN}:build", _s, _f, {"preset": _n}))
 
 # %% ../../nbs/02_prompts.registry.ipynb #d75b13b9
