@@ -28,10 +28,11 @@ __all__ = ['RENAMED_KEYS', 'RULES', 'CAUSAL_LM_METRICS', 'IGNORED_KEYS', 'REJECT
            'YamlLoader', 'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
            'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
            'packing_conflicts', 'chat_template_choice', 'vision_conflicts', 'misc_rules', 'training_variants',
-           'chat_template_names', 'known_dataset_types', 'dataset_entries', 'trackers_and_plugins', 'causal_lm_eval',
-           'axolotl_differences', 'honest_keys', 'optimizer_problem', 'values_that_run', 'optimizer_options',
-           'safe_paths', 'quantization_keys', 'apply_overrides', 'parse_overrides', 'validate', 'load',
-           'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
+           'context_parallel_needs', 'chat_template_names', 'known_dataset_types', 'dataset_entries',
+           'trackers_and_plugins', 'causal_lm_eval', 'axolotl_differences', 'honest_keys', 'optimizer_problem',
+           'values_that_run', 'optimizer_options', 'safe_paths', 'quantization_keys', 'apply_overrides',
+           'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve',
+           'json_schema']
 
 # %% ../nbs/00_config.ipynb #e544ff6a
 def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
@@ -313,6 +314,32 @@ def training_variants(d):
         if method and _set(d, k): yield Problem(k, f"{k} is for supervised fine-tuning; it cannot be used with {method}.", f"Remove `{k}`.")
 
 
+# %% ../nbs/00_config.ipynb #cc1caa58
+_CP_REFUSED = {"rl": "a preference / RL method", "reward_model": "a reward model", "process_reward_model": "a process reward model",
+               "kd_trainer": "distillation", "processor_type": "a vision-language model", "pretraining_dataset": "streamed data",
+               "streaming": "streamed data", "fsdp": "FSDP", "fsdp_config": "FSDP", "fsdp_version": "FSDP",
+               "deepspeed": "DeepSpeed", "do_causal_lm_eval": "generation at evaluation"}
+
+@rule
+def context_parallel_needs(d):
+    "context_parallel_size > 1: packed SFT rows on DDP, rows that cut into 2 x context_parallel_size equal chunks."
+    n = _num(d, "context_parallel_size")
+    if not n or n <= 1: return
+    if d.get("sample_packing") is not True:
+        yield Problem("context_parallel_size", f"context_parallel_size {n} splits packed rows over {n} processes; it needs `sample_packing: true`.",
+                      "Add `sample_packing: true`, or remove context_parallel_size.")
+    seq = _num(d, "sequence_len", 512)
+    if seq and seq % (2 * n):
+        yield Problem("sequence_len", f"sequence_len {seq} is not a multiple of 2 x context_parallel_size = {2 * n}: each row is cut "
+                      f"into {2 * n} equal chunks.", f"Use a multiple of {2 * n}, e.g. sequence_len: {max(seq // (2 * n), 1) * 2 * n}.")
+    if d.get("eval_sample_packing") is False:
+        yield Problem("eval_sample_packing", "context parallelism evaluates packed rows too; `eval_sample_packing: false` cannot be used with it.",
+                      "Remove `eval_sample_packing`, or context_parallel_size.")
+    for k, what in _CP_REFUSED.items():
+        if _set(d, k):
+            yield Problem(k, f"`{k}` cannot be used with context_parallel_size {n}: context parallelism is wired for supervised "
+                          f"fine-tuning of packed rows with DDP, not {what}.", f"Remove `{k}`, or context_parallel_size.")
+
 # %% ../nbs/00_config.ipynb #d2f6d81d
 _FALLBACK = "tokenizer_default_fallback_"
 
@@ -501,9 +528,6 @@ _IGNORED_RUNTIME: dict[str, str] = {
 # %% ../nbs/00_config.ipynb #f86f68d4
 _IGNORED_TRAINING: dict[str, str] = {
     # distributed
-    "context_parallel_size": (f"{_LATER}: each GPU holds whole sequences. accelerate's context parallelism (FSDP2 + SDPA ring "
-                              "attention) takes no attention mask, so packed documents would attend to each other; a varlen "
-                              "ring attention is not wired in"),
     "tensor_parallel_size": f"{_LATER}: GPUs are used data-parallel (DDP, FSDP2, DeepSpeed)",
     # training variants (the beyond-SFT issue)
     "spectrum_model_name": "ftkit computes the signal-to-noise ratios from the loaded weights instead of downloading precomputed ones",

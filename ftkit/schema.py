@@ -535,7 +535,7 @@ class DistributedSection(Section):
     ddp_bucket_cap_mb: int | None = _f(None, "DDP bucket size (MB).", adv=True, ge=1)
     ddp_broadcast_buffers: bool | None = _f(None, "DDP broadcast buffers.", adv=True)
     ddp_find_unused_parameters: bool | None = _f(None, "DDP find unused parameters.", adv=True)
-    context_parallel_size: int | None = _f(None, "Context (sequence) parallel degree.", adv=True, ge=1)
+    context_parallel_size: int | None = _f(None, "Processes that share each packed row (context parallelism, ftkit.context_parallel): each holds 1/n of every row and attention all-gathers keys and values over them, so a row n times longer fits. Needs sample_packing and a multiple of n processes. Alias: sequence_parallel_degree.", adv=True, ge=1)
     tensor_parallel_size: int | None = _f(None, "Tensor parallel degree.", adv=True, ge=1)
     accelerator_config: dict[str, Any] | None = _f(None, "accelerate Accelerator options.", adv=True)
 
