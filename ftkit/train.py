@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fastcore.basics import patch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import FinetuneConfig, Plan, load, resolve
@@ -26,11 +27,10 @@ from . import optim       # optimizers, parameter groups and schedules transform
 from . import vision      # processor_type: the trainer gets the processor and its collator
 from . import geneval     # do_causal_lm_eval / eval_causal_lm_metrics: generation metrics at each evaluation
 
-
 # %% auto #0
 __all__ = ['OPTIMIZER_NAMES', 'SCHEDULER_NAMES', 'FSDP1_TO_FSDP2', 'FSDP2_REMOVED', 'CHECKPOINT_MARKER', 'TrainError',
            'optimizer_name', 'scheduler', 'StepPlan', 'step_plan', 'fsdp_training_args', 'deepspeed_training_args',
-           'training_arguments', 'FtkitTrainer', 'DistillationTrainer', 'write_marker', 'complete_checkpoints',
+           'training_arguments', 'FtkitTrainer', 'write_marker', 'DistillationTrainer', 'complete_checkpoints',
            'quarantine_incomplete', 'resume_checkpoint', 'prepare', 'prepare_data', 'prepare_for_launch', 'preprocess',
            'MetricsRecorder', 'ProgressPrinter', 'TrainResult', 'save_outputs', 'TrainerSetup', 'build_trainer',
            'train', 'train_main', 'generate_replies', 'exact_match', 'demo']
@@ -159,31 +159,13 @@ from .tracking import training_kwargs as tracking_kwargs
 from .hub import training_kwargs as hub_kwargs
 from .streaming import training_kwargs as stream_kwargs
 
-# %% ../nbs/06_train.ipynb #ab4320e9
-def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir: str, has_eval: bool, packing: bool) -> dict:
-    "The keyword arguments every method shares."
-    sched, sched_kw = scheduler(cfg)
-    ev, ev_steps = _strategy(cfg, "eval", steps, has_eval)
-    sv, sv_steps = _strategy(cfg, "save", steps, has_eval)
-    warm = cfg.warmup_steps if cfg.warmup_steps is not None else float(cfg.warmup_ratio or 0.0)
-    cuda = torch.cuda.is_available()
+# %% ../nbs/06_train.ipynb #ba24dbcf
+def _runtime_arguments(cfg: FinetuneConfig, cuda: bool) -> dict:
+    "How the steps run — activation checkpointing, DDP, the dataloader, NEFTune, torch.compile — for every method."
     gc_kw = cfg.gradient_checkpointing_kwargs or {"use_reentrant": False}
     kw = dict(
-        output_dir=output_dir, per_device_train_batch_size=1 if packing else plan.micro_batch_size,
-        per_device_eval_batch_size=plan.eval_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps or -1, learning_rate=cfg.learning_rate,
-        optim=optimizer_name(cfg), optim_args=cfg.optim_args, optim_target_modules=cfg.optim_target_modules,
-        lr_scheduler_type=sched, lr_scheduler_kwargs=sched_kw, warmup_steps=warm, weight_decay=cfg.weight_decay,
-        bf16=plan.precision == "bf16" and cuda, fp16=plan.precision == "fp16" and cuda, use_cpu=not cuda,
-        tf32=cfg.tf32 if cuda else None,
         **{("activation_checkpointing" if _NEW_GC else "gradient_checkpointing"): bool(cfg.gradient_checkpointing),
            ("activation_checkpointing_kwargs" if _NEW_GC else "gradient_checkpointing_kwargs"): gc_kw},
-        logging_steps=cfg.logging_steps, logging_first_step=True, eval_strategy=ev, save_strategy=sv,
-        save_total_limit=cfg.save_total_limit, save_only_model=bool(cfg.save_only_model),
-        seed=plan.seed, data_seed=plan.seed, remove_unused_columns=False, disable_tqdm=True,
-        **tracking_kwargs(cfg),               # report_to, run_name (and trackio project): ftkit.tracking
-        **hub_kwargs(cfg),                    # push_to_hub, hub_model_id, hub_strategy: ftkit.hub
-        **stream_kwargs(cfg),                 # ignore_data_skip for a stream: ftkit.streaming
         auto_find_batch_size=bool(cfg.auto_find_batch_size),
         ddp_find_unused_parameters=bool(cfg.ddp_find_unused_parameters), ddp_timeout=cfg.ddp_timeout or 1800,
         ddp_bucket_cap_mb=cfg.ddp_bucket_cap_mb, ddp_broadcast_buffers=cfg.ddp_broadcast_buffers,
@@ -194,6 +176,31 @@ def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir
     if cfg.torch_compile is True:
         kw.update({k: v for k, v in (("torch_compile_backend", cfg.torch_compile_backend),
                                      ("torch_compile_mode", cfg.torch_compile_mode)) if v})
+    return kw
+
+# %% ../nbs/06_train.ipynb #ab4320e9
+def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir: str, has_eval: bool, packing: bool) -> dict:
+    "The keyword arguments every method shares."
+    sched, sched_kw = scheduler(cfg)
+    ev, ev_steps = _strategy(cfg, "eval", steps, has_eval)
+    sv, sv_steps = _strategy(cfg, "save", steps, has_eval)
+    warm = cfg.warmup_steps if cfg.warmup_steps is not None else float(cfg.warmup_ratio or 0.0)
+    cuda = torch.cuda.is_available()
+    kw = dict(
+        output_dir=output_dir, per_device_train_batch_size=1 if packing else plan.micro_batch_size,
+        per_device_eval_batch_size=plan.eval_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps or -1, learning_rate=cfg.learning_rate,
+        optim=optimizer_name(cfg), optim_args=cfg.optim_args, optim_target_modules=cfg.optim_target_modules,
+        lr_scheduler_type=sched, lr_scheduler_kwargs=sched_kw, warmup_steps=warm, weight_decay=cfg.weight_decay,
+        bf16=plan.precision == "bf16" and cuda, fp16=plan.precision == "fp16" and cuda, use_cpu=not cuda,
+        tf32=cfg.tf32 if cuda else None,
+        logging_steps=cfg.logging_steps, logging_first_step=True, eval_strategy=ev, save_strategy=sv,
+        save_total_limit=cfg.save_total_limit, save_only_model=bool(cfg.save_only_model),
+        seed=plan.seed, data_seed=plan.seed, remove_unused_columns=False, disable_tqdm=True,
+        **tracking_kwargs(cfg),               # report_to, run_name (and trackio project): ftkit.tracking
+        **hub_kwargs(cfg),                    # push_to_hub, hub_model_id, hub_strategy: ftkit.hub
+        **stream_kwargs(cfg),                 # ignore_data_skip for a stream: ftkit.streaming
+        **_runtime_arguments(cfg, cuda))      # checkpointing, DDP, dataloader, NEFTune, compile
     if isinstance(warm, float) and warm < 1 and "warmup_ratio" in TrainingArguments.__dataclass_fields__:
         kw.update(warmup_ratio=warm, warmup_steps=0)                 # transformers < 5.20 kept a separate ratio field
     if ev_steps: kw["eval_steps"] = ev_steps
@@ -271,79 +278,90 @@ class FtkitTrainer(Trainer):
         for cb in self.callback_handler.callbacks:      # callbacks that declare `trainer = None` get the trainer
             if getattr(cb, "trainer", 0) is None: cb.trainer = self
 
-    def _loader(self, ds, plan: PackingPlan | None, batch_size: int, shuffle: bool):
-        from torch.utils.data import DataLoader
-        args = self.args
-        common: dict[str, Any] = dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory)
-        packed, padded = self.train_collators if shuffle else (self.packed_collator, self.padded_collator)
-        if isinstance(ds, torch.utils.data.IterableDataset):   # a stream of packed rows (ftkit.streaming)
-            dl = DataLoader(ds, batch_size=batch_size, collate_fn=packed, **common)
-        elif plan is not None:
-            dl = DataLoader(ds, batch_sampler=plan.sampler, collate_fn=packed, **common)
-        else:
-            seed = args.data_seed if args.data_seed is not None else args.seed    # order = f(seed, epoch): resumes see the same batches
-            sampler = guard.EpochSampler(len(ds), seed) if shuffle else torch.utils.data.SequentialSampler(ds)
-            dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=padded,
-                            drop_last=args.dataloader_drop_last, **common)
-        return self.accelerator.prepare(dl)
+# %% ../nbs/06_train.ipynb #d0ff263c
+@patch
+def _loader(self:FtkitTrainer, ds, plan: PackingPlan | None, batch_size: int, shuffle: bool):
+    from torch.utils.data import DataLoader
+    args = self.args
+    common: dict[str, Any] = dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory)
+    packed, padded = self.train_collators if shuffle else (self.packed_collator, self.padded_collator)
+    if isinstance(ds, torch.utils.data.IterableDataset):   # a stream of packed rows (ftkit.streaming)
+        dl = DataLoader(ds, batch_size=batch_size, collate_fn=packed, **common)
+    elif plan is not None:
+        dl = DataLoader(ds, batch_sampler=plan.sampler, collate_fn=packed, **common)
+    else:
+        seed = args.data_seed if args.data_seed is not None else args.seed    # order = f(seed, epoch): resumes see the same batches
+        sampler = guard.EpochSampler(len(ds), seed) if shuffle else torch.utils.data.SequentialSampler(ds)
+        dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=padded,
+                        drop_last=args.dataloader_drop_last, **common)
+    return self.accelerator.prepare(dl)
 
-    def get_train_dataloader(self):
-        return self._loader(self.train_dataset, self.packing, self._train_batch_size, shuffle=True)
+@patch
+def get_train_dataloader(self:FtkitTrainer):
+    return self._loader(self.train_dataset, self.packing, self._train_batch_size, shuffle=True)
 
-    def get_eval_dataloader(self, eval_dataset=None):
-        ds = eval_dataset if eval_dataset is not None and not isinstance(eval_dataset, str) else self.eval_dataset
-        plan = self.eval_packing if ds is self.eval_dataset else None
-        return self._loader(ds, plan, self.args.eval_batch_size, shuffle=False)
+@patch
+def get_eval_dataloader(self:FtkitTrainer, eval_dataset=None):
+    ds = eval_dataset if eval_dataset is not None and not isinstance(eval_dataset, str) else self.eval_dataset
+    plan = self.eval_packing if ds is self.eval_dataset else None
+    return self._loader(ds, plan, self.args.eval_batch_size, shuffle=False)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        keep, shift = inputs.pop("ftkit_keep", None), inputs.pop("ftkit_shift_labels", None)
-        if keep is not None and self._accepts_logits_to_keep(model) and not return_outputs:
-            inputs = {**inputs, "logits_to_keep": keep, "shift_labels": shift}
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+# %% ../nbs/06_train.ipynb #4b469b36
+@patch
+def compute_loss(self:FtkitTrainer, model, inputs, return_outputs=False, num_items_in_batch=None):
+    keep, shift = inputs.pop("ftkit_keep", None), inputs.pop("ftkit_shift_labels", None)
+    if keep is not None and self._accepts_logits_to_keep(model) and not return_outputs:
+        inputs = {**inputs, "logits_to_keep": keep, "shift_labels": shift}
+    return super(FtkitTrainer, self).compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def _accepts_logits_to_keep(self, model) -> bool:
-        if not hasattr(self, "_ltk"):
-            import inspect
-            m = self.accelerator.unwrap_model(model)
-            m = m.get_base_model() if hasattr(m, "get_base_model") else m
-            try: self._ltk = "logits_to_keep" in inspect.signature(m.forward).parameters and self.label_smoother is None
-            except (TypeError, ValueError): self._ltk = False
-        return self._ltk
+@patch
+def _accepts_logits_to_keep(self:FtkitTrainer, model) -> bool:
+    if not hasattr(self, "_ltk"):
+        import inspect
+        m = self.accelerator.unwrap_model(model)
+        m = m.get_base_model() if hasattr(m, "get_base_model") else m
+        try: self._ltk = "logits_to_keep" in inspect.signature(m.forward).parameters and self.label_smoother is None
+        except (TypeError, ValueError): self._ltk = False
+    return self._ltk
 
-    def _prepare_inputs(self, inputs):
-        n = inputs.pop("ftkit_real_tokens", None)
-        if n is not None and self.model.training: self.ftkit_tokens += int(n)
-        return super()._prepare_inputs(inputs)
+@patch
+def _prepare_inputs(self:FtkitTrainer, inputs):
+    n = inputs.pop("ftkit_real_tokens", None)
+    if n is not None and self.model.training: self.ftkit_tokens += int(n)
+    return super(FtkitTrainer, self)._prepare_inputs(inputs)
 
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        "ftkit.optim's schedule (one_cycle, rex, cosine variants) when the config asks for one; else transformers' by name."
-        if self.lr_scheduler is None:
-            s = optim.build_scheduler(self.ftkit_cfg, optimizer or self.optimizer, num_training_steps,
-                                      self.args.get_warmup_steps(num_training_steps))
-            if s is not None: self.lr_scheduler, self._created_lr_scheduler = s, True
-        return super().create_scheduler(num_training_steps, optimizer)
-
-    def _save_checkpoint(self, model, trial):
-        d = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        limit, self.args.save_total_limit = self.args.save_total_limit, None   # no rotation before the new marker exists
-        try:
-            with guard.saving(d, d.parent):  # a full disk: the partial folder goes, the previous checkpoint stays usable
-                super()._save_checkpoint(model, trial)
-                self.accelerator.wait_for_everyone()   # every rank's files (rng_state_R.pth) are on disk before the marker lists them
-                if self.args.should_save and d.is_dir(): write_marker(d, self.state.global_step)
-        finally: self.args.save_total_limit = limit
-        if self.args.should_save:            # older checkpoints go only once the new one is complete (a kill keeps one)
-            from transformers.trainer_utils import rotate_checkpoints
-            rotate_checkpoints(output_dir=str(d.parent), save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
-
-# %% ../nbs/06_train.ipynb #b7d1a002
-class DistillationTrainer(DistillationMixin, FtkitTrainer):
-    "FtkitTrainer whose loss is kd_ce_alpha x cross-entropy + kd_alpha x forward KL to the teacher's top-k (`ftkit.distill`)."
+@patch
+def create_scheduler(self:FtkitTrainer, num_training_steps: int, optimizer=None):
+    "ftkit.optim's schedule (one_cycle, rex, cosine variants) when the config asks for one; else transformers' by name."
+    if self.lr_scheduler is None:
+        s = optim.build_scheduler(self.ftkit_cfg, optimizer or self.optimizer, num_training_steps,
+                                  self.args.get_warmup_steps(num_training_steps))
+        if s is not None: self.lr_scheduler, self._created_lr_scheduler = s, True
+    return super(FtkitTrainer, self).create_scheduler(num_training_steps, optimizer)
 
 # %% ../nbs/06_train.ipynb #a96fb377
 def write_marker(d: Path, step: int):
     "Mark checkpoint folder `d` as completely written: every file fsynced and listed with its size (`ftkit.guard`)."
     guard.write_marker(d, step=step)
+
+# %% ../nbs/06_train.ipynb #e83e7448
+@patch
+def _save_checkpoint(self:FtkitTrainer, model, trial):
+    d = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+    limit, self.args.save_total_limit = self.args.save_total_limit, None   # no rotation before the new marker exists
+    try:
+        with guard.saving(d, d.parent):  # a full disk: the partial folder goes, the previous checkpoint stays usable
+            super(FtkitTrainer, self)._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()   # every rank's files (rng_state_R.pth) are on disk before the marker lists them
+            if self.args.should_save and d.is_dir(): write_marker(d, self.state.global_step)
+    finally: self.args.save_total_limit = limit
+    if self.args.should_save:            # older checkpoints go only once the new one is complete (a kill keeps one)
+        from transformers.trainer_utils import rotate_checkpoints
+        rotate_checkpoints(output_dir=str(d.parent), save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
+
+# %% ../nbs/06_train.ipynb #b7d1a002
+class DistillationTrainer(DistillationMixin, FtkitTrainer):
+    "FtkitTrainer whose loss is kd_ce_alpha x cross-entropy + kd_alpha x forward KL to the teacher's top-k (`ftkit.distill`)."
 
 # %% ../nbs/06_train.ipynb #8408371b
 def _step_of(p: Path) -> int:
@@ -550,20 +568,10 @@ def _packing(cfg: FinetuneConfig, train_ds, eval_ds, world: int, quiet: bool):
         eval_packing = packing_plan(cfg, eval_ds, shuffle=False, num_epochs=1, world_size=world, drop_last=False)
     return packing, eval_packing, packing.batches
 
-# %% ../nbs/06_train.ipynb #10754f1e
-def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, ref_model=None, quiet: bool = False,
-                  plugins=None) -> TrainerSetup:
-    """The one training path: plan, seed, tokenizer, data, model and adapters, training arguments and the trainer — for SFT
-    and for every preference / RL method (`ftkit.rl.METHODS`). `train` runs it; tests and notebooks can inspect it first."""
-    from transformers import set_seed
+# %% ../nbs/06_train.ipynb #14e6b98f
+def _inputs(cfg: FinetuneConfig, method: Method | None, data, tokenizer, quiet: bool):
+    "(tokenizer, model source or None, train rows, eval rows, prepared data, stream?) for `build_trainer`."
     from ftkit import models
-    from ftkit.plugins import load_plugins
-    cfg = _as_config(cfg)
-    method, plan = method_of(cfg), resolve(cfg)
-    _say(str(plan), quiet)
-    for m in user_modules(cfg): _say(f"user module: {m}", quiet)     # the config's own code that will be imported
-    set_seed(plan.seed)                       # before the model, the adapters and the data order exist
-    if plugins is None: plugins = load_plugins(cfg)   # ftkit.plugins: built-in (trackers) and the config's; fires after_config_load
     src = None
     if tokenizer is None:
         src = models.model_source(cfg, quiet=quiet)
@@ -573,8 +581,10 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     stream = isinstance(train_ds, torch.utils.data.IterableDataset)
     if train_ds is None or (not stream and len(train_ds) == 0):
         raise TrainError("there are no training rows after preparation: check the dataset paths and the length filters (sequence_len).")
-    inputs = method.inputs(cfg, tokenizer, prepared) if method is not None and method.inputs else None  # e.g. reward functions, checked before the model loads
-    if model is None: model = _load_model(cfg, method, tokenizer, plan, src, quiet, plugins)
+    return tokenizer, src, train_ds, eval_ds, prepared, stream
+
+def _ready_model(cfg: FinetuneConfig, method: Method | None, model, quiet: bool):
+    "The loaded model set for training: no KV cache (SFT), ftkit's varlen attention registered, ftkit's kernels where exact."
     if method is None: model.config.use_cache = False
     if getattr(model.config, "_attn_implementation", None) == "ftkit_varlen":
         from ftkit.packing import register_varlen_attention
@@ -583,6 +593,10 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
         from ftkit.kernels.patch import apply_kernels
         rep = apply_kernels(model, cfg)      # the report stays on the model (`model.ftkit_kernels`): an OOM explanation names it
         _say(str(rep), quiet)
+    return model
+
+def _batches(cfg: FinetuneConfig, method: Method | None, plan: Plan, train_ds, eval_ds, stream: bool, quiet: bool):
+    "(packing plan, eval packing plan, step plan): packed bins, a stream's max_steps, or padded batches of micro_batch_size."
     packing = eval_packing = None
     if stream: n_batches = cfg.max_steps * cfg.gradient_accumulation_steps * plan.world_size     # rows come packed
     elif method is None and cfg.sample_packing: packing, eval_packing, n_batches = _packing(cfg, train_ds, eval_ds, plan.world_size, quiet)
@@ -590,22 +604,59 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     steps = step_plan(cfg, n_batches, plan.world_size)
     _say(f"steps: {steps.micro_batches_per_epoch} micro-batches per epoch per rank, {steps.steps_per_epoch} optimizer steps "
          f"per epoch, {steps.total_steps} in total", quiet)
+    return packing, eval_packing, steps
+
+# %% ../nbs/06_train.ipynb #4b79da8d
+def _callbacks(cfg: FinetuneConfig, method: Method | None, plan: Plan, prepared, eval_ds, tokenizer, plugins, callbacks,
+               recorder: "MetricsRecorder") -> list:
+    "The run's callbacks: metrics, fault watchdog, the caller's, the plugins', checkpoint markers, the optimizer's, evaluation's, variants'."
+    cbs = [recorder, guard.fault_watchdog(cfg, Path(cfg.output_dir).expanduser(), plan.precision)] + list(callbacks or []) + plugins.callbacks(cfg) \
+          + ([guard.CheckpointMarker()] if method is not None else []) \
+          + list(getattr(prepared, "callbacks", None) or []) \
+          + optim.callbacks(cfg)                                   # Grokfast, schedule-free's evaluation weights
+    if method is None and eval_ds is not None and len(eval_ds) > 0:   # do_causal_lm_eval / eval_causal_lm_metrics (ftkit.geneval)
+        cbs += geneval.callbacks(cfg, eval_ds, tokenizer, plugins.metrics(cfg))
+    if method is None: cbs += variants.callbacks(cfg)                # LISA / ReLoRA act as callbacks
+    if cfg.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.early_stopping_patience)))
+    return cbs
+
+def _finish(trainer, cfg: FinetuneConfig, quiet: bool):
+    "The trainer's optimizer factory (ftkit.optim), ftkit's progress lines instead of transformers' printers, callbacks given the trainer."
+    optim.install_optimizer(trainer, cfg)     # parameter groups (lr_groups, embedding_lr, LoRA+) and Muon / Lion / ADOPT
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    for c in (PrinterCallback, ProgressCallback): trainer.remove_callback(c)
+    for cb in trainer.callback_handler.callbacks:     # every method's trainer reaches callbacks that ask for it (metrics layout)
+        if getattr(cb, "trainer", 0) is None: cb.trainer = trainer
+    if not quiet: trainer.add_callback(ProgressPrinter(trainer))
+    return trainer
+
+# %% ../nbs/06_train.ipynb #10754f1e
+def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, ref_model=None, quiet: bool = False,
+                  plugins=None) -> TrainerSetup:
+    """The one training path: plan, seed, tokenizer, data, model and adapters, training arguments and the trainer — for SFT
+    and for every preference / RL method (`ftkit.rl.METHODS`). `train` runs it; tests and notebooks can inspect it first."""
+    from transformers import set_seed
+    from ftkit.plugins import load_plugins
+    cfg = _as_config(cfg)
+    method, plan = method_of(cfg), resolve(cfg)
+    _say(str(plan), quiet)
+    for m in user_modules(cfg): _say(f"user module: {m}", quiet)     # the config's own code that will be imported
+    set_seed(plan.seed)                       # before the model, the adapters and the data order exist
+    if plugins is None: plugins = load_plugins(cfg)   # ftkit.plugins: built-in (trackers) and the config's; fires after_config_load
+    tokenizer, src, train_ds, eval_ds, prepared, stream = _inputs(cfg, method, data, tokenizer, quiet)
+    inputs = method.inputs(cfg, tokenizer, prepared) if method is not None and method.inputs else None  # e.g. reward functions, checked before the model loads
+    if model is None: model = _load_model(cfg, method, tokenizer, plan, src, quiet, plugins)
+    model = _ready_model(cfg, method, model, quiet)
+    packing, eval_packing, steps = _batches(cfg, method, plan, train_ds, eval_ds, stream, quiet)
     has_eval = eval_ds is not None and len(eval_ds) > 0
     args = training_arguments(cfg, plan, steps, output_dir=str(Path(cfg.output_dir).expanduser()), has_eval=has_eval,
                               packing=packing is not None, method=method)
     if cfg.gradient_checkpointing and hasattr(model, "enable_input_require_grads"): model.enable_input_require_grads()
     recorder = MetricsRecorder()
-    cbs = [recorder, guard.fault_watchdog(cfg, Path(cfg.output_dir).expanduser(), plan.precision)] + list(callbacks or []) + plugins.callbacks(cfg) \
-          + ([guard.CheckpointMarker()] if method is not None else []) \
-          + list(getattr(prepared, "callbacks", None) or []) \
-          + optim.callbacks(cfg)                                   # Grokfast, schedule-free's evaluation weights
-    if method is None and has_eval:           # do_causal_lm_eval / eval_causal_lm_metrics: generation metrics (ftkit.geneval)
-        cbs += geneval.callbacks(cfg, eval_ds, tokenizer, plugins.metrics(cfg))
-    if method is None:                        # Spectrum freezes before the optimizer exists; LISA / ReLoRA act as callbacks
-        model, cbs = variants.prepare_model(cfg, model, quiet), cbs + variants.callbacks(cfg)
-    if cfg.early_stopping_patience:
-        from transformers import EarlyStoppingCallback
-        cbs.append(EarlyStoppingCallback(early_stopping_patience=int(cfg.early_stopping_patience)))
+    if method is None: model = variants.prepare_model(cfg, model, quiet)    # Spectrum freezes before the optimizer exists
+    cbs = _callbacks(cfg, method, plan, prepared, eval_ds, tokenizer, plugins, callbacks, recorder)
     with plugins.environment(cfg):            # trackers read their environment when the trainer builds its callbacks
         if method is None:
             cls = DistillationTrainer if cfg.kd_trainer else FtkitTrainer       # kd_trainer: the distillation loss (ftkit.distill)
@@ -615,13 +666,36 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
                                    eval_packing=eval_packing, pad_token_id=tokenizer.pad_token_id or 0)
         else:
             trainer = make_trainer(method, cfg, args, model, tokenizer, prepared, inputs, callbacks=cbs, ref_model=ref_model)
-    optim.install_optimizer(trainer, cfg)     # parameter groups (lr_groups, embedding_lr, LoRA+) and Muon / Lion / ADOPT
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    for c in (PrinterCallback, ProgressCallback): trainer.remove_callback(c)
-    for cb in trainer.callback_handler.callbacks:     # every method's trainer reaches callbacks that ask for it (metrics layout)
-        if getattr(cb, "trainer", 0) is None: cb.trainer = trainer
-    if not quiet: trainer.add_callback(ProgressPrinter(trainer))
-    return TrainerSetup(trainer, model, tokenizer, prepared, plan, steps, method, recorder, packing, plugins)
+    return TrainerSetup(_finish(trainer, cfg, quiet), model, tokenizer, prepared, plan, steps, method, recorder, packing, plugins)
+
+# %% ../nbs/06_train.ipynb #c18432af
+def _fit(cfg: FinetuneConfig, s: TrainerSetup, out: Path, quiet: bool, save: bool) -> tuple[dict, str | None, float]:
+    "Train the set-up run as one job (checks, output_dir lock, the checkpoint to resume), save its outputs; (metrics, resumed from, seconds)."
+    guard.check_one_job(s.trainer.args.world_size)   # a launch whose processes would each train alone is an error
+    guard.check_sharding("fsdp" if (cfg.fsdp_config or cfg.fsdp or cfg.fsdp_version) else "deepspeed" if cfg.deepspeed else None,
+                         s.trainer.is_fsdp_enabled, s.trainer.is_deepspeed_enabled)   # FSDP asked on CPUs would be DDP
+    lock = guard.lock_output_dir_job(out, quiet)     # one job per output_dir: rank 0 holds the OS lock, every rank learns the outcome
+    try:
+        resume = guard.rank0_decides(lambda: resume_checkpoint(cfg, out, quiet))   # one checkpoint for the whole job
+        if resume and not Path(resume).is_dir():
+            raise guard.JobError(f"this process (rank {guard.launched_world()[0]} on {os.uname().nodename}) cannot see {resume}, the checkpoint "
+                                 "rank 0 resumes from: put output_dir on storage every node shares to resume a multi-node job.")
+        t = time.time()
+        if guard.finished_checkpoint(resume, s.trainer.args.max_steps): res = guard.finish_from_checkpoint(s.trainer, resume, quiet)   # no extra step
+        else: res = s.trainer.train(resume_from_checkpoint=resume)
+        secs = time.time() - t
+        metrics = dict(res.metrics)
+        if s.packing: metrics["packing_efficiency"] = s.packing.efficiency
+        if save:
+            save_outputs(s.trainer, s.tokenizer, cfg, s.plan, out, {"packing efficiency": f"{s.packing.efficiency:.4f}" if s.packing else "n/a",
+                                                                    "optimizer steps": s.trainer.state.global_step})
+    except Exception as e:                    # out of memory / a full disk: explained with this config's numbers
+        if guard.is_oom(e): raise guard.explain_oom(cfg, e, kernels=_patched_kernels(s.model)) from None
+        if guard.is_disk_full(e, out): raise guard.explain_disk_full(e, out, out, removed=False) from None
+        raise
+    finally:
+        if lock is not None: lock.release()
+    return metrics, resume, secs
 
 # %% ../nbs/06_train.ipynb #72319821
 def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrides: dict | None = None, quiet: bool = False,
@@ -640,31 +714,8 @@ def train(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, overrid
     with s.plugins.environment(cfg):          # the trackers' environment, for this run only
         s.plugins.before_training(cfg, s.trainer)
         try:
-            guard.check_one_job(s.trainer.args.world_size)   # a launch whose processes would each train alone is an error
-            guard.check_sharding("fsdp" if (cfg.fsdp_config or cfg.fsdp or cfg.fsdp_version) else "deepspeed" if cfg.deepspeed else None,
-                                 s.trainer.is_fsdp_enabled, s.trainer.is_deepspeed_enabled)   # FSDP asked on CPUs would be DDP
-            lock = guard.lock_output_dir_job(out, quiet)     # one job per output_dir: rank 0 holds the OS lock, every rank learns the outcome
-            try:
-                resume = guard.rank0_decides(lambda: resume_checkpoint(cfg, out, quiet))   # one checkpoint for the whole job
-                if resume and not Path(resume).is_dir():
-                    raise guard.JobError(f"this process (rank {guard.launched_world()[0]} on {os.uname().nodename}) cannot see {resume}, the checkpoint "
-                                         "rank 0 resumes from: put output_dir on storage every node shares to resume a multi-node job.")
-                t = time.time()
-                if guard.finished_checkpoint(resume, s.trainer.args.max_steps): res = guard.finish_from_checkpoint(s.trainer, resume, quiet)   # no extra step
-                else: res = s.trainer.train(resume_from_checkpoint=resume)
-                secs = time.time() - t
-                metrics = dict(res.metrics)
-                if s.packing: metrics["packing_efficiency"] = s.packing.efficiency
-                tr = getattr(s.model, "ftkit_trainable", None) or models.trainable_parameters(s.model)
-                if save:
-                    save_outputs(s.trainer, s.tokenizer, cfg, s.plan, out, {"packing efficiency": f"{s.packing.efficiency:.4f}" if s.packing else "n/a",
-                                                                            "optimizer steps": s.trainer.state.global_step})
-            except Exception as e:                    # out of memory / a full disk: explained with this config's numbers
-                if guard.is_oom(e): raise guard.explain_oom(cfg, e, kernels=_patched_kernels(s.model)) from None
-                if guard.is_disk_full(e, out): raise guard.explain_disk_full(e, out, out, removed=False) from None
-                raise
-            finally:
-                if lock is not None: lock.release()
+            metrics, resume, secs = _fit(cfg, s, out, quiet, save)
+            tr = getattr(s.model, "ftkit_trainable", None) or models.trainable_parameters(s.model)
             result = TrainResult(out, metrics, list(s.trainer.state.log_history), s.trainer.state.global_step, s.steps.total_steps, tuple(tr),
                                  s.packing, resume, getattr(s.trainer, "ftkit_tokens", 0), secs, dict(s.recorder.losses), dict(s.recorder.lrs),
                                  s.model if return_model else None, s.tokenizer, s.trainer if return_model else None, s.data,
