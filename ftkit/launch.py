@@ -51,6 +51,7 @@ def check_parent(gpus: int) -> None:
             "on the GPU or imports bitsandbytes (ftkit itself keeps the kernel clean until the workers start).")
 
 # %% ../nbs/09_launch.ipynb #7f8a0c01
+from fastcore.basics import patch
 from transformers import TrainerCallback
 
 class MetricsFile(TrainerCallback):
@@ -71,26 +72,7 @@ class MetricsFile(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, mode) as f: f.write(json.dumps(rec) + "\n")
 
-    def on_train_begin(self, args, state, control, model=None, **kw):
-        if state.is_world_process_zero:  # a new run starts new files
-            (self.path.parent / "peak_memory.jsonl").unlink(missing_ok=True)
-            self._write({"event": "begin", "max_steps": state.max_steps, "world_size": args.world_size, "time": time.time(),
-                         **_layout(self.trainer, model)}, "w")
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        tokens = self._global_tokens()  # on every rank: a collective
-        if state.is_world_process_zero and logs:
-            extra = {} if tokens is None else {"num_tokens": tokens}
-            self._write({"event": "log", "step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **logs, **extra})
-
-    def on_train_end(self, args, state, control, **kw):
-        if state.is_world_process_zero:
-            self._write({"event": "end", "step": state.global_step, "time": time.time()})
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():  # every rank: its GPU's peak
-            rec = {"rank": args.process_index, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
-            with open(self.path.parent / "peak_memory.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
-
+# %% ../nbs/09_launch.ipynb #98607b14
 def _layout(trainer, model) -> dict:
     "How the job holds the model: sharding (none | ddp | fsdp | deepspeed) and the parameter elements rank 0 holds itself."
     if trainer is None or model is None: return {}
@@ -102,6 +84,29 @@ def _layout(trainer, model) -> dict:
     trainable = sum(here(p) for p in model.parameters() if p.requires_grad)
     return {"sharding": kind, "rank0_param_elements": int(local), "rank0_trainable_elements": int(trainable)}
 
+# %% ../nbs/09_launch.ipynb #0cd3ad07
+@patch
+def on_train_begin(self:MetricsFile, args, state, control, model=None, **kw):
+    if state.is_world_process_zero:  # a new run starts new files
+        (self.path.parent / "peak_memory.jsonl").unlink(missing_ok=True)
+        self._write({"event": "begin", "max_steps": state.max_steps, "world_size": args.world_size, "time": time.time(),
+                     **_layout(self.trainer, model)}, "w")
+
+@patch
+def on_log(self:MetricsFile, args, state, control, logs=None, **kw):
+    tokens = self._global_tokens()  # on every rank: a collective
+    if state.is_world_process_zero and logs:
+        extra = {} if tokens is None else {"num_tokens": tokens}
+        self._write({"event": "log", "step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **logs, **extra})
+
+@patch
+def on_train_end(self:MetricsFile, args, state, control, **kw):
+    if state.is_world_process_zero:
+        self._write({"event": "end", "step": state.global_step, "time": time.time()})
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():  # every rank: its GPU's peak
+        rec = {"rank": args.process_index, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+        with open(self.path.parent / "peak_memory.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
 
 # %% ../nbs/09_launch.ipynb #4375400d
 def read_metrics(path) -> list[dict]:
