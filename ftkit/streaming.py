@@ -20,7 +20,7 @@ from .errors import ConfigError, Problem
 
 # %% auto #0
 __all__ = ['SUFFIXES', 'TEXT_TYPES', 'POSITION_FILE', 'corpus_files', 'read_documents', 'PackedStream', 'PackedSampleStream',
-           'streams', 'check', 'StreamData', 'stream_data', 'training_kwargs', 'StreamPosition']
+           'streams', 'check', 'training_kwargs', 'StreamPosition', 'StreamData', 'stream_data']
 
 # %% ../nbs/03b_streaming.ipynb #18774da6
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -61,7 +61,23 @@ def read_documents(files: list[Path], column: str | None = "text", start: tuple[
                     v = rec.get(column) if column else rec
                     if v and isinstance(v, (str, dict)): yield fi, i, v
 
-# %% ../nbs/03b_streaming.ipynb #6cbe5d48
+# %% ../nbs/03b_streaming.ipynb #e3d0ccdb
+def _pack_rows(docs: Iterator[tuple[int, int, Any]], tokens, seq_len: int, carry: list[int],
+               nxt: tuple[int, int]) -> Iterator[tuple[list[dict], dict]]:
+    "`(segments, position after the row)` for every full row of `seq_len` tokens; `carry`/`nxt`: the position to start at."
+    segs: list[dict] = []; n = 0
+    while True:
+        if not carry:
+            try: fi, di, text = next(docs)
+            except StopIteration: return                # the last partial row is dropped (as in Axolotl)
+            carry, nxt = tokens(text), (fi, di + 1)
+        take, carry = carry[:seq_len - n], carry[seq_len - n:]
+        segs.append({"input_ids": take, "labels": take}); n += len(take)
+        if n == seq_len:
+            yield segs, {"file": nxt[0], "doc": nxt[1], "carry": list(carry)}
+            segs, n = [], 0
+
+# %% ../nbs/03b_streaming.ipynb #bf646f94
 class PackedStream(torch.utils.data.IterableDataset):
     """Rows of exactly `seq_len` tokens from a corpus, each a list of segments ({input_ids, labels}) for
     `PackedCollator`; `state_dict()` / `load_state_dict()` are the data position."""
@@ -90,21 +106,12 @@ class PackedStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         start = self.state_dict()
         self.rows, self.after = 0, deque(maxlen=self.after.maxlen)
-        carry, nxt = list(start["carry"]), (start["file"], start["doc"])
+        nxt = (start["file"], start["doc"])
         docs = read_documents(self.files, self.column, nxt)
-        segs, n = [], 0
-        while True:
-            if not carry:
-                try: fi, di, text = next(docs)
-                except StopIteration: return                # the last partial row is dropped (as in Axolotl)
-                carry, nxt = self._tokens(text), (fi, di + 1)
-            take, carry = carry[:self.seq_len - n], carry[self.seq_len - n:]
-            segs.append({"input_ids": take, "labels": take}); n += len(take)
-            if n == self.seq_len:
-                self.rows += 1
-                self.after.append((self.rows, {"file": nxt[0], "doc": nxt[1], "carry": list(carry)}))
-                yield segs
-                segs, n = [], 0
+        for segs, pos in _pack_rows(docs, self._tokens, self.seq_len, list(start["carry"]), nxt):
+            self.rows += 1
+            self.after.append((self.rows, pos))
+            yield segs
 
 # %% ../nbs/03b_streaming.ipynb #st15a001
 class PackedSampleStream(PackedStream):
@@ -159,7 +166,7 @@ def __iter__(self:PackedSampleStream):
         self.after.append((self.rows, {"file": nxt[0], "doc": nxt[1], "carry": []}))
         yield row
 
-# %% ../nbs/03b_streaming.ipynb #e119415e
+# %% ../nbs/03b_streaming.ipynb #8a11eda6
 def streams(cfg) -> bool:
     "Whether a config trains from a stream (`pretraining_dataset`, or `streaming: true`)."
     return bool(cfg.pretraining_dataset) or bool(cfg.streaming)
@@ -172,6 +179,7 @@ def _entries(cfg) -> list[dict]:
         return [dict(e) if isinstance(e, dict) else {"path": str(e)} for e in (pd if isinstance(pd, list) else [pd])]
     return [e.model_dump(exclude_none=True) if hasattr(e, "model_dump") else dict(e) for e in (cfg.datasets or [])]
 
+# %% ../nbs/03b_streaming.ipynb #ec1ca589
 def check(values: dict) -> list[Problem]:
     "Problems with a raw config's streaming keys (the config notebook's rule calls it)."
     out = []
@@ -195,39 +203,14 @@ def check(values: dict) -> list[Problem]:
                                "Point it at a .jsonl / .parquet file or a folder of them."))
     return out
 
-@dataclass
-class StreamData:
-    "What `ftkit.train` trains on when the config streams (in place of PreparedData)."
-    train: PackedStream
-    eval: Any = None
-    callbacks: list = field(default_factory=list)
-
-# %% ../nbs/03b_streaming.ipynb #d4ee375a
-def stream_data(cfg, tokenizer, strategy_for=None) -> StreamData:
-    """The packed stream of the config's corpus (all entries' files, in order) and its checkpoint callback. Prompt-strategy
-    datasets need `strategy_for(i)`, the strategy of `datasets[i]` (`ftkit.train` passes it: strategies live above this module)."""
-    entries, files, column = _entries(cfg), [], "text"
-    if not cfg.pretraining_dataset and any(e.get("type") not in TEXT_TYPES for e in entries):
-        if strategy_for is None: raise ConfigError([Problem("streaming", "prompt-strategy rows need their strategies.",
-                                                            "Train through ftkit.train, which passes them.")], origin="streaming")
-        strats: list = []
-        for i, e in enumerate(entries):
-            fs = corpus_files(e["path"]); files += fs; strats += [strategy_for(i)] * len(fs)
-        ds: PackedStream = PackedSampleStream(files, tokenizer, cfg.sequence_len, strats, min_len=cfg.min_sample_len,
-                                              truncate=cfg.excess_length_strategy == "truncate")
-        return StreamData(ds, None, [StreamPosition(ds, cfg.micro_batch_size, cfg.gradient_accumulation_steps)])
-    for e in entries:
-        files += corpus_files(e["path"])
-        column = e.get("text_column") or e.get("field") or column
-    ds = PackedStream(files, tokenizer, cfg.sequence_len, column)
-    return StreamData(ds, None, [StreamPosition(ds, cfg.micro_batch_size, cfg.gradient_accumulation_steps)])
-
+# %% ../nbs/03b_streaming.ipynb #1c090fea
 def training_kwargs(cfg) -> dict:
     """TrainingArguments keywords for a streamed run: no batch skipping on resume (the stream resumes at its position), and
     no batch dispatching: accelerate would otherwise slice every tensor of a batch of an IterableDataset along its first
     dimension, cutting the packed rows' `cu_seq_lens` (the document boundaries attention keeps apart) to the batch size."""
     return {"ignore_data_skip": True, "accelerator_config": {"dispatch_batches": False}} if streams(cfg) else {}
 
+# %% ../nbs/03b_streaming.ipynb #c24a8727
 POSITION_FILE = "data_position.json"
 
 class StreamPosition(TrainerCallback):
@@ -253,3 +236,30 @@ class StreamPosition(TrainerCallback):
         ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         ck.mkdir(parents=True, exist_ok=True)
         (ck / POSITION_FILE).write_text(json.dumps({**pos, "rows": rows, "step": state.global_step}))
+
+# %% ../nbs/03b_streaming.ipynb #eecfc15e
+@dataclass
+class StreamData:
+    "What `ftkit.train` trains on when the config streams (in place of PreparedData)."
+    train: PackedStream
+    eval: Any = None
+    callbacks: list = field(default_factory=list)
+
+def stream_data(cfg, tokenizer, strategy_for=None) -> StreamData:
+    """The packed stream of the config's corpus (all entries' files, in order) and its checkpoint callback. Prompt-strategy
+    datasets need `strategy_for(i)`, the strategy of `datasets[i]` (`ftkit.train` passes it: strategies live above this module)."""
+    entries, files, column = _entries(cfg), [], "text"
+    if not cfg.pretraining_dataset and any(e.get("type") not in TEXT_TYPES for e in entries):
+        if strategy_for is None: raise ConfigError([Problem("streaming", "prompt-strategy rows need their strategies.",
+                                                            "Train through ftkit.train, which passes them.")], origin="streaming")
+        strats: list = []
+        for i, e in enumerate(entries):
+            fs = corpus_files(e["path"]); files += fs; strats += [strategy_for(i)] * len(fs)
+        ds: PackedStream = PackedSampleStream(files, tokenizer, cfg.sequence_len, strats, min_len=cfg.min_sample_len,
+                                              truncate=cfg.excess_length_strategy == "truncate")
+        return StreamData(ds, None, [StreamPosition(ds, cfg.micro_batch_size, cfg.gradient_accumulation_steps)])
+    for e in entries:
+        files += corpus_files(e["path"])
+        column = e.get("text_column") or e.get("field") or column
+    ds = PackedStream(files, tokenizer, cfg.sequence_len, column)
+    return StreamData(ds, None, [StreamPosition(ds, cfg.micro_batch_size, cfg.gradient_accumulation_steps)])
