@@ -124,25 +124,6 @@ class FinetuneRun:
     def same_config(self, cfg: FinetuneConfig | None) -> bool:
         return self.config is not None and cfg is not None and self.config.to_dict() == cfg.to_dict()
 
-    def _rows(self):
-        rows = [("config", f"{len(self.config.to_dict())} keys" if self.config else "–"),
-                ("stages run", ", ".join(self.stages) or "–"),
-                ("tokenizer", type(self.tokenizer).__name__ if self.tokenizer is not None else "–"),
-                ("model", type(self.model).__name__ if self.model is not None else "–"),
-                ("datasets", _describe_data(self.datasets)),
-                ("metrics", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items()) or "–"),
-                ("output_dir", self.output_dir or "–")]
-        if self.merged_dir: rows.append(("merged model", self.merged_dir))
-        return rows
-
-    def _repr_html_(self):
-        return ("<table class='ftkit-table'><tr><th colspan=2>ftkit run</th></tr>"
-                + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in self._rows()) + "</table>")
-
-    def __repr__(self):
-        w = max(len(k) for k, _ in self._rows())
-        return "FinetuneRun\n" + "\n".join(f"  {k:<{w}} : {v}" for k, v in self._rows())
-
 # %% ../nbs/10_magics.ipynb #63f5d6b2
 def _describe_data(d) -> str:
     if d is None: return "–"
@@ -154,6 +135,29 @@ def _describe_data(d) -> str:
             try: parts.append(f"{name}: {len(ds)} rows")
             except TypeError: parts.append(name)
     return ", ".join(parts) or type(d).__name__
+
+# %% ../nbs/10_magics.ipynb #58ccdcfb
+@patch
+def _rows(self:FinetuneRun):
+    rows = [("config", f"{len(self.config.to_dict())} keys" if self.config else "–"),
+            ("stages run", ", ".join(self.stages) or "–"),
+            ("tokenizer", type(self.tokenizer).__name__ if self.tokenizer is not None else "–"),
+            ("model", type(self.model).__name__ if self.model is not None else "–"),
+            ("datasets", _describe_data(self.datasets)),
+            ("metrics", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items()) or "–"),
+            ("output_dir", self.output_dir or "–")]
+    if self.merged_dir: rows.append(("merged model", self.merged_dir))
+    return rows
+
+@patch
+def _repr_html_(self:FinetuneRun):
+    return ("<table class='ftkit-table'><tr><th colspan=2>ftkit run</th></tr>"
+            + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in self._rows()) + "</table>")
+
+@patch
+def __repr__(self:FinetuneRun):
+    w = max(len(k) for k, _ in self._rows())
+    return "FinetuneRun\n" + "\n".join(f"  {k:<{w}} : {v}" for k, v in self._rows())
 
 # %% ../nbs/10_magics.ipynb #34e680a5
 def _cli_command(mode: str, overrides: dict, config_path: str | None) -> str:
@@ -276,13 +280,6 @@ class FinetuneMagics(Magics):
         super().__init__(shell)
         self.last_run: FinetuneRun | None = None
 
-    def _show(self, obj):
-        display(obj)
-
-    def _run_object(self, name: str) -> FinetuneRun:
-        r = self.shell.user_ns.get(name)
-        return r if isinstance(r, FinetuneRun) else FinetuneRun()
-
     @_with_arguments(FINETUNE_ARGUMENTS)
     @line_cell_magic
     def finetune(self, line: str, cell: str | None = None):
@@ -314,6 +311,16 @@ class FinetuneMagics(Magics):
     def finetune_form(self, line: str):
         "Show the config form (`ftkit.form`); start from a YAML file, a run object or a variable."
         return self._form(parse_argstring(self.finetune_form, line))
+
+# %% ../nbs/10_magics.ipynb #a0e53976
+@patch
+def _show(self:FinetuneMagics, obj):
+    display(obj)
+
+@patch
+def _run_object(self:FinetuneMagics, name: str) -> FinetuneRun:
+    r = self.shell.user_ns.get(name)
+    return r if isinstance(r, FinetuneRun) else FinetuneRun()
 
 # %% ../nbs/10_magics.ipynb #7edf5d82
 @patch
