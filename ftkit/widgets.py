@@ -284,36 +284,40 @@ class DatasetList:
         self.items = w.VBox([])
         self.box = w.VBox([self.items, self.add_button])
 
-    def add(self, values: dict | None = None, notify: bool = True) -> ModelForm:
-        f = ModelForm(DatasetEntry, self.on_change)
-        if values: f.set_values(values)
-        else: f.set_values({})
-        if not values: f.fields["type"].set("chat_template"); f.given = {"type"}
-        rm = w.Button(description="remove", icon="trash", layout=w.Layout(width="100px"))
-        frame = w.VBox([w.HBox([w.HTML(f"<b>{self.name}[{len(self.forms)}]</b>"), rm]), f.box],
-                       layout=w.Layout(border="1px solid #ddd", padding="4px", margin="2px 0"))
-        f.frame = frame
-        rm.on_click(lambda _, f=f: self.remove(f))
-        self.forms.append(f)
-        self._relayout()
-        if notify and self.on_change: self.on_change(None)
-        return f
-
-    def remove(self, f: ModelForm):
-        self.forms.remove(f); self._relayout()
-        if self.on_change: self.on_change(None)
-
     def _relayout(self):
         for i, f in enumerate(self.forms): f.frame.children[0].children[0].value = f"<b>{self.name}[{i}]</b>"
         self.items.children = [f.frame for f in self.forms]
 
-    def set_values(self, entries: list):
-        self.forms.clear()
-        for e in entries: self.add(e if isinstance(e, dict) else {}, notify=False)
-        self._relayout()
-
     def values(self) -> list[dict]:
         return [f.values() for f in self.forms]
+
+# %% ../nbs/11_widgets.ipynb #a7482f28
+@patch
+def add(self:DatasetList, values: dict | None = None, notify: bool = True) -> ModelForm:
+    f = ModelForm(DatasetEntry, self.on_change)
+    if values: f.set_values(values)
+    else: f.set_values({})
+    if not values: f.fields["type"].set("chat_template"); f.given = {"type"}
+    rm = w.Button(description="remove", icon="trash", layout=w.Layout(width="100px"))
+    frame = w.VBox([w.HBox([w.HTML(f"<b>{self.name}[{len(self.forms)}]</b>"), rm]), f.box],
+                   layout=w.Layout(border="1px solid #ddd", padding="4px", margin="2px 0"))
+    f.frame = frame
+    rm.on_click(lambda _, f=f: self.remove(f))
+    self.forms.append(f)
+    self._relayout()
+    if notify and self.on_change: self.on_change(None)
+    return f
+
+@patch
+def remove(self:DatasetList, f: ModelForm):
+    self.forms.remove(f); self._relayout()
+    if self.on_change: self.on_change(None)
+
+@patch
+def set_values(self:DatasetList, entries: list):
+    self.forms.clear()
+    for e in entries: self.add(e if isinstance(e, dict) else {}, notify=False)
+    self._relayout()
 
 # %% ../nbs/11_widgets.ipynb #4f437a27
 _STARTER = {"base_model": "smollm2-135m-instruct", "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True,
@@ -491,8 +495,7 @@ def _js_string(s: str) -> str:
     return json.dumps(s).replace("</", "<\\/")
 
 # %% ../nbs/11_widgets.ipynb #14121265
-_INSERT_JS = r"""
-(function() {
+_INSERT_JS_HELPERS = r"""
   const text = %(text)s;
   const anchor = document.querySelector('.%(uid)s');
   function mark(how) {
@@ -505,7 +508,10 @@ _INSERT_JS = r"""
     for (const type of ['keydown', 'keyup'])
       target.dispatchEvent(new KeyboardEvent(type, {key: k, code: code, keyCode: kc, which: kc, bubbles: true, cancelable: true}));
   }
-  const wait = ms => new Promise(r => setTimeout(r, ms));
+  const wait = ms => new Promise(r => setTimeout(r, ms));"""
+
+# %% ../nbs/11_widgets.ipynb #f543b4ad
+_INSERT_JS_WAYS = r"""
   try {
     // classic Notebook
     if (window.Jupyter && window.Jupyter.notebook && window.Jupyter.notebook.insert_cell_below) {
@@ -538,9 +544,9 @@ _INSERT_JS = r"""
       return;
     }
   } catch (e) { console.warn('ftkit: could not insert the cell', e); }
-  mark('failed');
-})();
-"""
+  mark('failed');"""
+
+_INSERT_JS = "\n(function() {" + _INSERT_JS_HELPERS + _INSERT_JS_WAYS + "\n})();\n"
 
 # %% ../nbs/11_widgets.ipynb #ce34fdf3
 def frontend_without_cell_insert() -> str | None:
