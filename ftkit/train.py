@@ -21,6 +21,7 @@ from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, pack
 from .prompts.registry import resolve_type, user_modules
 from .rl import Method, RLData, load_rl_model, make_trainer, method_of, prepare_rl_data
 from . import guard
+from .context_parallel import CPCollator, ContextParallel, RepeatedBatches, context_parallel, cp_size, data_parallel_size, use_context_parallel
 from . import variants    # ReLoRA / jagged restarts, LISA, Spectrum
 from .distill import DistillationMixin
 from . import optim       # optimizers, parameter groups and schedules transformers does not build by name
@@ -261,18 +262,23 @@ class FtkitTrainer(Trainer):
     "transformers' Trainer with multipack dataloaders, ftkit.optim's schedules, atomic checkpoints and token counting."
     logits_keep_below = 0.5      # compute logits only at trained positions when they are fewer than this share (0: never)
     def __init__(self, *a, ftkit_cfg: FinetuneConfig, packing: PackingPlan | None = None, eval_packing: PackingPlan | None = None,
-                 pad_token_id: int = 0, collator=None, **kw):
+                 pad_token_id: int = 0, collator=None, context_parallel: ContextParallel | None = None, **kw):
         self.ftkit_cfg, self.packing, self.eval_packing, self.ftkit_tokens = ftkit_cfg, packing, eval_packing, 0
+        self.context_parallel = cp = context_parallel      # this rank's part of each packed row (ftkit.context_parallel)
         self._pad_id = pad_token_id
         seq, mbs = ftkit_cfg.sequence_len, ftkit_cfg.micro_batch_size
         pad_to = mbs * seq if ftkit_cfg.pad_to_sequence_len else None
-        kb = self.logits_keep_below
-        self.packed_collator = _Counted(PackedCollator(pad_token_id=pad_token_id, pad_to=pad_to, pad_to_multiple_of=None if pad_to else 8), kb)
+        kb = 0 if cp else self.logits_keep_below       # a rank's positions are not the row's: no logits_to_keep under context parallelism
+        mult = math.lcm(8, 2 * cp.size) if cp else 8      # context parallelism cuts rows into 2 x size equal chunks
+        self.packed_collator = _Counted(PackedCollator(pad_token_id=pad_token_id, pad_to=pad_to, pad_to_multiple_of=None if pad_to else mult), kb)
         self.padded_collator = _Counted(collator or PaddedCollator(pad_token_id=pad_token_id, pad_to=seq if ftkit_cfg.pad_to_sequence_len
                                                                    else None, pad_to_multiple_of=8), kb)   # `collator`: e.g. a VLM's
         pose = pose_positions(ftkit_cfg)          # PoSE: training rows get skipped position ids (ftkit.packing); eval rows do not
         self.train_collators = tuple(c if pose is None or not isinstance(c.inner, (PackedCollator, PaddedCollator))
                                      else _Counted(replace(c.inner, positions=pose), kb) for c in (self.packed_collator, self.padded_collator))
+        if cp is not None:
+            self.packed_collator = CPCollator(self.packed_collator, cp.layout)
+            self.train_collators = (CPCollator(self.train_collators[0], cp.layout), self.train_collators[1])
         kw.setdefault("data_collator", self.padded_collator)
         super().__init__(*a, **kw)
         for cb in self.callback_handler.callbacks:      # callbacks that declare `trainer = None` get the trainer
@@ -288,7 +294,9 @@ def _loader(self:FtkitTrainer, ds, plan: PackingPlan | None, batch_size: int, sh
     if isinstance(ds, torch.utils.data.IterableDataset):   # a stream of packed rows (ftkit.streaming)
         dl = DataLoader(ds, batch_size=batch_size, collate_fn=packed, **common)
     elif plan is not None:
-        dl = DataLoader(ds, batch_sampler=plan.sampler, collate_fn=packed, **common)
+        cp = self.context_parallel          # every rank of a context-parallel group gets the same rows
+        bs = plan.sampler if cp is None else RepeatedBatches(plan.sampler, cp.size)
+        dl = DataLoader(ds, batch_sampler=bs, collate_fn=packed, **common)
     else:
         seed = args.data_seed if args.data_seed is not None else args.seed    # order = f(seed, epoch): resumes see the same batches
         sampler = guard.EpochSampler(len(ds), seed) if shuffle else torch.utils.data.SequentialSampler(ds)
@@ -598,10 +606,11 @@ def _ready_model(cfg: FinetuneConfig, method: Method | None, model, quiet: bool)
 def _batches(cfg: FinetuneConfig, method: Method | None, plan: Plan, train_ds, eval_ds, stream: bool, quiet: bool):
     "(packing plan, eval packing plan, step plan): packed bins, a stream's max_steps, or padded batches of micro_batch_size."
     packing = eval_packing = None
+    dp = data_parallel_size(cfg, plan.world_size)       # the processes that see different rows (all of them without context parallelism)
     if stream: n_batches = cfg.max_steps * cfg.gradient_accumulation_steps * plan.world_size     # rows come packed
-    elif method is None and cfg.sample_packing: packing, eval_packing, n_batches = _packing(cfg, train_ds, eval_ds, plan.world_size, quiet)
+    elif method is None and cfg.sample_packing: packing, eval_packing, n_batches = _packing(cfg, train_ds, eval_ds, dp, quiet)
     else: n_batches = math.ceil(len(train_ds) / plan.micro_batch_size)
-    steps = step_plan(cfg, n_batches, plan.world_size)
+    steps = step_plan(cfg, n_batches, dp)
     _say(f"steps: {steps.micro_batches_per_epoch} micro-batches per epoch per rank, {steps.steps_per_epoch} optimizer steps "
          f"per epoch, {steps.total_steps} in total", quiet)
     return packing, eval_packing, steps
@@ -632,6 +641,17 @@ def _finish(trainer, cfg: FinetuneConfig, quiet: bool):
     if not quiet: trainer.add_callback(ProgressPrinter(trainer))
     return trainer
 
+# %% ../nbs/06_train.ipynb #5961d5e7
+def _context_parallel(cfg: FinetuneConfig, args, model, quiet: bool) -> ContextParallel | None:
+    """With context_parallel_size n > 1: the groups of n processes that share each packed row (after the training
+    arguments started torch.distributed) and the model switched to their attention (`ftkit.context_parallel`)."""
+    if cp_size(cfg) <= 1: return None
+    cp = context_parallel(cfg, args.process_index, args.world_size)
+    before = use_context_parallel(model, cp)
+    _say(f"context parallel: {cp.size} processes per packed row, {cp.dp_size} data-parallel group(s); attention ftkit_cp "
+         f"(keys and values all-gathered over the group; documents kept apart) instead of {before}", quiet)
+    return cp
+
 # %% ../nbs/06_train.ipynb #10754f1e
 def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, ref_model=None, quiet: bool = False,
                   plugins=None) -> TrainerSetup:
@@ -641,6 +661,7 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     from ftkit.plugins import load_plugins
     cfg = _as_config(cfg)
     method, plan = method_of(cfg), resolve(cfg)
+    data_parallel_size(cfg, plan.world_size)  # context_parallel_size must divide the processes: checked before the model loads
     _say(str(plan), quiet)
     for m in user_modules(cfg): _say(f"user module: {m}", quiet)     # the config's own code that will be imported
     set_seed(plan.seed)                       # before the model, the adapters and the data order exist
@@ -653,6 +674,7 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     has_eval = eval_ds is not None and len(eval_ds) > 0
     args = training_arguments(cfg, plan, steps, output_dir=str(Path(cfg.output_dir).expanduser()), has_eval=has_eval,
                               packing=packing is not None, method=method)
+    cp = _context_parallel(cfg, args, model, quiet)   # context_parallel_size > 1: each packed row over a group of processes
     if cfg.gradient_checkpointing and hasattr(model, "enable_input_require_grads"): model.enable_input_require_grads()
     recorder = MetricsRecorder()
     if method is None: model = variants.prepare_model(cfg, model, quiet)    # Spectrum freezes before the optimizer exists
@@ -663,7 +685,8 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
             trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds if has_eval else None,
                                    callbacks=cbs, ftkit_cfg=cfg, packing=packing,
                                    **({"processing_class": tokenizer} | vision.trainer_kwargs(cfg, tokenizer)),   # a VLM: processor, collator
-                                   eval_packing=eval_packing, pad_token_id=tokenizer.pad_token_id or 0)
+                                   eval_packing=eval_packing, pad_token_id=tokenizer.pad_token_id or 0,
+                                   **({"context_parallel": cp} if cp else {}))
         else:
             trainer = make_trainer(method, cfg, args, model, tokenizer, prepared, inputs, callbacks=cbs, ref_model=ref_model)
     return TrainerSetup(_finish(trainer, cfg, quiet), model, tokenizer, prepared, plan, steps, method, recorder, packing, plugins)
