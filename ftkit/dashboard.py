@@ -46,35 +46,38 @@ class RunHistory:
     tracked: list[str] = field(default_factory=list)   # where the metrics also go (ftkit.tracking.where: W&B, MLflow, ...)
     eval_metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)   # generation metrics (ftkit.geneval) by name
 
-    @property
-    def elapsed(self) -> float:
-        if self.started is None: return 0.0
-        return (self.finished or time.time()) - self.started
-
-    @property
-    def eta(self) -> float | None:
-        "Seconds left, from the pace since the first step (so model loading and compilation don't skew it)."
-        if self.first_step_at is None or self.step <= self.first_step or not self.max_steps: return None
-        pace = (time.time() - self.first_step_at) / (self.step - self.first_step)
-        return max(self.max_steps - self.step, 0) * pace
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        t = self.elapsed
-        return self.tokens / t if self.tokens and t > 0 else None
-
     def last(self, series: str):
         s = getattr(self, series)
         return s[-1][1] if s else None
 
-    def add_eval_metrics(self, logs: dict | None, step: int):
-        "Every `eval_<name>` number in `logs` other than the loss and timings (generation metrics) into `eval_metrics`."
-        for k, v in (logs or {}).items():
-            if not k.startswith("eval_") or k in _EVAL_BOOKKEEPING or isinstance(v, bool) or not isinstance(v, (int, float)): continue
-            s = self.eval_metrics.setdefault(k[5:], [])
-            if not (s and s[-1][0] == step): s.append((step, float(v)))
+# %% ../nbs/12_dashboard.ipynb #aa75c607
+@patch(as_prop=True)
+def elapsed(self:RunHistory) -> float:
+    if self.started is None: return 0.0
+    return (self.finished or time.time()) - self.started
 
+@patch(as_prop=True)
+def eta(self:RunHistory) -> float | None:
+    "Seconds left, from the pace since the first step (so model loading and compilation don't skew it)."
+    if self.first_step_at is None or self.step <= self.first_step or not self.max_steps: return None
+    pace = (time.time() - self.first_step_at) / (self.step - self.first_step)
+    return max(self.max_steps - self.step, 0) * pace
+
+@patch(as_prop=True)
+def tokens_per_s(self:RunHistory) -> float | None:
+    t = self.elapsed
+    return self.tokens / t if self.tokens and t > 0 else None
+
+# %% ../nbs/12_dashboard.ipynb #6338be4e
 _EVAL_BOOKKEEPING = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time"}
+
+@patch
+def add_eval_metrics(self:RunHistory, logs: dict | None, step: int):
+    "Every `eval_<name>` number in `logs` other than the loss and timings (generation metrics) into `eval_metrics`."
+    for k, v in (logs or {}).items():
+        if not k.startswith("eval_") or k in _EVAL_BOOKKEEPING or isinstance(v, bool) or not isinstance(v, (int, float)): continue
+        s = self.eval_metrics.setdefault(k[5:], [])
+        if not (s and s[-1][0] == step): s.append((step, float(v)))
 
 # %% ../nbs/12_dashboard.ipynb #b1883b67
 def fmt_duration(s: float | None) -> str:
