@@ -125,6 +125,7 @@ def run_train(args) -> int:
     print("launching: " + " ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode
 
+# %% ../nbs/13_cli.ipynb #7012d13f
 def run_sweep(cfg, args) -> int:
     """`ftkit train CONFIG --sweep SWEEP.yml`: every variant in turn in this process, or side by side one per GPU when
     several are visible (ftkit.sweeps); the table at the end."""
