@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from fastcore.basics import patch
 from .prompts.registry import RowError, resolve_type
 from . import guard
 from . import hub         # push_dataset_to_hub: the fresh cache goes to a dataset repo
@@ -225,8 +226,14 @@ def _features():
                      "_row": Value("int64"), "_len": Value("int32"), "_ntrain": Value("int32"), "_nterm": Value("int32"),
                      "_trunc": Value("bool")})
 
-def _strategy_results(strategy, rows):
-    "The strategy's batch result; on an unexpected failure, row by row so only the failing row(s) are lost."
+def _strategy_results(strategy, rows, threads: int = 1, piece: int = 256):
+    """The strategy's results for `rows`, in order; on an unexpected failure, row by row so only the failing row(s) are lost.
+    A `thread_safe` strategy gets `piece`-row pieces on `threads` threads."""
+    if threads > 1 and getattr(strategy, "thread_safe", False) and len(rows) > piece:
+        from concurrent.futures import ThreadPoolExecutor
+        pieces = [rows[i:i + piece] for i in range(0, len(rows), piece)]
+        with ThreadPoolExecutor(threads) as ex:
+            return [r for res in ex.map(lambda p: _strategy_results(strategy, p), pieces) for r in res]
     try: return strategy.tokenize_batch(rows)
     except Exception:
         results = []
@@ -235,6 +242,7 @@ def _strategy_results(strategy, rows):
             except Exception as e: results.append(RowError("strategy_error", f"{type(e).__name__}: {str(e)[:300]}"))
         return results
 
+# %% ../nbs/03_data.ipynb #cb4b9e62
 def _length_rules(idxs, results, max_len, min_len, truncate):
     """One record per sample or dropped row, in input order: `(row, ids, labels, attention_mask, truncated, drop, detail)`;
     the attention mask is None when it is all ones (every strategy but pre-tokenized rows)."""
@@ -261,36 +269,49 @@ def _segment_sums(flag, bounds):
     c = np.concatenate([[0], np.cumsum(flag, dtype=np.int64)])
     return c[bounds[1:]] - c[bounds[:-1]]
 
-def _tokenize_table(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=False, term_ids=(), main_pid=None):
+def _flatten(recs):
+    "`(lens, bounds, ids, labels, attention_mask)` of the records as flat NumPy arrays."
+    import itertools, numpy as np
+    lens = np.fromiter((len(x[1]) for x in recs), dtype=np.int64, count=len(recs))
+    bounds = np.concatenate([[0], np.cumsum(lens)])
+    n = int(bounds[-1])
+    ids = np.fromiter(itertools.chain.from_iterable(x[1] for x in recs), dtype=np.int64, count=n)
+    lab = np.fromiter(itertools.chain.from_iterable(x[2] for x in recs), dtype=np.int64, count=n)
+    am = np.ones(n, np.int8)
+    for k, x in enumerate(recs):
+        if x[3] is not None: am[bounds[k]:bounds[k + 1]] = np.asarray(x[3], dtype=np.int8)
+    return lens, bounds, ids, lab, am
+
+def _empty_untrained(lens, bounds, ids, lab, am):
+    "`(empty, lens, bounds, ids, labels, attention_mask)`: the samples whose every label is -100 (`empty`) emptied."
+    import numpy as np
+    empty = (_segment_sums(lab != -100, bounds) == 0) & (lens > 0)
+    if empty.any():
+        keep = np.repeat(~empty, lens)
+        ids, lab, am, lens = ids[keep], lab[keep], am[keep], np.where(empty, 0, lens)
+        bounds = np.concatenate([[0], np.cumsum(lens)])
+    return empty, lens, bounds, ids, lab, am
+
+# %% ../nbs/03_data.ipynb #50c39e7b
+def _tokenize_table(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=False, term_ids=(), main_pid=None, threads=1):
     "The batched `map` function: one Arrow table of samples and dropped rows (with their reasons), built from flat arrays."
-    import itertools, numpy as np, pyarrow as pa
+    import numpy as np, pyarrow as pa
     guard.die_with_parent(main_pid)       # a worker of a killed run exits with it (ftkit.guard), never orphaned
     keys = list(batch)
     rows = [{k: batch[k][i] for k in keys} for i in range(len(idxs))]
-    recs = _length_rules(idxs, _strategy_results(strategy, rows), max_len, min_len, truncate)
-    lens = np.fromiter((len(x[1]) for x in recs), dtype=np.int64, count=len(recs))
-    bounds = np.concatenate([[0], np.cumsum(lens)])
-    ids = np.fromiter(itertools.chain.from_iterable(x[1] for x in recs), dtype=np.int64, count=int(bounds[-1]))
-    lab = np.fromiter(itertools.chain.from_iterable(x[2] for x in recs), dtype=np.int64, count=int(bounds[-1]))
-    ntrain = _segment_sums(lab != -100, bounds)
+    recs = _length_rules(idxs, _strategy_results(strategy, rows, threads), max_len, min_len, truncate)
+    empty, lens, bounds, ids, lab, am = _empty_untrained(*_flatten(recs))
     drop, detail = [x[5] for x in recs], [x[6] for x in recs]
-    empty = (ntrain == 0) & (lens > 0)                 # a sample whose every label is -100 is dropped, with its reason
     for k in np.flatnonzero(empty):
         drop[k], detail[k] = "no_trainable_tokens", "every label is -100 (no turn or segment is trained)"
-    am = np.ones(len(ids), np.int8)
-    for k, x in enumerate(recs):
-        if x[3] is not None: am[bounds[k]:bounds[k + 1]] = np.asarray(x[3], dtype=np.int8)
-    if empty.any():
-        keep_tok = np.repeat(~empty, lens)
-        ids, lab, am, lens = ids[keep_tok], lab[keep_tok], am[keep_tok], np.where(empty, 0, lens)
-        bounds = np.concatenate([[0], np.cumsum(lens)])
+    ntrain = _segment_sums(lab != -100, bounds)
     nterm = _segment_sums(np.isin(lab, list(term_ids)) if term_ids else np.zeros(len(lab), bool), bounds)
     offs = pa.array(bounds.astype(np.int32))
     col = lambda v, t: pa.ListArray.from_arrays(offs, pa.array(v.astype(t)))
     return pa.table({"input_ids": col(ids, np.int32), "attention_mask": col(am, np.int8),
                      "labels": col(lab, np.int32), "_drop": pa.array(drop, pa.string()), "_detail": pa.array(detail, pa.string()),
                      "_row": pa.array([x[0] for x in recs], pa.int64()), "_len": pa.array(lens.astype(np.int32)),
-                     "_ntrain": pa.array(np.where(empty, 0, ntrain).astype(np.int32)), "_nterm": pa.array(nterm.astype(np.int32)),
+                     "_ntrain": pa.array(ntrain.astype(np.int32)), "_nterm": pa.array(nterm.astype(np.int32)),
                      "_trunc": pa.array([bool(x[4]) and not e for x, e in zip(recs, empty)], pa.bool_())})
 
 def _tokenize_fn(batch, idxs, **kw) -> dict:
@@ -335,30 +356,32 @@ class Report:
         from dataclasses import asdict
         return {**asdict(self), "trainable_fraction": self.trainable_fraction}
 
-    def __str__(self):
-        L = [f"data: {self.rows_in} rows in -> {self.samples_out} samples ({self.train_rows} train, {self.eval_rows} eval)"
-             + (" [from cache]" if self.from_cache else "") + (f" in {self.seconds:.1f}s" if self.seconds else "")]
-        for d in self.datasets:
-            L.append(f"  {d['where']}: {d['path']} ({d['type']}): {d['rows_in']} rows -> {d['samples_out']} samples")
-        if self.dropped:
-            L.append(f"dropped {sum(self.dropped.values())} rows:")
-            for k, v in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
-                L.append(f"  {k}: {v}  e.g. {self.examples.get(k, '')}")
-        if self.truncated: L.append(f"truncated to sequence_len: {self.truncated}")
-        if self.deduplicated: L.append(f"exact duplicates removed: {self.deduplicated}")
-        if self.lengths:
-            l = self.lengths
-            L.append(f"tokens per sample: min {l['min']}, median {l['median']}, p95 {l['p95']}, max {l['max']} (mean {l['mean']:.1f})")
-            top = max((c for _, _, c in self.histogram), default=0)
-            for lo, hi, c in self.histogram:
-                L.append(f"  {lo:>6}-{hi:<6} {'#' * (round(30 * c / top) if top else 0)} {c}")
-        L.append(f"trained tokens: {self.trained_tokens} of {self.tokens} ({100 * self.trainable_fraction:.1f}%)")
-        if self.cache_path: L.append(f"cache: {self.cache_path}")
-        L += [f"WARNING: {w}" for w in self.warnings]
-        return "\n".join(L)
-
     def _repr_html_(self):
         return report_html(self)
+
+# %% ../nbs/03_data.ipynb #e635bbe7
+@patch
+def __str__(self: Report):
+    L = [f"data: {self.rows_in} rows in -> {self.samples_out} samples ({self.train_rows} train, {self.eval_rows} eval)"
+         + (" [from cache]" if self.from_cache else "") + (f" in {self.seconds:.1f}s" if self.seconds else "")]
+    for d in self.datasets:
+        L.append(f"  {d['where']}: {d['path']} ({d['type']}): {d['rows_in']} rows -> {d['samples_out']} samples")
+    if self.dropped:
+        L.append(f"dropped {sum(self.dropped.values())} rows:")
+        for k, v in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
+            L.append(f"  {k}: {v}  e.g. {self.examples.get(k, '')}")
+    if self.truncated: L.append(f"truncated to sequence_len: {self.truncated}")
+    if self.deduplicated: L.append(f"exact duplicates removed: {self.deduplicated}")
+    if self.lengths:
+        l = self.lengths
+        L.append(f"tokens per sample: min {l['min']}, median {l['median']}, p95 {l['p95']}, max {l['max']} (mean {l['mean']:.1f})")
+        top = max((c for _, _, c in self.histogram), default=0)
+        for lo, hi, c in self.histogram:
+            L.append(f"  {lo:>6}-{hi:<6} {'#' * (round(30 * c / top) if top else 0)} {c}")
+    L.append(f"trained tokens: {self.trained_tokens} of {self.tokens} ({100 * self.trainable_fraction:.1f}%)")
+    if self.cache_path: L.append(f"cache: {self.cache_path}")
+    L += [f"WARNING: {w}" for w in self.warnings]
+    return "\n".join(L)
 
 # %% ../nbs/03_data.ipynb #eb880559
 @dataclass
@@ -406,8 +429,58 @@ def cache_key(cfg: FinetuneConfig, tok, groups=("datasets", "test_datasets")) ->
         inputs[g] = items
     return _h(json.dumps(inputs, sort_keys=True)), inputs
 
+# %% ../nbs/03_data.ipynb #f06b8af4
+_IN_MEMORY_BYTES = 256 << 20       # input size up to which a one-process map keeps its result in memory
+
+def _batch_rows(raw, target_bytes: int = 4 << 20, lo: int = 64, hi: int = 2048) -> int:
+    "Rows per `map` batch: about `target_bytes` of input, between `lo` and `hi` rows."
+    per_row = raw.data.nbytes / max(1, len(raw))
+    return int(min(hi, max(lo, target_bytes // max(1.0, per_row))))
+
+def _map_rows(raw, strat, cfg: FinetuneConfig, tok, where: str, max_len: int, key: str = "", in_memory: bool = False):
+    "The loaded rows of one entry tokenized by its strategy: `_tokenize_table` over `map` batches, in this process or in workers."
+    np_ = _num_proc(cfg, len(raw))
+    return raw.map(_tokenize_table, batched=True, batch_size=_batch_rows(raw), with_indices=True, remove_columns=raw.column_names,
+                   num_proc=np_ if np_ > 1 else None,      # 1: in this process (datasets would start a pool of one)
+                   keep_in_memory=in_memory and np_ == 1 and raw.data.nbytes <= _IN_MEMORY_BYTES,
+                   features=_features(), desc=f"tokenizing {where}",
+                   fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=cfg.min_sample_len, main_pid=os.getpid(),
+                                  truncate=cfg.excess_length_strategy == "truncate", term_ids=tuple(_term_ids(tok, [strat])),
+                                  threads=2 if (os.cpu_count() or 1) >= 2 * np_ else 1),
+                   # the cache key covers everything this map depends on, so datasets may reuse its own cache file
+                   new_fingerprint=_h("tok", key, where) if key else None)
+
+# %% ../nbs/03_data.ipynb #1d4f2ff0
+def _locate(bounds, row: int) -> str:
+    "'FILE row N' for row `row` of an entry whose files start at `bounds` (`(file, first_row)` pairs)."
+    f, start = bounds[0]
+    for bf, bs in bounds:
+        if bs <= row: f, start = bf, bs
+    return f"{Path(f).name} row {row - start}" if len(bounds) > 1 or start == 0 else f"{f} row {row}"
+
+def _drop_bad(tok_ds, where: str, bounds, report, strict: bool):
+    """`(dataset, counts)`: the tokenized entry without its dropped rows (an index over the kept ones: nothing is
+    rewritten) and the drops by reason; the first example of each reason goes to `report`. With `strict` a bad row is an error."""
+    import numpy as np, pyarrow.compute as pc
+    col = tok_ds.with_format("arrow")["_drop"]                  # one column read, not row by row
+    bad = np.flatnonzero(pc.not_equal(col, "").to_numpy(zero_copy_only=False))
+    if not len(bad): return tok_ds, Counter()
+    reasons = col.take(bad).to_pylist()
+    first: dict = {}
+    for k, reason in zip(bad.tolist(), reasons): first.setdefault(reason, k)
+    for reason, k in first.items():
+        if reason not in report.examples:
+            row = tok_ds[k]; report.examples[reason] = f"{where} {_locate(bounds, row['_row'])}: {row['_detail']}"
+    if strict:
+        row = tok_ds[int(bad[0])]                   # map keeps the input order, so this is the first bad row
+        raise DataError(f"bad row ({row['_drop']}): {row['_detail']}", f"{where} {_locate(bounds, row['_row'])}",
+                        "fix the row, or set strict: false to drop and count bad rows")
+    keep = np.setdiff1d(np.arange(len(tok_ds)), bad, assume_unique=True)
+    return tok_ds.select(keep), Counter(reasons)
+
 # %% ../nbs/03_data.ipynb #760c1e9d
-def _process_group(cfg: FinetuneConfig, tok, group, report, strict, max_len, key=""):
+def _process_group(cfg: FinetuneConfig, tok, group, report, strict, max_len, key="", in_memory=False):
+    "Load, tokenize and filter each entry of `group` (`datasets` or `test_datasets`), counting into `report`: `(merged, strategies)`."
     import datasets
     parts, strategies = [], []
     for i, entry in enumerate(_entries(cfg, group)):
@@ -417,52 +490,21 @@ def _process_group(cfg: FinetuneConfig, tok, group, report, strict, max_len, key
         raw, bounds = load_source(entry, i, group)
         if entry.shards:
             raw = raw.shard(num_shards=int(entry.shards), index=entry.shards_idx or 0, contiguous=True)
-        n_in = len(raw)
-        cols = raw.column_names
-        np_ = _num_proc(cfg, n_in)
-        trunc = cfg.excess_length_strategy == "truncate"
-        min_len = cfg.min_sample_len
-        tok_ds = raw.map(_tokenize_table, batched=True, batch_size=256, with_indices=True, remove_columns=cols,
-                         num_proc=np_ if np_ > 1 else None,      # 1: in this process (datasets would start a pool of one)
-                         features=_features(), desc=f"tokenizing {where}",
-                         fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=min_len, truncate=trunc, main_pid=os.getpid(),
-                                        term_ids=tuple(_term_ids(tok, [strat]))),
-                         # the cache key covers everything this map depends on, so datasets may reuse its own cache file
-                         new_fingerprint=_h("tok", key, where) if key else None)
+        tok_ds = _map_rows(raw, strat, cfg, tok, where, max_len, key, in_memory)
         if vision.is_vision(cfg): tok_ds = vision.add_image_columns(tok_ds, raw, strat)   # pictures and text for the collator
         if entry.logprobs_field:              # distillation: the teacher's top-k per token, from the row's column (ftkit.distill)
             from ftkit.distill import add_teacher_columns
             tok_ds = add_teacher_columns(tok_ds, raw, entry.logprobs_field, entry.temperature)
-        drops = tok_ds.with_format("arrow")["_drop"].to_pylist()     # one column read, not row by row
-        bad = [k for k, d in enumerate(drops) if d]
-        def locate(row):
-            f, start = bounds[0]
-            for bf, bs in bounds:
-                if bs <= row: f, start = bf, bs
-            return f"{Path(f).name} row {row - start}" if len(bounds) > 1 or start == 0 else f"{f} row {row}"
-        counts = Counter(drops[k] for k in bad)
-        if bad:
-            for k in bad:
-                reason = drops[k]
-                if reason not in report.examples:
-                    row = tok_ds[k]
-                    report.examples[reason] = f"{where} {locate(row['_row'])}: {row['_detail']}"
-            if strict:
-                row = tok_ds[bad[0]]                   # map keeps the input order, so this is the first bad row
-                raise DataError(f"bad row ({row['_drop']}): {row['_detail']}", f"{where} {locate(row['_row'])}",
-                                "fix the row, or set strict: false to drop and count bad rows")
-            tok_ds = tok_ds.filter(lambda d: [not x for x in d], input_columns=["_drop"], batched=True, batch_size=4096,
-                                   num_proc=np_ if len(tok_ds) > 20000 else None)
+        tok_ds, counts = _drop_bad(tok_ds, where, bounds, report, strict)
         for k, v in counts.items(): report.dropped[k] = report.dropped.get(k, 0) + v
-        report.rows_in += n_in
+        report.rows_in += len(raw)
         report.datasets.append({"where": where, "path": str(entry.path), "type": spec.name if spec.name != "user_defined" else "user-defined",
-                                "rows_in": n_in, "samples_out": len(tok_ds), "dropped": dict(counts)})
+                                "rows_in": len(raw), "samples_out": len(tok_ds), "dropped": dict(counts)})
         if cfg.shuffle_before_merging_datasets and group == "datasets":
             tok_ds = tok_ds.shuffle(seed=cfg.seed)
         parts.append(tok_ds)
     if not parts: return None, strategies
-    merged = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    return merged, strategies
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), strategies
 
 # %% ../nbs/03_data.ipynb #d77a44ad
 def _dedup(ds):
@@ -536,10 +578,9 @@ def prepare(cfg: FinetuneConfig, tokenizer, *, use_cache: bool = True, quiet: bo
         if lock is not None: lock.release()
         if quiet and was_on: dlog.enable_progress_bar()
 
-# %% ../nbs/03_data.ipynb #0bb5571f
-def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
-    import datasets
-    t0 = time.time()
+# %% ../nbs/03_data.ipynb #b57d5b47
+def _check_entries(cfg: FinetuneConfig):
+    "A `DataError` when there is nothing to prepare ahead of time: no datasets, a streamed pretraining dataset, skip_prepare_dataset."
     if not _entries(cfg, "datasets"):
         if cfg.pretraining_dataset:
             raise DataError("pretraining_dataset (streamed) is not prepared ahead of time", "pretraining_dataset",
@@ -548,54 +589,61 @@ def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
     if cfg.skip_prepare_dataset and not vision.is_vision(cfg):     # vision rows are prepared too (config warns)
         raise DataError("skip_prepare_dataset is set, so the data is tokenized during training, not prepared ahead",
                         "skip_prepare_dataset", "remove skip_prepare_dataset to prepare (and cache) the data")
-    key, inputs = cache_key(cfg, tokenizer)
-    root = Path(cfg.dataset_prepared_path).expanduser()
-    cache = guard.child_path(root, key)
-    strict = bool(cfg.strict)
-    max_len = cfg.sequence_len
-    strategies = [_strategy(tokenizer, e, cfg, _where(i))[1] for i, e in enumerate(_entries(cfg, "datasets"))]
-    if use_cache and guard.is_complete(cache):             # the completion marker, not just the folder
-        train = datasets.load_from_disk(str(cache / "train"))
-        test = datasets.load_from_disk(str(cache / "test")) if (cache / "test").exists() else None
-        rep = Report(**{k: v for k, v in json.loads((cache / "report.json").read_text()).items() if k in Report.__dataclass_fields__})
-        rep.histogram = [tuple(h) for h in rep.histogram]
-        rep.from_cache = True
-    else:
-        rep = Report()
-        train, strategies = _process_group(cfg, tokenizer, "datasets", rep, strict, max_len, key)
-        test = None
-        if _entries(cfg, "test_datasets"):
-            test, _ = _process_group(cfg, tokenizer, "test_datasets", rep, strict, int(cfg.eval_sequence_len or max_len), key)
-        if cfg.dataset_exact_deduplication:
-            train, n = _dedup(train); rep.deduplicated += n
-            if test is not None: test, n = _dedup(test); rep.deduplicated += n
-        _stats(train, rep, tokenizer, strategies)          # before the shuffle: the statistics do not depend on the order
-        if cfg.shuffle_merged_datasets is not False:
-            train = train.shuffle(seed=cfg.seed)
-        rep.warnings += template_eot_warnings(tokenizer, strategies)
-        rep.warnings += [n for s in strategies if hasattr(s, "axolotl_notes") for n in s.axolotl_notes()]  # DIFFERENCES.md
-        if len(train) == 0:
-            raise DataError(f"no trainable rows are left ({rep.rows_in} rows in; dropped: "
-                            + ", ".join(f"{k} {v}" for k, v in rep.dropped.items()) + ")",
-                            "; ".join(f"{k}: {v}" for k, v in rep.examples.items()) or "datasets",
-                            "check type:, the field mappings, roles_to_train and sequence_len")
-        train = train.remove_columns(_META)
-        if not use_cache: train = train.flatten_indices()   # with the cache, save_to_disk writes the shuffled order once
-        if test is not None: test = test.remove_columns(_META)
-        rep.samples_out = len(train); rep.rows_out = len(train)
-        if use_cache:
-            rep.cache_path = str(cache)
-            with guard.atomic_dir(cache, key=key) as tmp:     # written aside, marked complete, renamed into place
-                train.save_to_disk(str(tmp / "train"), num_shards=cfg.num_dataset_shards_to_save)
-                if test is not None: test.save_to_disk(str(tmp / "test"))
-                (tmp / "inputs.json").write_text(json.dumps(inputs, indent=1, sort_keys=True, default=str))
-                (tmp / "report.json").write_text(json.dumps(rep.as_dict(), default=str))
-            train = datasets.load_from_disk(str(cache / "train"))
-            if test is not None: test = datasets.load_from_disk(str(cache / "test"))
-            hub.push_prepared(cfg, cache)                         # push_dataset_to_hub: only a fresh preparation is uploaded
-    # split and shard: after the cache, so the cache holds the unsplit data
-    eval_ds = test
-    vs = float(cfg.val_set_size or 0)
+
+def _from_cache(cache: Path):
+    "`(train, test, report)` read back from a complete cache folder."
+    import datasets
+    train = datasets.load_from_disk(str(cache / "train"))
+    test = datasets.load_from_disk(str(cache / "test")) if (cache / "test").exists() else None
+    rep = Report(**{k: v for k, v in json.loads((cache / "report.json").read_text()).items() if k in Report.__dataclass_fields__})
+    rep.histogram = [tuple(h) for h in rep.histogram]
+    rep.from_cache = True
+    return train, test, rep
+
+# %% ../nbs/03_data.ipynb #f963320d
+def _tokenize_all(cfg: FinetuneConfig, tokenizer, key: str = "", in_memory: bool = False):
+    "`(train, test, report, strategies)`: every entry tokenized, filtered and counted; train shuffled and checked not empty."
+    rep, strict, max_len = Report(), bool(cfg.strict), cfg.sequence_len
+    train, strategies = _process_group(cfg, tokenizer, "datasets", rep, strict, max_len, key, in_memory)
+    test = None
+    if _entries(cfg, "test_datasets"):
+        test, _ = _process_group(cfg, tokenizer, "test_datasets", rep, strict, int(cfg.eval_sequence_len or max_len), key, in_memory)
+    if cfg.dataset_exact_deduplication:
+        train, n = _dedup(train); rep.deduplicated += n
+        if test is not None: test, n = _dedup(test); rep.deduplicated += n
+    _stats(train, rep, tokenizer, strategies)          # before the shuffle: the statistics do not depend on the order
+    if cfg.shuffle_merged_datasets is not False:
+        train = train.shuffle(seed=cfg.seed)
+    rep.warnings += template_eot_warnings(tokenizer, strategies)
+    rep.warnings += [n for s in strategies if hasattr(s, "axolotl_notes") for n in s.axolotl_notes()]  # DIFFERENCES.md
+    if len(train) == 0:
+        raise DataError(f"no trainable rows are left ({rep.rows_in} rows in; dropped: "
+                        + ", ".join(f"{k} {v}" for k, v in rep.dropped.items()) + ")",
+                        "; ".join(f"{k}: {v}" for k, v in rep.examples.items()) or "datasets",
+                        "check type:, the field mappings, roles_to_train and sequence_len")
+    train = train.remove_columns(_META)
+    if test is not None: test = test.remove_columns(_META)
+    rep.samples_out = rep.rows_out = len(train)
+    return train, test, rep, strategies
+
+# %% ../nbs/03_data.ipynb #44e4d73f
+def _write_cache(cfg: FinetuneConfig, cache: Path, key: str, inputs: dict, train, test, rep: Report):
+    "Write the prepared data aside, mark it complete and rename it into place; `(train, test)` read back from it."
+    import datasets
+    rep.cache_path = str(cache)
+    with guard.atomic_dir(cache, key=key) as tmp:     # written aside, marked complete, renamed into place
+        train.save_to_disk(str(tmp / "train"), num_shards=cfg.num_dataset_shards_to_save)
+        if test is not None: test.save_to_disk(str(tmp / "test"))
+        (tmp / "inputs.json").write_text(json.dumps(inputs, indent=1, sort_keys=True, default=str))
+        (tmp / "report.json").write_text(json.dumps(rep.as_dict(), default=str))
+    train = datasets.load_from_disk(str(cache / "train"))
+    if test is not None: test = datasets.load_from_disk(str(cache / "test"))
+    hub.push_prepared(cfg, cache)                         # push_dataset_to_hub: only a fresh preparation is uploaded
+    return train, test
+
+def _split_eval(cfg: FinetuneConfig, train, test):
+    "`(train, eval)`: the test datasets, else `val_set_size` rows (a fraction or a count) from the end of train; then `dataset_shard_num`."
+    eval_ds, vs = test, float(cfg.val_set_size or 0)
     if eval_ds is None and vs > 0:
         n = int(vs) if vs > 1 else max(1, int(round(len(train) * vs)))
         if n >= len(train): raise DataError(f"val_set_size {vs:g} leaves no training rows ({len(train)} rows)", "val_set_size",
@@ -604,6 +652,23 @@ def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
         train, eval_ds = sp["train"], sp["test"]
     if cfg.dataset_shard_num:
         train = train.shard(num_shards=int(cfg.dataset_shard_num), index=cfg.dataset_shard_idx or 0, contiguous=True)
+    return train, eval_ds
+
+# %% ../nbs/03_data.ipynb #0bb5571f
+def _prepare(cfg: FinetuneConfig, tokenizer, use_cache) -> PreparedData:
+    t0 = time.time()
+    _check_entries(cfg)
+    key, inputs = cache_key(cfg, tokenizer)
+    cache = guard.child_path(Path(cfg.dataset_prepared_path).expanduser(), key)
+    strategies = [_strategy(tokenizer, e, cfg, _where(i))[1] for i, e in enumerate(_entries(cfg, "datasets"))]
+    if use_cache and guard.is_complete(cache):             # the completion marker, not just the folder
+        train, test, rep = _from_cache(cache)
+    else:
+        # with the cache, a one-process map may keep its result in memory: the cache write is the one write to disk
+        train, test, rep, strategies = _tokenize_all(cfg, tokenizer, key, in_memory=use_cache)
+        if use_cache: train, test = _write_cache(cfg, cache, key, inputs, train, test, rep)
+        else: train = train.flatten_indices()
+    train, eval_ds = _split_eval(cfg, train, test)         # after the cache, so the cache holds the unsplit data
     rep.train_rows, rep.eval_rows = len(train), (len(eval_ds) if eval_ds is not None else 0)
     rep.cache_path = str(cache) if use_cache else ""
     rep.seconds = time.time() - t0
