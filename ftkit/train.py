@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, math, os, shutil, sys, time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from fastcore.basics import patch
@@ -261,6 +261,9 @@ class _Counted:
 class FtkitTrainer(Trainer):
     "transformers' Trainer with multipack dataloaders, ftkit.optim's schedules, atomic checkpoints and token counting."
     logits_keep_below = 0.5      # compute logits only at trained positions when they are fewer than this share (0: never)
+    _loader: Callable[..., Any]                   # the @patch cells below
+    _accepts_logits_to_keep: Callable[..., bool]
+    _ltk: bool
     def __init__(self, *a, ftkit_cfg: FinetuneConfig, packing: PackingPlan | None = None, eval_packing: PackingPlan | None = None,
                  pad_token_id: int = 0, collator=None, context_parallel: ContextParallel | None = None, **kw):
         self.ftkit_cfg, self.packing, self.eval_packing, self.ftkit_tokens = ftkit_cfg, packing, eval_packing, 0
@@ -270,11 +273,11 @@ class FtkitTrainer(Trainer):
         pad_to = mbs * seq if ftkit_cfg.pad_to_sequence_len else None
         kb = 0 if cp else self.logits_keep_below       # a rank's positions are not the row's: no logits_to_keep under context parallelism
         mult = math.lcm(8, 2 * cp.size) if cp else 8      # context parallelism cuts rows into 2 x size equal chunks
-        self.packed_collator = _Counted(PackedCollator(pad_token_id=pad_token_id, pad_to=pad_to, pad_to_multiple_of=None if pad_to else mult), kb)
+        self.packed_collator: Any = _Counted(PackedCollator(pad_token_id=pad_token_id, pad_to=pad_to, pad_to_multiple_of=None if pad_to else mult), kb)
         self.padded_collator = _Counted(collator or PaddedCollator(pad_token_id=pad_token_id, pad_to=seq if ftkit_cfg.pad_to_sequence_len
                                                                    else None, pad_to_multiple_of=8), kb)   # `collator`: e.g. a VLM's
         pose = pose_positions(ftkit_cfg)          # PoSE: training rows get skipped position ids (ftkit.packing); eval rows do not
-        self.train_collators = tuple(c if pose is None or not isinstance(c.inner, (PackedCollator, PaddedCollator))
+        self.train_collators: tuple[Any, ...] = tuple(c if pose is None or not isinstance(c.inner, (PackedCollator, PaddedCollator))
                                      else _Counted(replace(c.inner, positions=pose), kb) for c in (self.packed_collator, self.padded_collator))
         if cp is not None:
             self.packed_collator = CPCollator(self.packed_collator, cp.layout)
@@ -335,7 +338,7 @@ def _accepts_logits_to_keep(self:FtkitTrainer, model) -> bool:
 @patch
 def _prepare_inputs(self:FtkitTrainer, inputs):
     n = inputs.pop("ftkit_real_tokens", None)
-    if n is not None and self.model.training: self.ftkit_tokens += int(n)
+    if n is not None and self.model is not None and self.model.training: self.ftkit_tokens += int(n)
     return super(FtkitTrainer, self)._prepare_inputs(inputs)
 
 @patch
@@ -607,7 +610,7 @@ def _batches(cfg: FinetuneConfig, method: Method | None, plan: Plan, train_ds, e
     "(packing plan, eval packing plan, step plan): packed bins, a stream's max_steps, or padded batches of micro_batch_size."
     packing = eval_packing = None
     dp = data_parallel_size(cfg, plan.world_size)       # the processes that see different rows (all of them without context parallelism)
-    if stream: n_batches = cfg.max_steps * cfg.gradient_accumulation_steps * plan.world_size     # rows come packed
+    if stream: n_batches = (cfg.max_steps or 0) * cfg.gradient_accumulation_steps * plan.world_size     # rows come packed (max_steps is required)
     elif method is None and cfg.sample_packing: packing, eval_packing, n_batches = _packing(cfg, train_ds, eval_ds, dp, quiet)
     else: n_batches = math.ceil(len(train_ds) / plan.micro_batch_size)
     steps = step_plan(cfg, n_batches, dp)
@@ -647,6 +650,7 @@ def _context_parallel(cfg: FinetuneConfig, args, model, quiet: bool) -> ContextP
     arguments started torch.distributed) and the model switched to their attention (`ftkit.context_parallel`)."""
     if cp_size(cfg) <= 1: return None
     cp = context_parallel(cfg, args.process_index, args.world_size)
+    if cp is None: return None
     before = use_context_parallel(model, cp)
     _say(f"context parallel: {cp.size} processes per packed row, {cp.dp_size} data-parallel group(s); attention ftkit_cp "
          f"(keys and values all-gathered over the group; documents kept apart) instead of {before}", quiet)
