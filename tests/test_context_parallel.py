@@ -92,11 +92,12 @@ def logs(out):
 
 @pytest.mark.slow
 def test_cp2_on_two_processes_equals_one_process(tmp_path, tiny_model_dir):
+    ev = dict(val_set_size=0.2, eval_steps=3)                             # evaluation on packed rows too
     one = tmp_path / "one"
-    r1 = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, one))], capture_output=True, text=True)
+    r1 = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, one, **ev))], capture_output=True, text=True)
     assert r1.returncode == 0, r1.stderr[-3000:]
     two = tmp_path / "two"
-    r2 = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, two, context_parallel_size=2)), "--launcher",
+    r2 = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, two, context_parallel_size=2, **ev)), "--launcher",
                          "torchrun", "--num-processes", "2", "--", "--master_port", "29637"], capture_output=True, text=True)
     assert r2.returncode == 0, r2.stderr[-3000:]
     l1, _ = logs(one)
@@ -107,13 +108,17 @@ def test_cp2_on_two_processes_equals_one_process(tmp_path, tiny_model_dir):
     (ROOT / "tests" / "artifacts" / "context_parallel_cpu.json").write_text(json.dumps(report, indent=1))
     assert [r["loss"] for r in l2] == pytest.approx([r["loss"] for r in l1], rel=2e-3, abs=2e-3), report
     assert [r["grad_norm"] for r in l2] == pytest.approx([r["grad_norm"] for r in l1], rel=2e-3, abs=2e-3), report
+    e1, e2 = ([r["eval_loss"] for r in recs if "eval_loss" in r] for recs in (logs(one)[1], recs2))
+    report["eval_loss"] = [e1, e2]
+    (ROOT / "tests" / "artifacts" / "context_parallel_cpu.json").write_text(json.dumps(report, indent=1))
+    assert len(e1) == len(e2) == 1 and e2 == pytest.approx(e1, rel=2e-3), report
     begin = [r for r in recs2 if r["event"] == "begin"][0]
     assert begin["world_size"] == 2
     assert "context parallel: 2 processes per packed row, 1 data-parallel group(s)" in r2.stdout
     tokens1, tokens2 = l1[-1].get("num_tokens"), l2[-1].get("num_tokens")
     assert tokens1 == tokens2, (tokens1, tokens2)                        # real tokens counted once, not once per rank
     nb = tmp_path / "nb"                                                  # the Python / notebook door: ftkit.finetune(cfg, gpus=2)
-    code = f"import ftkit; ftkit.finetune({str(write_config(tmp_path, tiny_model_dir, nb, context_parallel_size=2))!r}, gpus=2)"
+    code = f"import ftkit; ftkit.finetune({str(write_config(tmp_path, tiny_model_dir, nb, context_parallel_size=2, **ev))!r}, gpus=2)"
     r3 = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r3.returncode == 0, r3.stderr[-3000:]
     l3, _ = logs(nb)
