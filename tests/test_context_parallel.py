@@ -90,7 +90,6 @@ def logs(out):
     return [r for r in recs if r.get("event") == "log" and "loss" in r], recs
 
 
-@pytest.mark.slow
 def test_cp2_on_two_processes_equals_one_process(tmp_path, tiny_model_dir):
     ev = dict(val_set_size=0.2, eval_steps=3)                             # evaluation on packed rows too
     one = tmp_path / "one"
