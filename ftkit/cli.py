@@ -121,6 +121,8 @@ def run_train(args) -> int:
     check_not_in_worker(f"--launcher {launcher}")   # a launch inside a launched worker would multiply the job
     num = args.num_processes or ((_cuda_device_count() or 1) if nodes.nnodes > 1 else None)
     cmd = launcher_command(args.config, launcher, num, args.launcher_args, args.overrides, nodes)   # checks before any work
+    from ftkit.context_parallel import data_parallel_size   # context_parallel_size must divide the job's processes
+    data_parallel_size(cfg, (num or _cuda_device_count() or 1) * nodes.nnodes)
     prepare_for_launch(cfg)             # tokenize and cache once per machine, here; the workers load the cache
     print("launching: " + " ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode

@@ -150,6 +150,12 @@ def test_one_process_cannot_form_a_group(tmp_path, tiny_model_dir):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "context_parallel_size 2 does not divide the 1 training process(es)" in r.stderr and "--num-processes 2" in r.stderr
+    # three processes cannot share rows in pairs: refused before anything is prepared or launched
+    r = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, tmp_path / "bad3", context_parallel_size=2)),
+                        "--num-processes", "3"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "does not divide the 3 training process(es)" in r.stderr and "launching:" not in r.stdout, r.stdout + r.stderr[-2000:]
+    assert not (tmp_path / "bad3").exists()
 
 
 @pytest.mark.parametrize("extra,key,words", [
