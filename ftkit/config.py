@@ -28,11 +28,11 @@ __all__ = ['RENAMED_KEYS', 'RULES', 'CAUSAL_LM_METRICS', 'IGNORED_KEYS', 'REJECT
            'YamlLoader', 'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
            'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
            'packing_conflicts', 'chat_template_choice', 'vision_conflicts', 'misc_rules', 'training_variants',
-           'context_parallel_needs', 'chat_template_names', 'known_dataset_types', 'dataset_entries',
-           'trackers_and_plugins', 'causal_lm_eval', 'axolotl_differences', 'honest_keys', 'optimizer_problem',
-           'values_that_run', 'optimizer_options', 'safe_paths', 'quantization_keys', 'apply_overrides',
-           'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve',
-           'json_schema']
+           'peft_has_target_parameters', 'run_control_keys', 'context_parallel_needs', 'chat_template_names',
+           'known_dataset_types', 'dataset_entries', 'trackers_and_plugins', 'causal_lm_eval', 'axolotl_differences',
+           'honest_keys', 'optimizer_problem', 'values_that_run', 'optimizer_options', 'safe_paths',
+           'quantization_keys', 'apply_overrides', 'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env',
+           'detect_env', 'Plan', 'resolve', 'json_schema']
 
 # %% ../nbs/00_config.ipynb #e544ff6a
 def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
@@ -314,6 +314,38 @@ def training_variants(d):
         if method and _set(d, k): yield Problem(k, f"{k} is for supervised fine-tuning; it cannot be used with {method}.", f"Remove `{k}`.")
 
 
+# %% ../nbs/00_config.ipynb #717a05bb
+_PROMPT_METHODS = ("dpo", "ipo", "orpo", "simpo", "kto")      # their rows have a prompt that max_prompt_len cuts (ftkit.rl)
+
+def peft_has_target_parameters() -> bool:
+    "Whether the installed peft's LoraConfig takes `target_parameters` (peft 0.17+), read from its metadata."
+    from importlib.metadata import PackageNotFoundError, version
+    try: major, minor = (int(x) for x in re.findall(r"\d+", version("peft"))[:2])
+    except (PackageNotFoundError, ValueError): return False
+    return (major, minor) >= (0, 17)
+
+@rule
+def run_control_keys(d):
+    "loss_watchdog_patience, lora_target_parameters, max_prompt_len and curriculum_sampling: values and combinations that cannot act."
+    if _set(d, "loss_watchdog_patience") and not _set(d, "loss_watchdog_threshold"):
+        yield Problem("loss_watchdog_patience", "loss_watchdog_patience only acts with loss_watchdog_threshold.",
+                      "Add `loss_watchdog_threshold:` (about twice the starting loss), or remove loss_watchdog_patience.", level="warning")
+    if _set(d, "lora_target_parameters"):
+        if d.get("adapter") not in ("lora", "qlora"):
+            yield Problem("lora_target_parameters", "lora_target_parameters puts LoRA on parameters: it needs `adapter: lora` or `qlora`.",
+                          "Add `adapter: lora`, or remove lora_target_parameters.")
+        elif not peft_has_target_parameters():
+            yield Problem("lora_target_parameters", "the installed peft has no target_parameters (LoRA on parameters came in peft 0.17).",
+                          "pip install -U 'peft>=0.17', or remove lora_target_parameters.")
+    method = d.get("rl") or ("reward_model" if d.get("reward_model") else None)
+    if _set(d, "max_prompt_len") and method not in _PROMPT_METHODS + ("reward_model",):
+        yield Problem("max_prompt_len", f"max_prompt_len cuts the prompts of rl: {', '.join(_PROMPT_METHODS)} (and reward models); "
+                      f"it does nothing for {'rl: ' + str(method) if method else 'supervised fine-tuning (no rl:)'}.",
+                      "Remove max_prompt_len (SFT rows are limited by sequence_len and excess_length_strategy).", level="warning")
+    if d.get("curriculum_sampling") is True and (d.get("rl") or d.get("reward_model") or d.get("process_reward_model")):
+        yield Problem("curriculum_sampling", "curriculum_sampling orders supervised fine-tuning rows; the rl: / reward-model "
+                      "trainers (TRL) keep their own shuffled order.", "Remove curriculum_sampling.", level="warning")
+
 # %% ../nbs/00_config.ipynb #cc1caa58
 _CP_REFUSED = {"rl": "a preference / RL method", "reward_model": "a reward model", "process_reward_model": "a process reward model",
                "kd_trainer": "distillation", "processor_type": "a vision-language model", "pretraining_dataset": "streamed data",
@@ -534,9 +566,6 @@ _IGNORED_TRAINING: dict[str, str] = {
     "adam_beta3": "only used by the CAME optimizer, which ftkit does not offer",
     "adam_epsilon2": "only used by the CAME optimizer, which ftkit does not offer",
     "trainer_cls": "ftkit's trainer is chosen by the method (rl:); custom Trainer classes are not loaded",
-    "loss_watchdog_threshold": f"{_LATER}: a diverging loss is not stopped automatically",
-    "loss_watchdog_patience": f"{_LATER}: a diverging loss is not stopped automatically",
-    "lora_target_parameters": f"{_LATER}: adapters go on modules (lora_target_modules / lora_target_linear)",
     "qlora_sharded_model_loading": "4-bit bases are loaded whole by bitsandbytes",
 }
 
@@ -545,13 +574,9 @@ _IGNORED_DATA: dict[str, str] = {
     # data / packing details that ftkit computes itself
     "sample_packing_eff_est": "ftkit packs exactly (first-fit decreasing) and reports the real efficiency",
     "sample_packing_mp_start_method": "ftkit's packing runs in the training process",
-    "curriculum_sampling": f"{_LATER}: rows are shuffled each epoch",
     "group_by_length": "packed or padded batches are built by ftkit's sampler, not transformers' length grouping",
     "remove_unused_columns": "ftkit's collators keep exactly the columns the model needs",
-    "max_prompt_len": f"{_LATER}: prompts are truncated by sequence_len",
-    "gc_steps": f"{_LATER}: Python garbage collection runs as usual",
     "include_tokens_per_second": "ftkit always logs real tokens/s in its progress and metrics.jsonl",
-    "save_first_step": f"{_LATER}: the first checkpoint follows save_steps / saves_per_epoch",
     "dpo_use_logits_to_keep": "TRL 1.x's DPOTrainer has no such option",
     "dpo_padding_free": "TRL 1.x's DPOTrainer has no such option",
     "dpo_generate_during_eval": "TRL 1.x's DPOTrainer has no such option",

@@ -471,7 +471,8 @@ class FaultWatchdog:
     def __init__(self, output_dir, *, learning_rate=None, weight_decay=None, precision: str = "", threshold: float | None = None,
                  patience: int | None = None, zero_grad_steps: int = 3):
         self.output_dir, self.lr, self.wd, self.precision = Path(output_dir), learning_rate, weight_decay, precision or ""
-        self.threshold, self.patience, self.over = threshold, int(patience or 3), 0
+        self.threshold, self.patience = threshold, int(patience or 3)
+        self.high: list[tuple[int, float]] = []        # (step, loss) of the latest logs above threshold, in a row
         self.zero_grad_steps, self.zeros = zero_grad_steps, 0
 
     def __getattr__(self, name):        # every other TrainerCallback event: nothing to do
@@ -512,10 +513,12 @@ def on_log(self: FaultWatchdog, args, state, control, logs=None, **kw):
             self._stop(state.global_step, f"the gradient norm was exactly 0 for {self.zeros} logged steps while the loss "
                                           f"stayed at {float(logs['loss']):.4g}: the model collapsed and no longer learns")
     if self.threshold is None or "loss" not in logs: return
-    self.over = self.over + 1 if float(logs["loss"]) > self.threshold else 0
-    if self.over >= self.patience:
-        self._stop(state.global_step, f"the loss ({float(logs['loss']):.4g}) stayed above loss_watchdog_threshold "
-                                      f"{self.threshold:g} for {self.over} logged steps (loss_watchdog_patience {self.patience})")
+    loss = float(logs["loss"])
+    self.high = self.high + [(state.global_step, loss)] if loss > self.threshold else []
+    if len(self.high) >= self.patience:
+        seen = ", ".join(f"step {s}: {l:.4g}" for s, l in self.high)
+        self._stop(state.global_step, f"the loss stayed above loss_watchdog_threshold {self.threshold:g} for {len(self.high)} logged "
+                                      f"steps (loss_watchdog_patience {self.patience}; {seen})")
 
 # %% ../nbs/00b_guard.ipynb #2f0061a0
 def fault_watchdog(cfg, output_dir, precision: str = "") -> FaultWatchdog:

@@ -432,6 +432,24 @@ def _check_new_rows_trained(cfg: FinetuneConfig, model, save: list[str]) -> None
                        "would stay frozen, so the new embedding rows would never be trained.",
                        "Add lora_modules_to_save: [embed_tokens, lm_head].")
 
+# %% ../nbs/01_models.ipynb #9b5bfa8c
+def _parameter_targets(cfg: FinetuneConfig, model) -> dict[str, Any]:
+    "peft's `target_parameters` (and no module targets unless the config names some) from `lora_target_parameters`."
+    from ftkit.config import peft_has_target_parameters
+    tp = cfg.lora_target_parameters
+    if not tp: return {}
+    if not peft_has_target_parameters():
+        raise _err("lora_target_parameters", "the installed peft has no target_parameters (LoRA on parameters came in peft 0.17).",
+                   "pip install -U 'peft>=0.17', or remove lora_target_parameters.")
+    names = [tp] if isinstance(tp, str) else list(tp)
+    have = [n for n, _ in model.named_parameters()]
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in have)]
+    if missing:
+        ex = have[len(have) // 2]
+        raise _err("lora_target_parameters", f"no parameter of the model is named {', '.join(missing)}.",
+                   f"Use the model's parameter names: a full name such as {ex}, or its ending such as {ex.split('.', 3)[-1]}.")
+    return {"target_parameters": names} | ({} if cfg.lora_target_modules or cfg.lora_target_linear else {"target_modules": []})
+
 # %% ../nbs/01_models.ipynb #7c5f11da
 def _continue_adapter(model, d: Path, quiet: bool = False):
     "The model with the saved adapter in `d` (trainable), to train on."
@@ -454,9 +472,10 @@ def _new_adapter(cfg: FinetuneConfig, model, save: list[str]):
     if cfg.peft_init_lora_weights is not None: kw["init_lora_weights"] = cfg.peft_init_lora_weights
     if cfg.peft_layer_replication is not None: kw["layer_replication"] = cfg.peft_layer_replication
     if cfg.peft_trainable_token_indices is not None: kw["trainable_token_indices"] = cfg.peft_trainable_token_indices
+    kw.update(_parameter_targets(cfg, model))         # lora_target_parameters: LoRA on parameters (MoE experts)
     try: return get_peft_model(model, LoraConfig(**kw))
     except ValueError as e:
-        key = "lora_target_modules" if "target" in str(e).lower() else "adapter"
+        key = "lora_target_parameters" if "target_parameters" in str(e) else "lora_target_modules" if "target" in str(e).lower() else "adapter"
         raise _err(key, f"peft could not add the adapter: {str(e).splitlines()[0][:300]}",
                    "Check lora_target_modules against the model's module names, or use lora_target_linear: true.") from None
 

@@ -378,7 +378,7 @@ def packing_plan(cfg: FinetuneConfig, ds, *, shuffle: bool = True, num_epochs: f
     ep = num_epochs if num_epochs is not None else cfg.num_epochs
     sampler = MultipackBatchSampler(lens, capacity, group_size=cfg.sample_packing_group_size,
                                     bin_size=cfg.sample_packing_bin_size, shuffle=shuffle,
-                                    sequential=bool(cfg.sample_packing_sequentially),
+                                    sequential=bool(cfg.sample_packing_sequentially or cfg.curriculum_sampling),  # bins in row order
                                     seed=cfg.seed, num_epochs=ep, world_size=ws, drop_last=drop_last)
     real = sum(lens[i] for b in sampler.batches(0) for i in b)
     return PackingPlan(sampler, capacity, len(lens), len(sampler), sampler.efficiency(0), real)

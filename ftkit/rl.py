@@ -25,7 +25,7 @@ log = logging.getLogger("ftkit.rl")
 __all__ = ['log', 'PAIR_PRESETS', 'KTO_PRESETS', 'FAMILY_TEMPLATE', 'RL_TYPES', 'METHODS', 'rl_mode', 'dpo_options',
            'simpo_options', 'orpo_options', 'kto_options', 'grpo_options', 'reward_options', 'Method', 'method_of',
            'PairStrategy', 'KTOStrategy', 'StepwiseStrategy', 'rl_type_name', 'build', 'RLDataError', 'load_rows',
-           'RLData', 'prepare_rl_data', 'debug_rl', 'debug_html', 'RewardFuncError', 'load_reward_funcs',
+           'RLData', 'cut_prompts', 'prepare_rl_data', 'debug_rl', 'debug_html', 'RewardFuncError', 'load_reward_funcs',
            'check_reward_funcs', 'trainer_classes', 'to_orpo_rows', 'to_reward_rows', 'lora_config', 'load_rl_model',
            'reference_model', 'make_trainer', 'sequence_logps', 'preference_margins', 'print_rl_examples',
            'preprocess_rl', 'show_rl']
@@ -565,6 +565,16 @@ def _tokenize_entries(entries, tokenizer, cfg, mode, problems, group="datasets")
                 problems.append((src, i, f"unexpected {type(e).__name__} reading this row: {str(e)[:200]}"))
     return out, template
 
+# %% ../nbs/07_rl.ipynb #6c11d184
+def cut_prompts(rows: list[dict], max_prompt_len: int | None, bos_token_id: int | None = None) -> list[dict]:
+    "max_prompt_len: each row's `prompt_ids` longer than that keep their last tokens, after the BOS they began with."
+    if not max_prompt_len: return rows
+    def cut(p: list[int]) -> list[int]:
+        if len(p) <= max_prompt_len: return p
+        bos = [p[0]] if bos_token_id is not None and p[0] == bos_token_id else []
+        return bos + p[len(p) - (max_prompt_len - len(bos)):] if max_prompt_len > len(bos) else bos
+    return [{**r, "prompt_ids": cut(r["prompt_ids"])} if "prompt_ids" in r else r for r in rows]
+
 # %% ../nbs/07_rl.ipynb #19038930
 def prepare_rl_data(cfg, tokenizer) -> RLData:
     "Load, tokenize and split the RL datasets of `cfg`; raises `RLDataError` naming file and row for unusable rows."
@@ -575,6 +585,8 @@ def prepare_rl_data(cfg, tokenizer) -> RLData:
     evals, _ = _tokenize_entries(cfg.test_datasets, tokenizer, cfg, mode, problems, "test_datasets")
     if problems: raise RLDataError(problems, len(train) + len(evals) + len(problems))
     if not train: raise RLDataError([(", ".join(_ds_source(d) for d in cfg.datasets or []) or "datasets", -1, "holds no rows to train on")], 0)
+    bos = getattr(tokenizer, "bos_token_id", None)         # max_prompt_len: long prompts keep their end (and BOS)
+    train, evals = cut_prompts(train, cfg.max_prompt_len, bos), cut_prompts(evals, cfg.max_prompt_len, bos)
     if cfg.shuffle_merged_datasets:
         random.Random(cfg.seed).shuffle(train)
     v = cfg.val_set_size or 0

@@ -192,7 +192,7 @@ class AdapterSection(Section):
     lora_dropout: float = _f(0.0, "Dropout on the LoRA path.", ge=0, lt=1)
     lora_target_modules: str | list[str] | None = _f(None, "Module names (or a regex) that get adapters.")
     lora_target_linear: bool | None = _f(None, "Put adapters on every linear layer.")
-    lora_target_parameters: str | list[str] | None = _f(None, "Parameter names that get adapters (MoE experts).", adv=True)
+    lora_target_parameters: str | list[str] | None = _f(None, "Parameters (not modules) that get LoRA, by name or suffix, e.g. MoE experts `mlp.experts.gate_up_proj` (peft target_parameters).", adv=True)
     lora_modules_to_save: list[str] | None = _f(None, "Modules trained fully and saved (e.g. embed_tokens, lm_head after adding tokens).", adv=True)
     lora_fan_in_fan_out: bool | None = _f(None, "PEFT fan_in_fan_out flag.", adv=True)
     lora_model_dir: str | None = _f(None, "Existing adapter to continue from (or to use for inference/merge).", adv=True)
@@ -244,7 +244,7 @@ class _DataLengths(_DataSources):
     eval_sequence_len: int | None = _f(None, "Maximum tokens per eval sample.", adv=True, ge=1)
     min_sample_len: int = _f(2, "Drop samples shorter than this (in tokens).", adv=True, ge=0)
     excess_length_strategy: Literal["drop", "truncate"] = _f("drop", "What to do with samples longer than sequence_len.")
-    max_prompt_len: int | None = _f(None, "Maximum prompt length (RL).", adv=True, ge=1)
+    max_prompt_len: int | None = _f(None, "Preference methods (rl:): prompts longer than this keep their last max_prompt_len tokens (and BOS).", adv=True, ge=1)
     train_on_inputs: bool = _f(False, "Also train on the prompt / user turns.")
     sample_packing: bool | None = _f(None, "Pack several samples into each sequence (varlen attention keeps them apart).")
     sample_packing_group_size: int = _f(100000, "Samples packed per group.", adv=True, ge=1)
@@ -255,7 +255,7 @@ class _DataLengths(_DataSources):
     eval_sample_packing: bool | None = _f(None, "Pack the eval set too (defaults to sample_packing).", adv=True)
     pad_to_sequence_len: bool | None = _f(None, "Pad every batch to sequence_len (default true with packing).", adv=True)
     multipack_real_batches: bool | None = _f(None, "Pack micro_batch_size rows of sequence_len instead of one long row.", adv=True)
-    curriculum_sampling: bool | None = _f(None, "Sequential sampling (curriculum).", adv=True)
+    curriculum_sampling: bool | None = _f(None, "Train on the rows in dataset order every epoch, not shuffled (packed bins filled in order too).", adv=True)
     use_pose: bool | None = _f(None, "PoSE: training rows get position ids with random skips, as if spread over pose_max_context_len tokens (long-context training on short rows).", adv=True)
     pose_max_context_len: int | None = _f(None, "PoSE: the context the skipped positions may span (largest position id + 1); needed with use_pose.", adv=True, ge=2)
     pose_num_chunks: int | None = _f(None, "PoSE: chunks per row, each shifted by a random skip (default 2).", adv=True, ge=1)
@@ -333,8 +333,8 @@ class _TrainingRun(_TrainingOptimizer):
     resume_from_checkpoint: str | None = _f(None, "Checkpoint folder to resume from.", adv=True)
     auto_resume_from_checkpoints: bool | None = _f(None, "Resume from the newest checkpoint in output_dir.", adv=True)
     early_stopping_patience: int | None = _f(None, "Stop after this many evals without improvement.", adv=True, ge=1)
-    loss_watchdog_threshold: float | None = _f(None, "Stop when the loss stays above this.", adv=True)
-    loss_watchdog_patience: int | None = _f(None, "Steps above the threshold before stopping.", adv=True, ge=1)
+    loss_watchdog_threshold: float | None = _f(None, "Stop training (exit 2) when the logged loss stays above this for loss_watchdog_patience logs.", adv=True, allow_inf_nan=False)
+    loss_watchdog_patience: int | None = _f(None, "Logged steps in a row above loss_watchdog_threshold before stopping (default 3).", adv=True, ge=1)
     trainer_cls: str | None = _f(None, "Custom trainer class (module.Class).", adv=True)
 
 # %% ../nbs/00_schema.ipynb #051016ec
@@ -418,7 +418,7 @@ class _LoggingEvalSave(Section):
     save_steps: int | float | None = _f(None, "Save every N steps (or a fraction of total steps).", gt=0)
     saves_per_epoch: int | None = _f(None, "Checkpoints per epoch.", ge=1)
     save_total_limit: int | None = _f(None, "Keep at most N checkpoints.", ge=1)
-    save_first_step: bool | None = _f(None, "Save after the first step.", adv=True)
+    save_first_step: bool | None = _f(None, "Also save a checkpoint after the first optimizer step (a save-time problem shows at once).", adv=True)
     save_only_model: bool = _f(False, "Save weights only (cannot resume).", adv=True)
     save_safetensors: bool = _f(True, "Save as safetensors.", adv=True)
     load_best_model_at_end: bool = _f(False, "Load the best checkpoint at the end.", adv=True)
@@ -429,7 +429,7 @@ class _LoggingEvalSave(Section):
     do_causal_lm_eval: bool | None = _f(None, "Generate for the eval prompts at each evaluation and score the answers (ftkit.geneval); false switches it off.", adv=True)
     eval_causal_lm_metrics: list[str] | None = _f(None, "Generation metrics at each evaluation: exact_match, sacrebleu, chrf, ter, perplexity, a plugin's metric, or a function path (pkg.mod.fn, ./file.py:fn); comet is warned and not computed.", adv=True)
     include_tokens_per_second: bool | None = _f(None, "Log tokens per second.", adv=True)
-    gc_steps: int | None = _f(None, "Run garbage collection every N steps.", adv=True)
+    gc_steps: int | None = _f(None, "gc.collect() (and the CUDA cache emptied) every N optimizer steps; -1: at each epoch end and before evaluations.", adv=True, ge=-1)
 
 # %% ../nbs/00_schema.ipynb #7cb624ad
 class LoggingSection(_LoggingEvalSave):

@@ -33,8 +33,9 @@ __all__ = ['OPTIMIZER_NAMES', 'SCHEDULER_NAMES', 'FSDP1_TO_FSDP2', 'FSDP2_REMOVE
            'optimizer_name', 'scheduler', 'StepPlan', 'step_plan', 'fsdp_training_args', 'deepspeed_training_args',
            'training_arguments', 'FtkitTrainer', 'write_marker', 'DistillationTrainer', 'complete_checkpoints',
            'quarantine_incomplete', 'resume_checkpoint', 'prepare', 'prepare_data', 'prepare_for_launch', 'preprocess',
-           'MetricsRecorder', 'ProgressPrinter', 'TrainResult', 'save_outputs', 'TrainerSetup', 'build_trainer',
-           'train', 'train_main', 'generate_replies', 'exact_match', 'demo']
+           'MetricsRecorder', 'ProgressPrinter', 'SaveFirstStep', 'CollectGarbage', 'key_callbacks', 'TrainResult',
+           'save_outputs', 'TrainerSetup', 'build_trainer', 'train', 'train_main', 'generate_replies', 'exact_match',
+           'demo']
 
 # %% ../nbs/06_train.ipynb #4c29efa1
 def _err(key, message, hint=""):
@@ -302,7 +303,8 @@ def _loader(self:FtkitTrainer, ds, plan: PackingPlan | None, batch_size: int, sh
         dl = DataLoader(ds, batch_sampler=bs, collate_fn=packed, **common)
     else:
         seed = args.data_seed if args.data_seed is not None else args.seed    # order = f(seed, epoch): resumes see the same batches
-        sampler = guard.EpochSampler(len(ds), seed) if shuffle else torch.utils.data.SequentialSampler(ds)
+        in_order = not shuffle or self.ftkit_cfg.curriculum_sampling     # curriculum_sampling: dataset order, every epoch
+        sampler = torch.utils.data.SequentialSampler(ds) if in_order else guard.EpochSampler(len(ds), seed)
         dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=padded,
                         drop_last=args.dataloader_drop_last, **common)
     return self.accelerator.prepare(dl)
@@ -488,6 +490,33 @@ class ProgressPrinter(TrainerCallback):
         print(f"  step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
               f"{speed}  {dt:,.0f}s", flush=True)
 
+# %% ../nbs/06_train.ipynb #b8685605
+class SaveFirstStep(TrainerCallback):
+    "save_first_step: a checkpoint after the first optimizer step too."
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 1: control.should_save = True
+
+class CollectGarbage(TrainerCallback):
+    "gc_steps: `gc.collect()` (and the CUDA cache emptied) every `every` optimizer steps; -1: at each epoch end and before evaluations."
+    def __init__(self, every: int): self.every = int(every)
+    def collect(self):
+        import gc
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized(): torch.cuda.empty_cache()
+    def on_step_end(self, args, state, control, **kw):      # after the flow callback: control says whether an evaluation follows
+        if (self.every > 0 and state.global_step % self.every == 0) or (self.every < 0 and control.should_evaluate): self.collect()
+    def on_epoch_end(self, args, state, control, **kw):
+        if self.every < 0: self.collect()
+
+_KEY_CALLBACKS: dict[str, Callable[[FinetuneConfig], TrainerCallback | None]] = {     # config key -> its callback (None: off)
+    "save_first_step": lambda cfg: SaveFirstStep() if cfg.save_first_step else None,
+    "gc_steps": lambda cfg: CollectGarbage(cfg.gc_steps) if cfg.gc_steps else None,
+}
+
+def key_callbacks(cfg: FinetuneConfig) -> list[TrainerCallback]:
+    "The callbacks of the run-control keys the config sets."
+    return [cb for make in _KEY_CALLBACKS.values() if (cb := make(cfg)) is not None]
+
 # %% ../nbs/06_train.ipynb #e2796630
 @dataclass
 class TrainResult:
@@ -621,11 +650,12 @@ def _batches(cfg: FinetuneConfig, method: Method | None, plan: Plan, train_ds, e
 # %% ../nbs/06_train.ipynb #4b79da8d
 def _callbacks(cfg: FinetuneConfig, method: Method | None, plan: Plan, prepared, eval_ds, tokenizer, plugins, callbacks,
                recorder: "MetricsRecorder") -> list:
-    "The run's callbacks: metrics, fault watchdog, the caller's, the plugins', checkpoint markers, the optimizer's, evaluation's, variants'."
+    "The run's callbacks: metrics, fault watchdog, the caller's, the plugins', checkpoint markers, the optimizer's (Grokfast, schedule-free), the keys', evaluation's, variants'."
     cbs = [recorder, guard.fault_watchdog(cfg, Path(cfg.output_dir).expanduser(), plan.precision)] + list(callbacks or []) + plugins.callbacks(cfg) \
           + ([guard.CheckpointMarker()] if method is not None else []) \
           + list(getattr(prepared, "callbacks", None) or []) \
-          + optim.callbacks(cfg)                                   # Grokfast, schedule-free's evaluation weights
+          + optim.callbacks(cfg) \
+          + key_callbacks(cfg)                                     # save_first_step, gc_steps
     if method is None and eval_ds is not None and len(eval_ds) > 0:   # do_causal_lm_eval / eval_causal_lm_metrics (ftkit.geneval)
         cbs += geneval.callbacks(cfg, eval_ds, tokenizer, plugins.metrics(cfg))
     if method is None: cbs += variants.callbacks(cfg)                # LISA / ReLoRA act as callbacks

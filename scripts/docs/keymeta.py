@@ -57,6 +57,8 @@ METHODS = {
     "use_pose": "SFT", "pose_max_context_len": "SFT", "pose_num_chunks": "SFT", "pose_split_on_token_ids": "SFT",
     "processor_type": "SFT (vision-language models)", "image_size": "SFT (vision-language models)",
     "image_resize_algorithm": "SFT (vision-language models)",
+    "max_prompt_len": PREF + ", reward model", "curriculum_sampling": "SFT",
+    "save_first_step": SFT_RL, "gc_steps": SFT_RL, "loss_watchdog_threshold": SFT_RL, "loss_watchdog_patience": SFT_RL,
 }
 
 EXAMPLES = {
@@ -96,4 +98,6 @@ EXAMPLES = {
     "type.format": "[INST] {instruction} [/INST]", "type.no_input_format": "[INST] {instruction} [/INST]",
     "type.system_format": "{system}\n", "type.prompt_format": "{prompt}", "type.chosen_format": "{chosen}",
     "type.rejected_format": "{rejected}", "type.completion_format": "{completion}",
+    "loss_watchdog_threshold": 5.0, "loss_watchdog_patience": 3, "gc_steps": 50, "max_prompt_len": 512,
+    "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
 }
