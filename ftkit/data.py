@@ -226,14 +226,8 @@ def _features():
                      "_row": Value("int64"), "_len": Value("int32"), "_ntrain": Value("int32"), "_nterm": Value("int32"),
                      "_trunc": Value("bool")})
 
-def _strategy_results(strategy, rows, threads: int = 1, piece: int = 256):
-    """The strategy's results for `rows`, in order; on an unexpected failure, row by row so only the failing row(s) are lost.
-    A `thread_safe` strategy gets `piece`-row pieces on `threads` threads."""
-    if threads > 1 and getattr(strategy, "thread_safe", False) and len(rows) > piece:
-        from concurrent.futures import ThreadPoolExecutor
-        pieces = [rows[i:i + piece] for i in range(0, len(rows), piece)]
-        with ThreadPoolExecutor(threads) as ex:
-            return [r for res in ex.map(lambda p: _strategy_results(strategy, p), pieces) for r in res]
+def _strategy_results(strategy, rows):
+    "The strategy's results for `rows`, in order; on an unexpected failure, row by row so only the failing row(s) are lost."
     try: return strategy.tokenize_batch(rows)
     except Exception:
         results = []
@@ -293,13 +287,13 @@ def _empty_untrained(lens, bounds, ids, lab, am):
     return empty, lens, bounds, ids, lab, am
 
 # %% ../nbs/03_data.ipynb #50c39e7b
-def _tokenize_table(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=False, term_ids=(), main_pid=None, threads=1):
+def _tokenize_table(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=False, term_ids=(), main_pid=None):
     "The batched `map` function: one Arrow table of samples and dropped rows (with their reasons), built from flat arrays."
     import numpy as np, pyarrow as pa
     guard.die_with_parent(main_pid)       # a worker of a killed run exits with it (ftkit.guard), never orphaned
     keys = list(batch)
     rows = [{k: batch[k][i] for k in keys} for i in range(len(idxs))]
-    recs = _length_rules(idxs, _strategy_results(strategy, rows, threads), max_len, min_len, truncate)
+    recs = _length_rules(idxs, _strategy_results(strategy, rows), max_len, min_len, truncate)
     empty, lens, bounds, ids, lab, am = _empty_untrained(*_flatten(recs))
     drop, detail = [x[5] for x in recs], [x[6] for x in recs]
     for k in np.flatnonzero(empty):
@@ -445,8 +439,7 @@ def _map_rows(raw, strat, cfg: FinetuneConfig, tok, where: str, max_len: int, ke
                    keep_in_memory=in_memory and np_ == 1 and raw.data.nbytes <= _IN_MEMORY_BYTES,
                    features=_features(), desc=f"tokenizing {where}",
                    fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=cfg.min_sample_len, main_pid=os.getpid(),
-                                  truncate=cfg.excess_length_strategy == "truncate", term_ids=tuple(_term_ids(tok, [strat])),
-                                  threads=2 if (os.cpu_count() or 1) >= 2 * np_ else 1),
+                                  truncate=cfg.excess_length_strategy == "truncate", term_ids=tuple(_term_ids(tok, [strat]))),
                    # the cache key covers everything this map depends on, so datasets may reuse its own cache file
                    new_fingerprint=_h("tok", key, where) if key else None)
 
