@@ -750,14 +750,16 @@ def to_reward_rows(rows: list[dict]) -> list[dict]:
     return [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"]} for r in rows]
 
 # %% ../nbs/07_rl.ipynb #15555463
-def lora_config(cfg: FinetuneConfig, task_type="CAUSAL_LM"):
-    "A peft `LoraConfig` from the adapter keys of the config (for reward / process reward heads)."
+def lora_config(cfg: FinetuneConfig, task_type="CAUSAL_LM", model=None):
+    """A peft `LoraConfig` from the adapter keys of the config (for reward / process reward heads); with `model`, also
+    `lora_target_parameters` checked against its parameter names."""
     from peft import LoraConfig
-    from ftkit.models import _targets, effective_lora_alpha
+    from ftkit.models import _parameter_targets, _targets, effective_lora_alpha
+    targets = {"target_modules": _targets(cfg)} | (_parameter_targets(cfg, model) if model is not None else {})
     r = cfg.lora_r
     return LoraConfig(r=r, lora_alpha=effective_lora_alpha(cfg),  # type: ignore[arg-type]  # peft accepts a float alpha
                       lora_dropout=float(cfg.lora_dropout or 0.0),
-                      target_modules=_targets(cfg), modules_to_save=cfg.lora_modules_to_save, bias="none",
+                      **targets, modules_to_save=cfg.lora_modules_to_save, bias="none",
                       use_dora=bool(cfg.peft_use_dora), use_rslora=bool(cfg.peft_use_rslora), task_type=task_type)
 
 def load_rl_model(cfg: FinetuneConfig, tokenizer, head: str = "causal"):
@@ -779,7 +781,7 @@ def load_rl_model(cfg: FinetuneConfig, tokenizer, head: str = "causal"):
     if cfg.adapter in ("lora", "qlora"):
         from peft import get_peft_model, prepare_model_for_kbit_training
         if q is not None: model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
-        model = get_peft_model(model, lora_config(cfg, "SEQ_CLS" if head == "seqcls" else "TOKEN_CLS"))
+        model = get_peft_model(model, lora_config(cfg, "SEQ_CLS" if head == "seqcls" else "TOKEN_CLS", model))
     return model
 
 # %% ../nbs/07_rl.ipynb #78de8a0a

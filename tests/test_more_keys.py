@@ -121,6 +121,20 @@ def test_lora_target_parameters_get_lora_and_train(tmp_path):
     assert any("lora_B" in n for n in changed) and any("lora_A" in n for n in changed), changed   # they trained
 
 
+def test_lora_target_parameters_reach_a_reward_model_head(tmp_path):
+    "The reward-model path builds its own LoraConfig: the key reaches it too, and a wrong name is an error there as well."
+    from ftkit.config import ConfigError
+    from ftkit.rl import load_rl_model
+    from helpers import save_tiny_model
+    tok = save_tiny_model(tmp_path / "base")
+    base = {"base_model": str(tmp_path / "base"), "reward_model": True, "adapter": "lora", "lora_r": 4}
+    m = load_rl_model(_cfg(tmp_path / "rm", **base, lora_target_parameters=["mlp.down_proj.weight"]), tok, head="seqcls")
+    lora = [n for n, p in m.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all(".mlp.down_proj.lora_" in n for n in lora), lora
+    with pytest.raises(ConfigError, match="no parameter of the model is named mlp.nope.weight"):
+        load_rl_model(_cfg(tmp_path / "rm2", **base, lora_target_parameters=["mlp.nope.weight"]), tok, head="seqcls")
+
+
 def test_lora_target_parameters_errors():
     problems = validate({"learning_rate": 1e-4, "lora_target_parameters": ["mlp.experts.gate_up_proj"]})[1]
     assert [(p.key, p.level) for p in problems] == [("lora_target_parameters", "error")]       # no adapter
