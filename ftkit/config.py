@@ -588,7 +588,6 @@ _IGNORED_LOADING: dict[str, str] = {
     "low_cpu_mem_usage": "transformers 5 always loads weights lazily",
     "experimental_skip_move_to_device": "ftkit places the model with accelerate (device_map / the launcher)",
     "embeddings_skip_upcast": "ftkit does not upcast embeddings",
-    "base_model_config": f"{_LATER}: the config comes from base_model",
     "type_of_model": "ftkit loads causal LMs with AutoModelForCausalLM (heads for reward models come from the method)",
     "cls_model_config": "ftkit loads the config with AutoConfig",
     "tokenizer_type": "ftkit loads the tokenizer with AutoTokenizer",

@@ -86,12 +86,34 @@ class ModelSource:
     path: str                       # folder or Hub id
     gguf_file: str | None = None    # file inside `path` (dequantized on load)
     tokenizer_path: str | None = None
+    config_path: str | None = None  # base_model_config: the config.json read instead of path's
     embedded: bool = False
     remote: bool = False
     model_type: str | None = None
 
     @property
     def tok_path(self) -> str: return self.tokenizer_path or self.path
+    @property
+    def conf_path(self) -> str: return self.config_path or self.path
+
+def _looks_local(name) -> bool:
+    s = str(name)
+    return s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith((".gguf", ".json"))
+
+def _config_from(cfg: FinetuneConfig, src: ModelSource) -> None:
+    """`base_model_config` (the config read instead of base_model's, and, as in Axolotl, the tokenizer too when the
+    folder holds one) and `tokenizer_config` (the tokenizer, first) into `src`."""
+    if bmc := cfg.base_model_config:
+        p = Path(str(bmc)).expanduser()
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise _err("base_model_config", f"{p} has no config.json.", "Point base_model_config at a folder holding the model's config.json, or a Hub id.")
+        if not p.is_dir() and _looks_local(bmc):
+            raise _err("base_model_config", f"{bmc!r} is not a folder on this machine.",
+                       "Point base_model_config at the folder that holds config.json (not the file itself), or a Hub id.")
+        src.config_path = str(p) if p.is_dir() else str(bmc)
+        if not p.is_dir() or any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            src.tokenizer_path = src.config_path
+    if cfg.tokenizer_config: src.tokenizer_path = cfg.tokenizer_config
 
 def _is_embedded(name) -> bool:
     return not name or str(name).strip().lower() in (EMBEDDED_MODEL, "smollm2-135m-instruct.q4_1.gguf")
@@ -100,10 +122,9 @@ def _is_embedded(name) -> bool:
 def model_source(cfg: FinetuneConfig, *, check: bool = True, quiet: bool = True) -> ModelSource:
     "Resolve and check where the model of `cfg` comes from (fast: reads at most a config file)."
     base, gguf = cfg.base_model, cfg.gguf_file
-    tok_cfg = cfg.tokenizer_config
     if _is_embedded(base) and not gguf:
         src = ModelSource(str(embedded_model_path(quiet=quiet)), embedded=True, model_type="llama")
-        if tok_cfg: src.tokenizer_path = tok_cfg
+        _config_from(cfg, src)
         return src
     p = Path(str(base)).expanduser()
     if p.is_file() and p.suffix == ".gguf":
@@ -115,7 +136,7 @@ def model_source(cfg: FinetuneConfig, *, check: bool = True, quiet: bool = True)
             have = sorted(x.name for x in p.glob("*.gguf"))
             raise _err("gguf_file", f"{gguf!r} is not in {p}." + (f" GGUF files there: {', '.join(have)}." if have else " There are no .gguf files there."),
                        "Set gguf_file to the name of a .gguf file inside base_model.")
-        if not gguf and not (p / "config.json").exists():
+        if not gguf and not cfg.base_model_config and not (p / "config.json").exists():
             have = sorted(x.name for x in p.glob("*.gguf"))
             raise _err("base_model", f"{p} has no config.json, so it is not a transformers model folder.",
                        f"Set gguf_file: {have[0]} to load the GGUF file in it." if have else
@@ -126,7 +147,7 @@ def model_source(cfg: FinetuneConfig, *, check: bool = True, quiet: bool = True)
         if looks_local:
             raise _err("base_model", f"{base!r} does not exist on this machine.", "Check the path, or use a Hub id like org/name.")
         src = ModelSource(str(base), gguf_file=gguf, remote=True)
-    if tok_cfg: src.tokenizer_path = tok_cfg
+    _config_from(cfg, src)
     if check and not src.gguf_file: _check_architecture(cfg, src)
     return src
 
@@ -136,15 +157,15 @@ def _check_architecture(cfg: FinetuneConfig, src: ModelSource):
     trust = bool(cfg.trust_remote_code)
     kw = dict(trust_remote_code=trust, revision=cfg.revision_of_model)
     try:
-        try: mc = AutoConfig.from_pretrained(src.path, local_files_only=True, **kw)   # local folder or Hub cache
+        try: mc = AutoConfig.from_pretrained(src.conf_path, local_files_only=True, **kw)   # local folder or Hub cache
         except OSError:
             if not src.remote: raise
             if not hub_reachable():
                 raise OSError("offline: the Hugging Face Hub cannot be reached") from None
-            mc = AutoConfig.from_pretrained(src.path, **kw)
+            mc = AutoConfig.from_pretrained(src.conf_path, **kw)
     except (ValueError, KeyError) as e:
         mt = None
-        try: mt = json.loads((Path(src.path) / "config.json").read_text()).get("model_type")
+        try: mt = json.loads((Path(src.conf_path) / "config.json").read_text()).get("model_type")
         except Exception: pass
         raise _err("base_model", f"transformers {_tf_version()} does not know the architecture of {src.path!r}"
                    + (f" (model_type {mt!r})" if mt else "") + f": {str(e).splitlines()[0][:200]}",
@@ -289,7 +310,7 @@ def resize_embeddings(cfg: FinetuneConfig, model, tokenizer, quiet: bool = False
 def _check_gptq(src: ModelSource):
     "Refuse `gptq: true` on a base whose config.json has no GPTQ quantization_config."
     from transformers import AutoConfig
-    qc = getattr(AutoConfig.from_pretrained(src.path), "quantization_config", None) if not src.gguf_file else None
+    qc = getattr(AutoConfig.from_pretrained(src.conf_path), "quantization_config", None) if not src.gguf_file else None
     method = (qc or {}).get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     if str(method).lower() != "gptq":
         raise _err("gptq", f"gptq: true but {src.path} is not a GPTQ checkpoint (its config.json has "
@@ -314,10 +335,12 @@ def set_rope_scaling(mc, rope_scaling: dict) -> None:
                    "E.g. {rope_type: yarn, factor: 4.0}; llama3 also needs low_freq_factor and high_freq_factor.") from None
 
 def model_config(cfg: FinetuneConfig, src: ModelSource):
-    "The model's config with `overrides_of_model_config` and `rope_scaling` applied, or None when neither is set."
-    if not (cfg.overrides_of_model_config or cfg.rope_scaling): return None
+    """The model's config — read from `base_model_config` when set — with `overrides_of_model_config` and `rope_scaling`
+    applied, or None when none of them is set (from_pretrained then reads base_model's own)."""
+    if not (cfg.overrides_of_model_config or cfg.rope_scaling or src.config_path): return None
     from transformers import AutoConfig
-    mc = AutoConfig.from_pretrained(src.path, **({"gguf_file": src.gguf_file} if src.gguf_file else {}))
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file and not src.config_path else {}
+    mc = AutoConfig.from_pretrained(src.conf_path, trust_remote_code=bool(cfg.trust_remote_code), **kw)
     for k, v in (cfg.overrides_of_model_config or {}).items(): setattr(mc, k, v)
     if cfg.rope_scaling: set_rope_scaling(mc, cfg.rope_scaling)
     return mc
@@ -385,7 +408,7 @@ def load_model(cfg: FinetuneConfig, tokenizer=None, *, source: ModelSource | Non
     t = time.time()
     if cfg.reinit_weights:
         from transformers import AutoConfig
-        mc = kw.pop("config", None) or AutoConfig.from_pretrained(src.path)
+        mc = kw.pop("config", None) or AutoConfig.from_pretrained(src.conf_path)
         model = auto.from_config(mc, dtype=dtype, attn_implementation=attn)
     else:
         model = auto.from_pretrained(src.path, **kw)

@@ -138,7 +138,7 @@ class SpecialTokens(Section):
 class ModelSection(Section):
     "Which model to fine-tune and how to load it."
     base_model: str | None = _f(None, "Hub id or local folder of the model; empty or `smollm2-135m-instruct` uses the embedded SmolLM2-135M-Instruct.")
-    base_model_config: str | None = _f(None, "Where the model config comes from if not from base_model.", adv=True)
+    base_model_config: str | None = _f(None, "Read the model config from this folder or Hub id instead of base_model (weights still from base_model; the tokenizer too if it holds one).", adv=True)
     gguf_file: str | None = _f(None, "GGUF file inside base_model to load (dequantized).", adv=True)
     revision_of_model: str | None = _f(None, "Model revision on the Hub.", adv=True)
     type_of_model: str | None = _f(None, "Loader class, e.g. AutoModelForCausalLM.", adv=True)

@@ -1,0 +1,61 @@
+"""Three Axolotl model/tokenizer keys that ftkit used to accept and ignore, now acted on: base_model_config (the model
+config read from another folder, weights from base_model), added_tokens_overrides (reserved added tokens renamed in a
+copy of the tokenizer, the vocabulary size kept) and fix_untrained_tokens (never-trained embedding / LM-head rows that
+the data uses set to the mean of the trained rows). Real tiny models, real tokenizers, real training on the CPU."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftkit.config import IGNORED_KEYS, ConfigError, validate
+from ftkit.models import load_model, load_tokenizer, model_source
+from helpers import make_cfg, save_tiny_model, tiny_llama
+
+
+# ---- base_model_config ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    save_tiny_model(d)
+    return d
+
+
+def test_base_model_config_is_acted_on():
+    assert "base_model_config" not in IGNORED_KEYS
+    assert not validate({"learning_rate": 1e-4, "strict": True, "base_model_config": "org/name"})[1]
+
+
+def test_base_model_config_gives_the_config_weights_from_base_model(tiny_dir, tmp_path):
+    conf = json.loads((tiny_dir / "config.json").read_text())
+    assert conf["rms_norm_eps"] != 1e-3
+    other = tmp_path / "conf"; other.mkdir()
+    (other / "config.json").write_text(json.dumps({**conf, "rms_norm_eps": 1e-3, "tie_word_embeddings": False}))
+    cfg = make_cfg(base_model=str(tiny_dir), base_model_config=str(other))
+    tok = load_tokenizer(cfg, quiet=True)                    # `other` holds no tokenizer: base_model's is used
+    model = load_model(cfg, tok, quiet=True)
+    assert model.config.rms_norm_eps == 1e-3
+    weights = load_file(str(tiny_dir / "model.safetensors"))
+    assert torch.equal(model.get_input_embeddings().weight.float(), weights["model.embed_tokens.weight"].float())
+    plain = load_model(make_cfg(base_model=str(tiny_dir)), tok, quiet=True)
+    assert plain.config.rms_norm_eps == conf["rms_norm_eps"]  # unset: base_model's own config
+
+
+def test_base_model_config_for_a_folder_without_config(tiny_dir, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dir, bare)
+    shutil.move(bare / "config.json", tmp_path / "config.json")
+    with pytest.raises(ConfigError, match="config.json"):
+        model_source(make_cfg(base_model=str(bare)))
+    model = load_model(make_cfg(base_model=str(bare), base_model_config=str(tmp_path)), quiet=True)
+    assert model.config.vocab_size == json.loads((tmp_path / "config.json").read_text())["vocab_size"]
+
+
+def test_base_model_config_mistakes_are_config_errors(tiny_dir, tmp_path):
+    for bad, words in [(str(tmp_path), "has no config.json"), (str(tiny_dir / "config.json"), "not a folder"),
+                       ("./no/such/folder", "not a folder")]:
+        with pytest.raises(ConfigError, match=words) as e:
+            model_source(make_cfg(base_model=str(tiny_dir), base_model_config=bad))
+        assert e.value.problems[0].key == "base_model_config"
