@@ -28,11 +28,11 @@ __all__ = ['RENAMED_KEYS', 'RULES', 'CAUSAL_LM_METRICS', 'IGNORED_KEYS', 'REJECT
            'YamlLoader', 'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
            'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
            'packing_conflicts', 'chat_template_choice', 'vision_conflicts', 'misc_rules', 'training_variants',
-           'peft_has_target_parameters', 'run_control_keys', 'context_parallel_needs', 'chat_template_names',
-           'known_dataset_types', 'dataset_entries', 'trackers_and_plugins', 'causal_lm_eval', 'axolotl_differences',
-           'honest_keys', 'optimizer_problem', 'values_that_run', 'optimizer_options', 'safe_paths',
-           'quantization_keys', 'apply_overrides', 'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env',
-           'detect_env', 'Plan', 'resolve', 'json_schema']
+           'peft_has_target_parameters', 'run_control_keys', 'token_keys', 'context_parallel_needs',
+           'chat_template_names', 'known_dataset_types', 'dataset_entries', 'trackers_and_plugins', 'causal_lm_eval',
+           'axolotl_differences', 'honest_keys', 'optimizer_problem', 'values_that_run', 'optimizer_options',
+           'safe_paths', 'quantization_keys', 'apply_overrides', 'parse_overrides', 'validate', 'load',
+           'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
 
 # %% ../nbs/00_config.ipynb #e544ff6a
 def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
@@ -346,6 +346,19 @@ def run_control_keys(d):
         yield Problem("curriculum_sampling", "curriculum_sampling orders supervised fine-tuning rows; the rl: / reward-model "
                       "trainers (TRL) keep their own shuffled order.", "Remove curriculum_sampling.", level="warning")
 
+# %% ../nbs/00_config.ipynb #9adaa0ba
+@rule
+def token_keys(d):
+    "added_tokens_overrides: ids >= 0 renamed to distinct non-empty texts."
+    over = d.get("added_tokens_overrides")
+    if isinstance(over, dict) and over:
+        texts = [v for v in over.values() if isinstance(v, str)]
+        if any(not str(v).strip() for v in texts) or len(set(texts)) < len(texts):
+            yield Problem("added_tokens_overrides", "added_tokens_overrides gives an empty text, or one text to two ids.",
+                          "Give each token id its own new text, e.g. {128002: '<|im_start|>', 128003: '<|im_end|>'}.")
+        if any(isinstance(k, int) and k < 0 for k in over):
+            yield Problem("added_tokens_overrides", "added_tokens_overrides has a negative token id.", "Use the ids of tokenizer.json's added_tokens.")
+
 # %% ../nbs/00_config.ipynb #cc1caa58
 _CP_REFUSED = {"rl": "a preference / RL method", "reward_model": "a reward model", "process_reward_model": "a process reward model",
                "kd_trainer": "distillation", "processor_type": "a vision-language model", "pretraining_dataset": "streamed data",
@@ -593,7 +606,6 @@ _IGNORED_LOADING: dict[str, str] = {
     "tokenizer_type": "ftkit loads the tokenizer with AutoTokenizer",
     "tokenizer_legacy": "transformers 5's fast tokenizers have no legacy mode",
     "tokenizer_save_jinja_files": "the chat template is saved inside tokenizer_config.json",
-    "added_tokens_overrides": f"{_LATER}: use `tokens:` to add tokens",
     "fix_untrained_tokens": f"{_LATER}: new token embeddings keep their initialisation",
     # dataset-entry and trl: keys
     "datasets[].preprocess_shards": "each dataset is tokenized in one pass (with dataset_num_proc workers)",

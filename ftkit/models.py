@@ -251,6 +251,62 @@ def _set_chat_template(cfg: FinetuneConfig, tok) -> list[str]:
         return [f"chat template: {name} (saved into the tokenizer)"]
     return []
 
+# %% ../nbs/01_models.ipynb #e1204f4f
+def _rename_in_tokenizer_json(t: dict, over: dict[int, str]) -> None:
+    "Rename the added tokens `over` {id: text} in a tokenizer.json: its added_tokens and its model's vocabulary."
+    for e in t.get("added_tokens") or []:
+        if e.get("id") in over: e["content"] = over[e["id"]]
+    vocab = (t.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):                        # BPE / WordPiece: {text: id}
+        for s, i in [(s, i) for s, i in vocab.items() if i in over]: vocab[over[i]] = vocab.pop(s)
+    elif isinstance(vocab, list):                      # Unigram: [[text, score], ...] by id
+        for i, e in enumerate(vocab):
+            if i in over: e[0] = over[i]
+
+def _rename_in_tokenizer_config(t: dict, old: dict[int, str], over: dict[int, str]) -> None:
+    "The same renames in tokenizer_config.json / special_tokens_map.json: added_tokens_decoder and the special-token fields."
+    new_of = {old[i]: over[i] for i in over}
+    for i, e in (t.get("added_tokens_decoder") or {}).items():
+        if int(i) in over: e["content"] = over[int(i)]
+    for k, v in t.items():
+        if k.endswith("_token") and isinstance(v, str) and v in new_of: t[k] = new_of[v]
+        elif k.endswith("_token") and isinstance(v, dict) and v.get("content") in new_of: v["content"] = new_of[v["content"]]
+        elif k.endswith("special_tokens") and isinstance(v, list):
+            t[k] = [new_of.get(x, x) if isinstance(x, str) else x for x in v]
+
+def _rewrite_json(p: Path, fn) -> None:
+    if p.is_file():
+        d = json.loads(p.read_text(encoding="utf-8")); fn(d); p.write_text(json.dumps(d, ensure_ascii=False, indent=2), encoding="utf-8")
+
+# %% ../nbs/01_models.ipynb #d64db3ce
+def _renamed_added_tokens(cfg: FinetuneConfig, tok, kw: dict):
+    """`added_tokens_overrides` {id: text}: (the tokenizer with those added tokens renamed, the note saying so). As in
+    Axolotl, tokenizer.json and tokenizer_config.json are rewritten — here in a temporary copy, never the user's files —
+    and reloaded: the vocabulary size stays; the renamed tokenizer is what output_dir gets."""
+    from transformers import AutoTokenizer
+    over = {int(k): str(v) for k, v in (cfg.added_tokens_overrides or {}).items()}
+    added, vocab = tok.added_tokens_decoder, tok.get_vocab()
+    for i, new in over.items():
+        if i not in added:
+            raise _err("added_tokens_overrides", f"token id {i} is not an added token of the tokenizer (its added tokens "
+                       f"are ids {min(added, default=None)}..{max(added, default=None)}, {len(added)} of them).",
+                       "Rename only added (reserved / special) tokens, listed in tokenizer.json's added_tokens; add new ones with tokens:.")
+        if vocab.get(new, i) != i:
+            raise _err("added_tokens_overrides", f"{new!r} (the new text of id {i}) is already token {vocab[new]} of the tokenizer.",
+                       "Choose a text that is not in the vocabulary, or use that token as it is.")
+    old = {i: added[i].content for i in over}
+    with tempfile.TemporaryDirectory(prefix="ftkit-tokenizer-") as d:
+        tok.save_pretrained(d)
+        if not (Path(d) / "tokenizer.json").is_file():
+            raise _err("added_tokens_overrides", f"the tokenizer of {tok.name_or_path} is a slow one (no tokenizer.json) and cannot be renamed.",
+                       "Use a model with a fast tokenizer (tokenizer.json), or remove added_tokens_overrides.")
+        _rewrite_json(Path(d) / "tokenizer.json", lambda t: _rename_in_tokenizer_json(t, over))
+        for f in ("tokenizer_config.json", "special_tokens_map.json"):
+            _rewrite_json(Path(d) / f, lambda t: _rename_in_tokenizer_config(t, old, over))
+        new_tok = AutoTokenizer.from_pretrained(d, **{k: v for k, v in kw.items() if k != "gguf_file"})
+    new_tok.name_or_path = tok.name_or_path        # where it came from (the data cache keys on it); the renames are in its vocabulary
+    return new_tok, ["added tokens renamed: " + ", ".join(f"{i} {old[i]!r} -> {over[i]!r}" for i in over)]
+
 # %% ../nbs/01_models.ipynb #72a56966
 def load_tokenizer(cfg: FinetuneConfig, *, source: ModelSource | None = None, quiet: bool = False):
     "The tokenizer of `cfg` with pad token, added tokens and chat template set."
@@ -260,8 +316,10 @@ def load_tokenizer(cfg: FinetuneConfig, *, source: ModelSource | None = None, qu
     if cfg.tokenizer_use_fast is not None: kw["use_fast"] = bool(cfg.tokenizer_use_fast)
     if src.gguf_file and not src.tokenizer_path: kw["gguf_file"] = src.gguf_file
     tok = AutoTokenizer.from_pretrained(src.tok_path, **kw)
+    notes: list[str] = []
+    if cfg.added_tokens_overrides: tok, notes = _renamed_added_tokens(cfg, tok, kw)   # before tokens: (which may name them)
     n0 = len(tok)
-    notes = _add_tokens(cfg, tok) + _set_pad_token(tok)
+    notes += _add_tokens(cfg, tok) + _set_pad_token(tok)
     if vision.is_vision(cfg): notes += vision.attach_processor(cfg, tok, src.path)   # its chat template becomes the default
     notes += _set_chat_template(cfg, tok)
     tok.ftkit_added_tokens = len(tok) - n0

@@ -175,13 +175,13 @@ class TokenizerSection(Section):
         "bilinear", "Resampling filter for image_size.", adv=True)
     special_tokens: SpecialTokens | None = _f(None, "Special tokens to set or add.")
     tokens: list[str] | None = _f(None, "Extra tokens to add to the vocabulary.", adv=True)
-    added_tokens_overrides: dict[int, str] | None = _f(None, "Rename reserved added tokens {id: text}.", adv=True)
+    added_tokens_overrides: dict[int, str] | None = _f(None, "Rename reserved added tokens {token id: new text} (only tokens in tokenizer.json added_tokens; the vocabulary size stays).", adv=True)
     chat_template: str | None = _f(None, "Chat template: tokenizer_default, tokenizer_default_fallback_<name>, a built-in name, or jinja.")
     chat_template_jinja: str | None = _f(None, "Custom jinja chat template (or a path to one).", adv=True)
     chat_template_kwargs: dict[str, Any] | None = _f(None, "Extra variables passed to the chat template.", adv=True)
     eot_tokens: list[str] | None = _f(None, "End-of-turn tokens (default [eos_token]); each must be one token.", adv=True)
     default_system_message: str | None = _f(None, "Replace the template's default system message (chatml only).", adv=True)
-    fix_untrained_tokens: int | list[int] | None = _f(None, "Reset these token embeddings to the mean.", adv=True)
+    fix_untrained_tokens: bool | int | list[int] | None = _f(None, "true: set never-trained embedding / LM-head rows the data uses to the mean of the trained rows; id(s): these rows too.", adv=True)
 
 # %% ../nbs/00_schema.ipynb #490d769e
 class AdapterSection(Section):

@@ -59,3 +59,36 @@ def test_base_model_config_mistakes_are_config_errors(tiny_dir, tmp_path):
         with pytest.raises(ConfigError, match=words) as e:
             model_source(make_cfg(base_model=str(tiny_dir), base_model_config=bad))
         assert e.value.problems[0].key == "base_model_config"
+
+
+# ---- added_tokens_overrides -------------------------------------------------------------------------------------
+
+def test_added_tokens_overrides_renames_in_a_copy(tiny_dir, tmp_path):
+    assert "added_tokens_overrides" not in IGNORED_KEYS
+    before = {p.name: p.read_bytes() for p in tiny_dir.iterdir()}
+    plain = load_tokenizer(make_cfg(base_model=str(tiny_dir)), quiet=True)
+    tok = load_tokenizer(make_cfg(base_model=str(tiny_dir), added_tokens_overrides={4: "<|tool|>", 5: "<|eot|>"}), quiet=True)
+    assert len(tok) == len(plain) and tok.ftkit_added_tokens == 0          # renamed, not added
+    assert tok.encode("<|tool|>") == [4] and tok.decode([4, 5]) == "<|tool|><|eot|>"
+    assert tok.convert_ids_to_tokens(4) == "<|tool|>" and "<reponame>" not in tok.get_vocab()
+    assert any("4 '<reponame>' -> '<|tool|>'" in n for n in tok.ftkit_notes)
+    assert {p.name: p.read_bytes() for p in tiny_dir.iterdir()} == before  # the user's files are untouched
+    out = tmp_path / "out"
+    from ftkit.train import train
+    from helpers import counting_data
+    train(make_cfg(base_model=str(tiny_dir), added_tokens_overrides={4: "<|tool|>"}, output_dir=str(out), max_steps=1,
+                   micro_batch_size=2, sequence_len=32, sample_packing=False, optimizer="adamw_torch", save_strategy="no",
+                   datasets=[{"path": "unused.jsonl", "type": "chat_template"}]),
+          data=(counting_data(8), None), quiet=True)
+    from transformers import AutoTokenizer
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.encode("<|tool|>") == [4] and len(saved) == len(plain)
+
+
+def test_added_tokens_overrides_mistakes(tiny_dir):
+    for over, words in [({500: "<x>"}, "not an added token"), ({4: "<|im_end|>"}, "already token 2")]:
+        with pytest.raises(ConfigError, match=words) as e:
+            load_tokenizer(make_cfg(base_model=str(tiny_dir), added_tokens_overrides=over), quiet=True)
+        assert e.value.problems[0].key == "added_tokens_overrides"
+    problems = validate({"learning_rate": 1e-4, "added_tokens_overrides": {4: "<a>", 5: "<a>"}})[1]
+    assert [p.key for p in problems if p.level == "error"] == ["added_tokens_overrides"]
