@@ -358,6 +358,9 @@ def token_keys(d):
                           "Give each token id its own new text, e.g. {128002: '<|im_start|>', 128003: '<|im_end|>'}.")
         if any(isinstance(k, int) and k < 0 for k in over):
             yield Problem("added_tokens_overrides", "added_tokens_overrides has a negative token id.", "Use the ids of tokenizer.json's added_tokens.")
+    if _set(d, "fix_untrained_tokens") and (d.get("rl") or d.get("reward_model") or d.get("process_reward_model")):
+        yield Problem("fix_untrained_tokens", "fix_untrained_tokens acts on supervised fine-tuning; rl: / reward-model runs load "
+                      "their model with its adapter in one step.", "Remove fix_untrained_tokens, or fix the rows in a saved model first.", level="warning")
 
 # %% ../nbs/00_config.ipynb #cc1caa58
 _CP_REFUSED = {"rl": "a preference / RL method", "reward_model": "a reward model", "process_reward_model": "a process reward model",
@@ -606,7 +609,6 @@ _IGNORED_LOADING: dict[str, str] = {
     "tokenizer_type": "ftkit loads the tokenizer with AutoTokenizer",
     "tokenizer_legacy": "transformers 5's fast tokenizers have no legacy mode",
     "tokenizer_save_jinja_files": "the chat template is saved inside tokenizer_config.json",
-    "fix_untrained_tokens": f"{_LATER}: new token embeddings keep their initialisation",
     # dataset-entry and trl: keys
     "datasets[].preprocess_shards": "each dataset is tokenized in one pass (with dataset_num_proc workers)",
     "datasets[].conversation": "legacy sharegpt conversation names: use type: chat_template with a chat_template",

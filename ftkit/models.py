@@ -16,7 +16,7 @@ from .config import ConfigError, Problem, EMBEDDED_MODEL
 # %% auto #0
 __all__ = ['EMBEDDED_GGUF', 'ftkit_home', 'embedded_gguf', 'embedded_model_path', 'ModelSource', 'model_source', 'hub_reachable',
            'load_tokenizer', 'resize_embeddings', 'set_rope_scaling', 'model_config', 'load_model',
-           'trainable_parameters', 'effective_lora_alpha', 'apply_adapter', 'load']
+           'trainable_parameters', 'effective_lora_alpha', 'apply_adapter', 'fix_untrained_tokens', 'load']
 
 # %% ../nbs/01_models.ipynb #4c96c078
 from .config import FinetuneConfig
@@ -584,6 +584,47 @@ def apply_adapter(cfg: FinetuneConfig, model, *, quiet: bool = False):
     what = f"{adapter.upper()} r={cfg.lora_r}" if adapter and not cfg.lora_model_dir else (adapter or "full fine-tune")
     _say(f"trainable parameters: {tr:,} of {tot:,} ({100 * tr / max(tot, 1):.2f}%) [{what}]", quiet)
     return model
+
+# %% ../nbs/01_models.ipynb #11980417
+def _ids_in_data(train_ds, n: int) -> Any:
+    "Which of the `n` token ids the training rows use (a stream: its first 1000 rows)."
+    import itertools, torch
+    seen = torch.zeros(n, dtype=torch.bool)
+    rows = itertools.islice(iter(train_ds), 1000) if isinstance(train_ds, torch.utils.data.IterableDataset) else None
+    cols = (r["input_ids"] for r in rows) if rows is not None else train_ds["input_ids"]
+    for ids in cols:
+        t = torch.as_tensor(list(ids), dtype=torch.long)
+        seen[t[(t >= 0) & (t < n)]] = True
+    return seen
+
+def fix_untrained_tokens(cfg: FinetuneConfig, model, train_ds, tokenizer=None, quiet: bool = False) -> list[int]:
+    """`fix_untrained_tokens` (Axolotl / Unsloth): rows of the input embeddings that were never trained (norm below 1% of
+    the median row's: zeros, reserved tokens) and that the training rows use — plus the ids it lists — are set, in the
+    embeddings and the LM head, to the mean of the trained rows, so they give no NaN or huge losses. The fixed ids."""
+    spec = cfg.fix_untrained_tokens
+    if spec is None or spec is False: return []
+    import torch
+    listed = [spec] if isinstance(spec, int) and not isinstance(spec, bool) else list(spec) if isinstance(spec, list) else []
+    mats = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not mats[0] and head.weight.shape == mats[0].shape: mats.append(head.weight)
+    n = mats[0].shape[0]
+    if bad := [i for i in listed if not 0 <= i < n]:
+        raise _err("fix_untrained_tokens", f"token id(s) {bad} are outside the model's {n} embedding rows.", f"List ids from 0 to {n - 1}.")
+    norms = mats[0].detach().float().norm(dim=1)
+    untrained = norms <= max(norms.median().item() * 0.01, 1e-8)
+    fix = untrained & _ids_in_data(train_ds, n)
+    fix[listed] = True
+    ids = fix.nonzero().flatten().tolist()
+    if ids:
+        with torch.no_grad():
+            for w in mats: w[fix] = w[~(untrained | fix)].float().mean(dim=0).to(w.dtype)
+    names = tokenizer.convert_ids_to_tokens(ids[:20]) if tokenizer is not None and hasattr(tokenizer, "convert_ids_to_tokens") else ids[:20]
+    _say(f"fix_untrained_tokens: {len(ids)} row(s) set to the mean of the trained rows" + (f": {', '.join(map(str, names))}"
+         + (" ..." if len(ids) > 20 else "") if ids else "") + f" ({int(untrained.sum()) - int((fix & untrained).sum())} other "
+         "untrained row(s) are not in the data: left as they are)", quiet)
+    model.ftkit_fixed_tokens = ids
+    return ids
 
 # %% ../nbs/01_models.ipynb #bf93fd79
 def load(cfg: FinetuneConfig, *, adapter: bool = True, quiet: bool = False):

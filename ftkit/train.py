@@ -587,12 +587,13 @@ class TrainerSetup:
     packing: PackingPlan | None = None
     plugins: Any = None            # ftkit.plugins.PluginSet of the run
 
-def _load_model(cfg: FinetuneConfig, method: Method | None, tokenizer, plan: Plan, source, quiet: bool, plugins):
-    "The model the method trains: a causal LM with its adapter, or a reward / process-reward head (plugins' model hooks around it)."
+def _load_model(cfg: FinetuneConfig, method: Method | None, tokenizer, plan: Plan, source, quiet: bool, plugins, train_ds=None):
+    "The model the method trains (SFT: untrained token rows fixed before the adapter), or a reward / process-reward head."
     from ftkit import models
     plugins.before_model_load(cfg)
     if method is not None: return plugins.after_adapters(cfg, plugins.after_model_load(cfg, load_rl_model(cfg, tokenizer, method.head)))
     model = models.load_model(cfg, tokenizer, source=source or models.model_source(cfg, quiet=True), plan=plan, quiet=quiet)
+    if train_ds is not None: models.fix_untrained_tokens(cfg, model, train_ds, tokenizer, quiet)
     model = plugins.after_model_load(cfg, model)
     return plugins.after_adapters(cfg, models.apply_adapter(cfg, model, quiet=quiet))
 
@@ -702,7 +703,7 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     if plugins is None: plugins = load_plugins(cfg)   # ftkit.plugins: built-in (trackers) and the config's; fires after_config_load
     tokenizer, src, train_ds, eval_ds, prepared, stream = _inputs(cfg, method, data, tokenizer, quiet)
     inputs = method.inputs(cfg, tokenizer, prepared) if method is not None and method.inputs else None  # e.g. reward functions, checked before the model loads
-    if model is None: model = _load_model(cfg, method, tokenizer, plan, src, quiet, plugins)
+    if model is None: model = _load_model(cfg, method, tokenizer, plan, src, quiet, plugins, train_ds)
     model = _ready_model(cfg, method, model, quiet)
     packing, eval_packing, steps = _batches(cfg, method, plan, train_ds, eval_ds, stream, quiet)
     has_eval = eval_ds is not None and len(eval_ds) > 0
@@ -745,7 +746,8 @@ def _fit(cfg: FinetuneConfig, s: TrainerSetup, out: Path, quiet: bool, save: boo
         if s.packing: metrics["packing_efficiency"] = s.packing.efficiency
         if save:
             save_outputs(s.trainer, s.tokenizer, cfg, s.plan, out, {"packing efficiency": f"{s.packing.efficiency:.4f}" if s.packing else "n/a",
-                                                                    "optimizer steps": s.trainer.state.global_step})
+                                                                    "optimizer steps": s.trainer.state.global_step}
+                         | ({"untrained tokens fixed": getattr(s.model, "ftkit_fixed_tokens")} if hasattr(s.model, "ftkit_fixed_tokens") else {}))
     except Exception as e:                    # out of memory / a full disk: explained with this config's numbers
         if guard.is_oom(e): raise guard.explain_oom(cfg, e, kernels=_patched_kernels(s.model)) from None
         if guard.is_disk_full(e, out): raise guard.explain_disk_full(e, out, out, removed=False) from None

@@ -92,3 +92,73 @@ def test_added_tokens_overrides_mistakes(tiny_dir):
         assert e.value.problems[0].key == "added_tokens_overrides"
     problems = validate({"learning_rate": 1e-4, "added_tokens_overrides": {4: "<a>", 5: "<a>"}})[1]
     assert [p.key for p in problems if p.level == "error"] == ["added_tokens_overrides"]
+
+
+# ---- fix_untrained_tokens ---------------------------------------------------------------------------------------
+
+ZEROED = [5, 6, 7, 40000]           # 5..7 are in counting_data's rows (ids 1..63); 40000 is not
+FIXED = [2, 5, 6, 7]                # and row 2 (the pad row, EOS here) is zero from initialisation: the rows end with it
+
+
+@pytest.fixture(scope="module")
+def zeroed_dir(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+    d = tmp_path_factory.mktemp("zeroed")
+    save_tiny_model(d)
+    m = AutoModelForCausalLM.from_pretrained(d)
+    with torch.no_grad():
+        m.get_input_embeddings().weight[ZEROED] = 0
+        m.get_output_embeddings().weight[ZEROED] = 0
+    m.save_pretrained(d)
+    return d
+
+
+def _setup(d, out, **kw):
+    from ftkit.train import build_trainer
+    from helpers import counting_data
+    cfg = make_cfg(base_model=str(d), output_dir=str(out), max_steps=2, micro_batch_size=2, sequence_len=32, sample_packing=False,
+                   optimizer="adamw_torch", save_strategy="no", datasets=[{"path": "unused.jsonl", "type": "chat_template"}], **kw)
+    return cfg, build_trainer(cfg, data=(counting_data(8), None), quiet=True)
+
+
+def test_fix_untrained_tokens_sets_the_used_rows_to_the_mean(zeroed_dir, tmp_path):
+    assert "fix_untrained_tokens" not in IGNORED_KEYS
+    weights = load_file(str(zeroed_dir / "model.safetensors"))
+    e0, h0 = weights["model.embed_tokens.weight"].float(), weights["lm_head.weight"].float()
+    _, s = _setup(zeroed_dir, tmp_path / "a", fix_untrained_tokens=True)
+    e, h = s.model.get_input_embeddings().weight.detach().float(), s.model.get_output_embeddings().weight.detach().float()
+    trained = e0.norm(dim=1) > 0
+    for i in FIXED:
+        assert torch.allclose(e[i], e0[trained].mean(0), atol=1e-6) and torch.allclose(h[i], h0[trained].mean(0), atol=1e-6)
+    assert not e[40000].any() and not h[40000].any()                      # untrained but not in the data: left alone
+    keep = torch.ones(len(e0), dtype=torch.bool); keep[FIXED] = False
+    assert torch.equal(e[keep], e0[keep]) and torch.equal(h[keep], h0[keep])
+    assert s.model.ftkit_fixed_tokens == FIXED
+    _, s = _setup(zeroed_dir, tmp_path / "b", fix_untrained_tokens=[40000])   # listed: fixed though not in the data
+    assert s.model.ftkit_fixed_tokens == FIXED + [40000]
+
+
+def test_fix_untrained_tokens_unset_changes_nothing(zeroed_dir, tmp_path):
+    _, s = _setup(zeroed_dir, tmp_path / "c")
+    assert not s.model.get_input_embeddings().weight[[5, 6, 7]].any() and not hasattr(s.model, "ftkit_fixed_tokens")
+
+
+def test_fix_untrained_tokens_in_the_run_record(zeroed_dir, tmp_path):
+    from ftkit.train import train
+    from helpers import counting_data
+    out = tmp_path / "run"
+    cfg = make_cfg(base_model=str(zeroed_dir), output_dir=str(out), max_steps=2, micro_batch_size=2, sequence_len=32,
+                   sample_packing=False, optimizer="adamw_torch", save_strategy="no", fix_untrained_tokens=True,
+                   datasets=[{"path": "unused.jsonl", "type": "chat_template"}])
+    res = train(cfg, data=(counting_data(8), None), quiet=True)
+    assert "# untrained tokens fixed: [2, 5, 6, 7]" in (out / "config.yml").read_text()
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in res.metrics.items() if "loss" in k)
+
+
+def test_fix_untrained_tokens_mistakes(zeroed_dir, tmp_path):
+    with pytest.raises(ConfigError, match="outside") as e:
+        _setup(zeroed_dir, tmp_path / "d", fix_untrained_tokens=[10 ** 6])
+    assert e.value.problems[0].key == "fix_untrained_tokens"
+    problems = validate({"learning_rate": 1e-4, "fix_untrained_tokens": True, "rl": "dpo"})[1]
+    assert ("fix_untrained_tokens", "warning") in [(p.key, p.level) for p in problems]
+    assert not validate({"learning_rate": 1e-4, "strict": True, "fix_untrained_tokens": [5]})[1]
