@@ -155,8 +155,8 @@ def launch_train(cfg: FinetuneConfig, gpus: int, *, on_record: Callable[[dict], 
     from accelerate import notebook_launcher
     from ftkit.guard import check_not_in_worker
     check_not_in_worker(f"{gpus} worker processes")   # a launch inside a launched worker would multiply the job
-    check_parent(gpus)
     from ftkit.context_parallel import data_parallel_size; data_parallel_size(cfg, gpus)   # context_parallel_size divides the workers
+    check_parent(gpus)
     visible = _cuda_device_count()
     if visible and gpus > visible:
         raise LaunchError(f"--gpus {gpus} asked for, but only {visible} GPU(s) are visible. Use --gpus {visible} or fewer.")
