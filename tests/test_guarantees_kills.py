@@ -49,6 +49,11 @@ class Triggers:
         "A file of the `datasets` library's own cache (HF_DATASETS_CACHE of the run) matching one of the patterns."
         return lambda: any(any((self.d.parent / "hf_datasets").rglob(p)) for p in patterns)
 
+    def hf_builder_done(self):
+        "datasets' json builder finished (its dataset_info.json in the final folder): ftkit's tokenizing begins, in memory."
+        return lambda: any(not f.parent.name.endswith(".incomplete")
+                           for f in (self.d.parent / "hf_datasets").rglob("dataset_info.json"))
+
     def tmp_cache(self, pattern="*"):
         return lambda: any(self.prep.glob(f".tmp-*/{pattern}" if pattern != "*" else ".tmp-*"))
 
@@ -83,7 +88,7 @@ def kill_points(t: Triggers):
     return [
         ("startup", "plan printed (config loaded and validated)", t.log_has("dataset cache")),
         ("data", "reading the dataset file (datasets' json builder writing)", t.hf_cache("*")),
-        ("data", "tokenizing rows (the map's cache file appears)", t.hf_cache("tmp*", "cache-*")),
+        ("data", "tokenizing rows (in memory, as soon as datasets' json builder finished)", t.hf_builder_done()),
         ("data", "cache write: temporary folder created", t.tmp_cache()),
         ("data", "cache published, before the model loads", t.cache_complete()),
         ("model", "loading the model (0.3 s after the cache was published)", t.after(t.cache_complete(), 0.3)),
