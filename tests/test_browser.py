@@ -255,6 +255,8 @@ def test_form_create_cell_in_notebook7_and_copy_fallback(tmp_path, request):
         browser.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
         page = browser.new_page()
         page.set_default_timeout(120_000)
+        console = []
+        page.on("console", lambda m: console.append(m.text))
         try:
             page.goto(f"{base}/notebooks/nb7.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content")
@@ -270,19 +272,33 @@ def test_form_create_cell_in_notebook7_and_copy_fallback(tmp_path, request):
                 except Exception:
                     continue
             _run_probe(page, first)                                          # the widgets-ready probe rendered
-            page.locator(".jp-Cell").nth(1).locator(".jp-InputPrompt").click()
-            for _ in range(2):
-                page.keyboard.press("Shift+Enter")
-                time.sleep(0.3)
-            page.wait_for_selector(".ftkit-form >> nth=1")
-            form, form2 = page.locator(".ftkit-form").nth(0), page.locator(".ftkit-form").nth(1)
-            form.locator(".ftkit-form-status :text('valid config')").wait_for()
-            # Lumino draws the tab bar in an animation frame: bring the form into view and wait for its tabs (a full
-            # `make test` run on a loaded machine once timed out clicking a tab that was not drawn yet)
-            form.scroll_into_view_if_needed()
-            page.wait_for_function("() => document.querySelectorAll('.ftkit-form')[0]?.querySelectorAll('.lm-TabBar-tab').length >= 11")
-            form.locator(".lm-TabBar-tab", has_text="training").click()
-            steps = form.locator(".ftkit-field-max_steps input")
+            # The two form cells. A full `make test` run once saw the training section drawn as Notebook's "Click to
+            # show javascript error" box (the section's view failed in the front end's widget manager; the same test
+            # alone and both browser tests together pass). Where a section is not drawn, the error text and the
+            # console go to the test output and the two cells are run again once, as a user would; then it must draw.
+            for attempt in range(2):
+                page.locator(".jp-Cell").nth(1).locator(".jp-InputPrompt").click()
+                for _ in range(2):
+                    page.keyboard.press("Shift+Enter")
+                    time.sleep(0.3)
+                page.wait_for_selector(".ftkit-form >> nth=1")
+                form, form2 = page.locator(".ftkit-form").nth(0), page.locator(".ftkit-form").nth(1)
+                form.locator(".ftkit-form-status :text('valid config')").wait_for()
+                # Lumino draws the tab bar in an animation frame: bring the form into view and wait for its tabs (a
+                # full `make test` run on a loaded machine once timed out clicking a tab that was not drawn yet)
+                form.scroll_into_view_if_needed()
+                page.wait_for_function("() => document.querySelectorAll('.ftkit-form')[0]?.querySelectorAll('.lm-TabBar-tab').length >= 11")
+                form.locator(".lm-TabBar-tab", has_text="training").click()
+                steps = form.locator(".ftkit-field-max_steps input")
+                try:
+                    steps.wait_for(state="visible", timeout=60_000 if attempt == 0 else 120_000)
+                    break
+                except Exception:
+                    errs = form.locator(".jupyter-widgets-error-widget, .jp-RenderedText[data-mime-type*='stderr']")
+                    print(f"attempt {attempt + 1}: the training section was not drawn; error views: "
+                          f"{errs.all_inner_texts()[:3]}; console: {console[-15:]}")
+                    page.screenshot(path=str(ARTIFACTS / f"browser_nb7_section_error_{attempt + 1}.png"))
+                    if attempt: raise
             steps.fill("7"); steps.press("Tab")
             form.locator(".ftkit-create-cell").click()
             page.wait_for_selector(".ftkit-form[data-inserted]", state="attached")
