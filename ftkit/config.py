@@ -522,7 +522,8 @@ def causal_lm_eval(d):
             yield Problem(key, f"unknown metric {n!r}.", _suggest(n, CAUSAL_LM_METRICS) + f"Known: {', '.join(CAUSAL_LM_METRICS)}, "
                           "a metric a plugin registers, or a function path (package.module.function, ./file.py:function).")
     import importlib.util
-    if {"sacrebleu", "chrf", "ter"} & set(names or ["sacrebleu"]) and importlib.util.find_spec("sacrebleu") is None:
+    wanted = {n for n in names if isinstance(n, str)} if names else {"sacrebleu"}   # odd entries were named above
+    if {"sacrebleu", "chrf", "ter"} & wanted and importlib.util.find_spec("sacrebleu") is None:
         yield Problem("eval_causal_lm_metrics", "BLEU, chrF and TER need the sacrebleu package, which is not installed.",
                       "pip install 'ftkit[eval]' (or `pip install sacrebleu`), or name other metrics.")
 
@@ -541,7 +542,7 @@ def axolotl_differences(d):
         if e.get("type") == "sharegpt": yield w(f"{at}.type", "D7", "Axolotl 0.19.0 no longer has type: sharegpt; ftkit runs it as chat_template.")
         roles = e.get("roles")
         if isinstance(roles, dict):
-            mapped = {str(s) for v in roles.values() for s in ([v] if isinstance(v, str) else (v or []))}
+            mapped = {str(s) for v in roles.values() for s in ([v] if isinstance(v, str) else v if isinstance(v, list) else [])}
             left = [r for r in ("human", "gpt") if r not in mapped]
             if left: yield w(f"{at}.roles", "D2", f"roles: replaces the default mapping and leaves out {', '.join(left)}; "
                                                   "ftkit rejects rows with such a role, Axolotl renders it unchanged.")
