@@ -536,7 +536,8 @@ def axolotl_differences(d):
     def w(key, dn, msg): return Problem(key, f"differs from Axolotl 0.19.0 ({dn}): {msg}", _AXOLOTL_NOTE, level="warning")
     if _set(d, "default_system_message"):
         yield w("default_system_message", "D9", "ftkit adds this system turn to conversations without one; in Axolotl the key changes nothing.")
-    for i, e in enumerate(d.get("datasets") or []):
+    entries = d.get("datasets")
+    for i, e in enumerate(entries if isinstance(entries, list) else []):     # not a list: the schema names it
         if not isinstance(e, dict) or e.get("type") not in ("chat_template", "sharegpt"): continue
         at = f"datasets[{i}]"
         if e.get("type") == "sharegpt": yield w(f"{at}.type", "D7", "Axolotl 0.19.0 no longer has type: sharegpt; ftkit runs it as chat_template.")
@@ -748,9 +749,10 @@ def _rope_and_pose_problems(d) -> Iterable[Problem]:
             yield Problem(by_positions[0], f"use_pose with sample_packing needs attention that takes the packed samples' bounds from the "
                           f"packing (the default varlen attention, or flash_attention); {by_positions[0]} finds them from position_ids, "
                           "where PoSE's skips would cut each sample apart.", f"Remove {by_positions[0]}, or sample_packing.")
-    for i, pat in enumerate(d.get("unfrozen_parameters") or []):
+    pats = d.get("unfrozen_parameters")
+    for i, pat in enumerate(pats if isinstance(pats, list) else []):     # not a list: the schema names it
         try: re.compile(str(pat))
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:
             yield Problem(f"unfrozen_parameters[{i}]", f"{pat!r} is not a regular expression: {e}.", r"E.g. '^model\.layers\.[0-3]\.'")
     if d.get("unfrozen_parameters") and d.get("adapter"):
         yield Problem("unfrozen_parameters", "unfrozen_parameters chooses what a full fine-tune trains; with an adapter the base "
