@@ -16,8 +16,13 @@ import sys
 import time
 
 import pytest
+from pathlib import Path
 
 from test_launch import FTKIT, losses, tiny_model_dir, write_config  # noqa: F401  (tiny_model_dir is a fixture)
+
+
+ROOT_ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ROOT_ARTIFACTS.mkdir(exist_ok=True)
 
 
 def free_port() -> int:
@@ -37,6 +42,24 @@ def two_nodes(cfg):
     return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
 
 
+def two_nodes_checked(cfg, out):
+    """`two_nodes`, with every node's exit 0 required. A launch that failed before it trained or saved anything (the
+    output folder's checkpoints and metrics unchanged: a start-up / rendezvous failure, seen once in a full `make test`
+    run and never alone) is tried once more; its messages are kept in tests/artifacts/ and printed. Any failure after
+    training began fails the test with every node's full messages."""
+    def state():
+        m = out / "metrics.jsonl"
+        return sorted(p.name for p in out.glob("checkpoint-*")), (m.read_text() if m.exists() else "")
+    for attempt in range(2):
+        before = state()
+        res = two_nodes(cfg)
+        if all(rc == 0 for rc, _, _ in res): return res
+        msg = "\n\n".join(f"node {i}: exit {rc}\n{e[-6000:]}" for i, (rc, _, e) in enumerate(res) if rc != 0)
+        (ROOT_ARTIFACTS / f"multi_node_failure_{attempt + 1}.txt").write_text(msg)
+        print(f"attempt {attempt + 1} failed:\n{msg}")
+        if attempt or state() != before: pytest.fail(msg, pytrace=False)
+
+
 @pytest.mark.slow
 def test_two_nodes_equal_one_process_and_resume_as_one_job(tmp_path, tiny_model_dir):
     from ftkit.launch import MetricsFile
@@ -46,8 +69,7 @@ def test_two_nodes_equal_one_process_and_resume_as_one_job(tmp_path, tiny_model_
     want, _ = losses(ref)
     out = tmp_path / "nodes"
     cfg = write_config(tmp_path, tiny_model_dir, out, gradient_accumulation_steps=1, max_steps=4, save_strategy="steps", save_steps=2)
-    res = two_nodes(cfg)
-    assert all(rc == 0 for rc, _, _ in res), [e[-3000:] for _, _, e in res]
+    res = two_nodes_checked(cfg, out)
     assert "--node_rank 0 --master_addr 127.0.0.1" in res[0][1], "the nodes joined through torchrun's static rendezvous"
     got, recs = losses(out)
     begin = [r for r in recs if r["event"] == "begin"]
@@ -60,8 +82,7 @@ def test_two_nodes_equal_one_process_and_resume_as_one_job(tmp_path, tiny_model_
     shutil.rmtree(out / "checkpoint-4")
     cfg2 = write_config(tmp_path, tiny_model_dir, out, gradient_accumulation_steps=1, max_steps=4, save_strategy="no",
                         auto_resume_from_checkpoints=True)
-    res = two_nodes(cfg2)
-    assert all(rc == 0 for rc, _, _ in res), [e[-3000:] for _, _, e in res]
+    res = two_nodes_checked(cfg2, out)
     got2, recs2 = losses(out)
     steps = [r["step"] for r in recs2 if r.get("event") == "log" and "loss" in r]
     assert steps == [3, 4] and got2 == pytest.approx(want[2:], rel=2e-3, abs=2e-3), (steps, got2, want)
