@@ -13,7 +13,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
+
+from test_launch import write_config as _launch_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FTKIT = str(pathlib.Path(sys.executable).parent / "ftkit")
@@ -75,14 +76,9 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def write_config(tmp, model_dir, out, **kw):
-    cfg = {"base_model": str(model_dir), "datasets": [{"path": str(model_dir / "train.jsonl"), "type": "chat_template"}],
-           "dataset_prepared_path": str(tmp / "prepared"), "sequence_len": 128, "micro_batch_size": 1, "sample_packing": True,
-           "gradient_accumulation_steps": 2, "max_steps": 3, "learning_rate": 3e-3, "lr_scheduler": "constant",
-           "optimizer": "adamw_torch", "logging_steps": 1, "seed": 7, "output_dir": str(out), "save_strategy": "no",
-           "shuffle_merged_datasets": False, **kw}
-    p = tmp / f"{out.name}.yml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
+    "test_launch's config, with packed rows of 128 tokens, one row per micro-batch and 3 steps."
+    return _launch_config(tmp, model_dir, out, **{"sequence_len": 128, "micro_batch_size": 1, "sample_packing": True,
+                                                   "max_steps": 3, **kw})
 
 
 def logs(out):
