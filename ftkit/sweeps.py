@@ -113,6 +113,8 @@ class SweepRun:
     error: str | None = None
     seconds: float = 0.0
     device: str | None = None      # CUDA_VISIBLE_DEVICES of its process when variants run side by side ("" = the CPU)
+    launched: float | None = None  # wall times its own process started and exited (variants run side by side)
+    exited: float | None = None
 
     @property
     def output_dir(self) -> Path: return Path(self.cfg.output_dir)
@@ -350,7 +352,8 @@ def _start_child(r: SweepRun, device: str, quiet: bool):
 def _finish_child(r: SweepRun, proc, log, t0: float):
     "Record a finished child: its result from metrics.jsonl, done / interrupted / failed."
     log.close()
-    r.result, r.seconds = ChildResult.read(r.cfg.output_dir, proc.returncode), time.time() - t0
+    r.launched, r.exited = t0, time.time()
+    r.result, r.seconds = ChildResult.read(r.cfg.output_dir, proc.returncode), r.exited - t0
     if proc.returncode == 0:
         r.status = "done" if r.result.global_step >= (r.result.total_steps or 0) else "interrupted"
     else:

@@ -162,8 +162,9 @@ def _check_side_by_side(res, n):
     for r in res.runs:                                   # each variant: its own process, folder, config and metrics
         assert r.result.global_step == 3 and sorted(r.losses) == [1, 2, 3] and r.result.returncode == 0
         assert yaml.safe_load((r.output_dir / "config.yml").read_text())["learning_rate"] == r.overrides["learning_rate"]
-    a, b = res.runs[0].result, res.runs[1].result          # the two runs were alive at the same time
-    assert a.started < b.ended and b.started < a.ended
+    a, b = res.runs                                        # the two processes were alive at the same time (the runner
+    assert a.launched < b.exited and b.launched < a.exited # started both before either ended; whether their few training
+                                                           # steps overlap too is up to the OS scheduler on 2 cores)
     rows = [json.loads(l) for l in (res.root / "sweep.jsonl").read_text().splitlines()]
     assert [(x["status"], x["steps"]) for x in rows] == [("done", 3)] * n
 
