@@ -44,8 +44,8 @@ elif [ "$part" = features ]; then
   # tests that need both GPUs. Logs (and the multi-GPU memory records) are packed into features_run.tgz.
   R=/tmp/feat; mkdir -p $R; export OUT=$R
   PT="python3 -m pytest -m gpu -v -rs --tb=short --timeout=${T_TEST:-100} -p no:cacheprovider"   # a per-test limit: pytest still prints its failures
-  ( CUDA_VISIBLE_DEVICES=0 timeout ${T_A:-130} $PT tests/test_quant.py tests/test_vision.py tests/test_options.py tests/test_variants.py > $R/gpu0.log 2>&1 ) &
-  ( CUDA_VISIBLE_DEVICES=1 timeout ${T_A:-130} $PT tests/test_guarantees_gpu_oom.py tests/test_gpu.py tests/test_gpu_rl.py ${GPU1_MORE:-} > $R/gpu1.log 2>&1 ) &
+  ( CUDA_VISIBLE_DEVICES=0 timeout ${T_A:-130} $PT tests/test_quant.py tests/test_vision.py tests/test_options.py tests/test_variants.py tests/test_gpu_rl.py > $R/gpu0.log 2>&1 ) &
+  ( CUDA_VISIBLE_DEVICES=1 timeout ${T_A:-130} $PT tests/test_guarantees_gpu_oom.py tests/test_gpu.py ${GPU1_MORE:-} > $R/gpu1.log 2>&1 ) &
   wait
   timeout ${T_B:-120} $PT -s tests/test_gpu_multi.py -k "fsdp2 or two_gpus or gpu_varlen" tests/test_sweeps.py tests/test_context_parallel.py > $R/multi.log 2>&1
   timeout 30 python3 benchmarks/multi_gpu.py --out $R/mg --runs allreduce --gpus 2 --previous benchmarks/results/multi_gpu_H200x2.json > $R/allreduce.log 2>&1

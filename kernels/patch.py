@@ -470,7 +470,7 @@ def apply_kernels(model, cfg=None, *, enable: dict[str, bool] | None = None, int
             if mod is not None:
                 _patch_norm(rep, arch, name, mod)
     if on["fused_linear_ce"]:
-        _patch_head(rep, arch, clm)
+        _patch_head(rep, arch, clm, cfg)
     _maybe_offload(rep, clm, on)
     return rep
 
@@ -594,9 +594,13 @@ def _patch_attention(rep, on, arch, cfgm, name, attn):
         rep.patched.append(("rope", name))
 
 
-def _patch_head(rep, arch, clm):
+def _patch_head(rep, arch, clm, cfg=None):
     head = getattr(clm, "lm_head", None)
     name = "lm_head"
+    if cfg is not None and getattr(cfg, "kd_trainer", None):
+        rep.skip("fused_linear_ce", name, "kd_trainer: true — the distillation loss reads the logits at every position, "
+                                          "which the fused cross-entropy never builds")
+        return
     if head is None or type(head) is not nn.Linear:
         rep.skip("fused_linear_ce", name, f"the LM head is {type(head).__name__}, not a plain Linear "
                                           "(e.g. a LoRA or modules_to_save head)")

@@ -217,6 +217,19 @@ def test_gradient_checkpointing_recompute_matches():
     assert_same(loss_and_grads(m), ref)
 
 
+def test_distillation_keeps_the_logits():
+    "kd_trainer reads outputs.logits: the LM head stays transformers' (the other kernels still apply)."
+    from types import SimpleNamespace as NS
+    m = lora(tiny("llama"), ATTN7)
+    c = apply_kernels(m, NS(kd_trainer=True), interpret=True).counts()
+    assert "fused_linear_ce" not in c and c["lora_mlp"] == 2
+    rep = apply_kernels(m, NS(kd_trainer=True), interpret=True)
+    assert "kd_trainer: true" in str(rep)
+    ids = torch.randint(0, m.config.vocab_size, (1, 12))
+    out = m(input_ids=ids, labels=ids)
+    assert out.logits is not None and out.logits.shape == (1, 12, m.config.vocab_size) and out.loss is not None
+
+
 def test_torch_compile_key_keeps_transformers_modules():
     from types import SimpleNamespace as NS
     m = lora(tiny("llama"), ATTN7)

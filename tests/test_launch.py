@@ -10,7 +10,6 @@ import pathlib
 import subprocess
 import sys
 
-import nbformat
 import pytest
 import yaml
 
@@ -91,6 +90,7 @@ def test_notebook_launch_two_processes(tmp_path, tiny_model_dir):
     r1 = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, ref))], capture_output=True, text=True)
     assert r1.returncode == 0, r1.stderr[-3000:]
     cfg_path = write_config(tmp_path, tiny_model_dir, tmp_path / "nb")
+    import nbformat                    # here, not at the top: test_context_parallel imports write_config on GPU hosts without it
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(f"CONFIG = {str(cfg_path)!r}\n" + NOTEBOOK), nbformat.v4.new_code_cell(INFER)]
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
