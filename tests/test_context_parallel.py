@@ -17,7 +17,7 @@ import pytest
 from test_launch import write_config as _launch_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FTKIT = str(pathlib.Path(sys.executable).parent / "ftkit")
+FTKIT = [sys.executable, "-m", "ftkit.cli"]      # the console script is not installed on the GPU host
 
 SEPARATION = r'''
 import json, sys, torch, torch.distributed as dist
@@ -89,10 +89,10 @@ def logs(out):
 def test_cp2_on_two_processes_equals_one_process(tmp_path, tiny_model_dir):
     ev = dict(val_set_size=0.2, eval_steps=3)                             # evaluation on packed rows too
     one = tmp_path / "one"
-    r1 = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, one, **ev))], capture_output=True, text=True)
+    r1 = subprocess.run([*FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, one, **ev))], capture_output=True, text=True)
     assert r1.returncode == 0, r1.stderr[-3000:]
     two = tmp_path / "two"
-    r2 = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, two, context_parallel_size=2, **ev)), "--launcher",
+    r2 = subprocess.run([*FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, two, context_parallel_size=2, **ev)), "--launcher",
                          "torchrun", "--num-processes", "2", "--", "--master_port", "29637"], capture_output=True, text=True)
     assert r2.returncode == 0, r2.stderr[-3000:]
     l1, _ = logs(one)
@@ -125,10 +125,10 @@ def test_cp2_times_dp2_on_four_processes_equals_one_process(tmp_path, tiny_model
     """4 processes = 2 data-parallel groups of 2: each group trains its own rows (the sampler shards rows over the
     groups only), so with gradient_accumulation_steps 1 a step sees the rows one process sees with 2."""
     one = tmp_path / "one"
-    r1 = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, one))], capture_output=True, text=True)
+    r1 = subprocess.run([*FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, one))], capture_output=True, text=True)
     assert r1.returncode == 0, r1.stderr[-3000:]
     four = tmp_path / "four"
-    r4 = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, four, context_parallel_size=2)), "--launcher",
+    r4 = subprocess.run([*FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, four, context_parallel_size=2)), "--launcher",
                          "torchrun", "--num-processes", "4", "--gradient-accumulation-steps", "1", "--", "--master_port", "29639"],
                         capture_output=True, text=True)
     assert r4.returncode == 0, r4.stderr[-3000:]
@@ -142,12 +142,12 @@ def test_cp2_times_dp2_on_four_processes_equals_one_process(tmp_path, tiny_model
 
 
 def test_one_process_cannot_form_a_group(tmp_path, tiny_model_dir):
-    r = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, tmp_path / "bad", context_parallel_size=2))],
+    r = subprocess.run([*FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, tmp_path / "bad", context_parallel_size=2))],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "context_parallel_size 2 does not divide the 1 training process(es)" in r.stderr and "--num-processes 2" in r.stderr
     # three processes cannot share rows in pairs: refused before anything is prepared or launched
-    r = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, tmp_path / "bad3", context_parallel_size=2)),
+    r = subprocess.run([*FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, tmp_path / "bad3", context_parallel_size=2)),
                         "--num-processes", "3"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "does not divide the 3 training process(es)" in r.stderr and "launching:" not in r.stdout, r.stdout + r.stderr[-2000:]
@@ -213,11 +213,11 @@ def test_gpu_cp2_on_two_gpus_equals_one_gpu(tmp_path, tiny_model_dir):
     _gpus(2)
     kw = dict(bf16=True, sequence_len=1024, micro_batch_size=1, gradient_accumulation_steps=1, max_steps=4)
     one = tmp_path / "one"
-    r1 = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, one, **kw))], capture_output=True, text=True,
+    r1 = subprocess.run([*FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, one, **kw))], capture_output=True, text=True,
                         env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
     assert r1.returncode == 0, r1.stderr[-3000:]
     two = tmp_path / "two"
-    r2 = subprocess.run([FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, two, context_parallel_size=2, **kw)),
+    r2 = subprocess.run([*FTKIT, "train", str(write_config(tmp_path, tiny_model_dir, two, context_parallel_size=2, **kw)),
                          "--num-processes", "2"], capture_output=True, text=True)
     assert r2.returncode == 0, r2.stderr[-3000:]
     l1, l2 = logs(one)[0], logs(two)[0]
