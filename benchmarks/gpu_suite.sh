@@ -63,5 +63,8 @@ elif [ "$part" = rest ]; then
   timeout ${T_Z:-200} $PT --timeout 190 -s tests/test_gpu_multi.py::test_zero3_lora_and_full_offload_two_gpus > $R/zero3.log 2>&1
   for f in $R/*.log; do echo "== $f"; grep -E "passed|failed|PASSED|SKIPPED|FAILED|ERROR|num_proc|Error" $f | tail -24; done
   cp "$OUT/env.txt" $R/ 2>/dev/null; tar czf /tmp/rest_run.tgz -C $R .; mkdir -p "$FINAL_OUT"; cp /tmp/rest_run.tgz "$FINAL_OUT"/
+elif [ "$part" = graphs ]; then
+  # the piecewise CUDA graph experiment (issue 10): eager patched model vs the same step split at attention, eager and graphed
+  timeout ${T_G:-300} python3 benchmarks/exp_graphs.py --out "$OUT/graphs_H200.json" 2>&1 | tee "$OUT/graphs.log" | grep -vi warn | tail -12
 fi
 ls -la "$FINAL_OUT"
