@@ -9,6 +9,8 @@ run again, so a search cut by a time limit continues where it stopped.
 
     python benchmarks/context_parallel.py search --gpus 1 --out benchmarks/results/context_parallel_H200.json
     python benchmarks/context_parallel.py search --gpus 2 --out benchmarks/results/context_parallel_H200.json
+    # fewer, cheaper trials (one GPU call for both): probes at 64k and 128k, a linear memory fit, then a bracket
+    python benchmarks/context_parallel.py search --gpus 1 --predict --start 65536 --steps 1 --doc-median 4096 --rel 0.05 --out R.json
     python benchmarks/context_parallel.py search --gpus 2 --tiny --start 64 --max 256 --out /tmp/cp.json   # CPU smoke (gloo)
 
 Not run yet on GPUs: no result file is committed until it is.
@@ -39,24 +41,27 @@ def save_model(dest: Path, tiny: bool) -> Path:
     return dest
 
 
-def trial_config(model_dir: str, length: int, cp: int, out: str, tiny: bool) -> dict:
+def trial_config(model_dir: str, length: int, cp: int, out: str, tiny: bool, steps: int = 2) -> dict:
     import torch
     c = dict(base_model=model_dir, learning_rate=1e-4, micro_batch_size=1, gradient_accumulation_steps=1, sample_packing=True,
-             sequence_len=length, pad_to_sequence_len=True, max_steps=2, lr_scheduler="constant", optimizer="adamw_torch",
+             sequence_len=length, pad_to_sequence_len=True, max_steps=steps, lr_scheduler="constant", optimizer="adamw_torch",
              bf16=torch.cuda.is_available(), gradient_checkpointing=True, logging_steps=1, save_strategy="no", seed=0,
              ddp_timeout=300, output_dir=out, datasets=[{"path": "synthetic", "type": "completion"}], **LORA)
     if cp > 1: c["context_parallel_size"] = cp
     return c
 
 
-def docs_for(length: int, rows: int, tiny: bool, seed: int = 0) -> list[list[int]]:
-    "Documents (lognormal lengths, median 1/8 of the row) that fill `rows` packed rows of `length` tokens."
+def docs_for(length: int, rows: int, tiny: bool, seed: int = 0, median: int | None = None) -> list[list[int]]:
+    """Documents (lognormal lengths, median `median` tokens, else 1/8 of the row) that fill `rows` packed rows of `length`
+    tokens. Varlen attention's memory grows with the row, not with its documents, so a fixed median (e.g. 4096) finds
+    the same longest row while keeping each trial's attention time linear in the row length."""
     import numpy as np
     rng = np.random.default_rng(seed)
     hi = 1000 if tiny else 128000
+    med = min(median, length) if median else max(length / 8, 8)
     docs, total = [], 0
     while total < rows * length * 1.02:
-        n = int(np.clip(np.rint(np.exp(np.log(max(length / 8, 8)) + 0.6 * rng.standard_normal())), 8, length))
+        n = int(np.clip(np.rint(np.exp(np.log(med) + 0.6 * rng.standard_normal())), 8, length))
         docs.append(rng.integers(3, hi, size=n, dtype=np.int64).tolist())
         total += n
     return docs
@@ -74,8 +79,8 @@ def trial(a) -> int:
     rec = {"rank": rank, "length": a.length, "cp": a.cp, "ok": False}
     t = time.time()
     try:
-        cfg = load(trial_config(a.model, a.length, a.cp, a.workdir, a.tiny))
-        docs = docs_for(a.length, 3, a.tiny)
+        cfg = load(trial_config(a.model, a.length, a.cp, a.workdir, a.tiny, a.steps))
+        docs = docs_for(a.length, a.steps + 1, a.tiny, median=a.doc_median)
         model = models.apply_adapter(cfg, models.load_model(cfg, None, quiet=True), quiet=True)   # no tokenizer: embeddings as saved
         res = train(cfg, data=(Dataset.from_dict({"input_ids": docs, "labels": docs}), None), model=model, tokenizer=StubTok(),
                     quiet=True, save=False, return_model=False)
@@ -86,17 +91,20 @@ def trial(a) -> int:
     rec["seconds"] = round(time.time() - t, 1)
     if torch.cuda.is_available():
         rec["peak_alloc_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        rec["total_GiB"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
         rec["gpu"] = torch.cuda.get_device_name(0)
     Path(f"{a.result}.rank{rank}.json").write_text(json.dumps(rec))
     return 0 if rec["ok"] else 1
 
 
-def run_trial(length: int, gpus: int, model_dir: Path, work: Path, tiny: bool, timeout: int, port: int) -> dict:
+def run_trial(length: int, gpus: int, model_dir: Path, work: Path, tiny: bool, timeout: int, port: int, steps: int = 2,
+              doc_median: int | None = None) -> dict:
     "A trial in fresh processes; the ranks' records merged (ok only when every rank trained)."
     res = work / f"trial_{gpus}_{length}"
     for f in work.glob(f"{res.name}.rank*.json"): f.unlink()
     inner = [__file__, "trial", "--length", str(length), "--cp", str(gpus), "--model", str(model_dir), "--workdir",
-             str(work / f"out_{gpus}_{length}"), "--result", str(res)] + (["--tiny"] if tiny else [])
+             str(work / f"out_{gpus}_{length}"), "--result", str(res), "--steps", str(steps)] + (["--tiny"] if tiny else []) + \
+        (["--doc-median", str(doc_median)] if doc_median else [])
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", str(port)] if gpus > 1 else []) + inner
     t = time.time()
     try:
@@ -109,6 +117,44 @@ def run_trial(length: int, gpus: int, model_dir: Path, work: Path, tiny: bool, t
     out = {"length": length, "gpus": gpus, "ok": ok, "rc": rc, "wall_s": round(time.time() - t, 1), "ranks": ranks}
     if not ok: out["stderr_tail"] = tail
     return out
+
+
+def _peak(t: dict) -> float | None:
+    peaks = [r.get("peak_alloc_GiB") for r in t["ranks"] if r.get("peak_alloc_GiB") is not None]
+    return max(peaks) if peaks else None
+
+
+def predict_bracket(a, runs: dict, attempt, done: dict, unit: int):
+    """Fewer trials: train at --start and 2x --start, fit peak memory = c + b x length (per GPU, the largest rank), aim at
+    95 % of the card, then step by 1.25x up (or 0.8x down) until one length trains and the next one does not. The
+    fitted line and its guess are kept in the results; the answer is still the trials' own ok / failed."""
+    p1, p2 = a.start, 2 * a.start
+    if not (attempt(p1) and attempt(p2)):
+        return (p1 if done[p1]["ok"] else None), (p2 if done[p1]["ok"] else p1)
+    m1, m2 = _peak(done[p1]), _peak(done[p2])
+    cap = next((r.get("total_GiB") for r in done[p2]["ranks"] if r.get("total_GiB")), None)
+    if m1 is None or m2 is None or cap is None or m2 <= m1:
+        raise SystemExit("--predict needs the GPU's peak memory of two trials (CUDA); run without it on the CPU")
+    b = (m2 - m1) / (p2 - p1)
+    c = m1 - b * p1
+    guess = max(int((0.95 * cap - c) / b) // unit * unit, p2 + unit)
+    runs["prediction"] = {"GiB_per_1k_tokens": round(b * 1024, 4), "GiB_fixed": round(c, 2), "card_GiB": cap, "guess": guess}
+    print(f"gpus {a.gpus}: peak = {c:.2f} GiB + {b * 1024:.4f} GiB per 1k tokens -> first guess {guess}", flush=True)
+    good, bad, n = p2, None, guess
+    if attempt(n):
+        good = n
+        while bad is None and n * 1.25 <= a.max:
+            n = int(n * 1.25) // unit * unit
+            if attempt(n): good = n
+            else: bad = n
+    else:
+        bad = n
+        while True:
+            n = int(n * 0.8) // unit * unit
+            if n <= good: break
+            if attempt(n): good = n; break
+            bad = n
+    return good, bad
 
 
 def search(a) -> dict:
@@ -127,7 +173,7 @@ def search(a) -> dict:
 
     def attempt(n: int) -> bool:
         if n not in done:
-            t = run_trial(n, a.gpus, model_dir, work, a.tiny, a.timeout, a.port)
+            t = run_trial(n, a.gpus, model_dir, work, a.tiny, a.timeout, a.port, a.steps, a.doc_median)
             runs["trials"].append(t); done[n] = t
             print(f"gpus {a.gpus}  sequence_len {n:>8}: {'ok' if t['ok'] else 'FAILED'}  ({t['wall_s']} s)", flush=True)
             out.parent.mkdir(parents=True, exist_ok=True); out.write_text(json.dumps(data, indent=1))
@@ -135,12 +181,15 @@ def search(a) -> dict:
 
     unit = 2 * a.gpus * 8
     good, bad, n = None, None, a.start
-    while n <= a.max:
-        if attempt(n): good, n = n, n * 2
-        else: bad = n; break
+    if a.predict:
+        good, bad = predict_bracket(a, runs, attempt, done, unit)
+    else:
+        while n <= a.max:
+            if attempt(n): good, n = n, n * 2
+            else: bad = n; break
     if good is None: runs["max_len"] = None
     else:
-        while bad is not None and bad - good > a.step:
+        while bad is not None and bad - good > max(a.step, a.rel * good):
             mid = (good + bad) // 2 // unit * unit
             if mid in (good, bad): break
             if attempt(mid): good = mid
@@ -167,10 +216,16 @@ def main():
     s.add_argument("--port", type=int, default=29655)
     s.add_argument("--work", default="/tmp/ftkit_cp_bench")
     s.add_argument("--tiny", action="store_true")
+    s.add_argument("--steps", type=int, default=2, help="optimizer steps per trial")
+    s.add_argument("--doc-median", type=int, help="median document length in tokens (default: 1/8 of the row)")
+    s.add_argument("--predict", action="store_true", help="two probe trials, a linear memory fit, then a bracket (GPU)")
+    s.add_argument("--rel", type=float, default=0.0, help="stop bisecting when the bracket is within this fraction")
     t = sub.add_parser("trial")
     for k in ("--length", "--cp"): t.add_argument(k, type=int, required=True)
     for k in ("--model", "--workdir", "--result"): t.add_argument(k, required=True)
     t.add_argument("--tiny", action="store_true")
+    t.add_argument("--steps", type=int, default=2)
+    t.add_argument("--doc-median", type=int)
     a = ap.parse_args()
     if a.cmd == "trial": sys.exit(trial(a))
     search(a)

@@ -66,5 +66,14 @@ elif [ "$part" = rest ]; then
 elif [ "$part" = graphs ]; then
   # the piecewise CUDA graph experiment (issue 10): eager patched model vs the same step split at attention, eager and graphed
   timeout ${T_G:-300} python3 benchmarks/exp_graphs.py --out "$OUT/graphs_H200.json" 2>&1 | tee "$OUT/graphs.log" | grep -vi warn | tail -12
+elif [ "$part" = cp ]; then
+  # issue 16: the 2-GPU context-parallel loss test, then the longest trainable row on 1 GPU and with cp=2 on 2 GPUs
+  # (resumable: a call cut by its limit continues from the trials in $CP_PREV, a results file carried back in)
+  python3 -m pytest -m gpu -v -rs --tb=short -p no:cacheprovider -s tests/test_context_parallel.py > "$OUT/cp_tests.log" 2>&1; tail -3 "$OUT/cp_tests.log"
+  R="$OUT/context_parallel_H200.json"; [ -n "${CP_PREV:-}" ] && cp "$CP_PREV" "$R"
+  for g in 1 2; do
+    timeout ${T_CP:-250} python3 benchmarks/context_parallel.py search --gpus $g --predict --start 65536 --steps 1 --doc-median 4096 \
+      --rel 0.05 --timeout 200 --out "$R" 2>&1 | grep -E "gpus|Error" | tail -12
+  done
 fi
 ls -la "$FINAL_OUT"
