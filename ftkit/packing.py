@@ -257,7 +257,7 @@ def _flash_attn_fn():
         return None
 
 def _segment_sdpa(q, k, v, cu, scale):
-    "Exact causal attention inside each segment; q (N, Hq, D), k/v (N, Hkv, D)."
+    "Exact causal attention inside each segment, one SDPA call per segment; q (N, Hq, D), k/v (N, Hkv, D); `cu` on the CPU."
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     bounds = cu.tolist()
@@ -268,6 +268,29 @@ def _segment_sdpa(q, k, v, cu, scale):
         out[s:e] = o[0].transpose(0, 1)
     return out
 
+def _segment_ids(B: int, T: int, cu=None, position_ids=None) -> torch.Tensor:
+    """Which packed segment each token is in, (B, T), computed on the device: from `cu_seq_lens` (over the flattened
+    B × T tokens) or, without them, from where `position_ids` restart. No host sync (no `.tolist()`, no `nonzero`)."""
+    if cu is not None:
+        idx = torch.arange(B * T, device=cu.device, dtype=cu.dtype)
+        return torch.searchsorted(cu[1:].contiguous(), idx, right=True).view(B, T)
+    pos = position_ids
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    return starts.cumsum(-1)
+
+def _masked_sdpa(q, k, v, seg, scale):
+    """Causal attention inside each segment as one SDPA call with a block-diagonal causal mask; q (B, Hq, T, D),
+    k/v (B, Hkv, T, D), `seg` (B, T) from `_segment_ids`. Every shape is known on the host, so nothing syncs."""
+    T = q.shape[2]
+    seg = seg.to(q.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril_()
+    mask = (seg[:, :, None] == seg[:, None, :]) & causal            # (B, T, T): same segment and not in the future
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+_MASK_LIMIT = 1 << 28      # B·T² mask elements (256 MiB of bool) above which the fallback goes per segment instead
+
 # %% ../nbs/04_packing.ipynb #d6390674
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              is_causal=None, **kwargs):
@@ -277,21 +300,25 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if cu is None:
-        pos = kwargs.get("position_ids")
-        if pos is None: pos = torch.arange(T, device=query.device)[None].expand(B, T)
-        elif pos.shape[0] != B: pos = pos.expand(B, -1)
-        cu, max_len = cu_seqlens_from_position_ids(pos)
-    max_len = int(max_len if max_len is not None else T)
-    q = query.transpose(1, 2).reshape(B * T, Hq, D)
-    k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)
-    v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")   # from the collator: max_length_q is a host int
+    pos = kwargs.get("position_ids")
+    if pos is None: pos = torch.arange(T, device=query.device)[None].expand(B, T)
+    elif pos.shape[0] != B: pos = pos.expand(B, -1)
     scale = scaling if scaling is not None else D ** -0.5
-    fast = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D <= 256
+    fast = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and D <= 256
     fn, params = _varlen_fn()
-    if fast and fn is not None:
-        cu = cu.to(device=q.device, dtype=torch.int32)
+    if not (fast and (fn is not None or _flash_attn_fn() is not None)):   # CPU, float32, D > 256, no varlen kernel
+        if B * T * T <= _MASK_LIMIT:                                    # one masked SDPA call, no host sync
+            out = _masked_sdpa(query, key, value, _segment_ids(B, T, cu, pos), scale)
+            return out.transpose(1, 2), None
+        if cu is None: cu, _ = cu_seqlens_from_position_ids(pos)
+        q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (query, key, value))
+        return _segment_sdpa(q, k, v, cu.cpu(), scale).reshape(B, T, Hq, D), None   # very long rows: reads cu on the host
+    if cu is None: cu, max_len = cu_seqlens_from_position_ids(pos)   # no collator metadata: finding the segments syncs
+    max_len = int(max_len) if max_len is not None else T
+    cu = cu.to(device=query.device, dtype=torch.int32)
+    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (query, key, value))
+    if fn is not None:
         kw = {"scale": scale}
         if "window_size" in params: kw["window_size"] = (-1, 0)
         elif "is_causal" in params: kw["is_causal"] = True
@@ -300,11 +327,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
             else:
                 k = k.repeat_interleave(Hq // k.shape[1], dim=1); v = v.repeat_interleave(Hq // v.shape[1], dim=1)
         out = fn(q, k, v, cu, cu, max_len, max_len, **kw)
-    elif fast and _flash_attn_fn() is not None:
-        cu = cu.to(device=q.device, dtype=torch.int32)
-        out = _flash_attn_fn()(q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=True)
     else:
-        out = _segment_sdpa(q, k, v, cu.cpu(), scale)
+        out = _flash_attn_fn()(q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=True)
     return out.reshape(B, T, Hq, D), None
 
 # %% ../nbs/04_packing.ipynb #42160a42
@@ -327,11 +351,11 @@ def register_varlen_attention(name: str = VARLEN_NAME) -> dict:
     cuda = torch.cuda.is_available()
     kernel = ("torch varlen_attn (FlashAttention-2 varlen)" if fn is not None and cuda
               else "flash-attn flash_attn_varlen_func" if _flash_attn_fn() is not None and cuda
-              else "per-segment SDPA (exact; no CUDA varlen kernel on this machine)")
+              else "document-masked SDPA (exact; no CUDA varlen kernel on this machine)")
     skipped = []
     if fn is None: skipped.append("torch.nn.attention.varlen is not available in this torch")
-    if not cuda: skipped.append("no CUDA: varlen_attn needs a GPU, using per-segment SDPA")
-    return {"registered": name, "was_registered": already, "kernel": kernel, "fp32_and_cpu": "per-segment SDPA",
+    if not cuda: skipped.append("no CUDA: varlen_attn needs a GPU, using document-masked SDPA")
+    return {"registered": name, "was_registered": already, "kernel": kernel, "fp32_and_cpu": "document-masked SDPA",
             "gqa": "native" if "enable_gqa" in params else "repeated KV heads", "skipped": skipped}
 
 def unregister_varlen_attention(name: str = VARLEN_NAME) -> bool:
