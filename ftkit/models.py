@@ -16,7 +16,8 @@ from .config import ConfigError, Problem, EMBEDDED_MODEL
 # %% auto #0
 __all__ = ['EMBEDDED_GGUF', 'ftkit_home', 'embedded_gguf', 'embedded_model_path', 'ModelSource', 'model_source', 'hub_reachable',
            'load_tokenizer', 'resize_embeddings', 'set_rope_scaling', 'model_config', 'load_model',
-           'trainable_parameters', 'effective_lora_alpha', 'apply_adapter', 'fix_untrained_tokens', 'load']
+           'trainable_parameters', 'effective_lora_alpha', 'prepare_kbit', 'apply_adapter', 'fix_untrained_tokens',
+           'load']
 
 # %% ../nbs/01_models.ipynb #4c96c078
 from .config import FinetuneConfig
@@ -560,6 +561,17 @@ def _new_adapter(cfg: FinetuneConfig, model, save: list[str]):
         raise _err(key, f"peft could not add the adapter: {str(e).splitlines()[0][:300]}",
                    "Check lora_target_modules against the model's module names, or use lora_target_linear: true.") from None
 
+# %% ../nbs/01_models.ipynb #22a3a990
+def prepare_kbit(cfg: FinetuneConfig, model):
+    "Freeze a k-bit (4/8-bit) model for adapter training; unquantized weights keep their dtype; gradient checkpointing as configured."
+    for p in model.parameters(): p.requires_grad = False
+    if cfg.gradient_checkpointing:
+        kw = cfg.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        if kw.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()        # reentrant checkpoints need an input that requires grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    return model
+
 # %% ../nbs/01_models.ipynb #5dedeb67
 def apply_adapter(cfg: FinetuneConfig, model, *, quiet: bool = False):
     "Add the configured adapter (or set up a full fine-tune); prints and records the trainable-parameter count."
@@ -570,11 +582,8 @@ def apply_adapter(cfg: FinetuneConfig, model, *, quiet: bool = False):
             rx = [re.compile(p) for p in pats]
             for n, p in model.named_parameters(): p.requires_grad = any(r.search(n) for r in rx)
     else:
-        from peft import prepare_model_for_kbit_training
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-            gc = bool(cfg.gradient_checkpointing)
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
-                gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False})
+            model = prepare_kbit(cfg, model)
         save = list(cfg.lora_modules_to_save or [])
         _check_new_rows_trained(cfg, model, save)
         if cfg.lora_model_dir: model = _continue_adapter(model, Path(cfg.lora_model_dir).expanduser(), quiet)

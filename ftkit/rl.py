@@ -764,7 +764,7 @@ def lora_config(cfg: FinetuneConfig, task_type="CAUSAL_LM", model=None):
 
 def load_rl_model(cfg: FinetuneConfig, tokenizer, head: str = "causal"):
     "The policy (head `causal`), reward model (`seqcls`, 1 label) or process reward model (`tokcls`, 2 labels), adapter added."
-    from ftkit.models import load_model, apply_adapter, model_config, model_source, _dtype_and_attention, _quant_config
+    from ftkit.models import load_model, apply_adapter, model_config, model_source, _dtype_and_attention, _quant_config, prepare_kbit
     if head == "causal": return apply_adapter(cfg, load_model(cfg, tokenizer))
     import transformers as T
     src = model_source(cfg)
@@ -779,8 +779,8 @@ def load_rl_model(cfg: FinetuneConfig, tokenizer, head: str = "causal"):
     model = cls.from_pretrained(src.path, **kw)
     if tokenizer.pad_token_id is not None: model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.adapter in ("lora", "qlora"):
-        from peft import get_peft_model, prepare_model_for_kbit_training
-        if q is not None: model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
+        from peft import get_peft_model
+        if q is not None: model = prepare_kbit(cfg, model)
         model = get_peft_model(model, lora_config(cfg, "SEQ_CLS" if head == "seqcls" else "TOKEN_CLS", model))
     return model
 

@@ -145,6 +145,9 @@ def test_qlora_4bit_learns(tmp_path):
                lora_target_linear=True, optimizer="paged_adamw_8bit", learning_rate=2e-3)
     model, tok2 = load(cfg, quiet=True)
     assert getattr(model, "is_loaded_in_4bit", False) or any("4bit" in type(mm).__name__ for mm in model.modules())
+    # the unquantized frozen weights keep the compute dtype (peft's k-bit preparation would cast them to float32)
+    frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen == {torch.bfloat16}, frozen
     r = train(cfg, data=(Dataset.from_list(_docs(400)), None), model=model, tokenizer=tok2, quiet=True)
     first, last = _loss_drop(r)
     assert last < first * 0.85, (first, last)
