@@ -297,7 +297,6 @@ def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> float:
             b += a * s.lora_r + (0 if fused else a * ins[n] * (F / shape.intermediate_size if n == "down_proj" else 1))
         if lora_mlp: b += a * d                     # the fused MLP keeps its (shared) input
         if "lora_qkv" in k and any(n in s.lora_targets for n in ("q_proj", "k_proj", "v_proj")): b += a * d   # and the fused QKV its own
-        if s.method in ("qlora", "lora8"): b += 5 * a * d     # bitsandbytes' bf16 copies of q,k,v,gate,up inputs
     return b
 
 def logits_bytes(shape: ModelShape, s: TrainSetup) -> float:
@@ -365,11 +364,11 @@ def _weight_terms(s: TrainSetup, shape: ModelShape, opt) -> _Terms:
     full = s.method == "full"
     wbytes = 4 if s.precision == "fp32" else (4 if (full and s.precision == "fp16") else 2)
     if s.method == "qlora":
-        weights = shape.linear_params * (0.5 + 1 / 64 + 4 / (64 * 256)) + (shape.embed_params + shape.other_params) * 4
-        wnote = f"{_fmt_params(shape.params)} params: linears in 4-bit NF4 (double quant), embeddings and norms fp32 (PEFT upcasts them)"
+        weights = shape.linear_params * (0.5 + 1 / 64 + 4 / (64 * 256)) + (shape.embed_params + shape.other_params) * wbytes
+        wnote = f"{_fmt_params(shape.params)} params: linears in 4-bit NF4 (double quant), embeddings and norms in {s.precision}"
     elif s.method == "lora8":
-        weights = shape.linear_params * 1.0 + (shape.embed_params + shape.other_params) * 4
-        wnote = f"{_fmt_params(shape.params)} params: linears in int8, embeddings and norms fp32"
+        weights = shape.linear_params * 1.0 + (shape.embed_params + shape.other_params) * wbytes
+        wnote = f"{_fmt_params(shape.params)} params: linears in int8, embeddings and norms in {s.precision}"
     else:
         weights = shape.params * wbytes
         wnote = f"{_fmt_params(shape.params)} params in {'fp32' if wbytes == 4 else s.precision}"
@@ -412,16 +411,13 @@ def _activation_terms(s: TrainSetup, shape: ModelShape) -> tuple[float, str, flo
     "(activations, their note, logits + loss, their note) at the start of the backward pass."
     a, L, per_layer = s.act_bytes, shape.num_layers, layer_activation_bytes(shape, s)
     if s.gradient_checkpointing:
-        resid = 4 if s.method in ("qlora", "lora8") else a
-        act = s.tokens * (L * resid * shape.hidden_size + per_layer)
+        act = s.tokens * (L * a * shape.hidden_size + per_layer)
         actnote = f"{s.tokens:,} tokens x {L} layers, gradient checkpointing (layer inputs + one layer recomputed)"
     else:
         act = s.tokens * L * per_layer
         actnote = f"{s.tokens:,} tokens x {L} layers x {per_layer / 1024:.0f} KiB per token and layer"
     if "offload" in s.kernels:
         act, actnote = s.tokens * per_layer * 2, "activations offloaded to pinned CPU memory (about two layers on the GPU)"
-    if s.method in ("qlora", "lora8"):
-        act += shape.vocab_size * shape.hidden_size * a                 # autocast's bf16 copy of the fp32 LM head, kept for backward
     lg = logits_bytes(shape, s)
     lgnote = ("fused linear cross-entropy (no logits tensor)" if "fused_linear_ce" in s.kernels
               else f"{s.tokens:,} x {shape.vocab_size:,} logits: bf16, fp32 copy, log-softmax and its gradients")
