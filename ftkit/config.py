@@ -26,13 +26,14 @@ from .schema import (OPTIMIZERS, SCHEDULERS, SECTIONS, AdapterSection, Attention
 # %% auto #0
 __all__ = ['RENAMED_KEYS', 'RULES', 'CAUSAL_LM_METRICS', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_MODEL', 'yaml_positions',
            'YamlLoader', 'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
-           'lora_kernels_preconditions', 'one_attention_backend', 'checkpointing_for_offload', 'eval_needs_eval_data',
-           'packing_conflicts', 'chat_template_choice', 'vision_conflicts', 'misc_rules', 'training_variants',
-           'peft_has_target_parameters', 'run_control_keys', 'token_keys', 'context_parallel_needs',
-           'chat_template_names', 'known_dataset_types', 'dataset_entries', 'trackers_and_plugins', 'causal_lm_eval',
-           'axolotl_differences', 'honest_keys', 'optimizer_problem', 'values_that_run', 'optimizer_options',
-           'safe_paths', 'quantization_keys', 'apply_overrides', 'parse_overrides', 'validate', 'load',
-           'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve', 'json_schema']
+           'lora_kernels_preconditions', 'cuda_graphs_preconditions', 'one_attention_backend',
+           'checkpointing_for_offload', 'eval_needs_eval_data', 'packing_conflicts', 'chat_template_choice',
+           'vision_conflicts', 'misc_rules', 'training_variants', 'peft_has_target_parameters', 'run_control_keys',
+           'token_keys', 'context_parallel_needs', 'chat_template_names', 'known_dataset_types', 'dataset_entries',
+           'trackers_and_plugins', 'causal_lm_eval', 'axolotl_differences', 'honest_keys', 'optimizer_problem',
+           'values_that_run', 'optimizer_options', 'safe_paths', 'quantization_keys', 'apply_overrides',
+           'parse_overrides', 'validate', 'load', 'load_with_overrides', 'Env', 'detect_env', 'Plan', 'resolve',
+           'json_schema']
 
 # %% ../nbs/00_config.ipynb #e544ff6a
 def yaml_positions(text: str) -> dict[tuple, tuple[int, int]]:
@@ -145,6 +146,27 @@ def lora_kernels_preconditions(d):
     for w in why:
         yield Problem(on[0], f"{', '.join(on)} cannot be used: {w}.",
                       "Remove DoRA / 8-bit / rl, or turn the kernels off.")
+
+# %% ../nbs/00_config.ipynb #11d726f9
+@rule
+def cuda_graphs_preconditions(d):
+    "cuda_graphs: true needs what a captured graph can replay: one row shape, fused LoRA kernels, no Python in backward."
+    if d.get("cuda_graphs") is not True: return
+    why = []
+    if d.get("adapter") not in ("lora", "qlora"): why.append(("adapter", "it needs a LoRA or QLoRA adapter", "Set `adapter: lora`."))
+    if d.get("rl"): why.append(("rl", "it is for supervised fine-tuning", "Remove `cuda_graphs` for preference / RL runs."))
+    if d.get("sample_packing") is not True or d.get("pad_to_sequence_len") is not True:
+        why.append(("pad_to_sequence_len", "every micro-batch must have one shape: packed rows padded to sequence_len",
+                    "Set `sample_packing: true` and `pad_to_sequence_len: true`."))
+    if d.get("gradient_checkpointing"): why.append(("gradient_checkpointing", "checkpointing recomputes layers from Python during backward", "Remove one of the two."))
+    if d.get("activation_offloading"): why.append(("activation_offloading", "offloading moves saved tensors from Python hooks", "Remove one of the two."))
+    if isinstance(d.get("lora_dropout"), (int, float)) and d["lora_dropout"] > 0: why.append(("lora_dropout", "a graph would replay the same dropout masks", "Set `lora_dropout: 0`."))
+    for k in ("relora", "lisa_n_layers", "torch_compile"):
+        if d.get(k): why.append((k, f"{k} changes the model between steps or compiles it itself", f"Remove `{k}` or `cuda_graphs`."))
+    for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "liger_rms_norm", "liger_rope"):
+        if d.get(k) is False: why.append((k, f"the graphed pieces are made of ftkit's kernels, and {k} is false", f"Remove `{k}: false`."))
+    for key, w, fix in why:
+        yield Problem(key, f"cuda_graphs: true cannot be used: {w}.", fix)
 
 # %% ../nbs/00_config.ipynb #9943d092
 @rule
