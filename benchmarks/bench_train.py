@@ -53,6 +53,7 @@ def parse():
     ap.add_argument("--kernels", default="on", choices=["on", "off"],
                     help="off: every kernel key false (lora_*_kernel, liger_*, cut/chunked_cross_entropy)")
     ap.add_argument("--gc", action="store_true", help="gradient_checkpointing: true")
+    ap.add_argument("--graphs", action="store_true", help="cuda_graphs: true (with pad_to_sequence_len: true, which it needs)")
     ap.add_argument("--profile", help="write a torch.profiler table of two optimizer steps (after the timed ones) here")
     ap.add_argument("--stack", default="F", help="name in the JSON (F, F-off, F-16k, ...)")
     ap.add_argument("--compare", help="folder with B0.json / B1.json from ../shared/bench to print ratios")
@@ -153,6 +154,7 @@ def main():
                 **({"load_in_4bit": True} if a.mode == "qlora" else {}),
                 **({k: False for k in KERNEL_KEYS} if a.kernels == "off" else {}),
                 **({"gradient_checkpointing": True} if a.gc else {}),
+                **({"cuda_graphs": True, "pad_to_sequence_len": True} if a.graphs else {}),
                 "datasets": [{"path": "synthetic", "type": "completion"}]})
             torch.manual_seed(a.seed)
             with torch.device("cuda" if cuda else "cpu"):

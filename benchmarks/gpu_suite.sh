@@ -64,8 +64,13 @@ elif [ "$part" = rest ]; then
   for f in $R/*.log; do echo "== $f"; grep -E "passed|failed|PASSED|SKIPPED|FAILED|ERROR|num_proc|Error" $f | tail -24; done
   cp "$OUT/env.txt" $R/ 2>/dev/null; tar czf /tmp/rest_run.tgz -C $R .; mkdir -p "$FINAL_OUT"; cp /tmp/rest_run.tgz "$FINAL_OUT"/
 elif [ "$part" = graphs ]; then
-  # the piecewise CUDA graph experiment (issue 10): eager patched model vs the same step split at attention, eager and graphed
-  timeout ${T_G:-300} python3 benchmarks/exp_graphs.py --out "$OUT/graphs_H200.json" 2>&1 | tee "$OUT/graphs.log" | grep -vi warn | tail -12
+  # cuda_graphs (issue 10): its GPU test, then ftkit at 4k with and without graphs beside B1, one call
+  R=/tmp/graphs; mkdir -p $R
+  timeout 150 python3 -m pytest -m gpu -q -rs -p no:cacheprovider -s tests/test_gpu_graphs.py 2>&1 | tee $R/pytest_graphs.log | tail -6
+  OUT=$R SKIP_PIP=1 STACKS="B1" T_OTHER=150 bash .gpu/bench/run_baseline.sh 2>&1 | tail -3
+  timeout 150 python3 benchmarks/bench_train.py --out $R/F.json --compare $R 2>&1 | tee $R/F.log | grep -E "kernels:|RESULT|vs" | tail -5
+  timeout 170 python3 benchmarks/bench_train.py --stack F-graphs --graphs --out $R/Fg.json --compare $R 2>&1 | tee $R/Fg.log | grep -E "kernels:|cuda_graphs|RESULT|vs|Warn" | tail -8
+  cp $R/*.json "$OUT"/ 2>/dev/null; tar czf "$OUT/graphs_run.tgz" -C $R .
 elif [ "$part" = cp ]; then
   # issue 16: the 2-GPU context-parallel loss test, then the longest trainable row on 1 GPU and with cp=2 on 2 GPUs
   # (resumable: a call cut by its limit continues from the trials in $CP_PREV, a results file carried back in)

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from . import flce as _flce
+from . import graphs as _graphs
 from . import glu as _glu
 from . import rmsnorm as _rms
 from . import rope as _rope
@@ -131,6 +132,12 @@ class KernelReport:
                     module.__dict__.pop(k, None)
             n += 1
         return n
+
+    def release_graphs(self, model) -> None:
+        "Free the captured CUDA graphs' memory (after training); they are captured again on the next training step."
+        g = _unwrap(model).__dict__.get("_ftkit_graphs")
+        if g is not None:
+            g.release()
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(k for k, _ in self.patched))
@@ -273,6 +280,38 @@ def _lora_mlp_forward(self, x):
     return lora_mlp(x, [lora_proj_of(m) for m in ins], lora_proj_of(self.down_proj), self._ftkit_act)
 
 
+def _qkv(self, hidden_states, fuse_qkv: bool):
+    "q, k, v as (B, T, H, D): the q/k/v LoRA projections in one node (or each its own forward), then Qwen3's q/k norms."
+    D = self.head_dim
+    if fuse_qkv:
+        q, k, v = lora_projections(hidden_states, [lora_proj_of(getattr(self, p)) for p in ("q_proj", "k_proj", "v_proj")])
+    else:
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    q, k, v = (t.view(*hidden_states.shape[:-1], -1, D) for t in (q, k, v))
+    if self._ftkit_qk_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
+    return q, k, v
+
+
+def _qkv_rope(self, hidden_states, cos, sin):
+    """The graphed pieces' q/k/v (kernels/graphs.py): fused projections and RoPE in place, as (B, T, H, D). Set on an
+    attention module only where both are patched (its `_ftkit_qkv_rope`)."""
+    q, k, v = _qkv(self, hidden_states, True)
+    if q._base is not None:             # a view (of a projection output): rotate a fresh tensor, not the view
+        q, k = q.contiguous().clone(), k.contiguous().clone()
+    q, k = _rope.rope_(q, k, cos, sin)
+    return q, k, v
+
+
+def _graph_attention(layer, q, k, v, kwargs: dict):
+    "The eager attention between two graphed pieces: the model's attention function on (B, T, H, D) q/k/v."
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    a = layer.self_attn
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface(a.config._attn_implementation, None)
+    out, _ = fn(a, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, dropout=0.0, scaling=a.scaling, **kwargs)
+    return out.reshape(*q.shape[:2], -1).contiguous()
+
+
 def _attention_forward(self, hidden_states, *args, **kwargs):
     """transformers' Llama-family attention (llama, mistral, qwen2, qwen3) with the q/k/v LoRA projections in one node
     and RoPE in place. Generation (a cache) and unexpected calls go to the original forward."""
@@ -289,15 +328,8 @@ def _attention_forward(self, hidden_states, *args, **kwargs):
     for k in ("cache", "past_key_values", "use_cache"):
         kwargs.pop(k, None)
     input_shape = hidden_states.shape[:-1]
-    D = self.head_dim
-    if fuse_qkv:
-        q, k, v = lora_projections(hidden_states, [lora_proj_of(getattr(self, p)) for p in ("q_proj", "k_proj", "v_proj")])
-    else:
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-    q, k, v = (t.view(*input_shape, -1, D) for t in (q, k, v))
-    if self._ftkit_qk_norm:
-        q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = pe
+    q, k, v = _qkv(self, hidden_states, fuse_qkv)
     if self._ftkit_rope and q.dim() == 4 and q.is_contiguous() and k.is_contiguous():
         if q._base is not None:             # a view (of a projection output): rotate a fresh tensor, not the view
             q, k = q.contiguous().clone(), k.contiguous().clone()
@@ -324,6 +356,14 @@ def _attention_forward(self, hidden_states, *args, **kwargs):
 
 
 _LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+_GRAPHABLE_KWARGS = {"input_ids", "position_ids", "attention_mask", "use_cache", "return_dict", *_VARLEN_KWARGS}
+
+
+def _graphable(args, kwargs) -> bool:
+    "A packed training call the graphed pieces can take: ids and positions, no mask, nothing else asked for."
+    return not args and kwargs.get("input_ids") is not None and kwargs.get("position_ids") is not None and \
+        kwargs.get("attention_mask") is None and not kwargs.get("use_cache") and set(kwargs) <= _GRAPHABLE_KWARGS
 
 
 def _causal_lm_forward(self, *args, labels=None, logits_to_keep=0, **kwargs):
@@ -338,8 +378,14 @@ def _causal_lm_forward(self, *args, labels=None, logits_to_keep=0, **kwargs):
     num_items = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("shift_labels", None)
     ignore = kwargs.pop("ignore_index", -100)
-    out = self.model(*args, **kwargs)
-    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    out = None
+    graphs = self.__dict__.get("_ftkit_graphs")
+    if graphs is not None and _graphable(args, kwargs) and graphs.ready():
+        kw = {k: kwargs[k] for k in (*_VARLEN_KWARGS, "position_ids") if k in kwargs}
+        h = graphs(kwargs["input_ids"], kwargs["position_ids"], _graph_attention, kw)
+    else:
+        out = self.model(*args, **kwargs)
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if torch.is_tensor(logits_to_keep):
         h = h[:, logits_to_keep]
     if shift is None:
@@ -354,7 +400,7 @@ def _causal_lm_forward(self, *args, labels=None, logits_to_keep=0, **kwargs):
         loss = loss / (shift != ignore).sum()
     res = CausalLMOutputWithPast(loss=loss, logits=None)
     for k in ("hidden_states", "attentions"):
-        if getattr(out, k, None) is not None:
+        if out is not None and getattr(out, k, None) is not None:
             setattr(res, k, getattr(out, k))
     return res
 
@@ -452,7 +498,7 @@ def apply_kernels(model, cfg=None, *, enable: dict[str, bool] | None = None, int
             reason = ("torch_compile: true — the kernels' autograd functions have not been verified under "
                       "torch.compile yet, so the compiled model keeps transformers' modules")
     if reason:
-        for k in wanted:
+        for k in wanted + (["cuda_graphs"] if cfg is not None and getattr(cfg, "cuda_graphs", None) is True else []):
             rep.skip(k, "*", reason)
         _maybe_offload(rep, clm, on)
         return rep
@@ -472,7 +518,23 @@ def apply_kernels(model, cfg=None, *, enable: dict[str, bool] | None = None, int
     if on["fused_linear_ce"]:
         _patch_head(rep, arch, clm, cfg)
     _maybe_offload(rep, clm, on)
+    if cfg is not None and getattr(cfg, "cuda_graphs", None) is True:
+        _attach_graphs(rep, clm, dec, cfg, interpret)
     return rep
+
+
+def _attach_graphs(rep, clm, dec, cfg, interpret: bool):
+    "cuda_graphs: true — the decoder's pieces on the CausalLM (`clm._ftkit_graphs`), captured on a CUDA model's first step."
+    why = _graphs.reason_not(clm, cfg, need_cuda=not interpret)
+    if why is None and clm.__dict__.get("_ftkit_kernel") != "fused_linear_ce":
+        why = "the LM head is not ftkit's fused cross-entropy (the pieces run inside its forward)"
+    if why is not None:
+        rep.skip("cuda_graphs", "model", why)
+        return
+    loras = [m for m in dec.layers.modules() if hasattr(m, "lora_A") and hasattr(m, "merged")]
+    clm._ftkit_graphs = _graphs.PiecewiseGraphs(dec, capture=next(clm.parameters()).is_cuda,
+                                                ready=lambda: all(_live(m) for m in loras))
+    rep.patched.append(("cuda_graphs", "model"))
 
 
 def _maybe_offload(rep, clm, on):
@@ -590,6 +652,8 @@ def _patch_attention(rep, on, arch, cfgm, name, attn):
     attn._ftkit_sliding = getattr(attn, "sliding_window", None) if hasattr(attn, "sliding_window") else \
         getattr(cfgm, "sliding_window", None) if cfgm.model_type == "mistral" else None
     rep.patch("lora_qkv" if fuse else "rope", name, attn, _attention_forward)
+    if fuse and rope:
+        attn._ftkit_qkv_rope = types.MethodType(_qkv_rope, attn)
     if fuse and rope:
         rep.patched.append(("rope", name))
 

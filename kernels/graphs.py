@@ -1,0 +1,188 @@
+"""Piecewise CUDA graphs for the patched decoder: the training step without most of its kernel launches.
+
+At 4,096-token rows ftkit's LoRA step on an H200 is CPU-bound: two optimizer steps took ~400 ms of GPU kernel time and
+~1.05 s of CPU time (``benchmarks/results/kernels_e2e_profile_H200.txt``), about 2,700 kernel launches per micro-batch,
+each a few microseconds of Python, autograd and driver work. A CUDA graph replays a captured sequence of kernels with
+one launch. The whole step cannot be one graph: varlen attention takes each packed row's document boundaries
+(``cu_seq_lens``, a different number of documents per row) and its launch grid depends on them. So the decoder is cut at
+attention into ``L + 1`` pieces, each captured once (forward and backward) with ``torch.cuda.make_graphed_callables``:
+
+    piece 0      input norm of layer 0, its fused q/k/v LoRA projections and RoPE
+    piece l      layer l-1 after attention (o_proj, residual, norm, LoRA MLP, residual), then layer l up to attention
+    piece L      the last layer after attention
+
+Embedding, rotary tables, varlen attention, the final norm and the fused cross-entropy stay eager (a handful of
+launches each). Only the shapes change what is captured: one set of graphs per (batch, tokens, dtype), at most
+``max_shapes`` of them; other shapes run the same pieces eagerly.
+
+What graphs require, checked by ``reason_not`` before anything is captured: a CUDA model in training whose every layer
+is one of ftkit's own attention forwards (llama, mistral without a sliding window, qwen2, qwen3) with fused q/k/v, RoPE,
+LoRA MLP, LoRA O and RMSNorm kernels on, LoRA dropout 0 (a graph replays the same masks), no gradient checkpointing or
+activation offloading (their hooks run Python during backward), one process, and parameters whose storage and
+``requires_grad`` stay put while training (no ReLoRA, LISA, or other code that swaps weights). At call time a changed
+parameter storage drops the graphs and captures again.
+
+``PiecewiseGraphs(inner, capture=False)`` runs the pieces eagerly (the CPU tests check that pieces == the model).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+
+class _Piece(nn.Module):
+    "Layer `post` after attention (if any), then layer `pre` up to attention (if any)."
+
+    def __init__(self, post, pre):
+        super().__init__()
+        self.post, self.pre = post, pre
+
+    def forward(self, *args):
+        if self.post is not None:
+            o, h, cos, sin = args
+            h = h + self.post.self_attn.o_proj(o)
+            h = h + self.post.mlp(self.post.post_attention_layernorm(h))
+        else:
+            h, cos, sin = args
+        if self.pre is None:
+            return h
+        q, k, v = self.pre.self_attn._ftkit_qkv_rope(self.pre.input_layernorm(h), cos, sin)
+        return h, q, k, v
+
+
+def pieces_of(layers) -> list[_Piece]:
+    "The L + 1 pieces of a decoder's layers."
+    layers = list(layers)
+    return [_Piece(None, layers[0])] + [_Piece(layers[i], layers[i + 1] if i + 1 < len(layers) else None)
+                                        for i in range(len(layers))]
+
+
+def reason_not(clm, cfg=None, *, need_cuda: bool = True) -> str | None:
+    "Why piecewise graphs cannot run on this (patched) CausalLM, or None when they can."
+    if cfg is not None:
+        if getattr(cfg, "gradient_checkpointing", None):
+            return "gradient_checkpointing recomputes layers from Python hooks during backward"
+        if getattr(cfg, "activation_offloading", None):
+            return "activation_offloading moves saved tensors from Python hooks"
+        for key in ("relora", "lisa_n_layers"):
+            if getattr(cfg, key, None):
+                return f"{key} changes weights or trainable layers between steps"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return "several processes (graphs are single-GPU for now)"
+    impl = getattr(getattr(clm, "config", None), "_attn_implementation", None)
+    if impl != "ftkit_varlen":
+        return f"attn_implementation {impl}: the pieces need ftkit's varlen attention (packed rows, no mask to build)"
+    inner = getattr(clm, "model", None)
+    layers = list(getattr(inner, "layers", []) or [])
+    if not layers:
+        return "no decoder layers (model.model.layers)"
+    p = next(iter(clm.parameters()), None)
+    if need_cuda and (p is None or not p.is_cuda):
+        return "the model is not on a CUDA GPU"
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        kernel_of = lambda m: getattr(m, "_ftkit_kernel", None)  # noqa: E731
+        if attn is None or not hasattr(attn, "_ftkit_qkv_rope") or not getattr(attn, "_ftkit_qkv", False):
+            return f"layers.{i}: the attention is not ftkit's fused q/k/v + RoPE forward"
+        if getattr(attn, "_ftkit_sliding", None) is not None:
+            return f"layers.{i}: sliding-window attention"
+        if float(getattr(attn, "attention_dropout", 0.0) or 0.0) > 0:
+            return f"layers.{i}: attention dropout {attn.attention_dropout}"
+        if kernel_of(mlp) != "lora_mlp" or kernel_of(getattr(attn, "o_proj", None)) != "lora_o":
+            return f"layers.{i}: the MLP or o_proj is not a fused LoRA kernel"
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            if kernel_of(getattr(layer, n, None)) != "rms_norm":
+                return f"layers.{i}.{n} is not ftkit's RMSNorm kernel"
+        for m in layer.modules():
+            drop = getattr(m, "lora_dropout", None)
+            if isinstance(drop, nn.ModuleDict) and any(isinstance(d, nn.Dropout) and d.p > 0 for d in drop.values()):
+                return "lora_dropout > 0 (a graph would replay the same dropout masks)"
+    return None
+
+
+def _no_autocast_cache():
+    """Autocast as the caller set it, without its cast cache: a graph cannot hold autocast's cached weight copies (they
+    are freed when the autocast region ends), and torch refuses to capture with the cache on."""
+    import contextlib
+    if not torch.is_autocast_enabled("cuda") or not torch.is_autocast_cache_enabled():
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+class PiecewiseGraphs:
+    "The decoder's pieces, graphed per input shape on first use (`capture=True`) or run eagerly (`capture=False`)."
+
+    def __init__(self, inner, *, capture: bool = True, max_shapes: int = 2, warmup: int = 3, ready=None):
+        self.inner, self.capture, self.max_shapes, self.warmup = inner, capture, max_shapes, warmup
+        self.ready = ready or (lambda: True)     # at call time: may the pieces run (e.g. every adapter still active)?
+        self.pieces = pieces_of(inner.layers)
+        self.graphed: dict[tuple, tuple] = {}
+        self.captures = 0                    # how many shapes were captured (and recaptured)
+        self.failed: str | None = None       # why capture failed, once; the step then runs the pieces eagerly
+        self._params = [p for piece in self.pieces for p in piece.parameters()]
+        self._storage = self._signature()
+
+    def _signature(self) -> tuple:
+        return tuple((p.data_ptr(), p.requires_grad) for p in self._params)
+
+    def release(self) -> None:
+        "Drop every captured graph (and the memory pool they hold)."
+        self.graphed.clear()
+
+    def _samples(self, h0, cos, sin) -> tuple:
+        "Inputs with the real calls' shapes, dtypes and requires_grad: (h, cos, sin), then (o, h, cos, sin) per piece."
+        a0 = self.inner.layers[0].self_attn
+        B, T, _ = h0.shape
+        o = torch.zeros(B, T, a0.config.num_attention_heads * a0.head_dim, device=h0.device, dtype=h0.dtype)
+        first = (h0.detach().clone().requires_grad_(h0.requires_grad), cos.detach().clone(), sin.detach().clone())
+        rest = [(o.clone().requires_grad_(), h0.detach().clone().requires_grad_(), cos.detach().clone(), sin.detach().clone())
+                for _ in self.pieces[1:]]
+        return (first, *rest)
+
+    def _fns(self, h0, cos, sin):
+        if not self.capture or self.failed is not None:
+            return self.pieces
+        sig = self._signature()
+        if sig != self._storage:             # a weight was swapped or (un)frozen: the graphs read stale memory
+            self.release()
+            self._storage = sig
+        key = (tuple(h0.shape), h0.dtype, h0.requires_grad)
+        if key in self.graphed:
+            return self.graphed[key]
+        if len(self.graphed) >= self.max_shapes:
+            return self.pieces
+        try:
+            fns = torch.cuda.make_graphed_callables(tuple(self.pieces), self._samples(h0, cos, sin),
+                                                    num_warmup_iters=self.warmup, allow_unused_input=True)
+        except Exception as e:  # noqa: BLE001 — any capture failure: say it once, train on without graphs
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
+            warnings.warn(f"cuda_graphs: capturing the decoder failed ({self.failed}); training continues without graphs",
+                          stacklevel=2)
+            return self.pieces
+        self.graphed[key] = fns
+        self.captures += 1
+        return fns
+
+    def __call__(self, input_ids, position_ids, attention, attn_kwargs: dict) -> torch.Tensor:
+        """The decoder's normed last hidden state for `input_ids` (B, T) at `position_ids`; `attention(layer, q, k, v)`
+        (q/k/v as (B, T, H, D)) is the eager attention between pieces."""
+        with _no_autocast_cache():
+            return self._run(input_ids, position_ids, attention, attn_kwargs)
+
+    def _run(self, input_ids, position_ids, attention, attn_kwargs: dict) -> torch.Tensor:
+        inner = self.inner
+        h = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(h, position_ids)
+        fns = self._fns(h, cos, sin)
+        layers = list(inner.layers)
+        h, q, k, v = fns[0](h, cos, sin)
+        for i, layer in enumerate(layers):
+            o = attention(layer, q, k, v, attn_kwargs)
+            out = fns[i + 1](o, h, cos, sin)
+            if i + 1 < len(layers):
+                h, q, k, v = out
+            else:
+                h = out
+        return inner.norm(h)

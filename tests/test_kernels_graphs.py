@@ -1,0 +1,107 @@
+"""`cuda_graphs: true` (ftkit.kernels.graphs): the decoder cut at attention into pieces that CUDA graphs capture.
+
+On the CPU (TRITON_INTERPRET=1) nothing is captured, but the same pieces run eagerly, so these tests check what
+capture cannot change: that the pieces compute the patched model's loss and adapter gradients on packed rows, that
+the key is off unless set, that every condition graphs need is checked with a reason, and that undo removes them.
+Capture itself (and the loss curve of a run with graphs against one without) is `tests/test_gpu_graphs.py`."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from types import SimpleNamespace as NS  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+from ftkit.kernels.graphs import PiecewiseGraphs  # noqa: E402
+from ftkit.kernels.patch import apply_kernels  # noqa: E402
+from ftkit.packing import register_varlen_attention  # noqa: E402
+from test_kernels_patch import ATTN7, IDS, LAB, POS, assert_same, lora, loss_and_grads, tiny  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU-interpreter tests")
+register_varlen_attention()
+
+
+def varlen(mt, **kw):
+    m = tiny(mt, **kw)
+    m.config._attn_implementation = "ftkit_varlen"          # ftkit's packed attention: no mask, segments from positions
+    return m
+
+
+@pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3"])
+def test_pieces_equal_the_patched_model(mt):
+    m = lora(varlen(mt), ATTN7)
+    apply_kernels(m, None, interpret=True)
+    ref = loss_and_grads(m)
+    rep = apply_kernels(m, NS(cuda_graphs=True), interpret=True)
+    assert ("cuda_graphs", "model") in rep.patched, str(rep)
+    g = m.get_base_model()._ftkit_graphs
+    assert isinstance(g, PiecewiseGraphs) and not g.capture and len(g.pieces) == m.config.num_hidden_layers + 1
+    inner = m.get_base_model().model
+    inner.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the decoder's own forward ran"))
+    try:
+        assert_same(loss_and_grads(m), ref, tol=1e-6)
+    finally:
+        del inner.forward
+    rep.undo()
+    assert not hasattr(m.get_base_model(), "_ftkit_graphs")
+
+
+def test_off_unless_the_key_is_true():
+    m = lora(varlen("llama"), ATTN7)
+    for cfg in (None, NS(cuda_graphs=None), NS(cuda_graphs=False)):
+        rep = apply_kernels(m, cfg, interpret=True)
+        assert not any(k == "cuda_graphs" for k, _ in rep.patched) and not hasattr(m.get_base_model(), "_ftkit_graphs")
+    assert "cuda_graphs" not in str(apply_kernels(m, None, interpret=True))
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("dropout", "lora_dropout > 0"),
+    ("sliding", "sliding-window"),
+    ("sdpa", "attn_implementation"),
+    ("checkpointing", "gradient_checkpointing"),
+    ("relora", "relora"),
+    ("no_mlp_kernel", "not a fused LoRA kernel"),
+])
+def test_each_condition_is_checked_with_a_reason(case, reason):
+    mt = "mistral" if case == "sliding" else "llama"
+    base = tiny(mt) if case == "sdpa" else varlen(mt)
+    m = lora(base, ATTN7, dropout=0.1 if case == "dropout" else 0.0)
+    cfg = NS(cuda_graphs=True, gradient_checkpointing=case == "checkpointing", relora=case == "relora",
+             lora_mlp_kernel=False if case == "no_mlp_kernel" else None)
+    rep = apply_kernels(m, cfg, interpret=True)
+    skipped = [r for k, _, r in rep.skipped if k == "cuda_graphs"]
+    assert skipped and reason in skipped[0], (skipped, str(rep))
+    assert not hasattr(m.get_base_model(), "_ftkit_graphs")
+
+
+def test_calls_the_pieces_cannot_take_use_the_model():
+    "A padded batch (attention_mask), eval mode and no labels go through the decoder's own forward."
+    m = lora(varlen("llama"), ATTN7)
+    apply_kernels(m, NS(cuda_graphs=True), interpret=True)
+    g = m.get_base_model()._ftkit_graphs
+    calls = []
+    orig = PiecewiseGraphs.__call__
+    PiecewiseGraphs.__call__ = lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
+    try:
+        m(input_ids=IDS, position_ids=POS, labels=LAB)
+        assert calls == [1]
+        m(input_ids=IDS, attention_mask=torch.ones_like(IDS), labels=LAB)
+        m.eval()
+        m(input_ids=IDS, position_ids=POS, labels=LAB)
+        m.train()
+        m(input_ids=IDS, position_ids=POS)
+        assert calls == [1], calls
+    finally:
+        PiecewiseGraphs.__call__ = orig
+    assert g.captures == 0 and g.failed is None
+
+
+def test_a_cpu_model_says_why_without_the_interpreter_opt_in():
+    "Outside the tests' interpreter opt-in, a CPU model gets no kernels; cuda_graphs: true is listed with the reason."
+    m = lora(varlen("llama"), ATTN7)
+    rep = apply_kernels(m, NS(cuda_graphs=True))
+    assert not rep.patched and any(k == "cuda_graphs" and "CUDA" in r for k, _, r in rep.skipped), str(rep)
