@@ -464,7 +464,8 @@ def render_spans(tpl, msgs, tools, tvars, kw, think_key="reasoning_content", cac
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #c6cf944c
 def _single_token_id(tokenizer, t: str) -> int:
-    ids = tokenizer.encode(t, add_special_tokens=False)
+    bt = _plain_backend(tokenizer)        # a single encode: no batch call, so the tokenizer's thread pool is not started
+    ids = bt.encode(t, add_special_tokens=False).ids if bt is not None else tokenizer.encode(t, add_special_tokens=False)
     if len(ids) != 1:
         raise ValueError(f"eot token {t!r} encodes to {len(ids)} tokens {ids}; each eot_tokens entry must be one token "
                          "(add it with tokens: or added_tokens_overrides:)")
@@ -512,19 +513,38 @@ def detail_tokens(tokenizer, content: str, detail: list) -> list[int]:
     return [i for i, (s, e) in enumerate(offs) if any(tr and s >= b and e <= hi for b, hi, tr in spans)]
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #c3e9d3d1
-def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+def _plain_backend(tokenizer):
+    "The fast tokenizer's backend when encoding with it gives what the transformers call gives (no truncation or padding set, special tokens split alike), else None."
+    bt = getattr(tokenizer, "_tokenizer", None)
+    plain = bt is not None and getattr(bt, "truncation", 0) is None and getattr(bt, "padding", 0) is None \
+        and getattr(bt, "encode_special_tokens", None) == bool(getattr(tokenizer, "split_special_tokens", False))
+    return bt if plain else None
+
+_ENCODE_POOLS: dict = {}      # (pid, threads) -> thread pool; a forked worker never reuses its parent's (dead) threads
+
+def _encode_pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+    key = (os.getpid(), threads)
+    if key not in _ENCODE_POOLS: _ENCODE_POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="ftkit-encode")
+    return _ENCODE_POOLS[key]
+
+def encode_with_offsets(tokenizer, texts: list[str], threads: int = 1) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
     """Token ids and character offsets of each text, without special tokens: what
     `tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)` returns, read straight from the
     fast tokenizer's batch encodings (transformers' per-row conversion into a `BatchEncoding` costs as much as
     the tokenization). Falls back to that call when the backend has truncation or padding set, or splits
-    special tokens differently from the wrapper."""
-    bt = getattr(tokenizer, "_tokenizer", None)
-    plain = bt is not None and getattr(bt, "truncation", 0) is None and getattr(bt, "padding", 0) is None \
-        and getattr(bt, "encode_special_tokens", None) == bool(getattr(tokenizer, "split_special_tokens", False))
-    if not plain:
+    special tokens differently from the wrapper. `threads` > 1 splits the texts over that many Python threads
+    (the backend releases the GIL while it encodes): what the data workers use, see below."""
+    bt = _plain_backend(tokenizer)
+    if bt is None:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return [list(x) for x in enc["input_ids"]], [[tuple(o) for o in x] for x in enc["offset_mapping"]]
-    encs = bt.encode_batch(texts, add_special_tokens=False)
+    if threads > 1 and len(texts) >= 2 * threads:
+        k = -(-len(texts) // threads)
+        parts = _encode_pool(threads).map(lambda ts: bt.encode_batch(ts, add_special_tokens=False),
+                                          [texts[i:i + k] for i in range(0, len(texts), k)])
+        encs = [e for part in parts for e in part]
+    else: encs = bt.encode_batch(texts, add_special_tokens=False)
     return [e.ids for e in encs], [e.offsets for e in encs]
 
 # %% ../../nbs/02_prompts.chat_template.ipynb #34dce94f
@@ -544,6 +564,7 @@ class ChatTemplateStrategy:
     Build with `build(tokenizer, entry, cfg)`: `entry` is the dataset's `DatasetEntry`, `cfg` the `FinetuneConfig`
     (dicts are validated into them, for tests and notebooks)."""
     name = "chat_template"
+    encode_threads = 1                   # threads per batch call; ftkit.data sets more in its map workers
 
     def __init__(self, tokenizer, ds=None, cfg=None):
         if not getattr(tokenizer, "is_fast", True) and not hasattr(tokenizer, "_tokenizer"):
@@ -690,7 +711,7 @@ def tokenize_batch(self:ChatTemplateStrategy, rows: list[dict]) -> list:
     for row in rows:
         try: p = self.prepare(row); prepped.append(p); texts.append(p[0])
         except RowError as e: prepped.append(e)
-    all_ids, all_offs = encode_with_offsets(self.tok, texts) if texts else ([], [])
+    all_ids, all_offs = encode_with_offsets(self.tok, texts, self.encode_threads) if texts else ([], [])
     out, k = [], 0
     for p in prepped:
         if isinstance(p, RowError): out.append(p); continue

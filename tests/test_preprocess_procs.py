@@ -1,0 +1,83 @@
+"""`dataset_num_proc: 2` (issue 15, item 7): the workers encode with threads of their own and give byte-identical
+rows to one process; the parent never starts the tokenizer's (Rust) thread pool before `map` forks its workers."""
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+import ftkit_test_tokenizers as T
+from helpers import make_cfg
+
+def rows(n):
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"Question {i}? " + "word " * (i % 7)},
+                {"role": "assistant", "content": f"Answer {i}." + " more" * (i % 5)}]
+        if i % 3 == 0: msgs += [{"role": "user", "content": "And then?"}, {"role": "assistant", "content": "Then " * (i % 4) + "done."}]
+        out.append({"messages": msgs if i % 97 else []})          # some empty conversations: dropped, counted
+    out[5]["messages"][1]["content"] = "long " * 400                # too long for sequence_len: dropped
+    return out
+
+def test_two_workers_with_threads_give_the_same_rows(tmp_path, monkeypatch):
+    import ftkit.data as D
+    import ftkit.prompts.chat_template as CT
+    tok = T.llama3()
+    p = tmp_path / "chat.jsonl"; p.write_text("\n".join(json.dumps(r) for r in rows(2400)) + "\n")
+    cfg = lambda n: make_cfg(datasets=[{"path": str(p), "type": "chat_template", "chat_template": "llama3"}], sequence_len=256,
+                             dataset_num_proc=n, dataset_prepared_path=str(tmp_path / f"prep{n}"), shuffle_merged_datasets=True)
+    one = D.prepare(cfg(1), tok, quiet=True)
+    # 2 threads per worker even on a 2-core machine (where the cores per worker give 1), and a record of the pools
+    # the workers start: the thread path must really run in the forked workers
+    monkeypatch.setattr(D, "_encode_threads", lambda n: 2 if n > 1 else 1)
+    orig, seen = CT._encode_pool, tmp_path / "pools"
+    seen.mkdir()
+    def spy(threads):
+        (seen / f"{os.getpid()}-{threads}").touch(); return orig(threads)
+    monkeypatch.setattr(CT, "_encode_pool", spy)
+    two = D.prepare(cfg(2), tok, quiet=True)
+    pools = [f.name.split("-") for f in seen.iterdir()]
+    assert pools and all(pid != str(os.getpid()) and t == "2" for pid, t in pools)   # in the workers, not here
+    assert len({pid for pid, _ in pools}) == 2
+    a, b = one.train.with_format("arrow")[:], two.train.with_format("arrow")[:]
+    assert a.equals(b) and a.schema == b.schema                    # every column, every row, in the same (shuffled) order
+    assert one.report.dropped == two.report.dropped == {"empty_conversation": 25, "too_long": 1}
+    assert (one.report.tokens, one.report.trained_tokens) == (two.report.tokens, two.report.trained_tokens)
+
+PROBE = r'''
+import os, sys, json
+sys.path.insert(0, sys.argv[1])
+import ftkit.data as D
+from helpers import make_cfg
+from transformers import AutoTokenizer
+
+def pool_usable_after_fork(tok):
+    "Whether a forked child can still start the tokenizer's thread pool: only when this process never used it."
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        n0 = len(os.listdir("/proc/self/task")); tok._tokenizer.encode_batch(["a b c d"] * 64)
+        os.write(w, b"1" if len(os.listdir("/proc/self/task")) > n0 else b"0"); os._exit(0)
+    os.close(w); os.waitpid(pid, 0); out = os.read(r, 1); os.close(r)
+    return out == b"1"
+
+tok = AutoTokenizer.from_pretrained(sys.argv[4])        # loaded, not trained here (training uses the pool)
+seen = []
+orig = D._map_rows
+def probe(*a, **k):
+    seen.append(pool_usable_after_fork(tok)); return orig(*a, **k)
+D._map_rows = probe
+cfg = make_cfg(datasets=[{"path": sys.argv[2], "type": "chat_template", "chat_template": "llama3"}], sequence_len=64,
+               dataset_num_proc=2, dataset_prepared_path=sys.argv[3])
+D.prepare(cfg, tok, quiet=True)
+tok("the parent tokenizes something")                  # transformers' call: the batch call, which starts the pool
+print(json.dumps({"before_map": seen, "after_use": pool_usable_after_fork(tok)}))
+'''
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_parent_never_starts_the_tokenizer_pool_before_the_fork(tmp_path):
+    p = tmp_path / "chat.jsonl"; p.write_text("\n".join(json.dumps(r) for r in rows(20)) + "\n")
+    T.llama3().save_pretrained(str(tmp_path / "tok"))
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}     # the library default: parallel
+    out = subprocess.run([sys.executable, "-c", PROBE, str(Path(__file__).parent), str(p), str(tmp_path / "prep"), str(tmp_path / "tok")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"before_map": [True], "after_use": False}   # (after_use: the probe does see a pool the parent started)
