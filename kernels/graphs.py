@@ -49,7 +49,7 @@ class _Piece(nn.Module):
         if self.pre is None:
             return h
         q, k, v = self.pre.self_attn._ftkit_qkv_rope(self.pre.input_layernorm(h), cos, sin)
-        return h, q, k, v
+        return (h, q, k, v) if self.post is not None else (q, k, v)     # piece 0 does not hand back its own input
 
 
 def pieces_of(layers) -> list[_Piece]:
@@ -123,6 +123,7 @@ class PiecewiseGraphs:
         self.failed: str | None = None       # why capture failed, once; the step then runs the pieces eagerly
         self._params = [p for piece in self.pieces for p in piece.parameters()]
         self._storage = self._signature()
+        self._hooks: list = []
 
     def _signature(self) -> tuple:
         return tuple((p.data_ptr(), p.requires_grad) for p in self._params)
@@ -130,6 +131,17 @@ class PiecewiseGraphs:
     def release(self) -> None:
         "Drop every captured graph (and the memory pool they hold)."
         self.graphed.clear()
+        for hk in self._hooks:
+            hk.remove()
+        self._hooks = []
+
+    def _guard_grads(self) -> None:
+        """A graphed backward returns its static gradient buffers, and autograd may install such a buffer as a
+        parameter's `.grad` (it takes the tensor instead of copying when `.grad` is None); the next micro-batch's replay
+        would then overwrite the accumulated gradient (pytorch/pytorch#181723). Each trainable parameter of the pieces
+        gets a hook that hands autograd a copy: one small copy per adapter matrix per micro-batch."""
+        if not self._hooks:
+            self._hooks = [p.register_hook(torch.Tensor.clone) for p in dict.fromkeys(self._params) if p.requires_grad]
 
     def _samples(self, h0, cos, sin) -> tuple:
         "Inputs with the real calls' shapes, dtypes and requires_grad: (h, cos, sin), then (o, h, cos, sin) per piece."
@@ -137,8 +149,10 @@ class PiecewiseGraphs:
         B, T, _ = h0.shape
         o = torch.zeros(B, T, a0.config.num_attention_heads * a0.head_dim, device=h0.device, dtype=h0.dtype)
         first = (h0.detach().clone().requires_grad_(h0.requires_grad), cos.detach().clone(), sin.detach().clone())
-        rest = [(o.clone().requires_grad_(), h0.detach().clone().requires_grad_(), cos.detach().clone(), sin.detach().clone())
-                for _ in self.pieces[1:]]
+        # o always requires grad (it comes from q/k/v); h from piece 2 on (it went through the adapters), h of piece 1
+        # is the embedding output, which requires grad only when the embeddings train
+        rest = [(o.clone().requires_grad_(), h0.detach().clone().requires_grad_(i > 1 or h0.requires_grad),
+                 cos.detach().clone(), sin.detach().clone()) for i in range(1, len(self.pieces))]
         return (first, *rest)
 
     def _fns(self, h0, cos, sin):
@@ -153,14 +167,15 @@ class PiecewiseGraphs:
             return self.graphed[key]
         if len(self.graphed) >= self.max_shapes:
             return self.pieces
-        try:
-            fns = torch.cuda.make_graphed_callables(tuple(self.pieces), self._samples(h0, cos, sin),
+        try:       # fresh wrappers: make_graphed_callables replaces its modules' forward, and self.pieces stay eager
+            fns = torch.cuda.make_graphed_callables(tuple(pieces_of(self.inner.layers)), self._samples(h0, cos, sin),
                                                     num_warmup_iters=self.warmup, allow_unused_input=True)
         except Exception as e:  # noqa: BLE001 — any capture failure: say it once, train on without graphs
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
             warnings.warn(f"cuda_graphs: capturing the decoder failed ({self.failed}); training continues without graphs",
                           stacklevel=2)
             return self.pieces
+        self._guard_grads()
         self.graphed[key] = fns
         self.captures += 1
         return fns
@@ -177,7 +192,7 @@ class PiecewiseGraphs:
         cos, sin = inner.rotary_emb(h, position_ids)
         fns = self._fns(h, cos, sin)
         layers = list(inner.layers)
-        h, q, k, v = fns[0](h, cos, sin)
+        q, k, v = fns[0](h, cos, sin)
         for i, layer in enumerate(layers):
             o = attention(layer, q, k, v, attn_kwargs)
             out = fns[i + 1](o, h, cos, sin)
