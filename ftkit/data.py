@@ -314,7 +314,7 @@ def _tokenize_table(batch, idxs, strategy=None, max_len=2048, min_len=2, truncat
     import numpy as np, pyarrow as pa
     guard.die_with_parent(main_pid)       # a worker of a killed run exits with it (ftkit.guard), never orphaned
     strategy = _unwrap(strategy)
-    if threads > 1 and getattr(strategy, "encode_threads", None): strategy.encode_threads = threads   # a worker's copy
+    if getattr(strategy, "encode_threads", None): strategy.encode_threads = threads   # >1 only in a worker (its copy)
     keys = list(batch)
     rows = [{k: batch[k][i] for k in keys} for i in range(len(idxs))]
     recs = _length_rules(idxs, _strategy_results(strategy, rows), max_len, min_len, truncate)
