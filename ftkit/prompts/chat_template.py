@@ -520,13 +520,10 @@ def _plain_backend(tokenizer):
         and getattr(bt, "encode_special_tokens", None) == bool(getattr(tokenizer, "split_special_tokens", False))
     return bt if plain else None
 
-_ENCODE_POOLS: dict = {}      # (pid, threads) -> thread pool; a forked worker never reuses its parent's (dead) threads
-
 def _encode_pool(threads: int):
+    "A thread pool for one batch call: made per call, so no process-wide pool outlives a fork."
     from concurrent.futures import ThreadPoolExecutor
-    key = (os.getpid(), threads)
-    if key not in _ENCODE_POOLS: _ENCODE_POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="ftkit-encode")
-    return _ENCODE_POOLS[key]
+    return ThreadPoolExecutor(threads, thread_name_prefix="ftkit-encode")
 
 def encode_with_offsets(tokenizer, texts: list[str], threads: int = 1) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
     """Token ids and character offsets of each text, without special tokens: what
@@ -541,8 +538,9 @@ def encode_with_offsets(tokenizer, texts: list[str], threads: int = 1) -> tuple[
         return [list(x) for x in enc["input_ids"]], [[tuple(o) for o in x] for x in enc["offset_mapping"]]
     if threads > 1 and len(texts) >= 2 * threads:
         k = -(-len(texts) // threads)
-        parts = _encode_pool(threads).map(lambda ts: bt.encode_batch(ts, add_special_tokens=False),
-                                          [texts[i:i + k] for i in range(0, len(texts), k)])
+        with _encode_pool(threads) as pool:
+            parts = list(pool.map(lambda ts: bt.encode_batch(ts, add_special_tokens=False),
+                                  [texts[i:i + k] for i in range(0, len(texts), k)]))
         encs = [e for part in parts for e in part]
     else: encs = bt.encode_batch(texts, add_special_tokens=False)
     return [e.ids for e in encs], [e.offsets for e in encs]
