@@ -286,34 +286,11 @@ def _empty_untrained(lens, bounds, ids, lab, am):
         bounds = np.concatenate([[0], np.cumsum(lens)])
     return empty, lens, bounds, ids, lab, am
 
-# %% ../nbs/03_data.ipynb #81824f0a
-_FORKED: dict = {}        # (pid, id) -> object, while a `map` with workers runs
-
-class _ByFork:
-    "An object handed to forked `map` workers by reference: it pickles as a key into this process's `_FORKED`."
-    def __init__(self, obj): self.obj, self.key = obj, (os.getpid(), id(obj))
-    def __enter__(self): _FORKED[self.key] = self.obj; return self
-    def __exit__(self, *exc): _FORKED.pop(self.key, None)
-    def __getstate__(self): return {"key": self.key}
-    def __setstate__(self, d):
-        self.key, self.obj = d["key"], _FORKED.get(d["key"])
-        if self.obj is None: raise RuntimeError("ftkit: a map worker that was not forked from the preparing process got a forked-only argument")
-
-def _unwrap(x): return x.obj if isinstance(x, _ByFork) else x
-
-def _forking_pool() -> bool:
-    "Whether `multiprocess` pools (datasets' `map` workers) start by fork here, without fixing the start method as a side effect."
-    try:
-        import multiprocess, multiprocess.context as ctx
-        return (multiprocess.get_start_method(allow_none=True) or ctx._default_context._default_context.get_start_method()) == "fork"
-    except Exception: return False
-
 # %% ../nbs/03_data.ipynb #50c39e7b
 def _tokenize_table(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=False, term_ids=(), main_pid=None, threads=1):
     "The batched `map` function: one Arrow table of samples and dropped rows (with their reasons), built from flat arrays."
     import numpy as np, pyarrow as pa
     guard.die_with_parent(main_pid)       # a worker of a killed run exits with it (ftkit.guard), never orphaned
-    strategy = _unwrap(strategy)
     if getattr(strategy, "encode_threads", None): strategy.encode_threads = threads   # >1 only in a worker (its copy)
     keys = list(batch)
     rows = [{k: batch[k][i] for k in keys} for i in range(len(idxs))]
@@ -466,16 +443,15 @@ def _encode_threads(num_proc: int) -> int:
 def _map_rows(raw, strat, cfg: FinetuneConfig, tok, where: str, max_len: int, key: str = "", in_memory: bool = False):
     "The loaded rows of one entry tokenized by its strategy: `_tokenize_table` over `map` batches, in this process or in workers."
     np_ = _num_proc(cfg, len(raw))
-    with _ByFork(strat) as ref:            # forked workers find the strategy in memory rather than unpickling a copy
-        return raw.map(_tokenize_table, batched=True, batch_size=_batch_rows(raw), with_indices=True, remove_columns=raw.column_names,
-                       num_proc=np_ if np_ > 1 else None,      # 1: in this process (datasets would start a pool of one)
-                       keep_in_memory=in_memory and np_ == 1 and raw.data.nbytes <= _IN_MEMORY_BYTES,
-                       features=_features(), desc=f"tokenizing {where}",
-                       fn_kwargs=dict(strategy=ref if np_ > 1 and _forking_pool() else strat, max_len=max_len, min_len=cfg.min_sample_len,
-                                      main_pid=os.getpid(), threads=_encode_threads(np_),
-                                      truncate=cfg.excess_length_strategy == "truncate", term_ids=tuple(_term_ids(tok, [strat]))),
-                       # the cache key covers everything this map depends on, so datasets may reuse its own cache file
-                       new_fingerprint=_h("tok", key, where) if key else None)
+    return raw.map(_tokenize_table, batched=True, batch_size=_batch_rows(raw), with_indices=True, remove_columns=raw.column_names,
+                   num_proc=np_ if np_ > 1 else None,      # 1: in this process (datasets would start a pool of one)
+                   keep_in_memory=in_memory and np_ == 1 and raw.data.nbytes <= _IN_MEMORY_BYTES,
+                   features=_features(), desc=f"tokenizing {where}",
+                   fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=cfg.min_sample_len, main_pid=os.getpid(),
+                                  threads=_encode_threads(np_),
+                                  truncate=cfg.excess_length_strategy == "truncate", term_ids=tuple(_term_ids(tok, [strat]))),
+                   # the cache key covers everything this map depends on, so datasets may reuse its own cache file
+                   new_fingerprint=_h("tok", key, where) if key else None)
 
 # %% ../nbs/03_data.ipynb #1d4f2ff0
 def _locate(bounds, row: int) -> str:
