@@ -128,17 +128,11 @@ class SyncCounter:
 def _trainer(tmp_path, kernels: bool, prompt_heavy: bool):
     sys.path.insert(0, str(Path(__file__).parent))
     from datasets import Dataset
-    from helpers import tiny_llama
+    from helpers import StubTok, tiny_llama
     from ftkit.config import load as load_config
     from ftkit.kernels.patch import apply_kernels
     from ftkit.models import apply_adapter
     from ftkit.train import build_trainer
-
-    class Tok:
-        pad_token_id, eos_token_id, pad_token = 0, 2, "<pad>"
-
-        def save_pretrained(self, d):
-            pass
     cfg = load_config({"learning_rate": 1e-3, "micro_batch_size": 1, "sequence_len": 32, "sample_packing": True,
                        "optimizer": "adamw_torch", "output_dir": str(tmp_path), "adapter": "lora", "lora_r": 4,
                        "lora_target_linear": True, "datasets": [{"path": "unused.jsonl", "type": "completion"}]})
@@ -149,7 +143,7 @@ def _trainer(tmp_path, kernels: bool, prompt_heavy: bool):
         cut = n - 2 if prompt_heavy else n // 3                 # prompt-heavy: logits only at trained positions
         rows.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
     model = apply_adapter(cfg, tiny_llama(vocab_size=64, attn="ftkit_varlen"), quiet=True)
-    s = build_trainer(cfg, data=(Dataset.from_list(rows), None), model=model, tokenizer=Tok(), quiet=True)
+    s = build_trainer(cfg, data=(Dataset.from_list(rows), None), model=model, tokenizer=StubTok(), quiet=True)
     rep = apply_kernels(s.model, cfg, enable=None if kernels else {k: False for k in
                         ("lora_mlp", "lora_qkv", "lora_o", "rope", "rms_norm", "glu", "fused_linear_ce")},
                         interpret=True)
