@@ -231,13 +231,17 @@ def pose_positions(cfg: "FinetuneConfig") -> PoSE | None:
     return PoSE(int(cfg.pose_max_context_len), cfg.pose_num_chunks or 2, tuple(cfg.pose_split_on_token_ids or ()), cfg.seed)
 
 # %% ../nbs/04_packing.ipynb #44ec08a8
+def _segment_starts(pos: torch.Tensor) -> torch.Tensor:
+    "(B, T) booleans: where a packed segment starts (its position is not the previous one + 1)."
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    return starts
+
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     "Cumulative segment lengths over the flattened (batch × length) tokens, and the longest segment."
     pos = position_ids.reshape(position_ids.shape[0], -1) if position_ids.dim() > 1 else position_ids[None]
     B, T = pos.shape
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    flat = torch.nonzero(starts.reshape(-1), as_tuple=False).flatten()
+    flat = torch.nonzero(_segment_starts(pos).reshape(-1), as_tuple=False).flatten()
     cu = torch.cat([flat, flat.new_tensor([B * T])]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
 
@@ -274,10 +278,7 @@ def _segment_ids(B: int, T: int, cu=None, position_ids=None) -> torch.Tensor:
     if cu is not None:
         idx = torch.arange(B * T, device=cu.device, dtype=cu.dtype)
         return torch.searchsorted(cu[1:].contiguous(), idx, right=True).view(B, T)
-    pos = position_ids
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    return starts.cumsum(-1)
+    return _segment_starts(position_ids).cumsum(-1)
 
 def _masked_sdpa(q, k, v, seg, scale):
     """Causal attention inside each segment as one SDPA call with a block-diagonal causal mask; q (B, Hq, T, D),

@@ -755,7 +755,7 @@ def _fit(cfg: FinetuneConfig, s: TrainerSetup, out: Path, quiet: bool, save: boo
     finally:
         if lock is not None: lock.release()
         rep = getattr(s.model, "ftkit_kernels", None)
-        if rep is not None: rep.release_graphs(s.model)     # cuda_graphs: the captured graphs' memory is freed with the run
+        if rep is not None: rep.release_graphs()     # cuda_graphs: the captured graphs' memory is freed with the run
     return metrics, resume, secs
 
 # %% ../nbs/06_train.ipynb #72319821

@@ -61,14 +61,9 @@ def pieces_of(layers) -> list[_Piece]:
 
 def reason_not(clm, cfg=None, *, need_cuda: bool = True) -> str | None:
     "Why piecewise graphs cannot run on this (patched) CausalLM, or None when they can."
-    if cfg is not None:
-        if getattr(cfg, "gradient_checkpointing", None):
-            return "gradient_checkpointing recomputes layers from Python hooks during backward"
-        if getattr(cfg, "activation_offloading", None):
-            return "activation_offloading moves saved tensors from Python hooks"
-        for key in ("relora", "lisa_n_layers"):
-            if getattr(cfg, key, None):
-                return f"{key} changes weights or trainable layers between steps"
+    for key in ("relora", "lisa_n_layers"):          # trainer callbacks: nothing on the model shows them
+        if cfg is not None and getattr(cfg, key, None):
+            return f"{key} changes weights or trainable layers between steps"
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         return "several processes (graphs are single-GPU for now)"
     impl = getattr(getattr(clm, "config", None), "_attn_implementation", None)
@@ -81,6 +76,8 @@ def reason_not(clm, cfg=None, *, need_cuda: bool = True) -> str | None:
     p = next(iter(clm.parameters()), None)
     if need_cuda and (p is None or not p.is_cuda):
         return "the model is not on a CUDA GPU"
+    if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):   # the pieces would skip the checkpoints
+        return "gradient_checkpointing recomputes layers from Python hooks during backward"
     for i, layer in enumerate(layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         kernel_of = lambda m: getattr(m, "_ftkit_kernel", None)  # noqa: E731

@@ -32,6 +32,7 @@ from __future__ import annotations
 import types
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -104,6 +105,7 @@ class KernelReport:
     patched: list[tuple[str, str]] = field(default_factory=list)            # (kernel, module name)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)       # (kernel, module name, reason)
     _undo: list = field(default_factory=list, repr=False)
+    graphs: Any = field(default=None, repr=False)                           # cuda_graphs: the PiecewiseGraphs
 
     def patch(self, kernel: str, name: str, module: nn.Module, fn):
         had = "forward" in module.__dict__
@@ -121,6 +123,9 @@ class KernelReport:
     def undo(self) -> int:
         "Restore every patched module's forward; returns how many were restored."
         n = 0
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
         while self._undo:
             module, had, old = self._undo.pop()
             if had:
@@ -133,11 +138,10 @@ class KernelReport:
             n += 1
         return n
 
-    def release_graphs(self, model) -> None:
+    def release_graphs(self) -> None:
         "Free the captured CUDA graphs' memory (after training); they are captured again on the next training step."
-        g = _unwrap(model).__dict__.get("_ftkit_graphs")
-        if g is not None:
-            g.release()
+        if self.graphs is not None:
+            self.graphs.release()
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(k for k, _ in self.patched))
@@ -293,14 +297,18 @@ def _qkv(self, hidden_states, fuse_qkv: bool):
     return q, k, v
 
 
+def _rotate(q, k, cos, sin):
+    "RoPE in place on (B, T, H, D) q/k; a view (of a projection output) is copied first, so the view is not rotated."
+    if q._base is not None:
+        q, k = q.contiguous().clone(), k.contiguous().clone()
+    return _rope.rope_(q, k, cos, sin)
+
+
 def _qkv_rope(self, hidden_states, cos, sin):
     """The graphed pieces' q/k/v (kernels/graphs.py): fused projections and RoPE in place, as (B, T, H, D). Set on an
     attention module only where both are patched (its `_ftkit_qkv_rope`)."""
     q, k, v = _qkv(self, hidden_states, True)
-    if q._base is not None:             # a view (of a projection output): rotate a fresh tensor, not the view
-        q, k = q.contiguous().clone(), k.contiguous().clone()
-    q, k = _rope.rope_(q, k, cos, sin)
-    return q, k, v
+    return (*_rotate(q, k, cos, sin), v)
 
 
 def _graph_attention(layer, q, k, v, kwargs: dict):
@@ -331,9 +339,7 @@ def _attention_forward(self, hidden_states, *args, **kwargs):
     cos, sin = pe
     q, k, v = _qkv(self, hidden_states, fuse_qkv)
     if self._ftkit_rope and q.dim() == 4 and q.is_contiguous() and k.is_contiguous():
-        if q._base is not None:             # a view (of a projection output): rotate a fresh tensor, not the view
-            q, k = q.contiguous().clone(), k.contiguous().clone()
-        q, k = _rope.rope_(q, k, cos, sin)
+        q, k = _rotate(q, k, cos, sin)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
     else:
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -526,14 +532,16 @@ def apply_kernels(model, cfg=None, *, enable: dict[str, bool] | None = None, int
 def _attach_graphs(rep, clm, dec, cfg, interpret: bool):
     "cuda_graphs: true — the decoder's pieces on the CausalLM (`clm._ftkit_graphs`), captured on a CUDA model's first step."
     why = _graphs.reason_not(clm, cfg, need_cuda=not interpret)
+    if why is None and clm.__dict__.get("_ftkit_kernel") == "offload":
+        why = "activation offloading moves saved tensors from Python hooks"
     if why is None and clm.__dict__.get("_ftkit_kernel") != "fused_linear_ce":
         why = "the LM head is not ftkit's fused cross-entropy (the pieces run inside its forward)"
     if why is not None:
         rep.skip("cuda_graphs", "model", why)
         return
     loras = [m for m in dec.layers.modules() if hasattr(m, "lora_A") and hasattr(m, "merged")]
-    clm._ftkit_graphs = _graphs.PiecewiseGraphs(dec, capture=next(clm.parameters()).is_cuda,
-                                                ready=lambda: all(_live(m) for m in loras))
+    clm._ftkit_graphs = rep.graphs = _graphs.PiecewiseGraphs(dec, capture=next(clm.parameters()).is_cuda,
+                                                             ready=lambda: all(_live(m) for m in loras))
     rep.patched.append(("cuda_graphs", "model"))
 
 
@@ -654,7 +662,6 @@ def _patch_attention(rep, on, arch, cfgm, name, attn):
     rep.patch("lora_qkv" if fuse else "rope", name, attn, _attention_forward)
     if fuse and rope:
         attn._ftkit_qkv_rope = types.MethodType(_qkv_rope, attn)
-    if fuse and rope:
         rep.patched.append(("rope", name))
 
 

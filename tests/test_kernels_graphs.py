@@ -63,40 +63,41 @@ def test_off_unless_the_key_is_true():
     ("sliding", "sliding-window"),
     ("sdpa", "attn_implementation"),
     ("checkpointing", "gradient_checkpointing"),
+    ("offloading", "offloading"),
     ("relora", "relora"),
     ("no_mlp_kernel", "not a fused LoRA kernel"),
 ])
 def test_each_condition_is_checked_with_a_reason(case, reason):
     mt = "mistral" if case == "sliding" else "llama"
     base = tiny(mt) if case == "sdpa" else varlen(mt)
+    if case == "checkpointing":
+        base.gradient_checkpointing_enable()                 # read from the model: the pieces would skip its checkpoints
     m = lora(base, ATTN7, dropout=0.1 if case == "dropout" else 0.0)
-    cfg = NS(cuda_graphs=True, gradient_checkpointing=case == "checkpointing", relora=case == "relora",
-             lora_mlp_kernel=False if case == "no_mlp_kernel" else None)
+    cfg = NS(cuda_graphs=True, relora=case == "relora", lora_mlp_kernel=False if case == "no_mlp_kernel" else None,
+             activation_offloading=case == "offloading")
     rep = apply_kernels(m, cfg, interpret=True)
     skipped = [r for k, _, r in rep.skipped if k == "cuda_graphs"]
     assert skipped and reason in skipped[0], (skipped, str(rep))
     assert not hasattr(m.get_base_model(), "_ftkit_graphs")
 
 
-def test_calls_the_pieces_cannot_take_use_the_model():
+def test_calls_the_pieces_cannot_take_use_the_model(monkeypatch):
     "A padded batch (attention_mask), eval mode and no labels go through the decoder's own forward."
     m = lora(varlen("llama"), ATTN7)
-    apply_kernels(m, NS(cuda_graphs=True), interpret=True)
+    rep = apply_kernels(m, NS(cuda_graphs=True), interpret=True)
     g = m.get_base_model()._ftkit_graphs
+    assert rep.graphs is g
     calls = []
     orig = PiecewiseGraphs.__call__
-    PiecewiseGraphs.__call__ = lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
-    try:
-        m(input_ids=IDS, position_ids=POS, labels=LAB)
-        assert calls == [1]
-        m(input_ids=IDS, attention_mask=torch.ones_like(IDS), labels=LAB)
-        m.eval()
-        m(input_ids=IDS, position_ids=POS, labels=LAB)
-        m.train()
-        m(input_ids=IDS, position_ids=POS)
-        assert calls == [1], calls
-    finally:
-        PiecewiseGraphs.__call__ = orig
+    monkeypatch.setattr(PiecewiseGraphs, "__call__", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    m(input_ids=IDS, position_ids=POS, labels=LAB)
+    assert calls == [1]
+    m(input_ids=IDS, attention_mask=torch.ones_like(IDS), labels=LAB)
+    m.eval()
+    m(input_ids=IDS, position_ids=POS, labels=LAB)
+    m.train()
+    m(input_ids=IDS, position_ids=POS)
+    assert calls == [1], calls
     assert g.captures == 0 and g.failed is None
 
 
