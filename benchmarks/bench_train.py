@@ -54,6 +54,7 @@ def parse():
                     help="off: every kernel key false (lora_*_kernel, liger_*, cut/chunked_cross_entropy)")
     ap.add_argument("--gc", action="store_true", help="gradient_checkpointing: true")
     ap.add_argument("--graphs", action="store_true", help="cuda_graphs: true (with pad_to_sequence_len: true, which it needs)")
+    ap.add_argument("--pad", action="store_true", help="pad_to_sequence_len: true alone (what --graphs adds besides graphs)")
     ap.add_argument("--profile", help="write a torch.profiler table of two optimizer steps (after the timed ones) here")
     ap.add_argument("--stack", default="F", help="name in the JSON (F, F-off, F-16k, ...)")
     ap.add_argument("--compare", help="folder with B0.json / B1.json from ../shared/bench to print ratios")
@@ -155,6 +156,7 @@ def main():
                 **({k: False for k in KERNEL_KEYS} if a.kernels == "off" else {}),
                 **({"gradient_checkpointing": True} if a.gc else {}),
                 **({"cuda_graphs": True, "pad_to_sequence_len": True} if a.graphs else {}),
+                **({"pad_to_sequence_len": True} if a.pad else {}),
                 "datasets": [{"path": "synthetic", "type": "completion"}]})
             torch.manual_seed(a.seed)
             with torch.device("cuda" if cuda else "cpu"):
@@ -242,6 +244,8 @@ def main():
         Fl = (4 * n_lin + 6 * n_lora + A) if a.mode != "full" else (6 * n_lin + A)
         kr = getattr(res.model, "ftkit_kernels", None) if res.model is not None else None
         rec["kernels"] = kr.as_dict() if kr is not None else None
+        if rec["kernels"] and "cuda_graphs" in rec["kernels"]:
+            print("cuda_graphs:", rec["kernels"]["cuda_graphs"])
         tps = T / dt
         steps = sorted(marks)
         rec.update({

@@ -116,6 +116,7 @@ class PiecewiseGraphs:
         self.ready = ready or (lambda: True)     # at call time: may the pieces run (e.g. every adapter still active)?
         self.pieces = pieces_of(inner.layers)
         self.graphed: dict[tuple, tuple] = {}
+        self.calls = 0                       # training calls that ran the pieces (graphed or not)
         self.captures = 0                    # how many shapes were captured (and recaptured)
         self.failed: str | None = None       # why capture failed, once; the step then runs the pieces eagerly
         self._params = [p for piece in self.pieces for p in piece.parameters()]
@@ -180,6 +181,7 @@ class PiecewiseGraphs:
     def __call__(self, input_ids, position_ids, attention, attn_kwargs: dict) -> torch.Tensor:
         """The decoder's normed last hidden state for `input_ids` (B, T) at `position_ids`; `attention(layer, q, k, v)`
         (q/k/v as (B, T, H, D)) is the eager attention between pieces."""
+        self.calls += 1
         with _no_autocast_cache():
             return self._run(input_ids, position_ids, attention, attn_kwargs)
 

@@ -30,6 +30,7 @@ generation) and call the original forward when the kernel does not apply.
 from __future__ import annotations
 
 import types
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +125,9 @@ class KernelReport:
         "Restore every patched module's forward; returns how many were restored."
         n = 0
         if self.graphs is not None:
+            if self.graphs.capture and self.graphs.calls == 0:
+                warnings.warn("cuda_graphs: true, but no training step could take the graphed decoder (the calls carried "
+                              "arguments the pieces do not handle), so nothing was captured", stacklevel=2)
             self.graphs.release()
             self.graphs = None
         while self._undo:
@@ -141,6 +145,9 @@ class KernelReport:
     def release_graphs(self) -> None:
         "Free the captured CUDA graphs' memory (after training); they are captured again on the next training step."
         if self.graphs is not None:
+            if self.graphs.capture and self.graphs.calls == 0:
+                warnings.warn("cuda_graphs: true, but no training step could take the graphed decoder (the calls carried "
+                              "arguments the pieces do not handle), so nothing was captured", stacklevel=2)
             self.graphs.release()
 
     def counts(self) -> dict[str, int]:
@@ -161,7 +168,10 @@ class KernelReport:
         return "\n".join(self.lines())
 
     def as_dict(self) -> dict:
-        return {"patched": self.counts(), "skipped": [{"kernel": k, "module": m, "reason": r} for k, m, r in self.skipped]}
+        d = {"patched": self.counts(), "skipped": [{"kernel": k, "module": m, "reason": r} for k, m, r in self.skipped]}
+        if self.graphs is not None:
+            d["cuda_graphs"] = {"captures": self.graphs.captures, "calls": self.graphs.calls, "failed": self.graphs.failed}
+        return d
 
 
 # ------------------------------------------------------------------------------------------------------ LoRA reading
@@ -368,8 +378,9 @@ _GRAPHABLE_KWARGS = {"input_ids", "position_ids", "attention_mask", "use_cache",
 
 def _graphable(args, kwargs) -> bool:
     "A packed training call the graphed pieces can take: ids and positions, no mask, nothing else asked for."
+    given = {k for k, v in kwargs.items() if v is not None and v is not False}   # PEFT's forward passes its Nones on
     return not args and kwargs.get("input_ids") is not None and kwargs.get("position_ids") is not None and \
-        kwargs.get("attention_mask") is None and not kwargs.get("use_cache") and set(kwargs) <= _GRAPHABLE_KWARGS
+        kwargs.get("attention_mask") is None and not kwargs.get("use_cache") and given <= _GRAPHABLE_KWARGS
 
 
 def _causal_lm_forward(self, *args, labels=None, logits_to_keep=0, **kwargs):

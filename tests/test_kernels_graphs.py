@@ -106,3 +106,29 @@ def test_a_cpu_model_says_why_without_the_interpreter_opt_in():
     m = lora(varlen("llama"), ATTN7)
     rep = apply_kernels(m, NS(cuda_graphs=True))
     assert not rep.patched and any(k == "cuda_graphs" and "CUDA" in r for k, _, r in rep.skipped), str(rep)
+
+
+def test_training_through_peft_runs_the_pieces(monkeypatch, tmp_path):
+    """`train()` with an adapter from `apply_adapter`: PEFT's CausalLM forward passes its unset arguments on as None
+    (inputs_embeds, output_attentions, ...); the training calls must still reach the pieces (the H200 run found them
+    all going to the decoder's own forward, nothing captured). No warning that nothing could be graphed."""
+    import warnings
+
+    from datasets import Dataset
+    from helpers import StubTok, tiny_llama
+    from test_gpu import _cfg, _docs
+
+    import ftkit.kernels.patch as patch
+    from ftkit.models import apply_adapter
+    from ftkit.train import train
+    monkeypatch.setattr(patch, "apply_kernels", lambda m, cfg=None, **kw: apply_kernels(m, cfg, interpret=True))
+    cfg = _cfg(tmp_path, adapter="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_linear=True,
+               sequence_len=64, micro_batch_size=1, pad_to_sequence_len=True, max_steps=2, bf16=False, cuda_graphs=True)
+    m = tiny_llama(vocab_size=128, attn="ftkit_varlen")
+    m.ftkit_added_tokens = 0
+    m = apply_adapter(cfg, m, quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train(cfg, data=(Dataset.from_list(_docs(16, hi=60)), None), model=m, tokenizer=StubTok(), quiet=True)
+    g = m.get_base_model()._ftkit_graphs
+    assert g.calls == 2 and g.captures == 0 and g.failed is None, (g.calls, g.captures, g.failed)
