@@ -104,7 +104,10 @@ def main():
           "bitsandbytes 0.50.2, torch 2.11): 5 optimizer steps each, micro-batch 1, packed rows of 4k or 16k tokens, LoRA r16 "
           "on all 7 linears, AdamW fused (8-bit paged where named), with ftkit's kernels as `ftkit.train` applies them by "
           "default, or all switched off (`_nok`). The kernels' memory terms in `ftkit.fit` were written from the kernels' "
-          "source before this measurement; nothing was fitted to it.", "",
+          "source before this measurement; nothing was fitted to it. The three `qlora_*` runs were measured again in a later "
+          "call the same day (2026-11-30 16:30 UTC, `bash benchmarks/gpu_suite.sh last`, 4 steps), after QLoRA stopped "
+          "casting embeddings, LM head and norms to float32 (`ftkit.models.prepare_kbit`): 6.98 / 20.74 / 18.69 GiB "
+          "before, 5.47 / 17.63 / 13.56 GiB after.", "",
           "| run | GPUs | kernels | estimate GiB | measured GiB | error | source |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['name']} | {r['gpus']} | {', '.join(r['kernels']) or 'off'} | {r['estimate_GiB']:.2f} | {r['measured_GiB']:.2f} | "

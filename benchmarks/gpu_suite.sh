@@ -85,5 +85,21 @@ elif [ "$part" = cp ]; then
     timeout ${T_CP:-250} python3 benchmarks/context_parallel.py search --gpus $g --predict --start 65536 --steps 1 --doc-median 4096 \
       --rel 0.05 --timeout 200 --out "$R" 2>&1 | grep -E "gpus|Error" | tail -12
   done
+elif [ "$part" = last ]; then
+  # one 2-GPU call for what is left: the context-parallel tests and longest rows (issue 16), the QLoRA memory of
+  # ftkit.fit's validation on the second GPU meanwhile (issue 18/10), then data preparation on this host's cores (issue 15)
+  R=/tmp/last; mkdir -p $R; export OUT=$R
+  timeout ${T_CPT:-150} python3 -m pytest -m gpu -v -rs --tb=short -p no:cacheprovider -s tests/test_context_parallel.py > $R/cp_tests.log 2>&1; grep -E "PASSED|FAILED|SKIPPED|passed|failed" $R/cp_tests.log | tail -4
+  C="$R/context_parallel_H200.json"; [ -n "${CP_PREV:-}" ] && cp "$CP_PREV" "$C"
+  ( CUDA_VISIBLE_DEVICES=1 timeout ${T_FIT:-240} python3 benchmarks/fit_measure.py --out $R/fit_qlora.json --only qlora_4k,qlora_16k,qlora_4k_nok > $R/fit.log 2>&1 ) &
+  CUDA_VISIBLE_DEVICES=0 timeout ${T_CP:-250} python3 benchmarks/context_parallel.py search --gpus 1 --predict --start 65536 --steps 1 \
+    --doc-median 4096 --rel 0.05 --timeout 200 --out "$C" 2>&1 | grep -E "gpus|Error" | tail -8
+  wait; tail -3 $R/fit.log
+  timeout ${T_CP:-250} python3 benchmarks/context_parallel.py search --gpus 2 --predict --start 65536 --steps 1 \
+    --doc-median 4096 --rel 0.05 --timeout 200 --out "$C" 2>&1 | grep -E "gpus|Error" | tail -8
+  ( env -u TOKENIZERS_PARALLELISM timeout 100 python3 benchmarks/bench_preprocess.py --procs 1 2 4 --tokenizer .gpu/tok --out $R/preprocess_default.json
+    timeout 80 python3 benchmarks/bench_preprocess.py --procs 1 2 4 --tokenizer .gpu/tok --tokenizers-parallelism false --out $R/preprocess_tpfalse.json ) > $R/preprocess.log 2>&1
+  grep -E "num_proc|procs|Error" $R/preprocess.log | tail -8
+  cp "$FINAL_OUT/env.txt" $R/ 2>/dev/null; tar czf /tmp/last_run.tgz -C $R .; cp /tmp/last_run.tgz "$C" "$FINAL_OUT"/
 fi
 ls -la "$FINAL_OUT"
