@@ -54,7 +54,9 @@ def parse():
                     help="off: every kernel key false (lora_*_kernel, liger_*, cut/chunked_cross_entropy)")
     ap.add_argument("--gc", action="store_true", help="gradient_checkpointing: true")
     ap.add_argument("--graphs", action="store_true", help="cuda_graphs: true (with pad_to_sequence_len: true, which it needs)")
-    ap.add_argument("--pad", action="store_true", help="pad_to_sequence_len: true alone (what --graphs adds besides graphs)")
+    ap.add_argument("--pad", action="store_true", help="pad_to_sequence_len: true (the default with packing since 2026-11-30)")
+    ap.add_argument("--no-graphs", action="store_true", help="cuda_graphs: false (unset, it is on where the config allows)")
+    ap.add_argument("--no-pad", action="store_true", help="pad_to_sequence_len: false (rows of varying length; no graphs)")
     ap.add_argument("--profile", help="write a torch.profiler table of two optimizer steps (after the timed ones) here")
     ap.add_argument("--stack", default="F", help="name in the JSON (F, F-off, F-16k, ...)")
     ap.add_argument("--compare", help="folder with B0.json / B1.json from ../shared/bench to print ratios")
@@ -157,6 +159,8 @@ def main():
                 **({"gradient_checkpointing": True} if a.gc else {}),
                 **({"cuda_graphs": True, "pad_to_sequence_len": True} if a.graphs else {}),
                 **({"pad_to_sequence_len": True} if a.pad else {}),
+                **({"cuda_graphs": False} if a.no_graphs else {}),
+                **({"pad_to_sequence_len": False} if a.no_pad else {}),
                 "datasets": [{"path": "synthetic", "type": "completion"}]})
             torch.manual_seed(a.seed)
             with torch.device("cuda" if cuda else "cpu"):

@@ -68,12 +68,13 @@ elif [ "$part" = graphs ]; then
   R=/tmp/graphs; mkdir -p $R
   timeout 150 python3 -m pytest -m gpu -q -rs -p no:cacheprovider -s tests/test_gpu_graphs.py 2>&1 | tee $R/pytest_graphs.log | tail -6
   OUT=$R SKIP_PIP=1 STACKS="B1" T_OTHER=150 bash .gpu/bench/run_baseline.sh 2>&1 | tail -3
-  timeout 150 python3 benchmarks/bench_train.py --out $R/F.json --compare $R 2>&1 | tee $R/F.log | grep -E "kernels:|RESULT|vs" | tail -5
-  timeout 150 python3 benchmarks/bench_train.py --stack F-pad --pad --out $R/Fpad.json --compare $R 2>&1 | tee $R/Fpad.log | grep -E "RESULT|vs" | tail -3
-  timeout 170 python3 benchmarks/bench_train.py --stack F-graphs --graphs --out $R/Fg.json --compare $R 2>&1 | tee $R/Fg.log | grep -E "kernels:|cuda_graphs|RESULT|vs|Warn" | tail -8
+  # the default (packed rows padded to sequence_len, cuda_graphs on where the config allows), then without graphs / padding
+  timeout 150 python3 benchmarks/bench_train.py --stack F-nopad --no-pad --out $R/F.json --compare $R 2>&1 | tee $R/F.log | grep -E "kernels:|RESULT|vs" | tail -5
+  timeout 150 python3 benchmarks/bench_train.py --stack F-pad --no-graphs --out $R/Fpad.json --compare $R 2>&1 | tee $R/Fpad.log | grep -E "RESULT|vs" | tail -3
+  timeout 170 python3 benchmarks/bench_train.py --stack F-graphs --out $R/Fg.json --compare $R 2>&1 | tee $R/Fg.log | grep -E "kernels:|cuda_graphs|RESULT|vs|Warn" | tail -8
   if [ -n "${WITH_Q:-}" ]; then      # QLoRA (NF4 + double quant) at 4k, without and with graphs
-    timeout 150 python3 benchmarks/bench_train.py --stack FQ --mode qlora --out $R/FQ.json --compare $R 2>&1 | tee $R/FQ.log | grep -E "kernels:|RESULT|vs" | tail -4
-    timeout 150 python3 benchmarks/bench_train.py --stack FQ-graphs --mode qlora --graphs --out $R/FQg.json --compare $R 2>&1 | tee $R/FQg.log | grep -E "cuda_graphs|RESULT|vs|Warn" | tail -4
+    timeout 150 python3 benchmarks/bench_train.py --stack FQ --mode qlora --no-graphs --out $R/FQ.json --compare $R 2>&1 | tee $R/FQ.log | grep -E "kernels:|RESULT|vs" | tail -4
+    timeout 150 python3 benchmarks/bench_train.py --stack FQ-graphs --mode qlora --out $R/FQg.json --compare $R 2>&1 | tee $R/FQg.log | grep -E "cuda_graphs|RESULT|vs|Warn" | tail -4
   fi
   cp $R/*.json "$OUT"/ 2>/dev/null; tar czf "$OUT/graphs_run.tgz" -C $R .
 elif [ "$part" = cp ]; then

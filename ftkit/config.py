@@ -26,7 +26,7 @@ from .schema import (OPTIMIZERS, SCHEDULERS, SECTIONS, AdapterSection, Attention
 # %% auto #0
 __all__ = ['RENAMED_KEYS', 'RULES', 'CAUSAL_LM_METRICS', 'IGNORED_KEYS', 'REJECTED_KEYS', 'EMBEDDED_MODEL', 'yaml_positions',
            'YamlLoader', 'yaml_load', 'rule', 'qlora_needs_4bit', 'one_half_precision', 'batch_size_consistent',
-           'lora_kernels_preconditions', 'cuda_graphs_preconditions', 'one_attention_backend',
+           'lora_kernels_preconditions', 'cuda_graphs_preconditions', 'pads_rows', 'graphs_on', 'one_attention_backend',
            'checkpointing_for_offload', 'eval_needs_eval_data', 'packing_conflicts', 'chat_template_choice',
            'vision_conflicts', 'misc_rules', 'training_variants', 'peft_has_target_parameters', 'run_control_keys',
            'token_keys', 'context_parallel_needs', 'chat_template_names', 'known_dataset_types', 'dataset_entries',
@@ -155,9 +155,9 @@ def cuda_graphs_preconditions(d):
     why = []
     if d.get("adapter") not in ("lora", "qlora"): why.append(("adapter", "it needs a LoRA or QLoRA adapter", "Set `adapter: lora`."))
     if d.get("rl"): why.append(("rl", "it is for supervised fine-tuning", "Remove `cuda_graphs` for preference / RL runs."))
-    if d.get("sample_packing") is not True or d.get("pad_to_sequence_len") is not True:
+    if d.get("sample_packing") is not True or d.get("pad_to_sequence_len") is False:      # unset: follows sample_packing
         why.append(("pad_to_sequence_len", "every micro-batch must have one shape: packed rows padded to sequence_len",
-                    "Set `sample_packing: true` and `pad_to_sequence_len: true`."))
+                    "Set `sample_packing: true` and remove `pad_to_sequence_len: false`."))
     if d.get("gradient_checkpointing"): why.append(("gradient_checkpointing", "checkpointing recomputes layers from Python during backward", "Remove one of the two."))
     if d.get("activation_offloading"): why.append(("activation_offloading", "offloading moves saved tensors from Python hooks", "Remove one of the two."))
     if isinstance(d.get("lora_dropout"), (int, float)) and d["lora_dropout"] > 0: why.append(("lora_dropout", "a graph would replay the same dropout masks", "Set `lora_dropout: 0`."))
@@ -167,6 +167,17 @@ def cuda_graphs_preconditions(d):
         if d.get(k) is False: why.append((k, f"the graphed pieces are made of ftkit's kernels, and {k} is false", f"Remove `{k}: false`."))
     for key, w, fix in why:
         yield Problem(key, f"cuda_graphs: true cannot be used: {w}.", fix)
+
+# %% ../nbs/00_config.ipynb #bebad3dd
+def pads_rows(cfg: FinetuneConfig) -> bool:
+    "Whether batches are padded to `sequence_len`: `pad_to_sequence_len`, which follows `sample_packing` when unset."
+    return cfg.pad_to_sequence_len if cfg.pad_to_sequence_len is not None else bool(cfg.sample_packing)
+
+def graphs_on(cfg: FinetuneConfig) -> bool:
+    "Whether training captures CUDA graphs: `cuda_graphs` when set, else whether the config meets all its conditions."
+    if cfg.cuda_graphs is not None: return cfg.cuda_graphs
+    d = {**cfg.model_dump(), "cuda_graphs": True, "pad_to_sequence_len": pads_rows(cfg)}
+    return not any(True for _ in cuda_graphs_preconditions(d))
 
 # %% ../nbs/00_config.ipynb #9943d092
 @rule
@@ -1178,6 +1189,8 @@ def resolve(cfg: FinetuneConfig, env: Env | None = None) -> Plan:
     from ftkit.prompts.registry import user_modules
     notes += [f"user code this config imports: {m}" for m in user_modules(cfg)]
     if "seed" not in cfg.model_fields_set: notes.append(f"seed not set: using {cfg.seed}")
+    if env.cuda and cfg.cuda_graphs is None and graphs_on(cfg):
+        notes.append("cuda_graphs: on (packed LoRA rows of one shape); `cuda_graphs: false` turns it off")
     return Plan(model=cfg.base_model or f"{EMBEDDED_MODEL} (embedded)", method=method, micro_batch_size=mbs,
                 gradient_accumulation_steps=ga, world_size=env.world_size, effective_batch_size=mbs * ga * env.world_size,
                 eval_batch_size=cfg.eval_batch_size or mbs, precision=precision, precision_reason=why,

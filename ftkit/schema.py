@@ -217,7 +217,7 @@ class AdapterSection(Section):
     lora_qkv_kernel: bool | None = _f(None, "Fused LoRA QKV kernel.", adv=True)
     lora_o_kernel: bool | None = _f(None, "Fused LoRA output-projection kernel.", adv=True)
     cuda_graphs: bool | None = _f(None, "ftkit: replay the decoder between attention calls as CUDA graphs (LoRA/QLoRA, packed "
-                                  "rows of one length, one GPU; off unless true).", adv=True)
+                                  "rows of one length, one GPU; unset: on when the config meets all its conditions, false: off).", adv=True)
 
 # %% ../nbs/00_schema.ipynb #96c1e73c
 class _DataSources(Section):
@@ -255,7 +255,7 @@ class _DataLengths(_DataSources):
     sample_packing_mp_start_method: str | None = _f(None, "Multiprocessing start method for packing.", adv=True)
     sample_packing_eff_est: float | None = _f(None, "Packing efficiency estimate (set by a previous run).", adv=True)
     eval_sample_packing: bool | None = _f(None, "Pack the eval set too (defaults to sample_packing).", adv=True)
-    pad_to_sequence_len: bool | None = _f(None, "Pad every batch to sequence_len (default true with packing).", adv=True)
+    pad_to_sequence_len: bool | None = _f(None, "Pad packed rows (or, when true, every batch) to sequence_len; unset: follows sample_packing.", adv=True)
     multipack_real_batches: bool | None = _f(None, "Pack micro_batch_size rows of sequence_len instead of one long row.", adv=True)
     curriculum_sampling: bool | None = _f(None, "Train on the rows in dataset order every epoch, not shuffled (packed bins filled in order too).", adv=True)
     use_pose: bool | None = _f(None, "PoSE: training rows get position ids with random skips, as if spread over pose_max_context_len tokens (long-context training on short rows).", adv=True)

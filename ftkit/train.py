@@ -15,7 +15,7 @@ import torch
 from fastcore.basics import patch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .config import FinetuneConfig, Plan, load, resolve
+from .config import FinetuneConfig, Plan, graphs_on, load, pads_rows, resolve
 from .errors import ConfigError, FtkitError, Problem
 from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan, pose_positions
 from .prompts.registry import resolve_type, user_modules
@@ -271,7 +271,7 @@ class FtkitTrainer(Trainer):
         self.context_parallel = cp = context_parallel      # this rank's part of each packed row (ftkit.context_parallel)
         self._pad_id = pad_token_id
         seq, mbs = ftkit_cfg.sequence_len, ftkit_cfg.micro_batch_size
-        pad_to = mbs * seq if ftkit_cfg.pad_to_sequence_len else None
+        pad_to = mbs * seq if pads_rows(ftkit_cfg) else None      # packed rows: pad_to_sequence_len follows sample_packing
         kb = 0 if cp else self.logits_keep_below       # a rank's positions are not the row's: no logits_to_keep under context parallelism
         mult = math.lcm(8, 2 * cp.size) if cp else 8      # context parallelism cuts rows into 2 x size equal chunks
         self.packed_collator: Any = _Counted(PackedCollator(pad_token_id=pad_token_id, pad_to=pad_to, pad_to_multiple_of=None if pad_to else mult), kb)
@@ -632,7 +632,7 @@ def _ready_model(cfg: FinetuneConfig, method: Method | None, model, quiet: bool)
         _say(f"attention: {register_varlen_attention()['kernel']}", quiet)
     if method is None:                        # ftkit's Triton kernels wherever they are exact; what was patched goes to the log
         from ftkit.kernels.patch import apply_kernels
-        rep = apply_kernels(model, cfg)      # the report stays on the model (`model.ftkit_kernels`): an OOM explanation names it
+        rep = apply_kernels(model, cfg, graphs=graphs_on(cfg))   # the report stays on the model (`model.ftkit_kernels`)
         _say(str(rep), quiet)
     return model
 

@@ -26,6 +26,7 @@ parameter storage drops the graphs and captures again.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -64,7 +65,8 @@ def reason_not(clm, cfg=None, *, need_cuda: bool = True) -> str | None:
     for key in ("relora", "lisa_n_layers"):          # trainer callbacks: nothing on the model shows them
         if cfg is not None and getattr(cfg, key, None):
             return f"{key} changes weights or trainable layers between steps"
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    several = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if several or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:      # launched workers set WORLD_SIZE before the group
         return "several processes (graphs are single-GPU for now)"
     impl = getattr(getattr(clm, "config", None), "_attn_implementation", None)
     if impl != "ftkit_varlen":

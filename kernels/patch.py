@@ -480,10 +480,12 @@ def _distributed_reason(cfg) -> str | None:
     return None
 
 
-def apply_kernels(model, cfg=None, *, enable: dict[str, bool] | None = None, interpret: bool = False) -> KernelReport:
+def apply_kernels(model, cfg=None, *, enable: dict[str, bool] | None = None, interpret: bool = False,
+                  graphs: bool | None = None) -> KernelReport:
     """Swap ftkit's kernels into `model` (a transformers CausalLM or a peft model around one) where they are exact.
 
-    `cfg` (a FinetuneConfig) switches single kernels (see KERNEL_KEYS); `enable` overrides per kernel. Kernels go
+    `cfg` (a FinetuneConfig) switches single kernels (see KERNEL_KEYS); `enable` overrides per kernel. `graphs`:
+    attach CUDA graphs (`ftkit.config.graphs_on(cfg)` when training; None reads `cfg.cuda_graphs is True`). Kernels go
     onto CUDA models; `interpret=True` also patches a CPU model when TRITON_INTERPRET=1 (tests). A report left on
     the model by an earlier call is undone first. Returns a KernelReport (also `model.ftkit_kernels`);
     `report.undo()` restores the model."""
@@ -535,7 +537,8 @@ def apply_kernels(model, cfg=None, *, enable: dict[str, bool] | None = None, int
     if on["fused_linear_ce"]:
         _patch_head(rep, arch, clm, cfg)
     _maybe_offload(rep, clm, on)
-    if cfg is not None and getattr(cfg, "cuda_graphs", None) is True:
+    want_graphs = graphs if graphs is not None else getattr(cfg, "cuda_graphs", None) is True
+    if want_graphs:
         _attach_graphs(rep, clm, dec, cfg, interpret)
     return rep
 

@@ -19,7 +19,7 @@ def _run(tmp_path, graphs: bool):
     from ftkit.train import train
     cfg = _cfg(tmp_path / ("on" if graphs else "off"), adapter="lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
                lora_target_linear=True, pad_to_sequence_len=True, max_steps=20, gradient_accumulation_steps=2,
-               cuda_graphs=graphs or None)          # accumulation: the static-gradient-buffer hazard is exercised
+               cuda_graphs=graphs)          # accumulation: the static-gradient-buffer hazard is exercised
     m = apply_adapter(cfg, _llama(hidden=512, layers=4, heads=8, kv=2), quiet=True)
     r = train(cfg, data=(Dataset.from_list(_docs(400)), None), model=m, tokenizer=StubTok(), quiet=True)
     return r, m

@@ -66,8 +66,11 @@ def test_off_unless_the_key_is_true():
     ("offloading", "offloading"),
     ("relora", "relora"),
     ("no_mlp_kernel", "not a fused LoRA kernel"),
+    ("launched", "several processes"),
 ])
-def test_each_condition_is_checked_with_a_reason(case, reason):
+def test_each_condition_is_checked_with_a_reason(case, reason, monkeypatch):
+    if case == "launched":                                   # a launched worker, before its process group exists
+        monkeypatch.setenv("WORLD_SIZE", "2")
     mt = "mistral" if case == "sliding" else "llama"
     base = tiny(mt) if case == "sdpa" else varlen(mt)
     if case == "checkpointing":
@@ -108,10 +111,12 @@ def test_a_cpu_model_says_why_without_the_interpreter_opt_in():
     assert not rep.patched and any(k == "cuda_graphs" and "CUDA" in r for k, _, r in rep.skipped), str(rep)
 
 
-def test_training_through_peft_runs_the_pieces(monkeypatch, tmp_path):
+@pytest.mark.parametrize("key", [True, None, False])
+def test_training_through_peft_runs_the_pieces(monkeypatch, tmp_path, key):
     """`train()` with an adapter from `apply_adapter`: PEFT's CausalLM forward passes its unset arguments on as None
     (inputs_embeds, output_attentions, ...); the training calls must still reach the pieces (the H200 run found them
-    all going to the decoder's own forward, nothing captured). No warning that nothing could be graphed."""
+    all going to the decoder's own forward, nothing captured). No warning that nothing could be graphed. Unset, the key
+    is on for this config (packed LoRA rows, padded to sequence_len by default, no dropout); `cuda_graphs: false` is off."""
     import warnings
 
     from datasets import Dataset
@@ -121,14 +126,18 @@ def test_training_through_peft_runs_the_pieces(monkeypatch, tmp_path):
     import ftkit.kernels.patch as patch
     from ftkit.models import apply_adapter
     from ftkit.train import train
-    monkeypatch.setattr(patch, "apply_kernels", lambda m, cfg=None, **kw: apply_kernels(m, cfg, interpret=True))
+    monkeypatch.setattr(patch, "apply_kernels", lambda m, cfg=None, **kw: apply_kernels(m, cfg, interpret=True, **kw))
     cfg = _cfg(tmp_path, adapter="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_linear=True,
-               sequence_len=64, micro_batch_size=1, pad_to_sequence_len=True, max_steps=2, bf16=False, cuda_graphs=True)
+               sequence_len=64, micro_batch_size=1, max_steps=2, bf16=False, cuda_graphs=key)
     m = tiny_llama(vocab_size=128, attn="ftkit_varlen")
     m.ftkit_added_tokens = 0
     m = apply_adapter(cfg, m, quiet=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         train(cfg, data=(Dataset.from_list(_docs(16, hi=60)), None), model=m, tokenizer=StubTok(), quiet=True)
-    g = m.get_base_model()._ftkit_graphs
+    g = m.get_base_model().__dict__.get("_ftkit_graphs")
+    if key is False:
+        assert g is None and "cuda_graphs" not in m.ftkit_kernels.counts()
+        return
+    assert m.ftkit_kernels.counts().get("cuda_graphs") == 1
     assert g.calls == 2 and g.captures == 0 and g.failed is None, (g.calls, g.captures, g.failed)
