@@ -6,7 +6,7 @@ Docs: https://ftkit.github.io/ftkit/data.html.md"""
 
 # %% ../nbs/03_data.ipynb #54d94ab7
 from __future__ import annotations
-import hashlib, json, math, os, re, shutil, socket, time, uuid
+import contextlib, gc, hashlib, json, math, os, re, shutil, socket, time, uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,8 +287,20 @@ def _empty_untrained(lens, bounds, ids, lab, am):
     return empty, lens, bounds, ids, lab, am
 
 # %% ../nbs/03_data.ipynb #50c39e7b
-def _tokenize_table(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=False, term_ids=(), main_pid=None, threads=1):
-    "The batched `map` function: one Arrow table of samples and dropped rows (with their reasons), built from flat arrays."
+@contextlib.contextmanager
+def _gc_paused():
+    "Python's cyclic garbage collector off inside the block (on again after it, if it was on)."
+    on = gc.isenabled(); gc.disable()
+    try: yield
+    finally:
+        if on: gc.enable()
+
+def _tokenize_table(batch, idxs, **kw):
+    "The batched `map` function: `_batch_table` with the cyclic garbage collector paused (see below)."
+    with _gc_paused(): return _batch_table(batch, idxs, **kw)
+
+def _batch_table(batch, idxs, strategy=None, max_len=2048, min_len=2, truncate=False, term_ids=(), main_pid=None, threads=1):
+    "One Arrow table of samples and dropped rows (with their reasons), built from flat arrays."
     import numpy as np, pyarrow as pa
     guard.die_with_parent(main_pid)       # a worker of a killed run exits with it (ftkit.guard), never orphaned
     if getattr(strategy, "encode_threads", None): strategy.encode_threads = threads   # >1 only in a worker (its copy)
@@ -440,18 +452,28 @@ def _encode_threads(num_proc: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // num_proc)
 
+@contextlib.contextmanager
+def _gc_frozen(on: bool = True):
+    "This process's objects out of the cyclic collector's sight inside the block (`gc.freeze`; unless something froze them already)."
+    on = on and gc.get_freeze_count() == 0
+    if on: gc.freeze()
+    try: yield
+    finally:
+        if on: gc.unfreeze()
+
 def _map_rows(raw, strat, cfg: FinetuneConfig, tok, where: str, max_len: int, key: str = "", in_memory: bool = False):
     "The loaded rows of one entry tokenized by its strategy: `_tokenize_table` over `map` batches, in this process or in workers."
     np_ = _num_proc(cfg, len(raw))
-    return raw.map(_tokenize_table, batched=True, batch_size=_batch_rows(raw), with_indices=True, remove_columns=raw.column_names,
-                   num_proc=np_ if np_ > 1 else None,      # 1: in this process (datasets would start a pool of one)
-                   keep_in_memory=in_memory and np_ == 1 and raw.data.nbytes <= _IN_MEMORY_BYTES,
-                   features=_features(), desc=f"tokenizing {where}",
-                   fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=cfg.min_sample_len, main_pid=os.getpid(),
-                                  threads=_encode_threads(np_),
-                                  truncate=cfg.excess_length_strategy == "truncate", term_ids=tuple(_term_ids(tok, [strat]))),
-                   # the cache key covers everything this map depends on, so datasets may reuse its own cache file
-                   new_fingerprint=_h("tok", key, where) if key else None)
+    with _gc_frozen(np_ > 1):            # forked workers never rescan (and so copy) the objects they inherit
+        return raw.map(_tokenize_table, batched=True, batch_size=_batch_rows(raw), with_indices=True, remove_columns=raw.column_names,
+                       num_proc=np_ if np_ > 1 else None,      # 1: in this process (datasets would start a pool of one)
+                       keep_in_memory=in_memory and np_ == 1 and raw.data.nbytes <= _IN_MEMORY_BYTES,
+                       features=_features(), desc=f"tokenizing {where}",
+                       fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=cfg.min_sample_len, main_pid=os.getpid(),
+                                      threads=_encode_threads(np_),
+                                      truncate=cfg.excess_length_strategy == "truncate", term_ids=tuple(_term_ids(tok, [strat]))),
+                       # the cache key covers everything this map depends on, so datasets may reuse its own cache file
+                       new_fingerprint=_h("tok", key, where) if key else None)
 
 # %% ../nbs/03_data.ipynb #1d4f2ff0
 def _locate(bounds, row: int) -> str:
