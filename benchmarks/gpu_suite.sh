@@ -3,7 +3,7 @@
 # benchmarks next to the shared TRL baseline (part=bench), the kernel GPU tests + per-kernel benchmark + one ftkit run
 # (part=kernels), or end to end beside B0/B1 at 4k and 16k plus QLoRA and kernels-off (part=e2e). Results go to $OUT
 # (kernels / e2e pack everything into one .tgz, since only 8 files come back).
-#   bash benchmarks/gpu_suite.sh tests|bench|kernels|e2e
+#   bash benchmarks/gpu_suite.sh tests|bench|kernels|e2e|features|rest|graphs|last
 # Expects wheels under .whl/base (trl, datasets, pydantic, gguf, liger...), bitsandbytes as .whl/bnb wheels or unpacked
 # in .gpu/site (only its CUDA 13 libraries, to stay under the 64 MiB tree limit), and the shared baseline harness
 # copied to .gpu/bench (../shared does not travel).
@@ -77,15 +77,6 @@ elif [ "$part" = graphs ]; then
     timeout 150 python3 benchmarks/bench_train.py --stack FQ-graphs --mode qlora --out $R/FQg.json --compare $R 2>&1 | tee $R/FQg.log | grep -E "cuda_graphs|RESULT|vs|Warn" | tail -4
   fi
   cp $R/*.json "$OUT"/ 2>/dev/null; tar czf "$OUT/graphs_run.tgz" -C $R .
-elif [ "$part" = cp ]; then
-  # issue 16: the 2-GPU context-parallel loss test, then the longest trainable row on 1 GPU and with cp=2 on 2 GPUs
-  # (resumable: a call cut by its limit continues from the trials in $CP_PREV, a results file carried back in)
-  python3 -m pytest -m gpu -v -rs --tb=short -p no:cacheprovider -s tests/test_context_parallel.py > "$OUT/cp_tests.log" 2>&1; tail -3 "$OUT/cp_tests.log"
-  R="$OUT/context_parallel_H200.json"; [ -n "${CP_PREV:-}" ] && cp "$CP_PREV" "$R"
-  for g in 1 2; do
-    timeout ${T_CP:-250} python3 benchmarks/context_parallel.py search --gpus $g --predict --start 65536 --steps 1 --doc-median 4096 \
-      --rel 0.05 --timeout 200 --out "$R" 2>&1 | grep -E "gpus|Error" | tail -12
-  done
 elif [ "$part" = last ]; then
   # one 2-GPU call for what is left: the context-parallel tests and longest rows (issue 16), the QLoRA memory of
   # ftkit.fit's validation on the second GPU meanwhile (issue 18/10), then data preparation on this host's cores (issue 15)

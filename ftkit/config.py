@@ -177,7 +177,7 @@ def graphs_on(cfg: FinetuneConfig) -> bool:
     "Whether training captures CUDA graphs: `cuda_graphs` when set, else whether the config meets all its conditions."
     if cfg.cuda_graphs is not None: return cfg.cuda_graphs
     d = {**cfg.model_dump(), "cuda_graphs": True, "pad_to_sequence_len": pads_rows(cfg)}
-    return not any(True for _ in cuda_graphs_preconditions(d))
+    return next(cuda_graphs_preconditions(d), None) is None
 
 # %% ../nbs/00_config.ipynb #9943d092
 @rule

@@ -124,10 +124,7 @@ class KernelReport:
     def undo(self) -> int:
         "Restore every patched module's forward; returns how many were restored."
         n = 0
-        if self.graphs is not None:
-            if self.graphs.capture and self.graphs.calls == 0:
-                warnings.warn("cuda_graphs: true, but no training step could take the graphed decoder (the calls carried "
-                              "arguments the pieces do not handle), so nothing was captured", stacklevel=2)
+        if self.graphs is not None:        # no warning here: undoing before any training step is normal
             self.graphs.release()
             self.graphs = None
         while self._undo:
@@ -146,7 +143,7 @@ class KernelReport:
         "Free the captured CUDA graphs' memory (after training); they are captured again on the next training step."
         if self.graphs is not None:
             if self.graphs.capture and self.graphs.calls == 0:
-                warnings.warn("cuda_graphs: true, but no training step could take the graphed decoder (the calls carried "
+                warnings.warn("cuda_graphs is on, but no training step could take the graphed decoder (the calls carried "
                               "arguments the pieces do not handle), so nothing was captured", stacklevel=2)
             self.graphs.release()
 

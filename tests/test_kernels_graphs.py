@@ -141,3 +141,18 @@ def test_training_through_peft_runs_the_pieces(monkeypatch, tmp_path, key):
         return
     assert m.ftkit_kernels.counts().get("cuda_graphs") == 1
     assert g.calls == 2 and g.captures == 0 and g.failed is None, (g.calls, g.captures, g.failed)
+
+
+def test_a_graphed_run_that_graphed_nothing_warns_when_released_not_when_undone():
+    "The end of training (release_graphs) says when no call reached the graphs; undoing the patch before any step does not."
+    import warnings
+    m = lora(varlen("llama"), ATTN7)
+    rep = apply_kernels(m, NS(cuda_graphs=True), interpret=True)
+    rep.graphs.capture = True                      # as on a CUDA model: capture was possible, and no call came
+    with pytest.warns(UserWarning, match="nothing was captured"):
+        rep.release_graphs()
+    rep.graphs.calls = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep.undo()
+    assert rep.graphs is None and not hasattr(m.get_base_model(), "_ftkit_graphs")
