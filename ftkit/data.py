@@ -6,7 +6,7 @@ Docs: https://ftkit.github.io/ftkit/data.html.md"""
 
 # %% ../nbs/03_data.ipynb #54d94ab7
 from __future__ import annotations
-import contextlib, gc, hashlib, json, math, os, re, shutil, socket, time, uuid
+import contextlib, gc, hashlib, json, math, os, pickle, re, select, shutil, signal, socket, struct, sys, time, traceback, uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ class DataError(FtkitError):
         super().__init__(str(self))
     def __str__(self):
         return self.what + (f"\n  where: {self.where}" if self.where else "") + (f"\n  fix:   {self.fix}" if self.fix else "")
+    def __reduce__(self): return (type(self), (self.what, self.where, self.fix))   # whole across a pipe (see _map_forked)
 
 # %% ../nbs/03_data.ipynb #2fc042b7
 EXT_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow",
@@ -461,19 +462,137 @@ def _gc_frozen(on: bool = True):
     finally:
         if on: gc.unfreeze()
 
+# %% ../nbs/03_data.ipynb #7d1e0a02
+def _shard_bounds(n_rows: int, n: int) -> list[tuple[int, int]]:
+    "`n` contiguous `(start, stop)` row ranges covering `n_rows` rows, cut as `Dataset.shard(contiguous=True)` cuts them."
+    div, mod = divmod(n_rows, n)
+    starts = [div * k + min(k, mod) for k in range(n + 1)]
+    return list(zip(starts[:-1], starts[1:]))
+
+_FRAME = struct.Struct("<cq")        # a worker's message: a tag (b"p" progress, b"d" done, b"e" error) and a number
+
+def _send(fd: int, tag: bytes, num: int = 0, body: bytes = b""):
+    "Write one message to a worker's pipe, all of it (a pipe may take a long message in pieces)."
+    data = memoryview(_FRAME.pack(tag, num) + body)
+    while data: data = data[os.write(fd, data):]
+
+def _messages(buf: bytes) -> tuple[list[tuple[bytes, int, bytes]], bytes]:
+    "`(messages, rest)`: the complete `(tag, number, body)` messages at the start of `buf` (an error's body is its length long)."
+    out, k = [], 0
+    while len(buf) - k >= _FRAME.size:
+        tag, num = _FRAME.unpack_from(buf, k)
+        end = k + _FRAME.size + (num if tag == b"e" else 0)
+        if end > len(buf): break
+        out.append((tag, num, buf[k + _FRAME.size:end])); k = end
+    return out, buf[k:]
+
+def _tokenize_at(batch, idxs, offset: int = 0, progress: int | None = None, **kw):
+    "`_tokenize_table` in a worker: row numbers counted from the entry's first row (`offset`: the share's), rows done sent on `progress`."
+    t = _tokenize_table(batch, [i + offset for i in idxs], **kw)
+    if progress is not None: _send(progress, b"p", len(idxs))
+    return t
+
+# %% ../nbs/03_data.ipynb #7d1e0a05
+def _fork_worker(part, path: str, offset: int, fd: int, map_kw: dict):
+    "In a forked worker: `map` the rows `part` into the Arrow file `path`, say how it went on `fd`, and exit (never returns)."
+    code = 1
+    try:
+        guard.die_with_parent()                            # armed before anything else: a killed run takes its workers along
+        if os.getppid() != map_kw["fn_kwargs"]["main_pid"]: return   # the parent died before that
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"     # as datasets does for its workers (threads: `_encode_threads`)
+        from datasets.utils import logging as dlog
+        dlog.disable_progress_bar()                        # the parent draws one bar for all workers
+        part.map(_tokenize_at, cache_file_name=path, **{**map_kw, "fn_kwargs": {**map_kw["fn_kwargs"], "offset": offset, "progress": fd}})
+        _send(fd, b"d"); code = 0
+    except BaseException as e:
+        tb = "".join(traceback.format_exception(e))
+        try: body = pickle.dumps((e, tb))
+        except Exception: body = pickle.dumps((None, tb))
+        _send(fd, b"e", len(body), body)
+    finally: os._exit(code)
+
+def _collect(fds: list[int], bar) -> tuple[dict[int, tuple[bool, bytes | None]], int | None]:
+    """Read the workers' pipes, advancing `bar` by the rows they report, until each closes or one closes without `done`:
+    `({fd: (done, pickled error or None)}, that fd or None)`."""
+    bufs, res = {fd: b"" for fd in fds}, {fd: (False, None) for fd in fds}
+    while bufs:
+        for fd in select.select(list(bufs), [], [])[0]:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                del bufs[fd]
+                if not res[fd][0]: return res, fd            # failed or died: the others are stopped, not waited for
+                continue
+            msgs, bufs[fd] = _messages(bufs[fd] + chunk)
+            for tag, num, body in msgs:
+                if tag == b"p": bar.update(num)
+                else: res[fd] = (tag == b"d", body or None)
+    return res, None
+
+# %% ../nbs/03_data.ipynb #7d1e0a09
+def _worker_error(where: str, rank: int, status: int, error: bytes | None) -> BaseException:
+    "The exception worker `rank` raised (pickled by `_fork_worker`), or a `DataError` for a worker that died without a word."
+    if error is not None:
+        exc, tb = pickle.loads(error)
+        if exc is None: return RuntimeError(f"tokenization worker {rank} for {where} failed:\n{tb}")
+        if not isinstance(exc, FtkitError): exc.add_note(f"(raised in tokenization worker {rank} for {where})\n{tb}")
+        return exc
+    how = (f"was killed by {signal.Signals(-os.waitstatus_to_exitcode(status)).name}" if os.WIFSIGNALED(status)
+           else f"exited with status {os.waitstatus_to_exitcode(status)}")
+    return DataError(f"tokenization worker {rank} for {where} {how} before it finished its rows", where,
+                     "a SIGKILL is most often the out-of-memory killer: lower dataset_num_proc, or free memory")
+
+# %% ../nbs/03_data.ipynb #7d1e0a06
+def _map_forked(raw, n: int, map_kw: dict, where: str):
+    "`raw.map(_tokenize_table, **map_kw)` over `n` forked workers (`_fork_worker`), their Arrow files concatenated in order."
+    import datasets
+    from datasets.utils import tqdm as hf_tqdm
+    tag = uuid.uuid4().hex[:12]
+    fp = map_kw.get("new_fingerprint") or tag             # given, so datasets need not hash the strategy to name the shares
+    folder = Path(raw.cache_files[0]["filename"]).parent
+    paths = [str(folder / f"cache-ftkit-{tag}_{r:05d}_of_{n:05d}.arrow") for r in range(n)]
+    pids: dict[int, int] = {}                             # pipe (read end) -> worker pid, in rank order
+    rank, fds = {}, []
+    try:
+        with _gc_frozen():                                # the workers never rescan (and so copy) what they inherit
+            for r, (a, b) in enumerate(_shard_bounds(len(raw), n)):
+                part, (rd, wr) = raw.select(range(a, b)), os.pipe()
+                if (pid := os.fork()) == 0:
+                    for fd in (*fds, rd): os.close(fd)
+                    _fork_worker(part, paths[r], a, wr, {**map_kw, "new_fingerprint": f"{fp}_{r:05d}_of_{n:05d}"})
+                os.close(wr); fds.append(rd); pids[rd], rank[rd] = pid, r
+        with hf_tqdm(total=len(raw), unit=" examples", desc=f"{map_kw.get('desc') or 'Map'} (num_proc={n})") as bar:
+            res, bad = _collect(fds, bar)
+        if bad is not None:
+            raise _worker_error(where, rank[bad], os.waitpid(pids.pop(bad), 0)[1], res[bad][1]) from None
+        for fd in fds: os.waitpid(pids.pop(fd), 0)
+        return datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in paths])
+    except BaseException:
+        for p in paths: Path(p).unlink(missing_ok=True)
+        raise
+    finally:
+        for pid in pids.values():                         # stopped early or interrupted: no worker outlives the call
+            with contextlib.suppress(OSError): os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
+        for fd in fds: os.close(fd)
+
+# %% ../nbs/03_data.ipynb #7d1e0a07
+def _can_fork(raw, num_proc: int) -> bool:
+    "Whether `_map_forked` runs the workers: more than one, on Linux (`fork`), over rows memory-mapped from a file."
+    return num_proc > 1 and sys.platform.startswith("linux") and hasattr(os, "fork") and bool(raw.cache_files)
+
 def _map_rows(raw, strat, cfg: FinetuneConfig, tok, where: str, max_len: int, key: str = "", in_memory: bool = False):
     "The loaded rows of one entry tokenized by its strategy: `_tokenize_table` over `map` batches, in this process or in workers."
     np_ = _num_proc(cfg, len(raw))
+    kw = dict(batched=True, batch_size=_batch_rows(raw), with_indices=True, remove_columns=raw.column_names,
+              features=_features(), desc=f"tokenizing {where}",
+              fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=cfg.min_sample_len, main_pid=os.getpid(),
+                             threads=_encode_threads(np_),
+                             truncate=cfg.excess_length_strategy == "truncate", term_ids=tuple(_term_ids(tok, [strat]))),
+              # the cache key covers everything this map depends on, so datasets may reuse its own cache file
+              new_fingerprint=_h("tok", key, where) if key else None)
+    if _can_fork(raw, np_): return _map_forked(raw, np_, kw, where)
     with _gc_frozen(np_ > 1):            # forked workers never rescan (and so copy) the objects they inherit
-        return raw.map(_tokenize_table, batched=True, batch_size=_batch_rows(raw), with_indices=True, remove_columns=raw.column_names,
-                       num_proc=np_ if np_ > 1 else None,      # 1: in this process (datasets would start a pool of one)
-                       keep_in_memory=in_memory and np_ == 1 and raw.data.nbytes <= _IN_MEMORY_BYTES,
-                       features=_features(), desc=f"tokenizing {where}",
-                       fn_kwargs=dict(strategy=strat, max_len=max_len, min_len=cfg.min_sample_len, main_pid=os.getpid(),
-                                      threads=_encode_threads(np_),
-                                      truncate=cfg.excess_length_strategy == "truncate", term_ids=tuple(_term_ids(tok, [strat]))),
-                       # the cache key covers everything this map depends on, so datasets may reuse its own cache file
-                       new_fingerprint=_h("tok", key, where) if key else None)
+        return raw.map(_tokenize_table, num_proc=np_ if np_ > 1 else None,      # 1: in this process (no pool of one)
+                       keep_in_memory=in_memory and np_ == 1 and raw.data.nbytes <= _IN_MEMORY_BYTES, **kw)
 
 # %% ../nbs/03_data.ipynb #1d4f2ff0
 def _locate(bounds, row: int) -> str:

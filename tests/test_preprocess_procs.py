@@ -1,5 +1,8 @@
 """`dataset_num_proc: 2` (issue 15, item 7): the workers encode with threads of their own and give byte-identical
-rows to one process; the parent never starts the tokenizer's (Rust) thread pool before `map` forks its workers."""
+rows to one process; the parent never starts the tokenizer's (Rust) thread pool before `map` forks its workers.
+On Linux ftkit forks the workers itself (`_map_forked`); `datasets`' pool is the path where that does not apply:
+both give the same rows, a worker's error is raised in the parent as it was raised, and a worker that dies, or a
+parent interrupted, leaves no worker and no partial file behind."""
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest
@@ -32,7 +35,11 @@ def test_two_workers_with_threads_give_the_same_rows(tmp_path, monkeypatch):
     def spy(threads):
         (seen / f"{os.getpid()}-{threads}").touch(); return orig(threads)
     monkeypatch.setattr(CT, "_encode_pool", spy)
+    forked = []
+    orig_forked = D._map_forked
+    monkeypatch.setattr(D, "_map_forked", lambda *a, **k: forked.append(1) or orig_forked(*a, **k))
     two = D.prepare(cfg(2), tok, quiet=True)
+    assert forked == ([1] if sys.platform.startswith("linux") else [])     # ftkit's own workers, where fork is there
     pools = [f.name.split("-") for f in seen.iterdir()]
     assert pools and all(pid != str(os.getpid()) and t == "2" for pid, t in pools)   # in the workers, not here
     assert len({pid for pid, _ in pools}) == 2
@@ -40,6 +47,98 @@ def test_two_workers_with_threads_give_the_same_rows(tmp_path, monkeypatch):
     assert a.equals(b) and a.schema == b.schema                    # every column, every row, in the same (shuffled) order
     assert one.report.dropped == two.report.dropped == {"empty_conversation": 25, "too_long": 1}
     assert (one.report.tokens, one.report.trained_tokens) == (two.report.tokens, two.report.trained_tokens)
+
+def _prepared(tmp_path, n, name, rows_=None, **kw):
+    p = tmp_path / "chat.jsonl"
+    if not p.exists(): p.write_text("\n".join(json.dumps(r) for r in (rows_ or rows(2400))) + "\n")
+    cfg = make_cfg(datasets=[{"path": str(p), "type": "chat_template", "chat_template": "llama3"}], sequence_len=256,
+                   dataset_num_proc=n, dataset_prepared_path=str(tmp_path / name), shuffle_merged_datasets=True, **kw)
+    import ftkit.data as D
+    return D.prepare(cfg, T.llama3(), quiet=True)
+
+def test_datasets_pool_where_fork_does_not_apply_gives_the_same_rows(tmp_path, monkeypatch):
+    import ftkit.data as D
+    ours = _prepared(tmp_path, 2, "ours")
+    monkeypatch.setattr(D, "_can_fork", lambda raw, n: False)             # e.g. macOS, or rows built in memory
+    monkeypatch.setattr(D, "_map_forked", lambda *a, **k: pytest.fail("not on this path"))
+    pool = _prepared(tmp_path, 2, "pool")
+    a, b = ours.train.with_format("arrow")[:], pool.train.with_format("arrow")[:]
+    assert a.equals(b) and a.schema == b.schema
+    assert ours.report.dropped == pool.report.dropped and ours.report.examples == pool.report.examples
+
+def test_row_numbers_count_from_the_whole_entry(tmp_path):
+    rs = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]} for i in range(2400)]
+    rs[1700]["messages"] = []                                              # in the second worker's share
+    with pytest.raises(Exception) as e:
+        _prepared(tmp_path, 2, "strict", rs, strict=True)
+    assert "chat.jsonl row 1700" in str(e.value) and "empty_conversation" in str(e.value)
+    rs[1700]["messages"] = [{"role": "user", "content": "x " * 400}, {"role": "assistant", "content": "y"}]
+    (tmp_path / "chat.jsonl").unlink()
+    rep = _prepared(tmp_path, 2, "drop", rs).report
+    assert rep.dropped == {"too_long": 1} and rep.examples["too_long"].startswith("datasets[0] chat.jsonl row 1700:")
+
+def _children() -> list[int]:
+    "This process's live child processes (zombies included)."
+    me, out = str(os.getpid()), []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try: st = (d / "stat").read_text()
+            except OSError: continue
+            if st.rsplit(")", 1)[1].split()[1] == me: out.append(int(d.name))
+    return out
+
+def _leftovers(tmp_path):
+    return sorted(p.name for p in tmp_path.rglob("cache-ftkit-*"))
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ftkit forks its own workers on Linux")
+
+@linux_only
+@pytest.mark.parametrize("kind", ["data_error", "bug"])
+def test_a_workers_error_is_raised_here_as_it_was_raised_there(tmp_path, monkeypatch, kind):
+    import ftkit.data as D
+    orig = D._batch_table
+    def batch_table(batch, idxs, **kw):
+        if 1500 in idxs:
+            if kind == "data_error": raise D.DataError("a picture is missing", "datasets[0] chat.jsonl row 1500", "add it")
+            raise KeyError("labels")
+        return orig(batch, idxs, **kw)
+    monkeypatch.setattr(D, "_batch_table", batch_table)
+    before = set(_children())
+    with pytest.raises((D.DataError, KeyError)) as e:
+        _prepared(tmp_path, 2, "prep")
+    if kind == "data_error":
+        assert type(e.value) is D.DataError and (e.value.what, e.value.where, e.value.fix) == (
+            "a picture is missing", "datasets[0] chat.jsonl row 1500", "add it")
+    else:
+        assert type(e.value) is KeyError and "raised in tokenization worker 1 for datasets[0]" in e.value.__notes__[0]
+    assert set(_children()) <= before and _leftovers(tmp_path) == []
+
+@linux_only
+def test_a_worker_that_dies_is_a_clear_error_and_stops_the_others(tmp_path, monkeypatch):
+    import signal, time
+    import ftkit.data as D
+    orig = D._batch_table
+    def batch_table(batch, idxs, **kw):
+        if 1500 in idxs: os.kill(os.getpid(), signal.SIGKILL)              # as the out-of-memory killer would
+        if 0 in idxs: time.sleep(60)                                      # the other worker: stopped, not waited for
+        return orig(batch, idxs, **kw)
+    monkeypatch.setattr(D, "_batch_table", batch_table)
+    before, t0 = set(_children()), time.time()
+    with pytest.raises(D.DataError) as e:
+        _prepared(tmp_path, 2, "prep")
+    assert time.time() - t0 < 30
+    assert "tokenization worker 1 for datasets[0] was killed by SIGKILL" in str(e.value) and "dataset_num_proc" in str(e.value)
+    assert set(_children()) <= before and _leftovers(tmp_path) == []
+
+@linux_only
+def test_an_interrupted_parent_leaves_no_worker_behind(tmp_path, monkeypatch):
+    import ftkit.data as D
+    def interrupted(fds, bar): raise KeyboardInterrupt
+    monkeypatch.setattr(D, "_collect", interrupted)
+    before = set(_children())
+    with pytest.raises(KeyboardInterrupt):
+        _prepared(tmp_path, 2, "prep")
+    assert set(_children()) <= before and _leftovers(tmp_path) == []
 
 PROBE = r'''
 import os, sys, json
