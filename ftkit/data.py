@@ -546,10 +546,9 @@ def _map_forked(raw, n: int, map_kw: dict, where: str):
     "`raw.map(_tokenize_table, **map_kw)` over `n` forked workers (`_fork_worker`), their Arrow files concatenated in order."
     import datasets
     from datasets.utils import tqdm as hf_tqdm
-    tag = uuid.uuid4().hex[:12]
-    fp = map_kw.get("new_fingerprint") or tag             # given, so datasets need not hash the strategy to name the shares
-    folder = Path(raw.cache_files[0]["filename"]).parent
-    paths = [str(folder / f"cache-ftkit-{tag}_{r:05d}_of_{n:05d}.arrow") for r in range(n)]
+    fp = map_kw.get("new_fingerprint") or uuid.uuid4().hex   # always one: datasets need not hash the strategy
+    folder = Path(raw.cache_files[0]["filename"]).parent  # named by the cache key, as datasets names its own map files:
+    paths = [str(folder / f"cache-ftkit-{fp}_{r:05d}_of_{n:05d}.arrow") for r in range(n)]   # a rerun reuses, not adds
     pids: dict[int, int] = {}                             # pipe (read end) -> worker pid, in rank order
     rank, fds = {}, []
     try:

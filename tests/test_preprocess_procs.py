@@ -59,6 +59,7 @@ def _prepared(tmp_path, n, name, rows_=None, **kw):
 def test_datasets_pool_where_fork_does_not_apply_gives_the_same_rows(tmp_path, monkeypatch):
     import ftkit.data as D
     ours = _prepared(tmp_path, 2, "ours")
+    assert len(_leftovers(tmp_path)) == (2 if sys.platform.startswith("linux") else 0)   # one file per worker, kept as datasets keeps its own
     monkeypatch.setattr(D, "_can_fork", lambda raw, n: False)             # e.g. macOS, or rows built in memory
     monkeypatch.setattr(D, "_map_forked", lambda *a, **k: pytest.fail("not on this path"))
     pool = _prepared(tmp_path, 2, "pool")
@@ -88,7 +89,11 @@ def _children() -> list[int]:
     return out
 
 def _leftovers(tmp_path):
-    return sorted(p.name for p in tmp_path.rglob("cache-ftkit-*"))
+    "The workers' Arrow files next to the loaded rows (datasets' cache folder of chat.jsonl)."
+    import ftkit.data as D
+    from ftkit.config import DatasetEntry
+    raw, _ = D.load_source(DatasetEntry(path=str(tmp_path / "chat.jsonl"), type="chat_template"))
+    return sorted(p.name for p in Path(raw.cache_files[0]["filename"]).parent.glob("cache-ftkit-*"))
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ftkit forks its own workers on Linux")
 
