@@ -58,6 +58,7 @@ def parse():
     ap.add_argument("--no-graphs", action="store_true", help="cuda_graphs: false (unset, it is on where the config allows)")
     ap.add_argument("--no-pad", action="store_true", help="pad_to_sequence_len: false (rows of varying length; no graphs)")
     ap.add_argument("--profile", help="write a torch.profiler table of two optimizer steps (after the timed ones) here")
+    ap.add_argument("--trace", help="with --profile: also write the profiled steps' Chrome trace here (gzipped JSON)")
     ap.add_argument("--stack", default="F", help="name in the JSON (F, F-off, F-16k, ...)")
     ap.add_argument("--compare", help="folder with B0.json / B1.json from ../shared/bench to print ratios")
     a = ap.parse_args()
@@ -206,6 +207,12 @@ def main():
                 marks[st.global_step] = (time.perf_counter(), self.trainer.ftkit_tokens)
                 if self.prof is not None and st.global_step == a.steps:
                     self.prof.__exit__(None, None, None)
+                    if a.trace:
+                        import gzip
+                        import tempfile
+                        with tempfile.NamedTemporaryFile(suffix=".json") as tf:
+                            self.prof.export_chrome_trace(tf.name)
+                            Path(a.trace).write_bytes(gzip.compress(Path(tf.name).read_bytes()))
                     ka = self.prof.key_averages()
                     try:
                         gpu_table = ka.table(sort_by="device_time_total", row_limit=45, max_name_column_width=60)

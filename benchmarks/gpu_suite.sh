@@ -3,7 +3,7 @@
 # benchmarks next to the shared TRL baseline (part=bench), the kernel GPU tests + per-kernel benchmark + one ftkit run
 # (part=kernels), or end to end beside B0/B1 at 4k and 16k plus QLoRA and kernels-off (part=e2e). Results go to $OUT
 # (kernels / e2e pack everything into one .tgz, since only 8 files come back).
-#   bash benchmarks/gpu_suite.sh tests|bench|kernels|e2e|features|rest|graphs|last
+#   bash benchmarks/gpu_suite.sh tests|bench|kernels|e2e|features|rest|graphs|decoder|last
 # Expects wheels under .whl/base (trl, datasets, pydantic, gguf, liger...), bitsandbytes as .whl/bnb wheels or unpacked
 # in .gpu/site (only its CUDA 13 libraries, to stay under the 64 MiB tree limit), and the shared baseline harness
 # copied to .gpu/bench (../shared does not travel).
@@ -71,12 +71,27 @@ elif [ "$part" = graphs ]; then
   # the default (packed rows padded to sequence_len, cuda_graphs on where the config allows), then without graphs / padding
   timeout 150 python3 benchmarks/bench_train.py --stack F-nopad --no-pad --out $R/F.json --compare $R 2>&1 | tee $R/F.log | grep -E "kernels:|RESULT|vs" | tail -5
   timeout 150 python3 benchmarks/bench_train.py --stack F-pad --no-graphs --out $R/Fpad.json --compare $R 2>&1 | tee $R/Fpad.log | grep -E "RESULT|vs" | tail -3
-  timeout 170 python3 benchmarks/bench_train.py --stack F-graphs --out $R/Fg.json --compare $R 2>&1 | tee $R/Fg.log | grep -E "kernels:|cuda_graphs|RESULT|vs|Warn" | tail -8
+  timeout 170 python3 benchmarks/bench_train.py --stack F-graphs --out $R/Fg.json --compare $R --profile $R/Fg_profile.txt 2>&1 | tee $R/Fg.log | grep -E "kernels:|cuda_graphs|RESULT|vs|Warn" | tail -8
   if [ -n "${WITH_Q:-}" ]; then      # QLoRA (NF4 + double quant) at 4k, without and with graphs
     timeout 150 python3 benchmarks/bench_train.py --stack FQ --mode qlora --no-graphs --out $R/FQ.json --compare $R 2>&1 | tee $R/FQ.log | grep -E "kernels:|RESULT|vs" | tail -4
     timeout 150 python3 benchmarks/bench_train.py --stack FQ-graphs --mode qlora --out $R/FQg.json --compare $R 2>&1 | tee $R/FQg.log | grep -E "cuda_graphs|RESULT|vs|Warn" | tail -4
   fi
   cp $R/*.json "$OUT"/ 2>/dev/null; tar czf "$OUT/graphs_run.tgz" -C $R .
+elif [ "$part" = decoder ]; then
+  # cuda_graphs with the whole decoder as one graph (attention inside, gradients accumulated in the graph): its GPU test,
+  # then 4k beside B1 (without graphs, with graphs + a profile, QLoRA with graphs), then 16k beside B1
+  R=/tmp/decoder; mkdir -p $R/s16
+  timeout 100 python3 -m pytest -m gpu -q -rs -p no:cacheprovider -s tests/test_gpu_graphs.py 2>&1 | tee $R/pytest_graphs.log | grep -E "passed|failed|loss curve|Error|assert" | tail -6
+  OUT=$R SKIP_PIP=1 STACKS="B1" T_OTHER=120 bash .gpu/bench/run_baseline.sh 2>&1 | tail -1
+  [ -z "${SKIP_NOGRAPHS:-}" ] && timeout 80 python3 benchmarks/bench_train.py --stack F-pad --no-graphs --out $R/Fpad.json --compare $R 2>&1 | tee $R/Fpad.log | grep -E "vs" | tail -2
+  timeout 90 python3 benchmarks/bench_train.py --stack F-graphs --out $R/Fg.json --compare $R --profile $R/Fg_profile.txt --trace $R/Fg_trace.json.gz 2>&1 | tee $R/Fg.log | grep -E "cuda_graphs|vs|Warn|Error" | tail -5
+  timeout 80 python3 benchmarks/bench_train.py --stack FQ-graphs --mode qlora --out $R/FQg.json --compare $R 2>&1 | tee $R/FQg.log | grep -E "cuda_graphs|vs|Warn|Error" | tail -3
+  tar czf "$OUT/decoder_run.tgz" -C $R .
+  if [ -n "${WITH_16K:-}" ]; then
+    OUT=$R/s16 SKIP_PIP=1 STACKS="B1" T_OTHER=150 EXTRA="--seq 16384 --steps 12 --warmup 3 --timed 8" bash .gpu/bench/run_baseline.sh 2>&1 | tail -1
+    timeout 100 python3 benchmarks/bench_train.py --stack F-16k-graphs --seq 16384 --steps 12 --warmup 3 --timed 8 --out $R/s16/F.json --compare $R/s16 2>&1 | tee $R/s16/F.log | grep -E "cuda_graphs|vs|Warn|Error" | tail -3
+    tar czf "$OUT/decoder_run.tgz" -C $R .
+  fi
 elif [ "$part" = last ]; then
   # one 2-GPU call for what is left: the context-parallel tests and longest rows (issue 16), the QLoRA memory of
   # ftkit.fit's validation on the second GPU meanwhile (issue 18/10), then data preparation on this host's cores (issue 15)

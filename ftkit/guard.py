@@ -495,9 +495,13 @@ class FaultWatchdog:
 @patch
 def on_pre_optimizer_step(self: FaultWatchdog, args, state, control, model=None, **kw):
     if model is None: return
-    for name, p in model.named_parameters():
-        g = p.grad
-        if g is not None and not bool(g.isfinite().all()):
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named: return
+    import torch
+    peaks = torch._foreach_norm([g for _, g in named], float("inf"))      # one launch per dtype/device group, no sync
+    if bool(torch.stack([x.float() for x in peaks]).isfinite().all()): return
+    for name, g in named:
+        if not bool(g.isfinite().all()):
             kind = "NaN" if bool(g.isnan().any()) else "inf"
             self._stop(state.global_step + 1, f"the gradient of {name} is {kind} (the weights were not updated with it)")
 

@@ -407,3 +407,14 @@ def packing_plan(cfg: FinetuneConfig, ds, *, shuffle: bool = True, num_epochs: f
                                     seed=cfg.seed, num_epochs=ep, world_size=ws, drop_last=drop_last)
     real = sum(lens[i] for b in sampler.batches(0) for i in b)
     return PackingPlan(sampler, capacity, len(lens), len(sampler), sampler.efficiency(0), real)
+
+# %% ../nbs/04_packing.ipynb #0e63537b
+@patch
+def row_limits(self: PackingPlan, epoch: int = 0) -> tuple[int, int]:
+    "(most segments in a row, longest segment) over the bins of `epoch`, the row's end padding included."
+    lens, cap, most, longest = self.sampler.lengths, self.capacity, 1, 1
+    for b in self.sampler.batches(epoch):
+        ls = [int(lens[i]) for i in b]
+        pad = cap - sum(ls)
+        most, longest = max(most, len(ls) + (pad > 0)), max(longest, max(ls, default=0), pad)
+    return most, longest

@@ -197,6 +197,7 @@ def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir
         bf16=plan.precision == "bf16" and cuda, fp16=plan.precision == "fp16" and cuda, use_cpu=not cuda,
         tf32=cfg.tf32 if cuda else None,
         logging_steps=cfg.logging_steps, logging_first_step=True, eval_strategy=ev, save_strategy=sv,
+        logging_nan_inf_filter=False,         # no host sync per micro-batch; a NaN loss is logged as is and stops the run (ftkit.guard)
         save_total_limit=cfg.save_total_limit, save_only_model=bool(cfg.save_only_model),
         seed=plan.seed, data_seed=plan.seed, remove_unused_columns=False, disable_tqdm=True,
         **tracking_kwargs(cfg),               # report_to, run_name (and trackio project): ftkit.tracking
@@ -687,6 +688,12 @@ def _context_parallel(cfg: FinetuneConfig, args, model, quiet: bool) -> ContextP
          f"(keys and values all-gathered over the group; documents kept apart) instead of {before}", quiet)
     return cp
 
+# %% ../nbs/06_train.ipynb #2d21e39f
+def _size_graphs(model, packing: PackingPlan | None) -> None:
+    "cuda_graphs: capture the decoder for the packing plan's largest row (ftkit.kernels.graphs)."
+    g = getattr(getattr(model, "ftkit_kernels", None), "graphs", None)
+    if g is not None and packing is not None: g.expect(*packing.row_limits())
+
 # %% ../nbs/06_train.ipynb #10754f1e
 def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, ref_model=None, quiet: bool = False,
                   plugins=None) -> TrainerSetup:
@@ -706,6 +713,7 @@ def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None,
     if model is None: model = _load_model(cfg, method, tokenizer, plan, src, quiet, plugins, train_ds)
     model = _ready_model(cfg, method, model, quiet)
     packing, eval_packing, steps = _batches(cfg, method, plan, train_ds, eval_ds, stream, quiet)
+    _size_graphs(model, packing)
     has_eval = eval_ds is not None and len(eval_ds) > 0
     args = training_arguments(cfg, plan, steps, output_dir=str(Path(cfg.output_dir).expanduser()), has_eval=has_eval,
                               packing=packing is not None, method=method)

@@ -60,6 +60,122 @@ def pieces_of(layers) -> list[_Piece]:
                                         for i in range(len(layers))]
 
 
+def _through_layers(fns, layers, h, cos, sin, attention, attn_kwargs):
+    "Piece 0, then for each layer its attention and the next piece: the decoder's hidden state before the final norm."
+    q, k, v = fns[0](h, cos, sin)
+    for i, layer in enumerate(layers):
+        out = fns[i + 1](attention(layer, q, k, v, attn_kwargs), h, cos, sin)
+        if i + 1 < len(layers):
+            h, q, k, v = out
+        else:
+            h = out
+    return h
+
+
+def bucket(n: int, step: int) -> int:
+    "`n` rounded up to a multiple of `step` (at least one step)."
+    return max(step, -(-n // step) * step)
+
+
+def pad_cu(cu: torch.Tensor, segments: int) -> torch.Tensor:
+    """`cu_seq_lens` (n + 1 offsets) padded to `segments + 1` by repeating its last offset: empty segments, which the
+    varlen kernels skip, so one captured launch grid serves every row with at most `segments` documents (no host sync)."""
+    extra = segments + 1 - cu.numel()
+    return cu if extra <= 0 else torch.cat([cu, cu[-1:].expand(extra)])
+
+
+class _Decoder:
+    """Embedding, rotary tables, every layer with its attention, final norm: the whole decoder as one call on
+    (input_ids, position_ids, padded cu_seq_lens), with the longest segment fixed at `max_len` (a launch-grid bound)."""
+
+    def __init__(self, inner, pieces, attention, max_len: int):
+        self.inner, self.pieces, self.attention, self.max_len = inner, pieces, attention, max_len
+
+    def __call__(self, input_ids, position_ids, cu):
+        inner = self.inner
+        h = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(h, position_ids)
+        kw = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": self.max_len, "max_length_k": self.max_len,
+              "position_ids": position_ids}
+        return inner.norm(_through_layers(self.pieces, list(inner.layers), h, cos, sin, self.attention, kw))
+
+
+class GradBuffers:
+    """The trainable parameters' gradients as buffers that the captured backward adds into and that stay each
+    parameter's `.grad`: no AccumulateGrad node per parameter per micro-batch (224 of them for LoRA on a 16-layer
+    model, ~45 us of CPU each). `attach()` runs before every backward replay: a `.grad` that was set to None
+    (`zero_grad()`) becomes its zeroed buffer again, and one replaced by other code is copied in first."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.bufs = [torch.zeros_like(p) for p in self.params]
+
+    def attach(self) -> None:
+        fresh = [b for p, b in zip(self.params, self.bufs) if p.grad is None]
+        if fresh:
+            torch._foreach_zero_(fresh)
+        for p, b in zip(self.params, self.bufs):
+            if p.grad is not b:
+                if p.grad is not None:
+                    b.copy_(p.grad)
+                p.grad = b
+
+
+class _Captured:
+    """`fn(*inputs)` captured as a forward and a backward CUDA graph in memory pool `pool` (as torch's
+    make_graphed_callables does, minus returning parameter gradients: they are added into `grads` inside the
+    backward graph). Inputs must not require grad; `anchor` makes the replayed output part of the autograd graph.
+    Several captures may share one pool and one `grads` when each forward replay is followed by its own backward
+    before another graph replays (a training step's micro-batches): only the static output stays reserved."""
+
+    def __init__(self, fn, inputs, grads: GradBuffers, warmup: int, pool):
+        self.inputs = [x.detach().clone() for x in inputs]
+        self.grads = grads
+        params = grads.params
+        self.anchor = torch.zeros((), device=self.inputs[0].device, requires_grad=True)
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):             # lazy initialisation (cuBLAS handles, Triton compiles) stays out
+            for _ in range(warmup):
+                out = fn(*self.inputs)
+                torch.autograd.grad(out, params, grad_outputs=torch.zeros_like(out), allow_unused=True)
+                del out
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.fwd, pool=pool):
+            out = fn(*self.inputs)
+        self.grad_out = torch.empty_like(out)
+        with torch.cuda.graph(self.bwd, pool=pool):
+            got = torch.autograd.grad(out, params, grad_outputs=self.grad_out, allow_unused=True)
+            pairs = [(b, g) for b, g in zip(self.grads.bufs, got) if g is not None]
+            if pairs:
+                torch._foreach_add_([b for b, _ in pairs], [g for _, g in pairs])
+        self.out = out.detach()                    # the static output; the autograd graph of the capture is gone
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cap, anchor, *inputs):
+        for s, x in zip(cap.inputs, inputs):
+            if s.data_ptr() != x.data_ptr():
+                s.copy_(x)
+        cap.fwd.replay()
+        ctx.cap, ctx.n = cap, len(inputs)
+        return cap.out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        cap = ctx.cap
+        cap.grads.attach()
+        if cap.grad_out.data_ptr() != g.data_ptr():
+            cap.grad_out.copy_(g)
+        cap.bwd.replay()
+        return (None, None) + (None,) * ctx.n
+
+
 def reason_not(clm, cfg=None, *, need_cuda: bool = True) -> str | None:
     "Why piecewise graphs cannot run on this (patched) CausalLM, or None when they can."
     for key in ("relora", "lisa_n_layers"):          # trainer callbacks: nothing on the model shows them
@@ -111,17 +227,31 @@ def _no_autocast_cache():
 
 
 class PiecewiseGraphs:
-    "The decoder's pieces, graphed per input shape on first use (`capture=True`) or run eagerly (`capture=False`)."
+    """The decoder graphed per input shape on first use (`capture=True`) or run eagerly (`capture=False`).
 
-    def __init__(self, inner, *, capture: bool = True, max_shapes: int = 2, warmup: int = 3, ready=None):
-        self.inner, self.capture, self.max_shapes, self.warmup = inner, capture, max_shapes, warmup
+    With the collator's `cu_seq_lens` and longest segment (packed rows), the whole decoder is one graph (`mode`
+    "decoder"): attention runs inside it on `cu_seq_lens` padded to a fixed number of segments (`expect()`, from the
+    packing plan) and a longest segment fixed per class (512, 1024, ... tokens: attention's launch grid covers
+    segments x longest, so a row of short documents does not pay for the longest row's grid). Each class is captured
+    on first use, into one memory pool (a training step replays one graph's forward and backward at a time, so they
+    share their activations' memory), and a row with more documents captures its class again, larger. Without them, or when that capture fails, the pieces between the attention
+    calls are graphed (`mode` "pieces")."""
+
+    def __init__(self, inner, *, capture: bool = True, max_shapes: int = 6, warmup: int = 3, ready=None,
+                 whole: bool = True):
+        self.inner, self.capture, self.max_shapes, self.warmup, self.whole = inner, capture, max_shapes, warmup, whole
         self.ready = ready or (lambda: True)     # at call time: may the pieces run (e.g. every adapter still active)?
         self.pieces = pieces_of(inner.layers)
         self.graphed: dict[tuple, tuple] = {}
+        self.decoders: dict[tuple, _Captured] = {}
         self.calls = 0                       # training calls that ran the pieces (graphed or not)
         self.captures = 0                    # how many shapes were captured (and recaptured)
+        self.mode: str | None = None         # "decoder" or "pieces": what the last call ran
         self.failed: str | None = None       # why capture failed, once; the step then runs the pieces eagerly
-        self._params = [p for piece in self.pieces for p in piece.parameters()]
+        self.whole_failed: str | None = None  # why capturing the whole decoder failed; the pieces are graphed instead
+        self.expected = (1, 1)                # (segments, longest segment) per row the first capture is sized for
+        self._pool = self._grads = None       # the decoder graphs' shared memory pool and gradient buffers
+        self._params = list(dict.fromkeys(inner.parameters()))
         self._storage = self._signature()
         self._hooks: list = []
 
@@ -131,6 +261,8 @@ class PiecewiseGraphs:
     def release(self) -> None:
         "Drop every captured graph (and the memory pool they hold)."
         self.graphed.clear()
+        self.decoders.clear()
+        self._pool = self._grads = None
         for hk in self._hooks:
             hk.remove()
         self._hooks = []
@@ -141,7 +273,8 @@ class PiecewiseGraphs:
         would then overwrite the accumulated gradient (pytorch/pytorch#181723). Each trainable parameter of the pieces
         gets a hook that hands autograd a copy: one small copy per adapter matrix per micro-batch."""
         if not self._hooks:
-            self._hooks = [p.register_hook(torch.Tensor.clone) for p in dict.fromkeys(self._params) if p.requires_grad]
+            own = dict.fromkeys(p for piece in self.pieces for p in piece.parameters())
+            self._hooks = [p.register_hook(torch.Tensor.clone) for p in own if p.requires_grad]
 
     def _samples(self, h0, cos, sin) -> tuple:
         "Inputs with the real calls' shapes, dtypes and requires_grad: (h, cos, sin), then (o, h, cos, sin) per piece."
@@ -184,21 +317,74 @@ class PiecewiseGraphs:
         """The decoder's normed last hidden state for `input_ids` (B, T) at `position_ids`; `attention(layer, q, k, v)`
         (q/k/v as (B, T, H, D)) is the eager attention between pieces."""
         self.calls += 1
+        cu, longest = attn_kwargs.get("cu_seq_lens_q"), attn_kwargs.get("max_length_q")
         with _no_autocast_cache():
+            if self.whole and self.whole_failed is None and cu is not None and longest is not None:
+                out = self._run_decoder(input_ids, position_ids, attention, cu, int(longest))
+                if out is not None:
+                    self.mode = "decoder"
+                    return out
+            self.mode = "pieces"
             return self._run(input_ids, position_ids, attention, attn_kwargs)
+
+    def expect(self, segments: int, longest: int) -> None:
+        """Size the first capture for rows of up to `segments` documents and segments of up to `longest` tokens (the
+        packing plan's `row_limits()`): attention's launch grid covers segments x longest, so sizes near the data's
+        own limits waste the fewest blocks, and a row beyond them captures again (25 % larger)."""
+        self.expected = (int(segments), int(longest))
+
+    def _sizes(self, n: int, longest: int, T: int, have=None) -> tuple[int, int]:
+        """(segments, longest) to capture for a row of `n` segments: at least the expected segments (growing by a
+        quarter past a captured size), the longest segment's class (a power of two from 512, at most the row)."""
+        seg = max(n, self.expected[0], have.segments * 5 // 4 if have is not None else 0)
+        return bucket(seg, 8), min(max(512, 1 << max(longest - 1, 0).bit_length()), T)
+
+    def _run_decoder(self, input_ids, position_ids, attention, cu, longest: int):
+        "The whole decoder: replayed from its graphs, or eagerly with the same padding; None: use the pieces."
+        T = input_ids.shape[-1]
+        if not self.capture or self.failed is not None:
+            segments, max_len = self._sizes(cu.numel() - 1, longest, T)
+            return _Decoder(self.inner, self.pieces, attention, max_len)(input_ids, position_ids, pad_cu(cu, segments))
+        cap = self._decoder_graph(input_ids, position_ids, cu, longest, attention)
+        if cap is None:
+            return None
+        return _Replay.apply(cap, cap.anchor, input_ids, position_ids, pad_cu(cu, cap.segments))
+
+    def _decoder_graph(self, input_ids, position_ids, cu, longest: int, attention):
+        sig = self._signature()
+        if sig != self._storage:             # a weight was swapped or (un)frozen: the graphs read stale memory
+            self.release()
+            self._storage = sig
+        n, T = cu.numel() - 1, input_ids.shape[-1]
+        max_len = self._sizes(n, longest, T)[1]
+        key = (tuple(input_ids.shape), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"), max_len)
+        have = self.decoders.get(key)
+        if have is not None and n <= have.segments:
+            return have
+        if have is None and len(self.decoders) >= self.max_shapes:
+            return None
+        segments = self._sizes(n, longest, T, have)[0]
+        if have is not None:                 # a row with more documents: capture its class again, larger
+            del self.decoders[key], have
+        if self._grads is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._grads = GradBuffers([p for p in self._params if p.requires_grad])
+        try:
+            cap = _Captured(_Decoder(self.inner, self.pieces, attention, max_len),
+                            [input_ids, position_ids, pad_cu(cu, segments)], self._grads, self.warmup, self._pool)
+        except Exception as e:  # noqa: BLE001 — say it once, graph the pieces instead
+            self.whole_failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
+            warnings.warn(f"cuda_graphs: capturing the whole decoder failed ({self.whole_failed}); graphing the pieces "
+                          "between attention calls instead", stacklevel=3)
+            return None
+        cap.segments, cap.max_len = segments, max_len
+        self.decoders[key] = cap
+        self.captures += 1
+        return cap
 
     def _run(self, input_ids, position_ids, attention, attn_kwargs: dict) -> torch.Tensor:
         inner = self.inner
         h = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(h, position_ids)
         fns = self._fns(h, cos, sin)
-        layers = list(inner.layers)
-        q, k, v = fns[0](h, cos, sin)
-        for i, layer in enumerate(layers):
-            o = attention(layer, q, k, v, attn_kwargs)
-            out = fns[i + 1](o, h, cos, sin)
-            if i + 1 < len(layers):
-                h, q, k, v = out
-            else:
-                h = out
-        return inner.norm(h)
+        return inner.norm(_through_layers(fns, list(inner.layers), h, cos, sin, attention, attn_kwargs))

@@ -167,7 +167,9 @@ class KernelReport:
     def as_dict(self) -> dict:
         d = {"patched": self.counts(), "skipped": [{"kernel": k, "module": m, "reason": r} for k, m, r in self.skipped]}
         if self.graphs is not None:
-            d["cuda_graphs"] = {"captures": self.graphs.captures, "calls": self.graphs.calls, "failed": self.graphs.failed}
+            g = self.graphs
+            d["cuda_graphs"] = {"captures": g.captures, "calls": g.calls, "mode": g.mode, "failed": g.failed,
+                                "decoder_failed": g.whole_failed}
         return d
 
 

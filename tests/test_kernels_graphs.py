@@ -31,8 +31,21 @@ def varlen(mt, **kw):
     return m
 
 
+CU = torch.tensor([0, 8, 21], dtype=torch.int32)        # the collator's offsets of POS's two documents
+
+
+def loss_and_grads_cu(model):
+    "As the collator calls it: with cu_seq_lens and the longest segment, which send the call to the whole decoder."
+    out = model(input_ids=IDS, position_ids=POS, labels=LAB, cu_seq_lens_q=CU, cu_seq_lens_k=CU, max_length_q=13,
+                max_length_k=13)
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return out.loss.detach(), torch.autograd.grad(out.loss, ps)
+
+
 @pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3"])
-def test_pieces_equal_the_patched_model(mt):
+@pytest.mark.parametrize("mode", ["pieces", "decoder"])
+def test_pieces_equal_the_patched_model(mt, mode):
+    "Both graphed paths, run eagerly: the pieces between attention calls, and the whole decoder on padded cu_seq_lens."
     m = lora(varlen(mt), ATTN7)
     apply_kernels(m, None, interpret=True)
     ref = loss_and_grads(m)
@@ -43,9 +56,10 @@ def test_pieces_equal_the_patched_model(mt):
     inner = m.get_base_model().model
     inner.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the decoder's own forward ran"))
     try:
-        assert_same(loss_and_grads(m), ref, tol=1e-6)
+        assert_same((loss_and_grads_cu if mode == "decoder" else loss_and_grads)(m), ref, tol=1e-6)
     finally:
         del inner.forward
+    assert g.mode == mode
     rep.undo()
     assert not hasattr(m.get_base_model(), "_ftkit_graphs")
 
@@ -141,6 +155,7 @@ def test_training_through_peft_runs_the_pieces(monkeypatch, tmp_path, key):
         return
     assert m.ftkit_kernels.counts().get("cuda_graphs") == 1
     assert g.calls == 2 and g.captures == 0 and g.failed is None, (g.calls, g.captures, g.failed)
+    assert g.mode == "decoder"                     # the collator's cu_seq_lens send packed rows to the whole decoder
 
 
 def test_a_graphed_run_that_graphed_nothing_warns_when_released_not_when_undone():
@@ -156,3 +171,39 @@ def test_a_graphed_run_that_graphed_nothing_warns_when_released_not_when_undone(
         warnings.simplefilter("error")
         rep.undo()
     assert rep.graphs is None and not hasattr(m.get_base_model(), "_ftkit_graphs")
+
+
+def test_segment_buckets_and_padded_offsets():
+    "The captured sizes: powers of two with a floor; padding repeats the last offset (empty segments), on the device."
+    from ftkit.kernels.graphs import bucket, pad_cu
+    assert [bucket(n, 8) for n in (1, 7, 8, 9, 17)] == [8, 8, 8, 16, 24]
+    assert [bucket(n, 128) for n in (13, 129, 4096)] == [128, 256, 4096]
+    assert pad_cu(CU, 5).tolist() == [0, 8, 21, 21, 21, 21]
+    assert pad_cu(CU, 2) is CU
+    g = PiecewiseGraphs(tiny("llama").model, capture=False)
+    assert g._sizes(3, 100, T=4096) == (8, 512)                      # nothing expected: the row's own count, rounded
+    g.expect(21, 1900)                                               # the packing plan's row limits
+    assert g._sizes(3, 100, T=4096) == (24, 512)                     # longest segment: its class
+    assert g._sizes(3, 513, T=4096) == (24, 1024) and g._sizes(3, 1900, T=4096) == (24, 2048)
+    assert g._sizes(3, 1900, T=1536) == (24, 1536)                   # never longer than the row
+    assert g._sizes(25, 100, T=4096, have=NS(segments=24)) == (32, 512)   # more documents than captured: a quarter more
+
+
+def test_gradient_buffers_stay_the_grads():
+    """What the captured backward adds into: each trainable parameter's `.grad` is its buffer; a grad set to None by
+    zero_grad() comes back zeroed, one another piece of code replaced is copied in, accumulated ones are left alone."""
+    from ftkit.kernels.graphs import GradBuffers
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    gb = GradBuffers([a, b])
+    gb.bufs[0].fill_(5.0)                              # left over from an earlier step's replays
+    gb.attach()
+    assert a.grad is gb.bufs[0] and b.grad is gb.bufs[1] and a.grad.tolist() == [0.0] * 3
+    gb.bufs[0].add_(2.0)                               # what a backward replay does
+    gb.attach()                                        # the next micro-batch: keeps accumulating
+    assert a.grad.tolist() == [2.0] * 3
+    b.grad = torch.full((2,), 7.0)                     # replaced elsewhere (e.g. an eager micro-batch)
+    gb.attach()
+    assert b.grad is gb.bufs[1] and b.grad.tolist() == [7.0, 7.0]
+    a.grad = None                                      # optimizer.zero_grad(set_to_none=True)
+    gb.attach()
+    assert a.grad is gb.bufs[0] and a.grad.tolist() == [0.0] * 3
