@@ -555,10 +555,13 @@ def _map_forked(raw, n: int, map_kw: dict, where: str):
         with _gc_frozen():                                # the workers never rescan (and so copy) what they inherit
             for r, (a, b) in enumerate(_shard_bounds(len(raw), n)):
                 part, (rd, wr) = raw.select(range(a, b)), os.pipe()
+                fds.append(rd)
                 if (pid := os.fork()) == 0:
-                    for fd in (*fds, rd): os.close(fd)
-                    _fork_worker(part, paths[r], a, wr, {**map_kw, "new_fingerprint": f"{fp}_{r:05d}_of_{n:05d}"})
-                os.close(wr); fds.append(rd); pids[rd], rank[rd] = pid, r
+                    try:                                  # a worker never returns into this code
+                        for fd in fds: os.close(fd)
+                        _fork_worker(part, paths[r], a, wr, {**map_kw, "new_fingerprint": f"{fp}_{r:05d}_of_{n:05d}"})
+                    finally: os._exit(1)
+                os.close(wr); pids[rd], rank[rd] = pid, r
         with hf_tqdm(total=len(raw), unit=" examples", desc=f"{map_kw.get('desc') or 'Map'} (num_proc={n})") as bar:
             res, bad = _collect(fds, bar)
         if bad is not None:
