@@ -1,28 +1,33 @@
-"""Piecewise CUDA graphs for the patched decoder: the training step without most of its kernel launches.
+"""CUDA graphs for the patched decoder: the training step without most of its kernel launches.
 
-At 4,096-token rows ftkit's LoRA step on an H200 is CPU-bound: two optimizer steps took ~400 ms of GPU kernel time and
+At 4,096-token rows ftkit's LoRA step on an H200 was CPU-bound: two optimizer steps took ~400 ms of GPU kernel time and
 ~1.05 s of CPU time (``benchmarks/results/kernels_e2e_profile_H200.txt``), about 2,700 kernel launches per micro-batch,
 each a few microseconds of Python, autograd and driver work. A CUDA graph replays a captured sequence of kernels with
-one launch. The whole step cannot be one graph: varlen attention takes each packed row's document boundaries
-(``cu_seq_lens``, a different number of documents per row) and its launch grid depends on them. So the decoder is cut at
-attention into ``L + 1`` pieces, each captured once (forward and backward) with ``torch.cuda.make_graphed_callables``:
+one launch.
+
+The whole decoder (embedding, every layer with its attention, final norm) is one forward and one backward graph
+(``_Captured``). Varlen attention's launch grid depends on each row's documents (``cu_seq_lens``: how many, and the
+longest), so inside the graph it runs on offsets padded with empty segments to a fixed count and on a longest segment
+fixed per class (512, 1024, ... tokens): ``pad_cu``, ``PiecewiseGraphs._sizes``. The count comes from the packing
+plan (``expect``); each class is captured on first use into one shared memory pool. The backward graph adds the
+trainable parameters' gradients into buffers that stay their ``.grad`` (``GradBuffers``), so autograd sees one node
+per micro-batch instead of one per parameter.
+
+Calls without ``cu_seq_lens`` (or after a failed whole-decoder capture) take the first design: the decoder cut at
+attention into ``L + 1`` pieces, graphed with ``torch.cuda.make_graphed_callables``, attention eager between them:
 
     piece 0      input norm of layer 0, its fused q/k/v LoRA projections and RoPE
     piece l      layer l-1 after attention (o_proj, residual, norm, LoRA MLP, residual), then layer l up to attention
     piece L      the last layer after attention
 
-Embedding, rotary tables, varlen attention, the final norm and the fused cross-entropy stay eager (a handful of
-launches each). Only the shapes change what is captured: one set of graphs per (batch, tokens, dtype), at most
-``max_shapes`` of them; other shapes run the same pieces eagerly.
-
 What graphs require, checked by ``reason_not`` before anything is captured: a CUDA model in training whose every layer
-is one of ftkit's own attention forwards (llama, mistral without a sliding window, qwen2, qwen3) with fused q/k/v, RoPE,
-LoRA MLP, LoRA O and RMSNorm kernels on, LoRA dropout 0 (a graph replays the same masks), no gradient checkpointing or
-activation offloading (their hooks run Python during backward), one process, and parameters whose storage and
-``requires_grad`` stay put while training (no ReLoRA, LISA, or other code that swaps weights). At call time a changed
-parameter storage drops the graphs and captures again.
+is one of ftkit's own attention forwards (llama, mistral without a sliding window, qwen2, qwen3) with fused q/k/v,
+RoPE, LoRA MLP, LoRA O and RMSNorm kernels on, LoRA dropout 0 (a graph replays the same masks), no gradient
+checkpointing or activation offloading (their hooks run Python during backward), one process, and parameters whose
+storage and ``requires_grad`` stay put while training (no ReLoRA, LISA, or other code that swaps weights). At call
+time a changed parameter storage drops the graphs and captures again.
 
-``PiecewiseGraphs(inner, capture=False)`` runs the pieces eagerly (the CPU tests check that pieces == the model).
+``PiecewiseGraphs(inner, capture=False)`` runs the same code eagerly (the CPU tests check it equals the model).
 """
 from __future__ import annotations
 
