@@ -514,7 +514,8 @@ def _fork_worker(part, path: str, offset: int, fd: int, map_kw: dict):
 def _collect(fds: list[int], bar) -> tuple[dict[int, tuple[bool, bytes | None]], int | None]:
     """Read the workers' pipes, advancing `bar` by the rows they report, until each closes or one closes without `done`:
     `({fd: (done, pickled error or None)}, that fd or None)`."""
-    bufs, res = {fd: b"" for fd in fds}, {fd: (False, None) for fd in fds}
+    bufs: dict[int, bytes] = {fd: b"" for fd in fds}
+    res: dict[int, tuple[bool, bytes | None]] = {fd: (False, None) for fd in fds}
     while bufs:
         for fd in select.select(list(bufs), [], [])[0]:
             chunk = os.read(fd, 1 << 16)

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['VARLEN_NAME', 'pack_ffd', 'MultipackBatchSampler', 'PackedCollator', 'PaddedCollator', 'PoSE', 'pose_positions',
            'cu_seqlens_from_position_ids', 'varlen_attention_forward', 'register_varlen_attention',
-           'unregister_varlen_attention', 'PackingPlan', 'dataset_lengths', 'packing_plan']
+           'unregister_varlen_attention', 'PackingPlan', 'dataset_lengths', 'packing_plan', 'row_limits']
 
 # %% ../nbs/04_packing.ipynb #406c027a
 class _FirstFit:
@@ -409,11 +409,10 @@ def packing_plan(cfg: FinetuneConfig, ds, *, shuffle: bool = True, num_epochs: f
     return PackingPlan(sampler, capacity, len(lens), len(sampler), sampler.efficiency(0), real)
 
 # %% ../nbs/04_packing.ipynb #0e63537b
-@patch
-def row_limits(self: PackingPlan, epoch: int = 0) -> tuple[int, int]:
+def row_limits(plan: PackingPlan, epoch: int = 0) -> tuple[int, int]:
     "(most segments in a row, longest segment) over the bins of `epoch`, the row's end padding included."
-    lens, cap, most, longest = self.sampler.lengths, self.capacity, 1, 1
-    for b in self.sampler.batches(epoch):
+    lens, cap, most, longest = plan.sampler.lengths, plan.capacity, 1, 1
+    for b in plan.sampler.batches(epoch):
         ls = [int(lens[i]) for i in b]
         pad = cap - sum(ls)
         most, longest = max(most, len(ls) + (pad > 0)), max(longest, max(ls, default=0), pad)

@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import FinetuneConfig, Plan, graphs_on, load, pads_rows, resolve
 from .errors import ConfigError, FtkitError, Problem
-from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan, pose_positions
+from .packing import MultipackBatchSampler, PackedCollator, PaddedCollator, packing_plan, PackingPlan, pose_positions, row_limits
 from .prompts.registry import resolve_type, user_modules
 from .rl import Method, RLData, load_rl_model, make_trainer, method_of, prepare_rl_data
 from . import guard
@@ -692,7 +692,7 @@ def _context_parallel(cfg: FinetuneConfig, args, model, quiet: bool) -> ContextP
 def _size_graphs(model, packing: PackingPlan | None) -> None:
     "cuda_graphs: capture the decoder for the packing plan's largest row (ftkit.kernels.graphs)."
     g = getattr(getattr(model, "ftkit_kernels", None), "graphs", None)
-    if g is not None and packing is not None: g.expect(*packing.row_limits())
+    if g is not None and packing is not None: g.expect(*row_limits(packing))
 
 # %% ../nbs/06_train.ipynb #10754f1e
 def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, ref_model=None, quiet: bool = False,

@@ -334,7 +334,7 @@ class PiecewiseGraphs:
 
     def expect(self, segments: int, longest: int) -> None:
         """Size the first capture for rows of up to `segments` documents and segments of up to `longest` tokens (the
-        packing plan's `row_limits()`): attention's launch grid covers segments x longest, so sizes near the data's
+        packing plan's `row_limits`): attention's launch grid covers segments x longest, so sizes near the data's
         own limits waste the fewest blocks, and a row beyond them captures again (25 % larger)."""
         self.expected = (int(segments), int(longest))
 
