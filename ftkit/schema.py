@@ -216,7 +216,7 @@ class AdapterSection(Section):
     lora_mlp_kernel: bool | None = _f(None, "Fused LoRA MLP kernel.", adv=True)
     lora_qkv_kernel: bool | None = _f(None, "Fused LoRA QKV kernel.", adv=True)
     lora_o_kernel: bool | None = _f(None, "Fused LoRA output-projection kernel.", adv=True)
-    cuda_graphs: bool | None = _f(None, "ftkit: replay the decoder between attention calls as CUDA graphs (LoRA/QLoRA, packed "
+    cuda_graphs: bool | None = _f(None, "ftkit: replay the whole decoder, attention included, as CUDA graphs (LoRA/QLoRA, packed "
                                   "rows of one length, one GPU; unset: on when the config meets all its conditions, false: off).", adv=True)
 
 # %% ../nbs/00_schema.ipynb #96c1e73c
