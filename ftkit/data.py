@@ -6,7 +6,7 @@ Docs: https://ftkit.github.io/ftkit/data.html.md"""
 
 # %% ../nbs/03_data.ipynb #54d94ab7
 from __future__ import annotations
-import contextlib, gc, hashlib, json, math, os, pickle, re, select, shutil, signal, socket, struct, sys, time, traceback, uuid
+import builtins, contextlib, gc, hashlib, json, math, os, re, select, shutil, signal, socket, struct, sys, time, traceback, uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -505,15 +505,13 @@ def _fork_worker(part, path: str, offset: int, fd: int, map_kw: dict):
         part.map(_tokenize_at, cache_file_name=path, **{**map_kw, "fn_kwargs": {**map_kw["fn_kwargs"], "offset": offset, "progress": fd}})
         _send(fd, b"d"); code = 0
     except BaseException as e:
-        tb = "".join(traceback.format_exception(e))
-        try: body = pickle.dumps((e, tb))
-        except Exception: body = pickle.dumps((None, tb))
+        body = json.dumps(_error_record(e)).encode()
         _send(fd, b"e", len(body), body)
     finally: os._exit(code)
 
 def _collect(fds: list[int], bar) -> tuple[dict[int, tuple[bool, bytes | None]], int | None]:
     """Read the workers' pipes, advancing `bar` by the rows they report, until each closes or one closes without `done`:
-    `({fd: (done, pickled error or None)}, that fd or None)`."""
+    `({fd: (done, the error as JSON or None)}, that fd or None)`."""
     bufs: dict[int, bytes] = {fd: b"" for fd in fds}
     res: dict[int, tuple[bool, bytes | None]] = {fd: (False, None) for fd in fds}
     while bufs:
@@ -530,12 +528,28 @@ def _collect(fds: list[int], bar) -> tuple[dict[int, tuple[bool, bytes | None]],
     return res, None
 
 # %% ../nbs/03_data.ipynb #7d1e0a09
+def _error_record(e: BaseException) -> dict:
+    "What a worker says of its exception, as JSON (no pickle crosses the pipe): type, arguments, traceback, DataError's parts."
+    rec: dict[str, Any] = {"type": type(e).__name__, "module": type(e).__module__, "args": [str(a) for a in e.args],
+           "tb": "".join(traceback.format_exception(e))}
+    if isinstance(e, DataError): rec["data_error"] = [e.what, e.where, e.fix]
+    return rec
+
+def _from_record(rec: dict) -> BaseException:
+    "The exception again: a DataError whole, a built-in exception by its type, anything else as a RuntimeError naming it."
+    if "data_error" in rec: return DataError(*rec["data_error"])
+    cls = getattr(builtins, rec["type"], None) if rec["module"] == "builtins" else None
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try: return cls(*rec["args"])
+        except Exception: pass
+    return RuntimeError(f"{rec['module']}.{rec['type']}: {', '.join(rec['args'])}")
+
 def _worker_error(where: str, rank: int, status: int, error: bytes | None) -> BaseException:
-    "The exception worker `rank` raised (pickled by `_fork_worker`), or a `DataError` for a worker that died without a word."
+    "The exception worker `rank` raised (sent by `_fork_worker`), or a `DataError` for a worker that died without a word."
     if error is not None:
-        exc, tb = pickle.loads(error)
-        if exc is None: return RuntimeError(f"tokenization worker {rank} for {where} failed:\n{tb}")
-        if not isinstance(exc, FtkitError): exc.add_note(f"(raised in tokenization worker {rank} for {where})\n{tb}")
+        rec = json.loads(error)
+        exc = _from_record(rec)
+        if not isinstance(exc, FtkitError): exc.add_note(f"(raised in tokenization worker {rank} for {where})\n{rec['tb']}")
         return exc
     how = (f"was killed by {signal.Signals(-os.waitstatus_to_exitcode(status)).name}" if os.WIFSIGNALED(status)
            else f"exited with status {os.waitstatus_to_exitcode(status)}")
