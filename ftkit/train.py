@@ -690,9 +690,9 @@ def _context_parallel(cfg: FinetuneConfig, args, model, quiet: bool) -> ContextP
 
 # %% ../nbs/06_train.ipynb #2d21e39f
 def _size_graphs(model, packing: PackingPlan | None) -> None:
-    "cuda_graphs: capture the decoder for the packing plan's largest row (ftkit.kernels.graphs)."
+    "cuda_graphs: size the decoder's captures for the packing plan's most documents per row (ftkit.kernels.graphs)."
     g = getattr(getattr(model, "ftkit_kernels", None), "graphs", None)
-    if g is not None and packing is not None: g.expect(*row_limits(packing))
+    if g is not None and packing is not None: g.expect(row_limits(packing)[0])
 
 # %% ../nbs/06_train.ipynb #10754f1e
 def build_trainer(cfg, *, data=None, model=None, tokenizer=None, callbacks=None, ref_model=None, quiet: bool = False,

@@ -254,7 +254,7 @@ class PiecewiseGraphs:
         self.mode: str | None = None         # "decoder" or "pieces": what the last call ran
         self.failed: str | None = None       # why capture failed, once; the step then runs the pieces eagerly
         self.whole_failed: str | None = None  # why capturing the whole decoder failed; the pieces are graphed instead
-        self.expected = (1, 1)                # (segments, longest segment) per row the first capture is sized for
+        self.expected_segments = 1            # documents per row the captures are sized for (`expect`)
         self._pool = self._grads = None       # the decoder graphs' shared memory pool and gradient buffers
         self._params = list(dict.fromkeys(inner.parameters()))
         self._storage = self._signature()
@@ -332,16 +332,16 @@ class PiecewiseGraphs:
             self.mode = "pieces"
             return self._run(input_ids, position_ids, attention, attn_kwargs)
 
-    def expect(self, segments: int, longest: int) -> None:
-        """Size the first capture for rows of up to `segments` documents and segments of up to `longest` tokens (the
-        packing plan's `row_limits`): attention's launch grid covers segments x longest, so sizes near the data's
-        own limits waste the fewest blocks, and a row beyond them captures again (25 % larger)."""
-        self.expected = (int(segments), int(longest))
+    def expect(self, segments: int) -> None:
+        """Size captures for rows of up to `segments` documents (the packing plan's most, `ftkit.packing.row_limits`):
+        attention's launch grid grows with the count, so the data's own limit wastes the fewest blocks and no row of the
+        plan captures again."""
+        self.expected_segments = int(segments)
 
     def _sizes(self, n: int, longest: int, T: int, have=None) -> tuple[int, int]:
         """(segments, longest) to capture for a row of `n` segments: at least the expected segments (growing by a
         quarter past a captured size), the longest segment's class (a power of two from 512, at most the row)."""
-        seg = max(n, self.expected[0], have.segments * 5 // 4 if have is not None else 0)
+        seg = max(n, self.expected_segments, have.segments * 5 // 4 if have is not None else 0)
         return bucket(seg, 8), min(max(512, 1 << max(longest - 1, 0).bit_length()), T)
 
     def _run_decoder(self, input_ids, position_ids, attention, cu, longest: int):
