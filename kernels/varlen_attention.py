@@ -220,15 +220,15 @@ def _check(q, k, v, cu_seq_lens):
     assert cu_seq_lens.dim() == 1 and cu_seq_lens.numel() >= 2 and not cu_seq_lens.is_floating_point()
 
 
-def attn_forward(q, k, v, start, scale):
-    "out (T, Hq, D) in q's dtype and lse (Hq, T) fp32."
+def attn_forward(q, k, v, start, scale, blocks=None):
+    "out (T, Hq, D) in q's dtype and lse (Hq, T) fp32; `blocks` (BLOCK_M, BLOCK_N, warps) overrides `_blocks` (benchmarks)."
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
     if T == 0:
         return out, lse
-    BM, BN, warps = _blocks(D)
+    BM, BN, warps = blocks or _blocks(D)
     _fwd_kernel[(triton.cdiv(T, BM), Hq)](
         q, k, v, out, lse, start, T, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -237,8 +237,8 @@ def attn_forward(q, k, v, start, scale):
     return out, lse
 
 
-def attn_backward(do, q, k, v, out, lse, start, end, scale):
-    "(dq, dk, dv) in the inputs' dtype."
+def attn_backward(do, q, k, v, out, lse, start, end, scale, blocks=None):
+    "(dq, dk, dv) in the inputs' dtype; `blocks` as in `attn_forward`."
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     do = _lastdim(do)
@@ -248,7 +248,7 @@ def attn_backward(do, q, k, v, out, lse, start, end, scale):
     if T == 0:
         return dq, dk, dv
     delta = (do.float() * out.float()).sum(-1).t().contiguous()   # (Hq, T) fp32
-    BM, BN, warps = _blocks(D)
+    BM, BN, warps = blocks or _blocks(D)
     G, prec, qks = Hq // Hkv, _prec(q.dtype), float(scale) * _LOG2E
     _bwd_dkdv_kernel[(triton.cdiv(T, BN), Hkv)](
         q, k, v, do, lse, delta, start, end, dk, dv, T, qks, float(scale),
