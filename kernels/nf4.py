@@ -6,6 +6,11 @@ per ``blocksize`` elements and the 16-entry NF4 code. With double quantization t
 ``dequantize_blockwise`` followed by ``absmax += offset``). The weight is ``code[nibble] * absmax`` in fp32, rounded
 once to the output dtype. The Triton kernel does exactly these operations with FMA contraction switched off.
 
+The kernel is laid out for bandwidth: each program takes a tile of whole quant blocks (about 4 KiB of packed bytes),
+one row per block, loads the row's bytes with wide loads and its absmax once, looks both nibbles up in the 16-entry
+code and interleaves them, so the output (4x the bytes read) goes out in contiguous wide stores. Only the last tile
+masks its loads and stores.
+
 ``quant_state`` is a bitsandbytes ``QuantState`` or any object with the same attributes (``absmax``, ``shape``,
 ``dtype``, ``blocksize``, ``code``, ``offset``, ``state2`` with ``absmax``/``code``/``blocksize``).
 """
@@ -20,40 +25,98 @@ import triton.language as tl
 
 @triton.jit
 def _rtne_bf16(x):
-    "fp32 -> bf16 with round-to-nearest-even done in integer ops (Triton's interpreter truncates; GPUs round)."
+    "fp32 -> bf16 with round-to-nearest-even done in integer ops (Triton's interpreter does not round to even)."
     b = x.to(tl.uint32, bitcast=True)
     b = (b + (((b >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
     return b.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
 
 @triton.jit
-def _nf4_kernel(q_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n_bytes, blocksize, blocksize2,
-                NESTED: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    i = pid * BLOCK + tl.arange(0, BLOCK)
-    m = i < n_bytes
-    byte = tl.load(q_ptr + i, mask=m, other=0).to(tl.int32)
-    blk = (2 * i) // blocksize
-    if NESTED:
-        qa = tl.load(absmax_ptr + blk, mask=m, other=0).to(tl.int32)
-        a = tl.load(code2_ptr + qa, mask=m, other=0.0) * tl.load(absmax2_ptr + blk // blocksize2, mask=m, other=0.0)
-        a = a + tl.load(offset_ptr)
+def _nf4_tile(q_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, pid, n_bytes, n_blocks,
+              blocksize2, MASKED: tl.constexpr, NESTED: tl.constexpr, OUT_BF16: tl.constexpr, INT_RTNE: tl.constexpr,
+              BLOCKSIZE: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, ROWS: tl.constexpr):
+    """ROWS whole quant blocks from block pid * ROWS on: one absmax per row, the row's HALF = BLOCKSIZE / 2 packed bytes
+    along the columns (HALF_P2 >= HALF, a power of two)."""
+    r = tl.arange(0, ROWS)
+    c = tl.arange(0, HALF_P2)
+    row = pid * ROWS + r                                   # quant-block index (int32: < 2**31 blocks)
+    chunk0 = pid.to(tl.int64) * (ROWS * HALF)              # first packed byte of this tile
+    qb = q_ptr + chunk0                                    # int64 only in the two base pointers
+    ob = out_ptr + 2 * chunk0
+    boff = r[:, None] * HALF + c[None, :]                  # byte offsets inside the tile
+    jo = tl.arange(0, 2 * HALF_P2)
+    ooff = r[:, None] * BLOCKSIZE + jo[None, :]            # output offsets inside the tile (after interleaving)
+    if MASKED:                                             # the last tile: a partial chunk / partial quant block
+        rem = n_bytes - chunk0
+        bm = (boff < rem) & (c[None, :] < HALF)
+        om = (ooff < 2 * rem) & (jo[None, :] < BLOCKSIZE)
+        rm = row < n_blocks
+        byte = tl.load(qb + boff, mask=bm, other=0)
+        if NESTED:
+            qa = tl.load(absmax_ptr + row, mask=rm, other=0).to(tl.int32)
+            a = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + row // blocksize2, mask=rm, other=0.0)
+        else:
+            a = tl.load(absmax_ptr + row, mask=rm, other=0.0)
     else:
-        a = tl.load(absmax_ptr + blk, mask=m, other=0.0)
-    hi = tl.load(code_ptr + (byte >> 4), mask=m, other=0.0) * a
-    lo = tl.load(code_ptr + (byte & 15), mask=m, other=0.0) * a
-    v = tl.interleave(hi, lo)
+        if HALF_P2 != HALF:                                # a block size that is not a power of two
+            bm = c[None, :] < HALF
+            om = jo[None, :] < BLOCKSIZE
+            byte = tl.load(qb + boff, mask=bm, other=0)
+        else:
+            byte = tl.load(qb + boff)
+        if NESTED:
+            qa = tl.load(absmax_ptr + row).to(tl.int32)
+            a = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + row // blocksize2)
+        else:
+            a = tl.load(absmax_ptr + row)
+    if NESTED:
+        a = a + tl.load(offset_ptr)                        # dequantize_blockwise, then absmax += offset
+    a = a[:, None]
+    hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * a  # element 2i: high nibble
+    lo = tl.load(code_ptr + (byte & 15).to(tl.int32)) * a  # element 2i + 1: low nibble
+    v = tl.interleave(hi, lo)                              # (ROWS, 2 * HALF_P2): contiguous, wide stores
     if OUT_BF16:
-        v = _rtne_bf16(v)
+        if INT_RTNE:
+            v = _rtne_bf16(v)
+        else:
+            v = v.to(tl.bfloat16, fp_downcast_rounding="rtne")
     else:
         v = v.to(out_ptr.dtype.element_ty)
-    j = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + j, v, mask=j < 2 * n_bytes)
+    if MASKED:
+        tl.store(ob + ooff, v, mask=om)
+    elif HALF_P2 != HALF:
+        tl.store(ob + ooff, v, mask=om)
+    else:
+        tl.store(ob + ooff, v)
+
+
+@triton.jit
+def _nf4_kernel(q_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n_bytes, n_blocks, n_full,
+                blocksize2, NESTED: tl.constexpr, OUT_BF16: tl.constexpr, INT_RTNE: tl.constexpr,
+                BLOCKSIZE: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, ROWS: tl.constexpr):
+    "One program per ROWS quant blocks; only the programs from n_full on (at most one) mask their loads and stores."
+    pid = tl.program_id(0)
+    if pid < n_full:
+        _nf4_tile(q_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, pid, n_bytes, n_blocks,
+                  blocksize2, False, NESTED, OUT_BF16, INT_RTNE, BLOCKSIZE, HALF, HALF_P2, ROWS)
+    else:
+        _nf4_tile(q_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, pid, n_bytes, n_blocks,
+                  blocksize2, True, NESTED, OUT_BF16, INT_RTNE, BLOCKSIZE, HALF, HALF_P2, ROWS)
+
+
+# Packed bytes per program (rounded to whole quant blocks) and warps: 4 KiB in, 16 KiB of bf16 out per program. Under
+# the interpreter a tile is a few blocks, so the CPU tests cross tile boundaries and tails at small sizes.
+CHUNK_BYTES, NUM_WARPS = 4096, 8
 
 
 def dequantize(qweight: torch.Tensor, quant_state, dtype: torch.dtype | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    "The dense weight (quant_state.shape) in `dtype` (default quant_state.dtype)."
+               out: torch.Tensor | None = None, *, chunk_bytes: int | None = None, num_warps: int | None = None,
+               int_rtne: bool | None = None) -> torch.Tensor:
+    """The dense weight (quant_state.shape) in `dtype` (default quant_state.dtype).
+
+    `chunk_bytes`, `num_warps` and `int_rtne` (bf16 rounding in integer ops rather than the hardware conversion; both
+    round to nearest even) are tuning knobs for the benchmark; the defaults are the measured choice."""
+    from ._util import interpret, next_pow2
     qs = quant_state
     dtype = dtype or qs.dtype
     n = 1
@@ -63,7 +126,10 @@ def dequantize(qweight: torch.Tensor, quant_state, dtype: torch.dtype | None = N
     if q.dtype != torch.uint8:
         q = q.view(torch.uint8)
     assert q.numel() * 2 == n, f"packed NF4 weight has {q.numel()} bytes for {n} values"
+    bs = int(qs.blocksize)
+    assert bs >= 2 and bs % 2 == 0, f"NF4 blocksize {bs}: each packed byte must lie in one quant block"
     out = out if out is not None else torch.empty(qs.shape, dtype=dtype, device=q.device)
+    assert out.is_contiguous() and out.numel() == n
     st2 = getattr(qs, "state2", None)
     nested = st2 is not None
     code = qs.code.to(device=q.device, dtype=torch.float32)
@@ -72,10 +138,20 @@ def dequantize(qweight: torch.Tensor, quant_state, dtype: torch.dtype | None = N
                 torch.as_tensor(qs.offset, dtype=torch.float32, device=q.device).reshape(1), int(st2.blocksize))
     else:
         args = (qs.absmax.float(), code, code, code, 1)
-    BLOCK = 1024
-    _nf4_kernel[(triton.cdiv(q.numel(), BLOCK),)](q, code, args[0], args[1], args[2], args[3], out, q.numel(),
-                                                  int(qs.blocksize), args[4], NESTED=nested, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=BLOCK,
-                                                  enable_fp_fusion=False)
+    interp = interpret()
+    half_p2 = next_pow2(bs // 2)
+    chunk = chunk_bytes or (64 if interp else CHUNK_BYTES)
+    rows = 1 << (max(chunk // half_p2, 1).bit_length() - 1)   # whole quant blocks per program, a power of two
+    n_bytes = q.numel()
+    n_blocks = triton.cdiv(n, bs)
+    tile = rows * (bs // 2)
+    grid = (triton.cdiv(n_blocks, rows),)
+    _nf4_kernel[grid](q, code, args[0], args[1], args[2], args[3], out, n_bytes, n_blocks, n_bytes // tile, args[4],
+                      NESTED=nested, OUT_BF16=out.dtype == torch.bfloat16,
+                      INT_RTNE=interp if int_rtne is None else bool(int_rtne or interp),
+                      BLOCKSIZE=bs, HALF=bs // 2, HALF_P2=half_p2, ROWS=rows,
+                      num_warps=num_warps or (1 if interp else NUM_WARPS),
+                      enable_fp_fusion=False)
     return out
 
 
