@@ -2,11 +2,15 @@
 
 Shapes: Qwen2.5-0.5B, Llama-3.2-1B and Llama-3-8B layers at T in {4k, 16k, 64k} tokens (the largest only where it
 fits the time budget). Before any timing, each ftkit op is checked against the eager result at that shape
-(relative error gate); a failed gate is recorded and the row is not timed. Reports time (median of
-triton.testing.do_bench, L2 flushed), GB/s or TFLOP/s against the copy bandwidth and the bf16 GEMM rate measured
-in the same run, peak memory above the inputs and, for LoRA MLP, the bytes saved for backward.
+(relative error gate); a failed gate is recorded and the row is not timed. Each op and impl gets two times:
+"ms (launch)", the median of triton.testing.do_bench over the eager call (L2 flushed; at small sizes this is the CPU's
+Python / autograd dispatch), and "ms (graph)", the median GPU time of the same fwd+bwd captured once in a CUDA graph and
+replayed (L2 flushed before each replay; what training sees, since ftkit replays the decoder as one graph). GB/s or
+TFLOP/s and % of peak are given for both, against the copy bandwidth and the bf16 GEMM rate measured in the same run;
+also peak memory above the inputs and, for LoRA MLP, the bytes saved for backward.
 
     python benchmarks/bench_kernels.py --out benchmarks/results       # GPU: kernels_<gpu>.json / .md
+    python benchmarks/bench_kernels.py --ops nf4,swiglu,rmsnorm --graph-only      # GPU: only the replayed times
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --tiny --out /tmp/kb    # CPU smoke test of the script
 """
 import argparse
@@ -36,8 +40,17 @@ def parse():
     ap.add_argument("--budget", type=float, default=330, help="seconds; rows after this are skipped (recorded)")
     ap.add_argument("--tokens", default="4096,16384,65536")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--ops", help="comma list to run only some: nf4,glu,rms,rope,lora_mlp,lora_mlp_nf4,flce,flce_train")
+    ap.add_argument("--ops", help="comma list to run only some: nf4,glu,rms,rope,lora_mlp,lora_mlp_nf4,flce,flce_train "
+                    "(swiglu = glu, rmsnorm = rms)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--graph-only", action="store_true", help="skip the do_bench launch timing: CUDA-graph replay only")
+    g.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timing (the old table)")
+    ap.add_argument("--nf4-variants", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the NF4 kernel at other tile sizes / warps / bf16 rounding (tuning rows)")
     return ap.parse_args()
+
+
+OP_ALIASES = {"swiglu": "glu", "geglu": "glu", "rmsnorm": "rms"}
 
 
 def versions():
@@ -63,11 +76,81 @@ class Bench:
         return time.time() - self.t0 > self.a.budget
 
     def time_ms(self, fn, grad_to_none=None):
+        "Median ms of do_bench over the eager call (launch-bound at small sizes); None with --graph-only."
+        if self.a.graph_only:
+            return None
         if not self.cuda:
             fn()
             return float("nan")
         import triton.testing
         return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median")
+
+    def graph_ms(self, fn, grad_to_none=None):
+        """(median GPU ms of fn replayed from one CUDA graph, note). fn is warmed up on a side stream, the tensors in
+        grad_to_none get .grad = None before capture (so each replay writes fresh gradients, as do_bench's
+        grad_to_none does), then the graph is replayed under do_bench (L2 flushed before each replay). A capture that
+        fails gives (None, reason), never an exception. On the CPU (--tiny) fn runs twice the same way: (nan, "")."""
+        if self.a.no_graph:
+            return None, ""
+        ts = list(grad_to_none or [])
+
+        def clear():
+            for t in ts:
+                t.grad = None
+        if not self.cuda:
+            for _ in range(2):
+                clear()
+                fn()
+            clear()
+            return float("nan"), ""
+        import triton.testing
+        g = None
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    clear()
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
+            clear()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            torch.cuda.synchronize()
+            return triton.testing.do_bench(g.replay, warmup=5, rep=40, return_mode="median"), ""
+        except Exception as e:  # noqa: BLE001
+            try:       # a failed capture_end leaves torch.cuda.graph's side stream current: back to the default one
+                torch.cuda.set_stream(torch.cuda.default_stream())
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001
+                pass
+            return None, f"graph n/a: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        finally:
+            clear()
+            del g
+            torch.cuda.empty_cache()
+
+    def timed(self, fn, grad_to_none=None, *, nbytes=None, flops=None, peaks=None, gate="", after=None, **row):
+        "Both timings of fn, their rates against the run's peaks, the fields of after() (peak memory), the row added."
+        ms = self.time_ms(fn, grad_to_none)
+        extra = after() if after is not None and ms is not None else None    # as before: after the launch timing
+        msg, note = self.graph_ms(fn, grad_to_none)
+        row.update(extra if extra is not None else after() if after is not None else {})
+        for key, t in (("", ms), ("_graph", msg)):
+            row["ms" + key] = t
+            if t is None:
+                continue
+            if nbytes is not None:
+                row["GBps" + key] = nbytes / t / 1e6
+                row["pct_peak" + key] = row["GBps" + key] / peaks["copy_GBps"]
+            if flops is not None:
+                row["TFLOPs" + key] = flops / t / 1e9
+                row["pct_peak" + key] = row["TFLOPs" + key] / peaks["gemm_TFLOPs"]
+        row["gate"] = "; ".join(x for x in (gate, note) if x)
+        self.add(**row)
+        return row
 
     def peak(self, fn):
         "Peak bytes allocated above what was allocated before one call."
@@ -83,7 +166,9 @@ class Bench:
 
     def add(self, **row):
         self.rows.append(row)
-        keys = ["op", "model", "T", "impl", "ms", "GBps", "TFLOPs", "pct_peak", "peak_MiB", "saved_MiB", "gate"]
+        keys = ["op", "model", "T", "impl", "ms", "ms_graph", "GBps", "GBps_graph", "TFLOPs", "TFLOPs_graph",
+                "pct_peak",
+                "pct_peak_graph", "peak_MiB", "saved_MiB", "gate"]
         print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
                        for k in keys if k in row), flush=True)
 
@@ -124,10 +209,8 @@ def bench_glu(B, model, T, peaks):
         if not gate and name == "ftkit":
             B.add(op="swiglu fwd+bwd", model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
             continue
-        ms = B.time_ms(lambda: f(g, u).backward(dy), [g, u])
-        gbps = nbytes / ms / 1e6
-        B.add(op="swiglu fwd+bwd", model=model, T=T, impl=name, ms=ms, GBps=gbps, pct_peak=gbps / peaks["copy_GBps"],
-              gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+        B.timed(lambda: f(g, u).backward(dy), [g, u], nbytes=nbytes, peaks=peaks, op="swiglu fwd+bwd", model=model,
+                T=T, impl=name, gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
 
 
 def bench_rms(B, model, T, peaks):
@@ -152,10 +235,8 @@ def bench_rms(B, model, T, peaks):
         if err > 1e-2 and name == "ftkit":
             B.add(op="rmsnorm fwd+bwd", model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
             continue
-        ms = B.time_ms(lambda: f(x).backward(dy), [x])
-        gbps = nbytes / ms / 1e6
-        B.add(op="rmsnorm fwd+bwd (frozen w)", model=model, T=T, impl=name, ms=ms, GBps=gbps,
-              pct_peak=gbps / peaks["copy_GBps"], gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+        B.timed(lambda: f(x).backward(dy), [x], nbytes=nbytes, peaks=peaks, op="rmsnorm fwd+bwd (frozen w)",
+                model=model, T=T, impl=name, gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
 
 
 def bench_rope(B, model, T, peaks):
@@ -195,33 +276,45 @@ def bench_rope(B, model, T, peaks):
         def step():
             a, b = f(q, k)
             torch.autograd.backward((a, b), (dq, dk))
-        ms = B.time_ms(step, [q, k])
-        gbps = nbytes / ms / 1e6
-        B.add(op="rope q+k fwd+bwd", model=model, T=T, impl=name, ms=ms, GBps=gbps,
-              pct_peak=gbps / peaks["copy_GBps"], gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+        B.timed(step, [q, k], nbytes=nbytes, peaks=peaks, op="rope q+k fwd+bwd", model=model, T=T, impl=name,
+                gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+
+
+NF4_VARIANTS = {  # tuning rows: kernels.nf4.dequantize's knobs (the plain "ftkit" row is its default)
+    "ftkit c2048 w4": dict(chunk_bytes=2048, num_warps=4),
+    "ftkit c4096 w4": dict(chunk_bytes=4096, num_warps=4),
+    "ftkit c8192 w8": dict(chunk_bytes=8192, num_warps=8),
+    "ftkit c8192 w16": dict(chunk_bytes=8192, num_warps=16),
+    "ftkit int-rtne": dict(int_rtne=True),
+}
 
 
 def bench_nf4(B, model, peaks):
+    "Dequantize one MLP weight (F x d: 4864x896, 8192x2048, 14336x4096), double quant, bf16 out, against bnb."
     from ftkit.kernels import nf4
     d, Fi = MODELS[model][:2] if not B.a.tiny else (64, 128)
     w = torch.randn(Fi, d, device=B.dev, dtype=B.dt)
+    impls = {"ftkit": lambda: nf4.dequantize(q, qs)}
+    if B.a.nf4_variants:
+        for name, kw in NF4_VARIANTS.items():
+            impls[name] = (lambda kw_: lambda: nf4.dequantize(q, qs, **kw_))(kw)
     if B.cuda:
         import bitsandbytes.functional as bnbf
         q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        impls = {"bitsandbytes": lambda: bnbf.dequantize_4bit(q, qs, quant_type="nf4"),
-                 "ftkit": lambda: nf4.dequantize(q, qs)}
-        exact = torch.equal(impls["ftkit"](), impls["bitsandbytes"]())
+        impls = {"bitsandbytes": lambda: bnbf.dequantize_4bit(q, qs, quant_type="nf4"), **impls}
+        ref = impls["bitsandbytes"]()
     else:
         q, qs = nf4.quantize_reference(w)
-        impls = {"ftkit": lambda: nf4.dequantize(q, qs)}
-        exact = torch.equal(impls["ftkit"](), nf4.reference(q, qs))
+        ref = nf4.reference(q, qs)
     n = Fi * d
     nbytes = n / 2 + n / 64 + 2 * n
     for name, f in impls.items():
-        ms = B.time_ms(f)
-        gbps = nbytes / ms / 1e6
-        B.add(op=f"nf4 dequant {Fi}x{d} (double quant)", model=model, T=0, impl=name, ms=ms, GBps=gbps,
-              pct_peak=gbps / peaks["copy_GBps"], gate=("bit-exact" if exact else "FAIL not bit-exact"))
+        exact = torch.equal(f(), ref)          # every impl / variant against bnb (GPU) or the reference (CPU)
+        if not exact:
+            B.add(op=f"nf4 dequant {Fi}x{d} (double quant)", model=model, T=0, impl=name, gate="FAIL not bit-exact")
+            continue
+        B.timed(f, nbytes=nbytes, peaks=peaks, op=f"nf4 dequant {Fi}x{d} (double quant)", model=model, T=0, impl=name,
+                gate="bit-exact")
 
 
 def _peft_mlp(B, model, r, qlora=False):
@@ -277,7 +370,9 @@ def bench_lora_mlp(B, model, T, peaks, r=16, qlora=False):
     dy = torch.randn(1, T, d, device=B.dev, dtype=B.dt)
     flops = 12 * T * d * Fi + 18 * T * r * (d + Fi)
     peft = _peft_mlp(B, model, r, qlora)
-    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if B.cuda else (lambda: torch.autocast("cpu", enabled=False))
+    # no autocast weight cache: CUDA-graph capture needs it off (the weights are bf16 already, so nothing is cast)
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if B.cuda else \
+        (lambda: torch.autocast("cpu", enabled=False))
 
     def run(m):
         def f():
@@ -311,11 +406,9 @@ def bench_lora_mlp(B, model, T, peaks, r=16, qlora=False):
             continue
         sb, _ = saved_bytes(lambda: fwd(m))
         params = [x] + [p for p in m.parameters() if p.requires_grad]
-        ms = B.time_ms(run(m), params)
-        pk = B.peak(run(m))
-        tf = flops / ms / 1e9
-        B.add(op=label, model=model, T=T, impl=name, ms=ms, TFLOPs=tf, pct_peak=tf / peaks["gemm_TFLOPs"],
-              peak_MiB=pk / 2**20, saved_MiB=sb / 2**20, gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+        B.timed(run(m), params, flops=flops, peaks=peaks, op=label, model=model, T=T, impl=name,
+                after=lambda: dict(peak_MiB=B.peak(run(m)) / 2**20, saved_MiB=sb / 2**20),
+                gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
 
 
 def bench_flce(B, model, T, peaks, trainable=False):
@@ -355,15 +448,12 @@ def bench_flce(B, model, T, peaks, trainable=False):
             loss = loss[0] if isinstance(loss, tuple) else loss
             loss.backward()
         try:
-            ms = B.time_ms(step, ins)
-            pk = B.peak(step)
+            B.timed(step, ins, flops=flops, peaks=peaks, op=label, model=model, T=T, impl=name,
+                    after=lambda: dict(peak_MiB=B.peak(step) / 2**20),
+                    gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
         except torch.OutOfMemoryError:
             B.add(op=label, model=model, T=T, impl=name, gate="OOM")
             torch.cuda.empty_cache()
-            continue
-        tf = flops / ms / 1e9
-        B.add(op=label, model=model, T=T, impl=name, ms=ms, TFLOPs=tf, pct_peak=tf / peaks["gemm_TFLOPs"],
-              peak_MiB=pk / 2**20, gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
 
 
 def measure_peaks(B):
@@ -387,20 +477,38 @@ def write(B, peaks, out):
     out.mkdir(parents=True, exist_ok=True)
     v = versions()
     tag = "cpu" if not B.cuda else v["gpu"].replace("NVIDIA ", "").replace(" ", "-")
-    rec = {"versions": v, "peaks": peaks, "rows": B.rows, "seconds": time.time() - B.t0, "budget_s": B.a.budget}
+    rec = {"versions": v, "peaks": peaks, "rows": B.rows, "seconds": time.time() - B.t0, "budget_s": B.a.budget,
+           "columns": {"ms": "do_bench median of the eager call (launch)", "ms_graph": "median GPU time of the same "
+                       "call replayed from one CUDA graph (null: capture failed, see gate)",
+                       "*_graph": "rates / % of peak from ms_graph"}}
     (out / f"kernels_{tag}.json").write_text(json.dumps(rec, indent=1, default=str))
     lines = [f"# ftkit kernel benchmark on {v['gpu']}", "",
              "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "gpu"), "",
              f"Peaks measured in the same run: copy {peaks['copy_GBps']:.0f} GB/s (read + write), "
              f"bf16 GEMM 8192³ {peaks['gemm_TFLOPs']:.0f} TFLOP/s.", "",
-             "| op | model | T | impl | ms | GB/s | TFLOP/s | % of peak | peak MiB | saved MiB | gate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Columns: 'ms (launch)' is the median of `triton.testing.do_bench` over the eager fwd+bwd call "
+             "(L2 flushed): at small sizes (4k tokens) it measures the CPU's Python / autograd dispatch, not the GPU. "
+             "'ms (graph)' is the median GPU time of the same call captured once in a CUDA graph and replayed (L2 "
+             "flushed before each replay; gradients set to None before capture, so each replay writes fresh ones): "
+             "what training sees, since ftkit replays the decoder as one graph; 'n/a' where capture failed (reason in the gate column). GB/s, "
+             "TFLOP/s and % of peak come from the launch time; the '(graph)' columns from the graph time. % of peak is "
+             "against the copy bandwidth (GB/s rows) or the bf16 GEMM rate (TFLOP/s rows) above.", "",
+             "| op | model | T | impl | ms (launch) | ms (graph) | GB/s | TFLOP/s | % of peak | GB/s (graph) | "
+             "TFLOP/s (graph) | % of peak (graph) | peak MiB | saved MiB | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, fmt):
         return format(x, fmt) if isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x)) else ""
+
+    def pct(r, key):
+        return f(100 * r[key], ".0f") if isinstance(r.get(key), (int, float)) else ""
     for r in B.rows:
-        lines.append(f"| {r['op']} | {r['model']} | {r['T']} | {r['impl']} | {f(r.get('ms'), '.3f')} | "
-                     f"{f(r.get('GBps'), '.0f')} | {f(r.get('TFLOPs'), '.0f')} | {f(100 * r['pct_peak'], '.0f') if 'pct_peak' in r else ''} | "
+        msg = "n/a" if "ms_graph" in r and r["ms_graph"] is None and "graph n/a" in r.get("gate", "") else \
+            f(r.get("ms_graph"), ".3f")
+        lines.append(f"| {r['op']} | {r['model']} | {r['T']} | {r['impl']} | {f(r.get('ms'), '.3f')} | {msg} | "
+                     f"{f(r.get('GBps'), '.0f')} | {f(r.get('TFLOPs'), '.0f')} | {pct(r, 'pct_peak')} | "
+                     f"{f(r.get('GBps_graph'), '.0f')} | {f(r.get('TFLOPs_graph'), '.0f')} | "
+                     f"{pct(r, 'pct_peak_graph')} | "
                      f"{f(r.get('peak_MiB'), '.0f')} | {f(r.get('saved_MiB'), '.0f')} | {r.get('gate', '')} |")
     (out / f"kernels_{tag}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out}/kernels_{tag}.json and .md ({len(B.rows)} rows)")
@@ -430,7 +538,8 @@ def main():
     plan.append(("flce_train", "llama-3.2-1b", Ts[0]))
     fns = {"glu": bench_glu, "rms": bench_rms, "rope": bench_rope, "flce": bench_flce}
     if a.ops:
-        plan = [p for p in plan if p[0] in a.ops.split(",")]
+        ops = {OP_ALIASES.get(o.strip(), o.strip()) for o in a.ops.split(",")}
+        plan = [p for p in plan if p[0] in ops]
     try:
         for op, m, T in plan:
             if B.over():

@@ -28,7 +28,7 @@ elif [ "$part" = bench ]; then
 elif [ "$part" = kernels ]; then
   R=/tmp/kres; mkdir -p $R
   timeout 200 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu_kernels.py -s ${KTESTS:-} 2>&1 | tee $R/pytest_gpu_kernels.log | tail -25
-  timeout 260 python3 benchmarks/bench_kernels.py --out $R --budget ${KBUDGET:-200} ${KOPS:+--ops $KOPS} 2>&1 | tee $R/bench_kernels.log | tail -4
+  timeout 260 python3 benchmarks/bench_kernels.py --out $R --budget ${KBUDGET:-200} ${KOPS:+--ops $KOPS} ${KFLAGS:-} 2>&1 | tee $R/bench_kernels.log | tail -4
   timeout 120 python3 benchmarks/bench_train.py --out $R/F.json 2>&1 | tee $R/F.log | grep -E "kernels:|skipped|RESULT|Error" | tail -12
   cp $R/*.md $R/*.json "$OUT"/ 2>/dev/null; cp "$OUT/env.txt" $R/; tar czf "$OUT/kernels_run.tgz" -C $R .
 elif [ "$part" = e2e ]; then
