@@ -57,6 +57,10 @@ def parse():
     ap.add_argument("--pad", action="store_true", help="pad_to_sequence_len: true (the default with packing since 2026-11-30)")
     ap.add_argument("--no-graphs", action="store_true", help="cuda_graphs: false (unset, it is on where the config allows)")
     ap.add_argument("--no-pad", action="store_true", help="pad_to_sequence_len: false (rows of varying length; no graphs)")
+    ap.add_argument("--sync-every-step", action="store_true",
+                    help="torch.cuda.synchronize() at every step end (as ../shared/bench's harness); default: only at the two "
+                         "ends of the timed window, so the steps between run as in a real run")
+    ap.add_argument("--log-sync", action="store_true", help="FtkitTrainer.log_without_sync = False (transformers' logging read)")
     ap.add_argument("--profile", help="write a torch.profiler table of two optimizer steps (after the timed ones) here")
     ap.add_argument("--trace", help="with --profile: also write the profiled steps' Chrome trace here (gzipped JSON)")
     ap.add_argument("--stack", default="F", help="name in the JSON (F, F-off, F-16k, ...)")
@@ -203,7 +207,8 @@ def main():
                     self.prof.__enter__()
 
             def on_step_end(self, args, st, control, **kw):
-                sync()
+                if a.sync_every_step or st.global_step in (a.warmup, a.warmup + a.timed) or self.prof is not None:
+                    sync()             # the window's ends (and profiled steps): the marks between are not used
                 marks[st.global_step] = (time.perf_counter(), self.trainer.ftkit_tokens)
                 if self.prof is not None and st.global_step == a.steps:
                     self.prof.__exit__(None, None, None)
@@ -231,6 +236,11 @@ def main():
 
         timer = Timer()
         t0 = time.perf_counter()
+        if a.log_sync:                      # this benchmark process only: transformers' logging read at every step
+            from ftkit.train import FtkitTrainer
+            FtkitTrainer.log_without_sync = False
+        rec["timing"] = ("synchronize at every step end" if a.sync_every_step else
+                         "synchronize at the two ends of the timed window only")
         res = train(cfg, data=data, model=model, tokenizer=tok, callbacks=[timer], quiet=False)
         rec["train_wall_s"] = time.perf_counter() - t0
         state["trainer"] = timer.trainer

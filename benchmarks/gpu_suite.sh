@@ -92,6 +92,23 @@ elif [ "$part" = decoder ]; then
     timeout 100 python3 benchmarks/bench_train.py --stack F-16k-graphs --seq 16384 --steps 12 --warmup 3 --timed 8 --out $R/s16/F.json --compare $R/s16 2>&1 | tee $R/s16/F.log | grep -E "cuda_graphs|vs|Warn|Error" | tail -3
     tar czf "$OUT/decoder_run.tgz" -C $R .
   fi
+elif [ "$part" = nosync ]; then
+  # no host sync at step boundaries (logs one step late, the gradient check deferred): its GPU tests and the graphs test,
+  # then 4k beside B1: defaults, transformers' logging read (--log-sync), and QLoRA; ATTN=flash|triton picks the graph's attention
+  R=/tmp/nosync; mkdir -p $R
+  timeout ${T_TESTS:-150} python3 -m pytest -m gpu -q -rs -p no:cacheprovider -s tests/test_gpu_nosync.py tests/test_gpu_graphs.py ${MORE_TESTS:-} 2>&1 | tee $R/pytest.log | grep -E "passed|failed|loss curve|sync-debug|Error|assert|  " | tail -30
+  OUT=$R SKIP_PIP=1 STACKS="B1" T_OTHER=120 bash .gpu/bench/run_baseline.sh 2>&1 | tail -1
+  for run in ${RUNS:-F FL FQ}; do
+    case $run in
+      F)  args="--stack F --profile $R/F_profile.txt --trace $R/F_trace.json.gz";;
+      FL) args="--stack F-logsync --log-sync";;
+      FS) args="--stack F-syncstep --sync-every-step";;
+      FQ) args="--stack FQ --mode qlora";;
+      *)  args="--stack $run ${EXTRA_ARGS:-}";;
+    esac
+    timeout 90 python3 benchmarks/bench_train.py $args --out $R/$run.json --compare $R 2>&1 | tee $R/$run.log | grep -E "cuda_graphs|vs|Warn|Error" | tail -3
+  done
+  tar czf "$OUT/nosync_run.tgz" -C $R .
 elif [ "$part" = last ]; then
   # one 2-GPU call for what is left: the context-parallel tests and longest rows (issue 16), the QLoRA memory of
   # ftkit.fit's validation on the second GPU meanwhile (issue 18/10), then data preparation on this host's cores (issue 15)

@@ -21,7 +21,7 @@ __all__ = ['LOCK_NAME', 'MARKER', 'MAX_NAME_BYTES', 'MAX_PATH_BYTES', 'OUTPUT_PA
            'lock_output_dir_job', 'rank0_decides', 'write_marker', 'is_complete', 'remove_stale_temps', 'atomic_dir',
            'remove_incomplete_checkpoints', 'checkpoint_step', 'CheckpointMarker', 'path_problem', 'path_problems',
            'safe_name', 'child_path', 'first_invalid_utf8', 'die_with_parent', 'workers_die_with_parent',
-           'EpochSampler', 'last_checkpoint', 'FaultWatchdog', 'fault_watchdog', 'is_oom', 'explain_oom',
+           'EpochSampler', 'last_checkpoint', 'FaultWatchdog', 'device_skip', 'fault_watchdog', 'is_oom', 'explain_oom',
            'is_disk_full', 'explain_disk_full', 'saving', 'finished_checkpoint', 'finish_from_checkpoint',
            'split_target', 'module_origin', 'load_target', 'check_template']
 
@@ -474,6 +474,7 @@ class FaultWatchdog:
         self.threshold, self.patience = threshold, int(patience or 3)
         self.high: list[tuple[int, float]] = []        # (step, loss) of the latest logs above threshold, in a row
         self.zero_grad_steps, self.zeros = zero_grad_steps, 0
+        self.pending = None                             # a step's deferred gradient check: (step, names, host values, event)
 
     def __getattr__(self, name):        # every other TrainerCallback event: nothing to do
         if name.startswith("on_"): return lambda *a, **k: None
@@ -492,18 +493,56 @@ class FaultWatchdog:
                             + ("; after fixing the cause, resume from it with auto_resume_from_checkpoints: true." if ck else "."))
 
 # %% ../nbs/00b_guard.ipynb #ca72f43d
+def device_skip(optimizer, peaks, args=None) -> bool:
+    """Make a fused torch optimizer skip this step on the device when `peaks` holds a non-finite value (the `found_inf`
+    input its kernels take from AMP): no host sync. False where that is not possible (CPU, other optimizers, fp16's scaler)."""
+    inner = getattr(optimizer, "optimizer", optimizer)            # accelerate wraps the torch optimizer
+    if not (peaks.is_cuda and getattr(inner, "_step_supports_amp_scaling", False)) or getattr(args, "fp16", False): return False
+    inner.found_inf = (~peaks.isfinite().all()).float()
+    return True
+
 @patch
-def on_pre_optimizer_step(self: FaultWatchdog, args, state, control, model=None, **kw):
+def _judge(self: FaultWatchdog, step: int, names: list, peaks) -> None:
+    "Stop at `step` if any of the gradients' largest absolute values (`peaks`, one per name) is not finite."
+    if bool(peaks.isfinite().all()): return
+    i = int((~peaks.isfinite()).nonzero()[0])
+    self._stop(step, f"the gradient of {names[i]} is {'NaN' if math.isnan(float(peaks[i])) else 'inf'} (the weights were not updated with it)")
+
+@patch
+def check_pending(self: FaultWatchdog) -> None:
+    "Read the previous step's deferred gradient check (waiting, at most, for the GPU to reach that point)."
+    p, self.pending = self.pending, None
+    if p is not None:
+        step, names, host, done = p
+        done.synchronize()
+        self._judge(step, names, host)
+
+# %% ../nbs/00b_guard.ipynb #20526e37
+@patch
+def on_pre_optimizer_step(self: FaultWatchdog, args, state, control, model=None, optimizer=None, **kw):
+    self.check_pending()
     if model is None: return
     named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
     if not named: return
     import torch
-    peaks = torch._foreach_norm([g for _, g in named], float("inf"))      # one launch per dtype/device group, no sync
-    if bool(torch.stack([x.float() for x in peaks]).isfinite().all()): return
-    for name, g in named:
-        if not bool(g.isfinite().all()):
-            kind = "NaN" if bool(g.isnan().any()) else "inf"
-            self._stop(state.global_step + 1, f"the gradient of {name} is {kind} (the weights were not updated with it)")
+    peaks = torch.stack([x.float() for x in torch._foreach_norm([g for _, g in named], float("inf"))])   # no sync
+    names = [n for n, _ in named]
+    if not device_skip(optimizer, peaks, args): return self._judge(state.global_step + 1, names, peaks)
+    host = torch.empty(peaks.shape, dtype=peaks.dtype, pin_memory=True)
+    host.copy_(peaks, non_blocking=True)
+    done = torch.cuda.Event(); done.record()
+    self.pending = (state.global_step + 1, names, host, done)
+
+@patch
+def on_optimizer_step(self: FaultWatchdog, args, state, control, optimizer=None, **kw):
+    getattr(optimizer, "optimizer", optimizer).__dict__.pop("found_inf", None)     # this step's flag only
+
+@patch
+def on_step_end(self: FaultWatchdog, args, state, control, **kw):
+    if control.should_save or control.should_evaluate or control.should_training_stop: self.check_pending()
+
+@patch
+def on_train_end(self: FaultWatchdog, args, state, control, **kw): self.check_pending()
 
 # %% ../nbs/00b_guard.ipynb #7cced10d
 @patch

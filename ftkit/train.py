@@ -31,11 +31,11 @@ from . import geneval     # do_causal_lm_eval / eval_causal_lm_metrics: generati
 # %% auto #0
 __all__ = ['OPTIMIZER_NAMES', 'SCHEDULER_NAMES', 'FSDP1_TO_FSDP2', 'FSDP2_REMOVED', 'CHECKPOINT_MARKER', 'TrainError',
            'optimizer_name', 'scheduler', 'StepPlan', 'step_plan', 'fsdp_training_args', 'deepspeed_training_args',
-           'training_arguments', 'FtkitTrainer', 'write_marker', 'DistillationTrainer', 'complete_checkpoints',
-           'quarantine_incomplete', 'resume_checkpoint', 'prepare', 'prepare_data', 'prepare_for_launch', 'preprocess',
-           'MetricsRecorder', 'ProgressPrinter', 'SaveFirstStep', 'CollectGarbage', 'key_callbacks', 'TrainResult',
-           'save_outputs', 'TrainerSetup', 'build_trainer', 'train', 'train_main', 'generate_replies', 'exact_match',
-           'demo']
+           'training_arguments', 'FtkitTrainer', 'write_marker', 'PendingLog', 'defers_log', 'take_log', 'give_log',
+           'DistillationTrainer', 'complete_checkpoints', 'quarantine_incomplete', 'resume_checkpoint', 'prepare',
+           'prepare_data', 'prepare_for_launch', 'preprocess', 'MetricsRecorder', 'ProgressPrinter', 'SaveFirstStep',
+           'CollectGarbage', 'key_callbacks', 'TrainResult', 'save_outputs', 'TrainerSetup', 'build_trainer', 'train',
+           'train_main', 'generate_replies', 'exact_match', 'demo']
 
 # %% ../nbs/06_train.ipynb #4c29efa1
 def _err(key, message, hint=""):
@@ -206,6 +206,8 @@ def _base_arguments(cfg: FinetuneConfig, plan: Plan, steps: StepPlan, output_dir
         **_runtime_arguments(cfg, cuda))      # checkpointing, DDP, dataloader, NEFTune, compile
     if isinstance(warm, float) and warm < 1 and "warmup_ratio" in TrainingArguments.__dataclass_fields__:
         kw.update(warmup_ratio=warm, warmup_steps=0)                 # transformers < 5.20 kept a separate ratio field
+    if kw["dataloader_pin_memory"] and cuda:          # batches copied to the GPU without a host sync each (pinned, stream-ordered)
+        kw["accelerator_config"] = {**kw.get("accelerator_config", {}), "non_blocking": True}
     if ev_steps: kw["eval_steps"] = ev_steps
     if sv_steps: kw["save_steps"] = sv_steps
     for k in ("max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon"):
@@ -266,6 +268,8 @@ class FtkitTrainer(Trainer):
     _loader: Callable[..., Any]                   # the @patch cells below
     _accepts_logits_to_keep: Callable[..., bool]
     _ltk: bool
+    log_without_sync = True      # log a plain logging step one step later, without a host sync (defers_log)
+    ftkit_pending_log: "PendingLog | None" = None
     def __init__(self, *a, ftkit_cfg: FinetuneConfig, packing: PackingPlan | None = None, eval_packing: PackingPlan | None = None,
                  pad_token_id: int = 0, collator=None, context_parallel: ContextParallel | None = None, **kw):
         self.ftkit_cfg, self.packing, self.eval_packing, self.ftkit_tokens = ftkit_cfg, packing, eval_packing, 0
@@ -372,6 +376,59 @@ def _save_checkpoint(self:FtkitTrainer, model, trial):
     if self.args.should_save:            # older checkpoints go only once the new one is complete (a kill keeps one)
         from transformers.trainer_utils import rotate_checkpoints
         rotate_checkpoints(output_dir=str(d.parent), save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
+
+# %% ../nbs/06_train.ipynb #79951c47
+@dataclass
+class PendingLog:
+    "A logging step's numbers on their way to pinned host memory, and what its log line needs."
+    values: Any                       # pinned float64: (loss summed over the steps since the last log, gradient norm or NaN)
+    done: Any                         # the CUDA event recorded after the copy
+    steps: int; step: int; epoch: float | None; learning_rate: float | None; has_norm: bool; start_time: float | None
+
+def defers_log(trainer, tr_loss) -> bool:
+    "Whether this step's log can wait one step: a plain logging step of a one-process CUDA run, not the last one."
+    c, st = trainer.control, trainer.state
+    return bool(trainer.log_without_sync and c.should_log and not (c.should_evaluate or c.should_save or c.should_training_stop)
+                and trainer._globalstep_last_logged < st.global_step < st.max_steps and tr_loss.is_cuda and trainer.args.world_size == 1)
+
+def take_log(trainer, tr_loss, grad_norm, learning_rate, start_time) -> PendingLog:
+    "Start copying this step's loss and gradient norm to the host (no wait) and reset the running loss, as transformers' log does."
+    st = trainer.state
+    norm = (grad_norm.detach().double().reshape(()) if isinstance(grad_norm, torch.Tensor)
+            else tr_loss.new_tensor(float("nan") if grad_norm is None else float(grad_norm), dtype=torch.float64))
+    vals = torch.empty(2, dtype=torch.float64, pin_memory=True)
+    vals.copy_(torch.stack([tr_loss.detach().double().reshape(()), norm]), non_blocking=True)
+    done = torch.cuda.Event(); done.record()
+    p = PendingLog(vals, done, st.global_step - trainer._globalstep_last_logged, st.global_step, st.epoch, learning_rate,
+                   grad_norm is not None, start_time)
+    tr_loss -= tr_loss
+    trainer._globalstep_last_logged = st.global_step
+    trainer.store_flos()
+    return p
+
+def give_log(trainer, p: PendingLog) -> None:
+    "Log `p` as transformers would have at its step: the state's step and epoch are `p`'s while the callbacks run."
+    p.done.synchronize()
+    loss_sum, norm = p.values.tolist()
+    logs = {"loss": loss_sum / max(p.steps, 1), **({"grad_norm": norm} if p.has_norm else {}),
+            "learning_rate": p.learning_rate if p.learning_rate is not None else trainer._get_learning_rate()}
+    trainer._total_loss_scalar += loss_sum
+    st = trainer.state
+    now, (st.global_step, st.epoch) = (st.global_step, st.epoch), (p.step, p.epoch)
+    try: trainer.log(logs, p.start_time)
+    finally: st.global_step, st.epoch = now
+
+# %% ../nbs/06_train.ipynb #f01dd96e
+@patch
+def _maybe_log_save_evaluate(self:FtkitTrainer, tr_loss, grad_norm, *args, **kw):
+    "transformers' log, save and evaluate; a plain logging step is logged at the next call (`defers_log`), without a host sync."
+    p, self.ftkit_pending_log = self.ftkit_pending_log, None
+    if p is not None: give_log(self, p)
+    if defers_log(self, tr_loss):
+        start = kw.get("start_time", args[4] if len(args) > 4 else None)
+        self.ftkit_pending_log = take_log(self, tr_loss, grad_norm, kw.get("learning_rate"), start)
+        self.control.should_log = False
+    return super(FtkitTrainer, self)._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kw)
 
 # %% ../nbs/06_train.ipynb #b7d1a002
 class DistillationTrainer(DistillationMixin, FtkitTrainer):
