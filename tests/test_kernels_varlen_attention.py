@@ -91,6 +91,17 @@ def test_explicit_scale_and_segment_bounds():
 
 
 @cpu_only
+def test_tokens_past_the_last_offset_are_one_last_segment():
+    "Offsets that stop short of T: the tail is its own segment (no index past cu's end, no attention into it)."
+    cu = cu_of([5, 3])                                   # T = 12: tokens 8..11 are not covered
+    start, end = va.segment_bounds(cu, 12)
+    assert start.tolist() == [0] * 5 + [5] * 3 + [8] * 4 and end.tolist() == [5] * 5 + [8] * 3 + [12] * 4
+    q, k, v = make(12, 2, 1, 16, seed=6)
+    out, ref = va.varlen_attention(q, k, v, cu), va.reference(q, k, v, cu_of([5, 3, 4]))
+    close(out, ref, 2e-5)
+
+
+@cpu_only
 def test_strided_views_of_fused_qkv():
     "q, k, v as head slices of one (T, Hq + 2·Hkv, D) projection output: token strides larger than H·D."
     torch.manual_seed(4)
