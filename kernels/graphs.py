@@ -6,12 +6,21 @@ each a few microseconds of Python, autograd and driver work. A CUDA graph replay
 one launch.
 
 The whole decoder (embedding, every layer with its attention, final norm) is one forward and one backward graph
-(``_Captured``). Varlen attention's launch grid depends on each row's documents (``cu_seq_lens``: how many, and the
-longest), so inside the graph it runs on offsets padded with empty segments to a fixed count and on a longest segment
-fixed per class (512, 1024, ... tokens): ``pad_cu``, ``PiecewiseGraphs._sizes``. The count comes from the packing
-plan (``expect``); each class is captured on first use into one shared memory pool. The backward graph adds the
-trainable parameters' gradients into buffers that stay their ``.grad`` (``GradBuffers``), so autograd sees one node
-per micro-batch instead of one per parameter.
+(``_Captured``). Attention inside it is, where it applies, ftkit's Triton varlen attention (``varlen_attention.py``,
+``triton_attention``): its launch grid depends only on the row's token count (each program finds its segment's bounds
+on the device), so one capture per row shape serves every segmentation. Its offsets are still padded with empty
+segments to a fixed count (``pad_cu``; a tensor inside a graph keeps its size): the count comes from the packing plan
+(``expect``), and a row with more documents captures again, a quarter larger.
+
+``PiecewiseGraphs(attention=...)`` chooses: "auto" (the default), "triton" or "flash". Where the Triton kernel cannot
+serve (head dim not a power of two in [16, 128], a sliding window, soft-capped logits, no CUDA and no interpreter, a
+dtype other than fp16 / bf16 / fp32, or a failed capture: ``triton_not``, ``attention_fallback``), or with "flash",
+the graph runs the model's own varlen flash attention. Its grid is (longest segment x segments x heads), so the
+longest segment is also fixed, per class (512, 1024, ... tokens, ``PiecewiseGraphs._sizes``), each class captured on
+first use; padded grids launch empty blocks (H200, Llama-1B attention, 4k rows: flash forward + backward 1031 us a
+layer padded as the graph needs, 734 us on the exact segments; the Triton kernel 497 us). All captures share one
+memory pool. The backward graph adds the trainable parameters' gradients into buffers that stay
+their ``.grad`` (``GradBuffers``), so autograd sees one node per micro-batch instead of one per parameter.
 
 Calls without ``cu_seq_lens`` (or after a failed whole-decoder capture) take the first design: the decoder cut at
 attention into ``L + 1`` pieces, graphed with ``torch.cuda.make_graphed_callables``, attention eager between them:
@@ -36,6 +45,11 @@ import warnings
 
 import torch
 import torch.nn as nn
+
+from ._util import triton_ok
+
+ATTENTIONS = ("auto", "flash", "triton")     # PiecewiseGraphs(attention=...): what runs attention inside the graph
+TRITON, FLASH = "triton varlen", "flash varlen (padded)"
 
 
 class _Piece(nn.Module):
@@ -89,9 +103,50 @@ def pad_cu(cu: torch.Tensor, segments: int) -> torch.Tensor:
     return cu if extra <= 0 else torch.cat([cu, cu[-1:].expand(extra)])
 
 
+def triton_not(inner) -> str | None:
+    "Why ftkit's Triton varlen attention cannot stand in for this decoder's attention, or None when it can."
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return "triton is not installed"
+    p = next(iter(inner.parameters()), None)
+    if p is None or not triton_ok(p):
+        return f"Triton cannot run on {p.device if p is not None else 'a model without parameters'}"
+    for i, layer in enumerate(inner.layers):
+        a = layer.self_attn
+        D = int(getattr(a, "head_dim", 0) or 0)
+        if D & (D - 1) or not 16 <= D <= 128:
+            return f"layers.{i}: head dim {D} is not a power of two in [16, 128]"
+        if getattr(a, "_ftkit_sliding", None) is not None:
+            return f"layers.{i}: sliding-window attention"
+        if getattr(getattr(a, "config", None), "attn_logit_softcapping", None):
+            return f"layers.{i}: soft-capped attention logits"
+    return None
+
+
+def triton_attention(layer, q, k, v, kwargs: dict) -> torch.Tensor:
+    """The graph's attention with `varlen_attention`: q (B, T, Hq, D), k / v (B, T, Hkv, D) as the pieces make them
+    (the layouts `_graph_attention` transposes for the model's attention function), the rows flattened into one of
+    B * T tokens over `cu_seq_lens_q` (the collator's offsets over the flattened batch, padded), causal within each
+    segment, GQA native, the module's `scaling`; returns (B, T, Hq * D) as the model's attention does."""
+    from .varlen_attention import varlen_attention
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"triton varlen attention takes fp16, bf16 or fp32 q/k/v, not {q.dtype}/{k.dtype}/{v.dtype}")
+    B, T, Hq, D = q.shape
+    out = varlen_attention(q.reshape(B * T, Hq, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                           kwargs["cu_seq_lens_q"], layer.self_attn.scaling)
+    return out.view(B, T, Hq * D)
+
+
+def _why(e: Exception) -> str:
+    "An exception as one short line."
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
+
+
 class _Decoder:
     """Embedding, rotary tables, every layer with its attention, final norm: the whole decoder as one call on
-    (input_ids, position_ids, padded cu_seq_lens), with the longest segment fixed at `max_len` (a launch-grid bound)."""
+    (input_ids, position_ids, padded cu_seq_lens), with the longest segment fixed at `max_len` (flash attention's
+    launch-grid bound; the Triton attention reads only the offsets)."""
 
     def __init__(self, inner, pieces, attention, max_len: int):
         self.inner, self.pieces, self.attention, self.max_len = inner, pieces, attention, max_len
@@ -236,15 +291,26 @@ class PiecewiseGraphs:
 
     With the collator's `cu_seq_lens` and longest segment (packed rows), the whole decoder is one graph (`mode`
     "decoder"): attention runs inside it on `cu_seq_lens` padded to a fixed number of segments (`expect()`, from the
-    packing plan) and a longest segment fixed per class (512, 1024, ... tokens: attention's launch grid covers
-    segments x longest, so a row of short documents does not pay for the longest row's grid). Each class is captured
-    on first use, into one memory pool (a training step replays one graph's forward and backward at a time, so they
-    share their activations' memory), and a row with more documents captures its class again, larger. Without them, or when that capture fails, the pieces between the attention
-    calls are graphed (`mode` "pieces")."""
+    packing plan); a row with more documents captures again, larger. `attention` picks the attention inside it:
+    "triton" (`triton_attention`: one capture per row shape serves every segmentation; an error where it cannot
+    serve), "flash" (the model's varlen flash attention on a longest segment fixed per class, 512, 1024, ... tokens,
+    each class captured on first use: its grid covers segments x longest), or "auto" (Triton where it serves, else
+    flash, the reason in `attention_fallback`; a Triton capture or run that fails also falls back, with a warning).
+    All captures share one memory pool (a training step replays one graph's forward and backward at a time, so they
+    share their activations' memory). Without `cu_seq_lens`, or when the whole decoder's capture fails, the pieces
+    between the attention calls are graphed (`mode` "pieces"), attention eager between them."""
 
     def __init__(self, inner, *, capture: bool = True, max_shapes: int = 6, warmup: int = 3, ready=None,
-                 whole: bool = True):
+                 whole: bool = True, attention: str = "auto"):
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
+        why = None if attention == "flash" else triton_not(inner)
+        if attention == "triton" and why is not None:
+            raise ValueError(f"attention='triton': the Triton varlen attention cannot serve this model: {why}")
         self.inner, self.capture, self.max_shapes, self.warmup, self.whole = inner, capture, max_shapes, warmup, whole
+        self.attention_mode = attention       # as asked: "auto", "flash" or "triton"
+        self.triton = attention != "flash" and why is None   # whether the decoder graph runs the Triton attention
+        self.attention_fallback: str | None = why   # why "auto" runs flash (the model, or a failed Triton capture)
         self.ready = ready or (lambda: True)     # at call time: may the pieces run (e.g. every adapter still active)?
         self.pieces = pieces_of(inner.layers)
         self.graphed: dict[tuple, tuple] = {}
@@ -262,6 +328,28 @@ class PiecewiseGraphs:
 
     def _signature(self) -> tuple:
         return tuple((p.data_ptr(), p.requires_grad) for p in self._params)
+
+    @property
+    def attention(self) -> str:
+        "What runs attention inside the decoder graph: `TRITON` or `FLASH`."
+        return TRITON if self.triton else FLASH
+
+    def as_dict(self) -> dict:
+        "The report's fields: captures, calls, mode, why a capture failed, and the attention inside the decoder graph."
+        return {"captures": self.captures, "calls": self.calls, "mode": self.mode, "failed": self.failed,
+                "decoder_failed": self.whole_failed, "attention": self.attention,
+                "attention_fallback": self.attention_fallback}
+
+    def _triton_failed(self, e: Exception, when: str) -> None:
+        """The Triton attention failed while `when`: with "auto", warn, record why and run flash from now on (the
+        decoder graphs captured with it are dropped); with "triton", raise."""
+        why = _why(e)
+        if self.attention_mode == "triton":
+            raise RuntimeError(f"attention='triton': the Triton varlen attention failed while {when} ({why})") from e
+        self.triton, self.attention_fallback = False, f"the Triton attention failed while {when}: {why}"
+        self.decoders.clear()
+        warnings.warn(f"cuda_graphs: {self.attention_fallback}; the decoder graph runs flash varlen attention instead",
+                      stacklevel=4)
 
     def release(self) -> None:
         "Drop every captured graph (and the memory pool they hold)."
@@ -309,7 +397,7 @@ class PiecewiseGraphs:
             fns = torch.cuda.make_graphed_callables(tuple(pieces_of(self.inner.layers)), self._samples(h0, cos, sin),
                                                     num_warmup_iters=self.warmup, allow_unused_input=True)
         except Exception as e:  # noqa: BLE001 — any capture failure: say it once, train on without graphs
-            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
+            self.failed = _why(e)
             warnings.warn(f"cuda_graphs: capturing the decoder failed ({self.failed}); training continues without graphs",
                           stacklevel=2)
             return self.pieces
@@ -340,16 +428,32 @@ class PiecewiseGraphs:
 
     def _sizes(self, n: int, longest: int, T: int, have=None) -> tuple[int, int]:
         """(segments, longest) to capture for a row of `n` segments: at least the expected segments (growing by a
-        quarter past a captured size), the longest segment's class (a power of two from 512, at most the row)."""
+        quarter past a captured size); for flash the longest segment's class (a power of two from 512, at most the
+        row), for the Triton attention (whose grid ignores it) the row: one class."""
         seg = max(n, self.expected_segments, have.segments * 5 // 4 if have is not None else 0)
-        return bucket(seg, 8), min(max(512, 1 << max(longest - 1, 0).bit_length()), T)
+        return bucket(seg, 8), T if self.triton else min(max(512, 1 << max(longest - 1, 0).bit_length()), T)
+
+    def _decoder(self, attention, max_len: int) -> _Decoder:
+        "The whole decoder with the chosen attention: the Triton kernel, or the model's (`attention`) at `max_len`."
+        return _Decoder(self.inner, self.pieces, triton_attention if self.triton else attention, max_len)
+
+    def _eager_decoder(self, input_ids, position_ids, attention, cu, longest: int):
+        "The whole decoder uncaptured, padded as a capture would be; a Triton failure falls back as at capture."
+        if self.triton:
+            try:
+                return self._eager_decoder_once(input_ids, position_ids, attention, cu, longest)
+            except Exception as e:  # noqa: BLE001 — "auto": say it once, run flash; "triton": raise
+                self._triton_failed(e, "running eagerly")
+        return self._eager_decoder_once(input_ids, position_ids, attention, cu, longest)
+
+    def _eager_decoder_once(self, input_ids, position_ids, attention, cu, longest: int):
+        segments, max_len = self._sizes(cu.numel() - 1, longest, input_ids.shape[-1])
+        return self._decoder(attention, max_len)(input_ids, position_ids, pad_cu(cu, segments))
 
     def _run_decoder(self, input_ids, position_ids, attention, cu, longest: int):
         "The whole decoder: replayed from its graphs, or eagerly with the same padding; None: use the pieces."
-        T = input_ids.shape[-1]
         if not self.capture or self.failed is not None:
-            segments, max_len = self._sizes(cu.numel() - 1, longest, T)
-            return _Decoder(self.inner, self.pieces, attention, max_len)(input_ids, position_ids, pad_cu(cu, segments))
+            return self._eager_decoder(input_ids, position_ids, attention, cu, longest)
         cap = self._decoder_graph(input_ids, position_ids, cu, longest, attention)
         if cap is None:
             return None
@@ -375,10 +479,13 @@ class PiecewiseGraphs:
             self._pool = torch.cuda.graph_pool_handle()
             self._grads = GradBuffers([p for p in self._params if p.requires_grad])
         try:
-            cap = _Captured(_Decoder(self.inner, self.pieces, attention, max_len),
-                            [input_ids, position_ids, pad_cu(cu, segments)], self._grads, self.warmup, self._pool)
-        except Exception as e:  # noqa: BLE001 — say it once, graph the pieces instead
-            self.whole_failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
+            cap = _Captured(self._decoder(attention, max_len), [input_ids, position_ids, pad_cu(cu, segments)],
+                            self._grads, self.warmup, self._pool)
+        except Exception as e:  # noqa: BLE001 — Triton: fall back to flash; flash: say it once, graph the pieces
+            if self.triton:
+                self._triton_failed(e, "capturing the decoder")
+                return self._decoder_graph(input_ids, position_ids, cu, longest, attention)
+            self.whole_failed = _why(e)
             warnings.warn(f"cuda_graphs: capturing the whole decoder failed ({self.whole_failed}); graphing the pieces "
                           "between attention calls instead", stacklevel=3)
             return None

@@ -2,8 +2,10 @@
 
 On the CPU (TRITON_INTERPRET=1) nothing is captured, but the same pieces run eagerly, so these tests check what
 capture cannot change: that the pieces compute the patched model's loss and adapter gradients on packed rows, that
-the key is off unless set, that every condition graphs need is checked with a reason, and that undo removes them.
-Capture itself (and the loss curve of a run with graphs against one without) is `tests/test_gpu_graphs.py`."""
+the key is off unless set, that every condition graphs need is checked with a reason, and that undo removes them;
+and for the attention inside the whole-decoder graph, that the Triton varlen attention (`attention="triton"`, the
+"auto" choice where it serves) equals the model's, that "auto" falls back to flash with the reason where it cannot
+serve or when it fails. Capture itself (and the loss curve of a run with graphs against one without) is `tests/test_gpu_graphs.py`."""
 import os
 
 import torch
@@ -207,3 +209,134 @@ def test_gradient_buffers_stay_the_grads():
     a.grad = None                                      # optimizer.zero_grad(set_to_none=True)
     gb.attach()
     assert a.grad is gb.bufs[0] and a.grad.tolist() == [0.0] * 3
+
+
+# ------------------------------------------------------------------------------- attention inside the decoder graph
+D16 = {"hidden_size": 64, "head_dim": 16}           # a head dim the Triton varlen attention takes (tiny()'s is 8)
+IDS2 = torch.randint(0, 96, (2, 21), generator=torch.Generator().manual_seed(2))
+POS2 = torch.tensor([list(range(8)) + list(range(13)), list(range(5)) + list(range(9)) + list(range(7))])
+CU2 = torch.tensor([0, 8, 21, 26, 35, 42], dtype=torch.int32)     # the collator's offsets over the flattened rows
+
+
+def run_cu(model, ids, pos, cu, longest):
+    "Loss and adapter gradients of a collator-shaped call (cu_seq_lens over the flattened rows)."
+    lab = ids.clone()
+    lab[:, :3] = -100
+    out = model(input_ids=ids, position_ids=pos, labels=lab, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                max_length_k=longest)
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return out.loss.detach(), torch.autograd.grad(out.loss, ps)
+
+
+def run_pos(model, ids, pos):
+    "The same call as the model's own forward sees it without the graphs: segments from the position ids."
+    lab = ids.clone()
+    lab[:, :3] = -100
+    out = model(input_ids=ids, position_ids=pos, labels=lab)
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return out.loss.detach(), torch.autograd.grad(out.loss, ps)
+
+
+def counting(monkeypatch):
+    "Count the Triton attention's calls (the decoder reads `graphs.triton_attention` when it is built)."
+    import ftkit.kernels.graphs as graphs
+    calls, orig = [], graphs.triton_attention
+    monkeypatch.setattr(graphs, "triton_attention", lambda *a: calls.append(1) or orig(*a))
+    return calls
+
+
+def graphed(m, attention: str) -> PiecewiseGraphs:
+    "The model's graphs, rebuilt eagerly with `attention` (apply_kernels builds them with the default, 'auto')."
+    rep = apply_kernels(m, NS(cuda_graphs=True), interpret=True)
+    assert ("cuda_graphs", "model") in rep.patched, str(rep)
+    clm = m.get_base_model()
+    clm._ftkit_graphs = rep.graphs = PiecewiseGraphs(clm.model, capture=False, attention=attention)
+    return rep.graphs
+
+
+@pytest.mark.parametrize("mt, rows", [("llama", 1), ("llama", 2), ("qwen2", 1), ("qwen3", 1)])
+def test_triton_decoder_equals_the_patched_model(mt, rows, monkeypatch):
+    """attention="triton", run eagerly: the whole decoder with ftkit's Triton varlen attention (one or two packed rows,
+    flattened) gives the patched model's loss and adapter gradients; every layer's attention went through it."""
+    m = lora(varlen(mt, **D16), ATTN7)
+    apply_kernels(m, None, interpret=True)
+    ids, pos, cu, longest = (IDS, POS, CU, 13) if rows == 1 else (IDS2, POS2, CU2, 13)
+    ref = run_pos(m, ids, pos)
+    g = graphed(m, "triton")
+    calls = counting(monkeypatch)
+    assert_same(run_cu(m, ids, pos, cu, longest), ref, tol=1e-5)
+    assert g.mode == "decoder" and g.attention == "triton varlen" and g.attention_fallback is None
+    assert len(calls) == m.config.num_hidden_layers
+
+
+def test_auto_picks_triton_where_it_serves():
+    "apply_kernels' graphs (attention 'auto') on a head dim of 16: Triton, in the report; 'flash' keeps the classes."
+    m = lora(varlen("llama", **D16), ATTN7)
+    rep = apply_kernels(m, NS(cuda_graphs=True), interpret=True)
+    g = rep.graphs
+    assert g.attention_mode == "auto" and g.triton and g.attention_fallback is None
+    assert g.as_dict()["attention"] == "triton varlen"
+    g.expect(21)
+    assert g._sizes(3, 100, T=4096) == (24, 4096) and g._sizes(3, 1900, T=4096) == (24, 4096)   # one class: the row
+    f = PiecewiseGraphs(g.inner, capture=False, attention="flash")
+    assert not f.triton and f.attention == "flash varlen (padded)" and f.attention_fallback is None
+    f.expect(21)
+    assert f._sizes(3, 1900, T=4096) == (24, 2048)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("head_dim_48", "head dim 48 is not a power of two"),
+    ("head_dim_8", "head dim 8"),
+    ("sliding", "sliding-window"),
+    ("softcap", "soft-capped"),
+    ("no_interpreter", "Triton cannot run on cpu"),
+])
+def test_auto_falls_back_to_flash_with_the_reason(case, reason, monkeypatch):
+    "Where the Triton kernel cannot serve: 'auto' runs flash and says why, 'triton' refuses."
+    kw = {"head_dim_48": {"head_dim": 48}, "head_dim_8": {}}.get(case, D16)
+    m = lora((tiny if case == "sliding" else varlen)("mistral" if case == "sliding" else "llama", **kw), ATTN7)
+    if case == "softcap":
+        m.config.attn_logit_softcapping = 20.0
+    apply_kernels(m, None, interpret=True)         # graphs themselves refuse a sliding window: build them directly
+    inner = m.get_base_model().model
+    if case == "no_interpreter":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    g = PiecewiseGraphs(inner, capture=False)
+    assert not g.triton and g.attention == "flash varlen (padded)"
+    assert reason in g.attention_fallback and g.as_dict()["attention_fallback"] == g.attention_fallback
+    with pytest.raises(ValueError, match=reason):
+        PiecewiseGraphs(inner, capture=False, attention="triton")
+
+
+def test_unknown_attention_is_an_error():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        PiecewiseGraphs(tiny("llama").model, capture=False, attention="sdpa")
+
+
+@pytest.mark.parametrize("attention", ["auto", "triton"])
+def test_a_failing_triton_attention(attention, monkeypatch):
+    """The Triton attention raising (as a failed compile or capture would): 'auto' warns once, records why and runs
+    flash from then on, with the model's results; 'triton' raises."""
+    import warnings
+
+    import ftkit.kernels.graphs as graphs
+    m = lora(varlen("llama", **D16), ATTN7)
+    apply_kernels(m, None, interpret=True)
+    ref = run_pos(m, IDS, POS)
+    g = graphed(m, attention)
+
+    def boom(*a):
+        raise RuntimeError("no kernel today")
+    monkeypatch.setattr(graphs, "triton_attention", boom)
+    if attention == "triton":
+        with pytest.raises(RuntimeError, match="attention='triton'.*no kernel today"):
+            run_cu(m, IDS, POS, CU, 13)
+        return
+    with pytest.warns(UserWarning, match="no kernel today"):
+        got = run_cu(m, IDS, POS, CU, 13)
+    assert_same(got, ref, tol=1e-6)
+    assert not g.triton and g.attention == "flash varlen (padded)" and "no kernel today" in g.attention_fallback
+    with warnings.catch_warnings(record=True) as seen:             # flash from now on: no second warning
+        warnings.simplefilter("always")
+        assert_same(run_cu(m, IDS, POS, CU, 13), ref, tol=1e-6)
+    assert not [w for w in seen if "cuda_graphs" in str(w.message)]
