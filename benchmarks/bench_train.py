@@ -56,6 +56,7 @@ def parse():
     ap.add_argument("--graphs", action="store_true", help="cuda_graphs: true (with pad_to_sequence_len: true, which it needs)")
     ap.add_argument("--pad", action="store_true", help="pad_to_sequence_len: true (the default with packing since 2026-11-30)")
     ap.add_argument("--no-graphs", action="store_true", help="cuda_graphs: false (unset, it is on where the config allows)")
+    ap.add_argument("--graph-attention", choices=["auto", "triton", "flash"], help="cuda_graph_attention (unset: auto)")
     ap.add_argument("--no-pad", action="store_true", help="pad_to_sequence_len: false (rows of varying length; no graphs)")
     ap.add_argument("--sync-every-step", action="store_true",
                     help="torch.cuda.synchronize() at every step end (as ../shared/bench's harness); default: only at the two "
@@ -165,6 +166,7 @@ def main():
                 **({"cuda_graphs": True, "pad_to_sequence_len": True} if a.graphs else {}),
                 **({"pad_to_sequence_len": True} if a.pad else {}),
                 **({"cuda_graphs": False} if a.no_graphs else {}),
+                **({"cuda_graph_attention": a.graph_attention} if a.graph_attention else {}),
                 **({"pad_to_sequence_len": False} if a.no_pad else {}),
                 "datasets": [{"path": "synthetic", "type": "completion"}]})
             torch.manual_seed(a.seed)

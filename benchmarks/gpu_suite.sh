@@ -104,6 +104,8 @@ elif [ "$part" = nosync ]; then
       FL) args="--stack F-logsync --log-sync";;
       FS) args="--stack F-syncstep --sync-every-step";;
       FQ) args="--stack FQ --mode qlora";;
+      FF) args="--stack F-flash --graph-attention flash";;
+      F16) args="--stack F-16k --seq 16384 --steps 12 --warmup 3 --timed 8";;
       *)  args="--stack $run ${EXTRA_ARGS:-}";;
     esac
     timeout 90 python3 benchmarks/bench_train.py $args --out $R/$run.json --compare $R 2>&1 | tee $R/$run.log | grep -E "cuda_graphs|vs|Warn|Error" | tail -3

@@ -720,6 +720,9 @@ def values_that_run(d):
     if _num(d, "dataloader_prefetch_factor") and not _num(d, "dataloader_num_workers"):
         yield Problem("dataloader_prefetch_factor", "dataloader_prefetch_factor needs dataloader_num_workers > 0.",
                       "Set dataloader_num_workers (e.g. 2) or remove dataloader_prefetch_factor.")
+    if d.get("cuda_graph_attention") is not None and d.get("cuda_graphs") is False:
+        yield Problem("cuda_graph_attention", "cuda_graph_attention chooses the attention inside the CUDA graphs, and cuda_graphs: false "
+                      "turns the graphs off: it would do nothing.", "Remove cuda_graph_attention, or cuda_graphs: false.")
 
 # %% ../nbs/00_config.ipynb #570d15d1
 _ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")          # transformers 5's scaled RoPE types (plus default)

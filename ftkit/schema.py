@@ -218,6 +218,9 @@ class AdapterSection(Section):
     lora_o_kernel: bool | None = _f(None, "Fused LoRA output-projection kernel.", adv=True)
     cuda_graphs: bool | None = _f(None, "ftkit: replay the whole decoder, attention included, as CUDA graphs (LoRA/QLoRA, packed "
                                   "rows of one length, one GPU; unset: on when the config meets all its conditions, false: off).", adv=True)
+    cuda_graph_attention: Literal["auto", "triton", "flash"] | None = _f(
+        None, "ftkit: the attention inside the CUDA graphs — triton (ftkit's varlen kernel, one capture serves every row), flash "
+        "(torch's varlen flash on padded segments, a capture per longest-segment class), auto/unset: triton where the model allows.", adv=True)
 
 # %% ../nbs/00_schema.ipynb #96c1e73c
 class _DataSources(Section):

@@ -168,8 +168,7 @@ class KernelReport:
         d = {"patched": self.counts(), "skipped": [{"kernel": k, "module": m, "reason": r} for k, m, r in self.skipped]}
         if self.graphs is not None:
             g = self.graphs
-            d["cuda_graphs"] = {"captures": g.captures, "calls": g.calls, "mode": g.mode, "failed": g.failed,
-                                "decoder_failed": g.whole_failed}
+            d["cuda_graphs"] = g.as_dict()     # captures, calls, mode, failures, the attention inside and why
         return d
 
 
@@ -554,7 +553,8 @@ def _attach_graphs(rep, clm, dec, cfg, interpret: bool):
         return
     loras = [m for m in dec.layers.modules() if hasattr(m, "lora_A") and hasattr(m, "merged")]
     clm._ftkit_graphs = rep.graphs = _graphs.PiecewiseGraphs(dec, capture=next(clm.parameters()).is_cuda,
-                                                             ready=lambda: all(_live(m) for m in loras))
+                                                             ready=lambda: all(_live(m) for m in loras),
+                                                             attention=getattr(cfg, "cuda_graph_attention", None) or "auto")
     rep.patched.append(("cuda_graphs", "model"))
 
 

@@ -48,6 +48,7 @@ RULE_CASES = [
     ({"val_set_size": 0.1, "test_datasets": [{"path": "t.jsonl", "type": "chat_template"}]}, "val_set_size", "cannot be used together"),
     ({"flash_attention": True, "sdp_attention": True}, "sdp_attention", "Only one attention backend"),
     ({"activation_offloading": True}, "activation_offloading", "needs gradient_checkpointing"),
+    ({"cuda_graphs": False, "cuda_graph_attention": "triton"}, "cuda_graph_attention", "turns the graphs off"),
     ({"eval_steps": 10}, "eval_steps", "no eval data"),
     ({"early_stopping_patience": 3}, "early_stopping_patience", "no eval data"),
     ({"sample_packing": True, "rl": "dpo"}, "sample_packing", "cannot be used with rl"),

@@ -6,7 +6,6 @@ longest-segment class); and one Triton capture gives the eager model's loss and 
 A Llama-shaped model with random weights, LoRA r16 on all 7 linears, bf16, packed rows padded to sequence_len, through
 `ftkit.train.train` (its patch step, the Trainer's autocast, its collator). The CPU side of the same code (the pieces
 and the decoder equal the model) is tests/test_kernels_graphs.py."""
-import functools
 from types import SimpleNamespace as NS
 
 import pytest
@@ -19,32 +18,23 @@ pytestmark = pytest.mark.gpu
 ATTN7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _attention(monkeypatch, attention: str) -> None:
-    """Make the graphs that `train` builds use `attention` (its patch step builds them with the default, "auto").
-    Once a config key chooses it, set the key instead."""
-    from ftkit.kernels.graphs import PiecewiseGraphs
-    if attention != "auto":
-        monkeypatch.setattr(PiecewiseGraphs, "__init__",
-                            functools.partialmethod(PiecewiseGraphs.__init__, attention=attention))
-
-
-def _run(tmp_path, graphs: bool):
+def _run(tmp_path, graphs: bool, attention: str | None = None):
     from datasets import Dataset
     from ftkit.models import apply_adapter
     from ftkit.train import train
     cfg = _cfg(tmp_path / ("on" if graphs else "off"), adapter="lora", lora_r=16, lora_alpha=32, lora_dropout=0.0,
                lora_target_linear=True, pad_to_sequence_len=True, max_steps=20, gradient_accumulation_steps=2,
-               cuda_graphs=graphs)          # accumulation: the static-gradient-buffer hazard is exercised
+               cuda_graphs=graphs, **({"cuda_graph_attention": attention} if attention else {}))
+    # accumulation: the static-gradient-buffer hazard is exercised
     m = apply_adapter(cfg, _llama(hidden=512, layers=4, heads=8, kv=2), quiet=True)
     r = train(cfg, data=(Dataset.from_list(_docs(400)), None), model=m, tokenizer=StubTok(), quiet=True)
     return r, m
 
 
 @pytest.mark.parametrize("attention", ["auto", "flash"])
-def test_graphed_run_matches_the_eager_run(tmp_path, monkeypatch, attention):
+def test_graphed_run_matches_the_eager_run(tmp_path, attention):
     off, _ = _run(tmp_path, False)
-    _attention(monkeypatch, attention)
-    on, m = _run(tmp_path, True)
+    on, m = _run(tmp_path, True, attention)
     clm = m.get_base_model() if hasattr(m, "get_base_model") else m
     g = getattr(clm, "_ftkit_graphs", None)
     assert g is not None, "cuda_graphs was not applied"
