@@ -45,6 +45,8 @@ def parse():
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--graph-only", action="store_true", help="skip the do_bench launch timing: CUDA-graph replay only")
     g.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timing (the old table)")
+    ap.add_argument("--selftest", action="store_true",
+                    help="check graph_ms's recovery from failed captures with fakes (CPU; --tiny runs it too) and exit")
     ap.add_argument("--nf4-variants", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the NF4 kernel at other tile sizes / warps / bf16 rounding (tuning rows)")
     return ap.parse_args()
@@ -65,16 +67,42 @@ def versions():
     return v
 
 
+def _short(e: BaseException) -> str:
+    "An exception as 'Type: first line' (100 characters at most)."
+    msg = str(e).splitlines()[0][:100] if str(e) else ""
+    return f"{type(e).__name__}: {msg}"
+
+
 class Bench:
     def __init__(self, a):
         self.a, self.rows, self.t0 = a, [], time.time()
         self.cuda = torch.cuda.is_available() and not a.tiny
         self.dev = "cuda" if self.cuda else "cpu"
         self.dt = torch.bfloat16 if self.cuda else torch.float32
+        self.graph_off = ""        # why CUDA-graph timing is off for the rest of the run ("" while it is on)
+        self.rng_cpu = False       # the CUDA generator could not be repaired: random inputs are drawn on the CPU
+        self.cpu_gen = torch.Generator().manual_seed(0)
 
     def over(self):
         return time.time() - self.t0 > self.a.budget
 
+    # ------------------------------------------------------------------------------------------- random inputs
+    def randn(self, *shape, dtype=None, requires_grad=False):
+        """Normal samples on the bench device. From the CUDA generator while it works; from a CPU generator (then
+        copied) once a failed capture has left the CUDA generator unusable, so later rows still run."""
+        dtype = dtype or self.dt
+        if self.cuda and not self.rng_cpu:
+            t = torch.randn(*shape, device=self.dev, dtype=dtype)
+        else:
+            t = torch.randn(*shape, generator=self.cpu_gen, dtype=torch.float32).to(self.dev, dtype)
+        return t.requires_grad_(requires_grad)
+
+    def randint(self, high, shape):
+        if self.cuda and not self.rng_cpu:
+            return torch.randint(0, high, shape, device=self.dev)
+        return torch.randint(0, high, shape, generator=self.cpu_gen).to(self.dev)
+
+    # ------------------------------------------------------------------------------------------------ timings
     def time_ms(self, fn, grad_to_none=None):
         "Median ms of do_bench over the eager call (launch-bound at small sizes); None with --graph-only."
         if self.a.graph_only:
@@ -86,12 +114,17 @@ class Bench:
         return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median")
 
     def graph_ms(self, fn, grad_to_none=None):
-        """(median GPU ms of fn replayed from one CUDA graph, note). fn is warmed up on a side stream, the tensors in
-        grad_to_none get .grad = None before capture (so each replay writes fresh gradients, as do_bench's
-        grad_to_none does), then the graph is replayed under do_bench (L2 flushed before each replay). A capture that
-        fails gives (None, reason), never an exception. On the CPU (--tiny) fn runs twice the same way: (nan, "")."""
+        """(median GPU ms of fn replayed from one CUDA graph, note). fn is warmed up 3 times on a side stream, the
+        tensors in grad_to_none get .grad = None before capture (so each replay writes fresh gradients, as do_bench's
+        grad_to_none does), fn is captured on that same stream, then the graph is replayed under do_bench (L2 flushed
+        before each replay). A capture that fails gives (None, reason), never an exception, and `recover` puts the
+        process back in order (stream, CUDA generator) or turns graph timing off for the rest of the run with the
+        reason (then every later row gets (None, that reason) and its launch timing as usual). On the CPU (--tiny) fn
+        runs twice the same way: (nan, "")."""
         if self.a.no_graph:
             return None, ""
+        if self.graph_off:
+            return None, f"graph n/a: {self.graph_off}"
         ts = list(grad_to_none or [])
 
         def clear():
@@ -103,41 +136,113 @@ class Bench:
                 fn()
             clear()
             return float("nan"), ""
-        import triton.testing
-        g = None
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    clear()
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            torch.cuda.synchronize()
-            clear()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            torch.cuda.synchronize()
-            return triton.testing.do_bench(g.replay, warmup=5, rep=40, return_mode="median"), ""
+            return self._capture_and_time(fn, clear), ""
         except Exception as e:  # noqa: BLE001
-            try:       # a failed capture_end leaves torch.cuda.graph's side stream current: back to the default one
-                torch.cuda.set_stream(torch.cuda.default_stream())
-                torch.cuda.synchronize()
-            except Exception:  # noqa: BLE001
-                pass
-            return None, f"graph n/a: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+            note = f"graph n/a: {_short(e)}"
+            fix = self.recover()
+            return None, note + (f" ({fix})" if fix else "")
         finally:
             clear()
-            del g
+            self._release()
+
+    def _capture_and_time(self, fn, clear):
+        "Warm-up, capture and replay timing of fn on the GPU (graph_ms without the bookkeeping): ms or an exception."
+        import triton.testing
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                clear()
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        clear()
+        g = torch.cuda.CUDAGraph()
+        inner = []
+        try:
+            with torch.cuda.graph(g, stream=s):
+                try:
+                    fn()
+                except Exception as e:  # noqa: BLE001
+                    inner.append(e)
+                    raise
+        except Exception as e:  # noqa: BLE001
+            if inner and inner[0] is not e:   # capture_end's error hides what broke the capture: report that first
+                raise RuntimeError(f"{_short(inner[0])} [then {_short(e)}]") from e
+            raise
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(g.replay, warmup=5, rep=40, return_mode="median")
+
+    def _release(self):
+        try:
             torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+
+    # ----------------------------------------------------------------------------------- after a failed capture
+    def _restore_stream(self):
+        "A failed capture_end leaves torch.cuda.graph's stream current: back to the default one."
+        torch.cuda.set_stream(torch.cuda.default_stream())
+
+    def _sync(self):
+        torch.cuda.synchronize()
+
+    def _rng_ok(self) -> bool:
+        "Can the CUDA generator draw? (A capture that dies before capture_end's epilogue leaves it in capture mode.)"
+        try:
+            torch.empty(4, device=self.dev).normal_()
+            torch.cuda.synchronize()
+            return True
+        except RuntimeError:
+            return False
+
+    def _rng_repair(self):
+        "Give each CUDA default generator a fresh state (same seed and offset, not capturing)."
+        for gen in torch.cuda.default_generators:
+            gen.graphsafe_set_state(gen.clone_state())
+
+    def recover(self) -> str:
+        """After a failed capture: the default stream back, a device sync, the CUDA generator checked and repaired
+        if the capture left it in capture mode. Returns a note ("" when nothing needed saying); where the device does
+        not sync or the generator cannot be repaired, graph timing is turned off for the rest of the run
+        (self.graph_off) and random inputs come from the CPU from then on (self.rng_cpu)."""
+        try:
+            self._restore_stream()
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            self._sync()
+        except Exception as e:  # noqa: BLE001
+            self.graph_off = f"off for the rest of the run: the device did not sync after a failed capture ({_short(e)})"
+            return self.graph_off
+        if self._rng_ok():
+            return ""
+        try:
+            self._rng_repair()
+            if self._rng_ok():
+                return "CUDA RNG left in capture mode: repaired"
+        except Exception:  # noqa: BLE001
+            pass
+        self.rng_cpu = True
+        self.graph_off = ("off for the rest of the run: a failed capture left the CUDA RNG in capture mode and it "
+                          "could not be repaired (inputs drawn on the CPU from here)")
+        return self.graph_off
 
     def timed(self, fn, grad_to_none=None, *, nbytes=None, flops=None, peaks=None, gate="", after=None, **row):
-        "Both timings of fn, their rates against the run's peaks, the fields of after() (peak memory), the row added."
+        """Both timings of fn, their rates against the run's peaks, the fields of after() (peak memory), the row added.
+        A TFLOP/s rate above 105 % of the measured GEMM peak is flagged in the gate column (a replay that skipped
+        work, or a wrong FLOP count)."""
+        def extra_fields():
+            try:
+                return after()
+            except Exception as e:  # noqa: BLE001
+                return {"after_error": _short(e)}
         ms = self.time_ms(fn, grad_to_none)
-        extra = after() if after is not None and ms is not None else None    # as before: after the launch timing
+        extra = extra_fields() if after is not None and ms is not None else None   # as before: after the launch timing
         msg, note = self.graph_ms(fn, grad_to_none)
-        row.update(extra if extra is not None else after() if after is not None else {})
+        row.update(extra if extra is not None else extra_fields() if after is not None else {})
+        checks = []
         for key, t in (("", ms), ("_graph", msg)):
             row["ms" + key] = t
             if t is None:
@@ -148,7 +253,9 @@ class Bench:
             if flops is not None:
                 row["TFLOPs" + key] = flops / t / 1e9
                 row["pct_peak" + key] = row["TFLOPs" + key] / peaks["gemm_TFLOPs"]
-        row["gate"] = "; ".join(x for x in (gate, note) if x)
+                if row["pct_peak" + key] > 1.05:
+                    checks.append(f"CHECK: TFLOP/s{' (graph)' if key else ''} above the GEMM peak")
+        row["gate"] = "; ".join(x for x in (gate, note, *checks) if x)
         self.add(**row)
         return row
 
@@ -189,9 +296,9 @@ def bench_glu(B, model, T, peaks):
     from ftkit.kernels import glu
     import torch.nn.functional as F
     d, Fi = (MODELS[model][:2]) if not B.a.tiny else (32, 48)
-    g = torch.randn(T, Fi, device=B.dev, dtype=B.dt, requires_grad=True)
-    u = torch.randn(T, Fi, device=B.dev, dtype=B.dt, requires_grad=True)
-    dy = torch.randn(T, Fi, device=B.dev, dtype=B.dt)
+    g = B.randn(T, Fi, requires_grad=True)
+    u = B.randn(T, Fi, requires_grad=True)
+    dy = B.randn(T, Fi)
     eager = lambda a, b: F.silu(a) * b  # noqa: E731
     impls = {"eager": eager, "ftkit": lambda a, b: glu.glu(a, b, "silu")}
     c = maybe_compile(eager, B.a)
@@ -216,9 +323,9 @@ def bench_glu(B, model, T, peaks):
 def bench_rms(B, model, T, peaks):
     from ftkit.kernels import rmsnorm
     d = MODELS[model][0] if not B.a.tiny else 32
-    x = torch.randn(T, d, device=B.dev, dtype=B.dt, requires_grad=True)
-    w = torch.randn(d, device=B.dev, dtype=B.dt)
-    dy = torch.randn(T, d, device=B.dev, dtype=B.dt)
+    x = B.randn(T, d, requires_grad=True)
+    w = B.randn(d)
+    dy = B.randn(T, d)
     eager = lambda a: rmsnorm.reference(a, w, 1e-5)  # noqa: E731
     impls = {"eager": eager, "ftkit": lambda a: rmsnorm.rms_norm(a, w, 1e-5)}
     c = maybe_compile(eager, B.a)
@@ -242,13 +349,13 @@ def bench_rms(B, model, T, peaks):
 def bench_rope(B, model, T, peaks):
     from ftkit.kernels import rope
     _, _, _, nq, nkv, D = MODELS[model] if not B.a.tiny else (0, 0, 0, 4, 2, 16)
-    q = torch.randn(1, T, nq, D, device=B.dev, dtype=B.dt, requires_grad=True)
-    k = torch.randn(1, T, nkv, D, device=B.dev, dtype=B.dt, requires_grad=True)
+    q = B.randn(1, T, nq, D, requires_grad=True)
+    k = B.randn(1, T, nkv, D, requires_grad=True)
     pos = torch.arange(T, device=B.dev) % 1024
     inv = 1.0 / (5e5 ** (torch.arange(0, D, 2, device=B.dev).float() / D))
     emb = torch.cat([pos[:, None] * inv] * 2, -1)[None]
     cos, sin = emb.cos().to(B.dt), emb.sin().to(B.dt)
-    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    dq, dk = B.randn(*q.shape), B.randn(*k.shape)
 
     def eager(a, b):
         return rope.reference(a, b, cos, sin)
@@ -293,7 +400,7 @@ def bench_nf4(B, model, peaks):
     "Dequantize one MLP weight (F x d: 4864x896, 8192x2048, 14336x4096), double quant, bf16 out, against bnb."
     from ftkit.kernels import nf4
     d, Fi = MODELS[model][:2] if not B.a.tiny else (64, 128)
-    w = torch.randn(Fi, d, device=B.dev, dtype=B.dt)
+    w = B.randn(Fi, d)
     impls = {"ftkit": lambda: nf4.dequantize(q, qs)}
     if B.a.nf4_variants:
         for name, kw in NF4_VARIANTS.items():
@@ -342,14 +449,18 @@ def _peft_mlp(B, model, r, qlora=False):
             q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
                                          compress_statistics=True).to(B.dev)
             setattr(m.mlp, n, q)
-    p = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["gate_proj", "up_proj", "down_proj"]))
-    for n, t in p.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(t, std=0.02)
+    p = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                     target_modules=["gate_proj", "up_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(1)       # on the CPU: building a row never touches the CUDA generator
+    with torch.no_grad():
+        for n, t in p.named_parameters():
+            if "lora_B" in n:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
     return p.train()
 
 
 def saved_bytes(fn):
+    "Bytes of the distinct storages fn's autograd graph saves for backward (the output and its graph are dropped)."
     tot = [0]
     seen = set()
 
@@ -361,24 +472,30 @@ def saved_bytes(fn):
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return tot[0], out
+    del out          # a live graph would keep AccumulateGrad nodes of this stream alive into the capture
+    return tot[0]
 
 
 def bench_lora_mlp(B, model, T, peaks, r=16, qlora=False):
+    """LoRA on gate, up and down of one MLP, forward + backward: peft eager, peft under torch.compile, ftkit's fused
+    node. One step is `torch.autograd.grad(y, [x, *LoRA params], dy)`: fresh gradient tensors, no .grad accumulation
+    and no AccumulateGrad node outliving its step, so the CUDA-graph capture (on its own stream) sees none from the
+    launch timing on the default stream. All inputs and weights are made before any timing; no dropout (no RNG)."""
     d, Fi = MODELS[model][:2] if not B.a.tiny else (32, 48)
-    x = torch.randn(1, T, d, device=B.dev, dtype=B.dt, requires_grad=True)
-    dy = torch.randn(1, T, d, device=B.dev, dtype=B.dt)
-    flops = 12 * T * d * Fi + 18 * T * r * (d + Fi)
+    x = B.randn(1, T, d, requires_grad=True)
+    dy = B.randn(1, T, d)
+    flops = 12 * T * d * Fi + 18 * T * r * (d + Fi)   # base: 3 fwd + 3 dX GEMMs (frozen W); LoRA: 6·T·r·(in+out) each
     peft = _peft_mlp(B, model, r, qlora)
     # no autocast weight cache: CUDA-graph capture needs it off (the weights are bf16 already, so nothing is cast)
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if B.cuda else \
         (lambda: torch.autocast("cpu", enabled=False))
 
-    def run(m):
+    def step(m, wrt):
         def f():
             with ctx():
                 y = m(x)
-            y.backward(dy)
+            gs = torch.autograd.grad(y, wrt, dy)
+            del y, gs
         return f
 
     def fwd(m):
@@ -398,25 +515,26 @@ def bench_lora_mlp(B, model, T, peaks, r=16, qlora=False):
     mlp._ftkit_act = "silu"
     KernelReport().patch("lora_mlp", "mlp", mlp, _lora_mlp_forward)
     impls["ftkit"] = ours
-    err = rel(fwd(ours), ref)
+    err = rel(fwd(ours).detach(), ref)
     label = f"lora mlp r{r} fwd+bwd" + (" NF4 base" if qlora else "")
     for name, m in impls.items():
         if name == "ftkit" and err > 2e-2:
             B.add(op=label, model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
             continue
-        sb, _ = saved_bytes(lambda: fwd(m))
-        params = [x] + [p for p in m.parameters() if p.requires_grad]
-        B.timed(run(m), params, flops=flops, peaks=peaks, op=label, model=model, T=T, impl=name,
-                after=lambda: dict(peak_MiB=B.peak(run(m)) / 2**20, saved_MiB=sb / 2**20),
+        sb = saved_bytes(lambda: fwd(m))
+        wrt = [x] + [p for p in m.parameters() if p.requires_grad]
+        f = step(m, wrt)
+        B.timed(f, flops=flops, peaks=peaks, op=label, model=model, T=T, impl=name,
+                after=lambda: dict(peak_MiB=B.peak(f) / 2**20, saved_MiB=sb / 2**20),
                 gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
 
 
 def bench_flce(B, model, T, peaks, trainable=False):
     from ftkit.kernels import flce
     d, _, V = MODELS[model][:3] if not B.a.tiny else (32, 0, 500)
-    h = torch.randn(T, d, device=B.dev, dtype=B.dt, requires_grad=True)
-    W = (torch.randn(V, d, device=B.dev) / math.sqrt(d)).to(B.dt).requires_grad_(trainable)
-    y = torch.randint(0, V, (T,), device=B.dev)
+    h = B.randn(T, d, requires_grad=True)
+    W = (B.randn(V, d, dtype=torch.float32) / math.sqrt(d)).to(B.dt).requires_grad_(trainable)
+    y = B.randint(V, (T,))
 
     def eager(h_, W_):
         return torch.nn.functional.cross_entropy((h_ @ W_.t()).float(), y)
@@ -456,6 +574,76 @@ def bench_flce(B, model, T, peaks, trainable=False):
             torch.cuda.empty_cache()
 
 
+def selftest_recovery():
+    """graph_ms / recover / timed control flow with fake CUDA pieces (runs on the CPU): a failed capture is caught and
+    noted, the stream and RNG are restored, a repairable RNG keeps graph timing on, an unrepairable one (or a device
+    that does not sync) turns it off with the reason and moves random inputs to the CPU, and every row keeps its
+    launch timing."""
+    a = argparse.Namespace(tiny=True, no_graph=False, graph_only=False, budget=1e9)
+    peaks = {"copy_GBps": 1000.0, "gemm_TFLOPs": 100.0}
+
+    def fake(capture_fails, rng_states, repair_ok=True, sync_ok=True):
+        B = Bench(a)
+        B.cuda = True                                    # take the GPU branch, with its CUDA pieces faked
+        calls = {"capture": 0, "restore": 0, "repair": 0}
+        fails = list(capture_fails)
+        rng = list(rng_states)                           # successive answers of _rng_ok
+
+        def capture(fn, clear):
+            calls["capture"] += 1
+            clear()
+            if fails.pop(0):
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+            return 1.0
+
+        def repair():
+            calls["repair"] += 1
+            if not repair_ok:
+                raise RuntimeError("no graphsafe_set_state")
+
+        def sync():
+            if not sync_ok:
+                raise RuntimeError("CUDA error: unspecified launch failure")
+        B._capture_and_time, B._release = capture, (lambda: None)
+        B._restore_stream = lambda: calls.__setitem__("restore", calls["restore"] + 1)
+        B._sync, B._rng_repair = sync, repair
+        B._rng_ok = lambda: rng.pop(0)
+        B.time_ms = lambda fn, g=None: 2.0               # the launch timing (do_bench on a GPU)
+        return B, calls
+
+    leaf = torch.zeros(2, requires_grad=True)
+    leaf.grad = torch.ones(2)
+    # 1. capture fails, the RNG is fine: noted, graph timing stays on, the next row is graph-timed
+    B, c = fake([True, False], [True])
+    ms, note = B.graph_ms(lambda: None, [leaf])
+    assert ms is None and note.startswith("graph n/a: RuntimeError: CUDA error") and "RNG" not in note, note
+    assert leaf.grad is None and c["restore"] == 1 and not B.graph_off and c["repair"] == 0
+    assert B.graph_ms(lambda: None) == (1.0, "") and c["capture"] == 2
+    # 2. the capture left the RNG in capture mode and the repair works: graph timing stays on
+    B, c = fake([True, False], [False, True])
+    ms, note = B.graph_ms(lambda: None)
+    assert ms is None and "repaired" in note and c["repair"] == 1 and not B.graph_off and not B.rng_cpu, note
+    assert B.graph_ms(lambda: None)[0] == 1.0
+    # 3. the repair fails: graph timing off for the rest of the run, inputs from the CPU, launch timings go on
+    for repair_ok, states in ((False, [False]), (True, [False, False])):
+        B, c = fake([True], states, repair_ok=repair_ok)
+        row = B.timed(lambda: None, flops=1e9, peaks=peaks, op="x", model="m", T=1, impl="i")
+        assert row["ms"] == 2.0 and row["ms_graph"] is None and B.graph_off and B.rng_cpu
+        assert "off for the rest of the run" in row["gate"], row["gate"]
+        row = B.timed(lambda: None, flops=1e9, peaks=peaks, op="x", model="m", T=2, impl="i")
+        assert row["ms"] == 2.0 and row["ms_graph"] is None and c["capture"] == 1, (row, c)
+        assert B.randn(3, 2).device.type == "cpu"        # B.dev is "cpu" under --tiny; the CPU generator drew it
+    # 4. the device does not sync after the failure: graph timing off, launch timings go on
+    B, c = fake([True], [], sync_ok=False)
+    assert B.graph_ms(lambda: None)[0] is None and "did not sync" in B.graph_off
+    assert B.timed(lambda: None, flops=1e9, peaks=peaks, op="x", model="m", T=3, impl="i")["ms"] == 2.0
+    assert c["capture"] == 1
+    # 5. an impossible rate is flagged
+    B, c = fake([False], [])
+    assert "CHECK" in B.timed(lambda: None, flops=1e12, peaks=peaks, op="x", model="m", T=4, impl="i")["gate"]
+    print("selftest_recovery: ok", flush=True)
+
+
 def measure_peaks(B):
     if not B.cuda:
         return {"copy_GBps": float("nan"), "gemm_TFLOPs": float("nan")}
@@ -478,6 +666,7 @@ def write(B, peaks, out):
     v = versions()
     tag = "cpu" if not B.cuda else v["gpu"].replace("NVIDIA ", "").replace(" ", "-")
     rec = {"versions": v, "peaks": peaks, "rows": B.rows, "seconds": time.time() - B.t0, "budget_s": B.a.budget,
+           "graph_off": B.graph_off, "rng_cpu": B.rng_cpu,
            "columns": {"ms": "do_bench median of the eager call (launch)", "ms_graph": "median GPU time of the same "
                        "call replayed from one CUDA graph (null: capture failed, see gate)",
                        "*_graph": "rates / % of peak from ms_graph"}}
@@ -496,6 +685,8 @@ def write(B, peaks, out):
              "| op | model | T | impl | ms (launch) | ms (graph) | GB/s | TFLOP/s | % of peak | GB/s (graph) | "
              "TFLOP/s (graph) | % of peak (graph) | peak MiB | saved MiB | gate |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if B.graph_off:
+        lines[-2:-2] = [f"**CUDA-graph timing was turned off during this run**: {B.graph_off}.", ""]
 
     def f(x, fmt):
         return format(x, fmt) if isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x)) else ""
@@ -516,6 +707,10 @@ def write(B, peaks, out):
 
 def main():
     a = parse()
+    if a.selftest or a.tiny:
+        selftest_recovery()
+        if a.selftest:
+            return
     B = Bench(a)
     peaks = measure_peaks(B)
     print("peaks", peaks, versions(), flush=True)
