@@ -110,6 +110,11 @@ elif [ "$part" = nosync ]; then
     esac
     timeout 90 python3 benchmarks/bench_train.py $args --out $R/$run.json --compare $R 2>&1 | tee $R/$run.log | grep -E "cuda_graphs|vs|Warn|Error" | tail -3
   done
+  if [ -n "${WITH_16K:-}" ]; then       # 16k rows beside B1 at 16k
+    mkdir -p $R/s16
+    OUT=$R/s16 SKIP_PIP=1 STACKS="B1" T_OTHER=150 EXTRA="--seq 16384 --steps 12 --warmup 3 --timed 8" bash .gpu/bench/run_baseline.sh 2>&1 | tail -1
+    timeout 100 python3 benchmarks/bench_train.py --stack F-16k --seq 16384 --steps 12 --warmup 3 --timed 8 --out $R/s16/F.json --compare $R/s16 2>&1 | tee $R/s16/F.log | grep -E "cuda_graphs|vs|Warn|Error" | tail -3
+  fi
   tar czf "$OUT/nosync_run.tgz" -C $R .
 elif [ "$part" = last ]; then
   # one 2-GPU call for what is left: the context-parallel tests and longest rows (issue 16), the QLoRA memory of

@@ -382,7 +382,7 @@ def _save_checkpoint(self:FtkitTrainer, model, trial):
 class PendingLog:
     "A logging step's numbers on their way to pinned host memory, and what its log line needs."
     values: Any                       # pinned float64: (loss summed over the steps since the last log, gradient norm or NaN)
-    done: Any                         # the CUDA event recorded after the copy
+    done: Any                         # the CUDA event recorded after the copy (None: values already on the host)
     steps: int; step: int; epoch: float | None; learning_rate: float | None; has_norm: bool; start_time: float | None
 
 def defers_log(trainer, tr_loss) -> bool:
@@ -408,15 +408,15 @@ def take_log(trainer, tr_loss, grad_norm, learning_rate, start_time) -> PendingL
 
 def give_log(trainer, p: PendingLog) -> None:
     "Log `p` as transformers would have at its step: the state's step and epoch are `p`'s while the callbacks run."
-    p.done.synchronize()
+    if p.done is not None: p.done.synchronize()
     loss_sum, norm = p.values.tolist()
     logs = {"loss": loss_sum / max(p.steps, 1), **({"grad_norm": norm} if p.has_norm else {}),
             "learning_rate": p.learning_rate if p.learning_rate is not None else trainer._get_learning_rate()}
     trainer._total_loss_scalar += loss_sum
     st = trainer.state
-    now, (st.global_step, st.epoch) = (st.global_step, st.epoch), (p.step, p.epoch)
-    try: trainer.log(logs, p.start_time)
-    finally: st.global_step, st.epoch = now
+    now, (st.global_step, st.epoch), want = (st.global_step, st.epoch), (p.step, p.epoch), trainer.control.should_log
+    try: trainer.log(logs, p.start_time)          # its on_log clears should_log, which belongs to the current step
+    finally: st.global_step, st.epoch, trainer.control.should_log = *now, want
 
 # %% ../nbs/06_train.ipynb #f01dd96e
 @patch
