@@ -495,9 +495,12 @@ class FaultWatchdog:
 # %% ../nbs/00b_guard.ipynb #ca72f43d
 def device_skip(optimizer, peaks, args=None) -> bool:
     """Make a fused torch optimizer skip this step on the device when `peaks` holds a non-finite value (the `found_inf`
-    input its kernels take from AMP): no host sync. False where that is not possible (CPU, other optimizers, fp16's scaler)."""
+    input its kernels take from AMP): no host sync. False where that is not possible (CPU, other optimizers, fp16's scaler,
+    sharded gradients)."""
+    import torch
     inner = getattr(optimizer, "optimizer", optimizer)            # accelerate wraps the torch optimizer
-    if not (peaks.is_cuda and getattr(inner, "_step_supports_amp_scaling", False)) or getattr(args, "fp16", False): return False
+    plain = type(peaks) is torch.Tensor                           # not a DTensor (FSDP2): those are read at once
+    if not (plain and peaks.is_cuda and getattr(inner, "_step_supports_amp_scaling", False)) or getattr(args, "fp16", False): return False
     inner.found_inf = (~peaks.isfinite().all()).float()
     return True
 

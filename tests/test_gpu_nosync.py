@@ -2,8 +2,9 @@
 
 - Logging one step late (`FtkitTrainer.log_without_sync`, `ftkit.train.defers_log`): the log history of a run equals
   the same run logged the transformers way (every step, in order, same loss / gradient norm / learning rate), and the
-  steps between the first and the last do no synchronizing CUDA call that transformers or ftkit makes
-  (`torch.cuda.set_sync_debug_mode`).
+  run with ftkit's defaults (the decoder as a CUDA graph) makes fewer synchronizing CUDA calls than steps
+  (`torch.cuda.set_sync_debug_mode`: the first step and the end of training may sync; transformers' eager mask
+  creation, which the graphs skip, syncs once per forward).
 - The gradient check deferred by one step (`ftkit.guard.device_skip`): a NaN gradient at step 3 is skipped on the
   device by the fused AdamW (`found_inf`), the run stops naming step 3 and the parameter, and no weight took it.
 
@@ -36,10 +37,10 @@ def _history(trainer):
 
 def test_logs_one_step_late_equal_transformers_logs(tmp_path):
     from ftkit.train import FtkitTrainer
-    ref = _trainer(tmp_path, "ref", cuda_graphs=False)
+    ref = _trainer(tmp_path, "ref")                 # the defaults: the decoder replayed as a CUDA graph
     ref.trainer.log_without_sync = False
     ref.trainer.train()
-    new = _trainer(tmp_path, "new", cuda_graphs=False)
+    new = _trainer(tmp_path, "new")
     assert new.trainer.log_without_sync is True and FtkitTrainer.log_without_sync is True
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
