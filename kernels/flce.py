@@ -1,10 +1,18 @@
 """Fused linear cross-entropy: ``CE(h·Wᵀ + b, labels)`` without ever holding the tokens × vocabulary logits.
 
-The tokens are processed in chunks of C rows (C·V·2 bytes ≈ ``chunk_bytes``). For each chunk the logits are one
-matmul in the compute dtype; a Triton kernel then computes, per row and in fp32, the log-sum-exp, the loss and the
-gradient of the summed loss with respect to the logits, written over the logits buffer; two more matmuls turn that
-into the chunk's dh and (only when the head trains) its contribution to dW, accumulated in fp32. The backward only
-scales the stored dh / dW by the incoming gradient, so there is no host sync anywhere.
+The tokens are processed in chunks of C rows. For each chunk the logits are one matmul in the compute dtype; a Triton
+kernel then computes, per row and in fp32, the log-sum-exp, the loss and the gradient of the summed loss with respect
+to the logits, written in place over the logits buffer (no fp32 copy); two more matmuls turn that into the chunk's dh
+and (only when the head trains) its contribution to dW, accumulated in fp32. The backward only scales the stored dh /
+dW by the incoming gradient, so there is no host sync anywhere.
+
+Chunk size and peak memory: C is the largest multiple of 128 rows (a power of two below 128) whose logits fit in
+``chunk_bytes`` (C·V·elt ≤ chunk_bytes; 256 MiB by default: 768 rows at V = 151936 in bf16, 1024 at V = 128256), at
+least 16 rows. ``min_chunk_rows`` raises C to at least that many rows (a multiple of 128) whatever ``chunk_bytes``
+says: for small hidden sizes (Qwen2.5-0.5B, d = 896) the dh matmul of a chunk, (C × V)·(V × d), has only C·d outputs,
+and more rows give it (and the CE kernel) more parallel work, at a memory cost of min_chunk_rows·V·elt bytes for the
+logits buffer (V = 151936, bf16: 1024 rows = 297 MiB, 2048 rows = 594 MiB, 4096 rows = 1.16 GiB). Peak memory above
+the inputs is that buffer plus dh (N·d·elt) plus, when the head trains, the fp32 dW (V·d·4).
 
 Supported: ``ignore_index`` rows (no loss, no gradient), label smoothing ε (``(1-ε)·nll + ε·mean_v(-log p_v)``, as
 ``F.cross_entropy``), logit soft-capping ``z = c·tanh(x/c)`` (Gemma-2), an optional bias. The returned loss is the
@@ -69,15 +77,29 @@ def _ce_rows_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride, ignore_index, s
         tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=msk)
 
 
-def _chunk_rows(N: int, V: int, elt: int, chunk_bytes: int) -> int:
+def chunk_rows(N: int, V: int, elt: int, chunk_bytes: int, min_chunk_rows: int | None = None) -> int:
+    """Rows per chunk: the largest multiple of 128 (a power of two when fewer) with C·V·elt ≤ chunk_bytes, at least 16,
+    raised to ``min_chunk_rows`` rounded up to a multiple of 128 when given; never more than N."""
     c = max(1, chunk_bytes // max(V * elt, 1))
-    c = 1 << (c.bit_length() - 1)                                  # a power of two
-    return max(16, min(c, N)) if N > 0 else 1
+    c = c // 128 * 128 if c >= 128 else 1 << (c.bit_length() - 1)
+    c = max(16, c)
+    if min_chunk_rows:
+        c = max(c, -(-int(min_chunk_rows) // 128) * 128)
+    return min(c, N) if N > 0 else 1
+
+
+def _ce_launch(V: int, ce_block: int | None) -> tuple[int, int]:
+    "(BLOCK, num_warps) of the CE kernel: BLOCK columns per loop step (default 4096, 8 warps; 16 warps above 4096)."
+    if ce_block is not None and (ce_block < 16 or ce_block & (ce_block - 1)):
+        raise ValueError(f"ce_block must be a power of two >= 16, got {ce_block}")
+    block = min(ce_block or 4096, triton.next_power_of_2(V))
+    return block, 8 if block <= 4096 else 16
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, W, bias, labels, ignore_index=-100, smoothing=0.0, softcap=None, chunk_bytes=256 << 20):
+    def forward(ctx, h, W, bias, labels, ignore_index=-100, smoothing=0.0, softcap=None, chunk_bytes=256 << 20,
+                min_chunk_rows=None, ce_block=None):
         dt = compute_dtype(h, W.dtype)
         N, d = h.shape
         V = W.shape[0]
@@ -91,8 +113,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dW = torch.zeros((V, d), dtype=torch.float32, device=h.device) if need_w else None
             db = torch.zeros((V,), dtype=torch.float32, device=h.device) if need_b else None
             losses = torch.empty(N, dtype=torch.float32, device=h.device)
-            C = _chunk_rows(N, V, torch.finfo(dt).bits // 8, chunk_bytes)
-            BLOCK = min(4096, triton.next_power_of_2(V))
+            C = chunk_rows(N, V, torch.finfo(dt).bits // 8, chunk_bytes, min_chunk_rows)
+            BLOCK, warps = _ce_launch(V, ce_block)
             for s0 in range(0, N, C):
                 s1 = min(N, s0 + C)
                 hc = hc_all[s0:s1]
@@ -100,7 +122,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 _ce_rows_kernel[(s1 - s0,)](logits, labels[s0:s1], losses[s0:s1], V, logits.stride(0),
                                             int(ignore_index), float(smoothing), float(softcap or 1.0),
                                             HAS_SOFTCAP=softcap is not None and softcap > 0,
-                                            HAS_SMOOTH=smoothing > 0, BLOCK=BLOCK, num_warps=8)
+                                            HAS_SMOOTH=smoothing > 0, BLOCK=BLOCK, num_warps=warps)
                 if need_h:
                     torch.mm(logits, Wc, out=dh[s0:s1])
                 if need_w:
@@ -123,17 +145,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             gw = (dW * g).to(ctx.W_dtype)
         if db is not None:
             gb = (db * g).to(ctx.b_dtype)
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h, W, labels, bias=None, *, ignore_index=-100, label_smoothing=0.0, softcap=None,
-                         reduction="sum", chunk_bytes=256 << 20):
+                         reduction="sum", chunk_bytes: int = 256 << 20, min_chunk_rows: int | None = None,
+                         ce_block: int | None = None):
     """Cross-entropy of ``h (N, d) · W (V, d)ᵀ`` against ``labels (N,)``, never materialising (N, V).
-    reduction: 'sum' (fp32 scalar) or 'mean' (over non-ignored rows)."""
+    reduction: 'sum' (fp32 scalar) or 'mean' (over non-ignored rows). chunk_bytes / min_chunk_rows: the logits chunk
+    (module docstring: its peak memory is max(chunk_bytes, min_chunk_rows·V·elt) at most); ce_block: columns per loop
+    step of the CE kernel (a power of two; default 4096)."""
     h2 = h.reshape(-1, h.shape[-1])
     lab = labels.reshape(-1).contiguous()
     loss = LinearCrossEntropyFunction.apply(h2, W, bias, lab, ignore_index, float(label_smoothing), softcap,
-                                            chunk_bytes)
+                                            chunk_bytes, min_chunk_rows, ce_block)
     if reduction == "mean":
         return loss / (lab != ignore_index).sum()
     return loss
