@@ -11,6 +11,7 @@ also peak memory above the inputs and, for LoRA MLP, the bytes saved for backwar
 
     python benchmarks/bench_kernels.py --out benchmarks/results       # GPU: kernels_<gpu>.json / .md
     python benchmarks/bench_kernels.py --ops nf4,swiglu,rmsnorm --graph-only      # GPU: only the replayed times
+    python benchmarks/bench_kernels.py --ops rmsnorm,geglu,swiglu,flce --budget 200  # GPU: the bandwidth ops + fused CE
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --tiny --out /tmp/kb    # CPU smoke test of the script
 """
 import argparse
@@ -40,8 +41,9 @@ def parse():
     ap.add_argument("--budget", type=float, default=330, help="seconds; rows after this are skipped (recorded)")
     ap.add_argument("--tokens", default="4096,16384,65536")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--ops", help="comma list to run only some: nf4,glu,rms,rope,lora_mlp,lora_mlp_nf4,flce,flce_train "
-                    "(swiglu = glu, rmsnorm = rms)")
+    ap.add_argument("--ops", help="comma list to run only some: nf4,swiglu,geglu,rms,rope,lora_mlp,lora_mlp_nf4,flce,"
+                    "flce_train (glu = swiglu; geglu = its erf and tanh rows, geglu_erf / geglu_tanh one of them; "
+                    "rmsnorm = rms)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--graph-only", action="store_true", help="skip the do_bench launch timing: CUDA-graph replay only")
     g.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timing (the old table)")
@@ -49,10 +51,15 @@ def parse():
                     help="check graph_ms's recovery from failed captures with fakes (CPU; --tiny runs it too) and exit")
     ap.add_argument("--nf4-variants", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the NF4 kernel at other tile sizes / warps / bf16 rounding (tuning rows)")
+    ap.add_argument("--rms-variants", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time RMSNorm with one row per program and with twice the default rows (tuning rows)")
+    ap.add_argument("--flce-variants", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time fused CE with other chunk sizes / CE column blocks (tuning rows; Qwen2.5-0.5B at "
+                         "every T, the others at the first T)")
     return ap.parse_args()
 
 
-OP_ALIASES = {"swiglu": "glu", "geglu": "glu", "rmsnorm": "rms"}
+OP_ALIASES = {"glu": ("swiglu",), "geglu": ("geglu", "geglu_tanh"), "geglu_erf": ("geglu",), "rmsnorm": ("rms",)}
 
 
 def versions():
@@ -292,32 +299,62 @@ def maybe_compile(fn, a):
 
 
 # --------------------------------------------------------------------------------------------------------------- ops
-def bench_glu(B, model, T, peaks):
+GLU_OPS = {  # plan name -> (hidden_act passed to ftkit.kernels.glu, row label)
+    "swiglu": ("silu", "swiglu fwd+bwd"),
+    "geglu": ("gelu", "geglu (erf) fwd+bwd"),
+    "geglu_tanh": ("gelu_pytorch_tanh", "geglu (tanh) fwd+bwd"),
+}
+
+
+def _liger_glu(act):
+    "Liger's fused act(a)·b for this activation, or None (Liger has SiLU and the tanh GELU; no erf GELU)."
+    try:
+        if act == "silu":
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+            return lambda a, b: LigerSiLUMulFunction.apply(a, b)
+        if act == "gelu_pytorch_tanh":
+            from liger_kernel.ops.geglu import LigerGELUMulFunction
+            return lambda a, b: LigerGELUMulFunction.apply(a, b)
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def bench_glu(B, model, T, peaks, op="swiglu"):
+    """act(g)·u fwd+bwd on (T, F) halves: SwiGLU, or GeGLU with the exact (erf) or the tanh GELU. Every impl other
+    than eager is gated against eager (relative error < 1e-2) before it is timed."""
     from ftkit.kernels import glu
-    import torch.nn.functional as F
+    act, label = GLU_OPS[op]
     d, Fi = (MODELS[model][:2]) if not B.a.tiny else (32, 48)
     g = B.randn(T, Fi, requires_grad=True)
     u = B.randn(T, Fi, requires_grad=True)
     dy = B.randn(T, Fi)
-    eager = lambda a, b: F.silu(a) * b  # noqa: E731
-    impls = {"eager": eager, "ftkit": lambda a, b: glu.glu(a, b, "silu")}
+    eager = lambda a, b: glu.reference(a, b, act)  # noqa: E731
+    impls = {"eager": eager, "ftkit": lambda a, b: glu.glu(a, b, act)}
     c = maybe_compile(eager, B.a)
     if c:
         impls["compile"] = c
-    try:
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-        impls["liger"] = lambda a, b: LigerSiLUMulFunction.apply(a, b)
-    except Exception:  # noqa: BLE001
-        pass
-    err = rel(impls["ftkit"](g, u), eager(g, u))
-    gate = err < 1e-2
+    lig = _liger_glu(act)
+    if lig is not None:
+        impls["liger"] = lig
+    with torch.no_grad():
+        ref = eager(g, u)
     nbytes = 2 * T * Fi * (3 + 5)      # fwd reads g,u writes h; bwd reads dy,g,u writes dg,du (ftkit contract 5)
     for name, f in impls.items():
-        if not gate and name == "ftkit":
-            B.add(op="swiglu fwd+bwd", model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
-            continue
-        B.timed(lambda: f(g, u).backward(dy), [g, u], nbytes=nbytes, peaks=peaks, op="swiglu fwd+bwd", model=model,
-                T=T, impl=name, gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+        gate = ""
+        if name != "eager":
+            try:
+                with torch.no_grad():
+                    err = rel(f(g, u), ref)
+            except Exception as e:  # noqa: BLE001
+                B.add(op=label, model=model, T=T, impl=name, gate=f"ERROR {_short(e)}")
+                continue
+            if not err < 1e-2:
+                B.add(op=label, model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
+                continue
+            gate = f"ok rel {err:.1e}"
+        B.timed(lambda: f(g, u).backward(dy), [g, u], nbytes=nbytes, peaks=peaks, op=label, model=model,
+                T=T, impl=name, gate=gate)
 
 
 def bench_rms(B, model, T, peaks):
@@ -336,14 +373,18 @@ def bench_rms(B, model, T, peaks):
         impls["liger"] = lambda a: LigerRMSNormFunction.apply(a, w, 1e-5, 0.0, "llama", False)
     except Exception:  # noqa: BLE001
         pass
-    err = rel(impls["ftkit"](x), eager(x))
+    if B.a.rms_variants:
+        _, rows, _ = rmsnorm.rms_tile(d, x.element_size())
+        for r in sorted({1, 2 * rows} - {rows}):
+            impls[f"ftkit rows{r}"] = (lambda r_: lambda a: rmsnorm.rms_norm(a, w, 1e-5, rows=r_))(r)
+    err = max(rel(f(x), eager(x)) for n, f in impls.items() if n.startswith("ftkit"))
     nbytes = 2 * T * d * (2 + 3)
     for name, f in impls.items():
-        if err > 1e-2 and name == "ftkit":
-            B.add(op="rmsnorm fwd+bwd", model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
+        if err > 1e-2 and name.startswith("ftkit"):
+            B.add(op="rmsnorm fwd+bwd (frozen w)", model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
             continue
         B.timed(lambda: f(x).backward(dy), [x], nbytes=nbytes, peaks=peaks, op="rmsnorm fwd+bwd (frozen w)",
-                model=model, T=T, impl=name, gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+                model=model, T=T, impl=name, gate=f"ok rel {err:.1e}" if name.startswith("ftkit") else "")
 
 
 def bench_rope(B, model, T, peaks):
@@ -527,7 +568,16 @@ def bench_lora_mlp(B, model, T, peaks, r=16, qlora=False):
                 gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
 
 
-def bench_flce(B, model, T, peaks, trainable=False):
+FLCE_VARIANTS = {  # tuning rows: kernels.flce's chunk / CE-kernel knobs beside its default (256 MiB of logits per chunk)
+    "ftkit 512-row chunks (old)": lambda V: dict(chunk_bytes=512 * V * 2),
+    "ftkit >=1024-row chunks": lambda V: dict(min_chunk_rows=1024),
+    "ftkit >=2048-row chunks": lambda V: dict(min_chunk_rows=2048),
+    "ftkit ce_block 16384": lambda V: dict(ce_block=16384),
+}
+
+
+def bench_flce(B, model, T, peaks, trainable=False, variants=False):
+    "variants: also the FLCE_VARIANTS rows (each gated like ftkit)."
     from ftkit.kernels import flce
     d, _, V = MODELS[model][:3] if not B.a.tiny else (32, 0, 500)
     h = B.randn(T, d, requires_grad=True)
@@ -537,6 +587,10 @@ def bench_flce(B, model, T, peaks, trainable=False):
     def eager(h_, W_):
         return torch.nn.functional.cross_entropy((h_ @ W_.t()).float(), y)
     impls = {"ftkit": lambda h_, W_: flce.linear_cross_entropy(h_, W_, y, reduction="mean")}
+    if variants:
+        for vname, kw in FLCE_VARIANTS.items():
+            impls[vname] = (lambda kw_: lambda h_, W_: flce.linear_cross_entropy(h_, W_, y, reduction="mean",
+                                                                                **kw_))(kw(V))
     if T * V <= 16384 * 151936:
         impls["eager"] = eager
         c = maybe_compile(eager, B.a)
@@ -549,13 +603,14 @@ def bench_flce(B, model, T, peaks, trainable=False):
     except Exception:  # noqa: BLE001
         pass
     ref = flce.reference(h.detach().float(), W.detach().float(), y, reduction="mean")
-    got = impls["ftkit"](h, W).detach()
-    err = abs(got.item() - ref.item()) / abs(ref.item())
+    errs = {n: abs(f(h, W).detach().item() - ref.item()) / abs(ref.item())
+            for n, f in impls.items() if n.startswith("ftkit")}
     flops = (6 if trainable else 4) * T * d * V
     ins = [h] + ([W] if trainable else [])
     label = f"fused linear CE fwd+bwd ({'trainable' if trainable else 'frozen'} head)"
     for name, f in impls.items():
-        if name == "ftkit" and err > 1e-2:
+        err = errs.get(name)
+        if err is not None and not err <= 1e-2:
             B.add(op=label, model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
             continue
 
@@ -566,7 +621,7 @@ def bench_flce(B, model, T, peaks, trainable=False):
         try:
             B.timed(step, ins, flops=flops, peaks=peaks, op=label, model=model, T=T, impl=name,
                     after=lambda: dict(peak_MiB=B.peak(step) / 2**20),
-                    gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+                    gate=f"ok rel {err:.1e}" if err is not None else "")
         except torch.OutOfMemoryError:
             B.add(op=label, model=model, T=T, impl=name, gate="OOM")
             torch.cuda.empty_cache()
@@ -719,7 +774,7 @@ def main():
         plan.append(("nf4", m, 0))
     for m in models:
         for T in Ts:
-            plan += [("glu", m, T), ("rms", m, T), ("rope", m, T)]
+            plan += [("swiglu", m, T), ("geglu", m, T), ("geglu_tanh", m, T), ("rms", m, T), ("rope", m, T)]
     for m in models:
         for T in Ts[:2]:
             plan.append(("lora_mlp", m, T))
@@ -729,9 +784,14 @@ def main():
         for T in Ts:
             plan.append(("flce", m, T))
     plan.append(("flce_train", "llama-3.2-1b", Ts[0]))
-    fns = {"glu": bench_glu, "rms": bench_rms, "rope": bench_rope, "flce": bench_flce}
+    fns = {"rms": bench_rms, "rope": bench_rope, "flce": bench_flce}
+    for name in GLU_OPS:
+        fns[name] = (lambda op_: lambda B_, m_, T_, peaks_: bench_glu(B_, m_, T_, peaks_, op=op_))(name)
     if a.ops:
-        ops = {OP_ALIASES.get(o.strip(), o.strip()) for o in a.ops.split(",")}
+        ops = {x for o in a.ops.split(",") if o.strip() for x in OP_ALIASES.get(o.strip(), (o.strip(),))}
+        known = {p[0] for p in plan} | {"lora_mlp_nf4"}
+        if ops - known:
+            raise SystemExit(f"--ops: unknown {sorted(ops - known)}; known: {sorted(known)}")
         plan = [p for p in plan if p[0] in ops]
     try:
         for op, m, T in plan:
@@ -747,6 +807,8 @@ def main():
                     bench_lora_mlp(B, m, T, peaks, qlora=True)
                 elif op == "flce_train":
                     bench_flce(B, m, T, peaks, trainable=True)
+                elif op == "flce":
+                    bench_flce(B, m, T, peaks, variants=a.flce_variants and (m == "qwen2.5-0.5b" or T == Ts[0]))
                 else:
                     fns[op](B, m, T, peaks)
             except Exception as e:  # noqa: BLE001
