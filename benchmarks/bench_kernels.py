@@ -554,7 +554,6 @@ def bench_lora_mlp(B, model, T, peaks, r=16, qlora=False):
     mlp._ftkit_act = "silu"
     KernelReport().patch("lora_mlp", "mlp", mlp, _lora_mlp_forward)
     impls["ftkit"] = ours
-    from ftkit.kernels.lora_mlp import Unfused; impls["ftkit unfused"] = Unfused(ours)  # noqa: E702   the rank-r terms outside the GLU kernels
     err = rel(fwd(ours).detach(), ref)
     label = f"lora mlp r{r} fwd+bwd" + (" NF4 base" if qlora else "")
     for name, m in impls.items():
