@@ -9,8 +9,9 @@ With ``residual``: ``s = x + residual`` (rounded to the dtype, like ``residual +
 returned beside ``y`` as the next residual. Saved for backward: the normalised input (x or s) and one fp32 rstd per
 row. The weight gradient is computed only when the weight trains (full fine-tuning); for LoRA the norms are frozen.
 
-Each program handles a tile of several rows (about 16 KiB of input, `rms_tile`), so short-sequence batches (4k
-tokens) keep enough bytes in flight; the per-element arithmetic does not depend on the tile.
+A program handles a tile of ROWS rows (`rms_tile`): one row by default, which measured fastest on an H200 (several
+rows per program, ~16 KiB of input each, was 4-15 % slower at every shape); the per-element arithmetic does not depend
+on the tile.
 """
 from __future__ import annotations
 
@@ -21,21 +22,19 @@ import triton.language as tl
 from ._util import next_pow2
 
 
-# Each program takes a tile of ROWS rows × BLOCK columns (BLOCK = the row length rounded up to a power of two), sized
-# by `rms_tile` so that one tile of the input is about TILE_BYTES: at 4k tokens one row per program left the H200 at
-# 54-80 % of the copy bandwidth (too few bytes in flight per program, one rstd store and one weight load per row).
-# The arithmetic per element is the one-row kernel's: only which program computes a row changes.
-TILE_BYTES = 16 << 10
-MAX_ROWS = 32
+# Each program takes a tile of ROWS rows x BLOCK columns (BLOCK = the row length rounded up to a power of two). One row
+# per program is the default: on an H200 (2026-12-01, `benchmarks/results/kernels_tuning_H200.md`, fwd+bwd timed from a
+# CUDA graph) it beat tiles of ~16 KiB of input (8 / 4 / 2 rows at d = 896 / 2048 / 4096) at every T: e.g. Llama-1B at
+# 4k tokens 73 % of the copy bandwidth against 63 %. `rows` (a power of two) is a tuning knob for the benchmark.
 
 
 def rms_tile(n_cols: int, elt_bytes: int, rows: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK, ROWS, num_warps) for rows of `n_cols` elements of `elt_bytes` bytes: ROWS rows per program so that a
-    tile of the input is about TILE_BYTES (one row when a row alone is that big), or `rows` (a power of two) when
-    given; num_warps from the tile's element count (≈ 32 elements per thread, 4 to 16 warps)."""
+    """(BLOCK, ROWS, num_warps) for rows of `n_cols` elements of `elt_bytes` bytes (`elt_bytes` is kept for callers that
+    tune by bytes): one row per program, or `rows` (a power of two) when given; num_warps from the tile's element
+    count (≈ 32 elements per thread, 4 to 16 warps)."""
     block = next_pow2(n_cols)
     if rows is None:
-        rows = max(1, min(MAX_ROWS, TILE_BYTES // (block * max(int(elt_bytes), 1))))
+        rows = 1
     elif rows < 1 or rows & (rows - 1):
         raise ValueError(f"rows per program must be a power of two, got {rows}")
     n = rows * block
