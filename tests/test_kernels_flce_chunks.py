@@ -1,27 +1,10 @@
 """Fused linear CE's chunking on the CPU (TRITON_INTERPRET=1): the rows-per-chunk rule, ``min_chunk_rows`` (bigger
 chunks for small hidden sizes) and the CE kernel's column block, values and gradients against the reference."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
-
+from test_kernels import close, pytestmark  # noqa: F401   Triton's interpreter on a CPU machine, its skip mark, the comparison
 from ftkit.kernels import flce  # noqa: E402
-
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="CPU-interpreter tests; on a GPU machine tests/test_gpu_kernels.py covers the kernels")
-
-
-def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
-    a, b = a.double(), b.double()
-    err = (a - b).abs().max().item()
-    scale = b.abs().max().item() + 1e-12
-    assert err <= tol * max(scale, 1.0), f"max abs err {err:.3e} (scale {scale:.3e})"
 
 
 def test_chunk_rows_rule():

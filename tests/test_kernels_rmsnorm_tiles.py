@@ -1,28 +1,11 @@
 """RMSNorm's multi-row tiles on the CPU (TRITON_INTERPRET=1): row counts that are not a multiple of the rows per
 program, row lengths that are not powers of two, the residual and Gemma-offset variants, and the trainable-weight
 path where each program loops over several tiles — values and gradients against the plain-PyTorch reference."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton")
-
+from test_kernels import close, pytestmark  # noqa: F401   Triton's interpreter on a CPU machine, its skip mark, the comparison
 from ftkit.kernels import rmsnorm  # noqa: E402
-
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="CPU-interpreter tests; on a GPU machine tests/test_gpu_kernels.py covers the kernels")
-
-
-def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
-    a, b = a.double(), b.double()
-    err = (a - b).abs().max().item()
-    scale = b.abs().max().item() + 1e-12
-    assert err <= tol * max(scale, 1.0), f"max abs err {err:.3e} (scale {scale:.3e})"
 
 
 def test_tile_choice():
