@@ -374,7 +374,7 @@ def bench_rms(B, model, T, peaks):
     except Exception:  # noqa: BLE001
         pass
     if B.a.rms_variants:
-        _, rows, _ = rmsnorm.rms_tile(d, x.element_size())
+        _, rows, _ = rmsnorm.rms_tile(d)
         for r in sorted({1, 2 * rows} - {rows}):
             impls[f"ftkit rows{r}"] = (lambda r_: lambda a: rmsnorm.rms_norm(a, w, 1e-5, rows=r_))(r)
     err = max(rel(f(x), eager(x)) for n, f in impls.items() if n.startswith("ftkit"))
@@ -572,7 +572,6 @@ FLCE_VARIANTS = {  # tuning rows: kernels.flce's chunk / CE-kernel knobs beside 
     "ftkit 512-row chunks (old)": lambda V: dict(chunk_bytes=512 * V * 2),
     "ftkit >=1024-row chunks": lambda V: dict(min_chunk_rows=1024),
     "ftkit >=2048-row chunks": lambda V: dict(min_chunk_rows=2048),
-    "ftkit ce_block 16384": lambda V: dict(ce_block=16384),
 }
 
 

@@ -88,18 +88,10 @@ def chunk_rows(N: int, V: int, elt: int, chunk_bytes: int, min_chunk_rows: int |
     return min(c, N) if N > 0 else 1
 
 
-def _ce_launch(V: int, ce_block: int | None) -> tuple[int, int]:
-    "(BLOCK, num_warps) of the CE kernel: BLOCK columns per loop step (default 4096, 8 warps; 16 warps above 4096)."
-    if ce_block is not None and (ce_block < 16 or ce_block & (ce_block - 1)):
-        raise ValueError(f"ce_block must be a power of two >= 16, got {ce_block}")
-    block = min(ce_block or 4096, triton.next_power_of_2(V))
-    return block, 8 if block <= 4096 else 16
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, bias, labels, ignore_index=-100, smoothing=0.0, softcap=None, chunk_bytes=256 << 20,
-                min_chunk_rows=None, ce_block=None):
+                min_chunk_rows=None):
         dt = compute_dtype(h, W.dtype)
         N, d = h.shape
         V = W.shape[0]
@@ -114,7 +106,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             db = torch.zeros((V,), dtype=torch.float32, device=h.device) if need_b else None
             losses = torch.empty(N, dtype=torch.float32, device=h.device)
             C = chunk_rows(N, V, torch.finfo(dt).bits // 8, chunk_bytes, min_chunk_rows)
-            BLOCK, warps = _ce_launch(V, ce_block)
+            BLOCK = min(4096, triton.next_power_of_2(V))
             for s0 in range(0, N, C):
                 s1 = min(N, s0 + C)
                 hc = hc_all[s0:s1]
@@ -122,7 +114,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 _ce_rows_kernel[(s1 - s0,)](logits, labels[s0:s1], losses[s0:s1], V, logits.stride(0),
                                             int(ignore_index), float(smoothing), float(softcap or 1.0),
                                             HAS_SOFTCAP=softcap is not None and softcap > 0,
-                                            HAS_SMOOTH=smoothing > 0, BLOCK=BLOCK, num_warps=warps)
+                                            HAS_SMOOTH=smoothing > 0, BLOCK=BLOCK, num_warps=8)
                 if need_h:
                     torch.mm(logits, Wc, out=dh[s0:s1])
                 if need_w:
@@ -145,20 +137,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             gw = (dW * g).to(ctx.W_dtype)
         if db is not None:
             gb = (db * g).to(ctx.b_dtype)
-        return gh, gw, gb, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h, W, labels, bias=None, *, ignore_index=-100, label_smoothing=0.0, softcap=None,
-                         reduction="sum", chunk_bytes: int = 256 << 20, min_chunk_rows: int | None = None,
-                         ce_block: int | None = None):
+                         reduction="sum", chunk_bytes: int = 256 << 20, min_chunk_rows: int | None = None):
     """Cross-entropy of ``h (N, d) · W (V, d)ᵀ`` against ``labels (N,)``, never materialising (N, V).
     reduction: 'sum' (fp32 scalar) or 'mean' (over non-ignored rows). chunk_bytes / min_chunk_rows: the logits chunk
-    (module docstring: its peak memory is max(chunk_bytes, min_chunk_rows·V·elt) at most); ce_block: columns per loop
-    step of the CE kernel (a power of two; default 4096)."""
+    (module docstring: its peak memory is max(chunk_bytes, min_chunk_rows·V·elt) at most)."""
     h2 = h.reshape(-1, h.shape[-1])
     lab = labels.reshape(-1).contiguous()
     loss = LinearCrossEntropyFunction.apply(h2, W, bias, lab, ignore_index, float(label_smoothing), softcap,
-                                            chunk_bytes, min_chunk_rows, ce_block)
+                                            chunk_bytes, min_chunk_rows)
     if reduction == "mean":
         return loss / (lab != ignore_index).sum()
     return loss

@@ -23,15 +23,14 @@ from ._util import next_pow2
 
 
 # Each program takes a tile of ROWS rows x BLOCK columns (BLOCK = the row length rounded up to a power of two). One row
-# per program is the default: on an H200 (2026-12-01, `benchmarks/results/kernels_tuning_H200.md`, fwd+bwd timed from a
+# per program is the default: on an H200 (2026-12-01, `benchmarks/results/kernels_graphtimed_H200.md`, fwd+bwd timed from a
 # CUDA graph) it beat tiles of ~16 KiB of input (8 / 4 / 2 rows at d = 896 / 2048 / 4096) at every T: e.g. Llama-1B at
 # 4k tokens 73 % of the copy bandwidth against 63 %. `rows` (a power of two) is a tuning knob for the benchmark.
 
 
-def rms_tile(n_cols: int, elt_bytes: int, rows: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK, ROWS, num_warps) for rows of `n_cols` elements of `elt_bytes` bytes (`elt_bytes` is kept for callers that
-    tune by bytes): one row per program, or `rows` (a power of two) when given; num_warps from the tile's element
-    count (≈ 32 elements per thread, 4 to 16 warps)."""
+def rms_tile(n_cols: int, rows: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps) for rows of `n_cols` elements: one row per program, or `rows` (a power of two) when
+    given; num_warps from the tile's element count (≈ 32 elements per thread, 4 to 16 warps)."""
     block = next_pow2(n_cols)
     if rows is None:
         rows = 1
@@ -125,7 +124,7 @@ def rms_forward(x, w, eps, offset=False, residual=None, rows=None):
         s = torch.empty((R, C), dtype=x.dtype, device=x.device)
     else:
         r2 = s = x2
-    BLOCK, ROWS, warps = rms_tile(C, x2.element_size(), rows)
+    BLOCK, ROWS, warps = rms_tile(C, rows)
     _rms_fwd_kernel[(triton.cdiv(R, ROWS),)](x2, r2, s, w, y, rstd, R, C, float(eps), x2.stride(0), r2.stride(0),
                                               s.stride(0), y.stride(0), OFFSET=bool(offset),
                                               HAS_RES=residual is not None, ROWS=ROWS, BLOCK=BLOCK, num_warps=warps)
@@ -138,7 +137,7 @@ def rms_backward(dy, ds, xin, w, rstd, offset, want_dw, rows=None):
     dy2 = _2d(dy)
     R, C = xin.shape
     dx = torch.empty((R, C), dtype=xin.dtype, device=xin.device)
-    BLOCK, ROWS, warps = rms_tile(C, xin.element_size(), rows)
+    BLOCK, ROWS, warps = rms_tile(C, rows)
     tiles = max(1, triton.cdiv(R, ROWS))
     if want_dw:
         n_sm = torch.cuda.get_device_properties(xin.device).multi_processor_count if xin.is_cuda else 4

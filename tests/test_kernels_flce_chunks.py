@@ -1,6 +1,5 @@
-"""Fused linear CE's chunking on the CPU (TRITON_INTERPRET=1): the rows-per-chunk rule, ``min_chunk_rows`` (bigger
-chunks for small hidden sizes) and the CE kernel's column block, values and gradients against the reference."""
-import pytest
+"""Fused linear CE's chunking on the CPU (TRITON_INTERPRET=1): the rows-per-chunk rule and ``min_chunk_rows`` (bigger
+chunks for small hidden sizes), values and gradients against the reference."""
 import torch
 
 from test_kernels import close, pytestmark  # noqa: F401   Triton's interpreter on a CPU machine, its skip mark, the comparison
@@ -52,25 +51,3 @@ def test_min_chunk_rows_makes_bigger_chunks_same_values():
     N, d, V = 300, 8, 257
     assert _chunks_seen(N, d, V, chunk_bytes=16 * V * 8) == [16] * 18 + [12]
     assert _chunks_seen(N, d, V, chunk_bytes=16 * V * 8, min_chunk_rows=100) == [128, 128, 44]
-
-
-@pytest.mark.parametrize("ce_block,smoothing,softcap", [(16, 0.0, None), (64, 0.1, 5.0), (8192, 0.0, None)])
-def test_ce_block_values_and_grads(ce_block, smoothing, softcap):
-    "Column blocks smaller than V (several loop steps, ragged last one) and bigger than V."
-    torch.manual_seed(1)
-    N, d, V = 21, 12, 301
-    h = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
-    W = (torch.randn(V, d, dtype=torch.float64) / 3).requires_grad_()
-    y = torch.randint(0, V, (N,))
-    y[::4] = -100
-    kw = dict(label_smoothing=smoothing, softcap=softcap, reduction="mean")
-    loss = flce.linear_cross_entropy(h, W, y, ce_block=ce_block, chunk_bytes=8 * V * 8, **kw)
-    ref = flce.reference(h, W, y, **kw)
-    close(loss, ref, 1e-6)
-    for a, b in zip(torch.autograd.grad(loss, (h, W)), torch.autograd.grad(ref, (h, W))):
-        close(a, b, 1e-6)
-
-
-def test_ce_block_must_be_a_power_of_two():
-    with pytest.raises(ValueError, match="power of two"):
-        flce.linear_cross_entropy(torch.randn(4, 8), torch.randn(40, 8), torch.randint(0, 40, (4,)), ce_block=100)

@@ -10,14 +10,14 @@ from ftkit.kernels import rmsnorm  # noqa: E402
 
 def test_tile_choice():
     "One row per program by default (fastest on an H200), any power of two when asked; warps follow the tile size."
-    assert rmsnorm.rms_tile(896, 2) == (1024, 1, 4)
-    assert rmsnorm.rms_tile(2048, 2) == (2048, 1, 4)
-    assert rmsnorm.rms_tile(4096, 2) == (4096, 1, 8)
-    assert rmsnorm.rms_tile(16384, 2) == (16384, 1, 16)
-    assert rmsnorm.rms_tile(896, 2, rows=8) == (1024, 8, 8)
-    assert rmsnorm.rms_tile(40, 4, rows=32) == (64, 32, 4)
+    assert rmsnorm.rms_tile(896) == (1024, 1, 4)
+    assert rmsnorm.rms_tile(2048) == (2048, 1, 4)
+    assert rmsnorm.rms_tile(4096) == (4096, 1, 8)
+    assert rmsnorm.rms_tile(16384) == (16384, 1, 16)
+    assert rmsnorm.rms_tile(896, rows=8) == (1024, 8, 8)
+    assert rmsnorm.rms_tile(40, rows=32) == (64, 32, 4)
     with pytest.raises(ValueError, match="power of two"):
-        rmsnorm.rms_tile(896, 2, rows=3)
+        rmsnorm.rms_tile(896, rows=3)
 
 
 @pytest.mark.parametrize("R,d,rows", [(37, 72, None), (37, 72, 8), (5, 96, 4), (1, 100, None), (130, 48, 2),
