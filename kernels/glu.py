@@ -73,6 +73,35 @@ def _glu_bwd_kernel(dh_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, n_cols, sdh, sg
     tl.store(dg_ptr + row * sdg + cols, (dh * u * dfdg).to(dg_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _glu_fwd_flat_kernel(g_ptr, u_ptr, h_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    "The forward over contiguous g, u, h seen as one flat array: no row tails (F need not fill the block)."
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=m, other=0.0)
+    f, _ = _act_and_grad(g, ACT)
+    f = f.to(u.dtype).to(tl.float32)
+    tl.store(h_ptr + offs, (f * u.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _glu_bwd_flat_kernel(dh_ptr, g_ptr, u_ptr, h_ptr, dg_ptr, du_ptr, n, ACT: tl.constexpr, STORE_H: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    dh = tl.load(dh_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u_raw = tl.load(u_ptr + offs, mask=m, other=0.0)
+    u = u_raw.to(tl.float32)
+    f, dfdg = _act_and_grad(g, ACT)
+    f = f.to(u_raw.dtype).to(tl.float32)
+    if STORE_H:
+        tl.store(h_ptr + offs, (f * u).to(h_ptr.dtype.element_ty), mask=m)
+    tl.store(du_ptr + offs, (dh * f).to(du_ptr.dtype.element_ty), mask=m)
+    tl.store(dg_ptr + offs, (dh * u * dfdg).to(dg_ptr.dtype.element_ty), mask=m)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     "2-D (rows, cols) view with a contiguous last dim (no copy when possible)."
     t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
@@ -88,26 +117,45 @@ def _act_code(act: str) -> int:
         raise ValueError(f"no GLU kernel for hidden_act={act!r}; kernels exist for {sorted(ACTIVATIONS)}") from None
 
 
-def _grid(rows, cols, block):
-    return (rows, triton.cdiv(cols, block))
+def glu_tile(n_cols: int, flat_ok: bool, flat: bool | None = None, block: int | None = None,
+             num_warps: int | None = None) -> tuple[bool, int, int]:
+    """(flat, BLOCK, num_warps). ``flat``: one 1-D grid over contiguous g/u/h (only where ``flat_ok``: every tensor's
+    rows are back to back), else one program per (row, column block). The default is the row grid with blocks of up
+    to 1024 columns and 4 warps; the arguments override it (tuning knobs for the benchmark)."""
+    flat = bool(flat) and flat_ok if flat is not None else False
+    if block is None:
+        block = 1024 if flat else min(1024, triton.next_power_of_2(n_cols))
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"GLU block must be a power of two, got {block}")
+    return flat, int(block), int(num_warps or 4)
 
 
-def glu_forward(g: torch.Tensor, u: torch.Tensor, act: str = "silu", out: torch.Tensor | None = None) -> torch.Tensor:
-    "h = act(g) * u (Triton)."
+def _flat_ok(*ts: torch.Tensor) -> bool:
+    return all(t.stride(0) == t.shape[1] for t in ts)
+
+
+def glu_forward(g: torch.Tensor, u: torch.Tensor, act: str = "silu", out: torch.Tensor | None = None, *,
+                flat: bool | None = None, block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    "h = act(g) * u (Triton). flat / block / num_warps: `glu_tile`'s overrides."
     code = _act_code(act)
     g2, u2 = _rows(g), _rows(u)
     R, C = g2.shape
     h = out if out is not None else torch.empty(g.shape, dtype=u.dtype, device=u.device)
     h2 = _rows(h)
-    BLOCK = min(1024, triton.next_power_of_2(C))
-    _glu_fwd_kernel[_grid(R, C, BLOCK)](g2, u2, h2, C, g2.stride(0), u2.stride(0), h2.stride(0), ACT=code, BLOCK=BLOCK)
+    is_flat, BLOCK, warps = glu_tile(C, _flat_ok(g2, u2, h2), flat, block, num_warps)
+    if is_flat:
+        _glu_fwd_flat_kernel[(triton.cdiv(R * C, BLOCK),)](g2, u2, h2, R * C, ACT=code, BLOCK=BLOCK, num_warps=warps)
+    else:
+        _glu_fwd_kernel[(R, triton.cdiv(C, BLOCK))](g2, u2, h2, C, g2.stride(0), u2.stride(0), h2.stride(0), ACT=code,
+                                                    BLOCK=BLOCK, num_warps=warps)
     return h
 
 
 def glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str = "silu", *, inplace: bool = False,
-                 want_h: bool = True):
+                 want_h: bool = True, flat: bool | None = None, block: int | None = None, num_warps: int | None = None):
     """(h, dg, du) from the incoming gradient. ``inplace=True`` writes h over dh, dg over g and du over u
-    (all three must then be writable, row-contiguous buffers that nothing else needs)."""
+    (all three must then be writable, row-contiguous buffers that nothing else needs). flat / block / num_warps:
+    `glu_tile`'s overrides."""
     code = _act_code(act)
     dh2, g2, u2 = _rows(dh), _rows(g), _rows(u)
     R, C = g2.shape
@@ -117,10 +165,14 @@ def glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: str = 
         h2 = torch.empty((R, C), dtype=u.dtype, device=u.device) if want_h else dh2
         dg2 = torch.empty((R, C), dtype=g.dtype, device=g.device)
         du2 = torch.empty((R, C), dtype=u.dtype, device=u.device)
-    BLOCK = min(1024, triton.next_power_of_2(C))
-    _glu_bwd_kernel[_grid(R, C, BLOCK)](dh2, g2, u2, h2, dg2, du2, C, dh2.stride(0), g2.stride(0), u2.stride(0),
-                                        h2.stride(0), dg2.stride(0), du2.stride(0), ACT=code, STORE_H=want_h,
-                                        BLOCK=BLOCK)
+    is_flat, BLOCK, warps = glu_tile(C, _flat_ok(dh2, g2, u2, h2, dg2, du2), flat, block, num_warps)
+    if is_flat:
+        _glu_bwd_flat_kernel[(triton.cdiv(R * C, BLOCK),)](dh2, g2, u2, h2, dg2, du2, R * C, ACT=code, STORE_H=want_h,
+                                                           BLOCK=BLOCK, num_warps=warps)
+    else:
+        _glu_bwd_kernel[(R, triton.cdiv(C, BLOCK))](dh2, g2, u2, h2, dg2, du2, C, dh2.stride(0), g2.stride(0),
+                                                    u2.stride(0), h2.stride(0), dg2.stride(0), du2.stride(0), ACT=code,
+                                                    STORE_H=want_h, BLOCK=BLOCK, num_warps=warps)
     shape = g.shape
     return (h2.view(shape) if want_h else None), dg2.view(shape), du2.view(shape)
 
@@ -129,20 +181,23 @@ class GLUFunction(torch.autograd.Function):
     "Autograd wrapper: saves g and u only."
 
     @staticmethod
-    def forward(ctx, g, u, act: str = "silu"):
-        ctx.act = act
+    def forward(ctx, g, u, act: str = "silu", tile: dict | None = None):
+        ctx.act, ctx.tile = act, tile or {}
         ctx.save_for_backward(g, u)
-        return glu_forward(g, u, act)
+        return glu_forward(g, u, act, **ctx.tile)
 
     @staticmethod
     def backward(ctx, dh):
         g, u = ctx.saved_tensors
-        _, dg, du = glu_backward(dh.contiguous(), g, u, ctx.act, want_h=False)
-        return dg, du, None
+        _, dg, du = glu_backward(dh.contiguous(), g, u, ctx.act, want_h=False, **ctx.tile)
+        return dg, du, None, None
 
 
-def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    return GLUFunction.apply(g, u, act)
+def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu", *, flat: bool | None = None, block: int | None = None,
+        num_warps: int | None = None) -> torch.Tensor:
+    "act(g) * u with its backward. flat / block / num_warps: `glu_tile`'s overrides (benchmark knobs)."
+    tile = {k: v for k, v in (("flat", flat), ("block", block), ("num_warps", num_warps)) if v is not None}
+    return GLUFunction.apply(g, u, act, tile or None)
 
 
 def reference(g: torch.Tensor, u: torch.Tensor, act: str = "silu") -> torch.Tensor:
