@@ -59,3 +59,21 @@ def test_flce_persistent_grid_matches_one_program_per_row(kw):
         assert torch.equal(l0, l1) and torch.equal(g0, g1)
     assert flce.ce_grid(torch.device("cpu")) == (0, 8)
     assert flce.ce_grid(torch.device("cpu"), 2, 16) == (8, 16)
+
+
+@pytest.mark.parametrize("warps", [1, 2, 8])
+def test_rmsnorm_warps_knob_matches_the_default(warps):
+    "num_warps changes only how a row's columns are split over threads: same values and gradients."
+    from ftkit.kernels import rmsnorm
+    torch.manual_seed(3)
+    x = torch.randn(9, 40, requires_grad=True)
+    r = torch.randn(9, 40, requires_grad=True)
+    w = torch.randn(40, requires_grad=True)
+    dy = torch.randn(9, 40)
+    y0, s0 = rmsnorm.add_rms_norm(x, r, w, 1e-6)
+    g0 = torch.autograd.grad((y0, s0), (x, r, w), (dy, dy))
+    y1, s1 = rmsnorm.add_rms_norm(x, r, w, 1e-6, warps=warps)
+    g1 = torch.autograd.grad((y1, s1), (x, r, w), (dy, dy))
+    close(y1, y0, 1e-6)
+    assert torch.equal(s0, s1) and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(g0, g1))
+    assert rmsnorm.rms_tile(896) == (1024, 1, 4) and rmsnorm.rms_tile(896, warps=2) == (1024, 1, 2)
