@@ -1,0 +1,306 @@
+"""Grid / warp tuning of the bandwidth-bound kernels and the fused CE's CE pass, timed the way training runs them.
+
+Two GPU times per op and variant, both from CUDA-graph replay (`triton.testing.do_bench` of the replay, L2 flushed
+before each replay):
+
+- ``single``: one fwd+bwd per graph (bench_kernels.py's "ms (graph)"): at 4k tokens the graph's own launch (a few us)
+  weighs on an op that moves 7-40 MB;
+- ``in-graph``: K fwd+bwd instances on K distinct sets of buffers in one graph (K·bytes >= 256 MiB, so no instance
+  finds another's data in the 50 MiB L2), time / K: what an op costs inside ftkit's whole-decoder graph, where many
+  kernels run back to back and the layers between two RMSNorms evict L2 anyway.
+
+Bandwidth ops are reported against the large copy (1 GiB, the peak) and against a copy that moves the same bytes in the
+same number of kernels, timed both ways. Every variant is checked against the default (bit-exact for GLU / NF4 / CE
+grids, 1e-5 relative for RMSNorm warps) before it is timed.
+
+    python benchmarks/tune_grids.py --out DIR [--ops glu,rms,flce,nf4,rope] [--budget 240]      # GPU
+    python benchmarks/tune_grids.py --tiny                                     # CPU: run every fn once, no timing
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODELS = {  # d, F, V, n_q, n_kv, head_dim
+    "qwen2.5-0.5b": (896, 4864, 151936, 14, 2, 64),
+    "llama-3.2-1b": (2048, 8192, 128256, 32, 8, 64),
+    "llama-3-8b": (4096, 14336, 128256, 32, 8, 128),
+}
+L2_SPAN = 256 << 20
+
+
+def graph_ms(fn, K=1):
+    "Median ms of one replay of a graph holding fn() (warmed up on a side stream), L2 flushed before each replay."
+    import triton.testing
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        fn()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(g.replay, warmup=5, rep=40, return_mode="median")
+    del g
+    return ms / K
+
+
+class Tuner:
+    def __init__(self, a):
+        self.a, self.rows, self.t0 = a, [], time.time()
+        self.cuda = torch.cuda.is_available() and not a.tiny
+        self.dev = "cuda" if self.cuda else "cpu"
+        self.dt = torch.bfloat16 if self.cuda else torch.float32
+        self.copy_cache = {}
+
+    def over(self):
+        return time.time() - self.t0 > self.a.budget
+
+    def k_for(self, nbytes):
+        return 1 if self.a.tiny else max(2, min(8, math.ceil(L2_SPAN / max(nbytes, 1))))
+
+    def time2(self, make, nbytes):
+        """(single ms, in-graph ms, K): `make()` returns a fresh fwd+bwd closure over its own buffers."""
+        if not self.cuda:
+            make()()
+            return float("nan"), float("nan"), 1
+        single = graph_ms(make())
+        K = self.k_for(nbytes)
+        fns = [make() for _ in range(K)]
+        inner = graph_ms(lambda: [f() for f in fns], K)
+        del fns
+        torch.cuda.empty_cache()
+        return single, inner, K
+
+    def copy_ref(self, nbytes, launches):
+        "(single ms, in-graph ms) of `launches` copies moving nbytes in all (read + write)."
+        key = (int(nbytes), launches)
+        if key not in self.copy_cache:
+            n = max(1, int(nbytes // 2 // launches // 2))     # bf16 elements per copy
+
+            def make():
+                pairs = [(torch.empty(n, dtype=torch.bfloat16, device=self.dev),
+                          torch.empty(n, dtype=torch.bfloat16, device=self.dev)) for _ in range(launches)]
+                return lambda: [y.copy_(x) for x, y in pairs]
+            s, i, _ = self.time2(make, nbytes)
+            self.copy_cache[key] = (s, i)
+        return self.copy_cache[key]
+
+    def add(self, **row):
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def bw_row(self, op, model, T, impl, make, nbytes, launches, gate):
+        s, i, K = self.time2(make, nbytes)
+        cs, ci = self.copy_ref(nbytes, launches)
+        pk = self.peaks["copy_GBps"]
+        gb = lambda ms: nbytes / ms / 1e6 if ms == ms else float("nan")          # noqa: E731
+        self.add(op=op, model=model, T=T, impl=impl, ms_single=s, ms_in_graph=i, K=K, GBps_single=gb(s),
+                 GBps_in_graph=gb(i), pct_peak_single=100 * gb(s) / pk, pct_peak_in_graph=100 * gb(i) / pk,
+                 copy_same_single_ms=cs, copy_same_in_graph_ms=ci, pct_same_copy_single=100 * cs / s,
+                 pct_same_copy_in_graph=100 * ci / i, launches=launches, gate=gate)
+
+    # ------------------------------------------------------------------------------------------------------ ops
+    def randn(self, *shape, rg=False):
+        return torch.randn(*shape, device=self.dev, dtype=self.dt).requires_grad_(rg)
+
+    def glu(self, model, T):
+        from ftkit.kernels import glu
+        F = MODELS[model][1] if not self.a.tiny else 45
+        variants = {"default": {}, "rows b1024 w8": dict(flat=False, block=1024, num_warps=8),
+                    "flat b1024 w4": dict(flat=True, block=1024, num_warps=4),
+                    "flat b2048 w4": dict(flat=True, block=2048, num_warps=4),
+                    "flat b2048 w8": dict(flat=True, block=2048, num_warps=8),
+                    "flat b4096 w8": dict(flat=True, block=4096, num_warps=8),
+                    "flat b4096 w16": dict(flat=True, block=4096, num_warps=16)}
+        for act in ("silu", "gelu", "gelu_pytorch_tanh"):
+            def make(tile, act=act):
+                g, u = self.randn(T, F, rg=True), self.randn(T, F, rg=True)
+                dh = self.randn(T, F)
+                return lambda: torch.autograd.grad(glu.glu(g, u, act, **tile), (g, u), dh)
+            torch.manual_seed(0)
+            ref_fn = make({})
+            torch.manual_seed(0)
+            ref = [t.clone() for t in ref_fn()]
+            for name, tile in variants.items():
+                if self.over():
+                    return
+                torch.manual_seed(0)
+                got = make(tile)()
+                ok = all(torch.equal(a, b) for a, b in zip(got, ref))
+                if not ok:
+                    self.add(op=f"glu {act}", model=model, T=T, impl=name, gate="FAIL differs from default")
+                    continue
+                self.bw_row(f"glu {act}", model, T, name, lambda tile=tile: make(tile), 16 * T * F, 2, "bit-exact")
+
+    def rms(self, model, T):
+        from ftkit.kernels import rmsnorm
+        d = MODELS[model][0] if not self.a.tiny else 40
+
+        def make(warps):
+            x = self.randn(T, d, rg=True)
+            w = torch.ones(d, device=self.dev, dtype=self.dt)
+            dy = self.randn(T, d)
+            return lambda: torch.autograd.grad(rmsnorm.rms_norm(x, w, 1e-5, warps=warps), (x,), dy)
+        torch.manual_seed(0)
+        ref = make(None)()[0].float()
+        for warps in (None, 1, 2, 4, 8, 16):
+            if self.over():
+                return
+            torch.manual_seed(0)
+            got = make(warps)()[0].float()
+            err = float((got - ref).abs().max() / ref.abs().max())
+            name = "default" if warps is None else f"w{warps}"
+            if err > 1e-2:
+                self.add(op="rmsnorm", model=model, T=T, impl=name, gate=f"FAIL rel {err:.1e}")
+                continue
+            self.bw_row("rmsnorm frozen w", model, T, name, lambda w_=warps: make(w_), 10 * T * d, 2,
+                        f"rel {err:.1e}")
+
+    def rope(self, model, T):
+        "The forward only (in place, no autograd): q and k read and written once, one launch."
+        from ftkit.kernels import rope
+        _, _, _, hq, hk, D = MODELS[model] if not self.a.tiny else (0, 0, 0, 4, 2, 16)
+
+        def make():
+            q, k = self.randn(1, T, hq, D), self.randn(1, T, hk, D)
+            ang = torch.rand(1, T, D, device=self.dev) * 6.28          # a real rotation: values stay bounded
+            cos, sin = ang.cos().to(self.dt), ang.sin().to(self.dt)
+
+            def f():
+                with torch.no_grad():
+                    return rope.rope_(q, k, cos, sin)
+            return f
+        self.bw_row("rope q+k fwd (in place)", model, T, "default", make, 4 * T * (hq + hk) * D, 1, "")
+
+    def nf4(self, model):
+        from ftkit.kernels import nf4
+        d, Fi = MODELS[model][:2] if not self.a.tiny else (64, 128)
+        n = Fi * d
+
+        def make():
+            w = self.randn(Fi, d)
+            if self.cuda:
+                import bitsandbytes.functional as bnbf
+                q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            else:
+                q, qs = nf4.quantize_reference(w)
+            return lambda: nf4.dequantize(q, qs)
+        self.bw_row(f"nf4 dequant {Fi}x{d}", model, 0, "default", make, n / 2 + n / 64 + 2 * n, 1, "")
+
+    def flce(self, model, T):
+        from ftkit.kernels import flce
+        d, _, V = MODELS[model][:3] if not self.a.tiny else (16, 0, 50)
+        h = self.randn(T, d, rg=True)
+        W = self.randn(V, d) * 0.05
+        y = torch.randint(0, V, (T,), device=self.dev)
+        variants = {"default": {}, "1/SM w16": dict(ce_programs_per_sm=1, ce_warps=16),
+                    "1/SM w32": dict(ce_programs_per_sm=1, ce_warps=32),
+                    "2/SM w16": dict(ce_programs_per_sm=2, ce_warps=16),
+                    "2/SM w8": dict(ce_programs_per_sm=2, ce_warps=8), "4/SM w8": dict(ce_programs_per_sm=4, ce_warps=8),
+                    "1024 rows": dict(min_chunk_rows=1024), "1024 rows 1/SM w16": dict(min_chunk_rows=1024,
+                                                                                      ce_programs_per_sm=1, ce_warps=16)}
+
+        def run(kw):
+            return torch.autograd.grad(flce.linear_cross_entropy(h, W, y, **kw), (h,))
+        ref = run({})[0].clone()
+        flops = 4 * T * d * V
+        for name, kw in variants.items():
+            if self.over():
+                return
+            got = run(kw)[0]
+            same = torch.equal(got, ref) if "rows" not in name else \
+                float((got.float() - ref.float()).abs().max() / ref.float().abs().max()) < 1e-2
+            if not same:
+                self.add(op="flce frozen head", model=model, T=T, impl=name, gate="FAIL differs from default")
+                continue
+            ms = graph_ms(lambda kw=kw: run(kw)) if self.cuda else float("nan")
+            tf = flops / ms / 1e9
+            self.add(op="flce frozen head", model=model, T=T, impl=name, ms_single=ms, TFLOPs=tf,
+                     pct_peak=100 * tf / self.peaks["gemm_TFLOPs"], gate="ok")
+
+
+def measure_peaks(t):
+    if not t.cuda:
+        return {"copy_GBps": float("nan"), "gemm_TFLOPs": float("nan")}
+    import triton.testing
+    x = torch.empty(2**28, device="cuda", dtype=torch.float32)
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=50, return_mode="median")
+    copy = 2 * x.numel() * 4 / ms / 1e6
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median")
+    del x, y, a, b
+    torch.cuda.empty_cache()
+    return {"copy_GBps": copy, "gemm_TFLOPs": 2 * 8192**3 / ms / 1e9}
+
+
+def write(t, out):
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name(0) if t.cuda else "cpu"
+    (out / "tune_grids.json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "peaks": t.peaks,
+                                                     "rows": t.rows}, indent=1))
+    f = lambda v, p=3: "" if v is None or (isinstance(v, float) and v != v) else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [f"# grid tuning on {gpu}", "", f"peaks: copy {t.peaks['copy_GBps']:.0f} GB/s, bf16 GEMM "
+             f"{t.peaks['gemm_TFLOPs']:.0f} TFLOP/s", "",
+             "| op | model | T | impl | ms single | ms in-graph (K) | % peak single | % peak in-graph | % same-size copy "
+             "single | % same-size copy in-graph | TFLOP/s | % GEMM peak | gate |", "|" + "---|" * 13]
+    for r in t.rows:
+        lines.append(f"| {r['op']} | {r['model']} | {r['T']} | {r['impl']} | {f(r.get('ms_single'))} | "
+                     f"{f(r.get('ms_in_graph'))} ({r.get('K', '')}) | {f(r.get('pct_peak_single'), 0)} | "
+                     f"{f(r.get('pct_peak_in_graph'), 0)} | {f(r.get('pct_same_copy_single'), 0)} | "
+                     f"{f(r.get('pct_same_copy_in_graph'), 0)} | {f(r.get('TFLOPs'), 0)} | {f(r.get('pct_peak'), 0)} | "
+                     f"{r.get('gate', '')} |")
+    (out / "tune_grids.md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/tune_grids")
+    ap.add_argument("--ops", default="glu,rms,nf4,flce,rope")
+    ap.add_argument("--tokens", default="4096,16384")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--budget", type=float, default=240)
+    ap.add_argument("--tiny", action="store_true")
+    a = ap.parse_args()
+    t = Tuner(a)
+    t.peaks = measure_peaks(t)
+    print("peaks", t.peaks, flush=True)
+    ops = a.ops.split(",")
+    Ts = [int(x) for x in a.tokens.split(",")] if not a.tiny else [8]
+    models = a.models.split(",")
+    try:
+        for op in ops:
+            for model in models:
+                if op == "nf4":
+                    t.nf4(model)
+                    continue
+                for T in Ts:
+                    if t.over():
+                        break
+                    if op == "flce" and model == "llama-3-8b":
+                        continue
+                    try:
+                        getattr(t, op)(model, T)
+                    except Exception as e:  # noqa: BLE001   one op's failure is a row, not the end of the run
+                        t.add(op=op, model=model, T=T, impl="-", gate=f"ERROR {type(e).__name__}: {str(e)[:120]}")
+                        if t.cuda:
+                            torch.cuda.synchronize()
+    finally:
+        write(t, Path(a.out))
+    print(f"wrote {a.out}/tune_grids.md in {time.time() - t.t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
