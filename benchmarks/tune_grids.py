@@ -219,7 +219,8 @@ class Tuner:
             if self.over():
                 return
             got = run(kw)[0]
-            same = torch.equal(got, ref) if "rows" not in name else \
+            exact = "rows" not in name and kw.get("ce_warps", 8) == 8      # other warps: another lse summation order
+            same = torch.equal(got, ref) if exact else \
                 float((got.float() - ref.float()).abs().max() / ref.float().abs().max()) < 1e-2
             if not same:
                 self.add(op="flce frozen head", model=model, T=T, impl=name, gate="FAIL differs from default")

@@ -120,11 +120,14 @@ def _act_code(act: str) -> int:
 def glu_tile(n_cols: int, flat_ok: bool, flat: bool | None = None, block: int | None = None,
              num_warps: int | None = None) -> tuple[bool, int, int]:
     """(flat, BLOCK, num_warps). ``flat``: one 1-D grid over contiguous g/u/h (only where ``flat_ok``: every tensor's
-    rows are back to back), else one program per (row, column block). The default is the row grid with blocks of up
-    to 1024 columns and 4 warps; the arguments override it (tuning knobs for the benchmark)."""
-    flat = bool(flat) and flat_ok if flat is not None else False
+    rows are back to back), else one program per (row, column block). The default: the flat grid with blocks of 2048
+    elements where the tensors allow it, else rows in blocks of up to 1024 columns; 4 warps. On an H200 (2026-12-01,
+    `benchmarks/results/tune_grids_H200.md`) flat 2048 / 4 warps was the fastest of the seven grids tried at every
+    shape (fwd+bwd, Qwen2.5-0.5B / Llama-3.2-1B / Llama-3-8B at 4k and 16k tokens), most for exact-erf GeGLU, whose
+    rows of F = 4864 left the row grid's last block part empty. The arguments override it (benchmark knobs)."""
+    flat = (bool(flat) if flat is not None else True) and flat_ok
     if block is None:
-        block = 1024 if flat else min(1024, triton.next_power_of_2(n_cols))
+        block = 2048 if flat else min(1024, triton.next_power_of_2(n_cols))
     if block < 1 or block & (block - 1):
         raise ValueError(f"GLU block must be a power of two, got {block}")
     return flat, int(block), int(num_warps or 4)
