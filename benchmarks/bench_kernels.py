@@ -1,23 +1,32 @@
-"""Per-kernel benchmark of ftkit.kernels against eager PyTorch, torch.compile, Liger and bitsandbytes.
+"""Per-kernel benchmark of ftkit.kernels against eager PyTorch, torch.compile, Liger, Cut-Cross-Entropy, bitsandbytes.
 
 Shapes: Qwen2.5-0.5B, Llama-3.2-1B and Llama-3-8B layers at T in {4k, 16k, 64k} tokens (the largest only where it
-fits the time budget). Before any timing, each ftkit op is checked against the eager result at that shape
-(relative error gate); a failed gate is recorded and the row is not timed. Each op and impl gets two times:
-"ms (launch)", the median of triton.testing.do_bench over the eager call (L2 flushed; at small sizes this is the CPU's
-Python / autograd dispatch), and "ms (graph)", the median GPU time of the same fwd+bwd captured once in a CUDA graph and
-replayed (L2 flushed before each replay; what training sees, since ftkit replays the decoder as one graph). GB/s or
-TFLOP/s and % of peak are given for both, against the copy bandwidth and the bf16 GEMM rate measured in the same run;
-also peak memory above the inputs and, for LoRA MLP, the bytes saved for backward.
+fits the time budget and memory). Ops: NF4 dequantization, SwiGLU / GeGLU, RMSNorm, RoPE (bandwidth-bound, GB/s),
+LoRA MLP, LoRA QKV and LoRA O (r16, peft eager / peft compiled / ftkit's fused node, TFLOP/s) and the fused linear
+cross-entropy (ftkit / eager / compile / Liger / Cut-Cross-Entropy, TFLOP/s). Before any timing, each op is checked
+against the eager result at that shape (relative error gate); a failed gate is recorded and the row is not timed.
+Each op and impl gets two times: "ms (launch)", the median of triton.testing.do_bench over the eager call (L2 flushed;
+at small sizes this is the CPU's Python / autograd dispatch), and "ms (graph)", the median GPU time of the same
+fwd+bwd captured once in a CUDA graph and replayed (L2 flushed before each replay; what training sees, since ftkit
+replays the decoder as one graph). GB/s or TFLOP/s and % of peak are given for both, against the copy bandwidth and
+the bf16 GEMM rate measured in the same run. The bandwidth-bound rows also get a same-size copy reference: plain
+copy_ calls moving the op's bytes in as many launches as ftkit's fwd+bwd, graph-timed the same way ("% of same-size
+copy"). Also peak memory above the inputs and, for the LoRA ops, the activation bytes saved for backward.
+Tuning rows (knobs of the kernels beside their defaults) are added for NF4, RMSNorm, GLU and fused CE where the
+installed ftkit.kernels has that knob (checked by signature).
 
     python benchmarks/bench_kernels.py --out benchmarks/results       # GPU: kernels_<gpu>.json / .md
     python benchmarks/bench_kernels.py --ops nf4,swiglu,rmsnorm --graph-only      # GPU: only the replayed times
     python benchmarks/bench_kernels.py --ops rmsnorm,geglu,swiglu,flce --budget 200  # GPU: the bandwidth ops + fused CE
+    python benchmarks/bench_kernels.py --ops lora_qkv,lora_o,lora_mlp --graph-only --budget 300  # GPU: the LoRA ops
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --tiny --out /tmp/kb    # CPU smoke test of the script
 """
 import argparse
+import inspect
 import json
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -41,9 +50,10 @@ def parse():
     ap.add_argument("--budget", type=float, default=330, help="seconds; rows after this are skipped (recorded)")
     ap.add_argument("--tokens", default="4096,16384,65536")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--ops", help="comma list to run only some: nf4,swiglu,geglu,rms,rope,lora_mlp,lora_mlp_nf4,flce,"
-                    "flce_train (glu = swiglu; geglu = its erf and tanh rows, geglu_erf / geglu_tanh one of them; "
-                    "rmsnorm = rms)")
+    ap.add_argument("--ops", help="comma list to run only some: nf4,swiglu,geglu,rms,rope,lora_mlp,lora_mlp_nf4,"
+                    "lora_qkv,lora_o,flce,flce_train (glu = swiglu; geglu = its erf and tanh rows, geglu_erf / "
+                    "geglu_tanh one of them; rmsnorm = rms; lora_attn = lora_qkv + lora_o; lora = lora_mlp + lora_qkv + "
+                    "lora_o)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--graph-only", action="store_true", help="skip the do_bench launch timing: CUDA-graph replay only")
     g.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timing (the old table)")
@@ -53,23 +63,27 @@ def parse():
                     help="also time the NF4 kernel at other tile sizes / warps / bf16 rounding (tuning rows)")
     ap.add_argument("--rms-variants", action=argparse.BooleanOptionalAction, default=True,
                     help="also time RMSNorm with one row per program and with twice the default rows (tuning rows)")
+    ap.add_argument("--glu-variants", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time SwiGLU / GeGLU with the flat (1-D grid) and row kernels at other blocks / warps "
+                         "(tuning rows; only where ftkit.kernels.glu.glu takes flat / block / num_warps)")
     ap.add_argument("--flce-variants", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time fused CE with other chunk sizes / CE column blocks (tuning rows; Qwen2.5-0.5B at "
-                         "every T, the others at the first T)")
+                    help="also time fused CE with other chunk sizes and CE-kernel grids (tuning rows, each only where "
+                         "ftkit.kernels.flce takes its knob; Qwen2.5-0.5B at every T, the others at the first T)")
     return ap.parse_args()
 
 
-OP_ALIASES = {"glu": ("swiglu",), "geglu": ("geglu", "geglu_tanh"), "geglu_erf": ("geglu",), "rmsnorm": ("rms",)}
+OP_ALIASES = {"glu": ("swiglu",), "geglu": ("geglu", "geglu_tanh"), "geglu_erf": ("geglu",), "rmsnorm": ("rms",),
+              "lora_attn": ("lora_qkv", "lora_o"), "lora": ("lora_mlp", "lora_qkv", "lora_o")}
 
 
 def versions():
     v = {"torch": torch.__version__}
     from importlib.metadata import version
-    for m in ["triton", "transformers", "peft", "liger_kernel", "bitsandbytes"]:
+    for m in ["triton", "transformers", "peft", "liger_kernel", "bitsandbytes", "cut_cross_entropy"]:
         try:
             v[m] = version(m.replace("_", "-"))
         except Exception as e:  # noqa: BLE001
-            v[m] = f"n/a ({type(e).__name__})"
+            v[m] = "n/a (not installed)" if type(e).__name__ == "PackageNotFoundError" else f"n/a ({type(e).__name__})"
     v["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (TRITON_INTERPRET)"
     return v
 
@@ -89,6 +103,7 @@ class Bench:
         self.graph_off = ""        # why CUDA-graph timing is off for the rest of the run ("" while it is on)
         self.rng_cpu = False       # the CUDA generator could not be repaired: random inputs are drawn on the CPU
         self.cpu_gen = torch.Generator().manual_seed(0)
+        self.copy_cache = {}       # (bytes, launches) -> (ms, note) of the same-size copy reference
 
     def over(self):
         return time.time() - self.t0 > self.a.budget
@@ -236,10 +251,45 @@ class Bench:
                           "could not be repaired (inputs drawn on the CPU from here)")
         return self.graph_off
 
-    def timed(self, fn, grad_to_none=None, *, nbytes=None, flops=None, peaks=None, gate="", after=None, **row):
+    def copy_ref_ms(self, nbytes, launches):
+        """(ms, note): the same-size copy reference of a bandwidth-bound op, timed like `graph_ms` (one CUDA graph, L2
+        flushed before each replay): `launches` plain copy_ calls, each from its own buffer of nbytes / (2·launches)
+        bytes into another, so together they read + write the op's nbytes in as many kernels as the op's fwd+bwd.
+        Measured once per (nbytes, launches) in a run; (None, "") with --no-graph, (None, why) if it could not run."""
+        key = (int(round(nbytes)), int(launches))
+        if key not in self.copy_cache:
+            self.copy_cache[key] = self._copy_ms(*key)
+        return self.copy_cache[key]
+
+    def _copy_ms(self, nbytes, launches):
+        if self.a.no_graph:
+            return None, ""
+        if self.graph_off:
+            return None, f"graph n/a: {self.graph_off}"
+        elt = torch.empty(0, dtype=self.dt).element_size()
+        n = max(1, round(nbytes / (2 * launches * elt)))
+        try:
+            bufs = [(torch.empty(n, device=self.dev, dtype=self.dt), torch.empty(n, device=self.dev, dtype=self.dt))
+                    for _ in range(launches)]
+        except torch.OutOfMemoryError:
+            self._release()
+            return None, f"OOM for {2 * n * elt * launches / 2**30:.1f} GiB of copy buffers"
+
+        def fn():
+            for dst, src in bufs:
+                dst.copy_(src)
+        try:
+            return self.graph_ms(fn)
+        finally:
+            del bufs
+            self._release()
+
+    def timed(self, fn, grad_to_none=None, *, nbytes=None, flops=None, peaks=None, gate="", after=None,
+              copy_ref=None, **row):
         """Both timings of fn, their rates against the run's peaks, the fields of after() (peak memory), the row added.
         A TFLOP/s rate above 105 % of the measured GEMM peak is flagged in the gate column (a replay that skipped
-        work, or a wrong FLOP count)."""
+        work, or a wrong FLOP count). copy_ref=(nbytes, launches): also the same-size copy reference (`copy_ref_ms`)
+        and the graph time as a fraction of it (equal bytes, so the rate ratio is the time ratio)."""
         def extra_fields():
             try:
                 return after()
@@ -262,6 +312,13 @@ class Bench:
                 row["pct_peak" + key] = row["TFLOPs" + key] / peaks["gemm_TFLOPs"]
                 if row["pct_peak" + key] > 1.05:
                     checks.append(f"CHECK: TFLOP/s{' (graph)' if key else ''} above the GEMM peak")
+        if copy_ref is not None and not self.a.no_graph:
+            cms, cnote = self.copy_ref_ms(*copy_ref)
+            row["copy_ms_graph"], row["copy_launches"] = cms, int(copy_ref[1])
+            if cms is not None and msg is not None:
+                row["pct_copy_graph"] = cms / msg if msg > 0 else float("nan")
+            if cnote:
+                checks.append(f"copy ref: {cnote}")
         row["gate"] = "; ".join(x for x in (gate, note, *checks) if x)
         self.add(**row)
         return row
@@ -281,8 +338,7 @@ class Bench:
     def add(self, **row):
         self.rows.append(row)
         keys = ["op", "model", "T", "impl", "ms", "ms_graph", "GBps", "GBps_graph", "TFLOPs", "TFLOPs_graph",
-                "pct_peak",
-                "pct_peak_graph", "peak_MiB", "saved_MiB", "gate"]
+                "pct_peak", "pct_peak_graph", "copy_ms_graph", "pct_copy_graph", "peak_MiB", "saved_MiB", "gate"]
         print(" ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}"
                        for k in keys if k in row), flush=True)
 
@@ -290,6 +346,28 @@ class Bench:
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / (b.norm() + 1e-12)).item()
+
+
+def takes(fn, names) -> bool:
+    "Whether fn's signature has all these parameters (kernel knobs that may not have landed in this ftkit yet)."
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(n in params for n in names)
+
+
+def raise_recompile_limit(n=64):
+    """Every compiled row compiles the same code objects (PeftModel.forward, the eager lambdas) at a new shape or
+    closure: past Dynamo's per-code-object limit (8) it would silently run them eagerly and the 'compile' rows
+    would time eager code. One run compiles fewer than n variants of any of them."""
+    try:
+        import torch._dynamo.config as dc
+    except Exception:  # noqa: BLE001
+        return
+    for k in ("recompile_limit", "cache_size_limit"):      # the name changed across torch versions (alias in between)
+        if hasattr(dc, k):
+            setattr(dc, k, max(n, getattr(dc, k)))
 
 
 def maybe_compile(fn, a):
@@ -320,9 +398,69 @@ def _liger_glu(act):
     return None
 
 
+GLU_VARIANTS = {  # tuning rows: kernels.glu.glu's grid knobs, only where glu.glu takes them (flat: contiguous g/u/h
+    # as one 1-D array, `block` elements per program; flat=False: the row kernel, a 2-D grid of (row, column block))
+    "ftkit rows b1024 w4": dict(flat=False, block=1024, num_warps=4),
+    "ftkit flat b1024 w4": dict(flat=True, block=1024, num_warps=4),
+    "ftkit flat b2048 w8": dict(flat=True, block=2048, num_warps=8),
+    "ftkit flat b4096 w8": dict(flat=True, block=4096, num_warps=8),
+    "ftkit flat b4096 w16": dict(flat=True, block=4096, num_warps=16),
+}
+# Triton launches of ftkit's fwd+bwd as kernels/*.py had them when this was written: the same-size copy reference makes
+# as many. Only a fallback: `op_launches` counts them at run time, since the kernels change (RoPE is going from one
+# launch per tensor and direction to one per direction). GLU: _glu_fwd_kernel + _glu_bwd_kernel (either grid);
+# RMSNorm (frozen w): _rms_fwd_kernel + _rms_bwd_kernel; RoPE: _rope_kernel on q and k, forward and backward; NF4: one
+# _nf4_kernel. Torch ops around them (the bench's `* 1` copies before RoPE) are in neither the launches nor the bytes.
+LAUNCHES = {"glu": 2, "rms": 2, "rope": 4, "nf4": 1}
+
+
+def triton_launches(fn):
+    "Triton kernel launches during one call of fn (counted at JITFunction / the interpreter's `run`), or None."
+    try:
+        from triton.runtime.jit import JITFunction
+        classes = [JITFunction]
+    except Exception:  # noqa: BLE001
+        return None
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        classes.append(InterpretedFunction)
+    except Exception:  # noqa: BLE001
+        pass
+    n = [0]
+    saved = [(c, c.__dict__["run"]) for c in classes if "run" in c.__dict__]
+
+    def counting(orig):
+        def run(self, *args, **kwargs):
+            if not kwargs.get("warmup", False):
+                n[0] += 1
+            return orig(self, *args, **kwargs)
+        return run
+    try:
+        for c, orig in saved:
+            c.run = counting(orig)
+        fn()
+    finally:
+        for c, orig in saved:
+            c.run = orig
+    return n[0] if saved else None
+
+
+def op_launches(kind, fn, grads=()):
+    """Launches for the same-size copy reference: the Triton launches of one untimed call of ftkit's fwd+bwd `fn`
+    (the .grad of `grads` cleared afterwards), or LAUNCHES[kind] when they cannot be counted."""
+    try:
+        n = triton_launches(fn)
+    except Exception:  # noqa: BLE001
+        n = None
+    for t in grads:
+        t.grad = None
+    return n if n else LAUNCHES[kind]
+
+
 def bench_glu(B, model, T, peaks, op="swiglu"):
     """act(g)·u fwd+bwd on (T, F) halves: SwiGLU, or GeGLU with the exact (erf) or the tanh GELU. Every impl other
-    than eager is gated against eager (relative error < 1e-2) before it is timed."""
+    than eager is gated against eager (relative error < 1e-2) before it is timed. With --glu-variants, the
+    GLU_VARIANTS rows too where glu.glu has those knobs."""
     from ftkit.kernels import glu
     act, label = GLU_OPS[op]
     d, Fi = (MODELS[model][:2]) if not B.a.tiny else (32, 48)
@@ -337,9 +475,13 @@ def bench_glu(B, model, T, peaks, op="swiglu"):
     lig = _liger_glu(act)
     if lig is not None:
         impls["liger"] = lig
+    if B.a.glu_variants and takes(glu.glu, ("flat", "block", "num_warps")):
+        for vname, kw in GLU_VARIANTS.items():
+            impls[vname] = (lambda kw_: lambda a, b: glu.glu(a, b, act, **kw_))(kw)
     with torch.no_grad():
         ref = eager(g, u)
     nbytes = 2 * T * Fi * (3 + 5)      # fwd reads g,u writes h; bwd reads dy,g,u writes dg,du (ftkit contract 5)
+    launches = op_launches("glu", lambda: impls["ftkit"](g, u).backward(dy), [g, u])
     for name, f in impls.items():
         gate = ""
         if name != "eager":
@@ -354,7 +496,7 @@ def bench_glu(B, model, T, peaks, op="swiglu"):
                 continue
             gate = f"ok rel {err:.1e}"
         B.timed(lambda: f(g, u).backward(dy), [g, u], nbytes=nbytes, peaks=peaks, op=label, model=model,
-                T=T, impl=name, gate=gate)
+                T=T, impl=name, gate=gate, copy_ref=(nbytes, launches))
 
 
 def bench_rms(B, model, T, peaks):
@@ -379,12 +521,14 @@ def bench_rms(B, model, T, peaks):
             impls[f"ftkit rows{r}"] = (lambda r_: lambda a: rmsnorm.rms_norm(a, w, 1e-5, rows=r_))(r)
     err = max(rel(f(x), eager(x)) for n, f in impls.items() if n.startswith("ftkit"))
     nbytes = 2 * T * d * (2 + 3)
+    launches = op_launches("rms", lambda: impls["ftkit"](x).backward(dy), [x])
     for name, f in impls.items():
         if err > 1e-2 and name.startswith("ftkit"):
             B.add(op="rmsnorm fwd+bwd (frozen w)", model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
             continue
         B.timed(lambda: f(x).backward(dy), [x], nbytes=nbytes, peaks=peaks, op="rmsnorm fwd+bwd (frozen w)",
-                model=model, T=T, impl=name, gate=f"ok rel {err:.1e}" if name.startswith("ftkit") else "")
+                model=model, T=T, impl=name, gate=f"ok rel {err:.1e}" if name.startswith("ftkit") else "",
+                copy_ref=(nbytes, launches))
 
 
 def bench_rope(B, model, T, peaks):
@@ -416,6 +560,7 @@ def bench_rope(B, model, T, peaks):
     e = eager(q, k)
     err = max(rel(x, y) for x, y in zip(ours(q, k), e))
     nbytes = 2 * T * (nq + nkv) * D * 4          # fwd + bwd, read + write each
+    launches = op_launches("rope", lambda: torch.autograd.backward(ours(q, k), (dq, dk)), [q, k])   # `* 1`: no Triton
     for name, f in impls.items():
         if err > 1e-2 and name == "ftkit":
             B.add(op="rope q+k fwd+bwd", model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
@@ -425,7 +570,7 @@ def bench_rope(B, model, T, peaks):
             a, b = f(q, k)
             torch.autograd.backward((a, b), (dq, dk))
         B.timed(step, [q, k], nbytes=nbytes, peaks=peaks, op="rope q+k fwd+bwd", model=model, T=T, impl=name,
-                gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
+                gate=f"ok rel {err:.1e}" if name == "ftkit" else "", copy_ref=(nbytes, launches))
 
 
 NF4_VARIANTS = {  # tuning rows: kernels.nf4.dequantize's knobs beside its default (chunk 2048 bytes, 4 warps)
@@ -454,13 +599,14 @@ def bench_nf4(B, model, peaks):
         ref = nf4.reference(q, qs)
     n = Fi * d
     nbytes = n / 2 + n / 64 + 2 * n
+    launches = op_launches("nf4", impls["ftkit"])
     for name, f in impls.items():
         exact = torch.equal(f(), ref)          # every impl / variant against bnb (GPU) or the reference (CPU)
         if not exact:
             B.add(op=f"nf4 dequant {Fi}x{d} (double quant)", model=model, T=0, impl=name, gate="FAIL not bit-exact")
             continue
         B.timed(f, nbytes=nbytes, peaks=peaks, op=f"nf4 dequant {Fi}x{d} (double quant)", model=model, T=0, impl=name,
-                gate="bit-exact")
+                gate="bit-exact", copy_ref=(nbytes, launches))
 
 
 def _peft_mlp(B, model, r, qlora=False):
@@ -498,14 +644,17 @@ def _peft_mlp(B, model, r, qlora=False):
     return p.train()
 
 
-def saved_bytes(fn):
-    "Bytes of the distinct storages fn's autograd graph saves for backward (the output and its graph are dropped)."
+def saved_bytes(fn, exclude=()):
+    """Bytes of the distinct storages fn's autograd graph saves for backward (the output and its graph are dropped),
+    not counting the storages of the tensors in `exclude` (the module's parameters: the frozen base weights that
+    F.linear saves for dX are no activation memory). The input x is counted."""
     tot = [0]
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen = set()
 
     def pack(t):
         key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen:
+        if key not in seen and key[0] not in skip:
             seen.add(key)
             tot[0] += t.untyped_storage().nbytes()
         return t
@@ -515,12 +664,29 @@ def saved_bytes(fn):
     return tot[0]
 
 
+def mem_short(B, need):
+    "Why a row needing about `need` bytes of GPU memory is not run ('' when it fits; always '' on the CPU)."
+    if not B.cuda:
+        return ""
+    free, _ = torch.cuda.mem_get_info()
+    if need < 0.85 * free:
+        return ""
+    return f"not run: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
+
+
 def bench_lora_mlp(B, model, T, peaks, r=16, qlora=False):
     """LoRA on gate, up and down of one MLP, forward + backward: peft eager, peft under torch.compile, ftkit's fused
     node. One step is `torch.autograd.grad(y, [x, *LoRA params], dy)`: fresh gradient tensors, no .grad accumulation
     and no AccumulateGrad node outliving its step, so the CUDA-graph capture (on its own stream) sees none from the
     launch timing on the default stream. All inputs and weights are made before any timing; no dropout (no RNG)."""
     d, Fi = MODELS[model][:2] if not B.a.tiny else (32, 48)
+    elt = torch.empty(0, dtype=B.dt).element_size()
+    # peft eager at its peak: x, dy, dx, the saved g, up, act(g), h and the backward's dh, dg, du, d act(g) (T x F
+    # each), with room to spare; 64k tokens of Llama-3-8B come to about 20 GiB
+    why = mem_short(B, (10 * T * Fi + 4 * T * d) * elt)
+    if why:
+        B.add(op=f"lora mlp r{r} fwd+bwd" + (" NF4 base" if qlora else ""), model=model, T=T, impl="-", gate=why)
+        return
     x = B.randn(1, T, d, requires_grad=True)
     dy = B.randn(1, T, d)
     flops = 12 * T * d * Fi + 18 * T * r * (d + Fi)   # base: 3 fwd + 3 dX GEMMs (frozen W); LoRA: 6·T·r·(in+out) each
@@ -560,7 +726,7 @@ def bench_lora_mlp(B, model, T, peaks, r=16, qlora=False):
         if name == "ftkit" and err > 2e-2:
             B.add(op=label, model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
             continue
-        sb = saved_bytes(lambda: fwd(m))
+        sb = saved_bytes(lambda: fwd(m), exclude=list(m.parameters()))
         wrt = [x] + [p for p in m.parameters() if p.requires_grad]
         f = step(m, wrt)
         B.timed(f, flops=flops, peaks=peaks, op=label, model=model, T=T, impl=name,
@@ -568,28 +734,186 @@ def bench_lora_mlp(B, model, T, peaks, r=16, qlora=False):
                 gate=f"ok rel {err:.1e}" if name == "ftkit" else "")
 
 
+def _attn_shape(B, model):
+    "(d, n_q, n_kv, head_dim) of the model's attention (tiny: 32, 4, 2, 8)."
+    if B.a.tiny:
+        return 32, 4, 2, 8
+    d, _, _, nq, nkv, D = MODELS[model]
+    return d, nq, nkv, D
+
+
+ATTN_PROJS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",)}
+
+
+def _peft_attn(B, model, r, which):
+    """One attention block of the model's family (transformers' Qwen2Attention for Qwen2.5, whose q/k/v have a bias;
+    LlamaAttention otherwise) with random weights and LoRA r on q/k/v (which='qkv') or o (which='o') only, so every
+    LoRA parameter gets a gradient; lora_B non-zero, no dropout. Its forward calls only those projections: q, k, v as
+    (1, T, H, D) like the attention's first lines (no RoPE, no attention), or o_proj's output, always a tuple."""
+    from peft import LoraConfig, get_peft_model
+    d, nq, nkv, D = _attn_shape(B, model)
+    if model.startswith("qwen"):
+        from transformers import Qwen2Config as Cfg
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention as Attn
+    else:
+        from transformers import LlamaConfig as Cfg
+        from transformers.models.llama.modeling_llama import LlamaAttention as Attn
+    cfg = Cfg(hidden_size=d, intermediate_size=4 * d, num_attention_heads=nq, num_key_value_heads=nkv,
+              num_hidden_layers=1)
+    cfg.head_dim = D
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Attn(cfg, layer_idx=0)
+
+        def forward(self, x):
+            a = self.self_attn
+            if which == "o":
+                return (a.o_proj(x),)
+            return tuple(getattr(a, p)(x).view(*x.shape[:-1], -1, D) for p in ATTN_PROJS["qkv"])
+    torch.manual_seed(0)
+    m = Wrap().to(B.dev, B.dt)
+    p = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(ATTN_PROJS[which])))
+    gen = torch.Generator().manual_seed(1)       # on the CPU: building a row never touches the CUDA generator
+    with torch.no_grad():
+        for n, t in p.named_parameters():
+            if "lora_B" in n:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
+    return p.train()
+
+
+def bench_lora_attn(B, model, T, peaks, which="qkv", r=16):
+    """LoRA QKV (q/k/v of one attention: outputs q, k, v; no RoPE, no attention) or LoRA O (o_proj, n_q·head_dim ->
+    d), forward + backward: peft eager, peft under torch.compile(dynamic=False) (not for Llama-3-8B, as the MLP), and
+    ftkit's fused node called as training calls it: for QKV `patch._qkv(attn, x, True)` (what ftkit's attention
+    forward runs: one LoRAProjFunction node over the three LoRAProj built by `lora_proj_of`), for O
+    `patch._lora_linear_forward`, the forward patch.py installs on o_proj. A step is `torch.autograd.grad(outputs,
+    [x, *LoRA params], douts)` as in bench_lora_mlp. Every impl but peft eager is gated on its outputs and all its
+    gradients (relative error < 2e-2) before it is timed."""
+    from ftkit.kernels.patch import _lora_linear_forward, _qkv, lora_problem
+    d, nq, nkv, D = _attn_shape(B, model)
+    din, outs = (d, [nq * D, nkv * D, nkv * D]) if which == "qkv" else (nq * D, [d])
+    label = f"lora {which} r{r} fwd+bwd"
+    x = B.randn(1, T, din, requires_grad=True)
+    flops = sum(4 * T * din * o + 6 * T * r * (din + o) for o in outs)   # each: base fwd + dX, LoRA 6·T·r·(in+out)
+    peft = _peft_attn(B, model, r, which)
+    attn = peft.get_base_model().self_attn
+    probs = {n: lora_problem(getattr(attn, n)) for n in ATTN_PROJS[which]}
+    if any(probs.values()):
+        B.add(op=label, model=model, T=T, impl="ftkit", gate=f"FAIL not fusable: {probs}")
+        return
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if B.cuda else \
+        (lambda: torch.autocast("cpu", enabled=False))
+
+    def run(fn):
+        with ctx():
+            return fn()
+    impls = {"peft eager": lambda: peft(x)}
+    if not B.a.tiny and not B.a.no_compile and model != "llama-3-8b":
+        comp = torch.compile(peft, dynamic=False)
+        impls["peft compiled"] = lambda: comp(x)
+    if which == "qkv":
+        attn._ftkit_qk_norm = False          # what patch.py sets on an attention without q/k norms (all three here)
+        impls["ftkit"] = lambda: _qkv(attn, x, True)
+    else:
+        impls["ftkit"] = lambda: (_lora_linear_forward(attn.o_proj, x),)
+    wrt = [x] + [p for p in peft.parameters() if p.requires_grad]
+    ref = run(impls["peft eager"])
+    douts = [B.randn(*t.shape) for t in ref]
+    ref_g = [g.detach() for g in torch.autograd.grad(ref, wrt, douts)]
+    ref = [t.detach() for t in ref]
+
+    def check(name, fn):
+        "(forward rel error, gradient rel error), the worst over outputs / gradients, or a reason string."
+        out = run(fn)
+        if name == "ftkit" and which == "o" and "LoRAProj" not in type(out[0].grad_fn).__name__:
+            return f"FAIL ran {type(out[0].grad_fn).__name__}, not the fused node (patch's forward fell back to peft)"
+        ef = max(rel(a.detach(), b) for a, b in zip(out, ref))
+        eg = max(rel(a, b) for a, b in zip(torch.autograd.grad(out, wrt, douts), ref_g))
+        return ef, eg
+
+    def step(fn):
+        def f():
+            o = run(fn)
+            gs = torch.autograd.grad(o, wrt, douts)
+            del o, gs
+        return f
+    for name, fn in impls.items():
+        gate = ""
+        if name != "peft eager":
+            try:
+                res = check(name, fn)
+            except Exception as e:  # noqa: BLE001
+                B.add(op=label, model=model, T=T, impl=name, gate=f"ERROR {_short(e)}")
+                continue
+            if isinstance(res, str) or not (res[0] < 2e-2 and res[1] < 2e-2):
+                B.add(op=label, model=model, T=T, impl=name,
+                      gate=res if isinstance(res, str) else f"FAIL rel fwd {res[0]:.2e} grad {res[1]:.2e}")
+                continue
+            gate = f"ok rel fwd {res[0]:.1e} grad {res[1]:.1e}"
+        sb = saved_bytes(lambda: run(fn), exclude=list(peft.parameters()))
+        f = step(fn)
+        B.timed(f, flops=flops, peaks=peaks, op=label, model=model, T=T, impl=name,
+                after=lambda: dict(peak_MiB=B.peak(f) / 2**20, saved_MiB=sb / 2**20), gate=gate)
+
+
 FLCE_VARIANTS = {  # tuning rows: kernels.flce's chunk / CE-kernel knobs beside its default (256 MiB of logits per chunk)
     "ftkit 512-row chunks (old)": lambda V: dict(chunk_bytes=512 * V * 2),
     "ftkit >=1024-row chunks": lambda V: dict(min_chunk_rows=1024),
     "ftkit >=2048-row chunks": lambda V: dict(min_chunk_rows=2048),
+    # the CE kernel as a persistent grid of k programs per SM looping over the chunk's rows (None: one program per row)
+    "ftkit ce 1/SM w16": lambda V: dict(ce_programs_per_sm=1, ce_warps=16),
+    "ftkit ce 2/SM w16": lambda V: dict(ce_programs_per_sm=2, ce_warps=16),
+    "ftkit ce 2/SM w8": lambda V: dict(ce_programs_per_sm=2, ce_warps=8),
+    "ftkit ce 4/SM w8": lambda V: dict(ce_programs_per_sm=4, ce_warps=8),
 }
 
 
+def _cce():
+    """(linear_cross_entropy, graphable or None, "") from Cut-Cross-Entropy, or (None, None, why it is missing).
+    linear_cross_entropy(e (N, d), c (V, d), targets, ignore_index, softcap, reduction, shift, filter_eps, impl) is
+    its public call; it finds the ignored targets with nonzero(), a host sync that a CUDA-graph capture cannot take.
+    graphable(e, c, targets, reduction, filter_eps) is the same autograd function (cce.linear_cross_entropy_apply)
+    with valids=None, which is what the public call passes when no target is ignored (never here: labels are drawn in
+    [0, V)), so the graph column has a CCE time; None where those internals are not there (checked for 25.1.1)."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception as e:  # noqa: BLE001
+        return None, None, "not installed" if isinstance(e, ModuleNotFoundError) else _short(e)
+    try:
+        from cut_cross_entropy.cce import CCEParams, linear_cross_entropy_apply
+        from cut_cross_entropy.utils import _handle_eps
+
+        def graphable(e, c, targets, reduction="mean", filter_eps="high"):
+            params = CCEParams(targets=targets.contiguous(), valids=None, softcap=None, reduction=reduction,
+                               filter_eps=_handle_eps(filter_eps, e.dtype), shift=False, batch_shape=targets.size())
+            return linear_cross_entropy_apply(e.contiguous(), c, params)
+    except Exception:  # noqa: BLE001
+        graphable = None
+    return linear_cross_entropy, graphable, ""
+
+
 def bench_flce(B, model, T, peaks, trainable=False, variants=False):
-    "variants: also the FLCE_VARIANTS rows (each gated like ftkit)."
+    """ftkit's fused linear CE against eager / compile (full logits, up to 16k x 152k), Liger and Cut-Cross-Entropy
+    (`_cce`: its public call, and the same function without its host sync so that it can be graph-timed). Every impl
+    but eager / compile is gated on the loss against the fp32 reference. variants: also the FLCE_VARIANTS rows whose
+    knobs flce.linear_cross_entropy takes (each gated like ftkit) and CCE with filter_eps=None (exact gradients)."""
     from ftkit.kernels import flce
     d, _, V = MODELS[model][:3] if not B.a.tiny else (32, 0, 500)
     h = B.randn(T, d, requires_grad=True)
     W = (B.randn(V, d, dtype=torch.float32) / math.sqrt(d)).to(B.dt).requires_grad_(trainable)
     y = B.randint(V, (T,))
+    label = f"fused linear CE fwd+bwd ({'trainable' if trainable else 'frozen'} head)"
 
     def eager(h_, W_):
         return torch.nn.functional.cross_entropy((h_ @ W_.t()).float(), y)
     impls = {"ftkit": lambda h_, W_: flce.linear_cross_entropy(h_, W_, y, reduction="mean")}
     if variants:
         for vname, kw in FLCE_VARIANTS.items():
-            impls[vname] = (lambda kw_: lambda h_, W_: flce.linear_cross_entropy(h_, W_, y, reduction="mean",
-                                                                                **kw_))(kw(V))
+            if takes(flce.linear_cross_entropy, kw(V)):
+                impls[vname] = (lambda kw_: lambda h_, W_: flce.linear_cross_entropy(h_, W_, y, reduction="mean",
+                                                                                    **kw_))(kw(V))
     if T * V <= 16384 * 151936:
         impls["eager"] = eager
         c = maybe_compile(eager, B.a)
@@ -601,14 +925,35 @@ def bench_flce(B, model, T, peaks, trainable=False, variants=False):
         impls["liger"] = lambda h_, W_: lig(W_, h_, y)
     except Exception:  # noqa: BLE001
         pass
-    ref = flce.reference(h.detach().float(), W.detach().float(), y, reduction="mean")
-    errs = {n: abs(f(h, W).detach().item() - ref.item()) / abs(ref.item())
-            for n, f in impls.items() if n.startswith("ftkit")}
+    cce, cce_graphable, why = _cce()
+    if cce is not None:
+        # reduction="mean" like every other impl here (no ignored labels: sum / T); CCE has no bias argument. Its
+        # default filter_eps="high" skips gradient blocks below bf16 resolution; filter_eps=None is exact.
+        impls["cce"] = lambda h_, W_: cce(h_, W_, y, reduction="mean")
+        if cce_graphable is not None:
+            impls["cce graphable"] = lambda h_, W_: cce_graphable(h_, W_, y, reduction="mean")
+            if variants:
+                impls["cce graphable filter_eps=None"] = lambda h_, W_: cce_graphable(h_, W_, y, reduction="mean",
+                                                                                      filter_eps=None)
+    ref = flce.reference(h.detach().float(), W.detach().float(), y, reduction="mean").item()
+    errs = {}                # impl -> relative loss error, or the exception that stopped its gate
+    for n, f in impls.items():
+        if n in ("eager", "compile"):
+            continue
+        try:
+            out = f(h, W)
+            out = out[0] if isinstance(out, tuple) else out
+            errs[n] = abs(out.detach().item() - ref) / abs(ref)
+            del out
+        except Exception as e:  # noqa: BLE001
+            errs[n] = e
     flops = (6 if trainable else 4) * T * d * V
     ins = [h] + ([W] if trainable else [])
-    label = f"fused linear CE fwd+bwd ({'trainable' if trainable else 'frozen'} head)"
     for name, f in impls.items():
         err = errs.get(name)
+        if isinstance(err, Exception):
+            B.add(op=label, model=model, T=T, impl=name, gate=f"ERROR {_short(err)}")
+            continue
         if err is not None and not err <= 1e-2:
             B.add(op=label, model=model, T=T, impl=name, gate=f"FAIL rel {err:.2e}")
             continue
@@ -624,6 +969,8 @@ def bench_flce(B, model, T, peaks, trainable=False, variants=False):
         except torch.OutOfMemoryError:
             B.add(op=label, model=model, T=T, impl=name, gate="OOM")
             torch.cuda.empty_cache()
+    if cce is None and B.cuda:           # on the CPU (--tiny) a missing CCE is simply skipped
+        B.add(op=label, model=model, T=T, impl="cce", gate=f"n/a ({why})")
 
 
 def selftest_recovery():
@@ -693,6 +1040,14 @@ def selftest_recovery():
     # 5. an impossible rate is flagged
     B, c = fake([False], [])
     assert "CHECK" in B.timed(lambda: None, flops=1e12, peaks=peaks, op="x", model="m", T=4, impl="i")["gate"]
+    # 6. the same-size copy reference is captured once per (bytes, launches) and divides the op's graph time
+    B, c = fake([False] * 5, [])
+    rows = [B.timed(lambda: None, nbytes=4096, peaks=peaks, op="x", model="m", T=t, impl="i", copy_ref=(4096, 2))
+            for t in (5, 6)]
+    assert c["capture"] == 3 and list(B.copy_cache) == [(4096, 2)], (c, B.copy_cache)
+    assert all(r["copy_ms_graph"] == 1.0 and r["pct_copy_graph"] == 1.0 and r["copy_launches"] == 2 for r in rows)
+    B.timed(lambda: None, nbytes=4096, peaks=peaks, op="x", model="m", T=7, impl="i", copy_ref=(4096, 4))
+    assert c["capture"] == 5 and len(B.copy_cache) == 2
     print("selftest_recovery: ok", flush=True)
 
 
@@ -721,8 +1076,14 @@ def write(B, peaks, out):
            "graph_off": B.graph_off, "rng_cpu": B.rng_cpu,
            "columns": {"ms": "do_bench median of the eager call (launch)", "ms_graph": "median GPU time of the same "
                        "call replayed from one CUDA graph (null: capture failed, see gate)",
-                       "*_graph": "rates / % of peak from ms_graph"}}
+                       "*_graph": "rates / % of peak from ms_graph",
+                       "copy_ms_graph": "bandwidth-bound ops: graph-replay ms of copy_launches plain copy_ calls that "
+                       "together read + write the op's bytes (L2 flushed; measured once per bytes and launches)",
+                       "pct_copy_graph": "copy_ms_graph / ms_graph: the op's GB/s over the same-size copy's GB/s",
+                       "saved_MiB": "bytes of the distinct tensors autograd saves for backward, the module's "
+                       "parameters excluded (the input counted)"}}
     (out / f"kernels_{tag}.json").write_text(json.dumps(rec, indent=1, default=str))
+    launch_counts = {r["op"].split()[0]: r["copy_launches"] for r in B.rows if "copy_launches" in r}
     lines = [f"# ftkit kernel benchmark on {v['gpu']}", "",
              "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "gpu"), "",
              f"Peaks measured in the same run: copy {peaks['copy_GBps']:.0f} GB/s (read + write), "
@@ -734,9 +1095,25 @@ def write(B, peaks, out):
              "what training sees, since ftkit replays the decoder as one graph; 'n/a' where capture failed (reason in the gate column). GB/s, "
              "TFLOP/s and % of peak come from the launch time; the '(graph)' columns from the graph time. % of peak is "
              "against the copy bandwidth (GB/s rows) or the bf16 GEMM rate (TFLOP/s rows) above.", "",
+             "Same-size copy (SwiGLU / GeGLU, RMSNorm, RoPE, NF4): the large-copy peak copies 1 GiB in one kernel; an "
+             "op that moves tens of MB (RMSNorm at 4k tokens) cannot reach it, since launch latency, "
+             "the ramp-up and the last partial wave of its grid weigh at that size. 'copy same size (graph) ms' is "
+             "the CUDA-graph time (L2 flushed, as 'ms (graph)') of plain `copy_` calls that read + write the op's "
+             "bytes in as many kernels as ftkit's fwd+bwd launches (the Triton launches of one untimed call, counted "
+             "in this run: " + (", ".join(f"{op} {n}" for op, n in launch_counts.items()) or "none") + "), each "
+             "copying an equal share from its own buffer into another; every row of the "
+             "op, whatever its impl, is compared with that one reference. '% of same-size copy' = op GB/s (graph) / "
+             "copy GB/s at the same bytes = copy ms / op ms: near 100 % means the op runs as fast as moving its "
+             "bytes can at that size; above 100 % is possible (the copy is a reference, not a bound).", "",
+             "FLOPs: LoRA MLP 12·T·d·F + 18·T·r·(d + F); LoRA QKV, per projection (q: d -> n_q·D, k and v: "
+             "d -> n_kv·D), 4·T·in·out (forward and dX with the base weight frozen) + 6·T·r·(in + out) (the LoRA "
+             "products: X·Aᵀ, ·Bᵀ, dY·B, its ·A into dX, dA, dB); LoRA O the same for o_proj (n_q·D -> d); fused "
+             "CE 4·T·d·V (frozen head), 6·T·d·V (trainable). 'saved MiB': the distinct tensors autograd saves for "
+             "backward, the module's parameters excluded.", "",
              "| op | model | T | impl | ms (launch) | ms (graph) | GB/s | TFLOP/s | % of peak | GB/s (graph) | "
-             "TFLOP/s (graph) | % of peak (graph) | peak MiB | saved MiB | gate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "TFLOP/s (graph) | % of peak (graph) | copy same size (graph) ms | % of same-size copy | peak MiB | "
+             "saved MiB | gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     if B.graph_off:
         lines[-2:-2] = [f"**CUDA-graph timing was turned off during this run**: {B.graph_off}.", ""]
 
@@ -751,7 +1128,7 @@ def write(B, peaks, out):
         lines.append(f"| {r['op']} | {r['model']} | {r['T']} | {r['impl']} | {f(r.get('ms'), '.3f')} | {msg} | "
                      f"{f(r.get('GBps'), '.0f')} | {f(r.get('TFLOPs'), '.0f')} | {pct(r, 'pct_peak')} | "
                      f"{f(r.get('GBps_graph'), '.0f')} | {f(r.get('TFLOPs_graph'), '.0f')} | "
-                     f"{pct(r, 'pct_peak_graph')} | "
+                     f"{pct(r, 'pct_peak_graph')} | {f(r.get('copy_ms_graph'), '.3f')} | {pct(r, 'pct_copy_graph')} | "
                      f"{f(r.get('peak_MiB'), '.0f')} | {f(r.get('saved_MiB'), '.0f')} | {r.get('gate', '')} |")
     (out / f"kernels_{tag}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out}/kernels_{tag}.json and .md ({len(B.rows)} rows)")
@@ -764,6 +1141,7 @@ def main():
         if a.selftest:
             return
     B = Bench(a)
+    raise_recompile_limit()
     peaks = measure_peaks(B)
     print("peaks", peaks, versions(), flush=True)
     Ts = [int(t) for t in a.tokens.split(",")] if not a.tiny else [37]
@@ -774,16 +1152,27 @@ def main():
     for m in models:
         for T in Ts:
             plan += [("swiglu", m, T), ("geglu", m, T), ("geglu_tanh", m, T), ("rms", m, T), ("rope", m, T)]
+    big = 16384         # LoRA MLP rows above this many tokens go last, so that the time budget drops them first
     for m in models:
-        for T in Ts[:2]:
-            plan.append(("lora_mlp", m, T))
+        for T in Ts:
+            if T <= big:
+                plan.append(("lora_mlp", m, T))
     if B.cuda:
         plan.append(("lora_mlp_nf4", "llama-3.2-1b", Ts[0]))
     for m in models:
         for T in Ts:
+            plan += [("lora_qkv", m, T), ("lora_o", m, T)]
+    for m in models:
+        for T in Ts:
             plan.append(("flce", m, T))
     plan.append(("flce_train", "llama-3.2-1b", Ts[0]))
-    fns = {"rms": bench_rms, "rope": bench_rope, "flce": bench_flce}
+    for m in models:
+        for T in Ts:
+            if T > big:
+                plan.append(("lora_mlp", m, T))
+    fns = {"rms": bench_rms, "rope": bench_rope, "flce": bench_flce,
+           "lora_qkv": lambda B_, m_, T_, peaks_: bench_lora_attn(B_, m_, T_, peaks_, which="qkv"),
+           "lora_o": lambda B_, m_, T_, peaks_: bench_lora_attn(B_, m_, T_, peaks_, which="o")}
     for name in GLU_OPS:
         fns[name] = (lambda op_: lambda B_, m_, T_, peaks_: bench_glu(B_, m_, T_, peaks_, op=op_))(name)
     if a.ops:
@@ -792,8 +1181,14 @@ def main():
         if ops - known:
             raise SystemExit(f"--ops: unknown {sorted(ops - known)}; known: {sorted(known)}")
         plan = [p for p in plan if p[0] in ops]
+
+    def on_term(signum, frame):        # `timeout` (gpu_suite.sh) sends SIGTERM: still write the rows measured so far
+        raise SystemExit(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+    where = None
     try:
         for op, m, T in plan:
+            where = (op, m, T)
             if B.over():
                 B.add(op=op, model=m, T=T, impl="-", gate=f"not run: time budget {a.budget:.0f} s used")
                 continue
@@ -815,6 +1210,10 @@ def main():
                 traceback.print_exc()
             if B.cuda:
                 torch.cuda.empty_cache()
+    except (KeyboardInterrupt, SystemExit) as e:
+        if where is not None:
+            B.add(op=where[0], model=where[1], T=where[2], impl="-", gate=f"stopped: {type(e).__name__} {e}")
+        raise
     finally:
         write(B, peaks, a.out)
 
