@@ -91,7 +91,7 @@ class Tuner:
             def make():
                 pairs = [(torch.empty(n, dtype=torch.bfloat16, device=self.dev),
                           torch.empty(n, dtype=torch.bfloat16, device=self.dev)) for _ in range(launches)]
-                return lambda: [y.copy_(x) for x, y in pairs]
+                return lambda: [torch.mul(x, 1, out=y) for x, y in pairs]     # a kernel: copy_ is a memcpy node
             s, i, _ = self.time2(make, nbytes)
             self.copy_cache[key] = (s, i)
         return self.copy_cache[key]
