@@ -168,20 +168,25 @@ class Tuner:
                         f"rel {err:.1e}")
 
     def rope(self, model, T):
-        "The forward only (in place, no autograd): q and k read and written once, one launch."
+        """Forward (in place) + backward (out of place) through `rope._apply`, no autograd: q and k read and written
+        twice, two launches. Variants: the tile's element budget."""
         from ftkit.kernels import rope
         _, _, _, hq, hk, D = MODELS[model] if not self.a.tiny else (0, 0, 0, 4, 2, 16)
 
-        def make():
+        def make(te):
             q, k = self.randn(1, T, hq, D), self.randn(1, T, hk, D)
+            dq, dk = self.randn(1, T, hq, D), self.randn(1, T, hk, D)
+            oq, ok = torch.empty_like(dq), torch.empty_like(dk)
             ang = torch.rand(1, T, D, device=self.dev) * 6.28          # a real rotation: values stay bounded
             cos, sin = ang.cos().to(self.dt), ang.sin().to(self.dt)
 
             def f():
-                with torch.no_grad():
-                    return rope.rope_(q, k, cos, sin)
+                rope._apply(q, k, cos, sin, tile_elems=te)
+                return rope._apply(dq, dk, cos, sin, True, out=(oq, ok), tile_elems=te)
             return f
-        self.bw_row("rope q+k fwd (in place)", model, T, "default", make, 4 * T * (hq + hk) * D, 1, "")
+        for te in (None, 1024, 4096, 8192):
+            name = "default" if te is None else f"tile {te}"
+            self.bw_row("rope q+k fwd+bwd", model, T, name, lambda te=te: make(te), 8 * T * (hq + hk) * D, 2, "")
 
     def nf4(self, model):
         from ftkit.kernels import nf4

@@ -24,26 +24,29 @@ import triton.language as tl
 from ._util import next_pow2
 
 # Tile size: tokens x heads x half-dims per block of heads (each of the two halves x1, x2 is one such tile), and warps
-# for ~8 elements per thread (a 16-byte vector of bf16). Compiled for sm_90 (ptxas, bf16, 16-divisible strides) the
-# Qwen2.5-0.5B / Llama-3.2-1B / Llama-3-8B head shapes take 64 registers per thread, no spills. Not tuned on a GPU yet.
-_TILE_ELEMS = 2048
+# for ~8 elements per thread (a 16-byte vector of bf16). 1024 elements measured fastest of 1024 / 2048 / 4096 / 8192
+# on an H200 at every shape (fwd + bwd, CUDA-graph time; `benchmarks/results/tune_grids_rope_H200.md`): e.g.
+# Llama-3-8B heads at 16k tokens 0.182 ms (87 % of the copy bandwidth) against 0.212 ms with 2048.
+_TILE_ELEMS = 1024
 
 
-def rope_tile(n_heads_q: int, n_heads_k: int, half: int) -> tuple[int, int, int, int, int]:
+def rope_tile(n_heads_q: int, n_heads_k: int, half: int, tile_elems: int | None = None) -> tuple[int, int, int, int, int]:
     """(TOK, BLOCK_HQ, BLOCK_HK, BLOCK_D, num_warps) for heads of `half` = R/2 rotated pairs.
 
     BLOCK_D is `half` rounded up to a power of two. TOK (tokens per program) is the largest power of two ≤ 16 with
-    TOK · next_pow2(max(Hq, Hk)) · BLOCK_D ≤ `_TILE_ELEMS` (2048), so models with few, narrow heads take several tokens
-    per program (Qwen2.5-0.5B, 14 + 2 heads of 32 pairs: 4 tokens; Llama-3.2-1B, 32 + 8 of 32: 2) and wide ones one
-    (Llama-3-8B, 32 + 8 of 64). BLOCK_HQ / BLOCK_HK cover all heads of a kind at once where the tile allows, else the
-    largest power of two that fits (the kernel loops over head blocks). num_warps: the larger tile / 256 (8 elements
-    per thread), 1 to 8."""
+    TOK · next_pow2(max(Hq, Hk)) · BLOCK_D ≤ `_TILE_ELEMS` (1024), so models with few, narrow heads take several tokens
+    per program (Qwen2.5-0.5B, 14 + 2 heads of 32 pairs: 2 tokens) and wider ones one (Llama-3.2-1B, 32 + 8 of 32;
+    Llama-3-8B, 32 + 8 of 64). BLOCK_HQ / BLOCK_HK cover all heads of a kind at once where the tile allows, else the
+    largest power of two that fits (the kernel loops over head blocks: Llama-3-8B's 32 q heads in two blocks of 16).
+    num_warps: the larger tile / 256 (8 elements per thread), 1 to 8. `tile_elems` replaces the 1024 (a benchmark
+    knob)."""
+    limit = int(tile_elems or _TILE_ELEMS)
     block_d = next_pow2(max(half, 1))
     widest = next_pow2(max(n_heads_q, n_heads_k, 1)) * block_d
     tok = 1
-    while tok < 16 and 2 * tok * widest <= _TILE_ELEMS:
+    while tok < 16 and 2 * tok * widest <= limit:
         tok *= 2
-    cap_h = max(1, _TILE_ELEMS // (tok * block_d))                  # a power of two (both operands are)
+    cap_h = max(1, limit // (tok * block_d))                  # a power of two (both operands are)
     bq, bk = min(next_pow2(n_heads_q), cap_h), min(next_pow2(n_heads_k), cap_h)
     warps = min(8, max(1, tok * max(bq, bk) * block_d // 256))
     return tok, bq, bk, block_d, warps
@@ -121,9 +124,9 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _apply(q, k, cos, sin, backward: bool = False, out=None):
+def _apply(q, k, cos, sin, backward: bool = False, out=None, tile_elems: int | None = None):
     """One launch over q (B, T, Hq, D) and k (B, T, Hk, D): rotated in place (out None), or into out = (q', k')
-    (the backward: the transposed rotation, dims R..D copied). Returns the written pair."""
+    (the backward: the transposed rotation, dims R..D copied). Returns the written pair. tile_elems: `rope_tile`'s."""
     B, T, Hq, D = q.shape
     assert k.dim() == 4 and k.shape[:2] == (B, T) and k.shape[3] == D, \
         f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, T, H, D) with the same B, T, D"
@@ -137,7 +140,7 @@ def _apply(q, k, cos, sin, backward: bool = False, out=None):
         assert all(st != 0 or n == 1 for n, st in zip(x.shape, x.stride())), "rope: cannot write an expanded tensor"
     assert qo.shape == q.shape and ko.shape == k.shape
     half, tail = R // 2, (D - R if out is not None else 0)     # in place, dims R..D are simply left alone
-    tok, bq, bk, block_d, warps = rope_tile(Hq, Hk, half)
+    tok, bq, bk, block_d, warps = rope_tile(Hq, Hk, half, tile_elems)
     N = B * T
     if N == 0:
         return qo, ko

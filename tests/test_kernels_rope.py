@@ -25,12 +25,13 @@ def ref_grads(q, k, cos, sin, dq, dk):
 
 def test_tile_choice():
     "Several tokens per program for few, narrow heads; one token and a head loop when one token's heads fill the tile."
-    assert rope.rope_tile(14, 2, 32) == (4, 16, 2, 32, 8)       # Qwen2.5-0.5B
-    assert rope.rope_tile(32, 8, 32) == (2, 32, 8, 32, 8)       # Llama-3.2-1B
-    assert rope.rope_tile(32, 8, 64) == (1, 32, 8, 64, 8)       # Llama-3-8B
+    assert rope.rope_tile(14, 2, 32) == (2, 16, 2, 32, 4)       # Qwen2.5-0.5B
+    assert rope.rope_tile(32, 8, 32) == (1, 32, 8, 32, 4)       # Llama-3.2-1B
+    assert rope.rope_tile(32, 8, 64) == (1, 16, 8, 64, 4)       # Llama-3-8B: two blocks of 16 q heads
     assert rope.rope_tile(4, 2, 8) == (16, 4, 2, 8, 2)
-    assert rope.rope_tile(130, 2, 32) == (1, 64, 2, 32, 8)      # 130 query heads: three head blocks
+    assert rope.rope_tile(130, 2, 32) == (1, 32, 2, 32, 4)      # 130 query heads: five head blocks
     assert rope.rope_tile(1, 1, 5) == (16, 1, 1, 8, 1)
+    assert rope.rope_tile(32, 8, 32, tile_elems=2048) == (2, 32, 8, 32, 8)   # the benchmark knob
     assert rope.rope_tile(1, 1, 4096) == (1, 1, 1, 4096, 8)     # one head wider than the tile: still one head a step
 
 
