@@ -50,6 +50,9 @@ def parse():
     ap.add_argument("--budget", type=float, default=330, help="seconds; rows after this are skipped (recorded)")
     ap.add_argument("--tokens", default="4096,16384,65536")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-8b", action="store_true",
+                    help="also torch.compile PEFT at the Llama-3-8B shape (skipped by default: its compiles take minutes)")
+    ap.add_argument("--models", help=f"comma list of shapes to run (default all: {','.join(MODELS)})")
     ap.add_argument("--ops", help="comma list to run only some: nf4,swiglu,geglu,rms,rope,lora_mlp,lora_mlp_nf4,"
                     "lora_qkv,lora_o,flce,flce_train (glu = swiglu; geglu = its erf and tanh rows, geglu_erf / "
                     "geglu_tanh one of them; rmsnorm = rms; lora_attn = lora_qkv + lora_o; lora = lora_mlp + lora_qkv + "
@@ -713,7 +716,7 @@ def bench_lora_mlp(B, model, T, peaks, r=16, qlora=False):
             return m(x)
     ref = fwd(peft).detach()
     impls = {"peft eager": peft}
-    if not qlora and not B.a.tiny and not B.a.no_compile and model != "llama-3-8b":
+    if not qlora and not B.a.tiny and not B.a.no_compile and (model != "llama-3-8b" or B.a.compile_8b):
         impls["peft compiled"] = torch.compile(peft, dynamic=False)
     ours = _peft_mlp(B, model, r, qlora)
     mlp = ours.get_base_model().mlp
@@ -815,7 +818,7 @@ def bench_lora_attn(B, model, T, peaks, which="qkv", r=16):
         with ctx():
             return fn()
     impls = {"peft eager": lambda: peft(x)}
-    if not B.a.tiny and not B.a.no_compile and model != "llama-3-8b":
+    if not B.a.tiny and not B.a.no_compile and (model != "llama-3-8b" or B.a.compile_8b):
         comp = torch.compile(peft, dynamic=False)
         impls["peft compiled"] = lambda: comp(x)
     if which == "qkv":
@@ -1151,6 +1154,11 @@ def main():
     print("peaks", peaks, versions(), flush=True)
     Ts = [int(t) for t in a.tokens.split(",")] if not a.tiny else [37]
     models = list(MODELS) if not a.tiny else ["llama-3.2-1b"]
+    if a.models and not a.tiny:
+        unknown = set(a.models.split(",")) - set(MODELS)
+        if unknown:
+            raise SystemExit(f"--models: unknown {sorted(unknown)}; known: {sorted(MODELS)}")
+        models = [m for m in MODELS if m in a.models.split(",")]
     plan = []
     for m in models:
         plan.append(("nf4", m, 0))
