@@ -97,6 +97,36 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"
 
 
+def capture_and_time(fn, clear=lambda: None):
+    """Median GPU ms of fn replayed from one CUDA graph (L2 flushed before each replay): fn warmed up 3 times on a side
+    stream (`clear` before each call), captured there, replayed under do_bench. Raises what broke the capture."""
+    import triton.testing
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            clear()
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    clear()
+    g = torch.cuda.CUDAGraph()
+    inner = []
+    try:
+        with torch.cuda.graph(g, stream=s):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                inner.append(e)
+                raise
+    except Exception as e:  # noqa: BLE001
+        if inner and inner[0] is not e:   # capture_end's error hides what broke the capture: report that first
+            raise RuntimeError(f"{_short(inner[0])} [then {_short(e)}]") from e
+        raise
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(g.replay, warmup=5, rep=40, return_mode="median")
+
+
 class Bench:
     def __init__(self, a):
         self.a, self.rows, self.t0 = a, [], time.time()
@@ -173,31 +203,7 @@ class Bench:
 
     def _capture_and_time(self, fn, clear):
         "Warm-up, capture and replay timing of fn on the GPU (graph_ms without the bookkeeping): ms or an exception."
-        import triton.testing
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                clear()
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        clear()
-        g = torch.cuda.CUDAGraph()
-        inner = []
-        try:
-            with torch.cuda.graph(g, stream=s):
-                try:
-                    fn()
-                except Exception as e:  # noqa: BLE001
-                    inner.append(e)
-                    raise
-        except Exception as e:  # noqa: BLE001
-            if inner and inner[0] is not e:   # capture_end's error hides what broke the capture: report that first
-                raise RuntimeError(f"{_short(inner[0])} [then {_short(e)}]") from e
-            raise
-        torch.cuda.synchronize()
-        return triton.testing.do_bench(g.replay, warmup=5, rep=40, return_mode="median")
+        return capture_and_time(fn, clear)
 
     def _release(self):
         try:
@@ -617,6 +623,16 @@ def bench_nf4(B, model, peaks):
                 gate="bit-exact", copy_ref=(nbytes, launches))
 
 
+def _nonzero_lora_b(p):
+    "LoRA B drawn small and non-zero (peft starts it at zero, which would hide the adapter path), in train mode."
+    gen = torch.Generator().manual_seed(1)       # on the CPU: building a row never touches the CUDA generator
+    with torch.no_grad():
+        for n, t in p.named_parameters():
+            if "lora_B" in n:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
+    return p.train()
+
+
 def _peft_mlp(B, model, r, qlora=False):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig
@@ -644,12 +660,7 @@ def _peft_mlp(B, model, r, qlora=False):
             setattr(m.mlp, n, q)
     p = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                      target_modules=["gate_proj", "up_proj", "down_proj"]))
-    gen = torch.Generator().manual_seed(1)       # on the CPU: building a row never touches the CUDA generator
-    with torch.no_grad():
-        for n, t in p.named_parameters():
-            if "lora_B" in n:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
-    return p.train()
+    return _nonzero_lora_b(p)
 
 
 def saved_bytes(fn, exclude=()):
@@ -783,12 +794,7 @@ def _peft_attn(B, model, r, which):
     torch.manual_seed(0)
     m = Wrap().to(B.dev, B.dt)
     p = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(ATTN_PROJS[which])))
-    gen = torch.Generator().manual_seed(1)       # on the CPU: building a row never touches the CUDA generator
-    with torch.no_grad():
-        for n, t in p.named_parameters():
-            if "lora_B" in n:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
-    return p.train()
+    return _nonzero_lora_b(p)
 
 
 def bench_lora_attn(B, model, T, peaks, which="qkv", r=16):

@@ -28,30 +28,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODELS = {  # d, F, V, n_q, n_kv, head_dim
-    "qwen2.5-0.5b": (896, 4864, 151936, 14, 2, 64),
-    "llama-3.2-1b": (2048, 8192, 128256, 32, 8, 64),
-    "llama-3-8b": (4096, 14336, 128256, 32, 8, 128),
-}
+from bench_kernels import MODELS, capture_and_time, measure_peaks  # noqa: E402   the same shapes and peaks as the per-kernel table
+
 L2_SPAN = 256 << 20
 
 
 def graph_ms(fn, K=1):
-    "Median ms of one replay of a graph holding fn() (warmed up on a side stream), L2 flushed before each replay."
-    import triton.testing
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        fn()
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench(g.replay, warmup=5, rep=40, return_mode="median")
-    del g
+    "Median ms of one replay of a graph holding fn(), L2 flushed before each replay, divided by the K instances in fn."
+    ms = capture_and_time(fn)
+    torch.cuda.empty_cache()
     return ms / K
 
 
@@ -234,22 +219,6 @@ class Tuner:
             tf = flops / ms / 1e9
             self.add(op="flce frozen head", model=model, T=T, impl=name, ms_single=ms, TFLOPs=tf,
                      pct_peak=100 * tf / self.peaks["gemm_TFLOPs"], gate="ok")
-
-
-def measure_peaks(t):
-    if not t.cuda:
-        return {"copy_GBps": float("nan"), "gemm_TFLOPs": float("nan")}
-    import triton.testing
-    x = torch.empty(2**28, device="cuda", dtype=torch.float32)
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=50, return_mode="median")
-    copy = 2 * x.numel() * 4 / ms / 1e6
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median")
-    del x, y, a, b
-    torch.cuda.empty_cache()
-    return {"copy_GBps": copy, "gemm_TFLOPs": 2 * 8192**3 / ms / 1e9}
 
 
 def write(t, out):
