@@ -876,11 +876,6 @@ FLCE_VARIANTS = {  # tuning rows: kernels.flce's chunk / CE-kernel knobs beside 
     "ftkit 512-row chunks (old)": lambda V: dict(chunk_bytes=512 * V * 2),
     "ftkit >=1024-row chunks": lambda V: dict(min_chunk_rows=1024),
     "ftkit >=2048-row chunks": lambda V: dict(min_chunk_rows=2048),
-    # the CE kernel as a persistent grid of k programs per SM looping over the chunk's rows (None: one program per row)
-    "ftkit ce 1/SM w16": lambda V: dict(ce_programs_per_sm=1, ce_warps=16),
-    "ftkit ce 2/SM w16": lambda V: dict(ce_programs_per_sm=2, ce_warps=16),
-    "ftkit ce 2/SM w8": lambda V: dict(ce_programs_per_sm=2, ce_warps=8),
-    "ftkit ce 4/SM w8": lambda V: dict(ce_programs_per_sm=4, ce_warps=8),
 }
 
 

@@ -14,6 +14,10 @@ and more rows give it (and the CE kernel) more parallel work, at a memory cost o
 logits buffer (V = 151936, bf16: 1024 rows = 297 MiB, 2048 rows = 594 MiB, 4096 rows = 1.16 GiB). Peak memory above
 the inputs is that buffer plus dh (N·d·elt) plus, when the head trains, the fp32 dW (V·d·4).
 
+One program per row reads its logits twice (log-sum-exp, then the gradient). Measured slower on an H200 (2026-12-01,
+`benchmarks/results/tune_grids_H200.md`): a persistent grid of 1-4 programs per SM looping over rows, so that a row's
+second read would find it in L2 (Qwen2.5-0.5B at 4k: 62-64 % of the GEMM peak against 67 %); it was removed.
+
 Supported: ``ignore_index`` rows (no loss, no gradient), label smoothing ε (``(1-ε)·nll + ε·mean_v(-log p_v)``, as
 ``F.cross_entropy``), logit soft-capping ``z = c·tanh(x/c)`` (Gemma-2), an optional bias. The returned loss is the
 sum over rows (fp32); ``reduction='mean'`` divides by the count of non-ignored rows, and callers pass their own
@@ -29,17 +33,9 @@ from ._util import compute_dtype
 
 
 @triton.jit
-def _ce_rows_kernel(logits_ptr, labels_ptr, loss_ptr, n_rows, V, stride, ignore_index, smoothing, softcap,
+def _ce_rows_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride, ignore_index, smoothing, softcap,
                     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
-    "Program p takes rows p, p + P, p + 2P, ... (P programs): one row each with one program per row."
-    for row32 in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        _ce_row(logits_ptr, labels_ptr, loss_ptr, tl.cast(row32, tl.int64), V, stride, ignore_index, smoothing, softcap,
-                HAS_SOFTCAP, HAS_SMOOTH, BLOCK)
-
-
-@triton.jit
-def _ce_row(logits_ptr, labels_ptr, loss_ptr, row, V, stride, ignore_index, smoothing, softcap,
-            HAS_SOFTCAP: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
     y_raw = tl.load(labels_ptr + row).to(tl.int64)
     valid = y_raw != ignore_index
@@ -96,22 +92,10 @@ def chunk_rows(N: int, V: int, elt: int, chunk_bytes: int, min_chunk_rows: int |
     return min(c, N) if N > 0 else 1
 
 
-def ce_grid(device: torch.device, programs_per_sm: int | None = None, warps: int | None = None) -> tuple[int, int]:
-    """(programs, num_warps) of the CE kernel: programs 0 means one program per row (the default); with
-    ``programs_per_sm`` k, a persistent grid of k programs per SM, each looping over rows, so that fewer rows are in
-    flight at once (a row's logits are read twice: fewer rows in flight keep more of them in L2 for the second read).
-    8 warps by default."""
-    progs = 0
-    if programs_per_sm:
-        n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        progs = max(1, int(programs_per_sm) * n_sm)
-    return progs, int(warps or 8)
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, bias, labels, ignore_index=-100, smoothing=0.0, softcap=None, chunk_bytes=256 << 20,
-                min_chunk_rows=None, ce_programs_per_sm=None, ce_warps=None):
+                min_chunk_rows=None):
         dt = compute_dtype(h, W.dtype)
         N, d = h.shape
         V = W.shape[0]
@@ -127,16 +111,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             losses = torch.empty(N, dtype=torch.float32, device=h.device)
             C = chunk_rows(N, V, torch.finfo(dt).bits // 8, chunk_bytes, min_chunk_rows)
             BLOCK = min(4096, triton.next_power_of_2(V))
-            progs, warps = ce_grid(h.device, ce_programs_per_sm, ce_warps)
             for s0 in range(0, N, C):
                 s1 = min(N, s0 + C)
                 hc = hc_all[s0:s1]
                 logits = torch.addmm(bc, hc, Wc.t()) if bc is not None else hc @ Wc.t()
-                n = s1 - s0
-                _ce_rows_kernel[(min(n, progs) if progs else n,)](
-                    logits, labels[s0:s1], losses[s0:s1], n, V, logits.stride(0), int(ignore_index), float(smoothing),
-                    float(softcap or 1.0), HAS_SOFTCAP=softcap is not None and softcap > 0, HAS_SMOOTH=smoothing > 0,
-                    BLOCK=BLOCK, num_warps=warps)
+                _ce_rows_kernel[(s1 - s0,)](logits, labels[s0:s1], losses[s0:s1], V, logits.stride(0),
+                                            int(ignore_index), float(smoothing), float(softcap or 1.0),
+                                            HAS_SOFTCAP=softcap is not None and softcap > 0,
+                                            HAS_SMOOTH=smoothing > 0, BLOCK=BLOCK, num_warps=8)
                 if need_h:
                     torch.mm(logits, Wc, out=dh[s0:s1])
                 if need_w:
@@ -159,20 +141,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             gw = (dW * g).to(ctx.W_dtype)
         if db is not None:
             gb = (db * g).to(ctx.b_dtype)
-        return gh, gw, gb, None, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h, W, labels, bias=None, *, ignore_index=-100, label_smoothing=0.0, softcap=None,
-                         reduction="sum", chunk_bytes: int = 256 << 20, min_chunk_rows: int | None = None,
-                         ce_programs_per_sm: int | None = None, ce_warps: int | None = None):
+                         reduction="sum", chunk_bytes: int = 256 << 20, min_chunk_rows: int | None = None):
     """Cross-entropy of ``h (N, d) · W (V, d)ᵀ`` against ``labels (N,)``, never materialising (N, V).
     reduction: 'sum' (fp32 scalar) or 'mean' (over non-ignored rows). chunk_bytes / min_chunk_rows: the logits chunk
-    (module docstring: its peak memory is max(chunk_bytes, min_chunk_rows·V·elt) at most). ce_programs_per_sm /
-    ce_warps: the CE kernel's grid (`ce_grid`)."""
+    (module docstring: its peak memory is max(chunk_bytes, min_chunk_rows·V·elt) at most)."""
     h2 = h.reshape(-1, h.shape[-1])
     lab = labels.reshape(-1).contiguous()
     loss = LinearCrossEntropyFunction.apply(h2, W, bias, lab, ignore_index, float(label_smoothing), softcap,
-                                            chunk_bytes, min_chunk_rows, ce_programs_per_sm, ce_warps)
+                                            chunk_bytes, min_chunk_rows)
     if reduction == "mean":
         return loss / (lab != ignore_index).sum()
     return loss

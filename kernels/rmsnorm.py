@@ -25,21 +25,21 @@ from ._util import next_pow2
 # Each program takes a tile of ROWS rows x BLOCK columns (BLOCK = the row length rounded up to a power of two). One row
 # per program is the default: on an H200 (2026-12-01, `benchmarks/results/kernels_graphtimed_H200.md`, fwd+bwd timed from a
 # CUDA graph) it beat tiles of ~16 KiB of input (8 / 4 / 2 rows at d = 896 / 2048 / 4096) at every T: e.g. Llama-1B at
-# 4k tokens 73 % of the copy bandwidth against 63 %. `rows` (a power of two) is a tuning knob for the benchmark.
+# 4k tokens 73 % of the copy bandwidth against 63 %. `rows` (a power of two) is a tuning knob for the benchmark. The
+# warps per tile were also swept (1 to 16, `benchmarks/results/tune_grids_H200.md`): none beat this choice.
 
 
-def rms_tile(n_cols: int, rows: int | None = None, warps: int | None = None) -> tuple[int, int, int]:
+def rms_tile(n_cols: int, rows: int | None = None) -> tuple[int, int, int]:
     """(BLOCK, ROWS, num_warps) for rows of `n_cols` elements: one row per program, or `rows` (a power of two) when
-    given; num_warps from the tile's element count (≈ 32 elements per thread, 4 to 16 warps), or `warps` when given."""
+    given; num_warps from the tile's element count (≈ 32 elements per thread, 4 to 16 warps)."""
     block = next_pow2(n_cols)
     if rows is None:
         rows = 1
     elif rows < 1 or rows & (rows - 1):
         raise ValueError(f"rows per program must be a power of two, got {rows}")
     n = rows * block
-    if warps is None:
-        warps = 4 if n <= 2048 else 8 if n <= 8192 else 16
-    return block, int(rows), int(warps)
+    warps = 4 if n <= 2048 else 8 if n <= 8192 else 16
+    return block, int(rows), warps
 
 
 @triton.jit
@@ -112,9 +112,9 @@ def _2d(t):
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def rms_forward(x, w, eps, offset=False, residual=None, rows=None, warps=None):
+def rms_forward(x, w, eps, offset=False, residual=None, rows=None):
     """(y, the normalised input s or x as 2-D rows, rstd per row). rows: rows per program (a power of two; None:
-    `rms_tile`'s choice); warps: num_warps instead of `rms_tile`'s choice."""
+    `rms_tile`'s choice)."""
     x2 = _2d(x)
     R, C = x2.shape
     ydt = x.dtype if offset else torch.promote_types(x.dtype, w.dtype)
@@ -125,20 +125,20 @@ def rms_forward(x, w, eps, offset=False, residual=None, rows=None, warps=None):
         s = torch.empty((R, C), dtype=x.dtype, device=x.device)
     else:
         r2 = s = x2
-    BLOCK, ROWS, warps = rms_tile(C, rows, warps)
+    BLOCK, ROWS, warps = rms_tile(C, rows)
     _rms_fwd_kernel[(triton.cdiv(R, ROWS),)](x2, r2, s, w, y, rstd, R, C, float(eps), x2.stride(0), r2.stride(0),
                                               s.stride(0), y.stride(0), OFFSET=bool(offset),
                                               HAS_RES=residual is not None, ROWS=ROWS, BLOCK=BLOCK, num_warps=warps)
     return y.view(*x.shape[:-1], C), (s if residual is not None else x2), rstd
 
 
-def rms_backward(dy, ds, xin, w, rstd, offset, want_dw, rows=None, warps=None):
+def rms_backward(dy, ds, xin, w, rstd, offset, want_dw, rows=None):
     """(dx, dw or None). Frozen weight: one tile of rows per program. Trainable weight: at most 4 programs per SM, each
     looping over its tiles and writing one fp32 row of partial dw sums, which one torch sum then reduces."""
     dy2 = _2d(dy)
     R, C = xin.shape
     dx = torch.empty((R, C), dtype=xin.dtype, device=xin.device)
-    BLOCK, ROWS, warps = rms_tile(C, rows, warps)
+    BLOCK, ROWS, warps = rms_tile(C, rows)
     tiles = max(1, triton.cdiv(R, ROWS))
     if want_dw:
         n_sm = torch.cuda.get_device_properties(xin.device).multi_processor_count if xin.is_cuda else 4
@@ -158,46 +158,44 @@ def rms_backward(dy, ds, xin, w, rstd, offset, want_dw, rows=None, warps=None):
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, eps, offset=False, rows=None, warps=None):
-        y, xin, rstd = rms_forward(x, w, eps, offset, rows=rows, warps=warps)
-        ctx.offset, ctx.shape, ctx.rows, ctx.warps = offset, x.shape, rows, warps
+    def forward(ctx, x, w, eps, offset=False, rows=None):
+        y, xin, rstd = rms_forward(x, w, eps, offset, rows=rows)
+        ctx.offset, ctx.shape, ctx.rows = offset, x.shape, rows
         ctx.save_for_backward(xin, w, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         xin, w, rstd = ctx.saved_tensors
-        dx, dw = rms_backward(dy, None, xin, w, rstd, ctx.offset, ctx.needs_input_grad[1], rows=ctx.rows,
-                              warps=ctx.warps)
-        return dx.view(ctx.shape), dw, None, None, None, None
+        dx, dw = rms_backward(dy, None, xin, w, rstd, ctx.offset, ctx.needs_input_grad[1], rows=ctx.rows)
+        return dx.view(ctx.shape), dw, None, None, None
 
 
 class AddRMSNormFunction(torch.autograd.Function):
     "(y, s) = (rmsnorm(x + residual), x + residual)."
 
     @staticmethod
-    def forward(ctx, x, residual, w, eps, offset=False, rows=None, warps=None):
-        y, s, rstd = rms_forward(x, w, eps, offset, residual, rows=rows, warps=warps)
-        ctx.offset, ctx.shape, ctx.rows, ctx.warps = offset, x.shape, rows, warps
+    def forward(ctx, x, residual, w, eps, offset=False, rows=None):
+        y, s, rstd = rms_forward(x, w, eps, offset, residual, rows=rows)
+        ctx.offset, ctx.shape, ctx.rows = offset, x.shape, rows
         ctx.save_for_backward(s, w, rstd)
         return y, s.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy, ds):
         s, w, rstd = ctx.saved_tensors
-        dx, dw = rms_backward(dy, ds, s, w, rstd, ctx.offset, ctx.needs_input_grad[2], rows=ctx.rows,
-                              warps=ctx.warps)
+        dx, dw = rms_backward(dy, ds, s, w, rstd, ctx.offset, ctx.needs_input_grad[2], rows=ctx.rows)
         dx = dx.view(ctx.shape)
-        return dx, dx, dw, None, None, None, None
+        return dx, dx, dw, None, None, None
 
 
-def rms_norm(x, w, eps, offset=False, rows: int | None = None, warps: int | None = None):
-    "rows / warps: rows per program (a power of two) / num_warps instead of `rms_tile`'s (benchmark tuning knobs)."
-    return RMSNormFunction.apply(x, w, eps, offset, rows, warps)
+def rms_norm(x, w, eps, offset=False, rows: int | None = None):
+    "rows: rows per program (a power of two) instead of `rms_tile`'s choice (a tuning knob for the benchmark)."
+    return RMSNormFunction.apply(x, w, eps, offset, rows)
 
 
-def add_rms_norm(x, residual, w, eps, offset=False, rows: int | None = None, warps: int | None = None):
-    return AddRMSNormFunction.apply(x, residual, w, eps, offset, rows, warps)
+def add_rms_norm(x, residual, w, eps, offset=False, rows: int | None = None):
+    return AddRMSNormFunction.apply(x, residual, w, eps, offset, rows)
 
 
 def reference(x, w, eps, offset=False, residual=None):

@@ -1,10 +1,10 @@
-"""Grid knobs of the bandwidth-bound kernels on the CPU (TRITON_INTERPRET=1): the GLU's flat 1-D grid and the fused
-CE's persistent grid compute bit for bit what the default grids compute, forward and backward."""
+"""The GLU's grid knob on the CPU (TRITON_INTERPRET=1): the flat 1-D grid (the default where the tensors allow it) and
+the row grid compute bit for bit the same, forward and backward."""
 import pytest
 import torch
 
 from test_kernels import close, pytestmark  # noqa: F401   Triton's interpreter on a CPU machine, its skip mark, the comparison
-from ftkit.kernels import flce, glu  # noqa: E402
+from ftkit.kernels import glu  # noqa: E402
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_pytorch_tanh"])
@@ -40,40 +40,3 @@ def test_glu_flat_in_place_backward_and_strided_fallback():
                        glu.glu_forward(g, u, "silu"))
     with pytest.raises(ValueError, match="power of two"):
         glu.glu_tile(F, True, True, 48)
-
-
-@pytest.mark.parametrize("kw", [dict(ce_programs_per_sm=1), dict(ce_programs_per_sm=2, ce_warps=4)])
-def test_flce_persistent_grid_matches_one_program_per_row(kw):
-    "4 'SMs' on the CPU: 4 or 8 programs loop over 37 rows (ignored rows, smoothing and soft-capping included)."
-    torch.manual_seed(2)
-    N, d, V = 37, 16, 50
-    h = torch.randn(N, d, requires_grad=True)
-    W = torch.randn(V, d) / 3
-    y = torch.randint(0, V, (N,))
-    y[::6] = -100
-    for extra in (dict(), dict(label_smoothing=0.1, softcap=5.0)):
-        l0 = flce.linear_cross_entropy(h, W, y, **extra)
-        g0, = torch.autograd.grad(l0, h)
-        l1 = flce.linear_cross_entropy(h, W, y, **extra, **kw)
-        g1, = torch.autograd.grad(l1, h)
-        assert torch.equal(l0, l1) and torch.equal(g0, g1)
-    assert flce.ce_grid(torch.device("cpu")) == (0, 8)
-    assert flce.ce_grid(torch.device("cpu"), 2, 16) == (8, 16)
-
-
-@pytest.mark.parametrize("warps", [1, 2, 8])
-def test_rmsnorm_warps_knob_matches_the_default(warps):
-    "num_warps changes only how a row's columns are split over threads: same values and gradients."
-    from ftkit.kernels import rmsnorm
-    torch.manual_seed(3)
-    x = torch.randn(9, 40, requires_grad=True)
-    r = torch.randn(9, 40, requires_grad=True)
-    w = torch.randn(40, requires_grad=True)
-    dy = torch.randn(9, 40)
-    y0, s0 = rmsnorm.add_rms_norm(x, r, w, 1e-6)
-    g0 = torch.autograd.grad((y0, s0), (x, r, w), (dy, dy))
-    y1, s1 = rmsnorm.add_rms_norm(x, r, w, 1e-6, warps=warps)
-    g1 = torch.autograd.grad((y1, s1), (x, r, w), (dy, dy))
-    close(y1, y0, 1e-6)
-    assert torch.equal(s0, s1) and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(g0, g1))
-    assert rmsnorm.rms_tile(896) == (1024, 1, 4) and rmsnorm.rms_tile(896, warps=2) == (1024, 1, 2)
