@@ -496,11 +496,13 @@ class FaultWatchdog:
 def device_skip(optimizer, peaks, args=None) -> bool:
     """Make a fused torch optimizer skip this step on the device when `peaks` holds a non-finite value (the `found_inf`
     input its kernels take from AMP): no host sync. False where that is not possible (CPU, other optimizers, fp16's scaler,
-    sharded gradients)."""
+    sharded gradients) and in runs of several processes: there every rank would skip alike (the gradients are all-reduced
+    first), but that path has not run on two GPUs yet, so it keeps the check that reads at once."""
     import torch
     inner = getattr(optimizer, "optimizer", optimizer)            # accelerate wraps the torch optimizer
     plain = type(peaks) is torch.Tensor                           # not a DTensor (FSDP2): those are read at once
     if not (plain and peaks.is_cuda and getattr(inner, "_step_supports_amp_scaling", False)) or getattr(args, "fp16", False): return False
+    if getattr(args, "world_size", 1) > 1: return False
     inner.found_inf = (~peaks.isfinite().all()).float()
     return True
 
