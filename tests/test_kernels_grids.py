@@ -38,5 +38,6 @@ def test_glu_flat_in_place_backward_and_strided_fallback():
     assert not glu._flat_ok(buf[:, :F])
     assert torch.equal(glu.glu_forward(buf[:, :F], buf[:, F:], "silu", flat=True, block=64),
                        glu.glu_forward(g, u, "silu"))
+    assert glu.glu_tile(F, True) == (True, 2048, 4) and glu.glu_tile(F, False) == (False, 64, 4)   # the defaults
     with pytest.raises(ValueError, match="power of two"):
         glu.glu_tile(F, True, True, 48)
