@@ -156,10 +156,17 @@ def test_split_thinking_trains_reasoning():
     ({"messages": []}, "empty_conversation"), ({"other": 1}, "missing_field"),
     ({"messages": [{"role": "user", "content": 5}]}, "non_string_content"),
     ({"messages": [{"content": "x"}]}, "missing_field"), ({"messages": "nope"}, "bad_message"),
+    ({"messages": [{"role": "user", "content": "q"}, 7]}, "bad_message"),
+    # found by the RL fuzz: tool_calls that are not a list of objects were an unexpected ValueError
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": "0"}]}, "bad_tool_call"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [1]}]}, "bad_tool_call"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [{"function": "f"}]}]},
+     "bad_tool_call"),
 ])
 def test_bad_rows(row, reason):
     with pytest.raises(RowError) as e: build(T.smollm2(), {"chat_template": "chatml"}).tokenize(row)
     assert e.value.reason == reason
+    assert "'" in e.value.detail or "JSON" in e.value.detail or reason in ("empty_conversation",), e.value.detail   # names the key
 
 def test_sharegpt_preset():
     tok = T.smollm2()

@@ -288,14 +288,20 @@ def _message_content(m: dict, j: int, ck: str, role: str) -> str:
         content = ""
     if content is None: raise RowError("missing_field", f"message {j} has no '{ck}' value")
     if not isinstance(content, str):
-        raise RowError("non_string_content", f"message {j} content is {type(content).__name__}, not a string")
+        raise RowError("non_string_content", f"message {j} '{ck}' is {type(content).__name__}, not a string")
     return content
 
 def _tool_calls(tcs: list, j: int) -> list[dict]:
     "The tool calls of message `j` with JSON-string `arguments` parsed, or `RowError`."
+    if not isinstance(tcs, list):
+        raise RowError("bad_tool_call", f"message {j} 'tool_calls' is {type(tcs).__name__}, not a list of tool calls")
     fixed = []
-    for tc in tcs:
+    for n, tc in enumerate(tcs):
+        if not isinstance(tc, dict):
+            raise RowError("bad_tool_call", f"message {j} 'tool_calls' item {n} is {type(tc).__name__}, not an object")
         tc = dict(tc)
+        if not isinstance(tc.get("function") or {}, dict):
+            raise RowError("bad_tool_call", f"message {j} tool call {n}: 'function' is {type(tc['function']).__name__}, not an object")
         f = dict(tc.get("function") or {})
         if isinstance(f.get("arguments"), str):
             try: f["arguments"] = json.loads(f["arguments"])
@@ -309,7 +315,7 @@ _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.S)
 
 def _to_message(m, j: int, o: ChatOptions, rk: str, ck: str) -> dict:
     "Message `j` of a row (`rk`/`ck`: its role and content keys) as a template message, or `RowError`."
-    if not isinstance(m, dict): raise RowError("bad_message", f"message {j} is {type(m).__name__}, not a mapping")
+    if not isinstance(m, dict): raise RowError("bad_message", f"message {j} is {type(m).__name__}, not a mapping with '{rk}' and '{ck}'")
     if rk not in m or m[rk] is None:
         raise RowError("missing_field", f"message {j} has no '{rk}' key (message_property_mappings.role); keys: {sorted(m)}")
     src = str(m[rk])
