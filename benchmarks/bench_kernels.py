@@ -417,12 +417,9 @@ GLU_VARIANTS = {  # tuning rows: kernels.glu.glu's grid knobs, only where glu.gl
     "ftkit flat b4096 w8": dict(flat=True, block=4096, num_warps=8),
     "ftkit flat b4096 w16": dict(flat=True, block=4096, num_warps=16),
 }
-# Triton launches of ftkit's fwd+bwd as kernels/*.py had them when this was written: the same-size copy reference makes
-# as many. Only a fallback: `op_launches` counts them at run time, since the kernels change (RoPE is going from one
-# launch per tensor and direction to one per direction). GLU: _glu_fwd_kernel + _glu_bwd_kernel (either grid);
-# RMSNorm (frozen w): _rms_fwd_kernel + _rms_bwd_kernel; RoPE: _rope_kernel on q and k, forward and backward; NF4: one
-# _nf4_kernel. Torch ops around them (the bench's `* 1` copies before RoPE) are in neither the launches nor the bytes.
-LAUNCHES = {"glu": 2, "rms": 2, "rope": 4, "nf4": 1}
+# Triton launches of ftkit's fwd+bwd, a fallback only: `op_launches` counts them at run time for the same-size copy
+# reference. GLU, RMSNorm (frozen w) and RoPE: one forward and one backward kernel; NF4: one kernel.
+LAUNCHES = {"glu": 2, "rms": 2, "rope": 2, "nf4": 1}
 
 
 def triton_launches(fn):

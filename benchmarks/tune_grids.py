@@ -19,7 +19,6 @@ grids) before it is timed.
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_kernels import MODELS, capture_and_time, measure_peaks  # noqa: E402   the same shapes and peaks as the per-kernel table
+from bench_kernels import GLU_VARIANTS, MODELS, capture_and_time, measure_peaks  # noqa: E402   the same shapes and peaks as the per-kernel table
 
 L2_SPAN = 256 << 20
 
@@ -102,12 +101,8 @@ class Tuner:
     def glu(self, model, T):
         from ftkit.kernels import glu
         F = MODELS[model][1] if not self.a.tiny else 45
-        variants = {"default": {}, "rows b1024 w8": dict(flat=False, block=1024, num_warps=8),
-                    "flat b1024 w4": dict(flat=True, block=1024, num_warps=4),
-                    "flat b2048 w4": dict(flat=True, block=2048, num_warps=4),
-                    "flat b2048 w8": dict(flat=True, block=2048, num_warps=8),
-                    "flat b4096 w8": dict(flat=True, block=4096, num_warps=8),
-                    "flat b4096 w16": dict(flat=True, block=4096, num_warps=16)}
+        # the default (flat, 2048 elements, 4 warps) beside bench_kernels' grid variants
+        variants = {"default": {}, **{k.removeprefix("ftkit "): v for k, v in GLU_VARIANTS.items()}}
         for act in ("silu", "gelu", "gelu_pytorch_tanh"):
             def make(tile, act=act):
                 g, u = self.randn(T, F, rg=True), self.randn(T, F, rg=True)
